@@ -1,0 +1,230 @@
+"""The math of uniform affine quantization: pure functions on tensors, no modules, no state.
+
+Granularity is given by two arguments shared by every function here:
+- axis=None: per tensor; `scale` and `zero_point` are 0-d.
+- axis=k, group_size=None: per channel along dim k; `scale` has shape (x.shape[k],).
+- axis=k, group_size=g: per group of g consecutive elements along dim k (ONNX's blocked
+  quantization); `scale` has x's shape with dim k replaced by x.shape[k] // g.
+
+Rounding is half to even everywhere, as ONNX QuantizeLinear and PyTorch's fake-quantize do.
+`fake_quantize` *is* PyTorch's fused fake-quantize op (bit for bit, with its straight-through
+gradient); `quantize`/`dequantize` use the same arithmetic (multiply by the float32 reciprocal of
+the scale) so that the integers we store are the ones the simulation used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The smallest scale we hand out: a constant or all-zero tensor still gets a valid grid.
+SCALE_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def _check_granularity(x: Tensor, axis: int | None, group_size: int | None) -> int | None:
+    if axis is None:
+        if group_size is not None:
+            raise ValueError("group_size needs an axis")
+        return None
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} out of range for a tensor of shape {tuple(x.shape)}")
+    axis = axis % x.dim()
+    if group_size is not None and x.shape[axis] % group_size != 0:
+        raise ValueError(
+            f"dim {axis} of shape {tuple(x.shape)} is not divisible by group_size {group_size}"
+        )
+    return axis
+
+
+def _to_rows(x: Tensor, axis: int, group_size: int | None) -> Tensor:
+    """View x as (channels or groups, elements): one row per scale."""
+    moved = x.movedim(axis, 0) if group_size is None else x.movedim(axis, -1)
+    if group_size is None:
+        return moved.reshape(moved.shape[0], -1)
+    return moved.reshape(-1, group_size)
+
+
+def _from_rows(rows: Tensor, like: Tensor, axis: int, group_size: int | None) -> Tensor:
+    if group_size is None:
+        moved_shape = (like.shape[axis],) + tuple(s for i, s in enumerate(like.shape) if i != axis)
+        return rows.reshape(moved_shape).movedim(0, axis)
+    moved_shape = tuple(s for i, s in enumerate(like.shape) if i != axis) + (like.shape[axis],)
+    return rows.reshape(moved_shape).movedim(-1, axis)
+
+
+def _scale_rows(t: Tensor, x: Tensor, axis: int, group_size: int | None) -> Tensor:
+    """Scale/zero-point laid out per granularity -> flat (rows,) matching _to_rows(x)."""
+    if group_size is None:
+        return t.reshape(-1)
+    return t.movedim(axis, -1).reshape(-1)
+
+
+def param_shape(x_shape: tuple[int, ...] | torch.Size, axis: int | None, group_size: int | None) -> tuple[int, ...]:
+    """Shape of scale/zero_point for a tensor of x_shape at the given granularity."""
+    if axis is None:
+        return ()
+    axis = axis % len(x_shape)
+    if group_size is None:
+        return (x_shape[axis],)
+    return tuple(s // group_size if i == axis else s for i, s in enumerate(x_shape))
+
+
+def reduce_min_max(x: Tensor, axis: int | None = None, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Min and max of x per tensor, channel or group (shapes as `param_shape`)."""
+    axis = _check_granularity(x, axis, group_size)
+    if axis is None:
+        return x.min(), x.max()
+    rows = _to_rows(x, axis, group_size)
+    mn, mx = rows.amin(dim=1), rows.amax(dim=1)
+    shape = param_shape(x.shape, axis, group_size)
+    if group_size is None:
+        return mn.reshape(shape), mx.reshape(shape)
+    moved = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
+    return mn.reshape(moved).movedim(-1, axis), mx.reshape(moved).movedim(-1, axis)
+
+
+def calc_qparams(
+    min_val: Tensor,
+    max_val: Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    pow2: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Scale (float32) and zero point (int32) that map [min_val, max_val] onto [qmin, qmax].
+
+    The range is first widened to contain 0, so that 0 is exactly representable (zero padding,
+    ReLU). Symmetric grids put 0 at the middle of the grid and map max|x| onto the largest
+    positive level; pow2 rounds the scale *up* to a power of two, so nothing that fit is clipped.
+    """
+    min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError("calc_qparams: the range holds NaN or Inf")
+    if symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        if qmin < 0:
+            # signed: 0 at zero point 0; amax -> qmax (the level -2^(b-1) is used only by clipping)
+            scale = amax / float(qmax)
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            half = (qmax - qmin) / 2.0
+            scale = amax / half
+            zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
+        scale = torch.clamp(scale, min=SCALE_EPS)
+        if pow2:
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        return scale.float(), zero_point
+    scale = (max_val - min_val) / float(qmax - qmin)
+    scale = torch.clamp(scale, min=SCALE_EPS)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    zero_point = qmin - torch.round(min_val / scale)
+    zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
+    return scale.float(), zero_point
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    group_size: int | None = None,
+) -> Tensor:
+    """Quantize then dequantize, with the straight-through estimator as gradient (1 inside the
+    grid, 0 where clipped). This is PyTorch's fused fake-quantize op, bit for bit."""
+    axis = _check_granularity(x, axis, group_size)
+    zero_point = zero_point.to(torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.reshape(()), qmin, qmax)
+    if group_size is None:
+        return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point, axis, qmin, qmax)
+    rows = _to_rows(x, axis, group_size)
+    out = torch.fake_quantize_per_channel_affine(
+        rows, _scale_rows(scale.float(), x, axis, group_size), _scale_rows(zero_point, x, axis, group_size),
+        0, qmin, qmax,
+    )
+    return _from_rows(out, x, axis, group_size)
+
+
+def _broadcast(t: Tensor, x: Tensor, axis: int | None, group_size: int | None) -> Tensor:
+    """Scale or zero point expanded to x's shape."""
+    if axis is None:
+        return t.reshape(())
+    if group_size is None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return t.reshape(shape)
+    return t.repeat_interleave(group_size, dim=axis)
+
+
+def quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    group_size: int | None = None,
+) -> Tensor:
+    """x -> integers (int32) on the grid, round half to even, saturating."""
+    axis = _check_granularity(x, axis, group_size)
+    inv_scale = torch.reciprocal(_broadcast(scale.float(), x, axis, group_size))
+    zp = _broadcast(zero_point.to(torch.int32), x, axis, group_size)
+    q = torch.round(x.float() * inv_scale).to(torch.int64) + zp
+    return torch.clamp(q, qmin, qmax).to(torch.int32)
+
+
+def dequantize(
+    q: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int | None = None,
+    group_size: int | None = None,
+) -> Tensor:
+    """Integers -> float32: (q - zero_point) * scale."""
+    axis = _check_granularity(q, axis, group_size)
+    zp = _broadcast(zero_point.to(torch.int32), q, axis, group_size)
+    return (q.to(torch.int32) - zp).float() * _broadcast(scale.float(), q, axis, group_size)
+
+
+def dynamic_qparams(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, Tensor]:
+    """Per-tensor parameters computed from the tensor itself, exactly as ONNX
+    DynamicQuantizeLinear (and ONNX Runtime's kernel) compute them."""
+    x_min = torch.clamp(x.detach().min().float(), max=0.0)
+    x_max = torch.clamp(x.detach().max().float(), min=0.0)
+    scale = torch.where(x_max == x_min, torch.ones_like(x_max), (x_max - x_min) / float(qmax - qmin))
+    zero_point = torch.round(torch.clamp(qmin - x_min / scale, qmin, qmax)).to(torch.int32)
+    return scale, zero_point
+
+
+class _DynamicFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
+        scale, zero_point = dynamic_qparams(x, qmin, qmax)
+        # ONNX Runtime divides by the scale here (not multiply by its reciprocal).
+        q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        # The range covers the whole tensor, so nothing is clipped: the STE passes everything.
+        return grad, None, None
+
+
+def dynamic_fake_quantize(x: Tensor, qmin: int = 0, qmax: int = 255) -> Tensor:
+    """Fake-quantize with parameters computed at run time (dynamic quantization)."""
+    out: Tensor = _DynamicFakeQuant.apply(x, qmin, qmax)
+    return out
+
+
+def sqnr_db(reference: Tensor, test: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    reference, test = reference.double(), test.double()
+    noise = (reference - test).pow(2).sum()
+    signal = reference.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,234 @@
+"""Walk a model, fold BatchNorm, swap in quantized layers as the recipe says, and say what was
+done, what was skipped and why."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
+from edgequant.spec import QuantSpec, Recipe
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NORMS_AND_SUCH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    type: str
+    quantized: bool
+    weight: str = "float"
+    activation: str = "float"
+    reason: str = ""
+    bn_folded: str = ""
+
+
+@dataclass
+class Summary:
+    """What instrumentation did to each layer."""
+
+    recipe: str
+    method: str
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.quantized]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.quantized]
+
+    def format(self) -> str:
+        lines = [f"{self.method} quantization with recipe {self.recipe!r}: "
+                 f"{len(self.quantized)} layers quantized, {len(self.skipped)} kept in float"]
+        width = max((len(r.name) for r in self.layers), default=10)
+        for r in self.layers:
+            if r.quantized:
+                bn = f"  (+{r.bn_folded} folded)" if r.bn_folded else ""
+                lines.append(f"  {r.name:<{width}}  {r.type:<8} W {r.weight:<32} A {r.activation}{bn}")
+            else:
+                lines.append(f"  {r.name:<{width}}  {r.type:<8} float: {r.reason}")
+        return "\n".join(lines)
+
+    __str__ = format
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "method": self.method, "layers": [r.__dict__ for r in self.layers]}
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run the model on one calibration item: a tensor, a tuple of positional args, or a dict of
+    keyword args (a Hugging Face tokenizer batch)."""
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return model(**dict(batch))
+    raise TypeError(
+        f"calibration items must be tensors, tuples of tensors or dicts of keyword arguments; got {type(batch).__name__}"
+    )
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in one calibration item (dim 0 of its first tensor)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    values: Iterable[Any] = batch.values() if hasattr(batch, "values") else batch
+    for v in values:
+        if isinstance(v, Tensor):
+            return int(v.shape[0]) if v.dim() > 0 else 1
+    raise TypeError(f"calibration item of type {type(batch).__name__} holds no tensor")
+
+
+def check_finite(batch: Any, index: int) -> None:
+    tensors: Iterable[Any]
+    if isinstance(batch, Tensor):
+        tensors = [batch]
+    else:
+        tensors = batch.values() if hasattr(batch, "values") else batch
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"calibration item {index} holds NaN or Inf in the model's input")
+
+
+@dataclass
+class _Trace:
+    order: list[str]
+    bn_of: dict[str, str]
+
+
+def trace_layers(model: nn.Module, batch: Any) -> _Trace:
+    """Run one batch with hooks: the order in which quantizable layers run, and which BatchNorm
+    reads a conv/linear output directly (the pairs that can be folded)."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    produced: dict[int, str] = {}
+    bn_of: dict[str, str] = {}
+    hooks = []
+
+    def layer_hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        name = names[mod]
+        if name not in order:
+            order.append(name)
+        if isinstance(out, Tensor):
+            produced[id(out)] = name
+
+    def bn_hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        src = produced.get(id(inputs[0])) if inputs else None
+        if src is not None:
+            bn_of.setdefault(src, names[mod])
+
+    for m in model.modules():
+        if type(m) in QUANT_MODULES:
+            hooks.append(m.register_forward_hook(layer_hook))
+        elif isinstance(m, _BATCHNORMS):
+            hooks.append(m.register_forward_hook(bn_hook))
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    # A BN that two layers feed, or that runs on a layer's output more than once, is not folded.
+    counts: dict[str, int] = {}
+    for bn in bn_of.values():
+        counts[bn] = counts.get(bn, 0) + 1
+    return _Trace(order, {k: v for k, v in bn_of.items() if counts[v] == 1})
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _with_bits(spec: QuantSpec | None, bits: int | None) -> QuantSpec | None:
+    if spec is None or bits is None or spec.bits >= bits:
+        return spec
+    return spec.replace(bits=bits, group_size=None, granularity="channel" if spec.granularity == "group" else spec.granularity)
+
+
+def instrument(
+    model: nn.Module,
+    recipe: Recipe,
+    example_batch: Any,
+    method: str,
+    fold_bn: bool = True,
+    layer_types: tuple[type[nn.Module], ...] | None = None,
+) -> tuple[nn.Module, Summary]:
+    """A quantized copy of `model`; the original is not modified.
+
+    `layer_types` limits which float types are quantized (dynamic quantization takes Linear only).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be an edgequant.Recipe (or a preset name), got {type(recipe).__name__}")
+    qmodel = copy.deepcopy(model).eval()
+    trace = trace_layers(qmodel, example_batch)
+    summary = Summary(recipe=recipe.name, method=method)
+    supported = layer_types or tuple(QUANT_MODULES)
+    executed = [n for n in trace.order if isinstance(qmodel.get_submodule(n), supported)]
+    first_last = {executed[0], executed[-1]} if executed else set()
+
+    for name, module in list(qmodel.named_modules()):
+        if not name or isinstance(module, QuantMixin):
+            continue
+        mtype = type(module).__name__
+        if type(module) not in supported:
+            if type(module) in QUANT_MODULES:
+                summary.layers.append(LayerRecord(name, mtype, False, reason=f"{method} quantization covers "
+                                                  + ", ".join(t.__name__ for t in supported) + " only"))
+            elif isinstance(module, tuple(QUANT_MODULES)):
+                summary.layers.append(LayerRecord(name, mtype, False, reason=f"subclass of {module.__class__.__mro__[1].__name__} with its own forward: not swapped"))
+            elif any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _NORMS_AND_SUCH):
+                summary.layers.append(LayerRecord(name, mtype, False, reason="no quantized version of this layer type"))
+            continue
+        if name not in trace.order:
+            summary.layers.append(LayerRecord(name, mtype, False, reason="never ran on the calibration batch"))
+            continue
+        weight_spec, act_spec, reason = recipe.specs_for(name, mtype)
+        if reason is not None:
+            summary.layers.append(LayerRecord(name, mtype, False, reason=reason))
+            continue
+        if name in first_last and recipe.first_last_bits is not None:
+            weight_spec = _with_bits(weight_spec, recipe.first_last_bits)
+            act_spec = _with_bits(act_spec, recipe.first_last_bits)
+        if weight_spec is not None and weight_spec.granularity == "group":
+            size = module.weight.shape[weight_spec.axis]  # type: ignore[union-attr,index]
+            if size % weight_spec.group_size:  # type: ignore[operator]
+                raise ValueError(f"layer {name!r}: weight dim {weight_spec.axis} has {size} elements, "
+                                 f"not divisible by group_size {weight_spec.group_size}")
+        bn_name = trace.bn_of.get(name) if fold_bn else None
+        bn = qmodel.get_submodule(bn_name) if bn_name else None
+        if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
+            bn, bn_name = None, None
+        _set_submodule(qmodel, name, from_float(module, weight_spec, act_spec, name, bn=bn))
+        if bn_name:
+            _set_submodule(qmodel, bn_name, nn.Identity())
+        summary.layers.append(LayerRecord(
+            name, mtype, True,
+            weight=weight_spec.short() if weight_spec else "float",
+            activation=act_spec.short() if act_spec else "float",
+            bn_folded=bn_name or "",
+        ))
+    if not summary.quantized:
+        kinds = ", ".join(t.__name__ for t in supported)
+        why = "; ".join(f"{r.name}: {r.reason}" for r in summary.skipped[:5])
+        raise ValueError(f"the model has no quantizable layer ({kinds}) that ran on the calibration data"
+                         + (f" ({why})" if why else ""))
+    return qmodel, summary
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            yield name, m

@@ -1,0 +1,134 @@
+"""Quantized wrappers of the float layers: the float op with an input and a weight quantizer.
+
+They subclass the float module, so `isinstance(m, nn.Conv2d)` still holds and the state dict
+keeps the float names (`weight`, `bias`) plus the quantizers' buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor, nn
+
+from edgequant import functional as F
+from edgequant.quantizer import TensorQuantizer
+from edgequant.spec import QuantSpec
+
+BIAS_QMIN, BIAS_QMAX = -(2**31), 2**31 - 1
+
+
+def fold_batchnorm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm that follows a conv/linear into its weight and bias."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    w = weight * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
+    b = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    return w.detach().clone(), ((b - bn.running_mean) * factor + beta).detach().clone()
+
+
+class QuantMixin:
+    """Shared by every quantized layer: the quantizers and the quantized (weight, bias)."""
+
+    input_quantizer: TensorQuantizer | None
+    weight_quantizer: TensorQuantizer | None
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_quant(self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str) -> None:
+        self.layer_name = name
+        self.weight_quantizer = (
+            TensorQuantizer(weight_spec, f"{name}.weight", role="weight") if weight_spec is not None else None
+        )
+        self.input_quantizer = (
+            TensorQuantizer(act_spec, f"{name}.input", role="activation") if act_spec is not None else None
+        )
+
+    def bias_scale(self) -> Tensor | None:
+        """Scale of the INT32 bias (input scale x weight scale), or None when the bias stays float:
+        as ONNX Runtime and TFLite do, the bias is quantized only when both the input and the
+        weight are statically quantized on per-tensor / per-channel grids."""
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        if self.bias is None or iq is None or wq is None:
+            return None
+        if iq.mode != "quantize" or wq.mode != "quantize" or not iq.spec.per_tensor:
+            return None
+        if wq.spec.granularity == "group":
+            return None
+        return (iq.scale.reshape(()) * wq.scale).float()
+
+    def quantized_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+        b: Tensor | None = self.bias
+        bias_scale = self.bias_scale()
+        if b is not None and bias_scale is not None:
+            axis = 0 if bias_scale.numel() > 1 else None
+            zp = torch.zeros(bias_scale.shape, dtype=torch.int32, device=b.device)
+            b = F.fake_quantize(b, bias_scale, zp, BIAS_QMIN, BIAS_QMAX, axis)
+        return x, w, b
+
+
+def _new_params(new: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+    new.weight = nn.Parameter(weight.detach().clone())
+    new.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+
+class QuantConv1d(QuantMixin, nn.Conv1d):
+    def forward(self, x: Tensor) -> Tensor:
+        x, w, b = self.quantized_inputs(x)
+        return self._conv_forward(x, w, b)
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        x, w, b = self.quantized_inputs(x)
+        return self._conv_forward(x, w, b)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        x, w, b = self.quantized_inputs(x)
+        return torch_F.linear(x, w, b)
+
+
+# float type -> quantized type; one line to add a layer type (STYLE §11).
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def from_float(
+    module: nn.Module,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
+    name: str,
+    bn: nn.Module | None = None,
+) -> nn.Module:
+    """A quantized copy of `module` (BatchNorm `bn` folded in when given). The original is untouched."""
+    qcls = QUANT_MODULES.get(type(module))
+    if qcls is None:
+        raise TypeError(f"layer {name!r}: no quantized version of {type(module).__name__}")
+    weight, bias = module.weight, module.bias  # type: ignore[union-attr]
+    if bn is not None:
+        weight, bias = fold_batchnorm(weight, bias, bn)  # type: ignore[arg-type]
+    kwargs: dict[str, Any]
+    if isinstance(module, nn.Linear):
+        new = qcls(module.in_features, module.out_features, bias=bias is not None)
+    else:
+        conv: Any = module
+        kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                      bias=bias is not None, padding_mode=conv.padding_mode)
+        new = qcls(conv.in_channels, conv.out_channels, conv.kernel_size, **kwargs)
+    _new_params(new, weight, bias)
+    new._init_quant(weight_spec, act_spec, name)  # type: ignore[operator]
+    new.train(module.training)
+    return new.to(device=weight.device)

@@ -1,0 +1,5 @@
+"""Post-training quantization: static, dynamic and weight-only."""
+
+from edgequant.ptq.quantize import METHODS, quantize
+
+__all__ = ["METHODS", "quantize"]

@@ -1,0 +1,81 @@
+"""Feed calibration data through a model whose activation quantizers observe."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edgequant.instrument import batch_size, call_model, check_finite
+from edgequant.quantizer import calibration_mode, quantizers
+
+
+def peek(calib_data: Iterable[Any], what: str = "calib_data") -> tuple[Any, Iterator[Any]]:
+    """The first item and an iterator that still yields it."""
+    if calib_data is None:
+        raise ValueError(f"{what} is required for this method")
+    if isinstance(calib_data, (Tensor, dict)):
+        raise TypeError(
+            f"{what} must be an iterable of model inputs (a DataLoader, a list of batches), "
+            f"not a single {type(calib_data).__name__}; wrap it in a list: [batch]"
+        )
+    try:
+        it = iter(calib_data)
+    except TypeError as err:
+        raise TypeError(f"{what} must be iterable, got {type(calib_data).__name__}") from err
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError(f"{what} is empty: at least one batch of model inputs is needed") from None
+    return first, itertools.chain([first], it)
+
+
+def _take(batch: Any, n: int) -> Any:
+    """The first n samples of a batch."""
+    if isinstance(batch, Tensor):
+        return batch[:n]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_take(b, n) if isinstance(b, Tensor) and b.dim() > 0 else b for b in batch)
+    if hasattr(batch, "keys"):
+        return {k: (v[:n] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+    return batch
+
+
+def run_calibration(model: nn.Module, batches: Iterable[Any], num_samples: int, progress: bool = False) -> int:
+    """Observe activations on up to num_samples samples; fix every activation quantizer's
+    scale and zero point; return the number of samples used."""
+    from tqdm import tqdm
+
+    seen = 0
+    with calibration_mode(model), torch.no_grad(), tqdm(
+        total=num_samples, desc="calibrating", unit="sample", disable=not progress, leave=False
+    ) as bar:
+        for index, batch in enumerate(batches):
+            n = batch_size(batch)
+            if seen + n > num_samples:
+                batch, n = _take(batch, num_samples - seen), num_samples - seen
+            check_finite(batch, index)
+            try:
+                call_model(model, batch)
+            except TypeError as err:
+                if isinstance(batch, (tuple, list)) and len(batch) == 2:
+                    raise TypeError(
+                        f"calling the model on calibration item {index} failed ({err}); tuples are "
+                        "passed as positional arguments: if your loader yields (inputs, labels), "
+                        "pass (x for x, _ in loader)"
+                    ) from err
+                raise
+            seen += n
+            bar.update(n)
+            if seen >= num_samples:
+                break
+    if seen == 0:
+        raise ValueError("calib_data yielded no samples")
+    for q in quantizers(model):
+        if q.role == "activation" and q.mode != "dynamic":
+            q.compute_qparams()
+            q.set_mode("quantize")
+    return seen

@@ -1,0 +1,39 @@
+"""Dynamic PTQ: INT8 weights, activation ranges computed at run time, as ONNX Runtime's
+DynamicQuantizeLinear + MatMulInteger run it. Covers Linear layers (transformers, RNN heads)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from edgequant.instrument import instrument
+from edgequant.ptq.calibrate import peek
+from edgequant.ptq.static import calibrate_weights
+from edgequant.quantizer import quantizers
+from edgequant.spec import Recipe, activation_spec
+
+
+def quantize_dynamic(
+    model: nn.Module, recipe: Recipe, calib_data: Iterable[Any] | None, num_samples: int, progress: bool
+) -> nn.Module:
+    if recipe.weight is None:
+        raise ValueError(f"recipe {recipe.name!r} quantizes no weights")
+    if recipe.weight.bits > 8 or (recipe.activation is not None and recipe.activation.bits != 8):
+        raise ValueError("dynamic quantization runs as ONNX Runtime's DynamicQuantizeLinear/MatMulInteger: "
+                         f"8-bit activations and at most 8-bit weights; recipe {recipe.name!r} asks for "
+                         f"W{recipe.weight.bits}A{recipe.activation.bits if recipe.activation else '-'}")
+    if recipe.weight.granularity == "group":
+        raise ValueError("dynamic quantization supports per-tensor or per-channel weights, not per-group")
+    first, _ = peek(calib_data, "calib_data (one example batch)")
+    # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
+    recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
+    qmodel, summary = instrument(model, recipe, first, method="dynamic", layer_types=(nn.Linear,))
+    calibrate_weights(qmodel)
+    for q in quantizers(qmodel):
+        if q.role == "activation":
+            q.set_mode("dynamic")
+    qmodel.quant_summary = summary
+    qmodel.quant_info = {"method": "dynamic", "recipe": recipe.to_dict(), "samples_used": 0, "labels_used": False}
+    return qmodel

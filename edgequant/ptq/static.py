@@ -1,0 +1,36 @@
+"""Static PTQ: weights and activations calibrated ahead of time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from edgequant.instrument import instrument
+from edgequant.ptq.calibrate import peek, run_calibration
+from edgequant.quantizer import quantizers
+from edgequant.spec import Recipe
+
+
+def calibrate_weights(qmodel: nn.Module) -> None:
+    """Fix every weight quantizer from its (BN-folded) weight."""
+    for q in quantizers(qmodel):
+        if q.role == "weight":
+            layer = qmodel.get_submodule(q.name.rsplit(".", 1)[0])
+            q.calibrate_tensor(layer.weight)
+            q.set_mode("quantize")
+
+
+def quantize_static(
+    model: nn.Module, recipe: Recipe, calib_data: Iterable[Any] | None, num_samples: int, progress: bool
+) -> nn.Module:
+    if recipe.activation is None:
+        raise ValueError(f"recipe {recipe.name!r} quantizes no activations: use method='weight_only'")
+    first, batches = peek(calib_data)
+    qmodel, summary = instrument(model, recipe, first, method="static")
+    calibrate_weights(qmodel)
+    used = run_calibration(qmodel, batches, num_samples, progress)
+    qmodel.quant_summary = summary
+    qmodel.quant_info = {"method": "static", "recipe": recipe.to_dict(), "samples_used": used, "labels_used": False}
+    return qmodel

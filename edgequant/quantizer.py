@@ -1,0 +1,127 @@
+"""TensorQuantizer: one tensor's spec, its observer and its scale/zero-point buffers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edgequant import functional as F
+from edgequant.observers import OBSERVERS
+from edgequant.spec import QuantSpec
+
+MODES = ("disabled", "observe", "quantize", "dynamic")
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes a tensor on the grid of `spec`.
+
+    Modes: "observe" records statistics and passes x through unchanged (calibration);
+    "quantize" fake-quantizes with the stored scale/zero point; "dynamic" computes per-tensor
+    parameters from each tensor at run time; "disabled" passes x through.
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "", role: str = "activation") -> None:
+        super().__init__()
+        if role not in ("activation", "weight"):
+            raise ValueError(f"TensorQuantizer role must be 'activation' or 'weight', got {role!r}")
+        self.role = role
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"TensorQuantizer needs a QuantSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.name = name
+        self.observer = OBSERVERS[spec.observer](spec)
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
+        self.mode = "disabled"
+
+    @property
+    def axis(self) -> int | None:
+        return None if self.spec.per_tensor else self.spec.axis
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"{self.name}: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if mode == "quantize" and not self.calibrated:
+            raise RuntimeError(f"{self.name}: cannot quantize before calibration (no scale yet)")
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "disabled":
+            return x
+        if self.mode == "observe":
+            if not torch.isfinite(x).all():
+                raise ValueError(
+                    f"layer {self.name!r}: calibration produced NaN or Inf in this tensor "
+                    "(check the calibration data and the layers before it)"
+                )
+            self.observer(x)
+            return x
+        if self.mode == "dynamic":
+            return F.dynamic_fake_quantize(x, self.spec.qmin, self.spec.qmax)
+        return F.fake_quantize(
+            x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.axis, self.spec.group_size
+        )
+
+    def set_range(self, min_val: Tensor, max_val: Tensor) -> None:
+        """Fix scale and zero point from a range (per tensor, channel or group)."""
+        scale, zero_point = F.calc_qparams(
+            min_val, max_val, self.spec.qmin, self.spec.qmax, self.spec.symmetric,
+            pow2=self.spec.scale_type == "pow2",
+        )
+        self.scale = scale.to(self.scale.device)
+        self.zero_point = zero_point.to(self.scale.device)
+
+    def compute_qparams(self) -> None:
+        """Scale and zero point from what the observer saw."""
+        try:
+            min_val, max_val = self.observer.compute_range()
+        except RuntimeError as err:
+            raise ValueError(f"layer {self.name!r}: no calibration data reached this quantizer") from err
+        self.set_range(min_val, max_val)
+
+    def calibrate_tensor(self, x: Tensor) -> None:
+        """Observe one whole tensor (a weight) and fix the parameters from it."""
+        with torch.no_grad():
+            self.observer(x.detach())
+        self.compute_qparams()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Buffers start empty and take the calibrated shape on load.
+        for key in ("scale", "zero_point"):
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        mode_key = prefix + "_mode"
+        if mode_key in state_dict:
+            state_dict.pop(mode_key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.short()}, mode={self.mode}"
+
+
+def quantizers(model: nn.Module) -> Iterator[TensorQuantizer]:
+    for m in model.modules():
+        if isinstance(m, TensorQuantizer):
+            yield m
+
+
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module, which: tuple[str, ...] = ("activation",)) -> Iterator[None]:
+    """Switch activation quantizers to observing; restore every mode on exit, even on error."""
+    saved = {q: q.mode for q in quantizers(model)}
+    try:
+        for q in saved:
+            if q.role in which:
+                q.mode = "observe"
+        yield
+    finally:
+        for q, mode in saved.items():
+            q.mode = mode

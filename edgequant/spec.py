@@ -1,0 +1,296 @@
+"""Quantization specifications: what a tensor's integer grid is (QuantSpec) and how a model is
+quantized (Recipe). Frozen dataclasses that validate themselves and round-trip to YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GRANULARITIES = ("tensor", "channel", "group")
+SCALE_TYPES = ("float", "pow2")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The integer grid of one tensor.
+
+    granularity: "tensor" (one scale), "channel" (one scale per index of `axis`) or "group"
+    (one scale per `group_size` consecutive elements along `axis`, per index of the other dims).
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: str = "tensor"
+    axis: int = 0
+    group_size: int | None = None
+    scale_type: str = "float"
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise TypeError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"QuantSpec.bits={self.bits} is out of range: valid bits are {MIN_BITS}..{MAX_BITS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity={self.granularity!r} is unknown; valid: {', '.join(GRANULARITIES)}"
+            )
+        if self.scale_type not in SCALE_TYPES:
+            raise ValueError(f"QuantSpec.scale_type={self.scale_type!r} is unknown; valid: {', '.join(SCALE_TYPES)}")
+        if self.granularity == "group":
+            if self.group_size is None or self.group_size < 1:
+                raise ValueError(f"QuantSpec granularity 'group' needs group_size >= 1, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ValueError(f"QuantSpec.group_size={self.group_size} is only valid with granularity 'group'")
+        if self.narrow_range and not self.signed:
+            raise ValueError("QuantSpec.narrow_range applies to signed grids only (-(2^(b-1)-1)..2^(b-1)-1)")
+        from edgequant.observers import OBSERVERS  # local: observers import spec
+
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"QuantSpec.observer={self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}")
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.granularity == "tensor"
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return dataclasses.replace(self, **changes)
+
+    def short(self) -> str:
+        """A compact human name, e.g. 'int4 sym per-channel(0)'."""
+        kind = ("int" if self.signed else "uint") + str(self.bits)
+        gran = {"tensor": "per-tensor", "channel": f"per-channel({self.axis})",
+                "group": f"per-group({self.group_size}, axis {self.axis})"}[self.granularity]
+        extra = " narrow" if self.narrow_range else ""
+        extra += " pow2-scale" if self.scale_type == "pow2" else ""
+        return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{extra} [{self.observer}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        if not isinstance(data, dict):
+            raise TypeError(f"QuantSpec.from_dict expects a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"QuantSpec: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+def weight_spec(bits: int, group_size: int | None = None) -> QuantSpec:
+    """The literature's default for weights: symmetric, per output channel (axis 0)."""
+    if group_size is not None:
+        return QuantSpec(bits=bits, signed=True, symmetric=True, granularity="group", axis=1,
+                         group_size=group_size, observer="minmax")
+    return QuantSpec(bits=bits, signed=True, symmetric=True, granularity="channel", axis=0,
+                     observer="minmax")
+
+
+def activation_spec(bits: int, observer: str = "minmax") -> QuantSpec:
+    """The literature's default for activations: asymmetric (unsigned) per tensor."""
+    return QuantSpec(bits=bits, signed=False, symmetric=False, granularity="tensor", observer=observer)
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer settings. `pattern` is a module name glob ('layer1.*.conv1') or a type name
+    ('Linear'). A None spec keeps the recipe's; skip=True leaves the layer in float."""
+
+    pattern: str
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    skip: bool = False
+
+    def matches(self, name: str, module_type: str) -> bool:
+        return self.pattern == module_type or fnmatch.fnmatchcase(name, self.pattern)
+
+
+TARGETS: dict[str, str] = {
+    "onnxruntime": "ONNX Runtime CPU: symmetric per-channel INT8 weights, asymmetric UINT8 activations",
+}
+
+_PRESET_RE = re.compile(r"^w(\d+)a(\d+)$")
+_WEIGHT_ONLY_RE = re.compile(r"^w(\d+)-weight-only$")
+PRESET_FORMS = "'w{B}a{B}' (e.g. 'w8a8', 'w4a8', 'w4a4') or 'w{B}-weight-only' (e.g. 'w4-weight-only'), B in 2..16"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to quantize a model: default weight and activation specs, per-layer overrides, skips.
+
+    activation=None means weight-only. `first_last_bits` keeps the first and last quantized layer
+    at that many bits (the literature keeps them at 8 when the rest is lower).
+    """
+
+    name: str = "custom"
+    weight: QuantSpec | None = field(default_factory=lambda: weight_spec(8))
+    activation: QuantSpec | None = field(default_factory=lambda: activation_spec(8))
+    overrides: tuple[LayerOverride, ...] = ()
+    skip: tuple[str, ...] = ()
+    first_last_bits: int | None = None
+    target: str = "onnxruntime"
+    calib_samples: int = 512
+
+    def __post_init__(self) -> None:
+        if self.weight is None and self.activation is None:
+            raise ValueError("Recipe needs a weight spec, an activation spec or both; got neither")
+        for label, spec in (("weight", self.weight), ("activation", self.activation)):
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(f"Recipe.{label} must be a QuantSpec or None, got {type(spec).__name__}")
+        if self.first_last_bits is not None and not MIN_BITS <= self.first_last_bits <= MAX_BITS:
+            raise ValueError(f"Recipe.first_last_bits={self.first_last_bits} out of range {MIN_BITS}..{MAX_BITS}")
+        if self.target not in TARGETS:
+            raise ValueError(f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise ValueError(f"Recipe.calib_samples must be a positive int, got {self.calib_samples!r}")
+        # Tuples keep the dataclass hashable and immutable even when built from lists.
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        for ov in self.overrides:
+            if not isinstance(ov, LayerOverride):
+                raise TypeError(f"Recipe.overrides must hold LayerOverride, got {type(ov).__name__}")
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation is None
+
+    @classmethod
+    def preset(cls, name: str) -> Recipe:
+        """'w8a8', 'w4a8', 'w4a4', ..., or 'w4-weight-only'."""
+        if not isinstance(name, str):
+            raise TypeError(f"Recipe.preset expects a name string, got {type(name).__name__}")
+        m = _PRESET_RE.match(name)
+        wo = _WEIGHT_ONLY_RE.match(name)
+        if m is None and wo is None:
+            raise ValueError(f"unknown preset {name!r}: valid forms are {PRESET_FORMS}")
+        w_bits = int((m or wo).group(1))  # type: ignore[union-attr]
+        a_bits = int(m.group(2)) if m else None
+        for label, bits in (("weight", w_bits), ("activation", a_bits)):
+            if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(
+                    f"preset {name!r}: {label} bits {bits} out of range; valid forms are {PRESET_FORMS}"
+                )
+        lowest = min(w_bits, a_bits if a_bits is not None else w_bits)
+        return cls(
+            name=name,
+            weight=weight_spec(w_bits),
+            activation=activation_spec(a_bits) if a_bits is not None else None,
+            first_last_bits=8 if lowest < 8 else None,
+        )
+
+    def for_target(self, target: str) -> Recipe:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; known targets: {', '.join(TARGETS)}")
+        return dataclasses.replace(self, target=target)
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def specs_for(self, name: str, module_type: str) -> tuple[QuantSpec | None, QuantSpec | None, str | None]:
+        """(weight spec, activation spec, skip reason) for one layer, overrides applied in order."""
+        for pattern in self.skip:
+            if pattern == module_type or fnmatch.fnmatchcase(name, pattern):
+                return None, None, f"in the recipe's skip list ({pattern!r})"
+        weight, activation = self.weight, self.activation
+        for ov in self.overrides:
+            if ov.matches(name, module_type):
+                if ov.skip:
+                    return None, None, f"skipped by override {ov.pattern!r}"
+                weight = ov.weight if ov.weight is not None else weight
+                activation = ov.activation if ov.activation is not None else activation
+        return weight, activation, None
+
+    def __str__(self) -> str:
+        lines = [f"Recipe {self.name!r} (target {self.target})"]
+        lines.append(f"  weights:     {self.weight.short() if self.weight else 'float'}")
+        lines.append(f"  activations: {self.activation.short() if self.activation else 'float (weight-only)'}")
+        if self.first_last_bits is not None:
+            lines.append(f"  first and last quantized layers kept at {self.first_last_bits} bits")
+        for ov in self.overrides:
+            what = "skip" if ov.skip else ", ".join(
+                f"{k}={s.short()}" for k, s in (("weight", ov.weight), ("activation", ov.activation)) if s
+            )
+            lines.append(f"  override {ov.pattern}: {what}")
+        if self.skip:
+            lines.append(f"  skip: {', '.join(self.skip)}")
+        lines.append(f"  calibration samples: {self.calib_samples}")
+        return "\n".join(lines)
+
+    # --- YAML round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weight": self.weight.to_dict() if self.weight else None,
+            "activation": self.activation.to_dict() if self.activation else None,
+            "overrides": [
+                {"pattern": o.pattern, "weight": o.weight.to_dict() if o.weight else None,
+                 "activation": o.activation.to_dict() if o.activation else None, "skip": o.skip}
+                for o in self.overrides
+            ],
+            "skip": list(self.skip),
+            "first_last_bits": self.first_last_bits,
+            "target": self.target,
+            "calib_samples": self.calib_samples,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        if not isinstance(data, dict):
+            raise TypeError(f"Recipe.from_dict expects a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Recipe: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+        d = dict(data)
+
+        def spec(v: Any) -> QuantSpec | None:
+            return QuantSpec.from_dict(v) if v is not None else None
+
+        d["weight"] = spec(d.get("weight"))
+        d["activation"] = spec(d.get("activation"))
+        d["overrides"] = tuple(
+            LayerOverride(pattern=o["pattern"], weight=spec(o.get("weight")),
+                          activation=spec(o.get("activation")), skip=bool(o.get("skip", False)))
+            for o in d.get("overrides", [])
+        )
+        d["skip"] = tuple(d.get("skip", ()))
+        return cls(**d)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from edgequant._io import atomic_write_text
+
+            atomic_write_text(Path(path), text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Recipe:
+        """From a YAML file path or a YAML string."""
+        import yaml
+
+        p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        text = p.read_text() if p is not None and p.exists() else str(source)
+        data = yaml.safe_load(text)
+        return cls.from_dict(data)
