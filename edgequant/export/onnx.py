@@ -1,0 +1,457 @@
+"""Export a fake-quantized model as an ONNX QDQ model with integer weights, verified in ONNX Runtime.
+
+Route (DESIGN §4): the quantized layers are lowered to modules that call edgequant's custom ops
+(export/ops.py) on *stored integer* weights; the dynamo exporter at opset 21 translates those ops
+to QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear + MatMulInteger; a small pass folds
+the INT4 casts into packed INT4 initializers; the model is run in ONNX Runtime against the
+simulation and only then moved into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor, nn
+
+from edgequant import functional as F
+from edgequant.export import ops
+from edgequant.instrument import quant_layers
+from edgequant.modules import BIAS_QMAX, BIAS_QMIN, QuantLinear, QuantMixin
+from edgequant.quantizer import TensorQuantizer
+
+OPSET = 21
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the export did not verify (nothing was written)."""
+
+
+def _container_bits(bits: int) -> int:
+    return 4 if bits <= 4 else 8 if bits <= 8 else 16
+
+
+_INT_DTYPES = {(4, True): torch.int8, (4, False): torch.uint8, (8, True): torch.int8,
+               (8, False): torch.uint8, (16, True): torch.int16, (16, False): torch.uint16,
+               (32, True): torch.int32}
+
+
+def _natural_range(container: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (container - 1)), 2 ** (container - 1) - 1) if signed else (0, 2**container - 1)
+
+
+class LoweredQDQ(nn.Module):
+    """A calibrated activation quantizer as the export sees it."""
+
+    def __init__(self, q: TensorQuantizer) -> None:
+        super().__init__()
+        spec = q.spec
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.container = _container_bits(spec.bits)
+        self.axis = -1 if spec.per_tensor else spec.axis
+        if spec.granularity == "group":
+            raise ExportError(f"{q.name}: per-group activation quantization has no ONNX QDQ form")
+        dtype = _INT_DTYPES[(self.container, spec.signed)]
+        self.register_buffer("scale", q.scale.detach().clone().float())
+        self.register_buffer("zero_point", q.zero_point.detach().to(dtype))
+        self.clip = (self.qmin, self.qmax) != _natural_range(self.container, spec.signed)
+        zp = q.zero_point.float()
+        self.register_buffer("clip_lo", ((self.qmin - zp) * q.scale).float().min().reshape(()))
+        self.register_buffer("clip_hi", ((self.qmax - zp) * q.scale).float().max().reshape(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.edgequant.qdq(x, self.scale, self.zero_point, self.clip_lo, self.clip_hi,
+                                       self.qmin, self.qmax, self.axis, self.container, self.clip)
+
+
+def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int, int]:
+    """(integers, scale, zero point, axis, block size, container bits) of a layer's weight."""
+    wq = layer.weight_quantizer
+    assert wq is not None
+    spec = wq.spec
+    axis = None if spec.per_tensor else spec.axis
+    q = F.quantize(layer.weight.detach(), wq.scale, wq.zero_point, spec.qmin, spec.qmax, axis, spec.group_size)
+    container = _container_bits(spec.bits)
+    dtype = _INT_DTYPES[(container, spec.signed)]
+    return (q.to(dtype), wq.scale.detach().clone().float(), wq.zero_point.detach().to(dtype),
+            -1 if axis is None else axis, spec.group_size or 0, container)
+
+
+class LoweredLayer(nn.Module):
+    """A quantized Conv1d/Conv2d/Linear with integer weights (and INT32 bias) as stored buffers."""
+
+    def __init__(self, layer: QuantMixin) -> None:
+        super().__init__()
+        module: Any = layer
+        self.name = layer.layer_name
+        self.kind = "linear" if isinstance(layer, nn.Linear) else f"conv{module.weight.dim() - 2}d"
+        if self.kind != "linear":
+            if module.padding_mode != "zeros":
+                self.pad: tuple[tuple[int, ...], str] | None = (module._reversed_padding_repeated_twice, module.padding_mode)
+                padding: Any = 0
+            else:
+                self.pad, padding = None, module.padding
+            self.conv_args = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
+        iq, wq = layer.input_quantizer, layer.weight_quantizer
+        self.act_mode = iq.mode if iq is not None else "disabled"
+        self.input_qdq = LoweredQDQ(iq) if iq is not None and iq.mode == "quantize" else None
+        self.dynamic = self.act_mode == "dynamic"
+        if self.dynamic and not isinstance(layer, QuantLinear):
+            raise ExportError(f"layer {self.name!r}: dynamic quantization exports Linear layers only")
+        self.weight_float = wq is None or wq.mode != "quantize"
+        if self.weight_float:
+            self.register_buffer("weight", layer.weight.detach().clone())
+        else:
+            w_q, w_scale, w_zp, self.w_axis, self.w_block, self.w_container = _stored_weight(layer)
+            if self.dynamic:
+                if self.w_container != 8 or self.w_axis not in (-1, 0):
+                    raise ExportError(f"layer {self.name!r}: dynamic quantization needs 8-bit per-tensor "
+                                      "or per-output-channel weights")
+                if bool((w_zp != 0).any()):
+                    raise ExportError(f"layer {self.name!r}: dynamic quantization needs symmetric weights")
+                w_q = w_q.t().contiguous()
+            self.register_buffer("weight_q", w_q)
+            self.register_buffer("weight_scale", w_scale)
+            self.register_buffer("weight_zero_point", w_zp)
+        bias = layer.bias
+        bias_scale = layer.bias_scale()
+        self.has_bias = bias is not None
+        self.bias_quantized = bias is not None and bias_scale is not None
+        if bias is not None and bias_scale is not None:
+            b_axis = None if bias_scale.numel() == 1 else 0
+            zp = torch.zeros(bias_scale.shape, dtype=torch.int32)
+            self.register_buffer("bias_q", F.quantize(bias.detach(), bias_scale, zp, BIAS_QMIN, BIAS_QMAX, b_axis))
+            self.register_buffer("bias_scale", bias_scale.detach().clone().reshape(bias_scale.shape))
+            self.register_buffer("bias_zero_point", zp)
+            self.b_axis = -1 if b_axis is None else 0
+        else:
+            self.register_buffer("bias", bias.detach().clone() if bias is not None else torch.zeros(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            return torch.ops.edgequant.dynamic_linear(x, self.weight_q, self.weight_scale, self.bias, self.has_bias)
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
+        w = self.weight if self.weight_float else torch.ops.edgequant.dq(
+            self.weight_q, self.weight_scale, self.weight_zero_point, self.w_axis, self.w_block, self.w_container)
+        b: Tensor | None
+        if self.bias_quantized:
+            b = torch.ops.edgequant.dq(self.bias_q, self.bias_scale, self.bias_zero_point, self.b_axis, 0, 32)
+        else:
+            b = self.bias if self.has_bias else None
+        if self.kind == "linear":
+            return torch_F.linear(x, w, b)
+        if self.pad is not None:
+            x = torch_F.pad(x, self.pad[0], mode=self.pad[1])
+        conv = torch_F.conv1d if self.kind == "conv1d" else torch_F.conv2d
+        return conv(x, w, b, **self.conv_args)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lower(qmodel: nn.Module) -> nn.Module:
+    """A copy of qmodel whose quantized layers call the export ops on stored integers."""
+    lowered = copy.deepcopy(qmodel).eval()
+    for name, layer in list(quant_layers(lowered)):
+        _set_submodule(lowered, name, LoweredLayer(layer))  # type: ignore[arg-type]
+    for name, m in list(lowered.named_modules()):
+        if isinstance(m, TensorQuantizer):
+            if m.mode == "quantize" and m.role == "activation":
+                _set_submodule(lowered, name, LoweredQDQ(m))
+            elif m.mode in ("observe", "dynamic"):
+                raise ExportError(f"quantizer {m.name!r} is in mode {m.mode!r}; calibrate the model before export")
+    return lowered
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        return (), dict(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors; "
+                    f"got {type(example_inputs).__name__}")
+
+
+def _dynamic_dims(t: Any) -> Any:
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return None
+    dims = {0: torch.export.Dim.AUTO}
+    if not t.is_floating_point() and t.dim() == 2:
+        dims[1] = torch.export.Dim.AUTO  # token ids and masks: variable sequence length
+    return dims
+
+
+def _outputs(out: Any) -> list[Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in leaves if isinstance(t, Tensor)]
+
+
+# --- the ONNX pass --------------------------------------------------------------------------
+
+def fold_integer_casts(model: Any) -> int:
+    """Replace Cast(constant int) -> INT4/UINT4 with packed INT4 initializers; drop what is unused."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts: dict[str, Any] = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+    folded = 0
+    keep = []
+    new_inits = []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        if to in (ops.ONNX_INT4, ops.ONNX_UINT4) and node.input[0] in consts:
+            values = numpy_helper.to_array(consts[node.input[0]]).astype(np.int32)
+            lo, hi = (-8, 7) if to == ops.ONNX_INT4 else (0, 15)
+            if values.size and (values.min() < lo or values.max() > hi):
+                raise ExportError(f"{node.input[0]}: values outside the 4-bit range cannot be stored as INT4")
+            new_inits.append(onnx.helper.make_tensor(node.output[0], to, list(values.shape), values.flatten().tolist()))
+            folded += 1
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(new_inits)
+    # Drop initializers and Constant nodes nothing reads any more.
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for sub in (n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used):
+        graph.node.remove(sub)
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return folded
+
+
+def strip_metadata(model: Any) -> None:
+    """Drop the exporter's per-node provenance (stack traces, FX names): a third of a small file."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in list(model.graph.value_info):
+        del value.metadata_props[:]
+    del model.metadata_props[:]
+
+
+def integer_weight_count(model: Any) -> tuple[int, list[str]]:
+    """How many DequantizeLinear nodes read integer constants; and any that read float ones."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: next(a.t for a in n.attribute if a.name == "value")
+              for n in model.graph.node if n.op_type == "Constant"}
+    consts.update(inits)
+    integer, bad = 0, []
+    for node in model.graph.node:
+        if node.op_type in ("DequantizeLinear",) and node.input[0] in consts:
+            dtype = consts[node.input[0]].data_type
+            if dtype in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+                bad.append(node.input[0])
+            else:
+                integer += 1
+        if node.op_type == "MatMulInteger" and node.input[1] in consts:
+            integer += 1
+    return integer, bad
+
+
+# --- verification ---------------------------------------------------------------------------
+
+@dataclass
+class Verification:
+    samples: int = 0
+    top1_agreement: float | None = None
+    sqnr_db: float = float("inf")
+    max_abs_err: float = 0.0
+    passed: bool = False
+    reason: str = ""
+
+
+def verify_onnx(
+    onnx_path: str | os.PathLike[str],
+    qmodel: nn.Module,
+    inputs: Iterable[Any],
+    min_top1_agreement: float = 0.995,
+    min_sqnr_db: float = 30.0,
+    threads: int = 0,
+) -> Verification:
+    """Run the ONNX model in ONNX Runtime and the simulation in PyTorch on the same inputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    sim_all: list[list[Tensor]] = []
+    dep_all: list[list[Tensor]] = []
+    samples = 0
+    qmodel.eval()
+    for batch in inputs:
+        args, kwargs = split_inputs(batch)
+        with torch.no_grad():
+            sim = _outputs(qmodel(*args, **kwargs))
+        feed: dict[str, Any] = {}
+        positional = [a for a in args if isinstance(a, Tensor)]
+        for i, name in enumerate(names):
+            t = kwargs.get(name) if name in kwargs else (positional[i] if i < len(positional) else None)
+            if t is None:
+                raise ExportError(f"verification input for ONNX input {name!r} is missing")
+            feed[name] = t.detach().cpu().numpy()
+        dep = [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)]
+        if len(dep) != len(sim):
+            raise ExportError(f"ONNX model has {len(dep)} outputs, the PyTorch model {len(sim)}")
+        sim_all.append(sim)
+        dep_all.append(dep)
+        samples += int(sim[0].shape[0]) if sim[0].dim() else 1
+    if not sim_all:
+        raise ValueError("verification needs at least one batch of inputs")
+    v = Verification(samples=samples)
+    sims = [torch.cat([s[k].reshape(s[k].shape[0] if s[k].dim() else 1, -1).float() for s in sim_all]) for k in range(len(sim_all[0]))]
+    deps = [torch.cat([d[k].reshape(d[k].shape[0] if d[k].dim() else 1, -1).float() for d in dep_all]) for k in range(len(dep_all[0]))]
+    v.sqnr_db = min(F.sqnr_db(s, d) for s, d in zip(sims, deps))
+    v.max_abs_err = max(float((s - d).abs().max()) for s, d in zip(sims, deps))
+    first = sim_all[0][0]
+    if first.dim() == 2 and first.shape[1] > 1 and first.is_floating_point():
+        v.top1_agreement = float((sims[0].argmax(1) == deps[0].argmax(1)).float().mean())
+    problems = []
+    if v.sqnr_db < min_sqnr_db:
+        problems.append(f"SQNR {v.sqnr_db:.1f} dB < {min_sqnr_db} dB")
+    if v.top1_agreement is not None and v.top1_agreement < min_top1_agreement:
+        problems.append(f"top-1 agreement {v.top1_agreement:.4f} < {min_top1_agreement}")
+    v.passed = not problems
+    v.reason = "; ".join(problems)
+    return v
+
+
+# --- the entry point ------------------------------------------------------------------------
+
+@dataclass
+class ExportInfo:
+    path: str
+    size_bytes: int
+    float_params_bytes: int
+    size_ratio: float
+    quantized_layers: int
+    integer_weights: int
+    verification: Verification = field(default_factory=Verification)
+    wall_s: float = 0.0
+    opset: int = OPSET
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        v = self.verification
+        agree = f", top-1 agreement {v.top1_agreement:.4f}" if v.top1_agreement is not None else ""
+        return (f"wrote {self.path}: {self.size_bytes} bytes ({self.size_ratio:.3f}x the float parameters), "
+                f"{self.integer_weights} integer weight tensors for {self.quantized_layers} quantized layers; "
+                f"verified in ONNX Runtime on {v.samples} samples: SQNR {v.sqnr_db:.1f} dB{agree}")
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Any,
+    verify_data: Iterable[Any] | None = None,
+    min_top1_agreement: float = 0.995,
+    min_sqnr_db: float = 30.0,
+) -> ExportInfo:
+    """Write qmodel as an ONNX QDQ model (opset 21) at `path`, after proving in ONNX Runtime that
+    it computes what the simulation computes (on example_inputs and on verify_data when given).
+
+    Nothing is written if export or verification fails (ExportError); an existing file at `path`
+    is replaced only by a verified model.
+    """
+    import onnx
+
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    layers = list(quant_layers(qmodel))
+    if not layers:
+        raise ValueError("qmodel has no quantized layer: run edgequant.quantize (or prepare_qat) first")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    if path.exists() and path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory")
+    if not path.parent.exists():
+        raise ValueError(f"the folder {str(path.parent)!r} does not exist")
+    args, kwargs = split_inputs(example_inputs)
+    start = time.perf_counter()
+    qmodel = qmodel.eval()
+    lowered = lower(qmodel)
+    dynamic_shapes: Any
+    if kwargs:
+        dynamic_shapes = {k: _dynamic_dims(v) for k, v in kwargs.items()}
+    else:
+        dynamic_shapes = tuple(_dynamic_dims(a) for a in args)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    try:
+        # The exporter logs a warning per missing torchvision op; nothing a user can act on.
+        exporter_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                lowered, args, kwargs=kwargs or None, dynamo=True, opset_version=OPSET,
+                custom_translation_table=ops.translation_table(),  # type: ignore[arg-type]
+                dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            )
+    except Exception as err:  # the exporter raises many types; say which stage failed
+        raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+    finally:
+        exporter_log.setLevel(level)
+    assert program is not None
+    model = program.model_proto
+    fold_integer_casts(model)
+    strip_metadata(model)
+    integer, float_dq = integer_weight_count(model)
+    quantized = sum(1 for _, m in layers if m.weight_quantizer is not None and m.weight_quantizer.mode == "quantize")
+    if float_dq or integer < quantized:
+        raise ExportError(f"the exported graph does not store every quantized weight as integers "
+                          f"({integer} integer weights for {quantized} quantized layers; float: {float_dq[:5]})")
+    onnx.checker.check_model(model)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        onnx.save_model(model, str(tmp))
+        batches = [example_inputs] + (list(verify_data) if verify_data is not None else [])
+        v = verify_onnx(tmp, qmodel, batches, min_top1_agreement, min_sqnr_db)
+        if not v.passed:
+            raise ExportError(f"the exported model does not compute what the simulation computes: {v.reason}; "
+                              "nothing was written")
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
+    return ExportInfo(
+        path=str(path), size_bytes=size, float_params_bytes=float_bytes, size_ratio=size / max(float_bytes, 1),
+        quantized_layers=quantized, integer_weights=integer, verification=v, wall_s=time.perf_counter() - start,
+    )

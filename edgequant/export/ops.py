@@ -1,0 +1,116 @@
+"""Custom ops that carry quantization through torch.export, and their ONNX translations.
+
+The stock exporters cannot export fake-quantize (DESIGN §4): the TorchScript exporter rejects
+narrow ranges and bits other than 8, the dynamo exporter fails on aten.fake_quantize_*. So the
+lowered model calls these ops instead; each computes exactly what the simulation computed, and
+its onnxscript translation emits the standard ONNX ops that compute the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from edgequant import functional as F
+
+# ONNX TensorProto data types, by (bits container, signed)
+ONNX_INT4, ONNX_UINT4 = 22, 21
+ONNX_FLOAT = 1
+
+
+def _axis(axis: int) -> int | None:
+    return None if axis < 0 else axis
+
+
+def _block(block_size: int) -> int | None:
+    return None if block_size <= 0 else block_size
+
+
+@torch.library.custom_op("edgequant::qdq", mutates_args=())
+def qdq(
+    x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Tensor,
+    qmin: int, qmax: int, axis: int, container_bits: int, clip: bool,
+) -> Tensor:
+    """Fake-quantize an activation (per tensor or per axis). axis=-1: per tensor."""
+    return F.fake_quantize(x, scale, zero_point.to(torch.int32), qmin, qmax, _axis(axis))
+
+
+@qdq.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Tensor,
+      qmin: int, qmax: int, axis: int, container_bits: int, clip: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("edgequant::dq", mutates_args=())
+def dq(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int) -> Tensor:
+    """Dequantize stored integers (weights, biases). axis=-1: per tensor; block_size>0: blocked."""
+    return F.dequantize(q, scale, zero_point.to(torch.int32), _axis(axis), _block(block_size))
+
+
+@dq.register_fake
+def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int) -> Tensor:
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("edgequant::dynamic_linear", mutates_args=())
+def dynamic_linear(x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool) -> Tensor:
+    """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
+    MatMulInteger + scale multiply compute it. weight_t_q: int8 (in, out)."""
+    xq = F.dynamic_fake_quantize(x)
+    w = weight_t_q.float() * weight_scale.reshape(1, -1)
+    y = torch.matmul(xq, w)
+    return y + bias if has_bias else y
+
+
+@dynamic_linear.register_fake
+def _(x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool) -> Tensor:
+    return torch.empty(x.shape[:-1] + (weight_t_q.shape[1],), dtype=x.dtype, device=x.device)
+
+
+def translation_table() -> dict[object, object]:
+    """onnxscript translations of the ops above, for torch.onnx.export(custom_translation_table=)."""
+    from onnxscript import opset21 as op
+
+    def _container(t: object, container_bits: int, signed: bool) -> object:
+        # Integers below 8 bits travel as int8/uint8 buffers and are cast to INT4/UINT4 here;
+        # the exporter folds these casts into packed INT4 initializers.
+        if container_bits == 4:
+            return op.Cast(t, to=ONNX_INT4 if signed else ONNX_UINT4)
+        return t
+
+    def qdq_onnx(x, scale, zero_point, clip_lo, clip_hi, qmin: int, qmax: int, axis: int,
+                 container_bits: int, clip: bool):  # type: ignore[no-untyped-def]
+        zp = _container(zero_point, container_bits, qmin < 0)
+        if clip:
+            # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
+            # float first, so QuantizeLinear's saturation is the grid's own.
+            x = op.Clip(x, clip_lo, clip_hi)
+        if axis < 0:
+            q = op.QuantizeLinear(x, scale, zp)
+            return op.DequantizeLinear(q, scale, zp)
+        q = op.QuantizeLinear(x, scale, zp, axis=axis)
+        return op.DequantizeLinear(q, scale, zp, axis=axis)
+
+    def dq_onnx(q, scale, zero_point, axis: int, block_size: int, container_bits: int):  # type: ignore[no-untyped-def]
+        signed = True  # weights and biases are signed grids
+        qc = _container(q, container_bits, signed)
+        zp = _container(zero_point, container_bits, signed)
+        if axis < 0:
+            return op.DequantizeLinear(qc, scale, zp)
+        if block_size > 0:
+            return op.DequantizeLinear(qc, scale, zp, axis=axis, block_size=block_size)
+        return op.DequantizeLinear(qc, scale, zp, axis=axis)
+
+    def dynamic_linear_onnx(x, weight_t_q, weight_scale, bias, has_bias: bool):  # type: ignore[no-untyped-def]
+        xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, weight_t_q, x_zp)
+        y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
+        if has_bias:
+            y = op.Add(y, bias)
+        return y
+
+    return {
+        torch.ops.edgequant.qdq.default: qdq_onnx,
+        torch.ops.edgequant.dq.default: dq_onnx,
+        torch.ops.edgequant.dynamic_linear.default: dynamic_linear_onnx,
+    }
