@@ -1,0 +1,238 @@
+"""Latency and size of exported ONNX models, measured in ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+__all__ = ["compare_latency", "file_size_bytes", "latency_ms", "model_weight_report"]
+
+# A shape per input name; None entries stand for the batch size, e.g. {"input_ids": (None, 128)}.
+InputShapes = Mapping[str, Sequence[int | None]]
+
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def file_size_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk; for an ONNX model, its external-data files count too."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.endswith(".onnx"):
+        from edgequant.export.inspect import file_size_bytes as onnx_file_size_bytes
+
+        return onnx_file_size_bytes(path)
+    return os.path.getsize(path)
+
+
+def model_weight_report(onnx_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `edgequant inspect` prints, as a dict (see `InspectReport.to_dict`)."""
+    from edgequant.export.inspect import inspect_onnx
+
+    return inspect_onnx(onnx_path).to_dict()
+
+
+def latency_ms(
+    onnx_path: str | os.PathLike[str],
+    batch_sizes: Sequence[int] = (1, 64),
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int = 2,
+    input_shapes: InputShapes | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median wall time of `session.run` in milliseconds, keyed 'bs1', 'bs64', ...
+
+    Inputs are random, built from the model's input signature: a dynamic first dimension takes
+    the batch size; any other dynamic dimension needs `input_shapes`.
+    """
+    _check_timing_args(batch_sizes, warmup, runs, threads)
+    session = _session(onnx_path, threads)
+    rng = np.random.default_rng(seed)
+    result = {}
+    for batch_size in batch_sizes:
+        feeds = _random_feeds(session, batch_size, input_shapes, rng)
+        for _ in range(warmup):
+            session.run(None, feeds)
+        times_s = [_time_run(session, feeds) for _ in range(runs)]
+        result[f"bs{batch_size}"] = statistics.median(times_s) * 1000.0
+    return result
+
+
+def compare_latency(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    batch_sizes: Sequence[int] = (1, 64),
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int = 2,
+    input_shapes: InputShapes | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Time two models interleaved; returns {"a": latency, "b": latency, "ratio": b / a}.
+
+    The runs alternate between the models (and which goes first), so a slow spell of the machine
+    falls on both alike; the ratio is steadier than two separate `latency_ms` calls.
+    """
+    _check_timing_args(batch_sizes, warmup, runs, threads)
+    session_a = _session(a, threads)
+    session_b = _session(b, threads)
+    same_inputs = _signature(session_a) == _signature(session_b)
+    rng = np.random.default_rng(seed)
+    result: dict[str, dict[str, float]] = {"a": {}, "b": {}, "ratio": {}}
+    for batch_size in batch_sizes:
+        feeds_a = _random_feeds(session_a, batch_size, input_shapes, rng)
+        feeds_b = (
+            feeds_a if same_inputs else _random_feeds(session_b, batch_size, input_shapes, rng)
+        )
+        for _ in range(warmup):
+            session_a.run(None, feeds_a)
+            session_b.run(None, feeds_b)
+        times_a, times_b = [], []
+        for run in range(runs):
+            if run % 2 == 0:
+                times_a.append(_time_run(session_a, feeds_a))
+                times_b.append(_time_run(session_b, feeds_b))
+            else:
+                times_b.append(_time_run(session_b, feeds_b))
+                times_a.append(_time_run(session_a, feeds_a))
+        key = f"bs{batch_size}"
+        result["a"][key] = statistics.median(times_a) * 1000.0
+        result["b"][key] = statistics.median(times_b) * 1000.0
+        result["ratio"][key] = result["b"][key] / result["a"][key]
+    return result
+
+
+def _check_timing_args(batch_sizes: Sequence[int], warmup: int, runs: int, threads: int) -> None:
+    if not batch_sizes or any(not isinstance(bs, int) or bs < 1 for bs in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+
+
+def _session(path: str | os.PathLike[str], threads: int) -> onnxruntime.InferenceSession:
+    """A CPU session with `threads` intra-op threads; ValueError naming the file if ORT refuses it."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not an ONNX model: it is not a file")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's warnings (unused initializers, ...) are not actionable here.
+    options.log_severity_level = 3
+    load_errors = (
+        ort_errors.Fail,
+        ort_errors.InvalidArgument,
+        ort_errors.InvalidGraph,
+        ort_errors.InvalidProtobuf,
+        ort_errors.NoSuchFile,
+        ort_errors.NotImplemented,
+        ort_errors.RuntimeException,
+    )
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except ort_errors.InvalidProtobuf as error:
+        raise ValueError(f"{path} is not an ONNX model: ONNX Runtime cannot parse it") from error
+    except load_errors as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: ONNX Runtime cannot load it: {message}") from error
+
+
+def _signature(session: onnxruntime.InferenceSession) -> list[tuple[str, str, tuple[Any, ...]]]:
+    return [(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
+
+
+def _time_run(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, feeds)
+    return time.perf_counter() - start
+
+
+def _input_shape(
+    name: str, dims: Sequence[Any], batch_size: int, input_shapes: InputShapes | None
+) -> tuple[int, ...]:
+    """Concrete shape of one input at `batch_size` (ORT gives dynamic dims as str or None)."""
+    if input_shapes is not None and name in input_shapes:
+        given = list(input_shapes[name])
+        if len(given) != len(dims):
+            raise ValueError(
+                f"input_shapes[{name!r}] has {len(given)} dimensions, the model's input "
+                f"{name!r} has {len(dims)}: {list(dims)}"
+            )
+        return tuple(batch_size if dim is None else int(dim) for dim in given)
+    shape = []
+    for position, dim in enumerate(dims):
+        if isinstance(dim, int) and dim >= 0:
+            if position == 0 and dim != batch_size:
+                raise ValueError(
+                    f"input {name!r} has a fixed batch dimension of {dim}, so it cannot run at "
+                    f"batch size {batch_size}; pass batch_sizes=({dim},) or export with a dynamic batch"
+                )
+            shape.append(dim)
+        elif position == 0:
+            shape.append(batch_size)
+        else:
+            raise ValueError(
+                f"input {name!r} has a dynamic dimension {dim!r} at position {position} "
+                f"(shape {list(dims)}); give its size with input_shapes={{{name!r}: (None, ...)}}"
+            )
+    return tuple(shape)
+
+
+def _random_feeds(
+    session: onnxruntime.InferenceSession,
+    batch_size: int,
+    input_shapes: InputShapes | None,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    feeds = {}
+    for info in session.get_inputs():
+        shape = _input_shape(info.name, info.shape, batch_size, input_shapes)
+        if info.type not in _ORT_DTYPES:
+            raise ValueError(
+                f"input {info.name!r} has type {info.type}; random inputs are built only for "
+                f"{sorted(_ORT_DTYPES)}"
+            )
+        dtype = _ORT_DTYPES[info.type]
+        lowered = info.name.lower()
+        if np.issubdtype(dtype, np.floating):
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_ or "mask" in lowered:
+            # Attention masks: attend everywhere.
+            feeds[info.name] = np.ones(shape, dtype=dtype)
+        elif "token_type" in lowered or "segment" in lowered:
+            feeds[info.name] = np.zeros(shape, dtype=dtype)
+        else:
+            # Token ids, positions, pre-quantized inputs: small values valid for any vocabulary.
+            feeds[info.name] = rng.integers(0, 100, size=shape).astype(dtype)
+    return feeds

@@ -1,0 +1,174 @@
+"""The `edgequant` command: parse, call the API, print. One small function pair per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "main"]
+
+# Exit status for a user error (missing file, not an ONNX model, bad argument): argparse's too.
+USAGE_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to inspect")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _inspect_run(args: argparse.Namespace) -> int:
+    from edgequant.export.inspect import inspect_onnx
+
+    report = inspect_onnx(args.model)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to time")
+    parser.add_argument(
+        "--vs", metavar="OTHER.onnx", help="time this model too, interleaved, and print OTHER/MODEL"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="N", help="default: 1 64"
+    )
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per batch size (median)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from edgequant.bench import compare_latency, file_size_bytes, latency_ms
+
+    timing = (tuple(args.batch_sizes), args.warmup, args.runs, args.threads)
+    size = file_size_bytes(args.model)
+    rows: list[tuple[str, ...]]
+    if args.vs is None:
+        latency = latency_ms(args.model, *timing)
+        rows = [("", "MODEL"), ("file", args.model), ("size", _megabytes(size))]
+        rows += [(f"latency {key}", f"{value:.3f} ms") for key, value in latency.items()]
+    else:
+        other_size = file_size_bytes(args.vs)
+        result = compare_latency(args.model, args.vs, *timing)
+        rows = [
+            ("", "MODEL", "OTHER", "OTHER/MODEL"),
+            ("file", args.model, args.vs, ""),
+            ("size", _megabytes(size), _megabytes(other_size), f"{other_size / size:.3f}x"),
+        ]
+        for key in result["a"]:
+            rows.append(
+                (
+                    f"latency {key}",
+                    f"{result['a'][key]:.3f} ms",
+                    f"{result['b'][key]:.3f} ms",
+                    f"{result['ratio'][key]:.3f}x",
+                )
+            )
+    print(
+        f"ONNX Runtime, CPU, {args.threads} threads; median of {args.runs} runs "
+        f"after {args.warmup} warm-up runs"
+    )
+    print(_table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize: to be added here (edgequant quantize --config my.yaml --recipe w8a8 --method static
+# --out model.onnx); write _quantize_arguments/_quantize_run and register them in COMMANDS.
+
+# ---------------------------------------------------------------------------------------------
+# compare: to be added here (edgequant compare --config my.yaml --out runs/my-model).
+
+# ---------------------------------------------------------------------------------------------
+# demo: to be added here (edgequant demo: every method on built-in data, writes a report).
+
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "inspect": Command(
+        "per-layer bits, scales and size of an ONNX model; is it really integer?",
+        _inspect_arguments,
+        _inspect_run,
+    ),
+    "bench": Command(
+        "latency of an ONNX model in ONNX Runtime, optionally side by side with another",
+        _bench_arguments,
+        _bench_run,
+    ),
+    # "quantize": Command(..., _quantize_arguments, _quantize_run),
+    # "compare": Command(..., _compare_arguments, _compare_run),
+    # "demo": Command(..., _demo_arguments, _demo_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgequant",
+        description="Quantize PyTorch models, export integer ONNX, inspect and benchmark it.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(subparser)
+        subparser.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the edgequant command; returns the exit status (2 for user errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else USAGE_ERROR
+    try:
+        return int(args.run(args))
+    except FileNotFoundError as error:
+        # The OS's own message ("[Errno 2] No such file or directory: 'x'") names the file too.
+        _error(str(error) if error.filename is None else f"no such file: {error.filename}")
+    except (UserError, ValueError) as error:
+        _error(str(error))
+    return USAGE_ERROR
+
+
+def _error(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"edgequant: error: {first_line}", file=sys.stderr)
+
+
+def _megabytes(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.3f} MB" if size_bytes >= 100_000 else f"{size_bytes / 1e3:.1f} kB"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
