@@ -1,0 +1,1 @@
+"""Datasets and small pretrained models for the demo, the tests and the benchmarks."""

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests that need real data or weights depend on ``shared`` and skip without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgequant.examples import cifar10
+from edgequant.examples.shared import shared_dir
+
+SKIP_REASON = (
+    "../shared is absent: CIFAR-10 data and ResNet-20 weights are needed for this test "
+    "(set EDGEQUANT_SHARED)"
+)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The shared folder with data/ and models/; skips the test when it cannot be found."""
+    path = shared_dir()
+    if path is None:
+        pytest.skip(SKIP_REASON)
+    return path
+
+
+@pytest.fixture
+def resnet20(shared: Path) -> torch.nn.Module:
+    """The pretrained CIFAR-10 ResNet-20, eval mode; a fresh copy per test, free to modify."""
+    return cifar10.load_resnet20()
+
+
+@pytest.fixture
+def cifar_test_932(shared: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 932 CIFAR-10 test images, preprocessed (N, 3, 32, 32), and int64 labels."""
+    return cifar10.load_split("test_932")
