@@ -173,7 +173,9 @@ def quantize(
     axis = _check_granularity(x, axis, group_size)
     inv_scale = torch.reciprocal(_broadcast(scale.float(), x, axis, group_size))
     zp = _broadcast(zero_point.to(torch.int32), x, axis, group_size)
-    q = torch.round(x.float() * inv_scale).to(torch.int64) + zp
+    # Saturate before the cast: a float -> int cast out of range is undefined (x86 turns huge
+    # values into INT64_MIN, i.e. qmin instead of qmax); 2^31 is far outside any grid here.
+    q = torch.clamp(torch.round(x.float() * inv_scale), -(2.0**31), 2.0**31).to(torch.int64) + zp
     return torch.clamp(q, qmin, qmax).to(torch.int32)
 
 

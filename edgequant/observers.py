@@ -408,7 +408,7 @@ class EntropyObserver(Observer):
     [levels, num_bins] the reference P is bins [0, i) with the outliers added to its last bin, the
     candidate Q is the same bins merged into `levels` levels and expanded back over P's non-zero
     bins; pick the i minimising KL(P || Q). levels = 2^(bits-1) for signed grids, 2^bits for
-    unsigned. Per tensor only.
+    unsigned. Per tensor only. With levels >= num_bins (13+ bits signed) nothing is clipped.
 
     |x| is first counted in a finer histogram that merges batches exactly (`hist_bins`); the
     `num_bins` histogram over [0, max|x|] is read off its cumulative counts.

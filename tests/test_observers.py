@@ -53,13 +53,14 @@ def quant_mse(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tens
 
 
 def test_registry_holds_every_observer() -> None:
-    assert OBSERVERS == {
+    expected = {
         "minmax": MinMaxObserver,
         "ema": EMAObserver,
         "percentile": PercentileObserver,
         "mse": MSEObserver,
         "entropy": EntropyObserver,
     }
+    assert expected == OBSERVERS
 
 
 # --- minmax --------------------------------------------------------------------------------------
