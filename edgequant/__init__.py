@@ -1,7 +1,8 @@
 """edgequant: quantize a PyTorch model, export it as an integer ONNX model, prove it in ONNX Runtime."""
 
+from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.ptq import quantize
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
-__all__ = ["LayerOverride", "QuantSpec", "Recipe", "quantize"]
+__all__ = ["ExportError", "ExportInfo", "LayerOverride", "QuantSpec", "Recipe", "export_onnx", "quantize"]
 __version__ = "0.1.0"

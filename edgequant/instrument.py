@@ -4,6 +4,7 @@ done, what was skipped and why."""
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
+from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec, Recipe
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -27,6 +29,7 @@ class LayerRecord:
     activation: str = "float"
     reason: str = ""
     bn_folded: str = ""
+    output: str = "float"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Summary:
     recipe: str
     method: str
     layers: list[LayerRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -52,15 +56,18 @@ class Summary:
         for r in self.layers:
             if r.quantized:
                 bn = f"  (+{r.bn_folded} folded)" if r.bn_folded else ""
-                lines.append(f"  {r.name:<{width}}  {r.type:<8} W {r.weight:<32} A {r.activation}{bn}")
+                out = "  output quantized" if r.output != "float" else ""
+                lines.append(f"  {r.name:<{width}}  {r.type:<8} W {r.weight:<32} A {r.activation}{bn}{out}")
             else:
                 lines.append(f"  {r.name:<{width}}  {r.type:<8} float: {r.reason}")
+        lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     __str__ = format
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "method": self.method, "layers": [r.__dict__ for r in self.layers]}
+        return {"recipe": self.recipe, "method": self.method, "layers": [r.__dict__ for r in self.layers],
+                "notes": list(self.notes)}
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -226,6 +233,182 @@ def instrument(
         raise ValueError(f"the model has no quantizable layer ({kinds}) that ran on the calibration data"
                          + (f" ({why})" if why else ""))
     return qmodel, summary
+
+
+class _QuantTracer(torch.fx.Tracer):
+    """Keeps quantized layers and quantizers as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+
+
+def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.nn.functional.relu, torch.relu_)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.ReLU)
+    return False
+
+
+_ADDS = {operator.add, torch.add}
+_MOVES_FUNCTIONS = {operator.getitem, torch.nn.functional.pad, torch.flatten, torch.reshape}
+_MOVES_METHODS = {"view", "reshape", "flatten", "permute", "contiguous", "transpose", "__getitem__"}
+
+
+def _quantize_joins(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module,
+                    is_quantizer: Any) -> int:
+    """Rule 3 of place_graph_quantizers: the inputs of a residual add are quantized tensors.
+
+    An input that reaches the add only through data movement (strided slices, zero padding,
+    reshapes) of a quantized tensor is re-quantized with that same quantizer, which changes no
+    value but lets the runtime keep the slice, the pad and the add in integers. If every input
+    is then quantized, the add's output (after its ReLU) gets a quantizer unless a reader has one.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target in _ADDS) and not (
+            node.op == "call_method" and node.target == "add"
+        ):
+            continue
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if len(inputs) != 2:
+            continue
+        for arg in inputs:
+            if is_quantizer(arg):
+                continue
+            src = arg
+            while not is_quantizer(src) and (
+                (src.op == "call_function" and src.target in _MOVES_FUNCTIONS)
+                or (src.op == "call_method" and src.target in _MOVES_METHODS)
+            ):
+                if src.target is torch.nn.functional.pad and src.kwargs.get("value", 0) not in (0, 0.0):
+                    break
+                first = src.args[0]
+                if not isinstance(first, torch.fx.Node):
+                    break
+                src = first
+            if src is arg or not is_quantizer(src):
+                continue
+            with gm.graph.inserting_after(arg):
+                qnode = gm.graph.call_module(str(src.target), (arg,))
+            node.replace_input_with(arg, qnode)
+            count += 1
+        if not all(is_quantizer(a) for a in node.args if isinstance(a, torch.fx.Node)):
+            continue
+        tail = node
+        if len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules):
+            tail = next(iter(tail.users))
+        users = list(tail.users)
+        if all(is_quantizer(u) for u in users) or any(u.op == "output" for u in users):
+            continue
+        first_input = next(a for a in node.args if isinstance(a, torch.fx.Node))
+        spec = modules[str(first_input.target)].spec  # type: ignore[union-attr]
+        name = f"join_{node.name}"
+        quantizer = TensorQuantizer(spec, f"{node.name}.output", role="activation")
+        holder.add_module(name, quantizer)
+        modules[f"output_quantizers.{name}"] = quantizer
+        with gm.graph.inserting_after(tail):
+            qnode = gm.graph.call_module(f"output_quantizers.{name}", (tail,))
+        tail.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
+        count += 1
+    return count
+
+
+def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
+    """Quantize each activation tensor once, where integer runtimes need it, as ONNX Runtime's
+    own quantizer does:
+
+    1. A tensor read by a quantized layer *and* by something else (a residual shortcut, a second
+       layer) is quantized once, by that layer's input quantizer, and every reader takes the
+       quantized tensor; the layers that read it share that quantizer.
+    2. A quantized layer's output (after its ReLU, if one follows) that is not then quantized by
+       a reader gets an output quantizer.
+
+    Both let the runtime keep layers in integer kernels: DequantizeLinear -> Conv [-> Relu] ->
+    QuantizeLinear becomes QLinearConv, and an Add of two dequantized tensors whose result is
+    quantized becomes QLinearAdd; without them those layers run in float. Needs a model that
+    torch.fx can trace; otherwise the model is returned unchanged and the summary says so.
+    """
+    try:
+        graph = _QuantTracer().trace(qmodel)
+    except Exception as err:  # tracing fails in many ways on dynamic Python; the model still works
+        summary.notes.append("activations quantized at layer inputs only: torch.fx could not trace the "
+                             f"model ({type(err).__name__}), so outputs and shared tensors are not quantized")
+        return qmodel
+    gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)
+    modules = dict(gm.named_modules())
+    # Folded BatchNorms are Identity now: take them out, so a ReLU is seen right after its conv.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    holder = nn.Module()
+    gm.add_module("output_quantizers", holder)
+
+    def quant_layer(node: torch.fx.Node) -> QuantMixin | None:
+        m = modules.get(str(node.target)) if node.op == "call_module" else None
+        return m if isinstance(m, QuantMixin) and m.input_quantizer is not None else None
+
+    def is_quantizer(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(str(node.target)), TensorQuantizer)
+
+    shared: list[str] = []
+    for node in list(gm.graph.nodes):
+        layer = quant_layer(node)
+        if layer is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        source = node.args[0]
+        if is_quantizer(source):
+            # Another layer's quantizer already quantized this tensor: use its scale.
+            layer.input_quantizer = modules[str(source.target)]  # type: ignore[assignment]
+            layer.shared_input = True
+            shared.append(str(node.target))
+            continue
+        if len(source.users) < 2:
+            continue
+        path = f"{node.target}.input_quantizer"
+        with gm.graph.inserting_after(source):
+            qnode = gm.graph.call_module(path, (source,))
+        source.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
+        modules[path] = layer.input_quantizer  # type: ignore[assignment]
+        layer.shared_input = True
+        shared.append(str(node.target))
+
+    added = []
+    for node in list(gm.graph.nodes):
+        layer = quant_layer(node)
+        if layer is None:
+            continue
+        tail = node
+        if len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules):
+            tail = next(iter(tail.users))
+        users = list(tail.users)
+        if all(is_quantizer(u) or (quant_layer(u) is not None and not getattr(quant_layer(u), "shared_input", False))
+               for u in users):
+            continue
+        if any(u.op == "output" for u in users):
+            continue  # the model's own output (logits) stays float
+        name = str(node.target).replace(".", "_")
+        quantizer = TensorQuantizer(layer.input_quantizer.spec, f"{node.target}.output", role="activation")  # type: ignore[union-attr]
+        holder.add_module(name, quantizer)
+        modules[f"output_quantizers.{name}"] = quantizer
+        with gm.graph.inserting_after(tail):
+            qnode = gm.graph.call_module(f"output_quantizers.{name}", (tail,))
+        tail.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
+        added.append(str(node.target))
+    joined = _quantize_joins(gm, modules, holder, is_quantizer)
+    if not added and not shared and not joined:
+        return qmodel
+    gm.graph.lint()
+    gm.recompile()
+    for record in summary.layers:
+        if record.name in added:
+            record.output = "quantized"
+        if record.name in shared:
+            record.activation += " (input tensor quantized once, shared with its other readers)"
+    return gm
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -42,6 +42,8 @@ class QuantMixin:
 
     def _init_quant(self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str) -> None:
         self.layer_name = name
+        # True when the graph quantizes this layer's input before it arrives (shared quantizer).
+        self.shared_input = False
         self.weight_quantizer = (
             TensorQuantizer(weight_spec, f"{name}.weight", role="weight") if weight_spec is not None else None
         )
@@ -63,7 +65,7 @@ class QuantMixin:
         return (iq.scale.reshape(()) * wq.scale).float()
 
     def quantized_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        if self.input_quantizer is not None:
+        if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
         w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
         b: Tensor | None = self.bias

@@ -149,6 +149,9 @@ class Recipe:
     first_last_bits: int | None = None
     target: str = "onnxruntime"
     calib_samples: int = 512
+    # Quantize layer outputs that do not flow straight into another quantized layer, so that
+    # integer runtimes keep those layers in integer kernels (see instrument.add_output_quantizers).
+    quantize_outputs: bool = True
 
     def __post_init__(self) -> None:
         if self.weight is None and self.activation is None:
@@ -233,6 +236,8 @@ class Recipe:
         if self.skip:
             lines.append(f"  skip: {', '.join(self.skip)}")
         lines.append(f"  calibration samples: {self.calib_samples}")
+        if self.activation is not None:
+            lines.append(f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}")
         return "\n".join(lines)
 
     # --- YAML round trip -------------------------------------------------------------------
@@ -250,6 +255,7 @@ class Recipe:
             "first_last_bits": self.first_last_bits,
             "target": self.target,
             "calib_samples": self.calib_samples,
+            "quantize_outputs": self.quantize_outputs,
         }
 
     @classmethod

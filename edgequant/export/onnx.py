@@ -104,7 +104,9 @@ class LoweredLayer(nn.Module):
             self.conv_args = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
         iq, wq = layer.input_quantizer, layer.weight_quantizer
         self.act_mode = iq.mode if iq is not None else "disabled"
-        self.input_qdq = LoweredQDQ(iq) if iq is not None and iq.mode == "quantize" else None
+        # Named as in the quantized layer: a traced graph may call `<layer>.input_quantizer` itself.
+        self.input_quantizer = LoweredQDQ(iq) if iq is not None and iq.mode == "quantize" else None
+        self.shared_input = layer.shared_input
         self.dynamic = self.act_mode == "dynamic"
         if self.dynamic and not isinstance(layer, QuantLinear):
             raise ExportError(f"layer {self.name!r}: dynamic quantization exports Linear layers only")
@@ -140,8 +142,8 @@ class LoweredLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.dynamic:
             return torch.ops.edgequant.dynamic_linear(x, self.weight_q, self.weight_scale, self.bias, self.has_bias)
-        if self.input_qdq is not None:
-            x = self.input_qdq(x)
+        if self.input_quantizer is not None and not self.shared_input:
+            x = self.input_quantizer(x)
         w = self.weight if self.weight_float else torch.ops.edgequant.dq(
             self.weight_q, self.weight_scale, self.weight_zero_point, self.w_axis, self.w_block, self.w_container)
         b: Tensor | None

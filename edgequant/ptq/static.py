@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import instrument
+from edgequant.instrument import place_graph_quantizers, instrument
 from edgequant.ptq.calibrate import peek, run_calibration
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
@@ -29,6 +29,8 @@ def quantize_static(
         raise ValueError(f"recipe {recipe.name!r} quantizes no activations: use method='weight_only'")
     first, batches = peek(calib_data)
     qmodel, summary = instrument(model, recipe, first, method="static")
+    if recipe.quantize_outputs:
+        qmodel = place_graph_quantizers(qmodel, summary)
     calibrate_weights(qmodel)
     used = run_calibration(qmodel, batches, num_samples, progress)
     qmodel.quant_summary = summary

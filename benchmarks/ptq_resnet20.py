@@ -1,0 +1,137 @@
+"""Issue 2's figures: PTQ of the pretrained ResNet-20 on CIFAR-10, side by side with ONNX Runtime's
+own quantize_static, on the same model and the same 512 calibration images of train_4660.
+
+Every accuracy is that of the exported ONNX model run in ONNX Runtime, on test_932 (exact pixels)
+and on the 10,000 JPEG test images. Latency: median over interleaved runs, 2 threads.
+
+    python benchmarks/ptq_resnet20.py [--out benchmarks/results/ptq_resnet20.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import edgequant as eq
+from edgequant import bench
+from edgequant.examples import cifar10 as C
+from edgequant.examples.shared import shared_dir
+
+
+def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray) -> float:
+    """ONNX Runtime's quantize_static: MinMax, per-channel, QDQ, U8 activations / S8 weights."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str) -> None:
+            self.batches = iter([{name: calib[i : i + 64]} for i in range(0, len(calib), 64)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    import onnxruntime as ort
+
+    name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    start = time.perf_counter()
+    pre = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(
+        str(pre), str(out_path), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/ptq_resnet20.json")
+    parser.add_argument("--runs", type=int, default=40, help="latency runs per batch size")
+    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set and use fewer latency runs")
+    args = parser.parse_args()
+    if shared_dir() is None:
+        print("skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED", file=sys.stderr)
+        return 0
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = C.load_resnet20()
+    x_cal, _ = C.calibration_split(512)
+    x932, y932 = C.load_split("test_932")
+    test_sets = {"test_932": (x932.numpy(), y932.numpy())}
+    if not args.quick:
+        xj, yj = C.load_jpeg_test()
+        test_sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
+    calib = list(x_cal.split(64))
+    work = Path(tempfile.mkdtemp(prefix="eq-bench-"))
+    results: dict[str, dict] = {}
+
+    def evaluate(name: str, path: Path, extra: dict) -> None:
+        fn = C.ort_predict_fn(path)
+        row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
+        row.update(size_bytes=path.stat().st_size, **extra)
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+
+    fp32 = work / "fp32.onnx"
+    torch.onnx.export(model.eval(), (x932[:1],), str(fp32), dynamo=True, opset_version=21, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    evaluate("fp32", fp32, {"torch_acc_test_932": C.accuracy(model, x932, y932)})
+
+    ort_path = work / "ort_static_w8a8.onnx"
+    wall = ort_quantize_static(fp32, ort_path, x_cal.numpy())
+    evaluate("onnxruntime quantize_static w8a8 (MinMax, per-channel, QDQ)", ort_path, {"wall_s": wall})
+
+    runs = [("edgequant static w8a8", "w8a8", "static"),
+            ("edgequant weight-only int4 per-channel (RTN)", "w4-weight-only", "weight_only")]
+    paths = {}
+    for name, preset, method in runs:
+        start = time.perf_counter()
+        qmodel = eq.quantize(model, preset, calib, method=method)
+        wall = time.perf_counter() - start
+        path = work / f"{preset}.onnx"
+        info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
+        sim = C.accuracy(qmodel, x932, y932)
+        evaluate(name, path, {"wall_s": wall, "export_s": info.wall_s, "sim_acc_test_932": sim,
+                              "top1_agreement_test_932": info.verification.top1_agreement,
+                              "sqnr_db": info.verification.sqnr_db})
+        paths[preset] = path
+
+    fp32_size = results["fp32"]["size_bytes"]
+    for row in results.values():
+        row["size_ratio_vs_fp32"] = row["size_bytes"] / fp32_size
+
+    n = 10 if args.quick else args.runs
+    lat = bench.compare_latency(ort_path, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2)
+    lat_fp32 = bench.compare_latency(fp32, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2)
+    latency = {"ort_static_ms": lat["a"], "edgequant_static_ms": lat["b"], "fp32_ms": lat_fp32["a"],
+               # speed ratio >= 1 means edgequant is at least as fast as ONNX Runtime's own model
+               "speed_ratio_vs_ort": {k: 1.0 / v for k, v in lat["ratio"].items()},
+               "speed_ratio_vs_fp32": {k: 1.0 / v for k, v in lat_fp32["ratio"].items()}}
+    print("latency", json.dumps(latency), flush=True)
+    import onnxruntime
+
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+           "calibration": "512 images of train_4660 (calibration part)", "results": results, "latency": latency}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
