@@ -222,6 +222,24 @@ def dynamic_fake_quantize(x: Tensor, qmin: int = 0, qmax: int = 255) -> Tensor:
     return out
 
 
+def dynamic_quantized_linear(
+    x: Tensor, weight_q_t: Tensor, weight_scale: Tensor, bias: Tensor | None = None, qmin: int = 0, qmax: int = 255
+) -> Tensor:
+    """y = x @ W^T + bias with x quantized at run time, exactly as ONNX Runtime computes
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias).
+
+    weight_q_t: integer weights laid out (in_features, out_features); weight_scale: per output
+    channel or scalar (symmetric weights, zero point 0). The integer product is exact (float64
+    holds every int32 sum) and the scaling is float32, so this matches the runtime bit for bit
+    rather than to within float rounding, which a deep network would amplify into flipped steps.
+    """
+    scale, zero_point = dynamic_qparams(x, qmin, qmax)
+    xq = torch.clamp(torch.round(x.detach() / scale) + zero_point, qmin, qmax) - zero_point
+    acc = torch.matmul(xq.double(), weight_q_t.double())
+    y = acc.float() * (scale * weight_scale.float().reshape(-1))
+    return y + bias if bias is not None else y
+
+
 def sqnr_db(reference: Tensor, test: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when identical)."""
     reference, test = reference.double(), test.double()

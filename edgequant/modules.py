@@ -44,6 +44,8 @@ class QuantMixin:
         self.layer_name = name
         # True when the graph quantizes this layer's input before it arrives (shared quantizer).
         self.shared_input = False
+        # SmoothQuant: the input is divided by a per-channel factor the weight was multiplied by.
+        self.register_buffer("input_smooth_inv", None)
         self.weight_quantizer = (
             TensorQuantizer(weight_spec, f"{name}.weight", role="weight") if weight_spec is not None else None
         )
@@ -65,6 +67,8 @@ class QuantMixin:
         return (iq.scale.reshape(()) * wq.scale).float()
 
     def quantized_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.input_smooth_inv is not None:
+            x = x * self.input_smooth_inv
         if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
         w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
@@ -96,6 +100,13 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
 class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        if iq is not None and iq.mode == "dynamic" and wq is not None and wq.mode == "quantize":
+            # Integer-exact, as the runtime's MatMulInteger computes it.
+            if self.input_smooth_inv is not None:
+                x = x * self.input_smooth_inv
+            w_q = F.quantize(self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis)
+            return F.dynamic_quantized_linear(x, w_q.t(), wq.scale, self.bias, iq.spec.qmin, iq.spec.qmax)
         x, w, b = self.quantized_inputs(x)
         return torch_F.linear(x, w, b)
 

@@ -152,6 +152,8 @@ class Recipe:
     # Quantize layer outputs that do not flow straight into another quantized layer, so that
     # integer runtimes keep those layers in integer kernels (see instrument.add_output_quantizers).
     quantize_outputs: bool = True
+    # SmoothQuant's migration strength for Linear inputs; None: off.
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.weight is None and self.activation is None:
@@ -163,6 +165,8 @@ class Recipe:
             raise ValueError(f"Recipe.first_last_bits={self.first_last_bits} out of range {MIN_BITS}..{MAX_BITS}")
         if self.target not in TARGETS:
             raise ValueError(f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"Recipe.smooth_alpha={self.smooth_alpha} must be in [0, 1] or None")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise ValueError(f"Recipe.calib_samples must be a positive int, got {self.calib_samples!r}")
         # Tuples keep the dataclass hashable and immutable even when built from lists.
@@ -235,6 +239,8 @@ class Recipe:
             lines.append(f"  override {ov.pattern}: {what}")
         if self.skip:
             lines.append(f"  skip: {', '.join(self.skip)}")
+        if self.smooth_alpha is not None:
+            lines.append(f"  SmoothQuant on Linear inputs, alpha {self.smooth_alpha}")
         lines.append(f"  calibration samples: {self.calib_samples}")
         if self.activation is not None:
             lines.append(f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}")
@@ -256,6 +262,7 @@ class Recipe:
             "target": self.target,
             "calib_samples": self.calib_samples,
             "quantize_outputs": self.quantize_outputs,
+            "smooth_alpha": self.smooth_alpha,
         }
 
     @classmethod

@@ -56,10 +56,7 @@ def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, 
 def dynamic_linear(x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
     MatMulInteger + scale multiply compute it. weight_t_q: int8 (in, out)."""
-    xq = F.dynamic_fake_quantize(x)
-    w = weight_t_q.float() * weight_scale.reshape(1, -1)
-    y = torch.matmul(xq, w)
-    return y + bias if has_bias else y
+    return F.dynamic_quantized_linear(x, weight_t_q, weight_scale, bias if has_bias else None)
 
 
 @dynamic_linear.register_fake

