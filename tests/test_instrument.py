@@ -1,0 +1,437 @@
+"""instrument.py: the quantized copy computes the float model while its quantizers are disabled
+(BN folding included), the summary says what was quantized and what was skipped and why, first
+and last layers follow execution order, and graph-level quantizers go where DESIGN §2 says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as torch_F
+from torch import nn
+
+import edgequant as eq
+from edgequant.instrument import (
+    Summary,
+    batch_size,
+    call_model,
+    instrument,
+    place_graph_quantizers,
+    quant_layers,
+)
+from edgequant.modules import QuantMixin
+from edgequant.quantizer import quantizers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = _gen(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.running_mean.numel()
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+# --- toy models ---------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Conv + BN + ReLU, depthwise conv, pooling, Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.dw(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 6, 5, padding=2)
+        self.bn = nn.BatchNorm1d(6)
+        self.conv2 = nn.Conv1d(6, 6, 3, stride=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch_F.relu(self.bn(self.conv1(x)))
+        return self.head(torch_F.relu(self.conv2(x)).mean(-1))
+
+
+class Residual(nn.Module):
+    """A toy residual block: F.relu and an add of the block's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch_F.relu(self.conv1(x))
+        y = torch_F.relu(self.conv2(y) + x)
+        return self.fc(y.mean((2, 3)))
+
+
+class Keywords(nn.Module):
+    """Takes keyword tensors, as a Hugging Face model takes a tokenizer batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(features)) * gain)
+
+
+MODELS = {
+    "cnn": (SmallCNN, (4, 3, 8, 8)),
+    "mlp": (MLP, (4, 16)),
+    "conv1d": (Conv1dNet, (4, 2, 16)),
+    "residual": (Residual, (4, 4, 6, 6)),
+}
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    cls, shape = MODELS[name]
+    torch.manual_seed(0)
+    return _randomize_bn(cls()), torch.randn(*shape, generator=_gen(1))
+
+
+# --- the quantized copy, quantizers disabled ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_instrumented_copy_with_quantizers_disabled_computes_the_float_model(name: str) -> None:
+    model, x = _model(name)
+    with torch.no_grad():
+        expected = model(x)
+        qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
+        assert all(q.mode == "disabled" for q in quantizers(qmodel))
+        actual = qmodel(x)
+    assert _rel_err(actual, expected) < 1e-5
+    assert [r.name for r in summary.quantized] == [n for n, _ in quant_layers(qmodel)]
+
+
+def test_bn_folding_is_recorded_and_the_bn_removed() -> None:
+    model, x = _model("cnn")
+    qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
+    folded = {r.name: r.bn_folded for r in summary.layers}
+    assert folded == {"conv1": "bn1", "dw": "bn2", "fc": ""}
+    assert isinstance(qmodel.bn1, nn.Identity) and isinstance(qmodel.bn2, nn.Identity)
+    assert "(+bn1 folded)" in summary.format()
+    # fold_bn=False keeps the BatchNorms and the weights as they were.
+    kept, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static", fold_bn=False)
+    assert isinstance(kept.bn1, nn.BatchNorm2d)
+    assert torch.equal(kept.conv1.weight, model.conv1.weight)
+    assert all(r.bn_folded == "" for r in summary.layers)
+
+
+class SharedConvOutput(nn.Module):
+    """The conv's output is read by the BatchNorm and by the add: folding would change the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean((2, 3)))
+
+
+class ConvCalledTwice(nn.Module):
+    """One conv module applied twice; the BatchNorm follows only the first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(self.conv(y).mean((2, 3)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: instrument.trace_layers folds a BatchNorm into the conv that feeds it even when "
+    "the conv's output has another reader (y = conv(x); bn(y) + y): the other reader then gets "
+    "bn(conv(x)); the disabled-quantizer copy differs from the float model (relative error ~0.86)",
+)
+def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(SharedConvOutput())
+    x = torch.randn(2, 3, 6, 6, generator=_gen(2))
+    qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
+    with torch.no_grad():
+        assert _rel_err(qmodel(x), model(x)) < 1e-5
+    assert summary.layers[0].bn_folded == ""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: instrument.trace_layers folds a BatchNorm into a conv module that runs twice when "
+    "only one call feeds the BN, so the BN is applied after both calls; the disabled-quantizer "
+    "copy differs from the float model (relative error ~0.81)",
+)
+def test_bn_not_folded_into_a_layer_that_runs_twice() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(ConvCalledTwice())
+    x = torch.randn(2, 4, 6, 6, generator=_gen(3))
+    qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
+    with torch.no_grad():
+        assert _rel_err(qmodel(x), model(x)) < 1e-5
+    assert summary.layers[0].bn_folded == ""
+
+
+def test_original_model_is_untouched_and_not_aliased() -> None:
+    model, x = _model("cnn")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel, _ = instrument(model, eq.Recipe.preset("w4a4"), x, "static")
+    assert model.training and not qmodel.training
+    with torch.no_grad():
+        for p in qmodel.parameters():
+            p.add_(1.0)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert not any(isinstance(m, QuantMixin) for m in model.modules())
+
+
+# --- what the summary says ----------------------------------------------------------------------
+
+
+class EmbedNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.emb(ids)).mean(1))
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class Odd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaled = OwnForward(4, 4)
+        self.fc = nn.Linear(4, 2)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.scaled(x))
+
+
+def test_summary_lists_embedding_and_layernorm_as_float_with_a_reason() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (2, 5), generator=_gen(4))
+    _, summary = instrument(EmbedNorm().eval(), eq.Recipe.preset("w8a8"), ids, "static")
+    records = {r.name: r for r in summary.layers}
+    assert set(records) == {"emb", "norm", "fc"}
+    for name, kind in (("emb", "Embedding"), ("norm", "LayerNorm")):
+        assert not records[name].quantized and records[name].type == kind
+        assert "no quantized version" in records[name].reason
+    assert records["fc"].quantized
+    text = summary.format()
+    assert "1 layers quantized, 2 kept in float" in text
+    assert "emb" in text and "Embedding float: no quantized version" in text
+
+
+def test_summary_reasons_for_subclass_unused_and_skipped_layers() -> None:
+    torch.manual_seed(0)
+    recipe = eq.Recipe.preset("w8a8").replace(skip=("nothing",))
+    _, summary = instrument(Odd().eval(), recipe, torch.randn(2, 4, generator=_gen(5)), "static")
+    reasons = {r.name: r.reason for r in summary.skipped}
+    assert "own forward" in reasons["scaled"]
+    assert "never ran" in reasons["unused"]
+    assert [r.name for r in summary.quantized] == ["fc"]
+    recipe = eq.Recipe.preset("w8a8").replace(skip=("fc2",))
+    _, summary = instrument(MLP().eval(), recipe, torch.randn(2, 16, generator=_gen(6)), "static")
+    assert "skip list" in {r.name: r.reason for r in summary.layers}["fc2"]
+
+
+def test_layer_types_limit_what_is_quantized() -> None:
+    model, x = _model("cnn")
+    _, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "dynamic", layer_types=(nn.Linear,))
+    reasons = {r.name: r.reason for r in summary.skipped}
+    assert set(reasons) == {"conv1", "dw"}
+    assert all(why == "dynamic quantization covers Linear only" for why in reasons.values())
+
+
+def test_summary_to_dict_is_plain_data() -> None:
+    model, x = _model("mlp")
+    _, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
+    data = summary.to_dict()
+    assert data["recipe"] == "w8a8" and data["method"] == "static"
+    assert [d["name"] for d in data["layers"]] == ["fc1", "fc2"]
+    assert data["layers"][0]["weight"] == "int8 sym per-channel(0) [minmax]"
+    assert data["layers"][0]["activation"] == "uint8 asym per-tensor [minmax]"
+    assert str(summary) == summary.format()
+    assert isinstance(Summary("r", "m").format(), str)
+
+
+# --- first and last layers ----------------------------------------------------------------------
+
+
+class Reordered(nn.Module):
+    """Declared in one order, executed in another: first/last follow execution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = nn.Linear(8, 2)
+        self.middle = nn.Linear(8, 8)
+        self.first = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+def test_first_and_last_executed_layers_stay_at_8_bits() -> None:
+    torch.manual_seed(0)
+    qmodel, summary = instrument(
+        Reordered().eval(), eq.Recipe.preset("w4a4"), torch.randn(2, 4, generator=_gen(7)), "static"
+    )
+    bits = {
+        n: (m.weight_quantizer.spec.bits, m.input_quantizer.spec.bits)
+        for n, m in quant_layers(qmodel)
+    }
+    assert bits == {"first": (8, 8), "middle": (4, 4), "last": (8, 8)}
+    records = {r.name: r for r in summary.layers}
+    assert records["middle"].weight.startswith("int4") and records["first"].weight.startswith(
+        "int8"
+    )
+
+
+def test_first_last_rule_is_off_for_8_bit_presets() -> None:
+    torch.manual_seed(0)
+    recipe = eq.Recipe.preset("w4a8").replace(first_last_bits=None)
+    qmodel, _ = instrument(
+        Reordered().eval(), recipe, torch.randn(2, 4, generator=_gen(8)), "static"
+    )
+    assert {m.weight_quantizer.spec.bits for _, m in quant_layers(qmodel)} == {4}
+
+
+def test_group_size_must_divide_the_weight() -> None:
+    torch.manual_seed(0)
+    recipe = eq.Recipe(
+        weight=eq.QuantSpec(bits=4, granularity="group", axis=1, group_size=5), activation=None
+    )
+    with pytest.raises(ValueError, match="'fc1'.*group_size 5"):
+        instrument(MLP().eval(), recipe, torch.randn(2, 16, generator=_gen(9)), "weight_only")
+
+
+def test_argument_types_are_checked() -> None:
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        instrument(lambda x: x, eq.Recipe.preset("w8a8"), torch.zeros(1), "static")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Recipe"):
+        instrument(MLP(), "w8a8", torch.zeros(1, 16), "static")  # type: ignore[arg-type]
+
+
+def test_no_quantizable_layer_raises() -> None:
+    model = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        instrument(model, eq.Recipe.preset("w8a8"), torch.randn(2, 4), "static")
+
+
+# --- calling the model on calibration items -----------------------------------------------------
+
+
+def test_call_model_and_batch_size_on_each_item_kind() -> None:
+    torch.manual_seed(0)
+    model = Keywords().eval()
+    features, gain = torch.randn(3, 6), torch.rand(3, 1)
+    expected = model(features, gain)
+    assert torch.equal(call_model(model, (features, gain)), expected)
+    assert torch.equal(call_model(model, [features, gain]), expected)
+    assert torch.equal(call_model(model, {"features": features, "gain": gain}), expected)
+    assert batch_size(features) == 3 and batch_size((features, gain)) == 3
+    assert batch_size({"features": features, "gain": gain}) == 3
+    with pytest.raises(TypeError, match="dicts of keyword arguments"):
+        call_model(model, 3.0)
+    with pytest.raises(TypeError, match="holds no tensor"):
+        batch_size(("a", 1))
+
+
+# --- graph-level quantizers ---------------------------------------------------------------------
+
+
+def test_residual_block_gets_graph_quantizers() -> None:
+    model, x = _model("residual")
+    qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
+    gm = place_graph_quantizers(qmodel, summary)
+    assert isinstance(gm, torch.fx.GraphModule)
+    outputs = {r.name: r.output for r in summary.layers}
+    assert outputs == {"conv1": "float", "conv2": "quantized", "fc": "float"}
+    # The block input is quantized once, by conv1's quantizer, and the shortcut reads it.
+    assert (
+        "shared with its other readers" in {r.name: r.activation for r in summary.layers}["conv1"]
+    )
+    holder = dict(gm.named_children())["output_quantizers"]
+    assert sorted(dict(holder.named_children())) == ["conv2", "join_add"]
+    assert summary.notes == []
+
+
+class Untraceable(nn.Module):
+    """Data-dependent Python control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if float(h.sum()) > -1.0:
+            h = h * 2
+        return self.b(h)
+
+
+def test_untraceable_model_is_returned_unchanged_with_a_note() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, generator=_gen(10))
+    qmodel, summary = instrument(Untraceable().eval(), eq.Recipe.preset("w8a8"), x, "static")
+    assert place_graph_quantizers(qmodel, summary) is qmodel
+    assert len(summary.notes) == 1 and "torch.fx could not trace" in summary.notes[0]
+    assert "note: activations quantized at layer inputs only" in summary.format()
