@@ -125,6 +125,7 @@ class LoweredLayer(nn.Module):
                 if bool((w_zp != 0).any()):
                     raise ExportError(f"layer {self.name!r}: dynamic quantization needs symmetric weights")
                 w_q = w_q.t().contiguous()
+            self.w_zero = not bool((w_zp != 0).any())
             self.register_buffer("weight_q", w_q)
             self.register_buffer("weight_scale", w_scale)
             self.register_buffer("weight_zero_point", w_zp)
@@ -150,10 +151,11 @@ class LoweredLayer(nn.Module):
         if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
         w = self.weight if self.weight_float else torch.ops.edgequant.dq(
-            self.weight_q, self.weight_scale, self.weight_zero_point, self.w_axis, self.w_block, self.w_container)
+            self.weight_q, self.weight_scale, self.weight_zero_point, self.w_axis, self.w_block, self.w_container,
+            self.w_zero)
         b: Tensor | None
         if self.bias_quantized:
-            b = torch.ops.edgequant.dq(self.bias_q, self.bias_scale, self.bias_zero_point, self.b_axis, 0, 32)
+            b = torch.ops.edgequant.dq(self.bias_q, self.bias_scale, self.bias_zero_point, self.b_axis, 0, 32, True)
         else:
             b = self.bias if self.has_bias else None
         if self.kind == "linear":
@@ -236,7 +238,11 @@ def fold_integer_casts(model: Any) -> int:
             lo, hi = (-8, 7) if to == ops.ONNX_INT4 else (0, 15)
             if values.size and (values.min() < lo or values.max() > hi):
                 raise ExportError(f"{node.input[0]}: values outside the 4-bit range cannot be stored as INT4")
-            new_inits.append(onnx.helper.make_tensor(node.output[0], to, list(values.shape), values.flatten().tolist()))
+            import ml_dtypes
+
+            # Packed two values a byte (raw data); make_tensor's int32_data would take ~1.5x more.
+            kind = ml_dtypes.int4 if to == ops.ONNX_INT4 else ml_dtypes.uint4
+            new_inits.append(numpy_helper.from_array(values.astype(kind), node.output[0]))
             folded += 1
         else:
             keep.append(node)

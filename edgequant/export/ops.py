@@ -42,13 +42,15 @@ def _(x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Te
 
 
 @torch.library.custom_op("edgequant::dq", mutates_args=())
-def dq(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int) -> Tensor:
+def dq(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int,
+       zero_point_is_zero: bool) -> Tensor:
     """Dequantize stored integers (weights, biases). axis=-1: per tensor; block_size>0: blocked."""
     return F.dequantize(q, scale, zero_point.to(torch.int32), _axis(axis), _block(block_size))
 
 
 @dq.register_fake
-def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int) -> Tensor:
+def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int,
+      zero_point_is_zero: bool) -> Tensor:
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
@@ -88,9 +90,18 @@ def translation_table() -> dict[object, object]:
         q = op.QuantizeLinear(x, scale, zp, axis=axis)
         return op.DequantizeLinear(q, scale, zp, axis=axis)
 
-    def dq_onnx(q, scale, zero_point, axis: int, block_size: int, container_bits: int):  # type: ignore[no-untyped-def]
+    def dq_onnx(q, scale, zero_point, axis: int, block_size: int, container_bits: int,  # type: ignore[no-untyped-def]
+                zero_point_is_zero: bool):
         signed = True  # weights and biases are signed grids
         qc = _container(q, container_bits, signed)
+        if zero_point_is_zero:
+            # An absent zero point is 0 of the input's type: symmetric weights and INT32 biases
+            # need none, and the file is smaller without one per channel.
+            if axis < 0:
+                return op.DequantizeLinear(qc, scale)
+            if block_size > 0:
+                return op.DequantizeLinear(qc, scale, axis=axis, block_size=block_size)
+            return op.DequantizeLinear(qc, scale, axis=axis)
         zp = _container(zero_point, container_bits, signed)
         if axis < 0:
             return op.DequantizeLinear(qc, scale, zp)
