@@ -35,7 +35,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/dynamic_minilm.json")
     parser.add_argument("--alpha", type=float, default=0.7, help="used without --choose-alpha")
-    parser.add_argument("--choose-alpha", action="store_true", help="re-run the choice of alpha on held-out sentences")
+    parser.add_argument(
+        "--choose-alpha",
+        action="store_true",
+        help="re-run the choice of alpha on held-out sentences",
+    )
     args = parser.parse_args()
     try:
         from edgequant.examples import minilm as M
@@ -53,9 +57,15 @@ def main() -> int:
     calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
     evals = M.tokenize_batches(tok, M.eval_sentences(), batch_size=32)
     ref = M.embed(model, evals)
-    out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, 2 threads",
-                 "torch": torch.__version__, "onnxruntime": ort.__version__, "eval_sentences": int(ref.shape[0]),
-                 "calibration_sentences": len(cal_sentences), "results": {}}
+    out: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, 2 threads",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "eval_sentences": int(ref.shape[0]),
+        "calibration_sentences": len(cal_sentences),
+        "results": {},
+    }
 
     if args.choose_alpha:
         fit = M.tokenize_batches(tok, cal_sentences[:64], batch_size=16)
@@ -63,7 +73,9 @@ def main() -> int:
         held_ref = M.embed(model, held)
         choice = {}
         for alpha in ALPHAS:
-            q = eq.quantize(model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), fit, method="dynamic")
+            q = eq.quantize(
+                model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), fit, method="dynamic"
+            )
             choice[str(alpha)] = M.cosine_report(held_ref, M.embed(q, held))
             print("alpha", alpha, choice[str(alpha)], flush=True)
         out["alpha_choice_heldout"] = choice
@@ -92,31 +104,59 @@ def main() -> int:
 
     # FP32 export: the reference size, and the input of ONNX Runtime's quantizer.
     fp32 = work / "fp32.onnx"
-    torch.onnx.export(model, (), str(fp32), kwargs=calib[0], dynamo=True, opset_version=21, external_data=False,
-                      dynamic_shapes={k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in calib[0]},
-                      output_names=["last_hidden_state", "pooler_output"])
+    torch.onnx.export(
+        model,
+        (),
+        str(fp32),
+        kwargs=calib[0],
+        dynamo=True,
+        opset_version=21,
+        external_data=False,
+        dynamic_shapes={k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in calib[0]},
+        output_names=["last_hidden_state", "pooler_output"],
+    )
     record("fp32 (ONNX Runtime)", M.embed(ort_fn(fp32), evals), fp32, {})
 
-    for label, alpha in (("edgequant dynamic w8a8", None), (f"edgequant dynamic w8a8 + SmoothQuant {args.alpha}", args.alpha)):
+    for label, alpha in (
+        ("edgequant dynamic w8a8", None),
+        (f"edgequant dynamic w8a8 + SmoothQuant {args.alpha}", args.alpha),
+    ):
         start = time.perf_counter()
-        qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), calib, method="dynamic")
+        qmodel = eq.quantize(
+            model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), calib, method="dynamic"
+        )
         wall = time.perf_counter() - start
         path = work / f"edgequant_{alpha}.onnx"
         info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:4])
         sim = M.cosine_report(ref, M.embed(qmodel, evals))
-        record(label, M.embed(ort_fn(path), evals), path,
-               {"wall_s": wall, "sim_mean_cosine": sim["mean_cosine"], "verify_sqnr_db": info.verification.sqnr_db,
-                "verify_floor_sqnr_db": info.verification.floor_sqnr_db, "quantized_linear": info.quantized_layers})
+        record(
+            label,
+            M.embed(ort_fn(path), evals),
+            path,
+            {
+                "wall_s": wall,
+                "sim_mean_cosine": sim["mean_cosine"],
+                "verify_sqnr_db": info.verification.sqnr_db,
+                "verify_floor_sqnr_db": info.verification.floor_sqnr_db,
+                "quantized_linear": info.quantized_layers,
+            },
+        )
 
     for per_channel in (False, True):
         path = work / f"ort_dynamic_pc{int(per_channel)}.onnx"
         start = time.perf_counter()
         quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
-        record(f"onnxruntime quantize_dynamic (per_channel={per_channel})", M.embed(ort_fn(path), evals), path,
-               {"wall_s": time.perf_counter() - start})
+        record(
+            f"onnxruntime quantize_dynamic (per_channel={per_channel})",
+            M.embed(ort_fn(path), evals),
+            path,
+            {"wall_s": time.perf_counter() - start},
+        )
 
     tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    record("torch.ao quantize_dynamic (PyTorch, not exportable to ONNX)", M.embed(tq, evals), None, {})
+    record(
+        "torch.ao quantize_dynamic (PyTorch, not exportable to ONNX)", M.embed(tq, evals), None, {}
+    )
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -46,13 +46,22 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray) -> f
 
     import onnxruntime as ort
 
-    name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    name = (
+        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .name
+    )
     start = time.perf_counter()
     pre = out_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(pre))
     quantize_static(
-        str(pre), str(out_path), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        str(pre),
+        str(out_path),
+        Reader(name),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )
     return time.perf_counter() - start
@@ -62,10 +71,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/ptq_resnet20.json")
     parser.add_argument("--runs", type=int, default=40, help="latency runs per batch size")
-    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set and use fewer latency runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="skip the JPEG test set and use fewer latency runs"
+    )
     args = parser.parse_args()
     if shared_dir() is None:
-        print("skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED", file=sys.stderr)
+        print(
+            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
+            file=sys.stderr,
+        )
         return 0
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -88,16 +102,27 @@ def main() -> int:
         print(name, json.dumps(row), flush=True)
 
     fp32 = work / "fp32.onnx"
-    torch.onnx.export(model.eval(), (x932[:1],), str(fp32), dynamo=True, opset_version=21, external_data=False,
-                      dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.onnx.export(
+        model.eval(),
+        (x932[:1],),
+        str(fp32),
+        dynamo=True,
+        opset_version=21,
+        external_data=False,
+        dynamic_shapes=({0: torch.export.Dim.AUTO},),
+    )
     evaluate("fp32", fp32, {"torch_acc_test_932": C.accuracy(model, x932, y932)})
 
     ort_path = work / "ort_static_w8a8.onnx"
     wall = ort_quantize_static(fp32, ort_path, x_cal.numpy())
-    evaluate("onnxruntime quantize_static w8a8 (MinMax, per-channel, QDQ)", ort_path, {"wall_s": wall})
+    evaluate(
+        "onnxruntime quantize_static w8a8 (MinMax, per-channel, QDQ)", ort_path, {"wall_s": wall}
+    )
 
-    runs = [("edgequant static w8a8", "w8a8", "static"),
-            ("edgequant weight-only int4 per-channel (RTN)", "w4-weight-only", "weight_only")]
+    runs = [
+        ("edgequant static w8a8", "w8a8", "static"),
+        ("edgequant weight-only int4 per-channel (RTN)", "w4-weight-only", "weight_only"),
+    ]
     paths = {}
     for name, preset, method in runs:
         start = time.perf_counter()
@@ -106,9 +131,17 @@ def main() -> int:
         path = work / f"{preset}.onnx"
         info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
         sim = C.accuracy(qmodel, x932, y932)
-        evaluate(name, path, {"wall_s": wall, "export_s": info.wall_s, "sim_acc_test_932": sim,
-                              "top1_agreement_test_932": info.verification.top1_agreement,
-                              "sqnr_db": info.verification.sqnr_db})
+        evaluate(
+            name,
+            path,
+            {
+                "wall_s": wall,
+                "export_s": info.wall_s,
+                "sim_acc_test_932": sim,
+                "top1_agreement_test_932": info.verification.top1_agreement,
+                "sqnr_db": info.verification.sqnr_db,
+            },
+        )
         paths[preset] = path
 
     fp32_size = results["fp32"]["size_bytes"]
@@ -118,16 +151,27 @@ def main() -> int:
     n = 10 if args.quick else args.runs
     lat = bench.compare_latency(ort_path, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2)
     lat_fp32 = bench.compare_latency(fp32, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2)
-    latency = {"ort_static_ms": lat["a"], "edgequant_static_ms": lat["b"], "fp32_ms": lat_fp32["a"],
-               # speed ratio >= 1 means edgequant is at least as fast as ONNX Runtime's own model
-               "speed_ratio_vs_ort": {k: 1.0 / v for k, v in lat["ratio"].items()},
-               "speed_ratio_vs_fp32": {k: 1.0 / v for k, v in lat_fp32["ratio"].items()}}
+    latency = {
+        "ort_static_ms": lat["a"],
+        "edgequant_static_ms": lat["b"],
+        "fp32_ms": lat_fp32["a"],
+        # speed ratio >= 1 means edgequant is at least as fast as ONNX Runtime's own model
+        "speed_ratio_vs_ort": {k: 1.0 / v for k, v in lat["ratio"].items()},
+        "speed_ratio_vs_fp32": {k: 1.0 / v for k, v in lat_fp32["ratio"].items()},
+    }
     print("latency", json.dumps(latency), flush=True)
     import onnxruntime
 
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-           "calibration": "512 images of train_4660 (calibration part)", "results": results, "latency": latency}
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "calibration": "512 images of train_4660 (calibration part)",
+        "results": results,
+        "latency": latency,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -4,5 +4,13 @@ from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.ptq import quantize
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
-__all__ = ["ExportError", "ExportInfo", "LayerOverride", "QuantSpec", "Recipe", "export_onnx", "quantize"]
+__all__ = [
+    "ExportError",
+    "ExportInfo",
+    "LayerOverride",
+    "QuantSpec",
+    "Recipe",
+    "export_onnx",
+    "quantize",
+]
 __version__ = "0.1.0"

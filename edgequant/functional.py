@@ -59,7 +59,9 @@ def _scale_rows(t: Tensor, x: Tensor, axis: int, group_size: int | None) -> Tens
     return t.movedim(axis, -1).reshape(-1)
 
 
-def param_shape(x_shape: tuple[int, ...] | torch.Size, axis: int | None, group_size: int | None) -> tuple[int, ...]:
+def param_shape(
+    x_shape: tuple[int, ...] | torch.Size, axis: int | None, group_size: int | None
+) -> tuple[int, ...]:
     """Shape of scale/zero_point for a tensor of x_shape at the given granularity."""
     if axis is None:
         return ()
@@ -69,7 +71,9 @@ def param_shape(x_shape: tuple[int, ...] | torch.Size, axis: int | None, group_s
     return tuple(s // group_size if i == axis else s for i, s in enumerate(x_shape))
 
 
-def reduce_min_max(x: Tensor, axis: int | None = None, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+def reduce_min_max(
+    x: Tensor, axis: int | None = None, group_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Min and max of x per tensor, channel or group (shapes as `param_shape`)."""
     axis = _check_granularity(x, axis, group_size)
     if axis is None:
@@ -138,13 +142,21 @@ def fake_quantize(
     axis = _check_granularity(x, axis, group_size)
     zero_point = zero_point.to(torch.int32)
     if axis is None:
-        return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.reshape(()), qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.float().reshape(()), zero_point.reshape(()), qmin, qmax
+        )
     if group_size is None:
-        return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point, axis, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(
+            x, scale.float(), zero_point, axis, qmin, qmax
+        )
     rows = _to_rows(x, axis, group_size)
     out = torch.fake_quantize_per_channel_affine(
-        rows, _scale_rows(scale.float(), x, axis, group_size), _scale_rows(zero_point, x, axis, group_size),
-        0, qmin, qmax,
+        rows,
+        _scale_rows(scale.float(), x, axis, group_size),
+        _scale_rows(zero_point, x, axis, group_size),
+        0,
+        qmin,
+        qmax,
     )
     return _from_rows(out, x, axis, group_size)
 
@@ -197,7 +209,9 @@ def dynamic_qparams(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, 
     DynamicQuantizeLinear (and ONNX Runtime's kernel) compute them."""
     x_min = torch.clamp(x.detach().min().float(), max=0.0)
     x_max = torch.clamp(x.detach().max().float(), min=0.0)
-    scale = torch.where(x_max == x_min, torch.ones_like(x_max), (x_max - x_min) / float(qmax - qmin))
+    scale = torch.where(
+        x_max == x_min, torch.ones_like(x_max), (x_max - x_min) / float(qmax - qmin)
+    )
     zero_point = torch.round(torch.clamp(qmin - x_min / scale, qmin, qmax)).to(torch.int32)
     return scale, zero_point
 
@@ -223,7 +237,12 @@ def dynamic_fake_quantize(x: Tensor, qmin: int = 0, qmax: int = 255) -> Tensor:
 
 
 def dynamic_quantized_linear(
-    x: Tensor, weight_q_t: Tensor, weight_scale: Tensor, bias: Tensor | None = None, qmin: int = 0, qmax: int = 255
+    x: Tensor,
+    weight_q_t: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None = None,
+    qmin: int = 0,
+    qmax: int = 255,
 ) -> Tensor:
     """y = x @ W^T + bias with x quantized at run time, exactly as ONNX Runtime computes
     DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias).

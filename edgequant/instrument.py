@@ -50,14 +50,18 @@ class Summary:
         return [r for r in self.layers if not r.quantized]
 
     def format(self) -> str:
-        lines = [f"{self.method} quantization with recipe {self.recipe!r}: "
-                 f"{len(self.quantized)} layers quantized, {len(self.skipped)} kept in float"]
+        lines = [
+            f"{self.method} quantization with recipe {self.recipe!r}: "
+            f"{len(self.quantized)} layers quantized, {len(self.skipped)} kept in float"
+        ]
         width = max((len(r.name) for r in self.layers), default=10)
         for r in self.layers:
             if r.quantized:
                 bn = f"  (+{r.bn_folded} folded)" if r.bn_folded else ""
                 out = "  output quantized" if r.output != "float" else ""
-                lines.append(f"  {r.name:<{width}}  {r.type:<8} W {r.weight:<32} A {r.activation}{bn}{out}")
+                lines.append(
+                    f"  {r.name:<{width}}  {r.type:<8} W {r.weight:<32} A {r.activation}{bn}{out}"
+                )
             else:
                 lines.append(f"  {r.name:<{width}}  {r.type:<8} float: {r.reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -66,17 +70,30 @@ class Summary:
     __str__ = format
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "method": self.method, "layers": [r.__dict__ for r in self.layers],
-                "notes": list(self.notes)}
+        return {
+            "recipe": self.recipe,
+            "method": self.method,
+            "layers": [r.__dict__ for r in self.layers],
+            "notes": list(self.notes),
+        }
 
 
-def call_model(model: nn.Module, batch: Any) -> Any:
+def call_model(model: nn.Module, batch: Any, index: int = 0) -> Any:
     """Run the model on one calibration item: a tensor, a tuple of positional args, or a dict of
     keyword args (a Hugging Face tokenizer batch)."""
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        try:
+            return model(*batch)
+        except TypeError as err:
+            if len(batch) == 2:
+                raise TypeError(
+                    f"calling the model on calibration item {index} failed ({err}); tuples are passed as "
+                    "positional arguments: if your loader yields (inputs, labels), pass "
+                    "(x for x, _ in loader)"
+                ) from err
+            raise
     if isinstance(batch, dict) or hasattr(batch, "keys"):
         return model(**dict(batch))
     raise TypeError(
@@ -121,8 +138,11 @@ def trace_layers(model: nn.Module, batch: Any) -> _Trace:
     bn_of: dict[str, str] = {}
     hooks = []
 
+    runs: dict[str, int] = {}
+
     def layer_hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
         name = names[mod]
+        runs[name] = runs.get(name, 0) + 1
         if name not in order:
             order.append(name)
         if isinstance(out, Tensor):
@@ -148,7 +168,7 @@ def trace_layers(model: nn.Module, batch: Any) -> _Trace:
     counts: dict[str, int] = {}
     for bn in bn_of.values():
         counts[bn] = counts.get(bn, 0) + 1
-    return _Trace(order, {k: v for k, v in bn_of.items() if counts[v] == 1})
+    return _Trace(order, {k: v for k, v in bn_of.items() if counts[v] == 1 and runs.get(k, 0) == 1})
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -160,7 +180,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _with_bits(spec: QuantSpec | None, bits: int | None) -> QuantSpec | None:
     if spec is None or bits is None or spec.bits >= bits:
         return spec
-    return spec.replace(bits=bits, group_size=None, granularity="channel" if spec.granularity == "group" else spec.granularity)
+    return spec.replace(
+        bits=bits,
+        group_size=None,
+        granularity="channel" if spec.granularity == "group" else spec.granularity,
+    )
 
 
 def instrument(
@@ -178,7 +202,9 @@ def instrument(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"recipe must be an edgequant.Recipe (or a preset name), got {type(recipe).__name__}")
+        raise TypeError(
+            f"recipe must be an edgequant.Recipe (or a preset name), got {type(recipe).__name__}"
+        )
     qmodel = copy.deepcopy(model).eval()
     trace = trace_layers(qmodel, example_batch)
     summary = Summary(recipe=recipe.name, method=method)
@@ -192,15 +218,38 @@ def instrument(
         mtype = type(module).__name__
         if type(module) not in supported:
             if type(module) in QUANT_MODULES:
-                summary.layers.append(LayerRecord(name, mtype, False, reason=f"{method} quantization covers "
-                                                  + ", ".join(t.__name__ for t in supported) + " only"))
+                summary.layers.append(
+                    LayerRecord(
+                        name,
+                        mtype,
+                        False,
+                        reason=f"{method} quantization covers "
+                        + ", ".join(t.__name__ for t in supported)
+                        + " only",
+                    )
+                )
             elif isinstance(module, tuple(QUANT_MODULES)):
-                summary.layers.append(LayerRecord(name, mtype, False, reason=f"subclass of {module.__class__.__mro__[1].__name__} with its own forward: not swapped"))
-            elif any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _NORMS_AND_SUCH):
-                summary.layers.append(LayerRecord(name, mtype, False, reason="no quantized version of this layer type"))
+                summary.layers.append(
+                    LayerRecord(
+                        name,
+                        mtype,
+                        False,
+                        reason=f"subclass of {module.__class__.__mro__[1].__name__} with its own forward: not swapped",
+                    )
+                )
+            elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
+                module, _NORMS_AND_SUCH
+            ):
+                summary.layers.append(
+                    LayerRecord(
+                        name, mtype, False, reason="no quantized version of this layer type"
+                    )
+                )
             continue
         if name not in trace.order:
-            summary.layers.append(LayerRecord(name, mtype, False, reason="never ran on the calibration batch"))
+            summary.layers.append(
+                LayerRecord(name, mtype, False, reason="never ran on the calibration batch")
+            )
             continue
         weight_spec, act_spec, reason = recipe.specs_for(name, mtype)
         if reason is not None:
@@ -212,8 +261,10 @@ def instrument(
         if weight_spec is not None and weight_spec.granularity == "group":
             size = module.weight.shape[weight_spec.axis]  # type: ignore[union-attr,index]
             if size % weight_spec.group_size:  # type: ignore[operator]
-                raise ValueError(f"layer {name!r}: weight dim {weight_spec.axis} has {size} elements, "
-                                 f"not divisible by group_size {weight_spec.group_size}")
+                raise ValueError(
+                    f"layer {name!r}: weight dim {weight_spec.axis} has {size} elements, "
+                    f"not divisible by group_size {weight_spec.group_size}"
+                )
         bn_name = trace.bn_of.get(name) if fold_bn else None
         bn = qmodel.get_submodule(bn_name) if bn_name else None
         if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
@@ -221,17 +272,35 @@ def instrument(
         _set_submodule(qmodel, name, from_float(module, weight_spec, act_spec, name, bn=bn))
         if bn_name:
             _set_submodule(qmodel, bn_name, nn.Identity())
-        summary.layers.append(LayerRecord(
-            name, mtype, True,
-            weight=weight_spec.short() if weight_spec else "float",
-            activation=act_spec.short() if act_spec else "float",
-            bn_folded=bn_name or "",
-        ))
+        summary.layers.append(
+            LayerRecord(
+                name,
+                mtype,
+                True,
+                weight=weight_spec.short() if weight_spec else "float",
+                activation=act_spec.short() if act_spec else "float",
+                bn_folded=bn_name or "",
+            )
+        )
+    folded = [r for r in summary.layers if r.bn_folded]
+    if folded and fold_bn and not _same_outputs(model, qmodel, example_batch):
+        # The hooks cannot see functional readers of a conv's output (`bn(y) + y`): folding
+        # changed what the model computes, so instrument again without folding.
+        qmodel, summary = instrument(
+            model, recipe, example_batch, method, fold_bn=False, layer_types=layer_types
+        )
+        summary.notes.append(
+            "BatchNorm not folded: folding changed the float model's output (a conv's output "
+            "has readers besides its BatchNorm)"
+        )
+        return qmodel, summary
     if not summary.quantized:
         kinds = ", ".join(t.__name__ for t in supported)
         why = "; ".join(f"{r.name}: {r.reason}" for r in summary.skipped[:5])
-        raise ValueError(f"the model has no quantizable layer ({kinds}) that ran on the calibration data"
-                         + (f" ({why})" if why else ""))
+        raise ValueError(
+            f"the model has no quantizable layer ({kinds}) that ran on the calibration data"
+            + (f" ({why})" if why else "")
+        )
     return qmodel, summary
 
 
@@ -257,8 +326,9 @@ _MOVES_FUNCTIONS = {operator.getitem, torch.nn.functional.pad, torch.flatten, to
 _MOVES_METHODS = {"view", "reshape", "flatten", "permute", "contiguous", "transpose", "__getitem__"}
 
 
-def _quantize_joins(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module,
-                    is_quantizer: Any) -> int:
+def _quantize_joins(
+    gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module, is_quantizer: Any
+) -> int:
     """Rule 3 of place_graph_quantizers: the inputs of a residual add are quantized tensors.
 
     An input that reaches the add only through data movement (strided slices, zero padding,
@@ -283,7 +353,10 @@ def _quantize_joins(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], hol
                 (src.op == "call_function" and src.target in _MOVES_FUNCTIONS)
                 or (src.op == "call_method" and src.target in _MOVES_METHODS)
             ):
-                if src.target is torch.nn.functional.pad and src.kwargs.get("value", 0) not in (0, 0.0):
+                if src.target is torch.nn.functional.pad and src.kwargs.get("value", 0) not in (
+                    0,
+                    0.0,
+                ):
                     break
                 first = src.args[0]
                 if not isinstance(first, torch.fx.Node):
@@ -334,8 +407,10 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
     try:
         graph = _QuantTracer().trace(qmodel)
     except Exception as err:  # tracing fails in many ways on dynamic Python; the model still works
-        summary.notes.append("activations quantized at layer inputs only: torch.fx could not trace the "
-                             f"model ({type(err).__name__}), so outputs and shared tensors are not quantized")
+        summary.notes.append(
+            "activations quantized at layer inputs only: torch.fx could not trace the "
+            f"model ({type(err).__name__}), so outputs and shared tensors are not quantized"
+        )
         return qmodel
     gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)
     modules = dict(gm.named_modules())
@@ -352,7 +427,9 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         return m if isinstance(m, QuantMixin) and m.input_quantizer is not None else None
 
     def is_quantizer(node: torch.fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(modules.get(str(node.target)), TensorQuantizer)
+        return node.op == "call_module" and isinstance(
+            modules.get(str(node.target)), TensorQuantizer
+        )
 
     shared: list[str] = []
     for node in list(gm.graph.nodes):
@@ -385,13 +462,18 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         if len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules):
             tail = next(iter(tail.users))
         users = list(tail.users)
-        if all(is_quantizer(u) or (quant_layer(u) is not None and not getattr(quant_layer(u), "shared_input", False))
-               for u in users):
+        if all(
+            is_quantizer(u)
+            or (quant_layer(u) is not None and not getattr(quant_layer(u), "shared_input", False))
+            for u in users
+        ):
             continue
         if any(u.op == "output" for u in users):
             continue  # the model's own output (logits) stays float
         name = str(node.target).replace(".", "_")
-        quantizer = TensorQuantizer(layer.input_quantizer.spec, f"{node.target}.output", role="activation")  # type: ignore[union-attr]
+        quantizer = TensorQuantizer(
+            layer.input_quantizer.spec, f"{node.target}.output", role="activation"
+        )  # type: ignore[union-attr]
         holder.add_module(name, quantizer)
         modules[f"output_quantizers.{name}"] = quantizer
         with gm.graph.inserting_after(tail):
@@ -409,6 +491,31 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         if record.name in shared:
             record.activation += " (input tensor quantized once, shared with its other readers)"
     return gm
+
+
+def _same_outputs(
+    model: nn.Module, qmodel: nn.Module, batch: Any, min_sqnr_db: float = 60.0
+) -> bool:
+    """Does the instrumented model (quantizers not yet active) compute what the float model does?"""
+    from edgequant.functional import sqnr_db
+
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref, _ = torch.utils._pytree.tree_flatten(call_model(model, batch))
+            out, _ = torch.utils._pytree.tree_flatten(call_model(qmodel, batch))
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    pairs = [
+        (r, o)
+        for r, o in zip(ref, out, strict=False)
+        if isinstance(r, Tensor) and r.is_floating_point()
+    ]
+    return len(ref) == len(out) and all(
+        r.shape == o.shape and sqnr_db(r, o) >= min_sqnr_db for r, o in pairs
+    )
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -19,10 +19,14 @@ from edgequant.spec import QuantSpec
 BIAS_QMIN, BIAS_QMAX = -(2**31), 2**31 - 1
 
 
-def fold_batchnorm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fold_batchnorm(
+    weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm1d | nn.BatchNorm2d
+) -> tuple[Tensor, Tensor]:
     """Fold an eval-mode BatchNorm that follows a conv/linear into its weight and bias."""
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+        raise ValueError(
+            "cannot fold a BatchNorm without running statistics (track_running_stats=False)"
+        )
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
@@ -40,17 +44,23 @@ class QuantMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def _init_quant(self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str) -> None:
+    def _init_quant(
+        self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str
+    ) -> None:
         self.layer_name = name
         # True when the graph quantizes this layer's input before it arrives (shared quantizer).
         self.shared_input = False
         # SmoothQuant: the input is divided by a per-channel factor the weight was multiplied by.
         self.register_buffer("input_smooth_inv", None)
         self.weight_quantizer = (
-            TensorQuantizer(weight_spec, f"{name}.weight", role="weight") if weight_spec is not None else None
+            TensorQuantizer(weight_spec, f"{name}.weight", role="weight")
+            if weight_spec is not None
+            else None
         )
         self.input_quantizer = (
-            TensorQuantizer(act_spec, f"{name}.input", role="activation") if act_spec is not None else None
+            TensorQuantizer(act_spec, f"{name}.input", role="activation")
+            if act_spec is not None
+            else None
         )
 
     def bias_scale(self) -> Tensor | None:
@@ -105,8 +115,12 @@ class QuantLinear(QuantMixin, nn.Linear):
             # Integer-exact, as the runtime's MatMulInteger computes it.
             if self.input_smooth_inv is not None:
                 x = x * self.input_smooth_inv
-            w_q = F.quantize(self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis)
-            return F.dynamic_quantized_linear(x, w_q.t(), wq.scale, self.bias, iq.spec.qmin, iq.spec.qmax)
+            w_q = F.quantize(
+                self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis
+            )
+            return F.dynamic_quantized_linear(
+                x, w_q.t(), wq.scale, self.bias, iq.spec.qmin, iq.spec.qmax
+            )
         x, w, b = self.quantized_inputs(x)
         return torch_F.linear(x, w, b)
 
@@ -138,8 +152,14 @@ def from_float(
         new = qcls(module.in_features, module.out_features, bias=bias is not None)
     else:
         conv: Any = module
-        kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                      bias=bias is not None, padding_mode=conv.padding_mode)
+        kwargs = dict(
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=bias is not None,
+            padding_mode=conv.padding_mode,
+        )
         new = qcls(conv.in_channels, conv.out_channels, conv.kernel_size, **kwargs)
     _new_params(new, weight, bias)
     new._init_quant(weight_spec, act_spec, name)  # type: ignore[operator]

@@ -67,13 +67,23 @@ class TensorQuantizer(nn.Module):
         if self.mode == "dynamic":
             return F.dynamic_fake_quantize(x, self.spec.qmin, self.spec.qmax)
         return F.fake_quantize(
-            x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.axis, self.spec.group_size
+            x,
+            self.scale,
+            self.zero_point,
+            self.spec.qmin,
+            self.spec.qmax,
+            self.axis,
+            self.spec.group_size,
         )
 
     def set_range(self, min_val: Tensor, max_val: Tensor) -> None:
         """Fix scale and zero point from a range (per tensor, channel or group)."""
         scale, zero_point = F.calc_qparams(
-            min_val, max_val, self.spec.qmin, self.spec.qmax, self.spec.symmetric,
+            min_val,
+            max_val,
+            self.spec.qmin,
+            self.spec.qmax,
+            self.spec.symmetric,
             pow2=self.spec.scale_type == "pow2",
         )
         self.scale = scale.to(self.scale.device)
@@ -84,7 +94,9 @@ class TensorQuantizer(nn.Module):
         try:
             min_val, max_val = self.observer.compute_range()
         except RuntimeError as err:
-            raise ValueError(f"layer {self.name!r}: no calibration data reached this quantizer") from err
+            raise ValueError(
+                f"layer {self.name!r}: no calibration data reached this quantizer"
+            ) from err
         self.set_range(min_val, max_val)
 
     def calibrate_tensor(self, x: Tensor) -> None:
@@ -93,15 +105,30 @@ class TensorQuantizer(nn.Module):
             self.observer(x.detach())
         self.compute_qparams()
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # Buffers start empty and take the calibrated shape on load.
-        for key in ("scale", "zero_point"):
-            if prefix + key in state_dict:
-                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
-        mode_key = prefix + "_mode"
-        if mode_key in state_dict:
-            state_dict.pop(mode_key)
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Buffers start empty (scale) or per tensor (observer ranges) and take the calibrated
+        # shape on load, here and in the observer.
+        for name, buf in list(self.named_buffers()):
+            key = prefix + name
+            if key in state_dict and buf is not None and buf.shape != state_dict[key].shape:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = self.get_submodule(owner_name) if owner_name else self
+                setattr(owner, leaf, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # The mode travels with the state dict, so a loaded model computes what the saved one did.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        mode = state.get("mode", "disabled") if isinstance(state, dict) else "disabled"
+        if mode not in MODES:
+            raise ValueError(
+                f"{self.name}: saved mode {mode!r} is unknown; valid: {', '.join(MODES)}"
+            )
+        self.mode = mode
 
     def extra_repr(self) -> str:
         return f"{self.spec.short()}, mode={self.mode}"

@@ -37,24 +37,36 @@ class QuantSpec:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise TypeError(f"QuantSpec.bits must be an int, got {self.bits!r}")
         if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"QuantSpec.bits={self.bits} is out of range: valid bits are {MIN_BITS}..{MAX_BITS}")
+            raise ValueError(
+                f"QuantSpec.bits={self.bits} is out of range: valid bits are {MIN_BITS}..{MAX_BITS}"
+            )
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"QuantSpec.granularity={self.granularity!r} is unknown; valid: {', '.join(GRANULARITIES)}"
             )
         if self.scale_type not in SCALE_TYPES:
-            raise ValueError(f"QuantSpec.scale_type={self.scale_type!r} is unknown; valid: {', '.join(SCALE_TYPES)}")
+            raise ValueError(
+                f"QuantSpec.scale_type={self.scale_type!r} is unknown; valid: {', '.join(SCALE_TYPES)}"
+            )
         if self.granularity == "group":
             if self.group_size is None or self.group_size < 1:
-                raise ValueError(f"QuantSpec granularity 'group' needs group_size >= 1, got {self.group_size!r}")
+                raise ValueError(
+                    f"QuantSpec granularity 'group' needs group_size >= 1, got {self.group_size!r}"
+                )
         elif self.group_size is not None:
-            raise ValueError(f"QuantSpec.group_size={self.group_size} is only valid with granularity 'group'")
+            raise ValueError(
+                f"QuantSpec.group_size={self.group_size} is only valid with granularity 'group'"
+            )
         if self.narrow_range and not self.signed:
-            raise ValueError("QuantSpec.narrow_range applies to signed grids only (-(2^(b-1)-1)..2^(b-1)-1)")
+            raise ValueError(
+                "QuantSpec.narrow_range applies to signed grids only (-(2^(b-1)-1)..2^(b-1)-1)"
+            )
         from edgequant.observers import OBSERVERS  # local: observers import spec
 
         if self.observer not in OBSERVERS:
-            raise ValueError(f"QuantSpec.observer={self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}")
+            raise ValueError(
+                f"QuantSpec.observer={self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}"
+            )
 
     @property
     def qmin(self) -> int:
@@ -76,8 +88,11 @@ class QuantSpec:
     def short(self) -> str:
         """A compact human name, e.g. 'int4 sym per-channel(0)'."""
         kind = ("int" if self.signed else "uint") + str(self.bits)
-        gran = {"tensor": "per-tensor", "channel": f"per-channel({self.axis})",
-                "group": f"per-group({self.group_size}, axis {self.axis})"}[self.granularity]
+        gran = {
+            "tensor": "per-tensor",
+            "channel": f"per-channel({self.axis})",
+            "group": f"per-group({self.group_size}, axis {self.axis})",
+        }[self.granularity]
         extra = " narrow" if self.narrow_range else ""
         extra += " pow2-scale" if self.scale_type == "pow2" else ""
         return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{extra} [{self.observer}]"
@@ -99,15 +114,25 @@ class QuantSpec:
 def weight_spec(bits: int, group_size: int | None = None) -> QuantSpec:
     """The literature's default for weights: symmetric, per output channel (axis 0)."""
     if group_size is not None:
-        return QuantSpec(bits=bits, signed=True, symmetric=True, granularity="group", axis=1,
-                         group_size=group_size, observer="minmax")
-    return QuantSpec(bits=bits, signed=True, symmetric=True, granularity="channel", axis=0,
-                     observer="minmax")
+        return QuantSpec(
+            bits=bits,
+            signed=True,
+            symmetric=True,
+            granularity="group",
+            axis=1,
+            group_size=group_size,
+            observer="minmax",
+        )
+    return QuantSpec(
+        bits=bits, signed=True, symmetric=True, granularity="channel", axis=0, observer="minmax"
+    )
 
 
 def activation_spec(bits: int, observer: str = "minmax") -> QuantSpec:
     """The literature's default for activations: asymmetric (unsigned) per tensor."""
-    return QuantSpec(bits=bits, signed=False, symmetric=False, granularity="tensor", observer=observer)
+    return QuantSpec(
+        bits=bits, signed=False, symmetric=False, granularity="tensor", observer=observer
+    )
 
 
 @dataclass(frozen=True)
@@ -160,21 +185,31 @@ class Recipe:
             raise ValueError("Recipe needs a weight spec, an activation spec or both; got neither")
         for label, spec in (("weight", self.weight), ("activation", self.activation)):
             if spec is not None and not isinstance(spec, QuantSpec):
-                raise TypeError(f"Recipe.{label} must be a QuantSpec or None, got {type(spec).__name__}")
+                raise TypeError(
+                    f"Recipe.{label} must be a QuantSpec or None, got {type(spec).__name__}"
+                )
         if self.first_last_bits is not None and not MIN_BITS <= self.first_last_bits <= MAX_BITS:
-            raise ValueError(f"Recipe.first_last_bits={self.first_last_bits} out of range {MIN_BITS}..{MAX_BITS}")
+            raise ValueError(
+                f"Recipe.first_last_bits={self.first_last_bits} out of range {MIN_BITS}..{MAX_BITS}"
+            )
         if self.target not in TARGETS:
-            raise ValueError(f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}")
+            raise ValueError(
+                f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}"
+            )
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"Recipe.smooth_alpha={self.smooth_alpha} must be in [0, 1] or None")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
-            raise ValueError(f"Recipe.calib_samples must be a positive int, got {self.calib_samples!r}")
+            raise ValueError(
+                f"Recipe.calib_samples must be a positive int, got {self.calib_samples!r}"
+            )
         # Tuples keep the dataclass hashable and immutable even when built from lists.
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "skip", tuple(self.skip))
         for ov in self.overrides:
             if not isinstance(ov, LayerOverride):
-                raise TypeError(f"Recipe.overrides must hold LayerOverride, got {type(ov).__name__}")
+                raise TypeError(
+                    f"Recipe.overrides must hold LayerOverride, got {type(ov).__name__}"
+                )
 
     @property
     def weight_only(self) -> bool:
@@ -212,7 +247,9 @@ class Recipe:
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
-    def specs_for(self, name: str, module_type: str) -> tuple[QuantSpec | None, QuantSpec | None, str | None]:
+    def specs_for(
+        self, name: str, module_type: str
+    ) -> tuple[QuantSpec | None, QuantSpec | None, str | None]:
         """(weight spec, activation spec, skip reason) for one layer, overrides applied in order."""
         for pattern in self.skip:
             if pattern == module_type or fnmatch.fnmatchcase(name, pattern):
@@ -229,12 +266,20 @@ class Recipe:
     def __str__(self) -> str:
         lines = [f"Recipe {self.name!r} (target {self.target})"]
         lines.append(f"  weights:     {self.weight.short() if self.weight else 'float'}")
-        lines.append(f"  activations: {self.activation.short() if self.activation else 'float (weight-only)'}")
+        lines.append(
+            f"  activations: {self.activation.short() if self.activation else 'float (weight-only)'}"
+        )
         if self.first_last_bits is not None:
             lines.append(f"  first and last quantized layers kept at {self.first_last_bits} bits")
         for ov in self.overrides:
-            what = "skip" if ov.skip else ", ".join(
-                f"{k}={s.short()}" for k, s in (("weight", ov.weight), ("activation", ov.activation)) if s
+            what = (
+                "skip"
+                if ov.skip
+                else ", ".join(
+                    f"{k}={s.short()}"
+                    for k, s in (("weight", ov.weight), ("activation", ov.activation))
+                    if s
+                )
             )
             lines.append(f"  override {ov.pattern}: {what}")
         if self.skip:
@@ -243,7 +288,9 @@ class Recipe:
             lines.append(f"  SmoothQuant on Linear inputs, alpha {self.smooth_alpha}")
         lines.append(f"  calibration samples: {self.calib_samples}")
         if self.activation is not None:
-            lines.append(f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}")
+            lines.append(
+                f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}"
+            )
         return "\n".join(lines)
 
     # --- YAML round trip -------------------------------------------------------------------
@@ -253,8 +300,12 @@ class Recipe:
             "weight": self.weight.to_dict() if self.weight else None,
             "activation": self.activation.to_dict() if self.activation else None,
             "overrides": [
-                {"pattern": o.pattern, "weight": o.weight.to_dict() if o.weight else None,
-                 "activation": o.activation.to_dict() if o.activation else None, "skip": o.skip}
+                {
+                    "pattern": o.pattern,
+                    "weight": o.weight.to_dict() if o.weight else None,
+                    "activation": o.activation.to_dict() if o.activation else None,
+                    "skip": o.skip,
+                }
                 for o in self.overrides
             ],
             "skip": list(self.skip),
@@ -281,8 +332,12 @@ class Recipe:
         d["weight"] = spec(d.get("weight"))
         d["activation"] = spec(d.get("activation"))
         d["overrides"] = tuple(
-            LayerOverride(pattern=o["pattern"], weight=spec(o.get("weight")),
-                          activation=spec(o.get("activation")), skip=bool(o.get("skip", False)))
+            LayerOverride(
+                pattern=o["pattern"],
+                weight=spec(o.get("weight")),
+                activation=spec(o.get("activation")),
+                skip=bool(o.get("skip", False)),
+            )
             for o in d.get("overrides", [])
         )
         d["skip"] = tuple(d.get("skip", ()))
@@ -300,10 +355,21 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Recipe:
-        """From a YAML file path or a YAML string."""
+        """From a YAML file path, or a YAML string (one with a newline)."""
         import yaml
 
-        p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-        text = p.read_text() if p is not None and p.exists() else str(source)
-        data = yaml.safe_load(text)
-        return cls.from_dict(data)
+        if isinstance(source, str) and "\n" in source:
+            text, where = source, "the YAML text"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"recipe file not found: {path}")
+            text, where = path.read_text(), str(path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{where} is not valid YAML: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from err

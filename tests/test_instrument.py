@@ -186,12 +186,6 @@ class ConvCalledTwice(nn.Module):
         return self.fc(self.conv(y).mean((2, 3)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: instrument.trace_layers folds a BatchNorm into the conv that feeds it even when "
-    "the conv's output has another reader (y = conv(x); bn(y) + y): the other reader then gets "
-    "bn(conv(x)); the disabled-quantizer copy differs from the float model (relative error ~0.86)",
-)
 def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(SharedConvOutput())
@@ -202,12 +196,6 @@ def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
     assert summary.layers[0].bn_folded == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: instrument.trace_layers folds a BatchNorm into a conv module that runs twice when "
-    "only one call feeds the BN, so the BN is applied after both calls; the disabled-quantizer "
-    "copy differs from the float model (relative error ~0.81)",
-)
 def test_bn_not_folded_into_a_layer_that_runs_twice() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(ConvCalledTwice())

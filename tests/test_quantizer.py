@@ -186,13 +186,6 @@ def test_state_dict_per_tensor_loads_into_a_fresh_quantizer() -> None:
     assert _bitwise_equal(fresh(x), calibrated(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: observer buffers (MinMaxObserver.min_val/max_val) start 0-d and become (C,) "
-    "after per-channel calibration; TensorQuantizer._load_from_state_dict resizes only "
-    "scale/zero_point, so load_state_dict into a fresh per-channel quantizer raises "
-    "'size mismatch for observer.min_val'",
-)
 def test_state_dict_per_channel_loads_into_a_fresh_quantizer() -> None:
     calibrated = TensorQuantizer(weight_spec(8), "fc.weight", role="weight")
     w = torch.randn(6, 10, generator=_gen(10))
@@ -224,12 +217,6 @@ def _cnn() -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_state_dict of a calibrated model into a freshly instrumented one fails with "
-    "'size mismatch for 0.weight_quantizer.observer.min_val: ... torch.Size([8]) ... torch.Size([])' "
-    "(observer buffers are not resized on load, unlike scale/zero_point)",
-)
 def test_model_state_dict_round_trip_gives_identical_outputs() -> None:
     model = _cnn()
     calib = [torch.randn(4, 3, 8, 8, generator=_gen(11 + i)) for i in range(3)]

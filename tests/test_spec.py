@@ -260,11 +260,6 @@ def test_yaml_from_file_written_by_hand(tmp_path: Path) -> None:
     assert Recipe.from_yaml(str(path)) == _rich_recipe()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Recipe.to_yaml(path) imports edgequant._io.atomic_write_text, a module that does "
-    "not exist (ModuleNotFoundError)",
-)
 def test_yaml_round_trip_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     text = _rich_recipe().to_yaml(path)
@@ -273,11 +268,6 @@ def test_yaml_round_trip_through_a_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Recipe.from_yaml(missing path) parses the path string itself as YAML and raises "
-    "TypeError 'Recipe.from_dict expects a mapping, got str' instead of naming the missing file",
-)
 def test_yaml_missing_file_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises((FileNotFoundError, ValueError)) as info:

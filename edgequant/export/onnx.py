@@ -42,9 +42,15 @@ def _container_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8 if bits <= 8 else 16
 
 
-_INT_DTYPES = {(4, True): torch.int8, (4, False): torch.uint8, (8, True): torch.int8,
-               (8, False): torch.uint8, (16, True): torch.int16, (16, False): torch.uint16,
-               (32, True): torch.int32}
+_INT_DTYPES = {
+    (4, True): torch.int8,
+    (4, False): torch.uint8,
+    (8, True): torch.int8,
+    (8, False): torch.uint8,
+    (16, True): torch.int16,
+    (16, False): torch.uint16,
+    (32, True): torch.int32,
+}
 
 
 def _natural_range(container: int, signed: bool) -> tuple[int, int]:
@@ -71,8 +77,18 @@ class LoweredQDQ(nn.Module):
         self.register_buffer("clip_hi", ((self.qmax - zp) * q.scale).float().max().reshape(()))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.edgequant.qdq(x, self.scale, self.zero_point, self.clip_lo, self.clip_hi,
-                                       self.qmin, self.qmax, self.axis, self.container, self.clip)
+        return torch.ops.edgequant.qdq(
+            x,
+            self.scale,
+            self.zero_point,
+            self.clip_lo,
+            self.clip_hi,
+            self.qmin,
+            self.qmax,
+            self.axis,
+            self.container,
+            self.clip,
+        )
 
 
 def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int, int]:
@@ -81,11 +97,19 @@ def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int,
     assert wq is not None
     spec = wq.spec
     axis = None if spec.per_tensor else spec.axis
-    q = F.quantize(layer.weight.detach(), wq.scale, wq.zero_point, spec.qmin, spec.qmax, axis, spec.group_size)
+    q = F.quantize(
+        layer.weight.detach(), wq.scale, wq.zero_point, spec.qmin, spec.qmax, axis, spec.group_size
+    )
     container = _container_bits(spec.bits)
     dtype = _INT_DTYPES[(container, spec.signed)]
-    return (q.to(dtype), wq.scale.detach().clone().float(), wq.zero_point.detach().to(dtype),
-            -1 if axis is None else axis, spec.group_size or 0, container)
+    return (
+        q.to(dtype),
+        wq.scale.detach().clone().float(),
+        wq.zero_point.detach().to(dtype),
+        -1 if axis is None else axis,
+        spec.group_size or 0,
+        container,
+    )
 
 
 class LoweredLayer(nn.Module):
@@ -98,21 +122,33 @@ class LoweredLayer(nn.Module):
         self.kind = "linear" if isinstance(layer, nn.Linear) else f"conv{module.weight.dim() - 2}d"
         if self.kind != "linear":
             if module.padding_mode != "zeros":
-                self.pad: tuple[tuple[int, ...], str] | None = (module._reversed_padding_repeated_twice, module.padding_mode)
+                self.pad: tuple[tuple[int, ...], str] | None = (
+                    module._reversed_padding_repeated_twice,
+                    module.padding_mode,
+                )
                 padding: Any = 0
             else:
                 self.pad, padding = None, module.padding
-            self.conv_args = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
+            self.conv_args = dict(
+                stride=module.stride,
+                padding=padding,
+                dilation=module.dilation,
+                groups=module.groups,
+            )
         iq, wq = layer.input_quantizer, layer.weight_quantizer
         self.act_mode = iq.mode if iq is not None else "disabled"
         # Named as in the quantized layer: a traced graph may call `<layer>.input_quantizer` itself.
         self.input_quantizer = LoweredQDQ(iq) if iq is not None and iq.mode == "quantize" else None
         self.shared_input = layer.shared_input
         smooth = layer.input_smooth_inv
-        self.register_buffer("input_smooth_inv", smooth.detach().clone() if smooth is not None else None)
+        self.register_buffer(
+            "input_smooth_inv", smooth.detach().clone() if smooth is not None else None
+        )
         self.dynamic = self.act_mode == "dynamic"
         if self.dynamic and not isinstance(layer, QuantLinear):
-            raise ExportError(f"layer {self.name!r}: dynamic quantization exports Linear layers only")
+            raise ExportError(
+                f"layer {self.name!r}: dynamic quantization exports Linear layers only"
+            )
         self.weight_float = wq is None or wq.mode != "quantize"
         if self.weight_float:
             self.register_buffer("weight", layer.weight.detach().clone())
@@ -120,10 +156,14 @@ class LoweredLayer(nn.Module):
             w_q, w_scale, w_zp, self.w_axis, self.w_block, self.w_container = _stored_weight(layer)
             if self.dynamic:
                 if self.w_container != 8 or self.w_axis not in (-1, 0):
-                    raise ExportError(f"layer {self.name!r}: dynamic quantization needs 8-bit per-tensor "
-                                      "or per-output-channel weights")
+                    raise ExportError(
+                        f"layer {self.name!r}: dynamic quantization needs 8-bit per-tensor "
+                        "or per-output-channel weights"
+                    )
                 if bool((w_zp != 0).any()):
-                    raise ExportError(f"layer {self.name!r}: dynamic quantization needs symmetric weights")
+                    raise ExportError(
+                        f"layer {self.name!r}: dynamic quantization needs symmetric weights"
+                    )
                 w_q = w_q.t().contiguous()
             self.w_zero = not bool((w_zp != 0).any())
             self.register_buffer("weight_q", w_q)
@@ -136,26 +176,46 @@ class LoweredLayer(nn.Module):
         if bias is not None and bias_scale is not None:
             b_axis = None if bias_scale.numel() == 1 else 0
             zp = torch.zeros(bias_scale.shape, dtype=torch.int32)
-            self.register_buffer("bias_q", F.quantize(bias.detach(), bias_scale, zp, BIAS_QMIN, BIAS_QMAX, b_axis))
-            self.register_buffer("bias_scale", bias_scale.detach().clone().reshape(bias_scale.shape))
+            self.register_buffer(
+                "bias_q", F.quantize(bias.detach(), bias_scale, zp, BIAS_QMIN, BIAS_QMAX, b_axis)
+            )
+            self.register_buffer(
+                "bias_scale", bias_scale.detach().clone().reshape(bias_scale.shape)
+            )
             self.register_buffer("bias_zero_point", zp)
             self.b_axis = -1 if b_axis is None else 0
         else:
-            self.register_buffer("bias", bias.detach().clone() if bias is not None else torch.zeros(0))
+            self.register_buffer(
+                "bias", bias.detach().clone() if bias is not None else torch.zeros(0)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_smooth_inv is not None:
             x = x * self.input_smooth_inv
         if self.dynamic:
-            return torch.ops.edgequant.dynamic_linear(x, self.weight_q, self.weight_scale, self.bias, self.has_bias)
+            return torch.ops.edgequant.dynamic_linear(
+                x, self.weight_q, self.weight_scale, self.bias, self.has_bias
+            )
         if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
-        w = self.weight if self.weight_float else torch.ops.edgequant.dq(
-            self.weight_q, self.weight_scale, self.weight_zero_point, self.w_axis, self.w_block, self.w_container,
-            self.w_zero)
+        w = (
+            self.weight
+            if self.weight_float
+            else torch.ops.edgequant.dq(
+                self.weight_q,
+                self.weight_scale,
+                self.weight_zero_point,
+                self.w_axis,
+                self.w_block,
+                self.w_container,
+                self.w_zero,
+            )
+        )
         b: Tensor | None
         if self.bias_quantized:
-            b = torch.ops.edgequant.dq(self.bias_q, self.bias_scale, self.bias_zero_point, self.b_axis, 0, 32, True)
+            b = torch.ops.edgequant.dq(
+                self.bias_q, self.bias_scale, self.bias_zero_point, self.b_axis, 0, 32, True
+            )
         else:
             b = self.bias if self.has_bias else None
         if self.kind == "linear":
@@ -182,11 +242,14 @@ def lower(qmodel: nn.Module) -> nn.Module:
             if m.mode == "quantize" and m.role == "activation":
                 _set_submodule(lowered, name, LoweredQDQ(m))
             elif m.mode in ("observe", "dynamic"):
-                raise ExportError(f"quantizer {m.name!r} is in mode {m.mode!r}; calibrate the model before export")
+                raise ExportError(
+                    f"quantizer {m.name!r} is in mode {m.mode!r}; calibrate the model before export"
+                )
     return lowered
 
 
 # --- inputs ---------------------------------------------------------------------------------
+
 
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, Tensor):
@@ -195,8 +258,10 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return tuple(example_inputs), {}
     if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
         return (), dict(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors; "
-                    f"got {type(example_inputs).__name__}")
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors; "
+        f"got {type(example_inputs).__name__}"
+    )
 
 
 def _dynamic_dims(t: Any) -> Any:
@@ -215,10 +280,10 @@ def _outputs(out: Any) -> list[Tensor]:
 
 # --- the ONNX pass --------------------------------------------------------------------------
 
+
 def fold_integer_casts(model: Any) -> int:
     """Replace Cast(constant int) -> INT4/UINT4 with packed INT4 initializers; drop what is unused."""
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
     graph = model.graph
@@ -232,12 +297,18 @@ def fold_integer_casts(model: Any) -> int:
     keep = []
     new_inits = []
     for node in graph.node:
-        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        to = (
+            next((a.i for a in node.attribute if a.name == "to"), None)
+            if node.op_type == "Cast"
+            else None
+        )
         if to in (ops.ONNX_INT4, ops.ONNX_UINT4) and node.input[0] in consts:
             values = numpy_helper.to_array(consts[node.input[0]]).astype(np.int32)
             lo, hi = (-8, 7) if to == ops.ONNX_INT4 else (0, 15)
             if values.size and (values.min() < lo or values.max() > hi):
-                raise ExportError(f"{node.input[0]}: values outside the 4-bit range cannot be stored as INT4")
+                raise ExportError(
+                    f"{node.input[0]}: values outside the 4-bit range cannot be stored as INT4"
+                )
             import ml_dtypes
 
             # Packed two values a byte (raw data); make_tensor's int32_data would take ~1.5x more.
@@ -274,8 +345,11 @@ def integer_weight_count(model: Any) -> tuple[int, list[str]]:
     from onnx import TensorProto
 
     inits = {i.name: i for i in model.graph.initializer}
-    consts = {n.output[0]: next(a.t for a in n.attribute if a.name == "value")
-              for n in model.graph.node if n.op_type == "Constant"}
+    consts = {
+        n.output[0]: next(a.t for a in n.attribute if a.name == "value")
+        for n in model.graph.node
+        if n.op_type == "Constant"
+    }
     consts.update(inits)
     integer, bad = 0, []
     for node in model.graph.node:
@@ -291,6 +365,7 @@ def integer_weight_count(model: Any) -> tuple[int, list[str]]:
 
 
 # --- verification ---------------------------------------------------------------------------
+
 
 @dataclass
 class Verification:
@@ -330,9 +405,11 @@ class _Compare:
             raise ExportError(f"ONNX model has {len(test)} outputs, the PyTorch model {len(ref)}")
         if not self.signal:
             self.signal, self.noise = [0.0] * len(ref), [0.0] * len(ref)
-        for k, (r, t) in enumerate(zip(ref, test)):
+        for k, (r, t) in enumerate(zip(ref, test, strict=False)):
             if r.shape != t.shape:
-                raise ExportError(f"output {k}: ONNX Runtime gave shape {tuple(t.shape)}, the simulation {tuple(r.shape)}")
+                raise ExportError(
+                    f"output {k}: ONNX Runtime gave shape {tuple(t.shape)}, the simulation {tuple(r.shape)}"
+                )
             r64, t64 = r.double(), t.double()
             self.signal[k] += float(r64.pow(2).sum())
             self.noise[k] += float((r64 - t64).pow(2).sum())
@@ -344,8 +421,13 @@ class _Compare:
 
     @property
     def sqnr_db(self) -> float:
-        return min((float("inf") if n == 0 else 10 * math.log10(max(s, 1e-300) / n)
-                    for s, n in zip(self.signal, self.noise)), default=float("inf"))
+        return min(
+            (
+                float("inf") if n == 0 else 10 * math.log10(max(s, 1e-300) / n)
+                for s, n in zip(self.signal, self.noise, strict=False)
+            ),
+            default=float("inf"),
+        )
 
     @property
     def agreement(self) -> float | None:
@@ -407,7 +489,11 @@ def verify_onnx(
         feed: dict[str, Any] = {}
         positional = [a for a in args if isinstance(a, Tensor)]
         for i, name in enumerate(names):
-            t = kwargs.get(name) if name in kwargs else (positional[i] if i < len(positional) else None)
+            t = (
+                kwargs.get(name)
+                if name in kwargs
+                else (positional[i] if i < len(positional) else None)
+            )
             if t is None:
                 raise ExportError(f"verification input for ONNX input {name!r} is missing")
             feed[name] = t.detach().cpu().numpy()
@@ -419,24 +505,34 @@ def verify_onnx(
         samples += int(sim[0].shape[0]) if sim[0].dim() else 1
     if not deployed.signal:
         raise ValueError("verification needs at least one batch of inputs")
-    v = Verification(samples=samples, top1_agreement=deployed.agreement, sqnr_db=deployed.sqnr_db,
-                     max_abs_err=deployed.max_abs_err, floor_top1_agreement=floor.agreement,
-                     floor_sqnr_db=floor.sqnr_db)
+    v = Verification(
+        samples=samples,
+        top1_agreement=deployed.agreement,
+        sqnr_db=deployed.sqnr_db,
+        max_abs_err=deployed.max_abs_err,
+        floor_top1_agreement=floor.agreement,
+        floor_sqnr_db=floor.sqnr_db,
+    )
     v.required_sqnr_db = min(min_sqnr_db, v.floor_sqnr_db - floor_margin_db)
     problems = []
     if v.sqnr_db < v.required_sqnr_db:
-        problems.append(f"SQNR {v.sqnr_db:.1f} dB < {v.required_sqnr_db:.1f} dB "
-                        f"(float-rounding floor of the simulation: {v.floor_sqnr_db:.1f} dB)")
+        problems.append(
+            f"SQNR {v.sqnr_db:.1f} dB < {v.required_sqnr_db:.1f} dB "
+            f"(float-rounding floor of the simulation: {v.floor_sqnr_db:.1f} dB)"
+        )
     if v.top1_agreement is not None:
         v.required_top1_agreement = min(min_top1_agreement, floor.agreement or 1.0)
         if v.top1_agreement < v.required_top1_agreement:
-            problems.append(f"top-1 agreement {v.top1_agreement:.4f} < {v.required_top1_agreement:.4f}")
+            problems.append(
+                f"top-1 agreement {v.top1_agreement:.4f} < {v.required_top1_agreement:.4f}"
+            )
     v.passed = not problems
     v.reason = "; ".join(problems)
     return v
 
 
 # --- the entry point ------------------------------------------------------------------------
+
 
 @dataclass
 class ExportInfo:
@@ -456,10 +552,12 @@ class ExportInfo:
     def __str__(self) -> str:
         v = self.verification
         agree = f", top-1 agreement {v.top1_agreement:.4f}" if v.top1_agreement is not None else ""
-        return (f"wrote {self.path}: {self.size_bytes} bytes ({self.size_ratio:.3f}x the float parameters), "
-                f"{self.integer_weights} integer weight tensors for {self.quantized_layers} quantized layers; "
-                f"verified in ONNX Runtime on {v.samples} samples: SQNR {v.sqnr_db:.1f} dB "
-                f"(float-rounding floor {v.floor_sqnr_db:.1f} dB){agree}")
+        return (
+            f"wrote {self.path}: {self.size_bytes} bytes ({self.size_ratio:.3f}x the float parameters), "
+            f"{self.integer_weights} integer weight tensors for {self.quantized_layers} quantized layers; "
+            f"verified in ONNX Runtime on {v.samples} samples: SQNR {v.sqnr_db:.1f} dB "
+            f"(float-rounding floor {v.floor_sqnr_db:.1f} dB){agree}"
+        )
 
 
 def export_onnx(
@@ -482,7 +580,20 @@ def export_onnx(
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     layers = list(quant_layers(qmodel))
     if not layers:
-        raise ValueError("qmodel has no quantized layer: run edgequant.quantize (or prepare_qat) first")
+        raise ValueError(
+            "qmodel has no quantized layer: run edgequant.quantize (or prepare_qat) first"
+        )
+    modes = [q.mode for q in qmodel.modules() if isinstance(q, TensorQuantizer)]
+    if "observe" in modes:
+        raise ValueError(
+            "qmodel still has quantizers observing (calibration did not finish): quantize it with "
+            "edgequant.quantize first"
+        )
+    if not any(m in ("quantize", "dynamic") for m in modes):
+        raise ValueError(
+            "no quantizer of qmodel is active (uncalibrated or all disabled): there is nothing "
+            "integer to export; use edgequant.quantize first"
+        )
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
@@ -507,9 +618,15 @@ def export_onnx(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                lowered, args, kwargs=kwargs or None, dynamo=True, opset_version=OPSET,
+                lowered,
+                args,
+                kwargs=kwargs or None,
+                dynamo=True,
+                opset_version=OPSET,
                 custom_translation_table=ops.translation_table(),  # type: ignore[arg-type]
-                dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
             )
     except Exception as err:  # the exporter raises many types; say which stage failed
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
@@ -520,10 +637,16 @@ def export_onnx(
     fold_integer_casts(model)
     strip_metadata(model)
     integer, float_dq = integer_weight_count(model)
-    quantized = sum(1 for _, m in layers if m.weight_quantizer is not None and m.weight_quantizer.mode == "quantize")
+    quantized = sum(
+        1
+        for _, m in layers
+        if m.weight_quantizer is not None and m.weight_quantizer.mode == "quantize"
+    )
     if float_dq or integer < quantized:
-        raise ExportError(f"the exported graph does not store every quantized weight as integers "
-                          f"({integer} integer weights for {quantized} quantized layers; float: {float_dq[:5]})")
+        raise ExportError(
+            f"the exported graph does not store every quantized weight as integers "
+            f"({integer} integer weights for {quantized} quantized layers; float: {float_dq[:5]})"
+        )
     onnx.checker.check_model(model)
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
@@ -533,8 +656,10 @@ def export_onnx(
         batches = [example_inputs] + (list(verify_data) if verify_data is not None else [])
         v = verify_onnx(tmp, qmodel, batches, min_top1_agreement, min_sqnr_db)
         if not v.passed:
-            raise ExportError(f"the exported model does not compute what the simulation computes: {v.reason}; "
-                              "nothing was written")
+            raise ExportError(
+                f"the exported model does not compute what the simulation computes: {v.reason}; "
+                "nothing was written"
+            )
         size = tmp.stat().st_size
         os.replace(tmp, path)
     finally:
@@ -542,6 +667,12 @@ def export_onnx(
             tmp.unlink()
     float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
     return ExportInfo(
-        path=str(path), size_bytes=size, float_params_bytes=float_bytes, size_ratio=size / max(float_bytes, 1),
-        quantized_layers=quantized, integer_weights=integer, verification=v, wall_s=time.perf_counter() - start,
+        path=str(path),
+        size_bytes=size,
+        float_params_bytes=float_bytes,
+        size_ratio=size / max(float_bytes, 1),
+        quantized_layers=quantized,
+        integer_weights=integer,
+        verification=v,
+        wall_s=time.perf_counter() - start,
     )

@@ -28,34 +28,68 @@ def _block(block_size: int) -> int | None:
 
 @torch.library.custom_op("edgequant::qdq", mutates_args=())
 def qdq(
-    x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Tensor,
-    qmin: int, qmax: int, axis: int, container_bits: int, clip: bool,
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    clip_lo: Tensor,
+    clip_hi: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int,
+    container_bits: int,
+    clip: bool,
 ) -> Tensor:
     """Fake-quantize an activation (per tensor or per axis). axis=-1: per tensor."""
     return F.fake_quantize(x, scale, zero_point.to(torch.int32), qmin, qmax, _axis(axis))
 
 
 @qdq.register_fake
-def _(x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Tensor,
-      qmin: int, qmax: int, axis: int, container_bits: int, clip: bool) -> Tensor:
+def _(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    clip_lo: Tensor,
+    clip_hi: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int,
+    container_bits: int,
+    clip: bool,
+) -> Tensor:
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("edgequant::dq", mutates_args=())
-def dq(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int,
-       zero_point_is_zero: bool) -> Tensor:
+def dq(
+    q: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int,
+    block_size: int,
+    container_bits: int,
+    zero_point_is_zero: bool,
+) -> Tensor:
     """Dequantize stored integers (weights, biases). axis=-1: per tensor; block_size>0: blocked."""
     return F.dequantize(q, scale, zero_point.to(torch.int32), _axis(axis), _block(block_size))
 
 
 @dq.register_fake
-def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, container_bits: int,
-      zero_point_is_zero: bool) -> Tensor:
+def _(
+    q: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int,
+    block_size: int,
+    container_bits: int,
+    zero_point_is_zero: bool,
+) -> Tensor:
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("edgequant::dynamic_linear", mutates_args=())
-def dynamic_linear(x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool) -> Tensor:
+def dynamic_linear(
+    x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool
+) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
     MatMulInteger + scale multiply compute it. weight_t_q: int8 (in, out)."""
     return F.dynamic_quantized_linear(x, weight_t_q, weight_scale, bias if has_bias else None)
@@ -77,8 +111,18 @@ def translation_table() -> dict[object, object]:
             return op.Cast(t, to=ONNX_INT4 if signed else ONNX_UINT4)
         return t
 
-    def qdq_onnx(x, scale, zero_point, clip_lo, clip_hi, qmin: int, qmax: int, axis: int,
-                 container_bits: int, clip: bool):  # type: ignore[no-untyped-def]
+    def qdq_onnx(
+        x,
+        scale,
+        zero_point,
+        clip_lo,
+        clip_hi,
+        qmin: int,
+        qmax: int,
+        axis: int,
+        container_bits: int,
+        clip: bool,
+    ):  # type: ignore[no-untyped-def]
         zp = _container(zero_point, container_bits, qmin < 0)
         if clip:
             # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
@@ -90,8 +134,15 @@ def translation_table() -> dict[object, object]:
         q = op.QuantizeLinear(x, scale, zp, axis=axis)
         return op.DequantizeLinear(q, scale, zp, axis=axis)
 
-    def dq_onnx(q, scale, zero_point, axis: int, block_size: int, container_bits: int,  # type: ignore[no-untyped-def]
-                zero_point_is_zero: bool):
+    def dq_onnx(
+        q,
+        scale,
+        zero_point,
+        axis: int,
+        block_size: int,
+        container_bits: int,  # type: ignore[no-untyped-def]
+        zero_point_is_zero: bool,
+    ):
         signed = True  # weights and biases are signed grids
         qc = _container(q, container_bits, signed)
         if zero_point_is_zero:

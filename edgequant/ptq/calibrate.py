@@ -38,36 +38,37 @@ def _take(batch: Any, n: int) -> Any:
     if isinstance(batch, Tensor):
         return batch[:n]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_take(b, n) if isinstance(b, Tensor) and b.dim() > 0 else b for b in batch)
+        return type(batch)(
+            _take(b, n) if isinstance(b, Tensor) and b.dim() > 0 else b for b in batch
+        )
     if hasattr(batch, "keys"):
-        return {k: (v[:n] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+        return {
+            k: (v[:n] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in batch.items()
+        }
     return batch
 
 
-def run_calibration(model: nn.Module, batches: Iterable[Any], num_samples: int, progress: bool = False) -> int:
+def run_calibration(
+    model: nn.Module, batches: Iterable[Any], num_samples: int, progress: bool = False
+) -> int:
     """Observe activations on up to num_samples samples; fix every activation quantizer's
     scale and zero point; return the number of samples used."""
     from tqdm import tqdm
 
     seen = 0
-    with calibration_mode(model), torch.no_grad(), tqdm(
-        total=num_samples, desc="calibrating", unit="sample", disable=not progress, leave=False
-    ) as bar:
+    with (
+        calibration_mode(model),
+        torch.no_grad(),
+        tqdm(
+            total=num_samples, desc="calibrating", unit="sample", disable=not progress, leave=False
+        ) as bar,
+    ):
         for index, batch in enumerate(batches):
             n = batch_size(batch)
             if seen + n > num_samples:
                 batch, n = _take(batch, num_samples - seen), num_samples - seen
             check_finite(batch, index)
-            try:
-                call_model(model, batch)
-            except TypeError as err:
-                if isinstance(batch, (tuple, list)) and len(batch) == 2:
-                    raise TypeError(
-                        f"calling the model on calibration item {index} failed ({err}); tuples are "
-                        "passed as positional arguments: if your loader yields (inputs, labels), "
-                        "pass (x for x, _ in loader)"
-                    ) from err
-                raise
+            call_model(model, batch, index)
             seen += n
             bar.update(n)
             if seen >= num_samples:

@@ -9,24 +9,32 @@ from typing import Any
 from torch import nn
 
 from edgequant.instrument import batch_size, instrument
-from edgequant.ptq.smooth import smooth_
 from edgequant.ptq.calibrate import peek
+from edgequant.ptq.smooth import smooth_
 from edgequant.ptq.static import calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec
 
 
 def quantize_dynamic(
-    model: nn.Module, recipe: Recipe, calib_data: Iterable[Any] | None, num_samples: int, progress: bool
+    model: nn.Module,
+    recipe: Recipe,
+    calib_data: Iterable[Any] | None,
+    num_samples: int,
+    progress: bool,
 ) -> nn.Module:
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights")
-    if recipe.weight.bits > 8 or (recipe.activation is not None and recipe.activation.bits != 8):
-        raise ValueError("dynamic quantization runs as ONNX Runtime's DynamicQuantizeLinear/MatMulInteger: "
-                         f"8-bit activations and at most 8-bit weights; recipe {recipe.name!r} asks for "
-                         f"W{recipe.weight.bits}A{recipe.activation.bits if recipe.activation else '-'}")
+    if recipe.weight.bits != 8 or (recipe.activation is not None and recipe.activation.bits != 8):
+        raise ValueError(
+            "dynamic quantization runs as ONNX Runtime's DynamicQuantizeLinear/MatMulInteger: "
+            f"8-bit activations and 8-bit weights; recipe {recipe.name!r} asks for "
+            f"W{recipe.weight.bits}A{recipe.activation.bits if recipe.activation else '-'}"
+        )
     if recipe.weight.granularity == "group":
-        raise ValueError("dynamic quantization supports per-tensor or per-channel weights, not per-group")
+        raise ValueError(
+            "dynamic quantization supports per-tensor or per-channel weights, not per-group"
+        )
     first, batches = peek(calib_data, "calib_data")
     # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
@@ -36,12 +44,19 @@ def quantize_dynamic(
         batches = list(batches)
         smoothed = smooth_(qmodel, batches, recipe.smooth_alpha, num_samples)
         samples_used = min(num_samples, sum(batch_size(b) for b in batches))
-        summary.notes.append(f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
-                             f"from {samples_used} calibration samples")
+        summary.notes.append(
+            f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
+            f"from {samples_used} calibration samples"
+        )
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":
             q.set_mode("dynamic")
     qmodel.quant_summary = summary
-    qmodel.quant_info = {"method": "dynamic", "recipe": recipe.to_dict(), "samples_used": samples_used, "labels_used": False}
+    qmodel.quant_info = {
+        "method": "dynamic",
+        "recipe": recipe.to_dict(),
+        "samples_used": samples_used,
+        "labels_used": False,
+    }
     return qmodel

@@ -40,12 +40,16 @@ def quantize(
     if isinstance(recipe, str):
         recipe = Recipe.preset(recipe)
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}")
+        raise TypeError(
+            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
+        )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     start = time.perf_counter()
-    qmodel = METHODS[method](model, recipe, calib_data, num_samples or recipe.calib_samples, progress)
+    qmodel = METHODS[method](
+        model, recipe, calib_data, num_samples or recipe.calib_samples, progress
+    )
     qmodel.quant_info["wall_s"] = time.perf_counter() - start  # type: ignore[index,operator]
     return qmodel

@@ -22,7 +22,9 @@ from edgequant.modules import QuantLinear
 
 
 @torch.no_grad()
-def input_channel_absmax(qmodel: nn.Module, batches: Iterable[Any], num_samples: int) -> dict[str, Tensor]:
+def input_channel_absmax(
+    qmodel: nn.Module, batches: Iterable[Any], num_samples: int
+) -> dict[str, Tensor]:
     """max |x_j| over the calibration data of every QuantLinear's input channel j (float run)."""
     stats: dict[str, Tensor] = {}
     hooks = []
@@ -32,6 +34,7 @@ def input_channel_absmax(qmodel: nn.Module, batches: Iterable[Any], num_samples:
             x = inputs[0].detach()
             amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+
         return record
 
     for name, m in qmodel.named_modules():
@@ -60,7 +63,9 @@ def smooth_(qmodel: nn.Module, batches: Iterable[Any], alpha: float, num_samples
     for name, amax_x in stats.items():
         layer: Any = qmodel.get_submodule(name)
         amax_w = layer.weight.abs().amax(dim=0).float()
-        s = (amax_x.clamp(min=1e-5).pow(alpha) / amax_w.clamp(min=1e-5).pow(1.0 - alpha)).clamp(min=1e-5)
+        s = (amax_x.clamp(min=1e-5).pow(alpha) / amax_w.clamp(min=1e-5).pow(1.0 - alpha)).clamp(
+            min=1e-5
+        )
         layer.weight.mul_(s.to(layer.weight.dtype).reshape(1, -1))
         layer.input_smooth_inv = (1.0 / s).to(layer.weight.dtype)
         done.append(name)

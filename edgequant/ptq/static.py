@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import place_graph_quantizers, instrument
+from edgequant.instrument import instrument, place_graph_quantizers
 from edgequant.ptq.calibrate import peek, run_calibration
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
@@ -23,10 +23,16 @@ def calibrate_weights(qmodel: nn.Module) -> None:
 
 
 def quantize_static(
-    model: nn.Module, recipe: Recipe, calib_data: Iterable[Any] | None, num_samples: int, progress: bool
+    model: nn.Module,
+    recipe: Recipe,
+    calib_data: Iterable[Any] | None,
+    num_samples: int,
+    progress: bool,
 ) -> nn.Module:
     if recipe.activation is None:
-        raise ValueError(f"recipe {recipe.name!r} quantizes no activations: use method='weight_only'")
+        raise ValueError(
+            f"recipe {recipe.name!r} quantizes no activations: use method='weight_only'"
+        )
     first, batches = peek(calib_data)
     qmodel, summary = instrument(model, recipe, first, method="static")
     if recipe.quantize_outputs:
@@ -34,5 +40,10 @@ def quantize_static(
     calibrate_weights(qmodel)
     used = run_calibration(qmodel, batches, num_samples, progress)
     qmodel.quant_summary = summary
-    qmodel.quant_info = {"method": "static", "recipe": recipe.to_dict(), "samples_used": used, "labels_used": False}
+    qmodel.quant_info = {
+        "method": "static",
+        "recipe": recipe.to_dict(),
+        "samples_used": used,
+        "labels_used": False,
+    }
     return qmodel

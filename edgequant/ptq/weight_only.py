@@ -14,15 +14,27 @@ from edgequant.spec import Recipe
 
 
 def quantize_weight_only(
-    model: nn.Module, recipe: Recipe, calib_data: Iterable[Any] | None, num_samples: int, progress: bool
+    model: nn.Module,
+    recipe: Recipe,
+    calib_data: Iterable[Any] | None,
+    num_samples: int,
+    progress: bool,
 ) -> nn.Module:
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights")
     # One batch finds the execution order (first/last layer) and the foldable BatchNorms.
     first, _ = peek(calib_data, "calib_data (one example batch)")
-    recipe = recipe.replace(activation=None, overrides=tuple(o.__class__(o.pattern, o.weight, None, o.skip) for o in recipe.overrides))
+    recipe = recipe.replace(
+        activation=None,
+        overrides=tuple(o.__class__(o.pattern, o.weight, None, o.skip) for o in recipe.overrides),
+    )
     qmodel, summary = instrument(model, recipe, first, method="weight_only")
     calibrate_weights(qmodel)
     qmodel.quant_summary = summary
-    qmodel.quant_info = {"method": "weight_only", "recipe": recipe.to_dict(), "samples_used": 0, "labels_used": False}
+    qmodel.quant_info = {
+        "method": "weight_only",
+        "recipe": recipe.to_dict(),
+        "samples_used": 0,
+        "labels_used": False,
+    }
     return qmodel

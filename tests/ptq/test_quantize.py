@@ -305,12 +305,6 @@ def test_model_without_quantizable_layer_raises() -> None:
         eq.quantize(model, "w8a8", [torch.randn(2, 4)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the labels hint is never shown: instrument.trace_layers calls model(x, y) on the "
-    "first item before run_calibration's try/except, so the bare TypeError "
-    "'MLP.forward() takes 2 positional arguments but 3 were given' escapes",
-)
 def test_inputs_and_labels_loader_gives_a_hint() -> None:
     model, calib, _ = _setup("mlp")
     loader = [(x, torch.randint(0, 4, (x.shape[0],), generator=_gen(3))) for x in calib]
