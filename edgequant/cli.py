@@ -150,7 +150,7 @@ def _quantize_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         info = qmodel.quant_info  # type: ignore[union-attr]
         print(qmodel.quant_summary.format())  # type: ignore[union-attr,operator]
-        print(f"calibrated on {info['samples_used']} samples in {info['wall_s']:.1f} s")
+        print(f"calibrated on {info['samples_used']} samples in {info['wall_s']:.2f} s")
         if eval_batches is not None:
             metric = config.metric if isinstance(config.metric, str) else str(config.metric)
             before = config.evaluate(model, eval_batches)

@@ -76,6 +76,62 @@ class QuantMixin:
             return None
         return (iq.scale.reshape(()) * wq.scale).float()
 
+    def integer_form(self) -> bool:
+        """True when this layer computes in the integer form (eval mode, static per-tensor
+        input, per-tensor or per-output-channel weights): see `integer_forward`."""
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        return (
+            not self.training  # type: ignore[attr-defined]
+            and iq is not None
+            and wq is not None
+            and iq.mode == "quantize"
+            and wq.mode == "quantize"
+            and iq.spec.per_tensor
+            and (wq.spec.per_tensor or (wq.spec.granularity == "channel" and wq.spec.axis == 0))
+            and not bool((wq.zero_point != 0).any())
+        )
+
+    def integer_forward(self, x: Tensor, op: Any) -> Tensor:
+        """The layer as an integer runtime computes it: integer input x integer weight, summed
+        exactly, then one float32 scaling per output channel and the bias.
+
+        The fake-quantized float form (quantized_inputs) computes the same up to float rounding,
+        but a deep network rounds its activations onto a grid again after every layer, so those
+        1-ulp differences flip values that sit on a rounding boundary and the flips spread. Here
+        the sum is exact (float64 holds every int32 sum), so the runtime (ONNX Runtime's
+        integer kernels, or its float kernels on integer-valued tensors) computes the same bits.
+        `op(x, w)` is the layer's float op without bias.
+        """
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        assert iq is not None and wq is not None
+        if self.input_smooth_inv is not None:
+            x = x * self.input_smooth_inv
+        zp = iq.zero_point.reshape(()).float()
+        # Division, as ONNX Runtime's QuantizeLinear does (not multiplication by the reciprocal).
+        x_int = (
+            torch.clamp(torch.round(x / iq.scale.reshape(())) + zp, iq.spec.qmin, iq.spec.qmax) - zp
+        )
+        w_int = F.quantize(
+            self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis
+        )
+        acc = op(x_int.double(), w_int.double()).float()
+        scale = (iq.scale.reshape(()) * wq.scale).float()
+        shape = [1] * acc.dim()
+        channel_dim = -1 if isinstance(self, nn.Linear) else 1
+        shape[channel_dim] = -1
+        y = acc * scale.reshape(shape)
+        if self.bias is not None:
+            y = y + self.integer_bias(scale).reshape(shape)
+        return y
+
+    def integer_bias(self, scale: Tensor) -> Tensor:
+        """The bias on the INT32 grid of the accumulator (scale: input scale x weight scale)."""
+        assert self.bias is not None
+        axis = 0 if scale.numel() > 1 else None
+        zp = torch.zeros(scale.shape, dtype=torch.int32)
+        q = F.quantize(self.bias.detach(), scale, zp, BIAS_QMIN, BIAS_QMAX, axis)
+        return F.dequantize(q, scale, zp, axis).expand(self.bias.shape)
+
     def quantized_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.input_smooth_inv is not None:
             x = x * self.input_smooth_inv
@@ -98,12 +154,16 @@ def _new_params(new: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
 
 class QuantConv1d(QuantMixin, nn.Conv1d):
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer_form():
+            return self.integer_forward(x, lambda a, w: self._conv_forward(a, w, None))
         x, w, b = self.quantized_inputs(x)
         return self._conv_forward(x, w, b)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer_form():
+            return self.integer_forward(x, lambda a, w: self._conv_forward(a, w, None))
         x, w, b = self.quantized_inputs(x)
         return self._conv_forward(x, w, b)
 
@@ -121,6 +181,8 @@ class QuantLinear(QuantMixin, nn.Linear):
             return F.dynamic_quantized_linear(
                 x, w_q.t(), wq.scale, self.bias, iq.spec.qmin, iq.spec.qmax
             )
+        if self.integer_form():
+            return self.integer_forward(x, torch_F.linear)
         x, w, b = self.quantized_inputs(x)
         return torch_F.linear(x, w, b)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import nn
 
+from edgequant.functional import sqnr_db
 from edgequant.modules import (
     QUANT_MODULES,
     QuantConv1d,
@@ -158,8 +159,13 @@ def test_quantized_layer_matches_pytorch_reference(case: str, bits: int) -> None
             expected = torch_F.linear(x_q, w_q, b_q)
         else:
             expected = float_layer._conv_forward(x_q, w_q, b_q)
-        actual = layer(x)
+        # Training mode runs the fake-quantized float form: PyTorch's reference, bit for bit.
+        actual = layer.train()(x)
+        # Eval mode runs the integer form (exact integer sums, then one scaling per channel):
+        # the same numbers up to float rounding.
+        integer = layer.eval()(x)
     assert _bitwise_equal(actual, expected)
+    assert sqnr_db(expected, integer) > 100.0
     # Grouping survives the swap.
     if not isinstance(float_layer, nn.Linear):
         assert layer.groups == float_layer.groups

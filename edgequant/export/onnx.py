@@ -169,6 +169,27 @@ class LoweredLayer(nn.Module):
             self.register_buffer("weight_q", w_q)
             self.register_buffer("weight_scale", w_scale)
             self.register_buffer("weight_zero_point", w_zp)
+        # Layers ONNX Runtime has no integer kernel for (4-bit weights or activations) run as a
+        # float op on integer-valued tensors, which sums exactly, then one scaling: the same bits
+        # as the simulation's integer form (QuantMixin.integer_forward).
+        fusable = (
+            not self.weight_float
+            and self.w_container == 8
+            and iq is not None
+            and _container_bits(iq.spec.bits) == 8
+        )
+        self.integer_pattern = layer.integer_form() and not fusable and not self.dynamic
+        if self.integer_pattern:
+            assert iq is not None and wq is not None
+            acc_scale = (iq.scale.reshape(()) * wq.scale).float()
+            shape = [1] * (2 if self.kind == "linear" else int(self.kind[4]) + 2)
+            shape[-1 if self.kind == "linear" else 1] = -1
+            self.register_buffer("one", torch.tensor(1.0))
+            self.register_buffer("acc_scale", acc_scale.reshape(shape))
+            self.register_buffer(
+                "bias_int",
+                layer.integer_bias(acc_scale).reshape(shape) if layer.bias is not None else None,
+            )
         bias = layer.bias
         bias_scale = layer.bias_scale()
         self.has_bias = bias is not None
@@ -196,6 +217,8 @@ class LoweredLayer(nn.Module):
             return torch.ops.edgequant.dynamic_linear(
                 x, self.weight_q, self.weight_scale, self.bias, self.has_bias
             )
+        if self.integer_pattern:
+            return self._integer_forward(x)
         if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
         w = (
@@ -224,6 +247,38 @@ class LoweredLayer(nn.Module):
             x = torch_F.pad(x, self.pad[0], mode=self.pad[1])
         conv = torch_F.conv1d if self.kind == "conv1d" else torch_F.conv2d
         return conv(x, w, b, **self.conv_args)
+
+
+def _integer_forward_impl(self: LoweredLayer, x: Tensor) -> Tensor:
+    iq = self.input_quantizer
+    assert iq is not None
+    x_int = torch.ops.edgequant.quantize_int(
+        x,
+        iq.scale,
+        iq.zero_point,
+        self.one,
+        iq.clip_lo,
+        iq.clip_hi,
+        iq.qmin,
+        iq.qmax,
+        iq.container,
+        iq.clip,
+    )
+    w_int = torch.ops.edgequant.dq(
+        self.weight_q, self.one, self.weight_zero_point, -1, 0, self.w_container, True
+    )
+    if self.kind == "linear":
+        acc = torch_F.linear(x_int, w_int)
+    else:
+        if self.pad is not None:
+            x_int = torch_F.pad(x_int, self.pad[0], mode=self.pad[1])
+        conv = torch_F.conv1d if self.kind == "conv1d" else torch_F.conv2d
+        acc = conv(x_int, w_int, None, **self.conv_args)
+    y = acc * self.acc_scale
+    return y + self.bias_int if self.bias_int is not None else y
+
+
+LoweredLayer._integer_forward = _integer_forward_impl  # type: ignore[attr-defined]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -59,6 +59,40 @@ def _(
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("edgequant::quantize_int", mutates_args=())
+def quantize_int(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    one: Tensor,
+    clip_lo: Tensor,
+    clip_hi: Tensor,
+    qmin: int,
+    qmax: int,
+    container_bits: int,
+    clip: bool,
+) -> Tensor:
+    """x on the integer grid, as integer-valued floats q - zero_point (per tensor)."""
+    zp = zero_point.to(torch.float32).reshape(())
+    return torch.clamp(torch.round(x / scale.reshape(())) + zp, qmin, qmax) - zp
+
+
+@quantize_int.register_fake
+def _(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    one: Tensor,
+    clip_lo: Tensor,
+    clip_hi: Tensor,
+    qmin: int,
+    qmax: int,
+    container_bits: int,
+    clip: bool,
+) -> Tensor:
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("edgequant::dq", mutates_args=())
 def dq(
     q: Tensor,
@@ -160,6 +194,25 @@ def translation_table() -> dict[object, object]:
             return op.DequantizeLinear(qc, scale, zp, axis=axis, block_size=block_size)
         return op.DequantizeLinear(qc, scale, zp, axis=axis)
 
+    def quantize_int_onnx(
+        x,
+        scale,
+        zero_point,
+        one,
+        clip_lo,
+        clip_hi,
+        qmin: int,
+        qmax: int,  # type: ignore[no-untyped-def]
+        container_bits: int,
+        clip: bool,
+    ):
+        # QuantizeLinear, then DequantizeLinear with scale 1: the integers, as floats, which a
+        # float Conv/MatMul sums exactly (every partial sum of such a layer is below 2^24).
+        zp = _container(zero_point, container_bits, qmin < 0)
+        if clip:
+            x = op.Clip(x, clip_lo, clip_hi)
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
+
     def dynamic_linear_onnx(x, weight_t_q, weight_scale, bias, has_bias: bool):  # type: ignore[no-untyped-def]
         xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
         acc = op.MatMulInteger(xq, weight_t_q, x_zp)
@@ -171,5 +224,6 @@ def translation_table() -> dict[object, object]:
     return {
         torch.ops.edgequant.qdq.default: qdq_onnx,
         torch.ops.edgequant.dq.default: dq_onnx,
+        torch.ops.edgequant.quantize_int.default: quantize_int_onnx,
         torch.ops.edgequant.dynamic_linear.default: dynamic_linear_onnx,
     }
