@@ -1,0 +1,248 @@
+"""eq.compare: run the FP32 baseline and each quantization method, export each one, measure the
+exported model in ONNX Runtime, and recommend the cheapest method that is good enough.
+
+Every run is isolated: a method that fails is reported as failed and the others go on
+(DESIGN §3, invariant 4). `metric_deployed` always comes from the exported model run in ONNX
+Runtime, never from the simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgequant.instrument import call_model
+from edgequant.spec import Recipe
+
+# A predict function maps one batch of model inputs to the model's (first) output tensor.
+Predict = Callable[[Any], torch.Tensor]
+EvalFn = Callable[[Predict], float]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One method to try: a name, its family (ptq/qat), the PTQ method and the recipe."""
+
+    name: str
+    method: str
+    recipe: Recipe
+    family: str = "ptq"
+    labels_used: bool = False
+
+
+def default_runs() -> list[Run]:
+    """The PTQ methods of DESIGN §1: dynamic W8, static W8A8, weight-only W4, static W4A8."""
+    return [
+        Run("ptq-dynamic-w8a8", "dynamic", Recipe.preset("w8a8")),
+        Run("ptq-static-w8a8", "static", Recipe.preset("w8a8")),
+        Run("ptq-weight-only-w4", "weight_only", Recipe.preset("w4-weight-only")),
+        Run("ptq-static-w4a8", "static", Recipe.preset("w4a8")),
+    ]
+
+
+def torch_predict(model: nn.Module) -> Predict:
+    def predict(batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            out = call_model(model.eval(), batch)
+        leaves, _ = torch.utils._pytree.tree_flatten(out)
+        return leaves[0]
+
+    return predict
+
+
+def ort_predict(path: str | Path, threads: int = 2) -> Predict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgequant.export.onnx import split_inputs
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def predict(batch: Any) -> torch.Tensor:
+        args, kwargs = split_inputs(batch)
+        positional = [a for a in args if isinstance(a, torch.Tensor)]
+        feed = {n: (kwargs[n] if n in kwargs else positional[i]).detach().cpu().numpy() for i, n in enumerate(names)}
+        return torch.from_numpy(np.asarray(sess.run(None, feed)[0]))
+
+    return predict
+
+
+@dataclass
+class Report:
+    """What compare() measured; `results` has the keys of DESIGN §1's results file."""
+
+    results: dict[str, Any]
+    summaries: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def recommendation(self) -> dict[str, Any]:
+        return dict(self.results["recommendation"])
+
+    def run(self, name: str) -> dict[str, Any]:
+        for r in self.results["runs"]:
+            if r["name"] == name:
+                return dict(r)
+        raise KeyError(f"no run named {name!r}; runs: {[r['name'] for r in self.results['runs']]}")
+
+    def to_markdown(self) -> str:
+        from edgequant.report.render import markdown
+
+        return markdown(self.results, self.summaries)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """results.json and report.md in out_dir (written atomically); returns the folder."""
+        from edgequant._io import atomic_write_text
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(self.results, indent=1))
+        atomic_write_text(out / "report.md", self.to_markdown())
+        return out
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": threads}
+
+
+def recommend(baseline_metric: float, runs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The cheapest run within `tolerance` of the baseline (deployed metric): no labels before
+    labels, PTQ before QAT, then the smaller file."""
+    ok = [r for r in runs if r.get("status") == "ok" and r["metric_deployed"] >= baseline_metric - tolerance]
+    if not ok:
+        best = max((r for r in runs if r.get("status") == "ok"), key=lambda r: r["metric_deployed"], default=None)
+        why = (f"no method came within {tolerance:.3f} of the FP32 baseline ({baseline_metric:.4f})"
+               + (f"; the best was {best['name']} at {best['metric_deployed']:.4f}" if best else ""))
+        return {"choice": None, "why": why}
+    ok.sort(key=lambda r: (r["labels_used"], r["family"] != "ptq", r["size_bytes"]))
+    pick = ok[0]
+    why = (f"{pick['name']} deploys at {pick['metric_deployed']:.4f} in ONNX Runtime, within {tolerance:.3f} of "
+           f"the FP32 baseline ({baseline_metric:.4f}); it needs no labels" if not pick["labels_used"] else
+           f"{pick['name']} deploys at {pick['metric_deployed']:.4f}, within {tolerance:.3f} of {baseline_metric:.4f}")
+    why += (f", and its file is {pick['size_bytes']} bytes ({pick['size_ratio']:.2f}x FP32), the smallest of the "
+            f"{len(ok)} methods within tolerance")
+    return {"choice": pick["name"], "why": why}
+
+
+def compare(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    eval_fn: EvalFn,
+    example_inputs: Any,
+    runs: Sequence[Run] | None = None,
+    tolerance: float = 0.01,
+    task: str = "model",
+    metric: str = "accuracy",
+    out_dir: str | Path | None = None,
+    verify_data: Iterable[Any] | None = None,
+    latency_batch_sizes: tuple[int, ...] = (1, 64),
+    latency_runs: int = 20,
+    threads: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Run the baseline and each method; see the module docstring.
+
+    eval_fn(predict) -> metric, where predict maps a batch of model inputs to the model's output
+    tensor (the same function serves the PyTorch model and the ONNX Runtime session).
+    Exported models are written to out_dir/models (a temporary folder when out_dir is None).
+    """
+    from edgequant.bench import latency_ms
+    from edgequant.export.onnx import export_onnx
+    from edgequant.ptq import quantize
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(eval_fn):
+        raise TypeError("eval_fn must be a callable taking a predict function and returning the metric")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    runs = list(runs) if runs is not None else default_runs()
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be unique, got {names}")
+    say = progress or (lambda msg: None)
+    calib = list(calib_data)
+    if not calib:
+        raise ValueError("calib_data is empty")
+    verify = list(verify_data) if verify_data is not None else calib[:2]
+    models_dir = Path(out_dir) / "models" if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgequant-"))
+    models_dir.mkdir(parents=True, exist_ok=True)
+
+    def latency(path: Path) -> dict[str, float]:
+        return latency_ms(path, batch_sizes=latency_batch_sizes, runs=latency_runs, threads=threads)
+
+    say("FP32 baseline: export and measure in ONNX Runtime")
+    start = time.perf_counter()
+    fp32_path = models_dir / "fp32.onnx"
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = example_inputs if isinstance(example_inputs, dict) else None
+    torch.onnx.export(model.eval(), () if kwargs else args, str(fp32_path), kwargs=kwargs, dynamo=True,
+                      opset_version=21, external_data=False, verbose=False,
+                      dynamic_shapes=({k: {0: torch.export.Dim.AUTO} for k in kwargs} if kwargs
+                                      else tuple({0: torch.export.Dim.AUTO} for _ in args)))
+    baseline_metric = float(eval_fn(ort_predict(fp32_path, threads)))
+    fp32_size = fp32_path.stat().st_size
+    baseline = {"metric": baseline_metric, "metric_torch": float(eval_fn(torch_predict(model))),
+                "size_bytes": fp32_size, "latency_ms": latency(fp32_path), "onnx": str(fp32_path),
+                "wall_s": time.perf_counter() - start}
+    say(f"FP32 baseline: {metric} {baseline_metric:.4f}, {fp32_size} bytes")
+
+    results: list[dict[str, Any]] = []
+    summaries: dict[str, str] = {}
+    for run in runs:
+        say(f"{run.name}: quantizing ({run.method}, {run.recipe.name})")
+        start = time.perf_counter()
+        row: dict[str, Any] = {"name": run.name, "family": run.family, "method": run.method,
+                               "recipe": run.recipe.name,
+                               "weight_bits": run.recipe.weight.bits if run.recipe.weight else None,
+                               "act_bits": (8 if run.method == "dynamic" else
+                                            run.recipe.activation.bits if run.recipe.activation else None),
+                               "labels_used": run.labels_used}
+        try:
+            qmodel = quantize(model, run.recipe, calib, method=run.method)
+            summaries[run.name] = qmodel.quant_summary.format()
+            path = models_dir / f"{run.name}.onnx"
+            info = export_onnx(qmodel, path, example_inputs, verify_data=verify)
+            row["metric_simulated"] = float(eval_fn(torch_predict(qmodel)))
+            row["metric_deployed"] = float(eval_fn(ort_predict(path, threads)))
+            row["top1_agreement"] = info.verification.top1_agreement
+            row["sqnr_db_vs_simulation"] = info.verification.sqnr_db
+            row["size_bytes"] = info.size_bytes
+            row["size_ratio"] = info.size_bytes / fp32_size
+            row["samples_used"] = qmodel.quant_info["samples_used"]
+            row["latency_ms"] = latency(path)
+            row["onnx"] = str(path)
+            row["status"] = "ok"
+            say(f"{run.name}: deployed {metric} {row['metric_deployed']:.4f}, {info.size_bytes} bytes")
+        except Exception as err:  # isolate: one failing method must not take down the others
+            row["status"] = "failed"
+            row["error"] = f"{type(err).__name__}: {err}"
+            row["traceback"] = traceback.format_exc(limit=5)
+            say(f"{run.name}: FAILED ({row['error']})")
+        row["wall_s"] = time.perf_counter() - start
+        results.append(row)
+
+    report = Report(
+        results={"task": task, "metric": metric, "tolerance": tolerance, "baseline": baseline, "runs": results,
+                 "recommendation": recommend(baseline_metric, results, tolerance),
+                 "environment": _environment(threads)},
+        summaries=summaries,
+    )
+    if out_dir is not None:
+        report.save(out_dir)
+    return report
