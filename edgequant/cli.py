@@ -120,6 +120,7 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _quantize_run(args: argparse.Namespace) -> int:
     from pathlib import Path
+    from typing import Any
 
     import edgequant as eq
     from edgequant.config import load_config
@@ -148,8 +149,10 @@ def _quantize_run(args: argparse.Namespace) -> int:
     )
     eval_batches = list(config.eval_batches()) if config.eval_data is not None else None
     if not args.quiet:
-        info = qmodel.quant_info  # type: ignore[union-attr]
-        print(qmodel.quant_summary.format())  # type: ignore[union-attr,operator]
+        # Attributes eq.quantize sets on the model it returns (nn.Module's typing cannot see them).
+        summary: Any = qmodel.quant_summary
+        info: Any = qmodel.quant_info
+        print(summary.format())
         print(f"calibrated on {info['samples_used']} samples in {info['wall_s']:.2f} s")
         if eval_batches is not None:
             metric = config.metric if isinstance(config.metric, str) else str(config.metric)

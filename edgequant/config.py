@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -114,9 +115,13 @@ class Factory:
             try:
                 target: Any = importlib.import_module(self.module)
             except ModuleNotFoundError as err:
-                if err.name is not None and self.module.startswith(err.name):
+                if err.name == self.module or self.module.startswith(f"{err.name}."):
                     raise ImportError(f"module {self.module!r} not found") from err
                 raise ImportError(f"importing module {self.module!r} failed: {err}") from err
+            except Exception as err:  # the module's own code failed while it was imported
+                raise ImportError(
+                    f"importing module {self.module!r} failed: {type(err).__name__}: {err}"
+                ) from err
         for part in self.function.split("."):
             if not hasattr(target, part):
                 raise ImportError(f"module {self.module!r} has no function {self.function!r}")
@@ -124,9 +129,6 @@ class Factory:
         if not callable(target):
             raise ImportError(f"{self.module}:{self.function} is not callable")
         return target
-
-    def __call__(self, search_dir: Path | None = None) -> Any:
-        return self.resolve(search_dir)(**dict(self.kwargs))
 
 
 @contextlib.contextmanager
@@ -165,12 +167,23 @@ class Config:
     target: str = "onnxruntime"
     recipes: tuple[Recipe, ...] = ()
     num_samples: int | None = None
-    # key (or "key.sub", "recipes[i]") -> line in the file, for errors raised after loading
+    # key (or "recipes[i]") -> its line in the file, for errors raised after loading
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def folder(self) -> Path:
+        """The config file's folder: relative paths and data modules are found there."""
         return self.path.parent
+
+    def __str__(self) -> str:
+        rows = [f"config {self.path} (task {self.task!r})"]
+        for key, value in self.to_dict().items():
+            if key in ("config", "task") or value in (None, "", []):
+                continue
+            if key == "recipes":
+                value = ", ".join(r.name for r in self.recipes)
+            rows.append(f"  {key}: {value}")
+        return "\n".join(rows)
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.path, self.lines.get(key), key, message)
@@ -456,7 +469,7 @@ class _Reader:
         if "recipes" in data:
             values["recipes"] = self.recipes(data, values["target"])
             lines.update({f"recipes[{i}]": n for i, n in self.sub_lines("recipes").items()})
-        return Config(**values, lines=lines)
+        return Config(**values, lines=MappingProxyType(lines))
 
     def factory(self, data: dict[str, Any], key: str) -> Factory:
         value = data[key]

@@ -1,0 +1,273 @@
+"""MNIST-1D: data generated locally, the 1-D CNN, training, the config factories, and
+`edgequant quantize` end to end on the example config."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from edgequant.cli import main
+from edgequant.examples import mnist1d
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "mnist1d_cnn.yaml"
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, torch.Tensor]:
+    return mnist1d.load_mnist1d()
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def test_splits_shapes_and_dtypes(data: dict[str, torch.Tensor]) -> None:
+    sizes = {"train": 3500, "val": 500, "test": 1000}
+    for split, n in sizes.items():
+        x, y = data[f"x_{split}"], data[f"y_{split}"]
+        assert x.shape == (n, 1, 40) and x.dtype == torch.float32
+        assert y.shape == (n,) and y.dtype == torch.int64
+        assert set(y.unique().tolist()) == set(range(10))
+    # make_dataset standardises the whole set: mean 0 and std 1 over train + test.
+    everything = torch.cat([data["x_train"], data["x_val"], data["x_test"]])
+    assert abs(float(everything.mean())) < 1e-4 and abs(float(everything.std()) - 1) < 1e-3
+
+
+def test_val_is_the_last_500_of_the_package_train_set(data: dict[str, torch.Tensor]) -> None:
+    import mnist1d.data
+
+    raw = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+    x = torch.from_numpy(raw["x"].astype(np.float32)).unsqueeze(1)
+    assert torch.equal(data["x_train"], x[:3500]) and torch.equal(data["x_val"], x[3500:])
+    assert torch.equal(data["y_val"], torch.from_numpy(raw["y"][3500:]))
+    assert torch.equal(
+        data["x_test"], torch.from_numpy(raw["x_test"].astype(np.float32)).unsqueeze(1)
+    )
+
+
+def test_deterministic_and_fresh_tensors(data: dict[str, torch.Tensor]) -> None:
+    again = mnist1d.load_mnist1d()
+    assert all(torch.equal(data[k], again[k]) for k in data)
+    again["x_train"].zero_()  # the caller owns what it gets; the next call is unaffected
+    assert torch.equal(mnist1d.load_mnist1d()["x_train"], data["x_train"])
+
+
+def test_generated_offline_without_touching_global_random_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("MNIST-1D tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.rand())
+    random.seed(123)
+    np.random.seed(123)
+    other = mnist1d.load_mnist1d(seed=7)  # not cached yet: generated here, under the patch
+    assert (random.random(), np.random.rand()) == expected
+    assert other["x_train"].shape == (3500, 1, 40)
+    assert not torch.equal(other["x_train"], mnist1d.load_mnist1d()["x_train"])
+
+
+def test_load_rejects_a_non_int_seed() -> None:
+    with pytest.raises(TypeError, match="seed"):
+        mnist1d.load_mnist1d(seed="0")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+def test_cnn1d_shape_size_and_seeded_init() -> None:
+    state = torch.random.get_rng_state()
+    model = mnist1d.cnn1d()
+    assert torch.equal(torch.random.get_rng_state(), state)  # global generator untouched
+    assert sum(p.numel() for p in model.parameters()) == 10_922
+    assert model(torch.randn(3, 1, 40)).shape == (3, 10)
+    same, other = mnist1d.cnn1d(seed=0), mnist1d.cnn1d(seed=1)
+    assert torch.equal(model.conv2.weight, same.conv2.weight)
+    assert not torch.equal(model.conv2.weight, other.conv2.weight)
+
+
+def test_two_epochs_beat_chance_deterministically(data: dict[str, torch.Tensor]) -> None:
+    model = mnist1d.cnn1d()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    untrained = mnist1d.accuracy(model, data["x_val"], data["y_val"])
+    trained = mnist1d.train(model, data, epochs=2, seed=0, threads=1)
+    again = mnist1d.train(model, data, epochs=2, seed=0, threads=1)
+    val = mnist1d.accuracy(trained, data["x_val"], data["y_val"])
+    assert untrained < 0.2 and val > 0.6, (untrained, val)
+    assert not trained.training
+    assert _same(trained, again)
+    # The argument is not trained in place.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_rejects_bad_arguments(data: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        mnist1d.train(mnist1d.cnn1d(), data, epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        mnist1d.train(mnist1d.cnn1d(), data, lr=-1.0)
+    with pytest.raises(ValueError, match="x_train"):
+        mnist1d.train(mnist1d.cnn1d(), {"x_val": data["x_val"]})
+
+
+def test_accuracy_of_a_module_and_of_a_numpy_callable(data: dict[str, torch.Tensor]) -> None:
+    x, y = data["x_test"][:100], data["y_test"][:100]
+    onehot = torch.nn.functional.one_hot(y, 10).float().numpy()
+    lookup = {x[i].numpy().tobytes(): onehot[i] for i in range(100)}
+
+    def oracle(batch: np.ndarray) -> np.ndarray:
+        return np.stack([lookup[row.tobytes()] for row in batch])
+
+    assert mnist1d.accuracy(oracle, x, y, batch_size=32) == 1.0
+    model = mnist1d.cnn1d().train()
+    assert 0.0 <= mnist1d.accuracy(model, x, y) <= 1.0 and model.training  # flags restored
+
+
+# ----------------------------------------------------------------------------------- factories
+
+
+def test_trained_cnn_is_cached_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("mnist1d_cnn_") and files[0].suffix == ".pt"
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again despite the cache")
+
+    monkeypatch.setattr(mnist1d, "train", no_training)
+    cached = mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
+    assert not cached.training
+    assert _same(first, cached)
+    monkeypatch.undo()
+    files[0].write_bytes(b"damaged")  # a damaged cache file is retrained and replaced
+    rebuilt = mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
+    assert _same(first, rebuilt)
+    assert [p.name for p in tmp_path.iterdir()] == [files[0].name]  # no temp files left
+
+
+def test_calib_and_eval_batches(data: dict[str, torch.Tensor]) -> None:
+    calib = mnist1d.calib_batches(n=300, batch_size=64, seed=0)
+    assert [b.shape[0] for b in calib] == [64, 64, 64, 64, 44]
+    rows = {r.numpy().tobytes() for r in torch.cat(calib)}
+    assert len(rows) == 300
+    assert rows <= {r.numpy().tobytes() for r in data["x_train"]}  # never val or test
+    assert torch.equal(torch.cat(mnist1d.calib_batches(n=100))[:64], calib[0])  # nested by seed
+    test = mnist1d.eval_batches()
+    assert sum(len(y) for _, y in test) == 1000
+    assert torch.equal(torch.cat([x for x, _ in mnist1d.eval_batches("val")]), data["x_val"])
+    with pytest.raises(ValueError, match="split"):
+        mnist1d.eval_batches("train")
+    with pytest.raises(ValueError, match="n must be"):
+        mnist1d.calib_batches(n=0)
+    train = mnist1d.train_batches(batch_size=500)
+    assert len(train) == 7 and sum(len(y) for _, y in train) == 3500
+
+
+# ------------------------------------------------------------------- `edgequant quantize`, e2e
+
+
+@pytest.fixture
+def quick_config(tmp_path: Path) -> Path:
+    """The example config with a CNN trained for 2 epochs into a temporary cache."""
+    config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    config["model"] = {
+        "function": "edgequant.examples.mnist1d:trained_cnn",
+        "kwargs": {"epochs": 2, "cache_dir": str(tmp_path / "cache")},
+    }
+    config["calib_data"]["kwargs"]["n"] = 256
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_quantize_cli_writes_a_verified_integer_model(
+    quick_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgequant.export.inspect import inspect_onnx
+
+    out = tmp_path / "cnn.int8.onnx"
+    argv = ["quantize", "--config", str(quick_config), "--recipe", "w8a8", "--method", "static"]
+    assert main([*argv, "--out", str(out), "--num-samples", "128"]) == 0
+    stdout = capsys.readouterr().out
+    assert "recipe 'w8a8'" in stdout and "conv3" in stdout  # the quantization summary
+    assert "calibrated on 128 samples" in stdout
+    assert "accuracy on eval_data: float" in stdout
+    assert f"wrote {out}" in stdout and "verified in ONNX Runtime" in stdout
+    report = inspect_onnx(out)
+    assert report.is_integer
+
+    quiet = tmp_path / "cnn.w4a8.onnx"
+    assert (
+        main(
+            [
+                "quantize",
+                "--config",
+                str(quick_config),
+                "--recipe",
+                "w4a8",
+                "--out",
+                str(quiet),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {quiet}")
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgequant: error: "), captured.err
+    return lines[0]
+
+
+def test_quantize_cli_user_errors_are_one_line_and_write_nothing(
+    quick_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "m.onnx"
+    base = ["quantize", "--config", str(quick_config), "--out", str(out)]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(quick_config.read_text().replace("metric: accuracy", "metirc: accuracy"))
+    line = _fails(["quantize", "--config", str(bad), "--out", str(out)], capsys)
+    assert "bad.yaml, line" in line and "'metirc'" in line and "did you mean 'metric'" in line
+    assert "no such file: " in _fails(
+        ["quantize", "--config", str(tmp_path / "none.yaml"), "--out", str(out)], capsys
+    )
+    assert "unknown preset 'w9z9'" in _fails([*base, "--recipe", "w9z9"], capsys)
+    assert "unknown --method 'fast'" in _fails([*base, "--method", "fast"], capsys)
+    assert "does not exist" in _fails([*base[:-1], str(tmp_path / "no" / "m.onnx")], capsys)
+    assert "must end in .onnx" in _fails([*base[:-1], str(tmp_path / "m.pt")], capsys)
+    # A ValueError from the library: static quantization of a weight-only recipe.
+    assert "use method='weight_only'" in _fails([*base, "--recipe", "w8-weight-only"], capsys)
+
+    import edgequant
+
+    def broken_export(*args: object, **kwargs: object) -> None:
+        raise edgequant.ExportError(
+            "the exported model does not compute what the simulation computes\nmore"
+        )
+
+    monkeypatch.setattr(edgequant, "export_onnx", broken_export)
+    assert "export failed: the exported model" in _fails([*base, "--quiet"], capsys)
+    assert not out.exists() and not any(tmp_path.glob("*.onnx*"))
