@@ -173,7 +173,28 @@ def _quantize_run(args: argparse.Namespace) -> int:
 # compare: to be added here (edgequant compare --config my.yaml --out runs/my-model).
 
 # ---------------------------------------------------------------------------------------------
-# demo: to be added here (edgequant demo: every method on built-in data, writes a report).
+# demo
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", default="runs/demo", help="folder for results.json, report.md, models/"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer epochs and samples (about 30 s)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the recommendation")
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from edgequant.report.demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick, quiet=args.quiet)
+    if args.quiet:
+        rec = report.recommendation
+        print(f"recommendation: {rec['choice']}: {rec['why']}")
+    return 0
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -194,7 +215,11 @@ COMMANDS: dict[str, Command] = {
         _quantize_run,
     ),
     # "compare": Command(..., _compare_arguments, _compare_run),
-    # "demo": Command(..., _demo_arguments, _demo_run),
+    "demo": Command(
+        "the main job on built-in MNIST-1D data: train, quantize every way, export, measure, recommend",
+        _demo_arguments,
+        _demo_run,
+    ),
 }
 
 
