@@ -218,14 +218,14 @@ def dynamic_qparams(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, 
 
 class _DynamicFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, qmin: int, qmax: int) -> Tensor:
         scale, zero_point = dynamic_qparams(x, qmin, qmax)
         # ONNX Runtime divides by the scale here (not multiply by its reciprocal).
         q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
         return (q - zero_point) * scale
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         # The range covers the whole tensor, so nothing is clipped: the STE passes everything.
         return grad, None, None
 

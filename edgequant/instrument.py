@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,15 @@ class Summary:
             "layers": [r.__dict__ for r in self.layers],
             "notes": list(self.notes),
         }
+
+
+def attach_info(model: nn.Module, summary: Summary, info: dict[str, Any]) -> None:
+    """Set `model.quant_summary` and `model.quant_info`. They are plain attributes, which
+    nn.Module.__setattr__ stores as any object does, but its annotation admits only tensors and
+    modules: hence setattr."""
+    attrs: dict[str, Any] = {"quant_summary": summary, "quant_info": info}
+    for name, value in attrs.items():
+        setattr(model, name, value)
 
 
 def call_model(model: nn.Module, batch: Any, index: int = 0) -> Any:
@@ -259,8 +268,8 @@ def instrument(
             weight_spec = _with_bits(weight_spec, recipe.first_last_bits)
             act_spec = _with_bits(act_spec, recipe.first_last_bits)
         if weight_spec is not None and weight_spec.granularity == "group":
-            size = module.weight.shape[weight_spec.axis]  # type: ignore[union-attr,index]
-            if size % weight_spec.group_size:  # type: ignore[operator]
+            size = module.weight.shape[weight_spec.axis]
+            if size % weight_spec.group_size:
                 raise ValueError(
                     f"layer {name!r}: weight dim {weight_spec.axis} has {size} elements, "
                     f"not divisible by group_size {weight_spec.group_size}"
@@ -309,6 +318,11 @@ class _QuantTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+
+
+def _all_but(q: torch.fx.Node) -> Callable[[torch.fx.Node], bool]:
+    """delete_user_cb for Node.replace_all_uses_with: every user except q (the new node)."""
+    return lambda u: u is not q
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -377,14 +391,14 @@ def _quantize_joins(
         if all(is_quantizer(u) for u in users) or any(u.op == "output" for u in users):
             continue
         first_input = next(a for a in node.args if isinstance(a, torch.fx.Node))
-        spec = modules[str(first_input.target)].spec  # type: ignore[union-attr]
+        spec = cast(TensorQuantizer, modules[str(first_input.target)]).spec
         name = f"join_{node.name}"
         quantizer = TensorQuantizer(spec, f"{node.name}.output", role="activation")
         holder.add_module(name, quantizer)
         modules[f"output_quantizers.{name}"] = quantizer
         with gm.graph.inserting_after(tail):
             qnode = gm.graph.call_module(f"output_quantizers.{name}", (tail,))
-        tail.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
+        tail.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
         count += 1
     return count
 
@@ -439,7 +453,7 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         source = node.args[0]
         if is_quantizer(source):
             # Another layer's quantizer already quantized this tensor: use its scale.
-            layer.input_quantizer = modules[str(source.target)]  # type: ignore[assignment]
+            layer.input_quantizer = modules[str(source.target)]
             layer.shared_input = True
             shared.append(str(node.target))
             continue
@@ -448,8 +462,8 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         path = f"{node.target}.input_quantizer"
         with gm.graph.inserting_after(source):
             qnode = gm.graph.call_module(path, (source,))
-        source.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
-        modules[path] = layer.input_quantizer  # type: ignore[assignment]
+        source.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
+        modules[path] = layer.input_quantizer
         layer.shared_input = True
         shared.append(str(node.target))
 
@@ -471,14 +485,15 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         if any(u.op == "output" for u in users):
             continue  # the model's own output (logits) stays float
         name = str(node.target).replace(".", "_")
+        assert layer.input_quantizer is not None  # quant_layer returns no other layers
         quantizer = TensorQuantizer(
             layer.input_quantizer.spec, f"{node.target}.output", role="activation"
-        )  # type: ignore[union-attr]
+        )
         holder.add_module(name, quantizer)
         modules[f"output_quantizers.{name}"] = quantizer
         with gm.graph.inserting_after(tail):
             qnode = gm.graph.call_module(f"output_quantizers.{name}", (tail,))
-        tail.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
+        tail.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
         added.append(str(node.target))
     joined = _quantize_joins(gm, modules, holder, is_quantizer)
     if not added and not shared and not joined:

@@ -6,7 +6,7 @@ keeps the float names (`weight`, `bias`) plus the quantizers' buffers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as torch_F
@@ -36,13 +36,21 @@ def fold_batchnorm(
     return w.detach().clone(), ((b - bn.running_mean) * factor + beta).detach().clone()
 
 
-class QuantMixin:
+if TYPE_CHECKING:
+    # QuantMixin is only ever mixed into nn.Module subclasses; to the type checker it is one.
+    _MixinBase = nn.Module
+else:
+    _MixinBase = object
+
+
+class QuantMixin(_MixinBase):
     """Shared by every quantized layer: the quantizers and the quantized (weight, bias)."""
 
     input_quantizer: TensorQuantizer | None
     weight_quantizer: TensorQuantizer | None
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
+    input_smooth_inv: Tensor | None
 
     def _init_quant(
         self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str
@@ -81,7 +89,7 @@ class QuantMixin:
         input, per-tensor or per-output-channel weights): see `integer_forward`."""
         iq, wq = self.input_quantizer, self.weight_quantizer
         return (
-            not self.training  # type: ignore[attr-defined]
+            not self.training
             and iq is not None
             and wq is not None
             and iq.mode == "quantize"
@@ -147,7 +155,7 @@ class QuantMixin:
         return x, w, b
 
 
-def _new_params(new: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+def _new_params(new: QuantMixin, weight: Tensor, bias: Tensor | None) -> None:
     new.weight = nn.Parameter(weight.detach().clone())
     new.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
@@ -169,6 +177,9 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
 
 class QuantLinear(QuantMixin, nn.Linear):
+    # torch's Linear declares its bias as a Parameter, but bias=False leaves it None.
+    bias: Tensor | None  # type: ignore[assignment]
+
     def forward(self, x: Tensor) -> Tensor:
         iq, wq = self.input_quantizer, self.weight_quantizer
         if iq is not None and iq.mode == "dynamic" and wq is not None and wq.mode == "quantize":
@@ -206,7 +217,7 @@ def from_float(
     qcls = QUANT_MODULES.get(type(module))
     if qcls is None:
         raise TypeError(f"layer {name!r}: no quantized version of {type(module).__name__}")
-    weight, bias = module.weight, module.bias  # type: ignore[union-attr]
+    weight, bias = cast(Tensor, module.weight), cast("Tensor | None", module.bias)
     if bn is not None:
         weight, bias = fold_batchnorm(weight, bias, bn)  # type: ignore[arg-type]
     kwargs: dict[str, Any]
@@ -223,7 +234,8 @@ def from_float(
             padding_mode=conv.padding_mode,
         )
         new = qcls(conv.in_channels, conv.out_channels, conv.kernel_size, **kwargs)
-    _new_params(new, weight, bias)
-    new._init_quant(weight_spec, act_spec, name)  # type: ignore[operator]
+    layer = cast(QuantMixin, new)
+    _new_params(layer, weight, bias)
+    layer._init_quant(weight_spec, act_spec, name)
     new.train(module.training)
     return new.to(device=weight.device)

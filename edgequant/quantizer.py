@@ -24,6 +24,10 @@ class TensorQuantizer(nn.Module):
     parameters from each tensor at run time; "disabled" passes x through.
     """
 
+    # Buffers, registered in __init__.
+    scale: Tensor
+    zero_point: Tensor
+
     def __init__(self, spec: QuantSpec, name: str = "", role: str = "activation") -> None:
         super().__init__()
         if role not in ("activation", "weight"):

@@ -16,10 +16,10 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as torch_F
@@ -114,6 +114,14 @@ def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int,
 
 class LoweredLayer(nn.Module):
     """A quantized Conv1d/Conv2d/Linear with integer weights (and INT32 bias) as stored buffers."""
+
+    # Buffers registered in __init__ (which ones depends on the layer), and a method set below.
+    input_smooth_inv: Tensor | None
+    weight: Tensor
+    bias: Tensor
+    acc_scale: Tensor
+    bias_int: Tensor | None
+    _integer_forward: ClassVar[Callable[[LoweredLayer, Tensor], Tensor]]
 
     def __init__(self, layer: QuantMixin) -> None:
         super().__init__()
@@ -278,7 +286,7 @@ def _integer_forward_impl(self: LoweredLayer, x: Tensor) -> Tensor:
     return y + self.bias_int if self.bias_int is not None else y
 
 
-LoweredLayer._integer_forward = _integer_forward_impl  # type: ignore[attr-defined]
+LoweredLayer._integer_forward = _integer_forward_impl
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -8,6 +8,8 @@ its onnxscript translation emits the standard ONNX ops that compute the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -138,7 +140,9 @@ def translation_table() -> dict[object, object]:
     """onnxscript translations of the ops above, for torch.onnx.export(custom_translation_table=)."""
     from onnxscript import opset21 as op
 
-    def _container(t: object, container_bits: int, signed: bool) -> object:
+    # Any: onnxscript's opsets constrain their inputs by type variables (T1_Cast, ...), which
+    # the untyped symbolic values passed through here cannot be checked against.
+    def _container(t: Any, container_bits: int, signed: bool) -> Any:
         # Integers below 8 bits travel as int8/uint8 buffers and are cast to INT4/UINT4 here;
         # the exporter folds these casts into packed INT4 initializers.
         if container_bits == 4:
@@ -156,7 +160,7 @@ def translation_table() -> dict[object, object]:
         axis: int,
         container_bits: int,
         clip: bool,
-    ):  # type: ignore[no-untyped-def]
+    ):
         zp = _container(zero_point, container_bits, qmin < 0)
         if clip:
             # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
@@ -174,7 +178,7 @@ def translation_table() -> dict[object, object]:
         zero_point,
         axis: int,
         block_size: int,
-        container_bits: int,  # type: ignore[no-untyped-def]
+        container_bits: int,
         zero_point_is_zero: bool,
     ):
         signed = True  # weights and biases are signed grids
@@ -202,7 +206,7 @@ def translation_table() -> dict[object, object]:
         clip_lo,
         clip_hi,
         qmin: int,
-        qmax: int,  # type: ignore[no-untyped-def]
+        qmax: int,
         container_bits: int,
         clip: bool,
     ):
@@ -213,7 +217,7 @@ def translation_table() -> dict[object, object]:
             x = op.Clip(x, clip_lo, clip_hi)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
 
-    def dynamic_linear_onnx(x, weight_t_q, weight_scale, bias, has_bias: bool):  # type: ignore[no-untyped-def]
+    def dynamic_linear_onnx(x, weight_t_q, weight_scale, bias, has_bias: bool):
         xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
         acc = op.MatMulInteger(xq, weight_t_q, x_zp)
         y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))

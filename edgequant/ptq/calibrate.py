@@ -13,7 +13,7 @@ from edgequant.instrument import batch_size, call_model, check_finite
 from edgequant.quantizer import calibration_mode, quantizers
 
 
-def peek(calib_data: Iterable[Any], what: str = "calib_data") -> tuple[Any, Iterator[Any]]:
+def peek(calib_data: Iterable[Any] | None, what: str = "calib_data") -> tuple[Any, Iterator[Any]]:
     """The first item and an iterator that still yields it."""
     if calib_data is None:
         raise ValueError(f"{what} is required for this method")

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import batch_size, instrument
+from edgequant.instrument import attach_info, batch_size, instrument
 from edgequant.ptq.calibrate import peek
 from edgequant.ptq.smooth import smooth_
 from edgequant.ptq.static import calibrate_weights
@@ -35,6 +35,7 @@ def quantize_dynamic(
         raise ValueError(
             "dynamic quantization supports per-tensor or per-channel weights, not per-group"
         )
+    batches: Iterable[Any]  # a list once SmoothQuant has to read it twice
     first, batches = peek(calib_data, "calib_data")
     # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
@@ -52,11 +53,14 @@ def quantize_dynamic(
     for q in quantizers(qmodel):
         if q.role == "activation":
             q.set_mode("dynamic")
-    qmodel.quant_summary = summary
-    qmodel.quant_info = {
-        "method": "dynamic",
-        "recipe": recipe.to_dict(),
-        "samples_used": samples_used,
-        "labels_used": False,
-    }
+    attach_info(
+        qmodel,
+        summary,
+        {
+            "method": "dynamic",
+            "recipe": recipe.to_dict(),
+            "samples_used": samples_used,
+            "labels_used": False,
+        },
+    )
     return qmodel

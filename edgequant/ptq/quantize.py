@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -51,5 +51,5 @@ def quantize(
     qmodel = METHODS[method](
         model, recipe, calib_data, num_samples or recipe.calib_samples, progress
     )
-    qmodel.quant_info["wall_s"] = time.perf_counter() - start  # type: ignore[index,operator]
+    cast("dict[str, Any]", qmodel.quant_info)["wall_s"] = time.perf_counter() - start
     return qmodel

@@ -11,7 +11,7 @@ preceding LayerNorm it costs nothing, which a later pass may do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ def input_channel_absmax(
     stats: dict[str, Tensor] = {}
     hooks = []
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def record(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
             x = inputs[0].detach()
             amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()

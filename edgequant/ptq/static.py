@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
-from edgequant.instrument import instrument, place_graph_quantizers
+from edgequant.instrument import attach_info, instrument, place_graph_quantizers
+from edgequant.modules import QuantMixin
 from edgequant.ptq.calibrate import peek, run_calibration
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
@@ -17,7 +18,7 @@ def calibrate_weights(qmodel: nn.Module) -> None:
     """Fix every weight quantizer from its (BN-folded) weight."""
     for q in quantizers(qmodel):
         if q.role == "weight":
-            layer = qmodel.get_submodule(q.name.rsplit(".", 1)[0])
+            layer = cast(QuantMixin, qmodel.get_submodule(q.name.rsplit(".", 1)[0]))
             q.calibrate_tensor(layer.weight)
             q.set_mode("quantize")
 
@@ -39,11 +40,14 @@ def quantize_static(
         qmodel = place_graph_quantizers(qmodel, summary)
     calibrate_weights(qmodel)
     used = run_calibration(qmodel, batches, num_samples, progress)
-    qmodel.quant_summary = summary
-    qmodel.quant_info = {
-        "method": "static",
-        "recipe": recipe.to_dict(),
-        "samples_used": used,
-        "labels_used": False,
-    }
+    attach_info(
+        qmodel,
+        summary,
+        {
+            "method": "static",
+            "recipe": recipe.to_dict(),
+            "samples_used": used,
+            "labels_used": False,
+        },
+    )
     return qmodel

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import instrument
+from edgequant.instrument import attach_info, instrument
 from edgequant.ptq.calibrate import peek
 from edgequant.ptq.static import calibrate_weights
 from edgequant.spec import Recipe
@@ -30,11 +30,14 @@ def quantize_weight_only(
     )
     qmodel, summary = instrument(model, recipe, first, method="weight_only")
     calibrate_weights(qmodel)
-    qmodel.quant_summary = summary
-    qmodel.quant_info = {
-        "method": "weight_only",
-        "recipe": recipe.to_dict(),
-        "samples_used": 0,
-        "labels_used": False,
-    }
+    attach_info(
+        qmodel,
+        summary,
+        {
+            "method": "weight_only",
+            "recipe": recipe.to_dict(),
+            "samples_used": 0,
+            "labels_used": False,
+        },
+    )
     return qmodel

@@ -16,12 +16,12 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from edgequant.instrument import call_model
+from edgequant.instrument import Summary, call_model
 from edgequant.spec import Recipe
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
@@ -74,7 +74,10 @@ def ort_predict(path: str | Path, threads: int = 2) -> Predict:
     def predict(batch: Any) -> torch.Tensor:
         args, kwargs = split_inputs(batch)
         positional = [a for a in args if isinstance(a, torch.Tensor)]
-        feed = {n: (kwargs[n] if n in kwargs else positional[i]).detach().cpu().numpy() for i, n in enumerate(names)}
+        feed = {
+            n: (kwargs[n] if n in kwargs else positional[i]).detach().cpu().numpy()
+            for i, n in enumerate(names)
+        }
         return torch.from_numpy(np.asarray(sess.run(None, feed)[0]))
 
     return predict
@@ -116,26 +119,47 @@ class Report:
 def _environment(threads: int) -> dict[str, Any]:
     import onnxruntime
 
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": threads}
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": threads,
+    }
 
 
-def recommend(baseline_metric: float, runs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+def recommend(
+    baseline_metric: float, runs: list[dict[str, Any]], tolerance: float
+) -> dict[str, Any]:
     """The cheapest run within `tolerance` of the baseline (deployed metric): no labels before
     labels, PTQ before QAT, then the smaller file."""
-    ok = [r for r in runs if r.get("status") == "ok" and r["metric_deployed"] >= baseline_metric - tolerance]
+    ok = [
+        r
+        for r in runs
+        if r.get("status") == "ok" and r["metric_deployed"] >= baseline_metric - tolerance
+    ]
     if not ok:
-        best = max((r for r in runs if r.get("status") == "ok"), key=lambda r: r["metric_deployed"], default=None)
-        why = (f"no method came within {tolerance:.3f} of the FP32 baseline ({baseline_metric:.4f})"
-               + (f"; the best was {best['name']} at {best['metric_deployed']:.4f}" if best else ""))
+        best = max(
+            (r for r in runs if r.get("status") == "ok"),
+            key=lambda r: r["metric_deployed"],
+            default=None,
+        )
+        why = (
+            f"no method came within {tolerance:.3f} of the FP32 baseline ({baseline_metric:.4f})"
+            + (f"; the best was {best['name']} at {best['metric_deployed']:.4f}" if best else "")
+        )
         return {"choice": None, "why": why}
     ok.sort(key=lambda r: (r["labels_used"], r["family"] != "ptq", r["size_bytes"]))
     pick = ok[0]
-    why = (f"{pick['name']} deploys at {pick['metric_deployed']:.4f} in ONNX Runtime, within {tolerance:.3f} of "
-           f"the FP32 baseline ({baseline_metric:.4f}); it needs no labels" if not pick["labels_used"] else
-           f"{pick['name']} deploys at {pick['metric_deployed']:.4f}, within {tolerance:.3f} of {baseline_metric:.4f}")
-    why += (f", and its file is {pick['size_bytes']} bytes ({pick['size_ratio']:.2f}x FP32), the smallest of the "
-            f"{len(ok)} methods within tolerance")
+    why = (
+        f"{pick['name']} deploys at {pick['metric_deployed']:.4f} in ONNX Runtime, within {tolerance:.3f} of "
+        f"the FP32 baseline ({baseline_metric:.4f}); it needs no labels"
+        if not pick["labels_used"]
+        else f"{pick['name']} deploys at {pick['metric_deployed']:.4f}, within {tolerance:.3f} of {baseline_metric:.4f}"
+    )
+    why += (
+        f", and its file is {pick['size_bytes']} bytes ({pick['size_ratio']:.2f}x FP32), the smallest of the "
+        f"{len(ok)} methods within tolerance"
+    )
     return {"choice": pick["name"], "why": why}
 
 
@@ -168,7 +192,9 @@ def compare(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(eval_fn):
-        raise TypeError("eval_fn must be a callable taking a predict function and returning the metric")
+        raise TypeError(
+            "eval_fn must be a callable taking a predict function and returning the metric"
+        )
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
     runs = list(runs) if runs is not None else default_runs()
@@ -180,7 +206,11 @@ def compare(
     if not calib:
         raise ValueError("calib_data is empty")
     verify = list(verify_data) if verify_data is not None else calib[:2]
-    models_dir = Path(out_dir) / "models" if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgequant-"))
+    models_dir = (
+        Path(out_dir) / "models"
+        if out_dir is not None
+        else Path(tempfile.mkdtemp(prefix="edgequant-"))
+    )
     models_dir.mkdir(parents=True, exist_ok=True)
 
     def latency(path: Path) -> dict[str, float]:
@@ -191,15 +221,31 @@ def compare(
     fp32_path = models_dir / "fp32.onnx"
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = example_inputs if isinstance(example_inputs, dict) else None
-    torch.onnx.export(model.eval(), () if kwargs else args, str(fp32_path), kwargs=kwargs, dynamo=True,
-                      opset_version=21, external_data=False, verbose=False,
-                      dynamic_shapes=({k: {0: torch.export.Dim.AUTO} for k in kwargs} if kwargs
-                                      else tuple({0: torch.export.Dim.AUTO} for _ in args)))
+    torch.onnx.export(
+        model.eval(),
+        () if kwargs else args,
+        str(fp32_path),
+        kwargs=kwargs,
+        dynamo=True,
+        opset_version=21,
+        external_data=False,
+        verbose=False,
+        dynamic_shapes=(
+            {k: {0: torch.export.Dim.AUTO} for k in kwargs}
+            if kwargs
+            else tuple({0: torch.export.Dim.AUTO} for _ in args)
+        ),
+    )
     baseline_metric = float(eval_fn(ort_predict(fp32_path, threads)))
     fp32_size = fp32_path.stat().st_size
-    baseline = {"metric": baseline_metric, "metric_torch": float(eval_fn(torch_predict(model))),
-                "size_bytes": fp32_size, "latency_ms": latency(fp32_path), "onnx": str(fp32_path),
-                "wall_s": time.perf_counter() - start}
+    baseline = {
+        "metric": baseline_metric,
+        "metric_torch": float(eval_fn(torch_predict(model))),
+        "size_bytes": fp32_size,
+        "latency_ms": latency(fp32_path),
+        "onnx": str(fp32_path),
+        "wall_s": time.perf_counter() - start,
+    }
     say(f"FP32 baseline: {metric} {baseline_metric:.4f}, {fp32_size} bytes")
 
     results: list[dict[str, Any]] = []
@@ -207,15 +253,24 @@ def compare(
     for run in runs:
         say(f"{run.name}: quantizing ({run.method}, {run.recipe.name})")
         start = time.perf_counter()
-        row: dict[str, Any] = {"name": run.name, "family": run.family, "method": run.method,
-                               "recipe": run.recipe.name,
-                               "weight_bits": run.recipe.weight.bits if run.recipe.weight else None,
-                               "act_bits": (8 if run.method == "dynamic" else
-                                            run.recipe.activation.bits if run.recipe.activation else None),
-                               "labels_used": run.labels_used}
+        row: dict[str, Any] = {
+            "name": run.name,
+            "family": run.family,
+            "method": run.method,
+            "recipe": run.recipe.name,
+            "weight_bits": run.recipe.weight.bits if run.recipe.weight else None,
+            "act_bits": (
+                8
+                if run.method == "dynamic"
+                else run.recipe.activation.bits
+                if run.recipe.activation
+                else None
+            ),
+            "labels_used": run.labels_used,
+        }
         try:
             qmodel = quantize(model, run.recipe, calib, method=run.method)
-            summaries[run.name] = qmodel.quant_summary.format()
+            summaries[run.name] = cast(Summary, qmodel.quant_summary).format()
             path = models_dir / f"{run.name}.onnx"
             info = export_onnx(qmodel, path, example_inputs, verify_data=verify)
             row["metric_simulated"] = float(eval_fn(torch_predict(qmodel)))
@@ -224,11 +279,13 @@ def compare(
             row["sqnr_db_vs_simulation"] = info.verification.sqnr_db
             row["size_bytes"] = info.size_bytes
             row["size_ratio"] = info.size_bytes / fp32_size
-            row["samples_used"] = qmodel.quant_info["samples_used"]
+            row["samples_used"] = cast("dict[str, Any]", qmodel.quant_info)["samples_used"]
             row["latency_ms"] = latency(path)
             row["onnx"] = str(path)
             row["status"] = "ok"
-            say(f"{run.name}: deployed {metric} {row['metric_deployed']:.4f}, {info.size_bytes} bytes")
+            say(
+                f"{run.name}: deployed {metric} {row['metric_deployed']:.4f}, {info.size_bytes} bytes"
+            )
         except Exception as err:  # isolate: one failing method must not take down the others
             row["status"] = "failed"
             row["error"] = f"{type(err).__name__}: {err}"
@@ -238,9 +295,15 @@ def compare(
         results.append(row)
 
     report = Report(
-        results={"task": task, "metric": metric, "tolerance": tolerance, "baseline": baseline, "runs": results,
-                 "recommendation": recommend(baseline_metric, results, tolerance),
-                 "environment": _environment(threads)},
+        results={
+            "task": task,
+            "metric": metric,
+            "tolerance": tolerance,
+            "baseline": baseline,
+            "runs": results,
+            "recommendation": recommend(baseline_metric, results, tolerance),
+            "environment": _environment(threads),
+        },
         summaries=summaries,
     )
     if out_dir is not None:
