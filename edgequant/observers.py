@@ -53,8 +53,8 @@ class Observer(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"{name}: the observed tensor is empty (shape {tuple(x.shape)})")
         x = x.detach().float()
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        # One reduction instead of a boolean tensor: amax propagates NaN and keeps Inf.
+        if not bool(torch.isfinite(x.abs().amax())):
             n_nan = int(torch.isnan(x).sum())
             n_inf = int(torch.isinf(x).sum())
             raise ValueError(

@@ -61,12 +61,15 @@ class TensorQuantizer(nn.Module):
         if self.mode == "disabled":
             return x
         if self.mode == "observe":
-            if not torch.isfinite(x).all():
+            try:
+                self.observer(x)
+            except ValueError as err:
+                if "NaN" not in str(err):
+                    raise
                 raise ValueError(
                     f"layer {self.name!r}: calibration produced NaN or Inf in this tensor "
-                    "(check the calibration data and the layers before it)"
-                )
-            self.observer(x)
+                    f"(check the calibration data and the layers before it): {err}"
+                ) from err
             return x
         if self.mode == "dynamic":
             return F.dynamic_fake_quantize(x, self.spec.qmin, self.spec.qmax)
