@@ -170,7 +170,122 @@ def _quantize_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# compare: to be added here (edgequant compare --config my.yaml --out runs/my-model).
+# compare
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    # --quick: calibrate on at most this many samples, time this many runs per batch size (20
+    # without it); set here so that the help and the run read the same numbers.
+    parser.set_defaults(quick_calib_samples=128, quick_latency_runs=5)
+    quick = parser.get_default("quick_calib_samples"), parser.get_default("quick_latency_runs")
+    parser.add_argument(
+        "--config", required=True, metavar="FILE.yaml", help="the model, data, metric, recipes"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for results.json, report.md, report.html, plots/ and models/",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"calibrate on at most {quick[0]} samples and time {quick[1]} runs per batch size "
+        "instead of 20 (the metric still uses all of eval_data)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress; print only the recommendation"
+    )
+
+
+def _compare_run(args: argparse.Namespace) -> int:
+    """Each recipe of the config is one PTQ run: a weight-only recipe (no activation spec) runs
+    method weight_only, any other static (calibrated activations). A config without recipes
+    runs compare's default set. The metric is the config's, on its eval_data."""
+    import time
+    from pathlib import Path
+    from typing import Any
+
+    import torch
+
+    from edgequant.config import load_config
+    from edgequant.report.compare import Predict, Run, compare, default_runs
+    from edgequant.report.render import table
+    from edgequant.spec import Recipe
+
+    # Everything that can be checked before the slow part is checked first.
+    config = load_config(args.config)
+    if config.eval_data is None:
+        raise config.error(
+            "eval_data", "compare measures the metric on it; add it ((inputs, labels) batches)"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {args.out!r} exists and is not a folder")
+
+    def for_run(recipe: Recipe) -> Recipe:
+        samples = config.num_samples or recipe.calib_samples
+        if args.quick:
+            samples = min(samples, args.quick_calib_samples)
+        return recipe.replace(calib_samples=samples)
+
+    if config.recipes:
+        runs = [
+            Run(f"ptq-weight-only-{r.name.removesuffix('-weight-only')}", "weight_only", for_run(r))
+            if r.weight_only
+            else Run(f"ptq-static-{r.name}", "static", for_run(r))
+            for r in config.recipes
+        ]
+    else:
+        runs = [
+            Run(run.name, run.method, for_run(run.recipe.for_target(config.target)), run.family)
+            for run in default_runs()
+        ]
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    say(f"{config.task}: building the model and loading the data")
+    model = config.build_model()
+    calib = list(config.calib_batches())
+    pairs: list[Any] = list(config.eval_batches())
+    for item in pairs:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise config.error(
+                "eval_data",
+                f"{config.eval_data} must yield (inputs, labels) pairs, got {type(item).__name__}",
+            )
+    metric_fn = config.metric_fn()
+
+    def eval_fn(predict: Predict) -> float:
+        outputs = torch.cat([torch.as_tensor(predict(inputs)) for inputs, _ in pairs])
+        labels = torch.cat([torch.as_tensor(labels) for _, labels in pairs])
+        return float(metric_fn(outputs, labels))
+
+    report = compare(
+        model,
+        calib,
+        eval_fn,
+        config.example_inputs(),
+        runs=runs,
+        tolerance=config.tolerance,
+        task=config.task,
+        metric=config.metric if isinstance(config.metric, str) else config.metric.function,
+        out_dir=out,
+        verify_data=[inputs for inputs, _ in pairs],
+        latency_runs=args.quick_latency_runs if args.quick else 20,
+        progress=say,
+    )
+    rec = report.recommendation
+    if args.quiet:
+        print(f"recommendation: {rec['choice']}: {rec['why']}")
+        return 0
+    print(table(report.results))
+    print(f"\nRecommendation: {rec['choice'] or 'none of the methods tried'}. {rec['why']}.")
+    print(f"Report: {out / 'report.html'} (and report.md, results.json, plots/, models/)")
+    return 0
+
 
 # ---------------------------------------------------------------------------------------------
 # demo
@@ -214,7 +329,12 @@ COMMANDS: dict[str, Command] = {
         _quantize_arguments,
         _quantize_run,
     ),
-    # "compare": Command(..., _compare_arguments, _compare_run),
+    "compare": Command(
+        "quantize a model from a YAML config every way its recipes say, export and measure each "
+        "in ONNX Runtime, recommend; writes report.html, report.md, results.json, plots",
+        _compare_arguments,
+        _compare_run,
+    ),
     "demo": Command(
         "the main job on built-in MNIST-1D data: train, quantize every way, export, measure, recommend",
         _demo_arguments,

@@ -105,14 +105,41 @@ class Report:
 
         return markdown(self.results, self.summaries)
 
+    def plots(self, out_dir: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
+        """Draw each plot of report.plots.PLOTS as out_dir/<name>.png: (name -> path, name ->
+        error). Plots are isolated like runs: one that fails is reported, the others are drawn."""
+        from edgequant.report.plots import PLOTS
+
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        errors: dict[str, str] = {}
+        for name, plot in PLOTS.items():
+            try:
+                paths[name] = plot(self.results, folder)
+            except Exception as err:
+                errors[name] = f"{type(err).__name__}: {err}"
+                # A picture left by an earlier save would show other numbers than this report.
+                (folder / f"{name}.png").unlink(missing_ok=True)
+        return paths, errors
+
     def save(self, out_dir: str | Path) -> Path:
-        """results.json and report.md in out_dir (written atomically); returns the folder."""
+        """results.json, report.md, plots/*.png and report.html in out_dir, each written
+        atomically; returns the folder. The measurements are written first, so a plot that
+        fails (named in report.html and warned about) cannot lose them."""
+        import warnings
+
         from edgequant._io import atomic_write_text
+        from edgequant.report.render import html
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "results.json", json.dumps(self.results, indent=1))
         atomic_write_text(out / "report.md", self.to_markdown())
+        paths, errors = self.plots(out / "plots")
+        for name, error in errors.items():
+            warnings.warn(f"edgequant report: plot {name!r} not drawn: {error}", stacklevel=2)
+        atomic_write_text(out / "report.html", html(self.results, self.summaries, paths, errors))
         return out
 
 

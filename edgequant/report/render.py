@@ -1,56 +1,273 @@
-"""The comparison as text: a markdown report a person reads (report.md)."""
+"""The comparison as text: a markdown report a person reads (report.md) and a self-contained HTML
+page (report.html: plots embedded, inline CSS, nothing fetched from anywhere)."""
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Mapping
+from html import escape
+from pathlib import Path
 from typing import Any
+
+# The runs table's columns, in the markdown and the HTML report alike.
+COLUMNS = (
+    "run",
+    "family",
+    "bits W/A",
+    "deployed",
+    "simulated",
+    "top-1 agree",
+    "size (bytes)",
+    "x FP32",
+    "latency bs1 / bs64 (ms)",
+    "wall (s)",
+)
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(results: dict[str, Any]) -> str:
-    """One row per run: deployed and simulated metric, agreement, size, latency, time."""
+def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str]]]:
+    """(run, its cells) for the FP32 baseline (run None) and each run. A failed run has only its
+    first three cells (name, family, bits): the rest of its row is its error."""
     base = results["baseline"]
-    header = ("| run | family | bits W/A | deployed | simulated | top-1 agree | size (bytes) | x FP32 "
-              "| latency bs1 / bs64 (ms) | wall (s) |")
-    rows = [header, "|" + "---|" * 10]
     lat = base.get("latency_ms", {})
-    rows.append(f"| fp32 | - | 32/32 | {_fmt(base['metric'])} | {_fmt(base.get('metric_torch'))} | - | "
-                f"{base['size_bytes']} | 1.00 | {_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')} "
-                f"| {_fmt(base.get('wall_s'), '.1f')} |")
+    rows: list[tuple[dict[str, Any] | None, list[str]]] = [
+        (
+            None,
+            [
+                "fp32",
+                "-",
+                "32/32",
+                _fmt(base["metric"]),
+                _fmt(base.get("metric_torch")),
+                "-",
+                str(base["size_bytes"]),
+                "1.00",
+                f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}",
+                _fmt(base.get("wall_s"), ".1f"),
+            ],
+        )
+    ]
     for r in results["runs"]:
         bits = f"{r.get('weight_bits') or '-'}/{r.get('act_bits') or '-'}"
         if r.get("status") != "ok":
-            rows.append(f"| {r['name']} | {r['family']} | {bits} | FAILED: {r.get('error', '')[:80]} "
-                        "| | | | | | |")
+            rows.append((r, [r["name"], r["family"], bits]))
             continue
         lat = r.get("latency_ms", {})
-        rows.append(f"| {r['name']} | {r['family']} | {bits} | {_fmt(r['metric_deployed'])} | "
-                    f"{_fmt(r.get('metric_simulated'))} | {_fmt(r.get('top1_agreement'))} | {r['size_bytes']} | "
-                    f"{r['size_ratio']:.2f} | {_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')} | "
-                    f"{r['wall_s']:.1f} |")
-    return "\n".join(rows)
+        cells = [
+            r["name"],
+            r["family"],
+            bits,
+            _fmt(r["metric_deployed"]),
+            _fmt(r.get("metric_simulated")),
+            _fmt(r.get("top1_agreement")),
+            str(r["size_bytes"]),
+            f"{r['size_ratio']:.2f}",
+            f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}",
+            f"{r['wall_s']:.1f}",
+        ]
+        rows.append((r, cells))
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    """One row per run: deployed and simulated metric, agreement, size, latency, time."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for run, cells in _rows(results):
+        line = "| " + " | ".join(cells) + " |"
+        if run is not None and run.get("status") != "ok":
+            line += f" FAILED: {run.get('error', '')[:80]} |" + " |" * (
+                len(COLUMNS) - len(cells) - 1
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _recommendation_line(results: dict[str, Any]) -> str:
+    rec = results["recommendation"]
+    return f"{rec['choice'] or 'none of the methods tried'}. {rec['why']}."
+
+
+def _metric_note(results: dict[str, Any]) -> str:
+    env = results.get("environment", {})
+    return (
+        f'Metric: {results["metric"]}, tolerance {results["tolerance"]}. "deployed" is the exported '
+        'ONNX model run in ONNX Runtime; "simulated" is the fake-quantized PyTorch model. Latency: '
+        f"ONNX Runtime, {env.get('threads', '?')} threads, median."
+    )
+
+
+def _environment_line(results: dict[str, Any]) -> str:
+    env = results.get("environment", {})
+    return (
+        f"Environment: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, "
+        f"{env.get('cpu')}."
+    )
 
 
 def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -> str:
-    rec = results["recommendation"]
-    env = results.get("environment", {})
     lines = [
         f"# edgequant report: {results['task']}",
         "",
-        f"**Recommendation:** {rec['choice'] or 'none of the methods tried'}. {rec['why']}.",
+        f"**Recommendation:** {_recommendation_line(results)}",
         "",
-        f"Metric: {results['metric']}, tolerance {results['tolerance']}. \"deployed\" is the exported ONNX model "
-        "run in ONNX Runtime; \"simulated\" is the fake-quantized PyTorch model. Latency: ONNX Runtime, "
-        f"{env.get('threads', '?')} threads, median.",
+        _metric_note(results),
         "",
         table(results),
         "",
-        f"Environment: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, {env.get('cpu')}.",
+        _environment_line(results),
     ]
     if summaries:
         lines += ["", "## What each method quantized", ""]
         for name, text in summaries.items():
             lines += [f"### {name}", "", "```", text, "```", ""]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ html
+
+# Inline, so that the page is one file that opens anywhere, offline, and can be mailed around.
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
+       max-width: 1150px; padding: 0 1em; color: #1b1b1b; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.3em; }
+h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.recommendation { background: #eef7ee; border-left: 5px solid #2e7d32; padding: 0.8em 1em; }
+.recommendation.none { background: #fff4e5; border-left-color: #ed6c02; }
+.recommendation .choice { font-size: 1.25em; font-weight: 600; }
+.note { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; width: 100%; font-size: 0.88em; margin: 0.8em 0; }
+th, td { border: 1px solid #d0d0d0; padding: 0.35em 0.55em; text-align: right; }
+th { background: #f0f0f0; }
+td:nth-child(-n+3), th:nth-child(-n+3) { text-align: left; white-space: nowrap; }
+tr.baseline td { background: #f7f7f7; }
+tr.chosen td { background: #e3f4e4; font-weight: 600; }
+tr.failed td { background: #fdecea; color: #b00020; }
+tr.failed td.error { text-align: left; font-family: ui-monospace, monospace; font-size: 0.95em; }
+figure { margin: 1.2em 0; }
+figure img { max-width: 100%; border: 1px solid #e0e0e0; }
+figcaption { font-weight: 600; margin-bottom: 0.3em; }
+.plot-error { color: #b00020; }
+details { margin: 0.4em 0; border: 1px solid #e0e0e0; border-radius: 4px; padding: 0.3em 0.7em; }
+details summary { cursor: pointer; font-weight: 600; }
+details.failed summary { color: #b00020; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+footer { margin-top: 2em; color: #666; font-size: 0.85em; }
+"""
+
+
+def _html_table(results: dict[str, Any]) -> str:
+    choice = results["recommendation"].get("choice")
+    head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
+    body = []
+    for run, cells in _rows(results):
+        tds = "".join(f"<td>{escape(c)}</td>" for c in cells)
+        if run is None:
+            css = "baseline"
+        elif run.get("status") != "ok":
+            css = "failed"
+            tds += (
+                f'<td class="error" colspan="{len(COLUMNS) - len(cells)}">'
+                f"FAILED: {escape(str(run.get('error', '')))}</td>"
+            )
+        else:
+            css = "chosen" if run["name"] == choice else "ok"
+        body.append(f'<tr class="{css}">{tds}</tr>')
+    return (
+        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
+        + "\n".join(body)
+        + "\n</tbody>\n</table>"
+    )
+
+
+def _data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _html_plots(plots: Mapping[str, str | Path], errors: Mapping[str, str]) -> list[str]:
+    from edgequant.report.plots import TITLES
+
+    parts = []
+    for name, path in plots.items():
+        title = escape(TITLES.get(name, name))
+        parts.append(
+            f'<figure id="plot-{escape(name)}"><figcaption>{title}</figcaption>'
+            f'<img src="{_data_uri(path)}" alt="{title}"></figure>'
+        )
+    for name, error in errors.items():
+        parts.append(
+            f'<p class="plot-error">{escape(TITLES.get(name, name))}: not drawn ({escape(error)})</p>'
+        )
+    return parts
+
+
+def _html_details(results: dict[str, Any], summaries: Mapping[str, str]) -> list[str]:
+    parts = []
+    for run in results["runs"]:
+        name = run["name"]
+        facts = [
+            f"{key.replace('_', ' ')}: {run[key]}"
+            for key in ("method", "recipe", "samples_used", "labels_used", "onnx")
+            if run.get(key) is not None
+        ]
+        if run.get("status") != "ok":
+            body = f"<pre>{escape(str(run.get('traceback') or run.get('error', '')))}</pre>"
+            parts.append(
+                f'<details class="failed"><summary>{escape(name)}: FAILED</summary>'
+                f'<p class="note">{escape("; ".join(facts))}</p>{body}</details>'
+            )
+            continue
+        text = summaries.get(name)
+        body = f"<pre>{escape(text)}</pre>" if text else "<p>(no summary recorded)</p>"
+        parts.append(
+            f"<details><summary>{escape(name)}</summary>"
+            f'<p class="note">{escape("; ".join(facts))}</p>{body}</details>'
+        )
+    return parts
+
+
+def html(
+    results: dict[str, Any],
+    summaries: Mapping[str, str] | None = None,
+    plots: Mapping[str, str | Path] | None = None,
+    plot_errors: Mapping[str, str] | None = None,
+) -> str:
+    """report.html: the recommendation and why, the runs table (failed runs in red with their
+    error), the plots (PNG files, embedded as data URIs) and each run's quantization summary.
+
+    plots: name -> PNG path (plots.PLOTS' names get their titles); plot_errors: name -> why a
+    plot could not be drawn, shown in its place. Every piece of text is HTML-escaped.
+    """
+    rec = results["recommendation"]
+    choice = rec.get("choice")
+    rec_css = "recommendation" if choice else "recommendation none"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>edgequant report: {escape(str(results['task']))}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>edgequant report: {escape(str(results['task']))}</h1>",
+        f'<div class="{rec_css}"><div class="choice">Recommendation: '
+        f"{escape(choice or 'none of the methods tried')}</div>"
+        f'<div class="why">{escape(str(rec["why"]))}.</div></div>',
+        f'<p class="note">{escape(_metric_note(results))}</p>',
+        "<h2>Runs</h2>",
+        _html_table(results),
+    ]
+    if plots or plot_errors:
+        parts += ["<h2>Plots</h2>", *_html_plots(plots or {}, plot_errors or {})]
+    parts += [
+        "<h2>What each method quantized</h2>",
+        *_html_details(results, summaries or {}),
+        f"<footer>{escape(_environment_line(results))}</footer>",
+        "</body>",
+        "</html>",
+    ]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,216 @@
+"""report.plots: each plot is a real PNG written atomically; failed runs are named, not drawn;
+the Pareto front; importing the module does not import matplotlib."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgequant.report import plots
+from edgequant.report.plots import PLOTS, pareto_front
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(
+    name: str,
+    family: str,
+    method: str,
+    w: int,
+    a: int | None,
+    metric: float,
+    size: int,
+    bs1: float,
+    bs64: float,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "family": family,
+        "method": method,
+        "weight_bits": w,
+        "act_bits": a,
+        "metric_simulated": metric,
+        "metric_deployed": metric,
+        "top1_agreement": 0.99,
+        "size_bytes": size,
+        "size_ratio": size / 120_000,
+        "latency_ms": {"bs1": bs1, "bs64": bs64},
+        "wall_s": 1.0,
+        "labels_used": family == "qat",
+        "samples_used": 512,
+        "status": "ok",
+    }
+
+
+def results() -> dict[str, Any]:
+    """A results file (DESIGN §1) with four PTQ runs, one QAT run and one failed run."""
+    return {
+        "task": "toy",
+        "metric": "accuracy",
+        "tolerance": 0.01,
+        "baseline": {
+            "metric": 0.95,
+            "size_bytes": 120_000,
+            "latency_ms": {"bs1": 0.12, "bs64": 2.3},
+        },
+        "runs": [
+            _run("ptq-dynamic-w8a8", "ptq", "dynamic", 8, 8, 0.949, 34_000, 0.10, 2.0),
+            _run("ptq-static-w8a8", "ptq", "static", 8, 8, 0.947, 33_000, 0.05, 0.9),
+            _run("ptq-static-w4a8", "ptq", "static", 4, 8, 0.930, 19_000, 0.07, 1.1),
+            _run("ptq-weight-only-w4", "ptq", "weight_only", 4, None, 0.940, 18_000, 0.11, 2.2),
+            _run("qat-w4a4", "qat", "static", 4, 4, 0.945, 17_500, 0.06, 1.0),
+            {
+                "name": "qat-w8a8",
+                "family": "qat",
+                "method": "static",
+                "weight_bits": 8,
+                "act_bits": 8,
+                "status": "failed",
+                "error": "RuntimeError: diverged",
+                "wall_s": 0.2,
+            },
+        ],
+        "recommendation": {"choice": "ptq-static-w8a8", "why": "within tolerance"},
+        "environment": {"torch": "2.13.0", "onnxruntime": "1.22", "cpu": "x86_64", "threads": 2},
+    }
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which the PNG standard puts first."""
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_each_plot_writes_a_png_named_after_it(tmp_path: Path, name: str) -> None:
+    stale = tmp_path / f"{name}.png"
+    stale.write_bytes(b"an older picture")
+    path = PLOTS[name](results(), tmp_path)
+    assert path == stale
+    data = path.read_bytes()
+    width, height = _png_size(data)
+    assert width >= 600 and height >= 250
+    assert len(data) > 10_000  # axes, text and points, not an empty canvas
+    # Atomic: the temp file was renamed into place, none is left beside it.
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.png"]
+
+
+def _captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The figures the plot functions save, for looking at what they drew."""
+    figures: list[Any] = []
+    save = plots._save
+
+    def keep(fig: Any, path: Path) -> Path:
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def _texts(fig: Any) -> list[str]:
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    for legend in [ax.get_legend() for ax in fig.axes] + list(fig.legends):
+        if legend is not None:
+            texts += [t.get_text() for t in legend.get_texts()]
+    return texts
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_failed_runs_are_named_in_the_legend_not_drawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    figures = _captured(monkeypatch)
+    PLOTS[name](results(), tmp_path)
+    texts = _texts(figures[0])
+    assert "qat-w8a8: failed" in texts
+    assert not any("qat-w8a8" in t and "failed" not in t for t in texts)
+
+
+def test_size_vs_metric_labels_every_point_and_rings_the_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _captured(monkeypatch)
+    plots.size_vs_metric(results(), tmp_path)
+    (ax,) = figures[0].axes
+    labels = [t.get_text() for t in ax.texts]
+    assert sorted(labels) == sorted(
+        [
+            "fp32",
+            "ptq-dynamic-w8a8",
+            "ptq-static-w8a8",
+            "ptq-static-w4a8",
+            "ptq-weight-only-w4",
+            "qat-w4a4",
+        ]
+    )
+    # The staircase joins the front: qat-w4a4 (17.5 kB, 0.945), ptq-static-w8a8 (33 kB, 0.947),
+    # ptq-dynamic-w8a8 (34 kB, 0.949), fp32 (120 kB, 0.95); W4A8 and weight-only W4 are beaten.
+    front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front")
+    assert list(front.get_xdata()) == [17.5, 33.0, 34.0, 120.0]
+    assert list(front.get_ydata()) == [0.945, 0.947, 0.949, 0.95]
+    # No two labels cover each other.
+    renderer = figures[0].canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_metric_vs_bits_has_one_line_per_family_method_and_activation_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _captured(monkeypatch)
+    plots.metric_vs_bits(results(), tmp_path)
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label()[0] != "_"}
+    assert {"ptq static A8", "ptq dynamic A8", "ptq weight-only", "qat static A4"} <= set(lines)
+    assert list(lines["ptq static A8"].get_ydata()) == [0.930, 0.947]  # W4A8 then W8A8
+    assert list(ax.get_xticks()) == [4, 8]
+
+
+def test_latency_has_a_panel_per_batch_size_with_fp32_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _captured(monkeypatch)
+    plots.latency(results(), tmp_path)
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["batch 1", "batch 64"]
+    names = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert names[0] == "fp32" and len(names) == 6  # fp32 and the five runs that finished
+    widths = [bar.get_width() for bar in axes[1].patches]
+    assert widths == [2.3, 2.0, 0.9, 1.1, 2.2, 1.0]
+
+
+def test_pareto_front() -> None:
+    points = [(10, 0.90), (20, 0.95), (15, 0.85), (30, 0.95), (5, 0.50), (10, 0.80)]
+    # (30, 0.95) is no better than (20, 0.95); (15, 0.85) and (10, 0.80) lose to (10, 0.90).
+    assert pareto_front(points) == [4, 0, 1]
+    assert pareto_front([]) == []
+
+
+def test_text_that_matplotlib_would_read_as_math_is_drawn_as_is(tmp_path: Path) -> None:
+    odd = results()
+    odd["task"] = "cost $1"  # a lone "$" would start mathtext and fail the figure
+    odd["runs"][0]["name"] = "run_$a$_b$"
+    for plot in PLOTS.values():
+        assert plot(odd, tmp_path).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_plots_draw_when_every_run_failed(tmp_path: Path) -> None:
+    bad = results()
+    bad["runs"] = [r for r in bad["runs"] if r["status"] != "ok"]
+    for plot in PLOTS.values():
+        assert plot(bad, tmp_path).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_importing_the_plots_module_does_not_import_matplotlib() -> None:
+    code = (
+        "import sys, edgequant, edgequant.report.plots, edgequant.report.render; "
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
