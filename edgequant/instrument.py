@@ -264,6 +264,8 @@ def instrument(
         if reason is not None:
             summary.layers.append(LayerRecord(name, mtype, False, reason=reason))
             continue
+        if isinstance(module, nn.Embedding):
+            act_spec = None  # its inputs are indices
         if name in first_last and recipe.first_last_bits is not None:
             weight_spec = _with_bits(weight_spec, recipe.first_last_bits)
             act_spec = _with_bits(act_spec, recipe.first_last_bits)

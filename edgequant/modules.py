@@ -198,11 +198,31 @@ class QuantLinear(QuantMixin, nn.Linear):
         return torch_F.linear(x, w, b)
 
 
+class QuantEmbedding(QuantMixin, nn.Embedding):
+    """An embedding table with integer weights (one scale per row by default); its inputs are
+    indices, so it has no input quantizer."""
+
+    bias = None  # type: ignore[assignment]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+        return torch_F.embedding(
+            x,
+            w,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+
 # float type -> quantized type; one line to add a layer type (STYLE §11).
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
+    nn.Embedding: QuantEmbedding,
 }
 
 
@@ -217,11 +237,22 @@ def from_float(
     qcls = QUANT_MODULES.get(type(module))
     if qcls is None:
         raise TypeError(f"layer {name!r}: no quantized version of {type(module).__name__}")
-    weight, bias = cast(Tensor, module.weight), cast("Tensor | None", module.bias)
+    weight, bias = cast(Tensor, module.weight), cast("Tensor | None", getattr(module, "bias", None))
     if bn is not None:
         weight, bias = fold_batchnorm(weight, bias, bn)  # type: ignore[arg-type]
     kwargs: dict[str, Any]
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Embedding):
+        new = qcls(
+            module.num_embeddings,
+            module.embedding_dim,
+            padding_idx=module.padding_idx,
+            max_norm=module.max_norm,
+            norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+        )
+        act_spec = None  # indices are not quantized
+    elif isinstance(module, nn.Linear):
         new = qcls(module.in_features, module.out_features, bias=bias is not None)
     else:
         conv: Any = module

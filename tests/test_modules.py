@@ -13,6 +13,7 @@ from edgequant.modules import (
     QUANT_MODULES,
     QuantConv1d,
     QuantConv2d,
+    QuantEmbedding,
     QuantLinear,
     fold_batchnorm,
     from_float,
@@ -173,7 +174,12 @@ def test_quantized_layer_matches_pytorch_reference(case: str, bits: int) -> None
 
 
 def test_registry_maps_float_types() -> None:
-    assert {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear} == QUANT_MODULES
+    assert {
+        nn.Conv1d: QuantConv1d,
+        nn.Conv2d: QuantConv2d,
+        nn.Linear: QuantLinear,
+        nn.Embedding: QuantEmbedding,
+    } == QUANT_MODULES
     q = from_float(nn.Conv2d(2, 2, 1), weight_spec(8), None, "c")
     assert isinstance(q, nn.Conv2d)  # still a Conv2d to the user's code
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from edgequant import functional as F
 from edgequant.export import ops
 from edgequant.instrument import quant_layers
-from edgequant.modules import BIAS_QMAX, BIAS_QMIN, QuantLinear, QuantMixin
+from edgequant.modules import BIAS_QMAX, BIAS_QMIN, QuantEmbedding, QuantLinear, QuantMixin
 from edgequant.quantizer import TensorQuantizer
 
 OPSET = 21
@@ -289,6 +289,54 @@ def _integer_forward_impl(self: LoweredLayer, x: Tensor) -> Tensor:
 LoweredLayer._integer_forward = _integer_forward_impl
 
 
+class LoweredEmbedding(nn.Module):
+    """An embedding table stored as integers: gather the rows, then scale them.
+
+    Gather on the integer table, then a multiply by the gathered row scales: the runtime touches
+    only the rows it needs (a DequantizeLinear of the whole table would dequantize every row on
+    every call), and q * scale is the same float32 product the simulation computes.
+    """
+
+    weight_q: Tensor
+    row_scale: Tensor
+
+    def __init__(self, layer: QuantMixin) -> None:
+        super().__init__()
+        module: Any = layer
+        wq = layer.weight_quantizer
+        if module.max_norm is not None:
+            raise ExportError(
+                f"layer {layer.layer_name!r}: embeddings with max_norm cannot be exported"
+            )
+        assert wq is not None
+        spec = wq.spec
+        if not (spec.per_tensor or (spec.granularity == "channel" and spec.axis == 0)) or bool(
+            (wq.zero_point != 0).any()
+        ):
+            raise ExportError(
+                f"layer {layer.layer_name!r}: embedding tables export with symmetric per-row or "
+                "per-tensor weights only"
+            )
+        q = F.quantize(
+            layer.weight.detach(), wq.scale, wq.zero_point, spec.qmin, spec.qmax, wq.axis
+        )
+        # 8-bit containers (ONNX Gather has no INT4 data); per-row scales broadcast over the row.
+        self.register_buffer("weight_q", q.to(torch.int8 if spec.bits <= 8 else torch.int16))
+        scale = wq.scale.detach().float()
+        rows = layer.weight.shape[0]
+        self.register_buffer(
+            "row_scale",
+            (scale if scale.numel() > 1 else scale.expand(rows)).reshape(rows, 1).clone(),
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = torch.index_select(self.weight_q, 0, flat).float() * torch.index_select(
+            self.row_scale, 0, flat
+        )
+        return rows.reshape(ids.shape + (self.weight_q.shape[1],))
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -299,6 +347,10 @@ def lower(qmodel: nn.Module) -> nn.Module:
     """A copy of qmodel whose quantized layers call the export ops on stored integers."""
     lowered = copy.deepcopy(qmodel).eval()
     for name, layer in list(quant_layers(lowered)):
+        if isinstance(layer, QuantEmbedding):
+            if layer.weight_quantizer is not None and layer.weight_quantizer.mode == "quantize":
+                _set_submodule(lowered, name, LoweredEmbedding(layer))
+            continue
         _set_submodule(lowered, name, LoweredLayer(layer))  # type: ignore[arg-type]
     for name, m in list(lowered.named_modules()):
         if isinstance(m, TensorQuantizer):
@@ -423,6 +475,12 @@ def integer_weight_count(model: Any) -> tuple[int, list[str]]:
             else:
                 integer += 1
         if node.op_type == "MatMulInteger" and node.input[1] in consts:
+            integer += 1
+        if (
+            node.op_type == "Gather"
+            and node.input[0] in consts
+            and consts[node.input[0]].data_type in (TensorProto.INT8, TensorProto.INT16)
+        ):
             integer += 1
     return integer, bad
 

@@ -39,7 +39,9 @@ def quantize_dynamic(
     first, batches = peek(calib_data, "calib_data")
     # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
-    qmodel, summary = instrument(model, recipe, first, method="dynamic", layer_types=(nn.Linear,))
+    qmodel, summary = instrument(
+        model, recipe, first, method="dynamic", layer_types=(nn.Linear, nn.Embedding)
+    )
     samples_used = 0
     if recipe.smooth_alpha is not None:
         batches = list(batches)

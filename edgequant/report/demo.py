@@ -22,7 +22,9 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
 
     torch.manual_seed(0)
     epochs = 6 if quick else mnist1d.EPOCHS
-    say(f"MNIST-1D: generating the data set and training the FP32 CNN ({epochs} epochs; cached after the first run)")
+    say(
+        f"MNIST-1D: generating the data set and training the FP32 CNN ({epochs} epochs; cached after the first run)"
+    )
     model = mnist1d.trained_cnn(epochs=epochs, verbose=not quiet)
     calib = mnist1d.calib_batches(256 if quick else 512)
     test = mnist1d.eval_batches("test")
@@ -35,12 +37,22 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
         return correct / total
 
     report = compare(
-        model, calib, accuracy, example_inputs=calib[0][:8], tolerance=0.01, task="mnist1d-cnn",
-        out_dir=out_dir, verify_data=[x for x, _ in test], latency_runs=10 if quick else 30, progress=say,
+        model,
+        calib,
+        accuracy,
+        example_inputs=calib[0][:8],
+        tolerance=0.01,
+        task="mnist1d-cnn",
+        out_dir=out_dir,
+        verify_data=[x for x, _ in test],
+        latency_runs=10 if quick else 30,
+        progress=say,
     )
     if not quiet:
         print(report.to_markdown().split("## What each method quantized")[0])
-        print(f"Full report: {Path(out_dir) / 'report.md'}; results: {Path(out_dir) / 'results.json'}")
+        print(
+            f"Full report: {Path(out_dir) / 'report.md'}; results: {Path(out_dir) / 'results.json'}"
+        )
     return report
 
 

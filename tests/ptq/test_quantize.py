@@ -195,10 +195,10 @@ def test_dynamic_keeps_convs_in_float_with_a_reason() -> None:
     assert [r.name for r in summary.quantized] == ["fc"]
     reasons = {r.name: r.reason for r in summary.skipped}
     assert set(reasons) == {"conv1", "dw"}
-    assert all("Linear only" in why for why in reasons.values())
+    assert all("covers Linear, Embedding only" in why for why in reasons.values())
     assert (
         "conv1" in summary.format()
-        and "float: dynamic quantization covers Linear only" in summary.format()
+        and "float: dynamic quantization covers Linear, Embedding only" in summary.format()
     )
 
 
@@ -214,13 +214,16 @@ class EmbedNorm(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["static", "dynamic", "weight_only"])
-def test_summary_lists_embedding_and_layernorm_as_float(method: str) -> None:
+def test_summary_quantizes_embeddings_and_lists_layernorm_as_float(method: str) -> None:
     torch.manual_seed(0)
     calib = [torch.randint(0, 20, (4, 7), generator=_gen(i)) for i in range(2)]
     summary = eq.quantize(EmbedNorm().eval(), "w8a8", calib, method=method).quant_summary
-    assert [r.name for r in summary.quantized] == ["fc"]
+    # Embedding tables take integer weights (one scale per row); their inputs are indices.
+    assert [r.name for r in summary.quantized] == ["emb", "fc"]
+    emb = next(r for r in summary.quantized if r.name == "emb")
+    assert emb.weight.startswith("int8") and emb.activation == "float"
     reasons = {r.name: r.reason for r in summary.skipped}
-    assert set(reasons) == {"emb", "norm"}
+    assert set(reasons) == {"norm"}
     assert all(reasons.values())
 
 
