@@ -202,7 +202,7 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
     """An embedding table with integer weights (one scale per row by default); its inputs are
     indices, so it has no input quantizer."""
 
-    bias = None  # type: ignore[assignment]
+    bias = None
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
