@@ -2,6 +2,7 @@
 
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.ptq import quantize
+from edgequant.report.compare import Report, compare
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "LayerOverride",
     "QuantSpec",
     "Recipe",
+    "Report",
+    "compare",
     "export_onnx",
     "quantize",
 ]

@@ -209,7 +209,7 @@ def _compare_run(args: argparse.Namespace) -> int:
     import torch
 
     from edgequant.config import load_config
-    from edgequant.report.compare import Predict, Run, compare, default_runs
+    from edgequant.report.compare import Predict, Run, compare, default_runs, runs_for
     from edgequant.report.render import table
     from edgequant.spec import Recipe
 
@@ -230,12 +230,7 @@ def _compare_run(args: argparse.Namespace) -> int:
         return recipe.replace(calib_samples=samples)
 
     if config.recipes:
-        runs = [
-            Run(f"ptq-weight-only-{r.name.removesuffix('-weight-only')}", "weight_only", for_run(r))
-            if r.weight_only
-            else Run(f"ptq-static-{r.name}", "static", for_run(r))
-            for r in config.recipes
-        ]
+        runs = [Run(run.name, run.method, for_run(run.recipe)) for run in runs_for(config.recipes)]
     else:
         runs = [
             Run(run.name, run.method, for_run(run.recipe.for_target(config.target)), run.family)

@@ -50,6 +50,24 @@ def default_runs() -> list[Run]:
     ]
 
 
+def runs_for(recipes: Sequence[Recipe | str]) -> list[Run]:
+    """One PTQ run per recipe: weight-only recipes run method weight_only, the others static."""
+    runs = []
+    for item in recipes:
+        r = Recipe.preset(item) if isinstance(item, str) else item
+        if not isinstance(r, Recipe):
+            raise TypeError(
+                f"recipes must hold Recipe objects or preset names, got {type(item).__name__}"
+            )
+        if r.weight_only:
+            runs.append(
+                Run(f"ptq-weight-only-{r.name.removesuffix('-weight-only')}", "weight_only", r)
+            )
+        else:
+            runs.append(Run(f"ptq-static-{r.name}", "static", r))
+    return runs
+
+
 def torch_predict(model: nn.Module) -> Predict:
     def predict(batch: Any) -> torch.Tensor:
         with torch.no_grad():
@@ -194,7 +212,8 @@ def compare(
     model: nn.Module,
     calib_data: Iterable[Any],
     eval_fn: EvalFn,
-    example_inputs: Any,
+    example_inputs: Any = None,
+    recipes: Sequence[Recipe | str] | None = None,
     runs: Sequence[Run] | None = None,
     tolerance: float = 0.01,
     task: str = "model",
@@ -210,6 +229,8 @@ def compare(
 
     eval_fn(predict) -> metric, where predict maps a batch of model inputs to the model's output
     tensor (the same function serves the PyTorch model and the ONNX Runtime session).
+    recipes: presets or Recipes, one PTQ run each (see runs_for); runs: explicit Runs; neither:
+    default_runs(). example_inputs: defaults to the first calibration batch.
     Exported models are written to out_dir/models (a temporary folder when out_dir is None).
     """
     from edgequant.bench import latency_ms
@@ -224,7 +245,15 @@ def compare(
         )
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    runs = list(runs) if runs is not None else default_runs()
+    if recipes is not None and runs is not None:
+        raise ValueError("give recipes or runs, not both")
+    runs = (
+        runs_for(recipes)
+        if recipes is not None
+        else list(runs)
+        if runs is not None
+        else default_runs()
+    )
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
@@ -232,6 +261,8 @@ def compare(
     calib = list(calib_data)
     if not calib:
         raise ValueError("calib_data is empty")
+    if example_inputs is None:
+        example_inputs = calib[0]
     verify = list(verify_data) if verify_data is not None else calib[:2]
     models_dir = (
         Path(out_dir) / "models"

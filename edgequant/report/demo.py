@@ -51,7 +51,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
     if not quiet:
         print(report.to_markdown().split("## What each method quantized")[0])
         print(
-            f"Full report: {Path(out_dir) / 'report.md'}; results: {Path(out_dir) / 'results.json'}"
+            f"Full report: {Path(out_dir) / 'report.html'} (and report.md); results: {Path(out_dir) / 'results.json'}"
         )
     return report
 
