@@ -1,7 +1,7 @@
 """edgequant: quantize a PyTorch model, export it as an integer ONNX model, prove it in ONNX Runtime."""
 
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
-from edgequant.ptq import quantize
+from edgequant.ptq import load, quantize
 from edgequant.report.compare import Report, compare
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
@@ -14,6 +14,7 @@ __all__ = [
     "Report",
     "compare",
     "export_onnx",
+    "load",
     "quantize",
 ]
 __version__ = "0.1.0"

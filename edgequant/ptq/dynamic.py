@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import attach_info, batch_size, instrument
+from edgequant.instrument import Summary, attach_info, batch_size, instrument
 from edgequant.ptq.calibrate import peek
 from edgequant.ptq.smooth import smooth_
 from edgequant.ptq.static import calibrate_weights
@@ -16,13 +16,10 @@ from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec
 
 
-def quantize_dynamic(
-    model: nn.Module,
-    recipe: Recipe,
-    calib_data: Iterable[Any] | None,
-    num_samples: int,
-    progress: bool,
-) -> nn.Module:
+def build_dynamic(
+    model: nn.Module, recipe: Recipe, example_batch: Any
+) -> tuple[nn.Module, Summary, Recipe]:
+    """The instrumented, uncalibrated model and the recipe as dynamic quantization applies it."""
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights")
     if recipe.weight.bits != 8 or (recipe.activation is not None and recipe.activation.bits != 8):
@@ -35,13 +32,24 @@ def quantize_dynamic(
         raise ValueError(
             "dynamic quantization supports per-tensor or per-channel weights, not per-group"
         )
-    batches: Iterable[Any]  # a list once SmoothQuant has to read it twice
-    first, batches = peek(calib_data, "calib_data")
     # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
     qmodel, summary = instrument(
-        model, recipe, first, method="dynamic", layer_types=(nn.Linear, nn.Embedding)
+        model, recipe, example_batch, method="dynamic", layer_types=(nn.Linear, nn.Embedding)
     )
+    return qmodel, summary, recipe
+
+
+def quantize_dynamic(
+    model: nn.Module,
+    recipe: Recipe,
+    calib_data: Iterable[Any] | None,
+    num_samples: int,
+    progress: bool,
+) -> nn.Module:
+    batches: Iterable[Any]  # a list once SmoothQuant has to read it twice
+    first, batches = peek(calib_data, "calib_data")
+    qmodel, summary, recipe = build_dynamic(model, recipe, first)
     samples_used = 0
     if recipe.smooth_alpha is not None:
         batches = list(batches)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, cast
 
 from torch import nn
 
-from edgequant.ptq.dynamic import quantize_dynamic
-from edgequant.ptq.static import quantize_static
-from edgequant.ptq.weight_only import quantize_weight_only
+from edgequant.instrument import attach_info
+from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
+from edgequant.ptq.static import build_static, quantize_static
+from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.spec import Recipe
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
@@ -53,3 +56,64 @@ def quantize(
     )
     cast("dict[str, Any]", qmodel.quant_info)["wall_s"] = time.perf_counter() - start
     return qmodel
+
+
+BUILDERS = {"static": build_static, "dynamic": build_dynamic, "weight_only": build_weight_only}
+
+
+def load(
+    model: nn.Module,
+    recipe: Recipe | str,
+    state: dict[str, Any] | str | os.PathLike[str],
+    example_inputs: Any,
+    method: str = "static",
+) -> nn.Module:
+    """Rebuild a quantized model saved with ``torch.save(qmodel.state_dict(), path)``.
+
+    Pass the float model, recipe and method it was quantized with, and one batch of inputs
+    (to trace the layers as quantize did); no calibration runs. `model` is not modified.
+    """
+    import torch
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(recipe, str):
+        recipe = Recipe.preset(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
+        )
+    if method not in BUILDERS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(BUILDERS)}")
+    if isinstance(state, (str, os.PathLike)):
+        path = Path(state)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved state at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a state_dict or a path to one, got {type(state).__name__}")
+    qmodel, summary, recipe = BUILDERS[method](model, recipe, example_inputs)
+    # Buffers that exist only once a pass has run (SmoothQuant) are created before loading.
+    for key, value in state.items():
+        if key.endswith(".input_smooth_inv"):
+            layer = qmodel.get_submodule(key.rsplit(".", 1)[0])
+            layer.input_smooth_inv = value.detach().clone()
+    try:
+        qmodel.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the saved state does not fit this model quantized with recipe {recipe.name!r} and method "
+            f"{method!r} (was it saved from another recipe, method or model?): {err}"
+        ) from err
+    attach_info(
+        qmodel,
+        summary,
+        {
+            "method": method,
+            "recipe": recipe.to_dict(),
+            "samples_used": 0,
+            "labels_used": False,
+            "loaded": True,
+        },
+    )
+    return qmodel.eval()

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from edgequant.instrument import attach_info, instrument, place_graph_quantizers
+from edgequant.instrument import Summary, attach_info, instrument, place_graph_quantizers
 from edgequant.modules import QuantMixin
 from edgequant.ptq.calibrate import peek, run_calibration
 from edgequant.quantizer import quantizers
@@ -23,6 +23,20 @@ def calibrate_weights(qmodel: nn.Module) -> None:
             q.set_mode("quantize")
 
 
+def build_static(
+    model: nn.Module, recipe: Recipe, example_batch: Any
+) -> tuple[nn.Module, Summary, Recipe]:
+    """The instrumented, uncalibrated model (shared by quantize and load)."""
+    if recipe.activation is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} quantizes no activations: use method='weight_only'"
+        )
+    qmodel, summary = instrument(model, recipe, example_batch, method="static")
+    if recipe.quantize_outputs:
+        qmodel = place_graph_quantizers(qmodel, summary)
+    return qmodel, summary, recipe
+
+
 def quantize_static(
     model: nn.Module,
     recipe: Recipe,
@@ -30,14 +44,8 @@ def quantize_static(
     num_samples: int,
     progress: bool,
 ) -> nn.Module:
-    if recipe.activation is None:
-        raise ValueError(
-            f"recipe {recipe.name!r} quantizes no activations: use method='weight_only'"
-        )
     first, batches = peek(calib_data)
-    qmodel, summary = instrument(model, recipe, first, method="static")
-    if recipe.quantize_outputs:
-        qmodel = place_graph_quantizers(qmodel, summary)
+    qmodel, summary, recipe = build_static(model, recipe, first)
     calibrate_weights(qmodel)
     used = run_calibration(qmodel, batches, num_samples, progress)
     attach_info(
