@@ -284,9 +284,7 @@ def test_layer_types_limit_what_is_quantized() -> None:
     _, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "dynamic", layer_types=(nn.Linear,))
     reasons = {r.name: r.reason for r in summary.skipped}
     assert set(reasons) == {"conv1", "dw"}
-    assert all(
-        why == "dynamic quantization covers Linear only" for why in reasons.values()
-    )
+    assert all(why == "dynamic quantization covers Linear only" for why in reasons.values())
 
 
 def test_summary_to_dict_is_plain_data() -> None:
