@@ -9,6 +9,7 @@ simulation and only then moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -16,7 +17,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -345,7 +346,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def lower(qmodel: nn.Module) -> nn.Module:
     """A copy of qmodel whose quantized layers call the export ops on stored integers."""
-    lowered = copy.deepcopy(qmodel).eval()
+    with _quiet_exporter():  # deep-copying a traced GraphModule trips torch's pytree deprecation
+        lowered = copy.deepcopy(qmodel).eval()
     for name, layer in list(quant_layers(lowered)):
         if isinstance(layer, QuantEmbedding):
             if layer.weight_quantizer is not None and layer.weight_quantizer.mode == "quantize":
@@ -681,6 +683,44 @@ class ExportInfo:
         )
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs a warning per missing torchvision op and torch warns about its own pytree
+    API: nothing a user can act on."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
+def export_float_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any) -> None:
+    """The float model as ONNX (opset 21, one file, dynamic batch and sequence length): the
+    baseline that quantized exports are compared with."""
+    args, kwargs = split_inputs(example_inputs)
+    dynamic_shapes: Any = (
+        {k: _dynamic_dims(v) for k, v in kwargs.items()}
+        if kwargs
+        else tuple(_dynamic_dims(a) for a in args)
+    )
+    with _quiet_exporter(), torch.no_grad():
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            kwargs=kwargs or None,
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+
+
 def export_onnx(
     qmodel: nn.Module,
     path: str | os.PathLike[str],
@@ -731,13 +771,8 @@ def export_onnx(
         dynamic_shapes = {k: _dynamic_dims(v) for k, v in kwargs.items()}
     else:
         dynamic_shapes = tuple(_dynamic_dims(a) for a in args)
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
     try:
-        # The exporter logs a warning per missing torchvision op; nothing a user can act on.
-        exporter_log.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 lowered,
                 args,
@@ -751,8 +786,6 @@ def export_onnx(
             )
     except Exception as err:  # the exporter raises many types; say which stage failed
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
-    finally:
-        exporter_log.setLevel(level)
     assert program is not None
     model = program.model_proto
     fold_integer_casts(model)

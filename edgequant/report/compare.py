@@ -8,6 +8,7 @@ Runtime, never from the simulation.
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import tempfile
@@ -234,7 +235,7 @@ def compare(
     Exported models are written to out_dir/models (a temporary folder when out_dir is None).
     """
     from edgequant.bench import latency_ms
-    from edgequant.export.onnx import export_onnx
+    from edgequant.export.onnx import export_float_onnx, export_onnx
     from edgequant.ptq import quantize
 
     if not isinstance(model, nn.Module):
@@ -277,23 +278,9 @@ def compare(
     say("FP32 baseline: export and measure in ONNX Runtime")
     start = time.perf_counter()
     fp32_path = models_dir / "fp32.onnx"
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = example_inputs if isinstance(example_inputs, dict) else None
-    torch.onnx.export(
-        model.eval(),
-        () if kwargs else args,
-        str(fp32_path),
-        kwargs=kwargs,
-        dynamo=True,
-        opset_version=21,
-        external_data=False,
-        verbose=False,
-        dynamic_shapes=(
-            {k: {0: torch.export.Dim.AUTO} for k in kwargs}
-            if kwargs
-            else tuple({0: torch.export.Dim.AUTO} for _ in args)
-        ),
-    )
+    # A copy: the caller's model keeps its training flags (STYLE §9).
+    model = copy.deepcopy(model).eval()
+    export_float_onnx(model, fp32_path, example_inputs)
     baseline_metric = float(eval_fn(ort_predict(fp32_path, threads)))
     fp32_size = fp32_path.stat().st_size
     baseline = {
