@@ -42,6 +42,8 @@ def test_a_failing_method_is_reported_and_the_others_run(tmp_path: Path) -> None
         Run("dynamic-w4a8", "dynamic", Recipe.preset("w4a8")),
         Run("weight-only-w8", "weight_only", Recipe.preset("w8a8")),
     ]
+    model.train()  # the caller's flags and weights must survive compare (STYLE §9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     report = compare(
         model,
         calib,
@@ -52,6 +54,8 @@ def test_a_failing_method_is_reported_and_the_others_run(tmp_path: Path) -> None
         latency_runs=2,
         verify_data=[x for x, _ in test],
     )
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     rows = {r["name"]: r for r in report.results["runs"]}
     assert (
         rows["dynamic-w4a8"]["status"] == "failed"
