@@ -23,6 +23,21 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _check_arguments(model: nn.Module, recipe: Recipe | str, method: str) -> Recipe:
+    """The checks quantize and load share; returns the recipe (a preset name resolved)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(recipe, str):
+        recipe = Recipe.preset(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
+        )
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return recipe
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe | str = "w8a8",
@@ -38,16 +53,7 @@ def quantize(
     calib_samples, 512). The returned model carries `.quant_summary` (what was quantized, what was
     skipped and why) and `.quant_info`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(recipe, str):
-        recipe = Recipe.preset(recipe)
-    if not isinstance(recipe, Recipe):
-        raise TypeError(
-            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
-        )
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    recipe = _check_arguments(model, recipe, method)
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     start = time.perf_counter()
@@ -75,16 +81,7 @@ def load(
     """
     import torch
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(recipe, str):
-        recipe = Recipe.preset(recipe)
-    if not isinstance(recipe, Recipe):
-        raise TypeError(
-            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
-        )
-    if method not in BUILDERS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(BUILDERS)}")
+    recipe = _check_arguments(model, recipe, method)
     if isinstance(state, (str, os.PathLike)):
         path = Path(state)
         if not path.is_file():
