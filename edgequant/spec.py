@@ -149,8 +149,153 @@ class LayerOverride:
         return self.pattern == module_type or fnmatch.fnmatchcase(name, self.pattern)
 
 
-TARGETS: dict[str, str] = {
-    "onnxruntime": "ONNX Runtime CPU: symmetric per-channel INT8 weights, asymmetric UINT8 activations",
+# --- hardware targets ------------------------------------------------------------------------
+# A target is the set of grid rules its integer kernels impose. `apply` rewrites a recipe's specs
+# (defaults and overrides) to those rules and keeps what the target leaves free: bit widths,
+# observers, first_last_bits, skips.
+
+
+def _per_channel(spec: QuantSpec) -> QuantSpec:
+    """Per output channel; per-group grids (no integer kernel in these runtimes) become per-channel."""
+    if spec.granularity == "channel":
+        return spec
+    return spec.replace(granularity="channel", axis=0, group_size=None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Base of the target registry: rewrites weight and activation specs, nothing else."""
+
+    name: str = "onnxruntime"
+    description: str = ""
+
+    def weight(self, spec: QuantSpec) -> QuantSpec:
+        return spec
+
+    def activation(self, spec: QuantSpec) -> QuantSpec:
+        return spec
+
+    def apply(self, recipe: Recipe) -> Recipe:
+        def w(spec: QuantSpec | None) -> QuantSpec | None:
+            return self.weight(spec) if spec is not None else None
+
+        def a(spec: QuantSpec | None) -> QuantSpec | None:
+            return self.activation(spec) if spec is not None else None
+
+        overrides = tuple(
+            dataclasses.replace(ov, weight=w(ov.weight), activation=a(ov.activation))
+            for ov in recipe.overrides
+        )
+        return dataclasses.replace(
+            recipe,
+            weight=w(recipe.weight),
+            activation=a(recipe.activation),
+            overrides=overrides,
+            target=self.name,
+        )
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeTarget(Target):
+    """The default: ORT runs any QDQ grid, so the recipe's specs are kept as they are."""
+
+    name: str = "onnxruntime"
+    description: str = (
+        "ONNX Runtime CPU: symmetric per-channel INT8 weights, asymmetric UINT8 activations "
+        "(the presets' defaults; a recipe's own specs are kept)"
+    )
+
+
+@dataclass(frozen=True)
+class TFLiteInt8Target(Target):
+    """TFLite's int8 quantization spec: weights -127..127 per channel, activations int8 + zero point."""
+
+    name: str = "tflite-int8"
+    description: str = (
+        "TFLite int8: symmetric per-channel weights in -(2^(b-1)-1)..2^(b-1)-1 (narrow range), "
+        "asymmetric signed per-tensor activations, INT32 bias. Not yet: quantizing every op "
+        "(adds, pooling) in the graph"
+    )
+
+    def weight(self, spec: QuantSpec) -> QuantSpec:
+        return _per_channel(spec).replace(signed=True, symmetric=True, narrow_range=True)
+
+    def activation(self, spec: QuantSpec) -> QuantSpec:
+        return spec.replace(
+            signed=True,
+            symmetric=False,
+            narrow_range=False,
+            granularity="tensor",
+            axis=0,
+            group_size=None,
+        )
+
+
+@dataclass(frozen=True)
+class TensorRTTarget(Target):
+    """TensorRT's explicit quantization: zero points must be 0 everywhere."""
+
+    name: str = "tensorrt"
+    description: str = (
+        "TensorRT: symmetric signed per-channel weights, symmetric signed per-tensor activations "
+        "(all zero points 0)"
+    )
+
+    def weight(self, spec: QuantSpec) -> QuantSpec:
+        return _per_channel(spec).replace(signed=True, symmetric=True)
+
+    def activation(self, spec: QuantSpec) -> QuantSpec:
+        return spec.replace(
+            signed=True, symmetric=True, granularity="tensor", axis=0, group_size=None
+        )
+
+
+@dataclass(frozen=True)
+class DspPow2Target(Target):
+    """Fixed-point DSPs rescale by shifting, so every scale must be 2^k (Q-format, zero point 0)."""
+
+    name: str = "dsp-pow2"
+    description: str = (
+        "fixed-point DSP: every scale a power of two (rescaling is a shift), symmetric signed "
+        "per-channel weights and symmetric signed per-tensor activations. Not yet: PACT-style "
+        "clipping in QAT"
+    )
+
+    def weight(self, spec: QuantSpec) -> QuantSpec:
+        return _per_channel(spec).replace(signed=True, symmetric=True, scale_type="pow2")
+
+    def activation(self, spec: QuantSpec) -> QuantSpec:
+        return spec.replace(
+            signed=True,
+            symmetric=True,
+            granularity="tensor",
+            axis=0,
+            group_size=None,
+            scale_type="pow2",
+        )
+
+
+@dataclass(frozen=True)
+class McuInt8Target(TFLiteInt8Target):
+    """Microcontrollers (CMSIS-NN, TFLite Micro) follow TFLite's int8 grids."""
+
+    name: str = "mcu-int8"
+    description: str = (
+        "microcontroller int8 (CMSIS-NN, TFLite Micro): the tflite-int8 grids. Not yet: quantizing "
+        "every op (adds, pooling, concatenation), integer multiplier-and-shift requantization and "
+        "the integer-only reference runner"
+    )
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        OnnxRuntimeTarget(),
+        TFLiteInt8Target(),
+        TensorRTTarget(),
+        DspPow2Target(),
+        McuInt8Target(),
+    )
 }
 
 _PRESET_RE = re.compile(r"^w(\d+)a(\d+)$")
@@ -240,9 +385,11 @@ class Recipe:
         )
 
     def for_target(self, target: str) -> Recipe:
+        """This recipe under `target`'s grid rules (TARGETS): bit widths, observers and
+        first_last_bits are kept; weight, activation and override specs are rewritten."""
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; known targets: {', '.join(TARGETS)}")
-        return dataclasses.replace(self, target=target)
+        return TARGETS[target].apply(self)
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)

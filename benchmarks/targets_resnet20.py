@@ -1,0 +1,152 @@
+"""Issue 6 (part): the pretrained ResNet-20, static W8A8 under each hardware target of
+spec.TARGETS, exported and run in ONNX Runtime.
+
+Per target: accuracy on test_932 (exact pixels) and on the 10,000 JPEG test images, ONNX file
+size, and the count of QDQ scales (weights, activations, INT32 biases) that are not exact powers
+of two (np.frexp mantissa != 0.5); dsp-pow2 must have none. Calibration: the same 512 images of
+train_4660 for every target.
+
+    python benchmarks/targets_resnet20.py [--out benchmarks/results/targets_resnet20.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import edgequant as eq
+from edgequant.examples import cifar10 as C
+from edgequant.examples.shared import shared_dir
+from edgequant.spec import TARGETS, Recipe
+
+
+def qdq_scales(path: Path) -> list[np.ndarray]:
+    """Every scale read by a QuantizeLinear or DequantizeLinear of the graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return [
+        values[node.input[1]]
+        for node in graph.node
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+    ]
+
+
+def count_not_pow2(scales: list[np.ndarray]) -> int:
+    return sum(int((np.frexp(s.astype(np.float64))[0] != 0.5).sum()) for s in scales)
+
+
+S8_TO_U8 = "QDQS8ToU8Transformer"
+
+
+@contextlib.contextmanager
+def ort_without(optimizer: str) -> Iterator[None]:
+    """Every onnxruntime.InferenceSession made inside runs with `optimizer` disabled."""
+    import onnxruntime
+
+    original = onnxruntime.InferenceSession
+
+    def session(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("disabled_optimizers", [optimizer])
+        return original(*args, **kwargs)
+
+    onnxruntime.InferenceSession = session  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        onnxruntime.InferenceSession = original  # type: ignore[misc]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/targets_resnet20.json")
+    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
+    args = parser.parse_args()
+    if shared_dir() is None:
+        print(
+            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
+            file=sys.stderr,
+        )
+        return 0
+    torch.manual_seed(0)
+    model = C.load_resnet20()
+    x_cal, _ = C.calibration_split(512)
+    x932, y932 = C.load_split("test_932")
+    test_sets = {"test_932": (x932.numpy(), y932.numpy())}
+    if not args.quick:
+        xj, yj = C.load_jpeg_test()
+        test_sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
+    calib = list(x_cal.split(64))
+    work = Path(tempfile.mkdtemp(prefix="eq-targets-"))
+    results: dict[str, dict] = {}
+    for target in TARGETS:
+        recipe = Recipe.preset("w8a8").for_target(target)
+        start = time.perf_counter()
+        qmodel = eq.quantize(model, recipe, calib)
+        wall = time.perf_counter() - start
+        row: dict = {
+            "weights": recipe.weight.short(),
+            "activations": recipe.activation.short(),
+            "sim_acc_test_932": C.accuracy(qmodel, x932, y932),
+            "quantize_s": wall,
+        }
+        path = work / f"{target}.onnx"
+        try:
+            info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
+        except Exception as err:  # ORT's load errors escape export_onnx unwrapped; record them
+            row["export_error"] = f"{type(err).__name__}: {err}"
+            # ORT 1.32's QDQPropagation tags the Q it inserts after a Slice with output_dtype
+            # INT8, then QDQS8ToU8Transformer turns that Q's zero point into UINT8: the session
+            # refuses the graph. Measure the same graph with that one optimizer off.
+            with ort_without(S8_TO_U8):
+                info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
+                fn = C.ort_predict_fn(path)
+                row["ort_disabled_optimizers"] = [S8_TO_U8]
+                row.update({f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()})
+        else:
+            fn = C.ort_predict_fn(path)
+            row.update({f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()})
+        scales = qdq_scales(path)
+        row.update(
+            top1_agreement_test_932=info.verification.top1_agreement,
+            size_bytes=path.stat().st_size,
+            scales=sum(int(s.size) for s in scales),
+            scales_not_pow2=count_not_pow2(scales),
+        )
+        results[target] = row
+        print(target, json.dumps(row), flush=True)
+    import onnxruntime
+
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "calibration": "512 images of train_4660 (calibration part), minmax observers",
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
