@@ -12,15 +12,12 @@ train_4660 for every target.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,27 +49,6 @@ def qdq_scales(path: Path) -> list[np.ndarray]:
 
 def count_not_pow2(scales: list[np.ndarray]) -> int:
     return sum(int((np.frexp(s.astype(np.float64))[0] != 0.5).sum()) for s in scales)
-
-
-S8_TO_U8 = "QDQS8ToU8Transformer"
-
-
-@contextlib.contextmanager
-def ort_without(optimizer: str) -> Iterator[None]:
-    """Every onnxruntime.InferenceSession made inside runs with `optimizer` disabled."""
-    import onnxruntime
-
-    original = onnxruntime.InferenceSession
-
-    def session(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("disabled_optimizers", [optimizer])
-        return original(*args, **kwargs)
-
-    onnxruntime.InferenceSession = session  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        onnxruntime.InferenceSession = original  # type: ignore[misc]
 
 
 def main() -> int:
@@ -109,21 +85,9 @@ def main() -> int:
             "quantize_s": wall,
         }
         path = work / f"{target}.onnx"
-        try:
-            info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
-        except Exception as err:  # ORT's load errors escape export_onnx unwrapped; record them
-            row["export_error"] = f"{type(err).__name__}: {err}"
-            # ORT 1.32's QDQPropagation tags the Q it inserts after a Slice with output_dtype
-            # INT8, then QDQS8ToU8Transformer turns that Q's zero point into UINT8: the session
-            # refuses the graph. Measure the same graph with that one optimizer off.
-            with ort_without(S8_TO_U8):
-                info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
-                fn = C.ort_predict_fn(path)
-                row["ort_disabled_optimizers"] = [S8_TO_U8]
-                row.update({f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()})
-        else:
-            fn = C.ort_predict_fn(path)
-            row.update({f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()})
+        info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
+        fn = C.ort_predict_fn(path)
+        row.update({f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()})
         scales = qdq_scales(path)
         row.update(
             top1_agreement_test_932=info.verification.top1_agreement,

@@ -365,6 +365,7 @@ def _quantize_joins(
             if is_quantizer(arg):
                 continue
             src = arg
+            chain: list[torch.fx.Node] = []
             while not is_quantizer(src) and (
                 (src.op == "call_function" and src.target in _MOVES_FUNCTIONS)
                 or (src.op == "call_method" and src.target in _MOVES_METHODS)
@@ -377,13 +378,19 @@ def _quantize_joins(
                 first = src.args[0]
                 if not isinstance(first, torch.fx.Node):
                     break
+                chain.append(src)
                 src = first
             if src is arg or not is_quantizer(src):
                 continue
-            with gm.graph.inserting_after(arg):
-                qnode = gm.graph.call_module(str(src.target), (arg,))
-            node.replace_input_with(arg, qnode)
-            count += 1
+            # After every data-movement step, not only the last: ONNX Runtime then finds each
+            # Slice/Pad between a DequantizeLinear and a QuantizeLinear of the same scale and
+            # runs it on integers, instead of propagating QDQ pairs itself (its propagation
+            # mislabels signed zero points in ORT 1.32).
+            for step in reversed(chain):
+                with gm.graph.inserting_after(step):
+                    qnode = gm.graph.call_module(str(src.target), (step,))
+                step.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
+                count += 1
         if not all(is_quantizer(a) for a in node.args if isinstance(a, torch.fx.Node)):
             continue
         tail = node

@@ -593,7 +593,10 @@ def verify_onnx(
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own exception types; nothing was written
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {err}") from err
     names = [i.name for i in sess.get_inputs()]
     deployed, floor = _Compare(), _Compare()
     samples = 0
