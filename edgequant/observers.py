@@ -440,7 +440,11 @@ class EntropyObserver(Observer):
     @torch.no_grad()
     def forward(self, x: Tensor) -> None:
         x = self._check_batch(x)
-        self.abs_hist.add(x.abs())
+        # Exact zeros (half of a ReLU's output) land on the grid at any threshold: they carry no
+        # quantization error, and their spike in bin 0 would pull the KL search to tiny ranges.
+        nonzero = x[x != 0].abs()
+        if nonzero.numel():
+            self.abs_hist.add(nonzero)
         self.min_val = min(self.min_val, float(x.min()))
         self.max_val = max(self.max_val, float(x.max()))
         self.batches += 1
@@ -489,7 +493,7 @@ class EntropyObserver(Observer):
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         self._need_data()
-        threshold = self.abs_hist.max_val
+        threshold = max(self.abs_hist.max_val, 0.0)  # all zeros: nothing was histogrammed
         if self.levels < self.num_bins and threshold > 0:
             hist, bin_width = self._abs_histogram()
             divergence = self._divergences(hist)
