@@ -710,18 +710,25 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike[str], example_in
         if kwargs
         else tuple(_dynamic_dims(a) for a in args)
     )
-    with _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(
-            model,
-            args,
-            str(path),
-            kwargs=kwargs or None,
-            dynamo=True,
-            opset_version=OPSET,
-            external_data=False,
-            dynamic_shapes=dynamic_shapes,
-            verbose=False,
-        )
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:  # atomic: a temp file in the same folder, then a rename
+        with _quiet_exporter(), torch.no_grad():
+            torch.onnx.export(
+                model,
+                args,
+                tmp_name,
+                kwargs=kwargs or None,
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=False,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
 
 
 def export_onnx(
