@@ -21,7 +21,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -241,15 +240,11 @@ def _decode_jpeg_zip(zip_path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _save_npz_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write (images, labels) to ``path`` via a temp file in the same folder and a rename."""
+    from edgequant._io import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images, labels=labels)
 
 
 def load_jpeg_test(

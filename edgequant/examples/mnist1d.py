@@ -20,7 +20,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -289,15 +288,11 @@ def trained_cnn(
 
 def _save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file in the same folder, then a rename: readers never see half."""
+    from edgequant._io import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def calib_batches(n: int = 512, batch_size: int = 64, seed: int = 0) -> list[torch.Tensor]:

@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +26,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from edgequant import functional as F
+from edgequant._io import atomic_path
 from edgequant.export import ops
 from edgequant.instrument import quant_layers
 from edgequant.modules import BIAS_QMAX, BIAS_QMIN, QuantEmbedding, QuantLinear, QuantMixin
@@ -390,6 +390,20 @@ def _dynamic_dims(t: Any) -> Any:
     return dims
 
 
+def ort_feed(names: list[str], batch: Any) -> dict[str, Any]:
+    """One batch of model inputs as ONNX Runtime's feed: keyword tensors by name, positional
+    tensors in order."""
+    args, kwargs = split_inputs(batch)
+    positional = [a for a in args if isinstance(a, Tensor)]
+    feed: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        t = kwargs.get(name) if name in kwargs else (positional[i] if i < len(positional) else None)
+        if t is None:
+            raise ExportError(f"no input for the ONNX model's input {name!r} in this batch")
+        feed[name] = t.detach().cpu().numpy()
+    return feed
+
+
 def _outputs(out: Any) -> list[Tensor]:
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     return [t for t in leaves if isinstance(t, Tensor)]
@@ -612,18 +626,7 @@ def verify_onnx(
             finally:
                 for h in hooks:
                     h.remove()
-        feed: dict[str, Any] = {}
-        positional = [a for a in args if isinstance(a, Tensor)]
-        for i, name in enumerate(names):
-            t = (
-                kwargs.get(name)
-                if name in kwargs
-                else (positional[i] if i < len(positional) else None)
-            )
-            if t is None:
-                raise ExportError(f"verification input for ONNX input {name!r} is missing")
-            feed[name] = t.detach().cpu().numpy()
-        dep = [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)]
+        dep = [torch.from_numpy(np.asarray(o)) for o in sess.run(None, ort_feed(names, batch))]
         if index == 0:
             classify = sim[0].dim() == 2 and sim[0].shape[1] > 1 and sim[0].is_floating_point()
         deployed.add(sim, dep, classify)
@@ -710,25 +713,18 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike[str], example_in
         if kwargs
         else tuple(_dynamic_dims(a) for a in args)
     )
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:  # atomic: a temp file in the same folder, then a rename
-        with _quiet_exporter(), torch.no_grad():
-            torch.onnx.export(
-                model,
-                args,
-                tmp_name,
-                kwargs=kwargs or None,
-                dynamo=True,
-                opset_version=OPSET,
-                external_data=False,
-                dynamic_shapes=dynamic_shapes,
-                verbose=False,
-            )
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    with atomic_path(path, suffix=".onnx.tmp") as tmp, _quiet_exporter(), torch.no_grad():
+        torch.onnx.export(
+            model,
+            args,
+            str(tmp),
+            kwargs=kwargs or None,
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
 
 
 def export_onnx(
@@ -812,10 +808,7 @@ def export_onnx(
             f"({integer} integer weights for {quantized} quantized layers; float: {float_dq[:5]})"
         )
     onnx.checker.check_model(model)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path, suffix=".onnx.tmp") as tmp:
         onnx.save_model(model, str(tmp))
         batches = [example_inputs] + (list(verify_data) if verify_data is not None else [])
         v = verify_onnx(tmp, qmodel, batches, min_top1_agreement, min_sqnr_db)
@@ -825,10 +818,6 @@ def export_onnx(
                 "nothing was written"
             )
         size = tmp.stat().st_size
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
     return ExportInfo(
         path=str(path),

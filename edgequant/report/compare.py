@@ -83,7 +83,7 @@ def ort_predict(path: str | Path, threads: int = 2) -> Predict:
     import numpy as np
     import onnxruntime as ort
 
-    from edgequant.export.onnx import split_inputs
+    from edgequant.export.onnx import ort_feed
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -91,13 +91,7 @@ def ort_predict(path: str | Path, threads: int = 2) -> Predict:
     names = [i.name for i in sess.get_inputs()]
 
     def predict(batch: Any) -> torch.Tensor:
-        args, kwargs = split_inputs(batch)
-        positional = [a for a in args if isinstance(a, torch.Tensor)]
-        feed = {
-            n: (kwargs[n] if n in kwargs else positional[i]).detach().cpu().numpy()
-            for i, n in enumerate(names)
-        }
-        return torch.from_numpy(np.asarray(sess.run(None, feed)[0]))
+        return torch.from_numpy(np.asarray(sess.run(None, ort_feed(names, batch))[0]))
 
     return predict
 
