@@ -298,6 +298,9 @@ TARGETS: dict[str, Target] = {
     )
 }
 
+ROUNDINGS = ("auto", "nearest", "adaround", "gptq")
+RANGE_LEARNING = ("ema", "pact", "lsq", "lsq+")
+
 _PRESET_RE = re.compile(r"^w(\d+)a(\d+)$")
 _WEIGHT_ONLY_RE = re.compile(r"^w(\d+)-weight-only$")
 PRESET_FORMS = "'w{B}a{B}' (e.g. 'w8a8', 'w4a8', 'w4a4') or 'w{B}-weight-only' (e.g. 'w4-weight-only'), B in 2..16"
@@ -324,6 +327,16 @@ class Recipe:
     quantize_outputs: bool = True
     # SmoothQuant's migration strength for Linear inputs; None: off.
     smooth_alpha: float | None = None
+    # --- the PTQ pipeline (ptq/): None or "auto" lets the bits decide (on at <= 4 weight bits);
+    # the quantized model's quant_info["pipeline"] records what ran.
+    # Cross-layer equalization with bias absorption (Nagel et al. 2019).
+    equalize: bool | None = None
+    # Empirical bias correction of the quantized layers' output mean.
+    bias_correction: bool | None = None
+    # Weight rounding: "nearest", "adaround", "gptq", or "auto".
+    rounding: str = "auto"
+    # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
+    range_learning: str = "lsq"
 
     def __post_init__(self) -> None:
         if self.weight is None and self.activation is None:
@@ -343,6 +356,20 @@ class Recipe:
             )
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"Recipe.smooth_alpha={self.smooth_alpha} must be in [0, 1] or None")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(
+                f"Recipe.rounding={self.rounding!r} is unknown; valid: {', '.join(ROUNDINGS)}"
+            )
+        if self.range_learning not in RANGE_LEARNING:
+            raise ValueError(
+                f"Recipe.range_learning={self.range_learning!r} is unknown; "
+                f"valid: {', '.join(RANGE_LEARNING)}"
+            )
+        for label in ("equalize", "bias_correction"):
+            if getattr(self, label) not in (None, True, False):
+                raise ValueError(
+                    f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
+                )
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise ValueError(
                 f"Recipe.calib_samples must be a positive int, got {self.calib_samples!r}"
@@ -461,6 +488,10 @@ class Recipe:
             "calib_samples": self.calib_samples,
             "quantize_outputs": self.quantize_outputs,
             "smooth_alpha": self.smooth_alpha,
+            "equalize": self.equalize,
+            "bias_correction": self.bias_correction,
+            "rounding": self.rounding,
+            "range_learning": self.range_learning,
         }
 
     @classmethod
