@@ -1,11 +1,13 @@
 """edgequant: quantize a PyTorch model, export it as an integer ONNX model, prove it in ONNX Runtime."""
 
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
+from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
 from edgequant.report.compare import Report, compare
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
 __all__ = [
+    "Budget",
     "ExportError",
     "ExportInfo",
     "LayerOverride",
@@ -15,6 +17,7 @@ __all__ = [
     "compare",
     "export_onnx",
     "load",
+    "mixed_precision",
     "quantize",
 ]
 __version__ = "0.1.0"

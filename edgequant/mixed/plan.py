@@ -1,0 +1,400 @@
+"""eq.mixed_precision and eq.mixed.plan: sensitivities -> integer program -> a Recipe."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from edgequant.mixed.allocate import FP32_BITS, Allocation, Budget, allocate, packed_bytes
+from edgequant.mixed.sensitivity import (
+    EvalFn,
+    LayerCosts,
+    Sensitivity,
+    base_recipe,
+    collect_batches,
+    layer_costs,
+    method_for,
+    quantize_uniform,
+    sensitivity,
+    with_layer_bits,
+)
+from edgequant.spec import Recipe
+
+METHODS = ("perturbation", "hessian")
+
+
+@dataclass
+class Trial:
+    """One measured plan of a search: its bits, packed size and metric drop (eval_fn)."""
+
+    bits: dict[str, int]
+    packed_bytes: float
+    drop: float
+    accepted: bool
+
+
+@dataclass
+class MixedPlan:
+    """A mixed-precision plan: the recipe to quantize with, and how it was chosen."""
+
+    recipe: Recipe
+    bits: dict[str, int]
+    costs: LayerCosts
+    sensitivity: Sensitivity
+    method: str
+    budget: Budget | None
+    candidates: tuple[int, ...]
+    solver_s: float = 0.0
+    objective: float = 0.0
+    other: Sensitivity | None = None
+    spearman: dict[int, float] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+    max_drop: float | None = None
+    drop: float | None = None
+    wall_s: float = 0.0
+    qmodel: nn.Module | None = None
+
+    @property
+    def packed_bytes(self) -> float:
+        """Sum over layers of parameters x bits / 8 (what a bit-packing runtime stores)."""
+        return packed_bytes(self.costs.params, self.bits)
+
+    @property
+    def fp32_bytes(self) -> float:
+        return sum(self.costs.params.values()) * FP32_BITS / 8
+
+    @property
+    def average_bits(self) -> float:
+        return FP32_BITS * self.packed_bytes / self.fp32_bytes
+
+    @property
+    def bops(self) -> float | None:
+        act = self.recipe.activation.bits if self.recipe.activation is not None else None
+        if act is None:
+            return None
+        return float(sum(self.costs.macs[n] * b * act for n, b in self.bits.items()))
+
+    def table(self) -> str:
+        """Per layer: parameters, MACs, chosen bits and the scores at every candidate."""
+        names = list(self.bits)
+        width = max(len(n) for n in names)
+        heads = "".join(f"{'s@' + str(b):>11}" for b in self.candidates)
+        lines = [
+            f"mixed-precision plan ({self.method}): {self.average_bits:.3f} bits per weight on "
+            f"average, {self.packed_bytes:,.0f} packed bytes ({self.packed_bytes / self.fp32_bytes:.4f} "
+            f"of FP32), budget {self.budget}, solver {self.solver_s * 1e3:.1f} ms, "
+            f"sensitivity {self.sensitivity.wall_s:.1f} s",
+            f"  {'layer':<{width}} {'params':>8} {'MACs':>10} bits{heads}",
+        ]
+        for n in names:
+            row = self.sensitivity.scores[n]
+            cells = "".join(f"{row[b]:>11.3g}" for b in self.candidates)
+            lines.append(
+                f"  {n:<{width}} {self.costs.params[n]:>8} {self.costs.macs[n]:>10} "
+                f"{self.bits[n]:>4}{cells}"
+            )
+        if self.spearman:
+            rhos = ", ".join(f"{b} bits {r:.3f}" for b, r in sorted(self.spearman.items()))
+            lines.append(f"  Spearman (perturbation vs Hessian rankings): {rhos}")
+        if self.max_drop is not None and self.drop is not None:
+            lines.append(
+                f"  measured drop {self.drop:.4f} (tolerance {self.max_drop}) after "
+                f"{len(self.trials)} trials"
+            )
+        lines.extend(f"  note: {n}" for n in self.sensitivity.notes)
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "method": self.method,
+            "bits": dict(self.bits),
+            "packed_bytes": self.packed_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "average_bits": self.average_bits,
+            "budget": self.budget.as_dict() if self.budget else None,
+            "solver_s": self.solver_s,
+            "sensitivity_s": self.sensitivity.wall_s,
+            "scores": {
+                n: {str(b): s for b, s in r.items()} for n, r in self.sensitivity.scores.items()
+            },
+            "spearman": {str(b): r for b, r in self.spearman.items()},
+            "max_drop": self.max_drop,
+            "drop": self.drop,
+            "trials": [t.__dict__ for t in self.trials],
+        }
+
+
+def recipe_for(base: Recipe, bits: Mapping[str, int], params: Mapping[str, int]) -> Recipe:
+    """The mixed recipe: one exact-name override per layer, named after its average bits."""
+    avg = FP32_BITS * packed_bytes(params, bits) / (sum(params[n] for n in bits) * FP32_BITS / 8)
+    act = f"a{base.activation.bits}" if base.activation is not None else "-weight-only"
+    return with_layer_bits(base, bits, f"mixed-w{avg:.2f}{act}")
+
+
+def _sensitivities(
+    model: nn.Module,
+    batches: list[Any],
+    cands: tuple[int, ...],
+    base: Recipe,
+    method: str,
+    eval_fn: EvalFn | None,
+    num_samples: int,
+    compare: bool,
+    hessian_samples: int,
+    hessian_seconds: float,
+    progress: bool,
+) -> tuple[Sensitivity, Sensitivity | None, dict[int, float]]:
+    from edgequant.mixed.hessian import (
+        hessian_sensitivity,
+        hessian_trace,
+        pipeline_weight_error,
+        spearman,
+    )
+
+    act_bits = base.activation.bits if base.activation is not None else None
+    pert = hess = None
+    quantized = quantize_uniform(model, batches, cands, base)
+    if method == "perturbation" or compare:
+        pert = sensitivity(
+            model,
+            batches,
+            cands,
+            act_bits,
+            eval_fn=eval_fn,
+            recipe=base,
+            num_samples=num_samples,
+            quantized=quantized,
+            progress=progress,
+        )
+    if method == "hessian" or compare:
+        trace = hessian_trace(
+            model,
+            batches,
+            samples=hessian_samples,
+            max_seconds=hessian_seconds,
+            num_samples=num_samples,
+            recipe=base,
+        )
+        hess = hessian_sensitivity(trace, pipeline_weight_error(quantized), cands)
+    rhos: dict[int, float] = {}
+    if pert is not None and hess is not None:
+        rhos = {b: spearman(pert, hess, b) for b in cands}
+    chosen = pert if method == "perturbation" else hess
+    other = hess if method == "perturbation" else pert
+    assert chosen is not None
+    return chosen, other, rhos
+
+
+def _measure(
+    model: nn.Module,
+    base: Recipe,
+    bits: Mapping[str, int],
+    params: Mapping[str, int],
+    batches: list[Any],
+    eval_fn: EvalFn,
+    reference: float,
+) -> float:
+    from edgequant.ptq import quantize
+
+    qmodel = quantize(model, recipe_for(base, bits, params), batches, method=method_for(base))
+    return reference - float(eval_fn(qmodel))
+
+
+def plan(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    budget: Budget | None = None,
+    eval_fn: EvalFn | None = None,
+    candidates: Sequence[int] = (2, 3, 4, 8),
+    method: str = "perturbation",
+    act_bits: int | None = 8,
+    recipe: Recipe | None = None,
+    max_drop: float | None = None,
+    num_samples: int = 256,
+    fixed: Mapping[str, int] | None = None,
+    latency_table: Mapping[str, Mapping[int, float]] | None = None,
+    compare: bool = False,
+    hessian_samples: int = 32,
+    hessian_seconds: float = 60.0,
+    search_steps: int = 7,
+    progress: bool = False,
+) -> MixedPlan:
+    """A mixed-precision plan for `model`: per-layer weight bits from `candidates`.
+
+    Give `budget` (an eq.Budget) to minimize the total sensitivity under it, or `max_drop` with
+    `eval_fn(model) -> float` (higher is better; measure it on held-out data) for the smallest
+    packed size whose measured drop from FP32 is at most max_drop (a search over size budgets,
+    each candidate quantized and measured); both: the smallest plan within the budget that meets
+    the tolerance. method: "perturbation" (KL of the outputs, or eval_fn's drop, one layer
+    quantized at a time) or "hessian" (HAWQ-v3: Hutchinson trace x weight error). compare=True
+    computes both and their Spearman rank correlation per bit width.
+    """
+    from edgequant.mixed.allocate import _check_candidates
+
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; valid: {', '.join(METHODS)}")
+    if budget is None and max_drop is None:
+        raise ValueError(
+            "give budget= (an edgequant.Budget) or max_drop= with eval_fn= (accuracy-target mode)"
+        )
+    if budget is not None and not isinstance(budget, Budget):
+        raise TypeError(f"budget must be an edgequant.Budget, got {type(budget).__name__}")
+    if max_drop is not None:
+        if eval_fn is None:
+            raise ValueError("max_drop needs eval_fn(model) -> float to measure the drop")
+        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
+            raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
+    if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
+        raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
+    cands = _check_candidates(candidates)
+    base = base_recipe(recipe, act_bits)
+    batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
+    from edgequant.mixed.hessian import float_instrumented
+    from edgequant.mixed.sensitivity import uniform_recipe
+
+    costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
+    # Layers are scored by the output KL; eval_fn measures plans (one evaluation each), not every
+    # (layer, width) pair: that would cost layers x widths evaluations of a coarser metric.
+    sens, other, rhos = _sensitivities(
+        model,
+        batches,
+        cands,
+        base,
+        method,
+        None,
+        num_samples,
+        compare,
+        hessian_samples,
+        hessian_seconds,
+        progress,
+    )
+    missing = [n for n in costs.params if n not in sens.scores]
+    if missing:
+        raise RuntimeError(f"no sensitivity for layers {missing[:5]}")
+
+    def solve(b: Budget) -> Allocation:
+        return allocate(
+            sens.scores,
+            costs.params,
+            b,
+            cands,
+            macs=costs.macs,
+            act_bits=act_bits or 8,
+            latency_table=latency_table,
+            fixed=fixed,
+        )
+
+    trials: list[Trial] = []
+    drop: float | None = None
+    if max_drop is None:
+        assert budget is not None
+        alloc = solve(budget)
+        if eval_fn is not None:
+            drop = _measure(
+                model, base, alloc.bits, costs.params, batches, eval_fn, float(eval_fn(model))
+            )
+    else:
+        assert eval_fn is not None
+        alloc, drop, trials = _search(
+            model, base, costs, batches, eval_fn, float(max_drop), budget, solve, cands,
+            search_steps,
+        )  # fmt: skip
+    return MixedPlan(
+        recipe=recipe_for(base, alloc.bits, costs.params),
+        bits=alloc.bits,
+        costs=costs,
+        sensitivity=sens,
+        method=method,
+        budget=budget,
+        candidates=cands,
+        solver_s=alloc.solver_s,
+        objective=alloc.objective,
+        other=other,
+        spearman=rhos,
+        trials=trials,
+        max_drop=max_drop,
+        drop=drop,
+        wall_s=time.perf_counter() - start,
+    )
+
+
+def _search(
+    model: nn.Module,
+    base: Recipe,
+    costs: LayerCosts,
+    batches: list[Any],
+    eval_fn: EvalFn,
+    max_drop: float,
+    budget: Budget | None,
+    solve: Any,
+    cands: tuple[int, ...],
+    steps: int,
+) -> tuple[Allocation, float, list[Trial]]:
+    """Bisect the packed size: the smallest size whose allocation's measured drop <= max_drop."""
+    reference = float(eval_fn(model))
+    total = sum(costs.params.values())
+    trials: list[Trial] = []
+    cap = float("inf")
+    if budget is not None and budget.size_bytes is not None:
+        cap = float(budget.size_bytes)
+    if budget is not None and budget.size_ratio is not None:
+        cap = min(cap, budget.size_ratio * total * FP32_BITS / 8)
+
+    def trial(size: float) -> tuple[Allocation, float]:
+        b = (
+            Budget(size_bytes=size)
+            if budget is None
+            else Budget(size_bytes=size, bops=budget.bops, latency_ms=budget.latency_ms)
+        )
+        alloc = solve(b)
+        d = _measure(model, base, alloc.bits, costs.params, batches, eval_fn, reference)
+        trials.append(Trial(dict(alloc.bits), alloc.packed_bytes, d, d <= max_drop))
+        return alloc, d
+
+    lo, hi = total * cands[0] / 8, min(total * cands[-1] / 8, cap)
+    best, best_drop = trial(hi)
+    if best_drop > max_drop:
+        raise ValueError(
+            f"max_drop={max_drop} is unreachable: the largest plan allowed "
+            f"({best.average_bits:.2f} bits per weight) drops the metric by {best_drop:.4f}"
+        )
+    alloc, d = trial(lo)
+    if d <= max_drop:
+        return alloc, d, trials
+    for _ in range(max(steps - 2, 0)):
+        mid = (lo + hi) / 2
+        alloc, d = trial(mid)
+        if d <= max_drop:
+            hi = min(mid, alloc.packed_bytes)
+            if alloc.packed_bytes <= best.packed_bytes:
+                best, best_drop = alloc, d
+        else:
+            lo = mid
+    return best, best_drop, trials
+
+
+def mixed_precision(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    budget: Budget | None = None,
+    eval_fn: EvalFn | None = None,
+    candidates: Sequence[int] = (2, 3, 4, 8),
+    method: str = "perturbation",
+    **kwargs: Any,
+) -> Recipe:
+    """A Recipe with one weight-bits override per layer, chosen under `budget` (or, with
+    max_drop= and eval_fn, the smallest that keeps the metric within max_drop); see
+    `edgequant.mixed.plan` for the arguments and for the plan's details."""
+    return plan(model, calib_data, budget, eval_fn, candidates, method, **kwargs).recipe

@@ -1,0 +1,175 @@
+"""The hybrid workflow: lower the precision of the least sensitive layers first, one step at a
+time, while the measured metric stays within the tolerance; optionally finish with a short QAT.
+In the spirit of Wu et al., "Integer Quantization for Deep Learning Inference" (2020), section
+6.2 (partial quantization: quantize layers in order of sensitivity while the accuracy holds).
+
+Each step moves one layer one candidate width down: the move that costs the least sensitivity
+per byte saved. A move that breaks the tolerance is undone and that layer stays where it is.
+Every accepted state is measured (eq.quantize with the plan's recipe, then eval_fn), so the final
+plan meets the tolerance on the data eval_fn reads, not only by prediction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from edgequant.mixed.plan import MixedPlan, Trial, recipe_for
+from edgequant.mixed.sensitivity import (
+    EvalFn,
+    Sensitivity,
+    base_recipe,
+    collect_batches,
+    layer_costs,
+    method_for,
+    quantize_uniform,
+    sensitivity,
+    uniform_recipe,
+)
+from edgequant.spec import Recipe
+
+
+def _qat_api() -> tuple[Any, Any]:
+    import edgequant
+
+    prepare = getattr(edgequant, "prepare_qat", None)
+    fit = getattr(edgequant, "fit_qat", None)
+    if prepare is None or fit is None:
+        raise RuntimeError(
+            "qat_epochs > 0 needs edgequant.prepare_qat and edgequant.fit_qat (qat/, issue 9), "
+            "which this installation does not have; run progressive with qat_epochs=0"
+        )
+    return prepare, fit
+
+
+def progressive(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    eval_fn: EvalFn,
+    max_drop: float,
+    candidates: Sequence[int] = (2, 3, 4, 8),
+    act_bits: int | None = 8,
+    recipe: Recipe | None = None,
+    sensitivities: Sensitivity | None = None,
+    num_samples: int = 256,
+    max_steps: int | None = None,
+    fixed: Mapping[str, int] | None = None,
+    qat_epochs: int = 0,
+    train_data: Iterable[Any] | None = None,
+    qat_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> MixedPlan:
+    """Start with every layer at the widest candidate; lower layers one step at a time, least
+    sensitive per byte first, while eval_fn(quantized) stays within max_drop of eval_fn(model).
+
+    eval_fn(model) -> float: higher is better (e.g. held-out accuracy). `sensitivities`: reuse a
+    perturbation/Hessian result (default: perturbation KL). max_steps bounds the measured moves.
+    qat_epochs > 0: the final plan is trained with edgequant.prepare_qat / fit_qat on
+    train_data (with the FP32 model as teacher); the plan's qmodel is the trained model and
+    plan.drop its measured drop.
+    """
+    from edgequant.mixed.allocate import _check_candidates
+    from edgequant.mixed.hessian import float_instrumented
+    from edgequant.ptq import quantize
+
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
+        raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}")
+    if qat_epochs > 0:
+        _qat_api()  # fail before the search, not after it
+        if train_data is None:
+            raise ValueError("qat_epochs > 0 needs train_data (batches of (inputs, labels))")
+    cands = _check_candidates(candidates)
+    base = base_recipe(recipe, act_bits)
+    batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
+    costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
+    fixed = dict(fixed or {})
+    for name, b in fixed.items():
+        if name not in costs.params:
+            raise ValueError(f"fixed names layer {name!r}, which is not a quantized layer")
+        if b not in cands:
+            raise ValueError(f"fixed[{name!r}]={b} is not a candidate ({list(cands)})")
+    if sensitivities is None:
+        quantized = quantize_uniform(model, batches, cands, base)
+        sensitivities = sensitivity(
+            model, batches, cands, act_bits, recipe=base, num_samples=num_samples,
+            quantized=quantized, progress=progress,
+        )  # fmt: skip
+    scores = sensitivities.scores
+    absent = [n for n in costs.params if n not in scores or any(b not in scores[n] for b in cands)]
+    if absent:
+        raise ValueError(f"sensitivities lack layers or widths for {absent[:5]}")
+
+    reference = float(eval_fn(model))
+
+    def measure(bits: Mapping[str, int]) -> tuple[float, nn.Module]:
+        qmodel = quantize(
+            model, recipe_for(base, bits, costs.params), batches, method=method_for(base)
+        )
+        return reference - float(eval_fn(qmodel)), qmodel
+
+    bits = {n: fixed.get(n, cands[-1]) for n in costs.params}
+    drop, qmodel = measure(bits)
+    trials = [Trial(dict(bits), _packed(costs.params, bits), drop, drop <= max_drop)]
+    if drop > max_drop:
+        raise ValueError(
+            f"max_drop={max_drop} is unreachable: with every layer at {cands[-1]} bits the metric "
+            f"drops by {drop:.4f}"
+        )
+    frozen = set(fixed)
+    steps = 0
+    while max_steps is None or steps < max_steps:
+        moves = []
+        for n, b in bits.items():
+            if n in frozen or b == cands[0]:
+                continue
+            lower = cands[cands.index(b) - 1]
+            saved = costs.params[n] * (b - lower) / 8
+            moves.append(((scores[n][lower] - scores[n][b]) / saved, n, lower))
+        if not moves:
+            break
+        _, name, lower = min(moves)
+        trial_bits = {**bits, name: lower}
+        d, q = measure(trial_bits)
+        steps += 1
+        trials.append(Trial(dict(trial_bits), _packed(costs.params, trial_bits), d, d <= max_drop))
+        if d <= max_drop:
+            bits, drop, qmodel = trial_bits, d, q
+        else:
+            frozen.add(name)
+    final_recipe = recipe_for(base, bits, costs.params)
+    if qat_epochs > 0:
+        prepare, fit = _qat_api()
+        qmodel = prepare(model, final_recipe, calib_data=batches)
+        fit(qmodel, train_data, epochs=qat_epochs, teacher=model, **dict(qat_kwargs or {}))
+        qmodel.eval()
+        drop = reference - float(eval_fn(qmodel))
+    return MixedPlan(
+        recipe=final_recipe,
+        bits=bits,
+        costs=costs,
+        sensitivity=sensitivities,
+        method="progressive" + (f"+qat{qat_epochs}" if qat_epochs else ""),
+        budget=None,
+        candidates=cands,
+        trials=trials,
+        max_drop=float(max_drop),
+        drop=drop,
+        wall_s=time.perf_counter() - start,
+        qmodel=qmodel,
+    )
+
+
+def _packed(params: Mapping[str, int], bits: Mapping[str, int]) -> float:
+    return sum(params[n] * bits[n] / 8 for n in bits)
