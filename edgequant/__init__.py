@@ -3,6 +3,7 @@
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
+from edgequant.qat import fit_qat, prepare_qat
 from edgequant.report.compare import Report, compare
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
@@ -16,8 +17,10 @@ __all__ = [
     "Report",
     "compare",
     "export_onnx",
+    "fit_qat",
     "load",
     "mixed_precision",
+    "prepare_qat",
     "quantize",
 ]
 __version__ = "0.1.0"

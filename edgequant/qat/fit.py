@@ -1,0 +1,263 @@
+"""eq.fit_qat: a QAT training loop for users who do not bring their own.
+
+SGD (momentum) or Adam with a cosine learning rate over all steps, knowledge distillation from
+an FP32 teacher (Hinton et al. 2015: KL divergence of temperature-softened logits, times T^2,
+mixed with cross-entropy where labels are given), a tqdm progress bar, an atomic checkpoint
+after every epoch, and resume= to continue an interrupted run to bit-identical weights (same
+data order: the random generators are saved with the model, optimizer and schedule).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor, nn
+
+from edgequant.qat import checkpoint as ckpt
+from edgequant.qat.base import QATQuantizer
+from edgequant.qat.prepare import freeze_observers, qat_quantizers
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class NaNLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def _split(batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
+    """(inputs, labels or None) of one training item: a tensor, or an (inputs, labels) pair."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
+        x, y = batch
+        if isinstance(y, Tensor) and not y.is_floating_point():
+            return x, y
+    if isinstance(batch, (tuple, list)) and len(batch) == 1 and isinstance(batch[0], Tensor):
+        return batch[0], None
+    raise TypeError(
+        f"train_data item {index}: expected a tensor of inputs or an (inputs, integer labels) "
+        f"pair, got {type(batch).__name__}"
+    )
+
+
+def distillation_loss(
+    logits: Tensor,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    temperature: float,
+    kd_weight: float,
+) -> Tensor:
+    """CE on labels, KL to the teacher's softened logits (x T^2), or their mix."""
+    if teacher_logits is None:
+        assert labels is not None
+        return torch_F.cross_entropy(logits, labels)
+    t = temperature
+    kd = torch_F.kl_div(
+        torch_F.log_softmax(logits / t, dim=-1),
+        torch_F.log_softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+    if labels is None:
+        return kd
+    return kd_weight * kd + (1.0 - kd_weight) * torch_F.cross_entropy(logits, labels)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def fit_qat(
+    qmodel: nn.Module,
+    train_data: Iterable[Any],
+    epochs: int = 3,
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+    kd_weight: float = 1.0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    val_fn: Callable[[nn.Module], float] | None = None,
+    freeze_observers_epoch: int | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Train a prepared model (eq.prepare_qat) in place; return one record per epoch.
+
+    train_data: re-iterable (a DataLoader, a list) of input tensors or (inputs, labels) pairs;
+    without labels a teacher is required. kd_weight: the share of the distillation term when
+    there are labels too. val_fn(model) -> float is called after each epoch, model in eval mode.
+    checkpoint_dir: `qat_last.pt` is written there atomically after each epoch; resume=True
+    continues from it (refused if it comes from another recipe or model). on_epoch_end(epoch,
+    record) runs after the checkpoint. The model is left in eval mode, its grids in the
+    standard buffers (export it with eq.export_onnx).
+    """
+    from tqdm import tqdm
+
+    model = _unwrap(qmodel)
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    if not qat_quantizers(model):
+        raise ValueError("qmodel has no QAT quantizers: prepare it with eq.prepare_qat first")
+    _check_positive_int("epochs", epochs)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
+    if freeze_observers_epoch is not None:
+        _check_positive_int("freeze_observers_epoch", freeze_observers_epoch)
+    if isinstance(train_data, (Tensor, dict)) or iter(train_data) is train_data:
+        raise TypeError(
+            "train_data must be re-iterable (a DataLoader or a list of batches): it is read "
+            f"once per epoch; got {type(train_data).__name__}"
+        )
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    path: Path | None = None
+    if checkpoint_dir is not None:
+        path = Path(checkpoint_dir) / ckpt.FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    params = [p for p in qmodel.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    try:
+        steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = 0  # unknown: the cosine steps once per epoch
+    per_step = steps_per_epoch > 0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=epochs * steps_per_epoch if per_step else epochs
+    )
+    if teacher is not None:
+        teacher.eval()
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume and path is not None and path.is_file():
+        state = ckpt.load(path, model)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"])
+        history = list(state.get("history", []))
+        if start_epoch >= epochs:
+            model.eval()
+            return history
+
+    for epoch in range(start_epoch + 1, epochs + 1):
+        if freeze_observers_epoch is not None and epoch >= freeze_observers_epoch:
+            freeze_observers(model)
+        qmodel.train()
+        started = time.perf_counter()
+        total, samples = 0.0, 0
+        bar = tqdm(
+            train_data,
+            total=steps_per_epoch or None,
+            desc=f"QAT epoch {epoch}/{epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for index, batch in enumerate(bar):
+            x, y = _split(batch, index)
+            if y is None and teacher is None:
+                raise ValueError(
+                    f"train_data item {index} has no labels and no teacher was given: pass "
+                    "(inputs, labels) pairs or teacher="
+                )
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            logits = qmodel(x)
+            loss = distillation_loss(logits, y, teacher_logits, temperature, kd_weight)
+            if not torch.isfinite(loss):
+                where = (
+                    f"the last good checkpoint ({path}, epoch {start_epoch if not history else history[-1]['epoch']}) is kept"
+                    if path is not None and path.is_file()
+                    else "no checkpoint was written yet"
+                )
+                raise NaNLossError(
+                    f"QAT loss is {float(loss.detach())} at epoch {epoch}, step {index}: training stopped; "
+                    f"{where}. Lower lr (now {sched.get_last_lr()[0]:.3g}) or check the data."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_step:
+                sched.step()
+            n = int(x.shape[0])
+            total += float(loss.detach()) * n
+            samples += n
+            bar.set_postfix(loss=f"{total / samples:.4f}")
+        bar.close()
+        if not per_step:
+            sched.step()
+        if samples == 0:
+            raise ValueError("train_data yielded no batches")
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": total / samples,
+            "lr": sched.get_last_lr()[0],
+            "wall_s": time.perf_counter() - started,
+        }
+        model.eval()
+        if val_fn is not None:
+            record["val"] = float(val_fn(model))
+        history.append(record)
+        if path is not None and _is_rank0():
+            ckpt.save(
+                path,
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "fingerprint": ckpt.fingerprint(model),
+                    "history": history,
+                },
+            )
+        if progress:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
+            print(f"QAT epoch {epoch}/{epochs}: {shown}", flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    model.eval()
+    return history
+
+
+__all__ = ["NaNLossError", "QATQuantizer", "distillation_loss", "fit_qat"]

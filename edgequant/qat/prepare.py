@@ -1,0 +1,175 @@
+"""eq.prepare_qat: a PTQ-calibrated model whose quantizers then train.
+
+The model is instrumented by the static PTQ path (ptq.static: the same layers, BN folding and
+graph-level quantizers as eq.quantize), its weights and activations calibrated, and each
+calibrated quantizer then replaced by its trainable form (recipe.range_learning):
+
+    "lsq"   learned step size with LSQ's gradient scale (lsq.py), weights and activations
+    "lsq+"  LSQ, plus a learned zero point for asymmetric activation grids
+    "pact"  learned clipping level for activations (pact.py); weights follow their min/max
+    "ema"   moving-average activation ranges, weights follow their min/max (ema.py)
+
+BatchNorm: instrumentation folds each BatchNorm into its conv with the BatchNorm's running
+(eval) statistics, so the model that trains is the deployed, BN-folded model from the first
+step, with the statistics frozen from the start. Jacob et al. 2018 / Krishnamoorthi 2018 fold
+with batch statistics first and freeze them later because they train from scratch or for
+many epochs; QAT here fine-tunes a trained model for a few epochs, where Krishnamoorthi
+(section 3.2, "freeze BN statistics") finds frozen statistics at least as good, and the
+folded form costs no BatchNorm in the step at all. What trains is exactly what is exported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from edgequant.instrument import attach_info
+from edgequant.ptq.calibrate import peek, run_calibration
+from edgequant.ptq.static import build_static, calibrate_weights
+from edgequant.qat.base import QATQuantizer
+from edgequant.qat.ema import EMAQuantizer
+from edgequant.qat.lsq import LSQQuantizer
+from edgequant.qat.pact import PACTQuantizer
+from edgequant.quantizer import TensorQuantizer, quantizers
+from edgequant.spec import RANGE_LEARNING, Recipe
+
+
+def _ema(q: TensorQuantizer) -> QATQuantizer:
+    return EMAQuantizer(q)
+
+
+def _pact(q: TensorQuantizer) -> QATQuantizer:
+    if q.role == "weight" or not q.spec.per_tensor:
+        return EMAQuantizer(q)
+    return PACTQuantizer(q)
+
+
+def _lsq(q: TensorQuantizer) -> QATQuantizer:
+    return LSQQuantizer(q)
+
+
+def _lsq_plus(q: TensorQuantizer) -> QATQuantizer:
+    return LSQQuantizer(q, learn_offset=q.role == "activation")
+
+
+# recipe.range_learning -> the trainable form of one calibrated quantizer (STYLE §11).
+RANGE_LEARNERS: dict[str, Callable[[TensorQuantizer], QATQuantizer]] = {
+    "ema": _ema,
+    "pact": _pact,
+    "lsq": _lsq,
+    "lsq+": _lsq_plus,
+}
+assert set(RANGE_LEARNERS) == set(RANGE_LEARNING)
+
+
+def _replace_quantizers(model: nn.Module, new_of: dict[TensorQuantizer, nn.Module]) -> None:
+    """Swap quantizers by identity: a quantizer shared by several layers (and by a graph node)
+    is replaced everywhere by one new module, so it stays shared."""
+    for module in list(model.modules()):
+        for child_name, child in list(module._modules.items()):
+            if child is not None and child in new_of:
+                module._modules[child_name] = new_of[child]
+
+
+def make_trainable(qmodel: nn.Module, range_learning: str) -> int:
+    """Replace every calibrated quantizer of qmodel (in place) by its trainable form; return
+    how many were replaced."""
+    if range_learning not in RANGE_LEARNERS:
+        raise ValueError(
+            f"unknown range_learning {range_learning!r}; valid: {', '.join(RANGE_LEARNERS)}"
+        )
+    factory = RANGE_LEARNERS[range_learning]
+    new_of: dict[TensorQuantizer, nn.Module] = {
+        q: factory(q)
+        for q in quantizers(qmodel)
+        if q.mode == "quantize" and not isinstance(q, QATQuantizer)
+    }
+    _replace_quantizers(qmodel, new_of)
+    return len(new_of)
+
+
+def prepare_qat(
+    model: nn.Module,
+    recipe: Recipe | str = "w8a8",
+    calib_data: Iterable[Any] | None = None,
+    num_samples: int | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """A copy of `model`, quantized as static PTQ would quantize it, whose quantizers train.
+
+    calib_data: an iterable of model inputs (as for eq.quantize); up to `num_samples`
+    (default recipe.calib_samples) calibrate the starting ranges with the recipe's observers.
+    Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In eval
+    mode it computes what the PTQ model with its current grids computes; export it with
+    eq.export_onnx. `model` is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(recipe, str):
+        recipe = Recipe.preset(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
+        )
+    if recipe.weight is None:
+        raise ValueError(f"recipe {recipe.name!r} quantizes no weights: QAT needs weight specs")
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    first, batches = peek(calib_data)
+    qmodel, summary, recipe = build_static(model, recipe, first)
+    calibrate_weights(qmodel)
+    used = run_calibration(qmodel, batches, num_samples or recipe.calib_samples, progress)
+    count = make_trainable(qmodel, recipe.range_learning)
+    summary.notes.append(
+        f"QAT: {count} quantizers trainable ({recipe.range_learning}), ranges calibrated on "
+        f"{used} samples; BatchNorm folded with its running statistics (frozen)"
+    )
+    attach_info(
+        qmodel,
+        summary,
+        {
+            "method": "qat",
+            "recipe": recipe.to_dict(),
+            "range_learning": recipe.range_learning,
+            "samples_used": used,
+            "labels_used": False,
+        },
+    )
+    return qmodel.train()
+
+
+def qat_quantizers(model: nn.Module) -> list[QATQuantizer]:
+    return [m for m in model.modules() if isinstance(m, QATQuantizer)]
+
+
+def freeze_observers(model: nn.Module) -> int:
+    """Stop the range updates of EMA quantizers (learned ranges keep learning); return how many."""
+    frozen = 0
+    for q in qat_quantizers(model):
+        if isinstance(q, EMAQuantizer) and not q.frozen:
+            q.freeze()
+            frozen += 1
+    return frozen
+
+
+def finalize(qmodel: nn.Module) -> nn.Module:
+    """A copy of a QAT model with plain TensorQuantizers holding the learned grids, in eval
+    mode: the PTQ model it has become (eq.export_onnx takes either; this one also saves and
+    loads with eq.load). `qmodel` is not modified."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    final = copy.deepcopy(qmodel)
+    found = qat_quantizers(final)
+    if not found:
+        raise ValueError("qmodel has no QAT quantizers: was it made by eq.prepare_qat?")
+    final.eval()
+    _replace_quantizers(final, {q: q.to_tensor_quantizer() for q in found})
+    info = getattr(qmodel, "quant_info", None)
+    if isinstance(info, dict):
+        final.quant_info = {**info, "finalized": True}  # type: ignore[assignment]
+    return final.eval()

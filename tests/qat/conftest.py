@@ -1,0 +1,79 @@
+"""Tiny models and data for the QAT tests: a conv net with BatchNorm and a residual join (so
+BN folding and graph-level quantizers are exercised), on 8x8 inputs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)) + out)
+        return self.linear(F.avg_pool2d(out, out.shape[-1]).flatten(1))
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    # A learnable rule, so training has a direction: the label is the argmax of 4 channel sums.
+    y = torch.stack(
+        [x[:, 0].mean((1, 2)), x[:, 1].mean((1, 2)), x[:, 2].mean((1, 2)), -x.mean((1, 2, 3))],
+        dim=1,
+    ).argmax(1)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def _trained_tiny() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _train_tiny()
+
+
+@pytest.fixture
+def tiny_model(_trained_tiny: nn.Module) -> nn.Module:
+    """A briefly trained TinyNet in eval mode (BN running statistics set); a fresh copy."""
+    return copy.deepcopy(_trained_tiny).eval()
+
+
+def _train_tiny() -> nn.Module:
+    model = TinyNet()
+    x, y = _data(256, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for i in range(0, 256, 32):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture
+def calib() -> list[torch.Tensor]:
+    return list(_data(64, seed=2)[0].split(32))
+
+
+@pytest.fixture
+def train_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = _data(96, seed=3)
+    return list(zip(x.split(32), y.split(32), strict=True))
+
+
+@pytest.fixture
+def make_data() -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    return _data

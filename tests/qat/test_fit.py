@@ -1,0 +1,167 @@
+"""fit_qat: the loop, distillation, checkpoints that resume to identical weights, NaN, refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import edgequant as eq
+from edgequant.qat import fit_qat, prepare_qat
+from edgequant.qat.checkpoint import FILENAME
+from edgequant.qat.ema import EMAQuantizer
+from edgequant.qat.fit import NaNLossError
+
+
+class Shuffled:
+    """Batches in a new order every epoch, drawn from the global generator (as a DataLoader
+    with shuffle=True does): resuming must restore that generator too."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> None:
+        self.x, self.y, self.batch = x, y, batch
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch - 1) // self.batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            yield self.x[idx], self.y[idx]
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after_first(epoch: int, record: dict) -> None:
+    if epoch == 1:
+        raise Stop
+
+
+@pytest.mark.parametrize("range_learning", ["lsq", "ema"])
+def test_resume_after_a_kill_gives_identical_weights(
+    tiny_model, calib, make_data, tmp_path, range_learning
+):
+    recipe = eq.Recipe.preset("w4a4").replace(range_learning=range_learning)
+    data = Shuffled(*make_data(96, 5))
+    kwargs = dict(
+        epochs=3,
+        lr=1e-2,
+        optimizer="adam",
+        teacher=tiny_model,
+        kd_weight=0.5,
+        progress=False,
+        seed=7,
+        freeze_observers_epoch=2,
+    )
+    straight = prepare_qat(tiny_model, recipe, calib)
+    fit_qat(straight, data, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    interrupted = prepare_qat(tiny_model, recipe, calib)
+    with pytest.raises(Stop):
+        fit_qat(
+            interrupted,
+            data,
+            checkpoint_dir=tmp_path / "b",
+            on_epoch_end=_stop_after_first,
+            **kwargs,
+        )
+    assert (tmp_path / "b" / FILENAME).is_file()
+    torch.manual_seed(12345)  # whatever happened in between must not matter
+    resumed = prepare_qat(tiny_model, recipe, calib)  # a new process would rebuild it
+    history = fit_qat(resumed, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+    if range_learning == "ema":
+        assert all(q.frozen for q in resumed.modules() if isinstance(q, EMAQuantizer))
+    # Training changed something (the comparison above is not between two untouched models).
+    start = prepare_qat(tiny_model, recipe, calib).state_dict()
+    assert any(not torch.equal(start[k], a[k]) for k in a if k.endswith("weight"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, calib, train_data, tmp_path):
+    qat = prepare_qat(tiny_model, "w8a8", calib)
+    fit_qat(qat, train_data, epochs=1, lr=1e-3, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / FILENAME
+    saved = path.read_bytes()
+
+    class Diverging(torch.nn.Module):
+        """A teacher whose second batch of epoch 2 is NaN (what a diverging run produces)."""
+
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out = tiny_model(x)
+            return out * float("nan") if self.calls == 2 else out
+
+    qat2 = prepare_qat(tiny_model, "w8a8", calib)
+    with pytest.raises(NaNLossError, match=r"epoch 2, step 1.*last good checkpoint"):
+        fit_qat(
+            qat2,
+            train_data,
+            epochs=2,
+            lr=1e-3,
+            teacher=Diverging(),
+            kd_weight=0.5,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+    assert path.read_bytes() == saved
+    assert not [p for p in tmp_path.iterdir() if p.name != FILENAME]  # no temp files left
+
+
+def test_checkpoint_of_another_recipe_is_refused(tiny_model, calib, train_data, tmp_path):
+    qat = prepare_qat(tiny_model, "w8a8", calib)
+    fit_qat(qat, train_data, epochs=1, checkpoint_dir=tmp_path, progress=False)
+    other = prepare_qat(tiny_model, "w4a4", calib)
+    with pytest.raises(
+        ValueError,
+        match=r"different recipe or model(.|\n)*recipe field 'name': checkpoint 'w8a8', this model 'w4a4'",
+    ):
+        fit_qat(other, train_data, epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False)
+    lsq_plus = prepare_qat(
+        tiny_model, eq.Recipe.preset("w8a8").replace(range_learning="lsq+"), calib
+    )
+    with pytest.raises(ValueError, match="range_learning"):
+        fit_qat(
+            lsq_plus, train_data, epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False
+        )
+
+
+def test_distillation_without_labels_learns_the_teacher(tiny_model, calib, make_data):
+    qat = prepare_qat(tiny_model, "w4a4", calib)
+    x, _ = make_data(128, 9)
+    inputs = list(x.split(32))
+    history = fit_qat(
+        qat, inputs, epochs=3, lr=5e-3, optimizer="adam", teacher=tiny_model, progress=False
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert not qat.training
+
+
+def test_bad_arguments_are_named(tiny_model, calib, train_data):
+    qat = prepare_qat(tiny_model, "w8a8", calib)
+    with pytest.raises(TypeError, match="re-iterable"):
+        fit_qat(qat, iter(train_data), progress=False)
+    with pytest.raises(ValueError, match="no labels and no teacher"):
+        fit_qat(qat, [x for x, _ in train_data], progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        fit_qat(qat, train_data, epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        fit_qat(qat, train_data, lr=-1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit_qat(qat, train_data, optimizer="lion")
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        fit_qat(qat, train_data, resume=True)
+    with pytest.raises(ValueError, match="no QAT quantizers"):
+        fit_qat(tiny_model, train_data)
+    with pytest.raises(TypeError, match="item 0"):
+        fit_qat(qat, [{"x": 1}], progress=False)

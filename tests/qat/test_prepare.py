@@ -1,0 +1,183 @@
+"""prepare_qat: a PTQ start, trainable quantizers of each kind, their gradients, finalize."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import edgequant as eq
+from edgequant.qat import finalize, freeze_observers, prepare_qat
+from edgequant.qat.base import QATQuantizer
+from edgequant.qat.ema import EMAQuantizer
+from edgequant.qat.lsq import LSQQuantizer, lsq_grad_scale
+from edgequant.qat.pact import PACTQuantizer
+from edgequant.quantizer import TensorQuantizer, quantizers
+
+KINDS = {"lsq": LSQQuantizer, "lsq+": LSQQuantizer, "pact": PACTQuantizer, "ema": EMAQuantizer}
+
+
+def _plain_ptq(recipe: eq.Recipe) -> eq.Recipe:
+    # The static path alone (no GPTQ/AdaRound, CLE or bias correction): what prepare_qat starts from.
+    return recipe.replace(rounding="nearest", equalize=False, bias_correction=False)
+
+
+@pytest.mark.parametrize("range_learning", sorted(KINDS))
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4"])
+def test_prepared_model_in_eval_is_the_ptq_model(tiny_model, calib, range_learning, preset):
+    recipe = _plain_ptq(eq.Recipe.preset(preset).replace(range_learning=range_learning))
+    ptq = eq.quantize(tiny_model, recipe, calib).eval()
+    qat = prepare_qat(tiny_model, recipe, calib)
+    assert qat.training
+    found = [q for q in quantizers(qat) if isinstance(q, QATQuantizer)]
+    assert found and all(q.mode == "quantize" for q in quantizers(qat))
+    assert len(found) == len(list(quantizers(ptq)))
+    # PACT has no weight form: its weights (and only those) follow their min/max.
+    kinds = {type(q) for q in found if q.role == "activation"}
+    assert kinds == {KINDS[range_learning]}
+    qat.eval()
+    x = calib[0]
+    assert torch.equal(qat(x), ptq(x))
+
+
+def test_shared_quantizers_stay_shared(tiny_model, calib):
+    qat = prepare_qat(tiny_model, "w8a8", calib)
+    ids = [id(q) for q in qat.modules() if isinstance(q, TensorQuantizer)]
+    plain = [q for q in qat.modules() if type(q) is TensorQuantizer]
+    assert not plain
+    # A tensor read by two layers is quantized once: conv2's input quantizer is also a graph node.
+    layer = qat.get_submodule("conv2")
+    assert layer.shared_input and isinstance(layer.input_quantizer, QATQuantizer)
+    assert len(ids) == len(set(ids))  # modules() dedups: each quantizer once
+
+
+def test_lsq_gradient_is_esser_et_al(tiny_model, calib):
+    qat = prepare_qat(tiny_model, "w4a4", calib)
+    q = qat.get_submodule("conv2").weight_quantizer
+    assert isinstance(q, LSQQuantizer)
+    w = qat.get_submodule("conv2").weight.detach().clone().requires_grad_(True)
+    out = q(w)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    s = q.learned_scale.detach().reshape(-1, 1, 1, 1)
+    v = w.detach() / s
+    qmin, qmax = q.spec.qmin, q.spec.qmax
+    d_scale = torch.where(
+        v < qmin, float(qmin), torch.where(v > qmax, float(qmax), torch.round(v) - v)
+    )
+    g = 1.0 / math.sqrt(w[0].numel() * qmax)
+    assert g == pytest.approx(lsq_grad_scale(w, "weight", 0, None, qmax))
+    expected = (upstream * d_scale).sum(dim=(1, 2, 3)) * g
+    torch.testing.assert_close(q.learned_scale.grad, expected, rtol=1e-4, atol=1e-6)
+    # Straight-through estimator: gradient 1 inside the grid, 0 where clipped.
+    inside = (torch.round(v) >= qmin) & (torch.round(v) <= qmax)
+    torch.testing.assert_close(w.grad, upstream * inside)
+
+
+def test_pact_gradient_counts_clipped_values(tiny_model, calib):
+    qat = prepare_qat(tiny_model, eq.Recipe.preset("w4a4").replace(range_learning="pact"), calib)
+    q = next(
+        q for q in quantizers(qat) if isinstance(q, PACTQuantizer) and q.zero_point.item() == 0
+    )
+    alpha = float(q.alpha.detach())
+    x = torch.linspace(-0.5 * alpha, 2 * alpha, 101, requires_grad=True)
+    q(x).sum().backward()
+    high = x.detach() / q.scale > q.spec.qmax + 0.5
+    assert int(high.sum()) > 0
+    assert float(q.alpha.grad) == pytest.approx(int(high.sum()), rel=1e-5)
+    # Straight-through inside the grid, nothing where clipped.
+    assert x.grad is not None
+    low = x.detach() / q.scale < q.spec.qmin - 0.5
+    assert torch.equal(x.grad, (~high & ~low).float())
+
+
+def test_scales_stay_positive(tiny_model, calib):
+    qat = prepare_qat(tiny_model, "w4a4", calib)
+    q = qat.get_submodule("conv2").weight_quantizer
+    with torch.no_grad():
+        q.learned_scale.fill_(-1.0)
+    q(qat.get_submodule("conv2").weight)
+    assert bool((q.scale > 0).all()) and bool((q.learned_scale > 0).all())
+
+
+def test_ema_ranges_follow_the_data_until_frozen(tiny_model, calib):
+    qat = prepare_qat(tiny_model, eq.Recipe.preset("w8a8").replace(range_learning="ema"), calib)
+    q = qat.get_submodule("conv1").input_quantizer
+    assert isinstance(q, EMAQuantizer)
+    before = q.scale.clone()
+    qat(calib[0] * 4)  # a wider range
+    after = q.scale.clone()
+    assert float(after) > float(before)
+    assert freeze_observers(qat) > 0
+    qat(calib[0] * 16)
+    assert torch.equal(q.scale, after)
+
+
+def test_pow2_scales_from_the_first_step_and_export_unchanged(
+    tiny_model, calib, train_data, tmp_path
+):
+    """Issue 6: QAT under the dsp-pow2 target trains on power-of-two grids and exports them."""
+    recipe = eq.Recipe.preset("w8a8").for_target("dsp-pow2")
+    qat = prepare_qat(tiny_model, recipe, calib)
+    opt = torch.optim.SGD(qat.parameters(), lr=0.05)
+    for x, y in train_data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(qat(x), y).backward()
+        opt.step()
+        for q in quantizers(qat):  # the grid every training step used
+            assert torch.equal(torch.exp2(torch.round(torch.log2(q.scale))), q.scale), q.name
+    moved = [
+        q
+        for q in quantizers(qat)
+        if isinstance(q, LSQQuantizer) and not torch.equal(q.learned_scale.detach(), q.scale)
+    ]
+    assert moved  # the learned (float) step sizes trained; their grids stayed powers of two
+    qat.eval()
+    for q in quantizers(qat):
+        assert torch.equal(torch.exp2(torch.round(torch.log2(q.scale))), q.scale), q.name
+    info = eq.export_onnx(qat, tmp_path / "pow2.onnx", calib[0][:2], verify_data=calib)
+    assert info.verification.passed
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(tmp_path / "pow2.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    scale_names = {
+        n.input[1] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    }
+    scales = [v for name in scale_names if name in inits for v in inits[name].reshape(-1).tolist()]
+    assert len(scales) >= 5
+    assert all(math.log2(v) == round(math.log2(v)) for v in scales)
+
+
+def test_finalize_gives_plain_quantizers_computing_the_same(tiny_model, calib, train_data):
+    qat = prepare_qat(tiny_model, "w4a4", calib)
+    opt = torch.optim.Adam(qat.parameters(), lr=1e-2)
+    for x, y in train_data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(qat(x), y).backward()
+        opt.step()
+    final = finalize(qat)
+    assert qat.training  # not modified
+    assert all(type(q) is TensorQuantizer for q in quantizers(final))
+    qat.eval()
+    assert torch.equal(final(calib[0]), qat(calib[0]))
+    with pytest.raises(ValueError, match="no QAT quantizers"):
+        finalize(final)
+
+
+def test_bad_arguments_are_named(tiny_model, calib):
+    with pytest.raises(TypeError, match="model must be"):
+        prepare_qat("resnet", "w8a8", calib)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="recipe must be"):
+        prepare_qat(tiny_model, 8, calib)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_samples"):
+        prepare_qat(tiny_model, "w8a8", calib, num_samples=0)
+    with pytest.raises(ValueError, match="calib_data is required"):
+        prepare_qat(tiny_model, "w8a8", None)
+    with pytest.raises(ValueError, match="range_learning"):
+        eq.Recipe.preset("w8a8").replace(range_learning="adam")
+    with pytest.raises(ValueError, match="quantizes no activations"):
+        prepare_qat(tiny_model, "w8-weight-only", calib)
