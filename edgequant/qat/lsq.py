@@ -8,8 +8,8 @@ per channel, param_shape per group) starts from the PTQ calibration. The forward
 are PyTorch's fused learnable fake-quantize kernels, whose forward is bit for bit
 `torch.fake_quantize_per_*_affine` and whose backward is LSQ's: d x_hat / d s =
 round(x/s) - x/s inside the grid, qmin - z or qmax - z where clipped, times g; x gets the
-straight-through gradient (1 inside the grid, 0 where clipped). Scales stay positive (clamped
-to SCALE_EPS before each step); a pow2 grid rounds log2(s) with the straight-through estimator.
+straight-through gradient (1 inside the grid, 0 where clipped). The grid's scale is
+max(|s|, SCALE_EPS), so it stays positive; a pow2 grid rounds log2(s) with the straight-through estimator.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ class LSQQuantizer(QATQuantizer):
         self.learned_zero_point: Tensor | None = nn.Parameter(zp) if self.learn_offset else None
 
     def qparams(self) -> tuple[Tensor, Tensor]:
-        scale: Tensor = self.learned_scale
+        # |s|, floored: positive whatever the optimizer does, differentiable, and no in-place
+        # clamp (a quantizer applied twice in one forward, as at a residual join, would see its
+        # saved parameter modified before the backward).
+        scale = self.learned_scale.abs().clamp(min=F.SCALE_EPS)
         if self.pow2:
             scale = pow2_ste(scale)
         zp = (
@@ -95,8 +98,6 @@ class LSQQuantizer(QATQuantizer):
         return scale, zp
 
     def train_forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            self.learned_scale.clamp_(min=F.SCALE_EPS)
         scale, zp = self.qparams()
         self._store(scale, zp)
         g = lsq_grad_scale(x, self.role, self.axis, self.spec.group_size, self.spec.qmax)

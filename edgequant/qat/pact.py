@@ -74,14 +74,16 @@ class PACTQuantizer(QATQuantizer):
         self.alpha = nn.Parameter((self.scale.detach().reshape(()) * top).clone())
 
     def qparams(self) -> tuple[Tensor, Tensor]:
-        scale = self.alpha / self.levels_above_zero
+        # |alpha|, floored: positive, differentiable, never modified in place (see lsq.py).
+        scale = (
+            self.alpha.abs().clamp(min=F.SCALE_EPS * self.levels_above_zero)
+            / self.levels_above_zero
+        )
         if self.pow2:
             scale = pow2_ste(scale)
         return scale, self.zero_point.float().reshape(())
 
     def train_forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            self.alpha.clamp_(min=F.SCALE_EPS * self.levels_above_zero)
         scale, zp = self.qparams()
         self._store(scale, zp)
         out: Tensor = _PACTFakeQuant.apply(x, scale, zp, self.spec.qmin, self.spec.qmax)

@@ -1,5 +1,6 @@
-"""Tiny models and data for the QAT tests: a conv net with BatchNorm and a residual join (so
-BN folding and graph-level quantizers are exercised), on 8x8 inputs."""
+"""Tiny models and data for the QAT tests: a conv net with BatchNorm and residual joins, one
+through a strided slice and zero padding as in ResNet-20 (so BN folding and graph-level
+quantizers, one applied several times per forward, are exercised), on 8x8 inputs."""
 
 from __future__ import annotations
 
@@ -19,11 +20,20 @@ class TinyNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(8)
-        self.linear = nn.Linear(8, 4)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.linear = nn.Linear(16, 4)
+        self.slice_join = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)) + out)
+        # ResNet-20's option-A shortcut: the join re-applies one quantizer after the slice and pad.
+        if self.slice_join:
+            shortcut = F.pad(out[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+            out = F.relu(self.bn3(self.conv3(out)) + shortcut)
+        else:
+            out = F.relu(self.bn3(self.conv3(out)))
         return self.linear(F.avg_pool2d(out, out.shape[-1]).flatten(1))
 
 

@@ -140,9 +140,7 @@ def test_distillation_without_labels_learns_the_teacher(tiny_model, calib, make_
     qat = prepare_qat(tiny_model, "w4a4", calib)
     x, _ = make_data(128, 9)
     inputs = list(x.split(32))
-    history = fit_qat(
-        qat, inputs, epochs=3, lr=5e-3, optimizer="adam", teacher=tiny_model, progress=False
-    )
+    history = fit_qat(qat, inputs, epochs=3, lr=1e-3, teacher=tiny_model, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert not qat.training
 
