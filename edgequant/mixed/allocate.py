@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FP32_BITS = 32
+DEFAULT_CANDIDATES = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,14 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.mixed.allocate import FP32_BITS, Allocation, Budget, allocate, packed_bytes
+from edgequant.mixed.allocate import (
+    DEFAULT_CANDIDATES,
+    FP32_BITS,
+    Allocation,
+    Budget,
+    allocate,
+    packed_bytes,
+)
 from edgequant.mixed.sensitivity import (
     EvalFn,
     LayerCosts,
@@ -144,7 +151,6 @@ def _sensitivities(
     cands: tuple[int, ...],
     base: Recipe,
     method: str,
-    eval_fn: EvalFn | None,
     num_samples: int,
     compare: bool,
     hessian_samples: int,
@@ -167,7 +173,6 @@ def _sensitivities(
             batches,
             cands,
             act_bits,
-            eval_fn=eval_fn,
             recipe=base,
             num_samples=num_samples,
             quantized=quantized,
@@ -212,7 +217,7 @@ def plan(
     calib_data: Iterable[Any],
     budget: Budget | None = None,
     eval_fn: EvalFn | None = None,
-    candidates: Sequence[int] = (2, 3, 4, 8),
+    candidates: Sequence[int] | None = None,
     method: str = "perturbation",
     act_bits: int | None = 8,
     recipe: Recipe | None = None,
@@ -224,6 +229,7 @@ def plan(
     hessian_samples: int = 32,
     hessian_seconds: float = 60.0,
     search_steps: int = 7,
+    sensitivities: Sensitivity | None = None,
     progress: bool = False,
 ) -> MixedPlan:
     """A mixed-precision plan for `model`: per-layer weight bits from `candidates`.
@@ -234,7 +240,9 @@ def plan(
     each candidate quantized and measured); both: the smallest plan within the budget that meets
     the tolerance. method: "perturbation" (KL of the outputs, or eval_fn's drop, one layer
     quantized at a time) or "hessian" (HAWQ-v3: Hutchinson trace x weight error). compare=True
-    computes both and their Spearman rank correlation per bit width.
+    computes both and their Spearman rank correlation per bit width. candidates: default
+    (2, 3, 4, 8), or those of `sensitivities` when given. `sensitivities` reuses a
+    result (plan.sensitivity of an earlier plan) instead of measuring again.
     """
     from edgequant.mixed.allocate import _check_candidates
 
@@ -258,7 +266,16 @@ def plan(
         raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
         raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
+    if candidates is None:
+        candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES
     cands = _check_candidates(candidates)
+    if sensitivities is not None:
+        not_measured = sorted(set(cands) - set(sensitivities.candidates))
+        if not_measured:
+            raise ValueError(
+                f"sensitivities were measured at {list(sensitivities.candidates)} bits, "
+                f"not at {not_measured}: pass candidates within those, or measure again"
+            )
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
     from edgequant.mixed.hessian import float_instrumented
@@ -267,19 +284,29 @@ def plan(
     costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
     # Layers are scored by the output KL; eval_fn measures plans (one evaluation each), not every
     # (layer, width) pair: that would cost layers x widths evaluations of a coarser metric.
-    sens, other, rhos = _sensitivities(
-        model,
-        batches,
-        cands,
-        base,
-        method,
-        None,
-        num_samples,
-        compare,
-        hessian_samples,
-        hessian_seconds,
-        progress,
-    )
+    other: Sensitivity | None = None
+    rhos: dict[int, float] = {}
+    if sensitivities is not None:
+        if not isinstance(sensitivities, Sensitivity):
+            raise TypeError(
+                f"sensitivities must be an edgequant.mixed.Sensitivity, got "
+                f"{type(sensitivities).__name__}"
+            )
+        sens = sensitivities
+        method = sens.method
+    else:
+        sens, other, rhos = _sensitivities(
+            model,
+            batches,
+            cands,
+            base,
+            method,
+            num_samples,
+            compare,
+            hessian_samples,
+            hessian_seconds,
+            progress,
+        )
     missing = [n for n in costs.params if n not in sens.scores]
     if missing:
         raise RuntimeError(f"no sensitivity for layers {missing[:5]}")
@@ -390,7 +417,7 @@ def mixed_precision(
     calib_data: Iterable[Any],
     budget: Budget | None = None,
     eval_fn: EvalFn | None = None,
-    candidates: Sequence[int] = (2, 3, 4, 8),
+    candidates: Sequence[int] | None = None,
     method: str = "perturbation",
     **kwargs: Any,
 ) -> Recipe:

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from edgequant.mixed.allocate import DEFAULT_CANDIDATES
 from edgequant.mixed.plan import MixedPlan, Trial, recipe_for
 from edgequant.mixed.sensitivity import (
     EvalFn,
@@ -50,7 +51,7 @@ def progressive(
     calib_data: Iterable[Any],
     eval_fn: EvalFn,
     max_drop: float,
-    candidates: Sequence[int] = (2, 3, 4, 8),
+    candidates: Sequence[int] | None = None,
     act_bits: int | None = 8,
     recipe: Recipe | None = None,
     sensitivities: Sensitivity | None = None,
@@ -90,7 +91,16 @@ def progressive(
         _qat_api()  # fail before the search, not after it
         if train_data is None:
             raise ValueError("qat_epochs > 0 needs train_data (batches of (inputs, labels))")
+    if candidates is None:
+        candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES
     cands = _check_candidates(candidates)
+    if sensitivities is not None:
+        not_measured = sorted(set(cands) - set(sensitivities.candidates))
+        if not_measured:
+            raise ValueError(
+                f"sensitivities were measured at {list(sensitivities.candidates)} bits, "
+                f"not at {not_measured}: pass candidates within those, or measure again"
+            )
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
     costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])

@@ -1,0 +1,283 @@
+"""Issue 11's figures: mixed-precision weights on the pretrained ResNet-20 (CIFAR-10), against
+uniform 2/3/4/8-bit weights, activations 8-bit everywhere.
+
+Calibration: 1,024 images of train_4660 (its calibration part). Every choice (the accuracy
+target's search, QAT's settings) reads the 660 held-out images of train_4660 only. Accuracy is
+that of the exported ONNX model in ONNX Runtime on test_932 and on the 10,000 JPEG test images.
+Sizes: packed weight bytes (parameters x bits / 8, what a bit-packing runtime stores) and the
+ONNX file (3- and 2-bit weights in INT4 containers).
+
+    flock /tmp/edgequant-bench.lock python benchmarks/mixed_resnet20.py \
+        [--out benchmarks/results/mixed_resnet20.json] [--quick] [--qat-epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgequant as eq
+from edgequant.examples import cifar10 as C
+from edgequant.examples.shared import shared_dir
+from edgequant.export.onnx import export_float_onnx
+from edgequant.mixed import Budget, plan
+from edgequant.mixed.allocate import packed_bytes
+
+
+def layer_bits(qmodel: torch.nn.Module) -> dict[str, int]:
+    """Weight bits of every quantized layer, read from the quantized model itself."""
+    from edgequant.modules import QuantMixin
+
+    return {
+        name: m.weight_quantizer.spec.bits
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantMixin) and m.weight_quantizer is not None
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/mixed_resnet20.json")
+    parser.add_argument("--plot", default="benchmarks/results/mixed_resnet20.png")
+    parser.add_argument("--quick", action="store_true", help="skip the JPEG set, fewer budgets")
+    parser.add_argument(
+        "--budgets", default="2.5,3.0,3.5", help="average weight bits of the mixed plans"
+    )
+    parser.add_argument(
+        "--max-drop", type=float, default=0.003, help="accuracy-target mode tolerance (held-out)"
+    )
+    parser.add_argument("--qat-epochs", type=int, default=0, help="QAT of the 2.5-bit plan")
+    parser.add_argument("--hessian-samples", type=int, default=32)
+    args = parser.parse_args()
+    if shared_dir() is None:
+        print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
+        return 0
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = C.load_resnet20()
+    x_cal, _ = C.calibration_split(1024)
+    calib = list(x_cal.split(64))
+    x_held, y_held = C.heldout_split()
+    x932, y932 = C.load_split("test_932")
+    tests: dict[str, tuple[Any, Any]] = {"test_932": (x932, y932)}
+    if not args.quick:
+        tests["jpeg_10000"] = C.load_jpeg_test()
+    work = Path(tempfile.mkdtemp(prefix="eq-mixed-"))
+    base = eq.Recipe.preset("w8a8").replace(calib_samples=1024)
+    results: dict[str, dict[str, Any]] = {}
+
+    def heldout_acc(m: torch.nn.Module) -> float:
+        return C.accuracy(m, x_held, y_held)
+
+    fp32_heldout = heldout_acc(model)
+
+    def deploy(name: str, qmodel: torch.nn.Module, extra: dict[str, Any]) -> None:
+        path = work / f"{name}.onnx"
+        info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
+        predict = C.ort_predict_fn(path)
+        bits = layer_bits(qmodel)
+        row: dict[str, Any] = {
+            f"acc_{k}": C.accuracy(predict, x.numpy(), y.numpy()) for k, (x, y) in tests.items()
+        }
+        params = {n: qmodel.get_submodule(n).weight.numel() for n in bits}
+        row.update(
+            packed_bytes=packed_bytes(params, bits),
+            average_bits=32 * packed_bytes(params, bits) / (4 * sum(params.values())),
+            onnx_bytes=info.size_bytes,
+            sim_acc_heldout=heldout_acc(qmodel),
+            top1_agreement_test_932=info.verification.top1_agreement,
+            bits_histogram={str(b): sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},
+            bits=bits,
+            **extra,
+        )  # fmt: skip
+        results[name] = row
+        brief = {k: v for k, v in row.items() if k != "bits"}
+        print(name, json.dumps(brief), flush=True)
+
+    # FP32, exported the same way as the benchmark of issue 2.
+    fp32 = work / "fp32.onnx"
+    export_float_onnx(model, fp32, x932[:1])
+    predict = C.ort_predict_fn(fp32)
+    results["fp32"] = {
+        f"acc_{k}": C.accuracy(predict, x.numpy(), y.numpy()) for k, (x, y) in tests.items()
+    }
+    results["fp32"].update(onnx_bytes=fp32.stat().st_size, sim_acc_heldout=fp32_heldout)
+    print("fp32", json.dumps(results["fp32"]), flush=True)
+
+    # Uniform weights, the library's presets (first and last layer 8-bit below 8 bits).
+    for b in (2, 3, 4, 8):
+        start = time.perf_counter()
+        q = eq.quantize(model, eq.Recipe.preset(f"w{b}a8").replace(calib_samples=1024), calib)
+        deploy(
+            f"uniform-w{b}a8",
+            q,
+            {"quantize_s": time.perf_counter() - start, "pipeline": q.quant_info.get("pipeline")},
+        )
+
+    # Sensitivities once (both routes), then one integer program per budget.
+    budgets = [float(v) for v in args.budgets.split(",")]
+    if args.quick:
+        budgets = budgets[:1]
+    start = time.perf_counter()
+    first = plan(
+        model,
+        calib,
+        budget=Budget.average_bits(budgets[0]),
+        recipe=base,
+        compare=True,
+        hessian_samples=args.hessian_samples,
+        hessian_seconds=120.0,
+    )
+    analysis_s = time.perf_counter() - start
+    pert, hess = first.sensitivity, first.other
+    assert hess is not None
+    print(first.table(), flush=True)
+    analysis = {
+        "plan_wall_s (uniform PTQ at 2/3/4/8 bits + both sensitivities + MILP)": analysis_s,
+        "perturbation_s (incl. PTQ at each width)": pert.wall_s,
+        "hessian_s": hess.wall_s,
+        "hessian_notes": hess.notes,
+        "perturbation_notes": pert.notes,
+        "samples": pert.samples,
+        "spearman": {str(b): r for b, r in first.spearman.items()},
+        "ranking_perturbation_2bit": pert.ranking(2),
+        "ranking_hessian_2bit": hess.ranking(2),
+        "scores_perturbation": {n: {str(b): v for b, v in r.items()} for n, r in pert.scores.items()},
+        "scores_hessian": {n: {str(b): v for b, v in r.items()} for n, r in hess.scores.items()},
+    }  # fmt: skip
+    print("analysis", json.dumps({k: v for k, v in analysis.items() if "scores" not in k}))
+
+    def deploy_plan(name: str, p: Any, extra: dict[str, Any] | None = None) -> None:
+        start = time.perf_counter()
+        q = eq.quantize(model, p.recipe, calib)
+        deploy(
+            name,
+            q,
+            {
+                "quantize_s": time.perf_counter() - start,
+                "solver_s": p.solver_s,
+                "planned_packed_bytes": p.packed_bytes,
+                "recipe": p.recipe.name,
+                **(extra or {}),
+            },
+        )
+
+    for method, sens in (("perturbation", pert), ("hessian", hess)):
+        for avg in budgets:
+            p = plan(model, calib, budget=Budget.average_bits(avg), recipe=base, sensitivities=sens)
+            deploy_plan(f"mixed-{method}-{avg:g}bit", p, {"budget_average_bits": avg})
+            if method == "perturbation" and avg == budgets[0]:
+                p25 = p
+                yaml_path = Path(args.out).with_suffix(f".{avg:g}bit.recipe.yaml")
+                yaml_path.parent.mkdir(parents=True, exist_ok=True)
+                p.recipe.to_yaml(yaml_path)
+
+    # Accuracy target: at most max_drop below FP32 on the held-out images, smallest size.
+    start = time.perf_counter()
+    target = plan(
+        model,
+        calib,
+        eval_fn=heldout_acc,
+        max_drop=args.max_drop,
+        recipe=base,
+        sensitivities=pert,
+    )
+    deploy_plan(
+        f"mixed-target-drop{args.max_drop:g}",
+        target,
+        {
+            "search_s": time.perf_counter() - start,
+            "heldout_drop": target.drop,
+            "trials": [
+                {"average_bits": 32 * t.packed_bytes / (4 * sum(target.costs.params.values())),
+                 "heldout_drop": t.drop, "accepted": t.accepted}
+                for t in target.trials
+            ],
+        },
+    )  # fmt: skip
+
+    if args.qat_epochs > 0:
+        if not hasattr(eq, "prepare_qat"):
+            print("QAT skipped: edgequant.prepare_qat is not available", flush=True)
+        else:
+            x_tr, y_tr = C.train_split()
+            train = list(zip(x_tr.split(128), y_tr.split(128), strict=True))
+            start = time.perf_counter()
+            qat = eq.prepare_qat(model, p25.recipe, calib_data=calib)  # type: ignore[attr-defined]
+            eq.fit_qat(qat, train, epochs=args.qat_epochs, teacher=model)  # type: ignore[attr-defined]
+            qat.eval()
+            deploy(
+                f"mixed-perturbation-{budgets[0]:g}bit+qat{args.qat_epochs}",
+                qat,
+                {"qat_s": time.perf_counter() - start, "recipe": p25.recipe.name},
+            )
+
+    import onnxruntime
+
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "calibration": "1024 images of train_4660 (calibration part); choices on the 660 held-out",
+        "fp32_weight_bytes": 4 * sum(first.costs.params.values()),
+        "analysis": analysis,
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(results, Path(args.plot), "acc_jpeg_10000" if not args.quick else "acc_test_932")
+    return 0
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path, key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {
+        "uniform (first/last 8-bit)": "uniform-",
+        "mixed, perturbation": "mixed-perturbation-",
+        "mixed, Hessian": "mixed-hessian-",
+        "mixed, accuracy target": "mixed-target",
+    }
+    for label, prefix in groups.items():
+        rows = sorted(
+            (r for n, r in results.items() if n.startswith(prefix) and "+qat" not in n),
+            key=lambda r: r["packed_bytes"],
+        )
+        if rows:
+            ax.plot(
+                [r["packed_bytes"] / 1024 for r in rows],
+                [100 * r[key] for r in rows],
+                "o-" if len(rows) > 1 else "*",
+                label=label,
+                markersize=8,
+            )
+    for n, r in results.items():
+        if "+qat" in n:
+            ax.plot(r["packed_bytes"] / 1024, 100 * r[key], "s", label=n, markersize=8)
+    ax.axhline(100 * results["fp32"][key], color="gray", ls="--", label="FP32")
+    ax.set_xlabel("packed weight size (KiB, parameters x bits / 8)")
+    ax.set_ylabel(f"accuracy in ONNX Runtime, {key[4:]} (%)")
+    ax.set_title("ResNet-20 CIFAR-10, 8-bit activations: mixed vs uniform weight bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""A trained MNIST-1D CNN and its calibration batches, shared by the mixed-precision tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgequant.examples import mnist1d
+
+
+@pytest.fixture(scope="session")
+def cnn() -> torch.nn.Module:
+    """The demo's CNN on MNIST-1D (trained once, cached); tests must not modify it."""
+    return mnist1d.trained_cnn()
+
+
+@pytest.fixture(scope="session")
+def calib() -> list[torch.Tensor]:
+    return mnist1d.calib_batches(256, batch_size=64)
+
+
+@pytest.fixture(scope="session")
+def val_acc():
+    """eval_fn: accuracy (0..1) on the 500 validation signals (never the test split)."""
+    batches = mnist1d.eval_batches("val")
+
+    def accuracy(model: torch.nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            right = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+        return right / sum(len(y) for _, y in batches)
+
+    return accuracy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these convolutions are tiny, and on a shared 2-core machine two
+    spinning threads cost more than they gain. Restored after each module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

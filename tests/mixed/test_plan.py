@@ -1,0 +1,150 @@
+"""eq.mixed_precision / eq.mixed.plan / progressive on the MNIST-1D CNN: the recipe, its YAML round
+trip, eq.quantize of it, the accuracy-target search, the hybrid workflow and an ONNX export that
+mixes INT8 and INT4 (2- and 3-bit weights in INT4 containers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgequant as eq
+from edgequant.mixed import MixedPlan, plan, progressive
+from edgequant.mixed.sensitivity import base_recipe
+from edgequant.modules import QuantMixin
+
+# Round-to-nearest keeps these tests quick (test_sensitivity covers the GPTQ + bias-correction
+# pipeline that the default recipe runs at <= 4 bits).
+RECIPE = base_recipe(None, 8).replace(calib_samples=64, rounding="nearest", bias_correction=False)
+
+
+def weight_bits(qmodel: torch.nn.Module) -> dict[str, int]:
+    return {
+        n: m.weight_quantizer.spec.bits
+        for n, m in qmodel.named_modules()
+        if isinstance(m, QuantMixin) and m.weight_quantizer is not None
+    }
+
+
+@pytest.fixture(scope="module")
+def plan3(cnn, calib) -> MixedPlan:
+    return plan(cnn, calib, budget=eq.Budget.average_bits(3.0), recipe=RECIPE, num_samples=128)
+
+
+def test_plan_meets_the_budget_and_names_every_layer(plan3: MixedPlan) -> None:
+    assert set(plan3.bits) == {"conv1", "conv2", "conv3", "linear"}
+    assert plan3.average_bits <= 3.0 + 1e-9
+    assert plan3.packed_bytes == sum(plan3.costs.params[n] * b / 8 for n, b in plan3.bits.items())
+    assert plan3.fp32_bytes == 4 * sum(plan3.costs.params.values())
+    # Not uniform: at 3 bits on average a plan that spends bits where they matter differs.
+    assert len(set(plan3.bits.values())) > 1
+    assert plan3.recipe.name.startswith("mixed-w")
+    assert plan3.recipe.first_last_bits is None
+    assert {o.pattern for o in plan3.recipe.overrides} == set(plan3.bits)
+    table = plan3.table()
+    for name, bits in plan3.bits.items():
+        assert name in table and str(bits) in table
+    assert plan3.costs.macs["conv2"] == 40 * 32 * 32 * 5  # length 40, 32 -> 32 channels, kernel 5
+
+
+def test_the_recipe_round_trips_through_yaml_and_quantizes_as_planned(
+    plan3: MixedPlan, cnn, calib, tmp_path: Path
+) -> None:
+    path = tmp_path / "mixed.yaml"
+    plan3.recipe.to_yaml(path)
+    loaded = eq.Recipe.from_yaml(path)
+    assert loaded == plan3.recipe
+    qmodel = eq.quantize(cnn, loaded, calib)
+    assert weight_bits(qmodel) == plan3.bits
+
+
+def test_the_plan_scores_no_worse_than_uniform_3_bit(plan3: MixedPlan) -> None:
+    """Uniform 3-bit weights fit the 3.0-bit budget, so the optimum's total sensitivity is at most
+    theirs (and the objective is the sum of the chosen scores)."""
+    scores = plan3.sensitivity.scores
+    chosen = sum(scores[n][b] for n, b in plan3.bits.items())
+    assert plan3.objective == pytest.approx(chosen)
+    assert chosen <= sum(row[3] for row in scores.values()) + 1e-12
+
+
+def test_mixed_precision_returns_the_recipe(cnn, calib) -> None:
+    recipe = eq.mixed_precision(
+        cnn, calib_data=calib, budget=eq.Budget(size_ratio=0.25), recipe=RECIPE, num_samples=64,
+        candidates=(4, 8),
+    )  # fmt: skip
+    assert isinstance(recipe, eq.Recipe)
+    assert all(o.weight is not None and o.weight.bits == 8 for o in recipe.overrides)
+
+
+def test_hessian_method_and_comparison(cnn, calib) -> None:
+    p = plan(
+        cnn, calib, budget=eq.Budget.average_bits(3.0), recipe=RECIPE, num_samples=64,
+        method="hessian", compare=True, hessian_samples=3, candidates=(2, 8),
+    )  # fmt: skip
+    assert p.method == "hessian" and p.sensitivity.method == "hessian"
+    assert p.other is not None and p.other.method == "perturbation"
+    assert sorted(p.spearman) == [2, 8]
+    assert all(-1 <= r <= 1 for r in p.spearman.values())
+    assert p.average_bits <= 3.0 + 1e-9
+
+
+def test_reused_sensitivities_and_an_infeasible_budget(plan3: MixedPlan, cnn, calib) -> None:
+    p = plan(cnn, calib, budget=eq.Budget.average_bits(2.5), recipe=RECIPE,
+             sensitivities=plan3.sensitivity)  # fmt: skip
+    assert p.average_bits <= 2.5 + 1e-9
+    assert p.sensitivity is plan3.sensitivity
+    smallest = sum(plan3.costs.params.values()) * 2 / 8
+    with pytest.raises(ValueError, match=f"smallest achievable size .* {smallest:,.0f} bytes"):
+        plan(cnn, calib, budget=eq.Budget.average_bits(1.5), recipe=RECIPE,
+             sensitivities=plan3.sensitivity)  # fmt: skip
+
+
+def test_accuracy_target_mode_meets_the_tolerance_by_measurement(
+    plan3: MixedPlan, cnn, calib, val_acc
+) -> None:
+    p = plan(cnn, calib, eval_fn=val_acc, max_drop=0.01, recipe=RECIPE,
+             sensitivities=plan3.sensitivity, search_steps=4)  # fmt: skip
+    assert p.drop is not None and p.drop <= 0.01
+    assert len(p.trials) == 4 and p.trials[0].accepted  # the all-8-bit plan first
+    accepted = [t for t in p.trials if t.accepted]
+    assert p.packed_bytes == min(t.packed_bytes for t in accepted)
+    # Confirm independently: quantize the returned recipe and measure again.
+    assert val_acc(cnn) - val_acc(eq.quantize(cnn, p.recipe, calib)) == pytest.approx(p.drop)
+
+
+def test_unreachable_tolerance_is_an_error(plan3: MixedPlan, cnn, calib, val_acc) -> None:
+    with pytest.raises(ValueError, match="unreachable"):
+        # Every quantized model scores 0, the FP32 model 1: not even 8 bits keeps the metric.
+        plan(cnn, calib, eval_fn=lambda m: 1.0 if m is cnn else 0.0, max_drop=0.5, recipe=RECIPE,
+             sensitivities=plan3.sensitivity)  # fmt: skip
+
+
+def test_progressive_lowers_layers_while_the_metric_holds(plan3: MixedPlan, cnn, calib, val_acc):
+    p = progressive(cnn, calib, val_acc, max_drop=0.01, recipe=RECIPE,
+                    sensitivities=plan3.sensitivity, max_steps=4)  # fmt: skip
+    assert p.drop is not None and p.drop <= 0.01
+    assert len(p.trials) == 5  # the all-8-bit start and four moves
+    assert p.average_bits < 8
+    assert p.qmodel is not None and weight_bits(p.qmodel) == p.bits
+    assert val_acc(cnn) - val_acc(p.qmodel) == pytest.approx(p.drop)
+
+
+def test_progressive_qat_needs_training_data(cnn, calib, val_acc) -> None:
+    with pytest.raises((ValueError, RuntimeError), match="train_data|prepare_qat"):
+        progressive(cnn, calib, val_acc, max_drop=0.01, qat_epochs=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "give budget="),
+        ({"budget": {"size_ratio": 0.1}}, TypeError, "edgequant.Budget"),
+        ({"max_drop": 0.01}, ValueError, "needs eval_fn"),
+        ({"budget": eq.Budget(size_ratio=0.1), "method": "hawq"}, ValueError, "perturbation"),
+        ({"max_drop": -1, "eval_fn": len}, ValueError, "max_drop must be a number >= 0"),
+    ],
+)
+def test_plan_argument_errors(cnn, calib, kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        plan(cnn, calib, **kwargs)
