@@ -5,7 +5,8 @@ offsets and better initialization", CVPR-W 2020, section 3 (learned offset for a
 
 The step size `s` (here `learned_scale`, laid out like the `scale` buffer: 0-d per tensor, (C,)
 per channel, param_shape per group) starts from the PTQ calibration. The forward and backward
-are PyTorch's fused learnable fake-quantize kernels, whose forward is bit for bit
+are PyTorch's fused learnable fake-quantize kernels (per tensor, on large tensors: the same math
+compiled by torch.compile, kernels.py), whose forward is bit for bit
 `torch.fake_quantize_per_*_affine` and whose backward is LSQ's: d x_hat / d s =
 round(x/s) - x/s inside the grid, qmin - z or qmax - z where clipped, times g; x gets the
 straight-through gradient (1 inside the grid, 0 where clipped). The grid's scale is
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from edgequant import functional as F
 from edgequant.qat.base import QATQuantizer, pow2_ste
+from edgequant.qat.kernels import lsq_fake_quantize_per_tensor
 from edgequant.quantizer import TensorQuantizer
 
 
@@ -48,9 +50,7 @@ def learnable_fake_quantize(
 ) -> Tensor:
     """Fake-quantize with gradients for x (STE), scale and zero point (LSQ), any granularity."""
     if axis is None:
-        return torch._fake_quantize_learnable_per_tensor_affine(
-            x, scale.reshape(1), zero_point.reshape(1), qmin, qmax, grad_scale
-        )
+        return lsq_fake_quantize_per_tensor(x, scale, zero_point, qmin, qmax, grad_scale)
     axis = axis % x.dim()
     if group_size is None:
         return torch._fake_quantize_learnable_per_channel_affine(

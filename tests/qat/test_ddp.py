@@ -87,13 +87,17 @@ def test_quantizer_state_is_identical_on_both_ranks(tmp_path: Path, range_learni
             assert value == states[1][key], key  # the modes (extra state)
     if range_learning == "ema":
         # The first layer's input range is the EMA of the *global* batch min/max.
-        start = prepare_qat(_model(), eq.Recipe.preset("w8a8").replace(range_learning="ema"), _calib())
+        start = prepare_qat(
+            _model(), eq.Recipe.preset("w8a8").replace(range_learning="ema"), _calib()
+        )
         q = start.get_submodule("0").input_quantizer
         lo, hi = q.running_min.clone(), q.running_max.clone()
         for step in range(STEPS):
             xs = [_rank_data(r, step)[0] for r in range(WORLD)]
             lo = lo + 0.01 * (torch.stack([x.min() for x in xs]).min() - lo)
             hi = hi + 0.01 * (torch.stack([x.max() for x in xs]).max() - hi)
-        key = next(k for k in states[0] if k.endswith("input_quantizer.running_max") and k.startswith("0."))
+        key = next(
+            k for k in states[0] if k.endswith("input_quantizer.running_max") and k.startswith("0.")
+        )
         torch.testing.assert_close(states[0][key], hi)
         torch.testing.assert_close(states[0][key.replace("max", "min")], lo)

@@ -24,7 +24,9 @@ def test_trained_qat_model_exports_and_verifies(tiny_model, calib, train_data, t
     if preset == "w4a4":
         assert report.initializer_bytes.get("INT4", 0) > 0  # packed, two weights a byte
     else:
-        assert report.initializer_bytes.get("INT8", 0) > 0 and "INT4" not in report.initializer_bytes
+        assert (
+            report.initializer_bytes.get("INT8", 0) > 0 and "INT4" not in report.initializer_bytes
+        )
     # The finalized (plain PTQ-form) model exports to the same graph computing the same numbers.
     final = finalize(qat)
     info2 = eq.export_onnx(final, tmp_path / "final.onnx", calib[0][:2], verify_data=calib)
