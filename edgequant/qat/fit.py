@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def fit_qat(
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
     if freeze_observers_epoch is not None:
         _check_positive_int("freeze_observers_epoch", freeze_observers_epoch)
-    if isinstance(train_data, (Tensor, dict)) or iter(train_data) is train_data:
+    if isinstance(train_data, (Tensor, dict, Iterator)) or not isinstance(train_data, Iterable):
         raise TypeError(
             "train_data must be re-iterable (a DataLoader or a list of batches): it is read "
             f"once per epoch; got {type(train_data).__name__}"
