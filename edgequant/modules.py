@@ -6,6 +6,8 @@ keeps the float names (`weight`, `bias`) plus the quantizers' buffers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -56,6 +58,9 @@ class QuantMixin(_MixinBase):
         self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str
     ) -> None:
         self.layer_name = name
+        # Eval mode computes in the exact integer form (integer_forward); calibration passes turn
+        # it off (fast_simulation) for speed: the float form differs only by float rounding.
+        self.exact_integer = True
         # True when the graph quantizes this layer's input before it arrives (shared quantizer).
         self.shared_input = False
         # SmoothQuant: the input is divided by a per-channel factor the weight was multiplied by.
@@ -90,6 +95,7 @@ class QuantMixin(_MixinBase):
         iq, wq = self.input_quantizer, self.weight_quantizer
         return (
             not self.training
+            and getattr(self, "exact_integer", True)
             and iq is not None
             and wq is not None
             and iq.mode == "quantize"
@@ -153,6 +159,21 @@ class QuantMixin(_MixinBase):
             zp = torch.zeros(bias_scale.shape, dtype=torch.int32, device=b.device)
             b = F.fake_quantize(b, bias_scale, zp, BIAS_QMIN, BIAS_QMAX, axis)
         return x, w, b
+
+
+@contextlib.contextmanager
+def fast_simulation(model: nn.Module) -> Iterator[None]:
+    """Layers compute in the fake-quantized float form (not the exact integer form) inside the
+    block: for calibration passes, where float-rounding differences do not matter."""
+    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    saved = [m.exact_integer for m in layers]
+    try:
+        for m in layers:
+            m.exact_integer = False
+        yield
+    finally:
+        for m, flag in zip(layers, saved, strict=True):
+            m.exact_integer = flag
 
 
 def _new_params(new: QuantMixin, weight: Tensor, bias: Tensor | None) -> None:

@@ -80,3 +80,53 @@ def run_calibration(
             q.compute_qparams()
             q.set_mode("quantize")
     return seen
+
+
+def collect(batches: Iterable[Any], num_samples: int) -> list[Any]:
+    """Up to num_samples samples of `batches`, as a list of batches (for passes that read the
+    calibration data more than once)."""
+    out: list[Any] = []
+    seen = 0
+    for index, batch in enumerate(batches):
+        n = batch_size(batch)
+        if seen + n > num_samples:
+            batch, n = _take(batch, num_samples - seen), num_samples - seen
+        check_finite(batch, index)
+        out.append(batch)
+        seen += n
+        if seen >= num_samples:
+            break
+    if seen == 0:
+        raise ValueError("calib_data yielded no samples")
+    return out
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is skipped."""
+
+
+def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any]) -> list[Tensor]:
+    """The first positional input of `layer` for each batch, as the model computes it now
+    (quantizers in their current modes); the forward stops at the layer."""
+    captured: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0].detach())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                try:
+                    call_model(model, batch, index)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError(
+            f"layer {getattr(layer, 'layer_name', type(layer).__name__)!r} ran on "
+            f"{len(captured)} of {len(batches)} calibration batches"
+        )
+    return captured

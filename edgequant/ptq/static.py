@@ -5,11 +5,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, cast
 
+import torch
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info, instrument, place_graph_quantizers
-from edgequant.modules import QuantMixin
-from edgequant.ptq.calibrate import peek, run_calibration
+from edgequant.instrument import (
+    Summary,
+    attach_info,
+    batch_size,
+    instrument,
+    place_graph_quantizers,
+)
+from edgequant.modules import QuantMixin, fast_simulation
+from edgequant.ptq import auto
+from edgequant.ptq.bias_correction import correct_bias, float_output_means
+from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
+from edgequant.ptq.equalize import equalize
+from edgequant.ptq.rounding import ROUNDERS
+from edgequant.ptq.rounding import supports as rounding_support
+from edgequant.ptq.smooth import describe_smoothing, smooth_
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
 
@@ -37,6 +50,90 @@ def build_static(
     return qmodel, summary, recipe
 
 
+def lowest_weight_bits(qmodel: nn.Module) -> int | None:
+    bits = [
+        cast(QuantMixin, m).weight_quantizer.spec.bits  # type: ignore[union-attr]
+        for m in qmodel.modules()
+        if isinstance(m, QuantMixin) and m.weight_quantizer is not None
+    ]
+    return min(bits) if bits else None
+
+
+def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
+    """The recipe's "auto" choices made concrete for this model: the full pipeline at <= 4 weight
+    bits (where round-to-nearest loses accuracy), plain rounding above."""
+    low = (lowest_weight_bits(qmodel) or 8) <= 4
+    rounding = recipe.rounding if recipe.rounding != "auto" else ("gptq" if low else "nearest")
+    return {
+        "equalize": recipe.equalize if recipe.equalize is not None else False,
+        "rounding": rounding,
+        "bias_correction": recipe.bias_correction
+        if recipe.bias_correction is not None
+        else low,
+    }
+
+
+def execution_order(qmodel: nn.Module, batch: Any) -> list[tuple[str, QuantMixin]]:
+    """Quantized layers in the order the model runs them (each once)."""
+    from edgequant.instrument import call_model
+
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n))
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantMixin)
+    ]
+    try:
+        with torch.no_grad():
+            call_model(qmodel, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = list(dict.fromkeys(order))
+    return [(n, cast(QuantMixin, qmodel.get_submodule(n))) for n in seen]
+
+
+def refine_weights(
+    qmodel: nn.Module,
+    batches: list[Any],
+    rounding: str,
+    bias_correction: bool,
+    progress: bool = False,
+) -> list[str]:
+    """Learned rounding and bias correction, layer by layer in execution order, each layer seeing
+    its inputs as the partly refined model computes them. Returns notes for the summary."""
+    from tqdm import tqdm
+
+    notes: list[str] = []
+    layers = execution_order(qmodel, batches[0])
+    means = (
+        float_output_means(qmodel, {n: m for n, m in layers if m.bias is not None}, batches)
+        if bias_correction
+        else {}
+    )
+    skipped: dict[str, str] = {}
+    for name, layer in tqdm(layers, desc=f"weights ({rounding})", disable=not progress, leave=False):
+        why = rounding_support(layer) if rounding != "nearest" else "nearest"
+        if why is not None and name not in means:
+            if rounding != "nearest":
+                skipped[name] = why
+            continue
+        inputs = capture_inputs(qmodel, layer, batches)
+        if why is None:
+            ROUNDERS[rounding](layer, inputs)
+        elif rounding != "nearest":
+            skipped[name] = why
+        if name in means:
+            correct_bias(layer, inputs, means[name])
+    if skipped:
+        notes.append(
+            f"{rounding} rounding not applied to "
+            + "; ".join(f"{n} ({w})" for n, w in skipped.items())
+            + ": rounded to nearest"
+        )
+    return notes
+
+
 def quantize_static(
     model: nn.Module,
     recipe: Recipe,
@@ -46,14 +143,47 @@ def quantize_static(
 ) -> nn.Module:
     first, batches = peek(calib_data)
     qmodel, summary, recipe = build_static(model, recipe, first)
+    pipeline = resolve_pipeline(recipe, qmodel)
+    steps: list[str] = []
+    data = collect(batches, num_samples)
+    used = sum(batch_size(b) for b in data)
+    if pipeline["equalize"]:
+        pairs = equalize(qmodel)
+        steps.append(f"cross-layer equalization ({len(pairs)} pairs)")
+        if not pairs:
+            summary.notes.append("cross-layer equalization found no layer pairs to equalize")
+    if recipe.smooth_alpha is not None:
+        pipeline["smooth_alphas"] = smooth_(qmodel, data, recipe.smooth_alpha, used)
+        steps.append(describe_smoothing(pipeline["smooth_alphas"]))
     calibrate_weights(qmodel)
-    used = run_calibration(qmodel, batches, num_samples, progress)
+    auto.attach_scores(qmodel)
+    with fast_simulation(qmodel):
+        run_calibration(qmodel, data, used, progress)
+    steps.append("weight and activation ranges calibrated")
+    picked = auto.choices(qmodel)
+    if picked:
+        counts = {c: list(picked.values()).count(c) for c in sorted(set(picked.values()))}
+        steps.append(
+            "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
+        )
+    if pipeline["rounding"] != "nearest" or pipeline["bias_correction"]:
+        with fast_simulation(qmodel):
+            summary.notes.extend(
+                refine_weights(
+                    qmodel, data, pipeline["rounding"], pipeline["bias_correction"], progress
+                )
+            )
+        if pipeline["rounding"] != "nearest":
+            steps.append(f"{pipeline['rounding']} weight rounding")
+        if pipeline["bias_correction"]:
+            steps.append("empirical bias correction")
     attach_info(
         qmodel,
         summary,
         {
             "method": "static",
             "recipe": recipe.to_dict(),
+            "pipeline": {**pipeline, "steps": steps},
             "samples_used": used,
             "labels_used": False,
         },
