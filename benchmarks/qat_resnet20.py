@@ -7,12 +7,9 @@ activation ranges (and MSE weight ranges below 8 bits); LSQ learns them; knowled
 the FP32 model. Every reported accuracy is the *exported* model's, run in ONNX Runtime, on test_932
 and on the 10,000 JPEG test images.
 
-    # choose the learning rate on the held-out images (short W4A4 runs):
-    flock /tmp/edgequant-bench.lock python benchmarks/qat_resnet20.py --select --presets w4a4 \
-        --epochs 3 --lrs 0.002,0.005,0.01
-    # the runs:
-    flock /tmp/edgequant-bench.lock python benchmarks/qat_resnet20.py --presets w4a4,w8a8,w3a3,w2a2 \
-        --epochs 10 --lr 0.005
+    # lr chosen on the held-out images by short W4A4 runs (--lrs, --select-epochs), then the runs:
+    flock /tmp/edgequant-bench.lock python benchmarks/qat_resnet20.py \
+        --presets w4a4,w8a8,w3a3,w2a2 --epochs 10 --epochs-for w8a8=5
 """
 
 from __future__ import annotations
@@ -124,11 +121,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="w4a4,w8a8,w3a3,w2a2")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.005)
-    parser.add_argument(
-        "--select", action="store_true", help="only choose lr on the held-out images"
-    )
-    parser.add_argument("--lrs", default="0.002,0.005,0.01")
+    parser.add_argument("--lr", type=float, default=None, help="default: chosen on held-out")
+    parser.add_argument("--select", action="store_true", help="only choose lr on held-out images")
+    parser.add_argument("--lrs", default="0.003,0.01")
+    parser.add_argument("--select-preset", default="w4a4")
+    parser.add_argument("--select-epochs", type=int, default=2)
+    parser.add_argument("--epochs-for", default="", help="per-preset epochs, e.g. 'w8a8=5'")
     parser.add_argument("--no-jpeg", action="store_true", help="skip the 10,000 JPEG images")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -147,7 +145,7 @@ def main() -> int:
     calib = list(C.calibration_split(512)[0].split(64))
     train = Augmented(x_train, y_train)
     presets = args.presets.split(",")
-    meta = {
+    meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -157,16 +155,29 @@ def main() -> int:
         "loss": "0.5 * KL(teacher T=2) * T^2 + 0.5 * CE; SGD momentum 0.9, cosine lr per step",
     }
 
-    if args.select:
+    if args.select or args.lr is None:
         rows = []
-        for preset in presets:
-            for lr in map(float, args.lrs.split(",")):
-                _, row = qat_run(model, preset, calib, train, heldout, args.epochs, lr)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-        out = Path(args.out or "benchmarks/results/qat_resnet20_lr_selection.json")
-        out.write_text(json.dumps({**meta, "runs": rows}, indent=1))
-        return 0
+        for lr in map(float, args.lrs.split(",")):
+            _, row = qat_run(
+                model, args.select_preset, calib, train, heldout, args.select_epochs, lr
+            )
+            print("select", json.dumps(row), flush=True)
+            rows.append(row)
+        best = max(rows, key=lambda r: r["heldout_by_epoch"][-1])
+        meta["lr_selection"] = {
+            "rule": f"best held-out accuracy after {args.select_epochs} epochs of "
+            f"{args.select_preset}, among lrs {args.lrs}",
+            "runs": rows,
+            "chosen": best["lr"],
+        }
+        if args.select:
+            out = Path(args.out or "benchmarks/results/qat_resnet20_lr_selection.json")
+            out.write_text(json.dumps(meta, indent=1))
+            return 0
+        args.lr = best["lr"]
+    epochs_for = {
+        k: int(v) for k, v in (item.split("=") for item in args.epochs_for.split(",") if item)
+    }
 
     import onnxruntime
 
@@ -208,7 +219,8 @@ def main() -> int:
         ptq_row.update(deployed(ptq, f"ptq_{preset}"))
         ptq_row["pipeline"] = ptq.quant_info.get("pipeline")
         print(f"ptq {preset}", json.dumps(ptq_row), flush=True)
-        qmodel, qat_row = qat_run(model, preset, calib, train, heldout, args.epochs, args.lr)
+        epochs = epochs_for.get(preset, args.epochs)
+        qmodel, qat_row = qat_run(model, preset, calib, train, heldout, epochs, args.lr)
         qat_row.update(deployed(qmodel, f"qat_{preset}"))
         print(f"qat {preset}", json.dumps(qat_row), flush=True)
         results[preset] = {"ptq": ptq_row, "qat": qat_row}
