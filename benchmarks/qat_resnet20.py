@@ -214,11 +214,15 @@ def main() -> int:
     for preset in presets:
         recipe = recipe_for(preset)
         start = time.perf_counter()
-        ptq = eq.quantize(model, recipe, calib)
-        ptq_row = {"wall_s": time.perf_counter() - start, "heldout": C.accuracy(ptq, *heldout)}
-        ptq_row.update(deployed(ptq, f"ptq_{preset}"))
-        ptq_row["pipeline"] = ptq.quant_info.get("pipeline")
-        print(f"ptq {preset}", json.dumps(ptq_row), flush=True)
+        ptq_row: dict[str, Any]
+        try:  # PTQ is the comparison; a failure there is recorded, the QAT run still happens
+            ptq = eq.quantize(model, recipe, calib)
+            ptq_row = {"wall_s": time.perf_counter() - start, "heldout": C.accuracy(ptq, *heldout)}
+            ptq_row.update(deployed(ptq, f"ptq_{preset}"))
+            ptq_row["pipeline"] = ptq.quant_info.get("pipeline")
+        except Exception as err:
+            ptq_row = {"failed": f"{type(err).__name__}: {err}"}
+        print(f"ptq {preset}", json.dumps(ptq_row, default=str), flush=True)
         epochs = epochs_for.get(preset, args.epochs)
         qmodel, qat_row = qat_run(model, preset, calib, train, heldout, epochs, args.lr)
         qat_row.update(deployed(qmodel, f"qat_{preset}"))
