@@ -230,7 +230,9 @@ def main() -> int:
         results[preset] = {"ptq": ptq_row, "qat": qat_row}
         out.write_text(
             json.dumps(
-                {**meta, "onnxruntime": onnxruntime.__version__, "results": results}, indent=1
+                {**meta, "onnxruntime": onnxruntime.__version__, "results": results},
+                indent=1,
+                default=str,
             )
         )
     return 0
