@@ -1,5 +1,7 @@
 """edgequant: quantize a PyTorch model, export it as an integer ONNX model, prove it in ONNX Runtime."""
 
+from edgequant.check import check
+from edgequant.export.integer import run_integer
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
@@ -15,6 +17,7 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "Report",
+    "check",
     "compare",
     "export_onnx",
     "fit_qat",
@@ -22,5 +25,6 @@ __all__ = [
     "mixed_precision",
     "prepare_qat",
     "quantize",
+    "run_integer",
 ]
 __version__ = "0.1.0"

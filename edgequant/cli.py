@@ -283,6 +283,40 @@ def _compare_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# check
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL.onnx", help="an ONNX model (or give --config)"
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="the PyTorch model of a config")
+    parser.add_argument(
+        "--target", metavar="NAME", help="the hardware target (default: the config's)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _check_run(args: argparse.Namespace) -> int:
+    """Exit status 0 when the model can go to the target as it is, 1 when it must change."""
+    from edgequant.check import check, check_onnx
+
+    if (args.model is None) == (args.config is None):
+        raise UserError("give either MODEL.onnx or --config FILE.yaml")
+    if args.config is not None:
+        from edgequant.config import load_config
+
+        config = load_config(args.config)
+        result = check(config.build_model(), args.target or config.target, config.example_inputs())
+    else:
+        if args.target is None:
+            raise UserError("--target is needed with an ONNX model")
+        result = check_onnx(args.model, args.target)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    return 0 if result.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 
@@ -329,6 +363,11 @@ COMMANDS: dict[str, Command] = {
         "in ONNX Runtime, recommend; writes report.html, report.md, results.json, plots",
         _compare_arguments,
         _compare_run,
+    ),
+    "check": Command(
+        "before calibration: which ops a target cannot run in integer, and what to do about each",
+        _check_arguments,
+        _check_run,
     ),
     "demo": Command(
         "the main job on built-in MNIST-1D data: train, quantize every way, export, measure, recommend",

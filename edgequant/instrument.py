@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
 from edgequant.quantizer import TensorQuantizer
-from edgequant.spec import QuantSpec, Recipe
+from edgequant.spec import TARGETS, QuantSpec, Recipe
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _NORMS_AND_SUCH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -40,6 +40,8 @@ class Summary:
     method: str
     layers: list[LayerRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The recipe's hardware target (spec.TARGETS): place_graph_quantizers reads its rules.
+    target: str = "onnxruntime"
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -73,6 +75,7 @@ class Summary:
         return {
             "recipe": self.recipe,
             "method": self.method,
+            "target": self.target,
             "layers": [r.__dict__ for r in self.layers],
             "notes": list(self.notes),
         }
@@ -216,7 +219,7 @@ def instrument(
         )
     qmodel = copy.deepcopy(model).eval()
     trace = trace_layers(qmodel, example_batch)
-    summary = Summary(recipe=recipe.name, method=method)
+    summary = Summary(recipe=recipe.name, method=method, target=recipe.target)
     supported = layer_types or tuple(QUANT_MODULES)
     executed = [n for n in trace.order if isinstance(qmodel.get_submodule(n), supported)]
     first_last = {executed[0], executed[-1]} if executed else set()
@@ -338,12 +341,25 @@ def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 _ADDS = {operator.add, torch.add}
+
+
+def _zero_pad(node: torch.fx.Node) -> bool:
+    """F.pad in constant mode with value 0 (None is F.pad's default, 0)."""
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    return mode == "constant" and value in (None, 0, 0.0)
+
+
 _MOVES_FUNCTIONS = {operator.getitem, torch.nn.functional.pad, torch.flatten, torch.reshape}
 _MOVES_METHODS = {"view", "reshape", "flatten", "permute", "contiguous", "transpose", "__getitem__"}
 
 
 def _quantize_joins(
-    gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module, is_quantizer: Any
+    gm: torch.fx.GraphModule,
+    modules: dict[str, nn.Module],
+    holder: nn.Module,
+    is_quantizer: Any,
+    fully_integer: bool = False,
 ) -> int:
     """Rule 3 of place_graph_quantizers: the inputs of a residual add are quantized tensors.
 
@@ -370,10 +386,7 @@ def _quantize_joins(
                 (src.op == "call_function" and src.target in _MOVES_FUNCTIONS)
                 or (src.op == "call_method" and src.target in _MOVES_METHODS)
             ):
-                if src.target is torch.nn.functional.pad and src.kwargs.get("value", 0) not in (
-                    0,
-                    0.0,
-                ):
+                if src.target is torch.nn.functional.pad and not _zero_pad(src):
                     break
                 first = src.args[0]
                 if not isinstance(first, torch.fx.Node):
@@ -393,11 +406,11 @@ def _quantize_joins(
                 count += 1
         if not all(is_quantizer(a) for a in node.args if isinstance(a, torch.fx.Node)):
             continue
-        tail = node
-        if len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules):
-            tail = next(iter(tail.users))
+        tail = _tail(node, modules, fully_integer)
         users = list(tail.users)
-        if all(is_quantizer(u) for u in users) or any(u.op == "output" for u in users):
+        if all(is_quantizer(u) for u in users) or (
+            not fully_integer and any(u.op == "output" for u in users)
+        ):
             continue
         first_input = next(a for a in node.args if isinstance(a, torch.fx.Node))
         spec = cast(TensorQuantizer, modules[str(first_input.target)]).spec
@@ -412,6 +425,192 @@ def _quantize_joins(
     return count
 
 
+# --- fully integer targets (TARGETS[...].fully_integer) -------------------------------------
+# Ops an integer runtime runs on quantized tensors, by how their output is quantized.
+
+_F = torch.nn.functional
+_ACTIVATION_FUNCTIONS = {_F.relu6, _F.hardtanh, torch.clamp, torch.clip}
+_ACTIVATION_METHODS = {"relu6", "clamp", "clip", "clamp_", "clip_"}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+# Averages: the output is re-quantized on its own grid.
+_AVG_FUNCTIONS = {
+    _F.avg_pool1d,
+    _F.avg_pool2d,
+    _F.adaptive_avg_pool1d,
+    _F.adaptive_avg_pool2d,
+    torch.mean,
+}
+_AVG_METHODS = {"mean"}
+_AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+# Pass-through: the output takes the input's grid (every value is one of the input's values).
+_PASS_FUNCTIONS = _MOVES_FUNCTIONS | {
+    _F.max_pool1d,
+    _F.max_pool2d,
+    _F.adaptive_max_pool1d,
+    _F.adaptive_max_pool2d,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+}
+_PASS_METHODS = _MOVES_METHODS | {"squeeze", "unsqueeze"}
+_PASS_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+)
+_CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_SHAPE_QUERIES = {"size", "dim", "numel", getattr}
+
+
+def _is_activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """ReLU, ReLU6, hardtanh or a clamp to constant bounds: what a fully integer runtime folds
+    into the clamp of the requantization that follows (the quantizer's range)."""
+    if _is_relu(node, modules):
+        return True
+    bounds = list(node.args[1:]) + list(node.kwargs.values())
+    if any(isinstance(b, torch.fx.Node) for b in bounds):
+        return False
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ACTIVATION_METHODS
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES)
+    return False
+
+
+def _tail(node: torch.fx.Node, modules: dict[str, nn.Module], fully_integer: bool) -> torch.fx.Node:
+    """Where node's output is quantized: after the ReLU that alone reads it (after a chain of
+    activations on fully integer targets)."""
+    tail = node
+    while len(tail.users) == 1:
+        user = next(iter(tail.users))
+        if not (_is_activation(user, modules) if fully_integer else _is_relu(user, modules)):
+            break
+        tail = user
+        if not fully_integer:
+            break
+    return tail
+
+
+def _edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """How a fully integer target quantizes this node's output: "avg" (own grid), "pass" (the
+    input's grid), "concat" (own grid, inputs rescaled), "add" (own grid), "activation"."""
+    if node.op == "call_function":
+        if node.target is _F.pad and not _zero_pad(node):
+            return None
+        if node.target in _ADDS:
+            return "add"
+        for kind, targets in (
+            ("avg", _AVG_FUNCTIONS),
+            ("pass", _PASS_FUNCTIONS),
+            ("concat", _CONCAT_FUNCTIONS),
+        ):
+            if node.target in targets:
+                return kind
+    elif node.op == "call_method":
+        if node.target == "add":
+            return "add"
+        if node.target in _AVG_METHODS:
+            return "avg"
+        if node.target in _PASS_METHODS:
+            return "pass"
+    elif node.op == "call_module":
+        m = modules.get(str(node.target))
+        for kind, types in (("avg", _AVG_MODULES), ("pass", _PASS_MODULES)):
+            if isinstance(m, types):
+                return kind
+    return "activation" if _is_activation(node, modules) else None
+
+
+def _quantize_every_edge(
+    gm: torch.fx.GraphModule,
+    modules: dict[str, nn.Module],
+    holder: nn.Module,
+    is_quantizer: Callable[[torch.fx.Node], bool],
+    default_spec: QuantSpec | None,
+) -> tuple[int, list[str]]:
+    """Rule 4 of place_graph_quantizers (fully integer targets): every activation edge between
+    integer ops carries a quantized tensor. Returns (quantizers placed, ops left in float)."""
+    count = 0
+
+    def new_quantizer(after: torch.fx.Node, spec: QuantSpec, label: str) -> torch.fx.Node:
+        name = f"edge_{label}"
+        quantizer = TensorQuantizer(spec, f"{label}.output", role="activation")
+        holder.add_module(name, quantizer)
+        path = f"output_quantizers.{name}"
+        modules[path] = quantizer
+        with gm.graph.inserting_after(after):
+            qnode = gm.graph.call_module(path, (after,))
+        after.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
+        return qnode
+
+    def quantized(arg: Any) -> torch.fx.Node | None:
+        """arg as a quantized tensor: a graph input or a module's output gets a quantizer."""
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        if is_quantizer(arg):
+            return arg
+        if default_spec is not None and arg.op in ("placeholder", "call_module"):
+            return new_quantizer(arg, default_spec, arg.name)
+        return None
+
+    for node in list(gm.graph.nodes):
+        kind = _edge_kind(node, modules)
+        if kind is None or not node.args:
+            continue
+        first = node.args[0]
+        if kind in ("activation", "pass") and not (
+            isinstance(first, torch.fx.Node) and is_quantizer(first)
+        ):
+            # An activation on a layer's output is that output quantizer's range; data
+            # movement of something not quantized (a size tuple, a float tensor) is not ours.
+            continue
+        if kind == "concat":
+            if not isinstance(first, (list, tuple)):
+                continue
+            inputs: list[Any] = list(first)
+        elif kind == "add":
+            inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            if len(inputs) != 2:
+                continue
+        else:
+            inputs = [first]
+        qinputs = [quantized(a) for a in inputs]
+        if any(q is None for q in qinputs):
+            continue
+        spec = cast(TensorQuantizer, modules[str(cast(torch.fx.Node, qinputs[0]).target)]).spec
+        tail = node if kind == "pass" else _tail(node, modules, True)
+        users = list(tail.users)
+        if users and all(is_quantizer(u) for u in users):
+            continue
+        if kind == "pass":
+            source = cast(torch.fx.Node, qinputs[0])
+            with gm.graph.inserting_after(node):
+                qnode = gm.graph.call_module(str(source.target), (node,))
+            node.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
+        else:
+            new_quantizer(tail, spec, node.name)
+        count += 1
+    left = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or is_quantizer(node):
+            continue
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), QuantMixin):
+            continue
+        if _edge_kind(node, modules) is not None or node.target in _SHAPE_QUERIES:
+            continue
+        if any(isinstance(a, torch.fx.Node) and is_quantizer(a) for a in node.args):
+            target = node.target if isinstance(node.target, str) else node.target.__name__
+            left.append(f"{node.name} ({target})")
+    return count, left
+
+
 def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
     """Quantize each activation tensor once, where integer runtimes need it, as ONNX Runtime's
     own quantizer does:
@@ -421,8 +620,17 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
        quantized tensor; the layers that read it share that quantizer.
     2. A quantized layer's output (after its ReLU, if one follows) that is not then quantized by
        a reader gets an output quantizer.
+    3. Residual adds read quantized tensors and their outputs are quantized (_quantize_joins).
+    4. Fully integer targets (mcu-int8) only: every activation edge is quantized, so that the
+       export has no float op between the input's QuantizeLinear and the output's
+       DequantizeLinear: the model's outputs; average pooling (output on its own grid); max
+       pooling and data movement (re-quantized with the input's quantizer: the same grid, no
+       value changes); concatenation (own grid, each input rescaled); ReLU/ReLU6/clamp after a
+       layer, add or pool belong to the quantizer that follows them (its range is theirs, and
+       the export drops them where that is exact). A layer reading a quantized tensor shares
+       its quantizer.
 
-    Both let the runtime keep layers in integer kernels: DequantizeLinear -> Conv [-> Relu] ->
+    Rules 1-3 let the runtime keep layers in integer kernels: DequantizeLinear -> Conv [-> Relu] ->
     QuantizeLinear becomes QLinearConv, and an Add of two dequantized tensors whose result is
     quantized becomes QLinearAdd; without them those layers run in float. Needs a model that
     torch.fx can trace; otherwise the model is returned unchanged and the summary says so.
@@ -436,6 +644,8 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         )
         return qmodel
     gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)
+    target = TARGETS.get(summary.target)
+    fully_integer = target is not None and target.fully_integer
     modules = dict(gm.named_modules())
     # Folded BatchNorms are Identity now: take them out, so a ReLU is seen right after its conv.
     for node in list(gm.graph.nodes):
@@ -481,9 +691,7 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         layer = quant_layer(node)
         if layer is None:
             continue
-        tail = node
-        if len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules):
-            tail = next(iter(tail.users))
+        tail = _tail(node, modules, fully_integer)
         users = list(tail.users)
         if all(
             is_quantizer(u)
@@ -491,7 +699,7 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
             for u in users
         ):
             continue
-        if any(u.op == "output" for u in users):
+        if not fully_integer and any(u.op == "output" for u in users):
             continue  # the model's own output (logits) stays float
         name = str(node.target).replace(".", "_")
         assert layer.input_quantizer is not None  # quant_layer returns no other layers
@@ -504,8 +712,39 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
             qnode = gm.graph.call_module(f"output_quantizers.{name}", (tail,))
         tail.replace_all_uses_with(qnode, delete_user_cb=_all_but(qnode))
         added.append(str(node.target))
-    joined = _quantize_joins(gm, modules, holder, is_quantizer)
-    if not added and not shared and not joined:
+    joined = _quantize_joins(gm, modules, holder, is_quantizer, fully_integer)
+    edges = 0
+    if fully_integer:
+        default_spec = next(
+            (
+                m.input_quantizer.spec
+                for m in modules.values()
+                if isinstance(m, QuantMixin) and m.input_quantizer is not None
+            ),
+            None,
+        )
+        edges, left_float = _quantize_every_edge(gm, modules, holder, is_quantizer, default_spec)
+        # A layer whose input is now a quantized tensor reads it as it is (one rounding, and
+        # the layer's INT32 bias on that tensor's scale).
+        for node in gm.graph.nodes:
+            layer = quant_layer(node)
+            if layer is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            source = node.args[0]
+            if is_quantizer(source) and not layer.shared_input:
+                layer.input_quantizer = cast(TensorQuantizer, modules[str(source.target)])
+                layer.shared_input = True
+                shared.append(str(node.target))
+        summary.notes.append(
+            f"target {summary.target} is fully integer: {edges} activation edges quantized "
+            "besides layer inputs and outputs (adds, pooling, concatenation, data movement)"
+        )
+        if left_float:
+            summary.notes.append(
+                "ops with no integer form left in float (the export will not be fully integer; "
+                "see edgequant check): " + ", ".join(left_float)
+            )
+    if not added and not shared and not joined and not edges:
         return qmodel
     gm.graph.lint()
     gm.recompile()

@@ -168,6 +168,11 @@ class Target:
 
     name: str = "onnxruntime"
     description: str = ""
+    # Fully integer targets (no float op between the input's QuantizeLinear and the output's
+    # DequantizeLinear): instrument.place_graph_quantizers quantizes every activation edge
+    # (adds, pooling, concatenation, data movement, the model's outputs), and the export drops
+    # activations that the following quantizer's range already applies.
+    fully_integer: bool = False
 
     def weight(self, spec: QuantSpec) -> QuantSpec:
         return spec
@@ -281,10 +286,12 @@ class McuInt8Target(TFLiteInt8Target):
 
     name: str = "mcu-int8"
     description: str = (
-        "microcontroller int8 (CMSIS-NN, TFLite Micro): the tflite-int8 grids. Not yet: quantizing "
-        "every op (adds, pooling, concatenation), integer multiplier-and-shift requantization and "
-        "the integer-only reference runner"
+        "microcontroller int8 (CMSIS-NN, TFLite Micro): the tflite-int8 grids on a fully integer "
+        "graph: every activation edge quantized (adds, pooling, concatenation, reshapes, the "
+        "outputs), ReLU/ReLU6 folded into the quantizer's range, INT32 bias; eq.run_integer "
+        "runs the export with integer arithmetic only (multiplier-and-shift requantization)"
     )
+    fully_integer: bool = True
 
 
 TARGETS: dict[str, Target] = {

@@ -31,8 +31,9 @@ def test_registry_holds_the_five_targets_as_frozen_dataclasses() -> None:
             target.name = "x"  # type: ignore[misc]
 
 
-def test_mcu_description_says_what_is_not_done_yet() -> None:
-    assert "Not yet" in TARGETS["mcu-int8"].description
+def test_only_mcu_is_fully_integer() -> None:
+    assert [name for name, t in TARGETS.items() if t.fully_integer] == ["mcu-int8"]
+    assert "Not yet" not in TARGETS["mcu-int8"].description
 
 
 def test_unknown_target_is_a_value_error_listing_the_known_ones() -> None:

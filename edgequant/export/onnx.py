@@ -674,6 +674,10 @@ class ExportInfo:
     verification: Verification = field(default_factory=Verification)
     wall_s: float = 0.0
     opset: int = OPSET
+    # Fully integer targets (spec.Target.fully_integer): the graph property was checked and
+    # holds (every compute node reads DequantizeLinear outputs and feeds QuantizeLinear);
+    # None for other targets, which do not ask for it.
+    fully_integer: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -796,6 +800,23 @@ def export_onnx(
     model = program.model_proto
     fold_integer_casts(model)
     strip_metadata(model)
+    fully_integer = _fully_integer_target(qmodel)
+    if fully_integer:
+        from edgequant.export.integer import (
+            fold_activations_into_quantizers,
+            fully_integer_violations,
+            merge_slices,
+        )
+
+        merge_slices(model)
+        fold_activations_into_quantizers(model)
+        problems = fully_integer_violations(model)
+        if problems:
+            raise ExportError(
+                f"target {fully_integer} needs a fully integer graph, and {len(problems)} "
+                f"edges of this one are float (run edgequant check first): "
+                + "; ".join(problems[:5])
+            )
     integer, float_dq = integer_weight_count(model)
     quantized = sum(
         1
@@ -828,4 +849,14 @@ def export_onnx(
         integer_weights=integer,
         verification=v,
         wall_s=time.perf_counter() - start,
+        fully_integer=True if fully_integer else None,
     )
+
+
+def _fully_integer_target(qmodel: nn.Module) -> str | None:
+    """The name of qmodel's target when that target is fully integer (mcu-int8), else None."""
+    from edgequant.spec import TARGETS
+
+    summary = getattr(qmodel, "quant_summary", None)
+    target = TARGETS.get(getattr(summary, "target", ""))
+    return target.name if target is not None and target.fully_integer else None

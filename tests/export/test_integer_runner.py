@@ -1,0 +1,244 @@
+"""The fully integer target (mcu-int8): the graph property of its exports, and run_integer, the
+integer-only reference runner, against ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import edgequant as eq
+from edgequant.export.integer import (
+    IntegerGraphError,
+    fully_integer_violations,
+    multiply_by_quantized_multiplier,
+    quantize_multiplier,
+    run_integer,
+)
+
+
+class Net(nn.Module):
+    """Residual add, ReLU6, concatenation, strided-slice + zero-pad shortcut, max pool, average
+    pool, flatten: every activation edge a fully integer target must quantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.conv4 = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.conv2(x))
+        x = torch.cat([x, F.relu6(self.conv3(x))], 1)
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+        x = F.relu(self.conv4(x) + shortcut)
+        x = F.adaptive_avg_pool2d(self.pool(x), 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.2, 0.2)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
+    return model, calib, torch.randn(96, 3, 16, 16)
+
+
+def _export(model: nn.Module, calib: list[torch.Tensor], target: str, path: Path) -> eq.ExportInfo:
+    recipe = eq.Recipe.preset("w8a8").for_target(target)
+    qmodel = eq.quantize(model, recipe, calib, method="static")
+    return eq.export_onnx(qmodel, path, calib[0][:4], verify_data=calib)
+
+
+@pytest.fixture(scope="module")
+def mcu(data: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, eq.ExportInfo]:
+    model, calib, _ = data
+    path = tmp_path_factory.mktemp("mcu") / "net.onnx"
+    return path, _export(model, calib, "mcu-int8", path)
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_mcu_export_is_fully_integer(mcu: tuple[Path, eq.ExportInfo]) -> None:
+    path, info = mcu
+    assert info.fully_integer is True
+    assert fully_integer_violations(path) == []
+    ops = _ops(path)
+    for op in ("Add", "Concat", "MaxPool", "Slice", "Pad", "Gemm"):
+        assert op in ops
+    assert "ReduceMean" in ops or "GlobalAveragePool" in ops or "AveragePool" in ops
+    # ReLU and ReLU6 are the following quantizers' ranges, and x[:, :, ::2, ::2] one Slice.
+    assert "Relu" not in ops and "Clip" not in ops
+    assert ops.count("Slice") == 1
+    # The logits are quantized too: the graph output comes from a DequantizeLinear.
+    graph = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    assert producer[graph.output[0].name] == "DequantizeLinear"
+
+
+@pytest.fixture(scope="module")
+def ort_target(data: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, eq.ExportInfo]:
+    model, calib, _ = data
+    path = tmp_path_factory.mktemp("ort") / "net.onnx"
+    return path, _export(model, calib, "onnxruntime", path)
+
+
+def test_other_targets_keep_their_graphs(ort_target: tuple[Path, eq.ExportInfo]) -> None:
+    """The checker does fail: an onnxruntime export keeps float logits, ReLUs and the add's
+    float output path, and is not checked for the property."""
+    path, info = ort_target
+    assert info.fully_integer is None
+    problems = fully_integer_violations(path)
+    assert any("Gemm" in p and "graph output" in p for p in problems)
+    assert "Relu" in _ops(path)
+
+
+def test_run_integer_matches_onnx_runtime(data: tuple, mcu: tuple[Path, eq.ExportInfo]) -> None:
+    import onnxruntime as ort
+
+    _, _, x = data
+    path, _ = mcu
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    out = run_integer(path, x, batch_size=40)
+    assert isinstance(out, np.ndarray) and out.shape == ref.shape and out.dtype == np.float32
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    last_dq = next(n for n in graph.node if n.output[0] == graph.output[0].name)
+    lsb = float(consts[last_dq.input[1]])
+    assert np.abs(out - ref).max() <= lsb * 1.0001
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    # Every output is on the output grid: integers times the scale.
+    levels = out / lsb
+    assert np.allclose(levels, np.round(levels), atol=1e-3)
+
+
+def test_float64_and_int64_accumulation_agree(data: tuple, mcu: tuple[Path, eq.ExportInfo]) -> None:
+    _, _, x = data
+    path, _ = mcu
+    a = run_integer(path, x[:16], matmul="float64")
+    b = run_integer(path, x[:16], matmul="int64")
+    assert np.array_equal(a, b)
+
+
+def test_run_integer_refuses_a_graph_that_is_not_fully_integer(
+    data: tuple, ort_target: tuple[Path, eq.ExportInfo]
+) -> None:
+    x = data[2]
+    path, _ = ort_target
+    with pytest.raises(IntegerGraphError, match=r"node '\w+' \(\w+\): .*not fully integer"):
+        run_integer(path, x[:4])
+
+
+def _tiny_graph(op: str, path: Path) -> None:
+    """x -> Q -> DQ -> op -> Q -> DQ -> y."""
+    s = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    z = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
+        helper.make_node(op, ["xd"], ["h"], name="the_op"),
+        helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"], name="q_out"),
+        helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["y"], name="dq_out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [s, z],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+
+
+def test_unsupported_op_names_node_and_op_type(tmp_path: Path) -> None:
+    path = tmp_path / "sigmoid.onnx"
+    _tiny_graph("Sigmoid", path)
+    assert fully_integer_violations(path) == []  # the property holds; the runner has no kernel
+    with pytest.raises(IntegerGraphError, match=r"node 'the_op' \(Sigmoid\): no integer kernel"):
+        run_integer(path, np.zeros((2, 4), np.float32))
+
+
+def test_standalone_relu_runs_on_integers(tmp_path: Path) -> None:
+    path = tmp_path / "relu.onnx"
+    _tiny_graph("Relu", path)
+    x = np.array([[-1.0, -0.02, 0.03, 2.0], [0.5, -0.5, 6.4, 7.0]], np.float32)
+    y = run_integer(path, x)
+    assert np.allclose(y, np.clip(np.round(np.maximum(x, 0) / 0.05), 0, 127) * 0.05)
+
+
+def test_input_errors(tmp_path: Path) -> None:
+    path = tmp_path / "relu.onnx"
+    _tiny_graph("Relu", path)
+    with pytest.raises(FileNotFoundError, match="no such ONNX file"):
+        run_integer(tmp_path / "missing.onnx", np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        run_integer(path, np.zeros((2, 4), np.float32), batch_size=0)
+    with pytest.raises(ValueError, match="the model takes 1 inputs"):
+        run_integer(path, [np.zeros((2, 4), np.float32)] * 2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run_integer(path, np.full((2, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="matmul must be"):
+        run_integer(path, np.zeros((2, 4), np.float32), matmul="float32")
+
+
+# --- the fixed-point arithmetic -----------------------------------------------------------------
+
+
+def test_quantize_multiplier_matches_tflite() -> None:
+    mult, shift = quantize_multiplier(np.array([0.5, 1.0, 0.75, 0.0, 2.0**-40]))
+    assert mult.tolist() == [2**30, 2**30, 3 * 2**29, 0, 0]
+    assert shift.tolist() == [0, 1, 0, 0, 0]
+
+
+def _round_half_away(num: int, den: int) -> int:
+    q, r = divmod(abs(num), den)
+    return (q + (2 * r >= den)) * (1 if num >= 0 else -1)
+
+
+@pytest.mark.parametrize("real", [0.3, 0.0123, 1.7, 2.0**-9])
+def test_multiply_by_quantized_multiplier_in_exact_integers(real: float) -> None:
+    """Against Python's unbounded integers: "double" is gemmlowp's two roundings (the high
+    32 bits of the doubled product, ties up; then the shift, ties away from zero); "single"
+    is one rounding of the exact product, ties up."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-(2**20), 2**20, size=400)
+    mult, shift = (int(v) for v in quantize_multiplier(real))
+    left, right = max(shift, 0), max(-shift, 0)
+    double = multiply_by_quantized_multiplier(x, mult, shift, "double")
+    single = multiply_by_quantized_multiplier(x, mult, shift, "single")
+    for xi, d, s in zip(x.tolist(), double.tolist(), single.tolist(), strict=True):
+        high = (xi * 2**left * mult + 2**30) // 2**31  # gemmlowp's nudge: ties toward +inf
+        assert d == _round_half_away(high, 2**right)
+        num, den = xi * mult, 2 ** (31 - shift)
+        assert s == (num + den // 2) // den  # floor(v + 1/2): ties toward +infinity
+        assert abs(s - xi * real) <= 0.5 + 1e-6 * abs(xi * real)
+        assert abs(d - xi * real) <= 0.5 + 2.0**-right * 0.5 + 1e-6 * abs(xi * real)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        multiply_by_quantized_multiplier(x, mult, shift, "nearest")
+
+
+def test_ties_are_where_integer_and_onnx_runtime_requantization_differ() -> None:
+    """The documented difference: x * 0.25 for x = 2, 6, -2, -6 is 0.5, 1.5, -0.5, -1.5;
+    ONNX Runtime rounds half to even, gemmlowp away from zero, single rounding up."""
+    mult, shift = quantize_multiplier(0.25)
+    x = np.array([2, 6, -2, -6])
+    assert multiply_by_quantized_multiplier(x, mult, shift, "double").tolist() == [1, 2, -1, -2]
+    assert multiply_by_quantized_multiplier(x, mult, shift, "single").tolist() == [1, 2, 0, -1]
+    assert np.rint(x * 0.25).tolist() == [0, 2, -0, -2]  # half to even (ORT's requantization)

@@ -1,0 +1,192 @@
+"""eq.check and `edgequant check`: the ops a target cannot run in integer, before calibration."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgequant as eq
+from edgequant.check import KEEP_FLOAT, REFUSE, REMOVE, REPLACE, CheckResult, check_onnx
+from edgequant.cli import main
+from edgequant.examples.cifar10 import resnet20
+from edgequant.export.onnx import export_float_onnx
+from edgequant.spec import TARGETS
+
+
+class Block(nn.Module):
+    """A transformer-ish block: LayerNorm, GELU, a gated product, softmax at the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm(self.fc1(x)))
+        h = h * torch.sigmoid(h)
+        return F.softmax(self.fc2(h), dim=-1)
+
+
+def _by_op(result: CheckResult) -> dict[str, str]:
+    return {r.op: r.action for r in result.rows}
+
+
+def test_resnet20_is_fully_integer_as_it_is() -> None:
+    result = eq.check(resnet20(), "mcu-int8", torch.randn(2, 3, 32, 32))
+    assert result.ok and result.rows == [] and result.fully_integer
+    assert result.traced_with == "torch.fx"
+    assert result.integer_ops["conv"] == 19 and result.integer_ops["add"] == 9
+    assert result.integer_ops["avgpool"] == 1 and result.integer_ops["pad"] == 2
+    assert "OK" in str(result)
+
+
+def test_mcu_lists_every_op_with_its_choice() -> None:
+    result = eq.check(Block(), "mcu-int8", torch.randn(2, 8))
+    assert not result.ok
+    assert _by_op(result) == {
+        "layer_norm": REFUSE,
+        "gelu": REPLACE,
+        "sigmoid": REFUSE,  # inside the model: no integer form in the export
+        "mul": REFUSE,
+        "softmax": REMOVE,  # at the output: argmax unchanged without it
+    }
+    gelu = next(r for r in result.rows if r.op == "gelu")
+    assert gelu.node == "act" and "nn.ReLU" in gelu.choice and "lookup table" in gelu.choice
+    text = str(result)
+    assert "NOT OK" in text and "norm" in text and "layer_norm" in text
+
+
+def test_targets_that_allow_float_keep_those_ops_in_float() -> None:
+    for target in ("onnxruntime", "tflite-int8", "tensorrt", "dsp-pow2"):
+        result = eq.check(Block(), target)  # fx needs no example inputs
+        assert result.ok, target
+        assert {r.action for r in result.rows} == {KEEP_FLOAT}
+        assert len(result.rows) == 5
+
+
+def test_standalone_batchnorm_cannot_be_folded() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    result = eq.check(model, "mcu-int8", torch.randn(3, 4))
+    assert _by_op(result) == {"batch_norm": REFUSE}
+    folded = eq.check(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "mcu-int8")
+    assert folded.ok and folded.rows == []
+
+
+class Dynamic(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.act(self.fc(x))
+        return self.act(self.fc(-x))
+
+
+def test_untraceable_model_falls_back_to_hooks() -> None:
+    result = eq.check(Dynamic(), "mcu-int8", torch.ones(2, 4))
+    assert result.traced_with == "forward hooks"
+    assert _by_op(result) == {"tanh": REPLACE}
+    assert any("functional ops" in n for n in result.notes)
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        eq.check(Dynamic(), "mcu-int8")
+
+
+def test_unknown_target_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown target 'gpu'") as err:
+        eq.check(Block(), "gpu")
+    assert all(name in str(err.value) for name in TARGETS)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        eq.check("model", "mcu-int8")  # type: ignore[arg-type]
+
+
+def test_check_leaves_training_flags_alone() -> None:
+    model = Block().train()
+    eq.check(model, "mcu-int8", torch.randn(2, 8))
+    assert all(m.training for m in model.modules())
+
+
+def test_to_dict_has_rows_and_ok() -> None:
+    d = eq.check(Block(), "mcu-int8").to_dict()
+    assert d["ok"] is False and d["target"] == "mcu-int8"
+    assert {"node", "op", "action", "choice"} <= set(d["rows"][0])
+
+
+@pytest.fixture(scope="module")
+def block_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("check") / "block.onnx"
+    export_float_onnx(Block().eval(), path, torch.randn(2, 8))
+    return path
+
+
+def test_check_onnx_reads_the_graph(block_onnx: Path) -> None:
+    result = check_onnx(block_onnx, "mcu-int8")
+    ops = _by_op(result)
+    assert not result.ok and result.traced_with == "ONNX graph"
+    assert ops.get("softmax") == REMOVE
+    assert "layer_norm" in ops and "sigmoid" in ops
+    assert result.integer_ops.get("linear") == 2
+    assert check_onnx(block_onnx, "onnxruntime").ok
+
+
+def test_cli_check_onnx(block_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--target", "mcu-int8", str(block_onnx)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT OK" in out and "softmax" in out
+    assert main(["check", "--target", "onnxruntime", "--json", str(block_onnx)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_cli_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "check_task.py").write_text(
+        textwrap.dedent(
+            """\
+            import torch
+            from torch import nn
+
+            def model():
+                return nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(144, 2))
+
+            def calib():
+                return [torch.randn(2, 3, 8, 8)]
+            """
+        )
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text("model: check_task:model\ncalib_data: check_task:calib\ntarget: mcu-int8\n")
+    code = main(["check", "--config", str(config)])
+    out = capsys.readouterr().out
+    # The config's target; SiLU has an integer stand-in (ReLU), so the model must change.
+    assert code == 1 and "silu" in out and "replace with nn.ReLU" in out and "mcu-int8" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--target", "mcu-int8", "x.onnx"], "no such ONNX file"),
+        (["check", "x.onnx"], "--target is needed"),
+        (["check", "--target", "mcu-int8"], "give either MODEL.onnx or --config"),
+    ],
+)
+def test_cli_check_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_check_unknown_target(block_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--target", "gpu", str(block_onnx)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'gpu'" in err and "mcu-int8" in err
