@@ -316,6 +316,34 @@ class CheckResult:
     __str__ = format
 
 
+# Library classes of the same ops (transformers' GELUActivation, NewGELU, ...), by class name.
+_NAME_HINTS = (
+    ("gelu", "gelu"),
+    ("hardswish", "hardswish"),
+    ("silu", "silu"),
+    ("swish", "silu"),
+    ("mish", "mish"),
+    ("layernorm", "layer_norm"),
+    ("rmsnorm", "layer_norm"),
+    ("softmax", "softmax"),
+    ("sigmoid", "sigmoid"),
+    ("tanh", "tanh"),
+)
+
+
+def _module_op(m: nn.Module) -> str:
+    """The op a module computes: its entry in the tables, a hint from its class name, or the
+    class name itself (unknown: refused on fully integer targets)."""
+    named = _NAMED_MODULES.get(type(m))
+    if named is not None:
+        return named
+    lowered = type(m).__name__.lower()
+    for hint, op in _NAME_HINTS:
+        if hint in lowered:
+            return op
+    return type(m).__name__
+
+
 def _row(node: str, op: str, fully_integer: bool, target: str, at_output: bool) -> OpRow:
     replacement, why = _NOT_INTEGER.get(op, (None, "no integer kernel known for this op"))
     if not fully_integer:
@@ -357,10 +385,7 @@ def _classify_fx(
             kind = types.get(type(m))
             if kind is not None:
                 return kind, name
-        named = _NAMED_MODULES.get(type(m))
-        if named is not None:
-            return None, named
-        return None, type(m).__name__
+        return None, _module_op(m)
     if node.op == "call_function":
         if node.target in _INTEGER_FUNCTIONS:
             return _INTEGER_FUNCTIONS[node.target], None
@@ -393,7 +418,12 @@ def _is_tensor_node(node: torch.fx.Node, memo: dict[torch.fx.Node, bool]) -> boo
         return memo[node]
     if node.op in ("placeholder", "call_module", "get_attr"):
         result = True
-    elif node.op == "call_method" and node.target in _SHAPE_QUERIES or node.op == "call_function" and node.target is getattr:
+    elif (
+        node.op == "call_method"
+        and node.target in _SHAPE_QUERIES
+        or node.op == "call_function"
+        and node.target is getattr
+    ):
         result = False
     elif node.op in ("call_function", "call_method"):
         inputs = [a for a in node.all_input_nodes]
@@ -473,7 +503,7 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue
-        other = _NAMED_MODULES.get(type(m), type(m).__name__)
+        other = _module_op(m)
         result.rows.append(_row(name, other, result.fully_integer, result.target, name == last))
 
 

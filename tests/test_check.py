@@ -80,6 +80,38 @@ def test_standalone_batchnorm_cannot_be_folded() -> None:
     assert folded.ok and folded.rows == []
 
 
+class NewGELUActivation(nn.Module):
+    """A library's own GELU class (as in transformers): known by its name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3)))
+
+
+class Hooked(nn.Module):
+    """Untraceable (data-dependent branch), with library activation classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        with torch.no_grad():  # y = x: the branch taken is the input's sign
+            self.fc.weight.copy_(torch.eye(4))
+            self.fc.bias.zero_()
+        self.act = NewGELUActivation()
+        self.gate = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.act(y) if y.sum() > 0 else self.gate(y)
+
+
+def test_library_activation_classes_are_known_by_name() -> None:
+    result = eq.check(Hooked(), "mcu-int8", torch.ones(2, 4))
+    assert result.traced_with == "forward hooks"
+    assert _by_op(result) == {"gelu": REPLACE}  # only the branch that ran
+    result = eq.check(Hooked(), "mcu-int8", -torch.ones(2, 4))
+    assert _by_op(result) == {"hardswish": REPLACE}
+
+
 class Dynamic(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 

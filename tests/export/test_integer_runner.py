@@ -54,7 +54,7 @@ def data() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-0.2, 0.2)
         model.bn1.running_var.uniform_(0.5, 2.0)
-    calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(3)]
     return model, calib, torch.randn(96, 3, 16, 16)
 
 
@@ -97,6 +97,17 @@ def ort_target(data: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     model, calib, _ = data
     path = tmp_path_factory.mktemp("ort") / "net.onnx"
     return path, _export(model, calib, "onnxruntime", path)
+
+
+def test_mcu_model_saves_and_loads(data: tuple) -> None:
+    """eq.load rebuilds the same edges (the target travels in the recipe)."""
+    model, calib, x = data
+    recipe = eq.Recipe.preset("w8a8").for_target("mcu-int8")
+    qmodel = eq.quantize(model, recipe, calib[:1], method="static")
+    loaded = eq.load(model, recipe, qmodel.state_dict(), calib[0])
+    with torch.no_grad():
+        assert torch.equal(qmodel(x[:8]), loaded(x[:8]))
+    assert any("fully integer" in n for n in loaded.quant_summary.notes)
 
 
 def test_other_targets_keep_their_graphs(ort_target: tuple[Path, eq.ExportInfo]) -> None:

@@ -1,0 +1,156 @@
+"""Issue 6 (rest): the fully integer target on the pretrained ResNet-20, static W8A8.
+
+mcu-int8: the export's fully integer property (fully_integer_violations, must be none),
+deployed accuracy in ONNX Runtime on test_932 (bar >= 91.0 %) and on the 10,000 JPEG test
+images, and eq.run_integer, the integer-only reference, against ONNX Runtime on test_932: top-1
+agreement (bar >= 99.9 %), its own accuracy, the share of logits that differ and by how many
+output steps, wall time; for both fixed-point roundings ("single", the default, and gemmlowp's
+"double"). Integer sums with numpy int64 instead of float64 BLAS are timed on 64 images and
+must give identical outputs.
+dsp-pow2: count of QDQ scales that are not exact powers of two (must be 0), deployed accuracy
+on test_932 (bar >= 91.0 %) and JPEG.
+Calibration: 512 images of train_4660 (calibration part), as benchmarks/targets_resnet20.py.
+
+    flock /tmp/edgequant-bench.lock python benchmarks/integer_resnet20.py \
+        [--out benchmarks/results/integer_resnet20.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import edgequant as eq
+from edgequant.examples import cifar10 as C
+from edgequant.examples.shared import shared_dir
+from edgequant.export.integer import fully_integer_violations
+from edgequant.spec import Recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from targets_resnet20 import count_not_pow2, qdq_scales  # noqa: E402
+
+
+def output_step(path: Path) -> float:
+    """The scale of the DequantizeLinear that writes the graph output (one output LSB)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    node = next(n for n in graph.node if n.output[0] == graph.output[0].name)
+    if node.op_type != "DequantizeLinear":
+        raise RuntimeError(f"the graph output comes from {node.op_type}, not DequantizeLinear")
+    return float(consts[node.input[1]])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/integer_resnet20.json")
+    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
+    args = parser.parse_args()
+    if shared_dir() is None:
+        print(
+            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
+            file=sys.stderr,
+        )
+        return 0
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = C.load_resnet20()
+    x_cal, _ = C.calibration_split(512)
+    calib = list(x_cal.split(64))
+    x932, y932 = C.load_split("test_932")
+    test_sets = {"test_932": (x932.numpy(), y932.numpy())}
+    if not args.quick:
+        xj, yj = C.load_jpeg_test()
+        test_sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
+    work = Path(tempfile.mkdtemp(prefix="eq-integer-"))
+    results: dict[str, dict] = {}
+    bars: dict[str, bool] = {}
+
+    for target in ("mcu-int8", "dsp-pow2"):
+        recipe = Recipe.preset("w8a8").for_target(target)
+        qmodel = eq.quantize(model, recipe, calib, method="static")
+        path = work / f"{target}.onnx"
+        info = eq.export_onnx(qmodel, path, x932[:8], verify_data=list(x932.split(256)))
+        fn = C.ort_predict_fn(path)
+        row: dict = {
+            "weights": recipe.weight.short(),
+            "activations": recipe.activation.short(),
+            "sim_acc_test_932": C.accuracy(qmodel, x932, y932),
+            "top1_agreement_sim_vs_ort_test_932": info.verification.top1_agreement,
+            "size_bytes": path.stat().st_size,
+        }
+        row.update({f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()})
+        bars[f"{target} deployed test_932 >= 91.0 %"] = row["acc_test_932"] >= 0.910
+        if target == "dsp-pow2":
+            scales = qdq_scales(path)
+            row.update(
+                scales=sum(int(s.size) for s in scales), scales_not_pow2=count_not_pow2(scales)
+            )
+            bars["dsp-pow2 every scale a power of two"] = row["scales_not_pow2"] == 0
+        else:
+            violations = fully_integer_violations(path)
+            row.update(
+                export_fully_integer=info.fully_integer,
+                fully_integer_violations=violations,
+            )
+            bars["mcu-int8 export fully integer"] = not violations
+            ort_logits = fn(x932.numpy())
+            step = output_step(path)
+            y = y932.numpy()
+            for rounding in ("single", "double"):
+                start = time.perf_counter()
+                logits = eq.run_integer(path, x932, rounding=rounding)
+                wall = time.perf_counter() - start
+                assert isinstance(logits, np.ndarray)
+                agree = float((logits.argmax(1) == ort_logits.argmax(1)).mean())
+                row[f"run_integer_{rounding}"] = {
+                    "top1_agreement_vs_ort_test_932": agree,
+                    "acc_test_932": float((logits.argmax(1) == y).mean()),
+                    "logits_differing": float((logits != ort_logits).mean()),
+                    "max_abs_diff_output_steps": float(np.abs(logits - ort_logits).max() / step),
+                    "wall_s_test_932": wall,
+                    "ms_per_image": 1000 * wall / len(y),
+                }
+                bars[f"run_integer ({rounding} rounding) agrees with ORT >= 99.9 %"] = (
+                    agree >= 0.999
+                )
+            start = time.perf_counter()
+            exact = eq.run_integer(path, x932[:64], matmul="int64")
+            row["int64_sums_64_images"] = {
+                "identical_to_float64": bool(
+                    np.array_equal(exact, eq.run_integer(path, x932[:64]))
+                ),
+                "wall_s": time.perf_counter() - start,
+            }
+        results[target] = row
+        print(target, json.dumps(row), flush=True)
+    import onnxruntime
+
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, torch threads 2, ORT threads 2",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "calibration": "512 images of train_4660 (calibration part), minmax observers",
+        "results": results,
+        "bars": bars,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    for name, ok in bars.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
