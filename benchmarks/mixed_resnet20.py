@@ -28,8 +28,17 @@ import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
 from edgequant.export.onnx import export_float_onnx
-from edgequant.mixed import Budget, plan
+from edgequant.mixed import Budget, Sensitivity, plan
 from edgequant.mixed.allocate import packed_bytes
+
+
+def restore(scores: dict[str, dict[str, float]], method: str) -> Sensitivity:
+    """A Sensitivity read back from the results file."""
+    table = {n: {int(b): v for b, v in row.items()} for n, row in scores.items()}
+    cands = tuple(sorted(next(iter(table.values()))))
+    return Sensitivity(
+        scores=table, method=method, metric="(from the results file)", candidates=cands
+    )
 
 
 def layer_bits(qmodel: torch.nn.Module) -> dict[str, int]:
@@ -55,7 +64,18 @@ def main() -> int:
         "--max-drop", type=float, default=0.003, help="accuracy-target mode tolerance (held-out)"
     )
     parser.add_argument("--qat-epochs", type=int, default=0, help="QAT of the 2.5-bit plan")
+    parser.add_argument("--qat-lr", type=float, default=0.005)
     parser.add_argument("--hessian-samples", type=int, default=32)
+    parser.add_argument(
+        "--hessian-plans", type=int, default=1, help="deploy Hessian plans at the first N budgets"
+    )
+    parser.add_argument(
+        "--stages",
+        default="uniform,analysis,mixed,target,qat",
+        help="comma-separated; later stages read the sensitivities from --out",
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
+    parser.add_argument("--search-steps", type=int, default=5, help="accuracy-target trials")
     args = parser.parse_args()
     if shared_dir() is None:
         print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
@@ -73,6 +93,29 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="eq-mixed-"))
     base = eq.Recipe.preset("w8a8").replace(calib_samples=1024)
     results: dict[str, dict[str, Any]] = {}
+    analysis: dict[str, Any] = {}
+    if Path(args.out).is_file() and not args.fresh:
+        # Stages run one at a time add to the same file.
+        previous = json.loads(Path(args.out).read_text())
+        results.update(previous.get("results", {}))
+        analysis.update(previous.get("analysis", {}))
+    import onnxruntime
+
+    def save() -> None:
+        """Write what has been measured so far (the run is long; a cut-off run keeps its rows)."""
+        out = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "calibration": "1024 images of train_4660 (calibration part); choices on the 660 "
+            "held-out images",
+            "args": vars(args),
+            "analysis": analysis,
+            "results": results,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
 
     def heldout_acc(m: torch.nn.Module) -> float:
         return C.accuracy(m, x_held, y_held)
@@ -99,6 +142,7 @@ def main() -> int:
             **extra,
         )  # fmt: skip
         results[name] = row
+        save()
         brief = {k: v for k, v in row.items() if k != "bits"}
         print(name, json.dumps(brief), flush=True)
 
@@ -112,48 +156,63 @@ def main() -> int:
     results["fp32"].update(onnx_bytes=fp32.stat().st_size, sim_acc_heldout=fp32_heldout)
     print("fp32", json.dumps(results["fp32"]), flush=True)
 
-    # Uniform weights, the library's presets (first and last layer 8-bit below 8 bits).
-    for b in (2, 3, 4, 8):
-        start = time.perf_counter()
-        q = eq.quantize(model, eq.Recipe.preset(f"w{b}a8").replace(calib_samples=1024), calib)
-        deploy(
-            f"uniform-w{b}a8",
-            q,
-            {"quantize_s": time.perf_counter() - start, "pipeline": q.quant_info.get("pipeline")},
-        )
-
-    # Sensitivities once (both routes), then one integer program per budget.
     budgets = [float(v) for v in args.budgets.split(",")]
     if args.quick:
         budgets = budgets[:1]
-    start = time.perf_counter()
-    first = plan(
-        model,
-        calib,
-        budget=Budget.average_bits(budgets[0]),
-        recipe=base,
-        compare=True,
-        hessian_samples=args.hessian_samples,
-        hessian_seconds=120.0,
-    )
-    analysis_s = time.perf_counter() - start
-    pert, hess = first.sensitivity, first.other
-    assert hess is not None
-    print(first.table(), flush=True)
-    analysis = {
-        "plan_wall_s (uniform PTQ at 2/3/4/8 bits + both sensitivities + MILP)": analysis_s,
-        "perturbation_s (incl. PTQ at each width)": pert.wall_s,
-        "hessian_s": hess.wall_s,
-        "hessian_notes": hess.notes,
-        "perturbation_notes": pert.notes,
-        "samples": pert.samples,
-        "spearman": {str(b): r for b, r in first.spearman.items()},
-        "ranking_perturbation_2bit": pert.ranking(2),
-        "ranking_hessian_2bit": hess.ranking(2),
-        "scores_perturbation": {n: {str(b): v for b, v in r.items()} for n, r in pert.scores.items()},
-        "scores_hessian": {n: {str(b): v for b, v in r.items()} for n, r in hess.scores.items()},
-    }  # fmt: skip
-    print("analysis", json.dumps({k: v for k, v in analysis.items() if "scores" not in k}))
+    stages = set(args.stages.split(","))
+
+    if "uniform" in stages:
+        # Uniform weights, the library's presets (first and last layer 8-bit below 8 bits).
+        for b in (2, 3, 4, 8):
+            start = time.perf_counter()
+            q = eq.quantize(model, eq.Recipe.preset(f"w{b}a8").replace(calib_samples=1024), calib)
+            deploy(
+                f"uniform-w{b}a8",
+                q,
+                {
+                    "quantize_s": time.perf_counter() - start,
+                    "pipeline": q.quant_info.get("pipeline"),
+                },
+            )
+
+    if "analysis" in stages:
+        # Sensitivities once (both routes); the later stages reuse them from the results file.
+        start = time.perf_counter()
+        first = plan(
+            model,
+            calib,
+            budget=Budget.average_bits(budgets[0]),
+            recipe=base,
+            compare=True,
+            hessian_samples=args.hessian_samples,
+            hessian_seconds=120.0,
+        )
+        analysis_s = time.perf_counter() - start
+        pert, hess = first.sensitivity, first.other
+        assert hess is not None
+        print(first.table(), flush=True)
+        analysis.update({
+            "fp32_weight_bytes": 4 * sum(first.costs.params.values()),
+            "plan_wall_s (PTQ at 2/3/4/8 bits + both sensitivities + MILP)": analysis_s,
+            "perturbation_s (PTQ at each width + toggled measurement)": pert.wall_s,
+            "hessian_s": hess.wall_s,
+            "milp_s": first.solver_s,
+            "hessian_notes": hess.notes,
+            "perturbation_notes": pert.notes,
+            "samples": pert.samples,
+            "spearman": {str(b): r for b, r in first.spearman.items()},
+            "ranking_perturbation_2bit": pert.ranking(2),
+            "ranking_hessian_2bit": hess.ranking(2),
+            "scores_perturbation": {n: {str(b): v for b, v in r.items()} for n, r in pert.scores.items()},
+            "scores_hessian": {n: {str(b): v for b, v in r.items()} for n, r in hess.scores.items()},
+            "first_plan_table": first.table(),
+        })  # fmt: skip
+        save()
+        print("analysis", json.dumps({k: v for k, v in analysis.items() if "scores" not in k}))
+    if "scores_perturbation" not in analysis:
+        print("no sensitivities yet: run the 'analysis' stage first", file=sys.stderr)
+        return 1
+    pert, hess = (restore(analysis[f"scores_{m}"], m) for m in ("perturbation", "hessian"))
 
     def deploy_plan(name: str, p: Any, extra: dict[str, Any] | None = None) -> None:
         start = time.perf_counter()
@@ -170,70 +229,72 @@ def main() -> int:
             },
         )
 
-    for method, sens in (("perturbation", pert), ("hessian", hess)):
-        for avg in budgets:
-            p = plan(model, calib, budget=Budget.average_bits(avg), recipe=base, sensitivities=sens)
-            deploy_plan(f"mixed-{method}-{avg:g}bit", p, {"budget_average_bits": avg})
-            if method == "perturbation" and avg == budgets[0]:
-                p25 = p
-                yaml_path = Path(args.out).with_suffix(f".{avg:g}bit.recipe.yaml")
-                yaml_path.parent.mkdir(parents=True, exist_ok=True)
-                p.recipe.to_yaml(yaml_path)
+    def budget_plan(avg: float, sens: Sensitivity) -> Any:
+        return plan(model, calib, budget=Budget.average_bits(avg), recipe=base, sensitivities=sens)
 
-    # Accuracy target: at most max_drop below FP32 on the held-out images, smallest size.
-    start = time.perf_counter()
-    target = plan(
-        model,
-        calib,
-        eval_fn=heldout_acc,
-        max_drop=args.max_drop,
-        recipe=base,
-        sensitivities=pert,
-    )
-    deploy_plan(
-        f"mixed-target-drop{args.max_drop:g}",
-        target,
-        {
-            "search_s": time.perf_counter() - start,
-            "heldout_drop": target.drop,
-            "trials": [
-                {"average_bits": 32 * t.packed_bytes / (4 * sum(target.costs.params.values())),
-                 "heldout_drop": t.drop, "accepted": t.accepted}
-                for t in target.trials
-            ],
-        },
-    )  # fmt: skip
+    if "mixed" in stages:
+        for method, sens in (("perturbation", pert), ("hessian", hess)):
+            for avg in budgets if method == "perturbation" else budgets[: args.hessian_plans]:
+                p = budget_plan(avg, sens)
+                deploy_plan(f"mixed-{method}-{avg:g}bit", p, {"budget_average_bits": avg})
+                if method == "perturbation":
+                    yaml_path = Path(args.out).with_suffix(f".{avg:g}bit.recipe.yaml")
+                    p.recipe.to_yaml(yaml_path)
 
-    if args.qat_epochs > 0:
+    if "target" in stages:
+        # Accuracy target: at most max_drop below FP32 on the held-out images, smallest size.
+        start = time.perf_counter()
+        target = plan(
+            model,
+            calib,
+            eval_fn=heldout_acc,
+            max_drop=args.max_drop,
+            recipe=base,
+            sensitivities=pert,
+            search_steps=args.search_steps,
+        )
+        deploy_plan(
+            f"mixed-target-drop{args.max_drop:g}",
+            target,
+            {
+                "search_s": time.perf_counter() - start,
+                "heldout_drop": target.drop,
+                "trials": [
+                    {"average_bits": 32 * t.packed_bytes / (4 * sum(target.costs.params.values())),
+                     "heldout_drop": t.drop, "accepted": t.accepted}
+                    for t in target.trials
+                ],
+            },
+        )  # fmt: skip
+
+    if "qat" in stages and args.qat_epochs > 0:
         if not hasattr(eq, "prepare_qat"):
             print("QAT skipped: edgequant.prepare_qat is not available", flush=True)
         else:
+            p25 = budget_plan(budgets[0], pert)
             x_tr, y_tr = C.train_split()
-            train = list(zip(x_tr.split(128), y_tr.split(128), strict=True))
+            order = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(0))
+            train = list(zip(x_tr[order].split(128), y_tr[order].split(128), strict=True))
             start = time.perf_counter()
-            qat = eq.prepare_qat(model, p25.recipe, calib_data=calib)  # type: ignore[attr-defined]
-            eq.fit_qat(qat, train, epochs=args.qat_epochs, teacher=model)  # type: ignore[attr-defined]
+            torch.manual_seed(0)
+            qat = eq.prepare_qat(model, p25.recipe, calib_data=calib)
+            history = eq.fit_qat(
+                qat, train, epochs=args.qat_epochs, lr=args.qat_lr, teacher=model,
+                temperature=2.0, kd_weight=0.5, val_fn=heldout_acc, progress=False,
+            )  # fmt: skip
             qat.eval()
             deploy(
                 f"mixed-perturbation-{budgets[0]:g}bit+qat{args.qat_epochs}",
                 qat,
-                {"qat_s": time.perf_counter() - start, "recipe": p25.recipe.name},
+                {
+                    "qat_s": time.perf_counter() - start,
+                    "recipe": p25.recipe.name,
+                    "lr": args.qat_lr,
+                    "heldout_by_epoch": [r.get("val") for r in history],
+                },
             )
 
-    import onnxruntime
-
-    out = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "calibration": "1024 images of train_4660 (calibration part); choices on the 660 held-out",
-        "fp32_weight_bytes": 4 * sum(first.costs.params.values()),
-        "analysis": analysis,
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    save()
     plot(results, Path(args.plot), "acc_jpeg_10000" if not args.quick else "acc_test_932")
     return 0
 
@@ -253,7 +314,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path, key: str) -> None:
     }
     for label, prefix in groups.items():
         rows = sorted(
-            (r for n, r in results.items() if n.startswith(prefix) and "+qat" not in n),
+            (
+                r
+                for n, r in results.items()
+                if n.startswith(prefix) and "+qat" not in n and key in r
+            ),
             key=lambda r: r["packed_bytes"],
         )
         if rows:
@@ -265,7 +330,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path, key: str) -> None:
                 markersize=8,
             )
     for n, r in results.items():
-        if "+qat" in n:
+        if "+qat" in n and key in r:
             ax.plot(r["packed_bytes"] / 1024, 100 * r[key], "s", label=n, markersize=8)
     ax.axhline(100 * results["fp32"][key], color="gray", ls="--", label="FP32")
     ax.set_xlabel("packed weight size (KiB, parameters x bits / 8)")
