@@ -332,8 +332,9 @@ class Recipe:
     # Quantize layer outputs that do not flow straight into another quantized layer, so that
     # integer runtimes keep those layers in integer kernels (see instrument.add_output_quantizers).
     quantize_outputs: bool = True
-    # SmoothQuant's migration strength for Linear inputs; None: off.
-    smooth_alpha: float | None = None
+    # SmoothQuant's migration strength for Linear inputs; "auto": chosen per layer by the error
+    # of its quantized output (ptq/smooth.py); None: off.
+    smooth_alpha: float | str | None = None
     # --- the PTQ pipeline (ptq/): None or "auto" lets the bits decide (on at <= 4 weight bits);
     # the quantized model's quant_info["pipeline"] records what ran.
     # Cross-layer equalization with bias absorption (Nagel et al. 2019).
@@ -361,8 +362,17 @@ class Recipe:
             raise ValueError(
                 f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}"
             )
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"Recipe.smooth_alpha={self.smooth_alpha} must be in [0, 1] or None")
+        if self.smooth_alpha is not None and not (
+            self.smooth_alpha == "auto"
+            or (
+                isinstance(self.smooth_alpha, (int, float))
+                and not isinstance(self.smooth_alpha, bool)
+                and 0.0 <= self.smooth_alpha <= 1.0
+            )
+        ):
+            raise ValueError(
+                f"Recipe.smooth_alpha={self.smooth_alpha!r} must be in [0, 1], 'auto' or None"
+            )
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"Recipe.rounding={self.rounding!r} is unknown; valid: {', '.join(ROUNDINGS)}"
