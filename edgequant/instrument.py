@@ -606,7 +606,10 @@ def _quantize_every_edge(
         if _edge_kind(node, modules) is not None or node.target in _SHAPE_QUERIES:
             continue
         if any(isinstance(a, torch.fx.Node) and is_quantizer(a) for a in node.args):
-            target = node.target if isinstance(node.target, str) else node.target.__name__
+            if node.op == "call_module":
+                target = type(modules[str(node.target)]).__name__
+            else:
+                target = node.target if isinstance(node.target, str) else node.target.__name__
             left.append(f"{node.name} ({target})")
     return count, left
 

@@ -7,10 +7,12 @@ reference kernels and CMSIS-NN do:
 
 - int8 (or uint8) activations and weights, INT32 bias, products summed into an INT32
   accumulator (an overflow is an error, never a wrap);
-- requantization by a 31-bit fixed-point multiplier and a shift (gemmlowp's
-  SaturatingRoundingDoublingHighMul then RoundingDivideByPOT: TFLite's
-  MultiplyByQuantizedMultiplier), the multiplier from the double-precision real scale
-  (input scale x weight scale / output scale, per output channel);
+- requantization by a 31-bit fixed-point multiplier and a shift (TFLite's
+  MultiplyByQuantizedMultiplier), the multiplier from the double-precision real scale (input
+  scale x weight scale / output scale, per output channel). Two roundings, both TFLite's and
+  CMSIS-NN's: "single" (the default; TFLITE_SINGLE_ROUNDING / CMSIS_NN_USE_SINGLE_ROUNDING: the
+  64-bit product rounded once, ties up) and "double" (their default builds: gemmlowp's
+  SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT);
 - additions as TFLite's int8 ADD: both inputs shifted left by 20 bits, each rescaled to twice
   the larger input scale by its own multiplier, summed, rescaled to the output;
 - average pooling: the INT32 sum of the window, then the output requantization with the
@@ -23,12 +25,15 @@ Only the model's input (float) is quantized with QuantizeLinear's float division
 outputs are dequantized: everything between is integers.
 
 Where it can differ from ONNX Runtime: ORT runs the same QDQ graph with float requantization
-(QLinearConv: accumulator x float32 scale, rounded half to even; or float kernels between
-DequantizeLinear and QuantizeLinear). The two agree except where a value lies within about one
-part in 2^24 of a rounding tie (x.5 LSB): there ORT's float32 rounding and round-half-to-even
-and the fixed-point multiplier's round-half-up (31-bit multiplier, ties of the shift rounded
-away from zero) can land one LSB apart. Such one-LSB differences can grow through later layers;
-BENCHMARKS.md gives the measured agreement on ResNet-20.
+(QLinearConv: the INT32 accumulator times a float32 scale, rounded half to even; or float
+kernels between DequantizeLinear and QuantizeLinear). So a value can land one step apart
+(1) at an exact tie (x.5): ORT rounds to even, "single" up, "double" away from zero; (2) within
+about 2^-24 of a tie, where ORT's float32 scale is off and the 31-bit multiplier is not; and,
+with "double" only, (3) within 2^-(right shift + 1) of a tie, where the first of the two
+roundings decides (on ResNet-20 that is ~0.1 % of the first conv's outputs, against ~0.001 %
+with "single"). A one-step difference in one layer can move later layers' values too. Measured
+on the pretrained ResNet-20 (benchmarks/integer_resnet20.py, BENCHMARKS.md): see
+benchmarks/results/integer_resnet20.json for top-1 agreement with ORT on test_932 per rounding.
 
 `fully_integer_violations(model)` is the checker for the graph property itself.
 """
@@ -936,7 +941,8 @@ def run_integer(
     by input name. The batch is cut into `batch_size` pieces. matmul: "float64" sums the
     int8 x int8 products with BLAS, exact (every partial sum below 2^53, checked) and so
     identical to an INT32 accumulator; "int64" sums them with numpy integers (slower, the same
-    numbers). Raises IntegerGraphError naming the node and op type the runner cannot run.
+    numbers). rounding: "single" or "double", the fixed-point requantization (module
+    docstring). Raises IntegerGraphError naming the node and op type the runner cannot run.
     """
     model = _load(onnx_path)
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -110,6 +110,18 @@ def test_mcu_model_saves_and_loads(data: tuple) -> None:
     assert any("fully integer" in n for n in loaded.quant_summary.notes)
 
 
+def test_export_refuses_a_float_op_on_a_fully_integer_target(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 2))
+    calib = [torch.randn(8, 3, 4, 4)]
+    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").for_target("mcu-int8"), calib)
+    assert any("left in float" in n and "Sigmoid" in n for n in qmodel.quant_summary.notes)
+    path = tmp_path / "sigmoid.onnx"
+    with pytest.raises(eq.ExportError, match=r"mcu-int8 needs a fully integer graph.*\(Sigmoid\)"):
+        eq.export_onnx(qmodel, path, calib[0])
+    assert not path.exists()
+
+
 def test_other_targets_keep_their_graphs(ort_target: tuple[Path, eq.ExportInfo]) -> None:
     """The checker does fail: an onnxruntime export keeps float logits, ReLUs and the add's
     float output path, and is not checked for the property."""
