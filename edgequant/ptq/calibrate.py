@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -118,10 +119,8 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any]) -> li
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                try:
+                with contextlib.suppress(_Stop):
                     call_model(model, batch, index)
-                except _Stop:
-                    pass
     finally:
         handle.remove()
     if len(captured) != len(batches):

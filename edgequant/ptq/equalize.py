@@ -89,7 +89,8 @@ def equalize(model: nn.Module, iterations: int = 4) -> list[tuple[str, str]]:
         moved = 0.0
         for a, b in pairs:
             moved = max(
-                moved, equalize_pair(model.get_submodule(a), model.get_submodule(b))  # type: ignore[arg-type]
+                moved,
+                equalize_pair(model.get_submodule(a), model.get_submodule(b)),  # type: ignore[arg-type]
             )
         if moved < 1e-3:
             break

@@ -92,18 +92,45 @@ def supports(layer: QuantMixin) -> str | None:
     return f"{type(layer).__name__} layers"
 
 
-def hessian(layer: QuantMixin, inputs: list[Tensor]) -> Tensor:
-    """H = 2/n X^T X over all calibration inputs (float64 accumulation)."""
+def _smoothed(layer: QuantMixin, x: Tensor) -> Tensor:
+    return x * layer.input_smooth_inv if layer.input_smooth_inv is not None else x
+
+
+def hessian(
+    layer: QuantMixin, inputs: list[Tensor], float_inputs: list[Tensor] | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """H = 2/n X^T X over all calibration inputs (float64 accumulation). With the float model's
+    inputs to the same layer, also the cross term 2/n X^T X_float."""
     cols = layer.weight[0].numel()
     h = torch.zeros(cols, cols, dtype=torch.float64)
+    cross = torch.zeros(cols, cols, dtype=torch.float64) if float_inputs is not None else None
     n = 0
     with torch.no_grad():
-        for batch in inputs:
-            for x in batch.split(16):  # bounded memory: im2col multiplies the input by k*k
+        for i, batch in enumerate(inputs):
+            fbatch = float_inputs[i].split(16) if float_inputs is not None else None
+            for j, x in enumerate(batch.split(16)):  # bounded memory: im2col grows k*k times
                 c = as_columns(layer, layer_input(layer, x))
                 h += (c.T @ c).double()
+                if cross is not None and fbatch is not None:
+                    cf = as_columns(layer, _smoothed(layer, fbatch[j]))
+                    cross += (c.T @ cf).double()
                 n += c.shape[0]
+    if cross is not None:
+        return h * (2.0 / max(n, 1)), cross * (2.0 / max(n, 1))
     return h * (2.0 / max(n, 1))
+
+
+def input_error_target(weight: Tensor, h: Tensor, cross: Tensor, damp: float = 0.01) -> Tensor:
+    """The float weight W' whose output on the quantized inputs best matches the float layer's
+    output on the float inputs: argmin ||W' X_q - W X_f||^2 = W X_f X_q^T (X_q X_q^T)^-1.
+    GPTQ then rounds W' instead of W, so the layer also absorbs its input's quantization error
+    (the asymmetric calibration of GPTAQ / Qronos)."""
+    shape = weight.shape
+    w = weight.detach().reshape(shape[0], -1).double()
+    hd = h + torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+    # W' = W C^T H^-1 with C = X_q^T X_f (cols x cols), i.e. solve H W'^T = C W^T.
+    target = torch.linalg.solve(hd, cross @ w.T).T
+    return target.reshape(shape).to(weight.dtype)
 
 
 def gptq_weight(
@@ -159,11 +186,22 @@ def gptq_weight(
     return out.reshape(shape).to(weight.dtype)
 
 
-def round_gptq(layer: QuantMixin, inputs: list[Tensor], **options: Any) -> None:
-    """Replace the layer's weight by its GPTQ rounding on the weight quantizer's grid."""
+def round_gptq(
+    layer: QuantMixin,
+    inputs: list[Tensor],
+    targets: list[Tensor] | None = None,
+    **options: Any,
+) -> None:
+    """Replace the layer's weight by its GPTQ rounding on the weight quantizer's grid. With
+    `targets` (the float model's inputs to this layer) the rounding also corrects the input's
+    quantization error (input_error_target)."""
     scale, zp, qmin, qmax = _grid(layer)
-    h = hessian(layer, inputs)
-    new = gptq_weight(layer.weight, h, scale, zp, qmin, qmax, **options)
+    if targets is not None:
+        h, cross = cast(tuple[Tensor, Tensor], hessian(layer, inputs, targets))
+        weight = input_error_target(layer.weight, h, cross)
+    else:
+        h, weight = cast(Tensor, hessian(layer, inputs)), layer.weight
+    new = gptq_weight(weight, h, scale, zp, qmin, qmax, **options)
     with torch.no_grad():
         layer.weight.copy_(new)
 
@@ -207,7 +245,10 @@ def round_adaround(
             cq = as_columns(layer, layer_input(layer, x))
             idx = torch.randperm(cq.shape[0], generator=gen)[:per_batch]
             parts_q.append(cq[idx])
-            parts_f.append(as_columns(layer, targets[i])[idx] if targets is not None else cq[idx])
+            if targets is not None:
+                parts_f.append(as_columns(layer, _smoothed(layer, targets[i]))[idx])
+            else:
+                parts_f.append(cq[idx])
     xq, xf = torch.cat(parts_q), torch.cat(parts_f)
     w_floor = torch.floor(w / s)
     rest = w / s - w_floor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -60,16 +61,26 @@ def lowest_weight_bits(qmodel: nn.Module) -> int | None:
 
 
 def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
-    """The recipe's "auto" choices made concrete for this model: the full pipeline at <= 4 weight
-    bits (where round-to-nearest loses accuracy), plain rounding above."""
+    """The recipe's "auto" choices made concrete for this model: at <= 4 weight bits (where
+    round-to-nearest loses accuracy) learned rounding and bias correction, plain rounding above.
+    Learned rounding is GPTQ (one closed-form pass) with 8-bit activations, AdaRound (slower,
+    better when the inputs are coarse too) with 4-bit or lower activations: the choice measured
+    on ResNet-20's held-out images (BENCHMARKS.md)."""
     low = (lowest_weight_bits(qmodel) or 8) <= 4
-    rounding = recipe.rounding if recipe.rounding != "auto" else ("gptq" if low else "nearest")
+    act_bits = [
+        q.spec.bits for q in quantizers(qmodel) if q.role == "activation" and q.mode != "dynamic"
+    ]
+    coarse_inputs = bool(act_bits) and min(act_bits) <= 4
+    if recipe.rounding != "auto":
+        rounding = recipe.rounding
+    elif not low:
+        rounding = "nearest"
+    else:
+        rounding = "adaround" if coarse_inputs else "gptq"
     return {
         "equalize": recipe.equalize if recipe.equalize is not None else False,
         "rounding": rounding,
-        "bias_correction": recipe.bias_correction
-        if recipe.bias_correction is not None
-        else low,
+        "bias_correction": recipe.bias_correction if recipe.bias_correction is not None else low,
     }
 
 
@@ -112,7 +123,16 @@ def refine_weights(
         else {}
     )
     skipped: dict[str, str] = {}
-    for name, layer in tqdm(layers, desc=f"weights ({rounding})", disable=not progress, leave=False):
+    # The float model (original weights, no quantizer) gives each layer's float inputs, the
+    # target the rounding reconstructs.
+    reference = None
+    if rounding != "nearest":
+        reference = copy.deepcopy(qmodel)
+        for q in quantizers(reference):
+            q.mode = "disabled"
+    for name, layer in tqdm(
+        layers, desc=f"weights ({rounding})", disable=not progress, leave=False
+    ):
         why = rounding_support(layer) if rounding != "nearest" else "nearest"
         if why is not None and name not in means:
             if rounding != "nearest":
@@ -120,7 +140,9 @@ def refine_weights(
             continue
         inputs = capture_inputs(qmodel, layer, batches)
         if why is None:
-            ROUNDERS[rounding](layer, inputs)
+            assert reference is not None
+            targets = capture_inputs(reference, reference.get_submodule(name), batches)
+            ROUNDERS[rounding](layer, inputs, targets)
         elif rounding != "nearest":
             skipped[name] = why
         if name in means:

@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info, instrument
-from edgequant.ptq.calibrate import peek
-from edgequant.ptq.static import calibrate_weights
+from edgequant.instrument import Summary, attach_info, batch_size, instrument
+from edgequant.modules import fast_simulation
+from edgequant.ptq.calibrate import collect, peek
+from edgequant.ptq.static import calibrate_weights, refine_weights, resolve_pipeline
 from edgequant.spec import Recipe
 
 
@@ -34,17 +35,35 @@ def quantize_weight_only(
     num_samples: int,
     progress: bool,
 ) -> nn.Module:
-    # One batch finds the execution order (first/last layer) and the foldable BatchNorms.
-    first, _ = peek(calib_data, "calib_data (one example batch)")
+    # One batch finds the execution order (first/last layer) and the foldable BatchNorms; the
+    # learned rounding and bias correction (default at <= 4 bits) read up to num_samples.
+    first, batches = peek(calib_data, "calib_data (one example batch)")
     qmodel, summary, recipe = build_weight_only(model, recipe, first)
+    pipeline = resolve_pipeline(recipe, qmodel)
     calibrate_weights(qmodel)
+    steps = ["weight ranges calibrated"]
+    used = 0
+    if pipeline["rounding"] != "nearest" or pipeline["bias_correction"]:
+        data = collect(batches, num_samples)
+        used = sum(batch_size(b) for b in data)
+        with fast_simulation(qmodel):
+            summary.notes.extend(
+                refine_weights(
+                    qmodel, data, pipeline["rounding"], pipeline["bias_correction"], progress
+                )
+            )
+        if pipeline["rounding"] != "nearest":
+            steps.append(f"{pipeline['rounding']} weight rounding")
+        if pipeline["bias_correction"]:
+            steps.append("empirical bias correction")
     attach_info(
         qmodel,
         summary,
         {
             "method": "weight_only",
             "recipe": recipe.to_dict(),
-            "samples_used": 0,
+            "pipeline": {**pipeline, "equalize": False, "steps": steps},
+            "samples_used": used,
             "labels_used": False,
         },
     )

@@ -32,23 +32,154 @@ EvalFn = Callable[[Predict], float]
 
 @dataclass(frozen=True)
 class Run:
-    """One method to try: a name, its family (ptq/qat), the PTQ method and the recipe."""
+    """One method to try: a name, its family, the PTQ method and the recipe.
+
+    family "ptq": eq.quantize(method). "qat": eq.prepare_qat from the static PTQ start, then
+    eq.fit_qat for `epochs` on compare's train_data with the FP32 model as teacher; the epoch
+    kept is the one closest to the teacher on the calibration data (epoch 0 is the PTQ start, so
+    QAT never ends worse than its own start by that measure). "mixed": eq.mixed_precision picks
+    per-layer weight bits (candidates 2, 3, 4, 8) under a packed-size budget of `budget_ratio`
+    of the FP32 weights, then static PTQ with those bits.
+    """
 
     name: str
     method: str
     recipe: Recipe
     family: str = "ptq"
     labels_used: bool = False
+    epochs: int = 0
+    lr: float = 1e-3
+    budget_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in ("ptq", "qat", "mixed"):
+            raise ValueError(
+                f"Run {self.name!r}: family must be ptq, qat or mixed, got {self.family!r}"
+            )
+        if self.family == "qat" and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"Run {self.name!r}: a QAT run needs epochs >= 1, got {self.epochs!r}")
+        if self.family == "mixed" and (self.budget_ratio is None or not 0 < self.budget_ratio <= 1):
+            raise ValueError(
+                f"Run {self.name!r}: a mixed run needs budget_ratio in (0, 1], got {self.budget_ratio!r}"
+            )
 
 
-def default_runs() -> list[Run]:
-    """The PTQ methods of DESIGN §1: dynamic W8, static W8A8, weight-only W4, static W4A8."""
-    return [
+def default_runs(qat: bool = True, qat_epochs: int = 3) -> list[Run]:
+    """DESIGN §1's default set: PTQ dynamic W8, static W8A8, weight-only W4, static W4A8; QAT
+    W8A8 and W4A4 (when there is training data); a mixed-precision plan at 3 bits per weight on
+    average (activations 8-bit)."""
+    runs = [
         Run("ptq-dynamic-w8a8", "dynamic", Recipe.preset("w8a8")),
         Run("ptq-static-w8a8", "static", Recipe.preset("w8a8")),
         Run("ptq-weight-only-w4", "weight_only", Recipe.preset("w4-weight-only")),
         Run("ptq-static-w4a8", "static", Recipe.preset("w4a8")),
+        Run("ptq-static-w4a4", "static", Recipe.preset("w4a4")),
+        Run(
+            "mixed-w3avg-a8",
+            "static",
+            Recipe.preset("w4a8"),
+            family="mixed",
+            budget_ratio=3 / 32,
+        ),
     ]
+    if qat:
+        runs += [
+            Run("qat-w8a8", "static", Recipe.preset("w8a8"), family="qat", epochs=qat_epochs),
+            Run("qat-w4a4", "static", Recipe.preset("w4a4"), family="qat", epochs=qat_epochs),
+        ]
+    return runs
+
+
+def _batch_len(batch: Any) -> int:
+    from edgequant.instrument import batch_size
+
+    return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _kl_to(teacher: nn.Module, calib: list[Any]) -> Callable[[nn.Module], float]:
+    """KL divergence of a model's outputs from the teacher's on the calibration data (no labels)."""
+    with torch.no_grad():
+        targets = [torch.log_softmax(call_model(teacher, b).float(), -1) for b in calib]
+
+    def kl(model: nn.Module) -> float:
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for b, t in zip(calib, targets, strict=True):
+                    out = torch.log_softmax(call_model(model, b).float(), -1)
+                    total += float(
+                        torch.nn.functional.kl_div(out, t, log_target=True, reduction="batchmean")
+                    )
+        finally:
+            for m, f in flags.items():
+                m.training = f
+        return total / len(calib)
+
+    return kl
+
+
+def _qat_model(
+    model: nn.Module, run: Run, calib: list[Any], train_data: list[Any], seed: int = 0
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prepare, fine-tune with distillation from `model`, keep the epoch closest to the teacher."""
+    from edgequant.qat import finalize, fit_qat, prepare_qat
+
+    qmodel = prepare_qat(model, run.recipe, calib_data=calib)
+    kl = _kl_to(model, calib)
+    best: dict[str, Any] = {
+        "epoch": 0,
+        "kl": kl(qmodel),
+        "state": copy.deepcopy(qmodel.state_dict()),
+    }
+    start_kl = best["kl"]
+
+    def keep_best(epoch: int, record: dict[str, Any]) -> None:
+        value = kl(qmodel)
+        if value < best["kl"]:
+            best.update(epoch=epoch, kl=value, state=copy.deepcopy(qmodel.state_dict()))
+
+    fit_qat(
+        qmodel,
+        train_data,
+        epochs=run.epochs,
+        lr=run.lr,
+        teacher=model,
+        progress=False,
+        on_epoch_end=keep_best,
+        seed=seed,
+    )
+    qmodel.load_state_dict(best["state"])
+    info = {
+        "epochs": run.epochs,
+        "kept_epoch": best["epoch"],
+        "kl_start": start_kl,
+        "kl_kept": best["kl"],
+    }
+    final = finalize(qmodel)
+    for attr in ("quant_summary", "quant_info"):
+        if hasattr(qmodel, attr) and not hasattr(final, attr):
+            setattr(final, attr, getattr(qmodel, attr))
+    return final, info
+
+
+def _mixed_model(model: nn.Module, run: Run, calib: list[Any]) -> tuple[nn.Module, dict[str, Any]]:
+    from edgequant.mixed import Budget, plan
+    from edgequant.ptq import quantize
+
+    assert run.budget_ratio is not None
+    act = run.recipe.activation.bits if run.recipe.activation is not None else None
+    p = plan(
+        model,
+        calib,
+        Budget(size_ratio=run.budget_ratio),
+        act_bits=act,
+        recipe=run.recipe,
+        num_samples=min(256, sum(_batch_len(b) for b in calib)),
+    )
+    qmodel = quantize(model, p.recipe, calib, method=run.method)
+    return qmodel, {"mixed_bits": dict(p.bits), "packed_bytes": p.packed_bytes}
 
 
 def runs_for(recipes: Sequence[Recipe | str]) -> list[Run]:
@@ -208,6 +339,7 @@ def compare(
     calib_data: Iterable[Any],
     eval_fn: EvalFn,
     example_inputs: Any = None,
+    train_data: Iterable[Any] | None = None,
     recipes: Sequence[Recipe | str] | None = None,
     runs: Sequence[Run] | None = None,
     tolerance: float = 0.01,
@@ -225,7 +357,9 @@ def compare(
     eval_fn(predict) -> metric, where predict maps a batch of model inputs to the model's output
     tensor (the same function serves the PyTorch model and the ONNX Runtime session).
     recipes: presets or Recipes, one PTQ run each (see runs_for); runs: explicit Runs; neither:
-    default_runs(). example_inputs: defaults to the first calibration batch.
+    default_runs() (its QAT runs only when train_data is given). example_inputs: defaults to the
+    first calibration batch. train_data: batches of inputs, or (inputs, labels) pairs, for QAT
+    runs (labels_used is recorded from it); QAT runs without it are reported as failed.
     Exported models are written to out_dir/models (a temporary folder when out_dir is None).
     """
     from edgequant.bench import latency_ms
@@ -247,7 +381,7 @@ def compare(
         if recipes is not None
         else list(runs)
         if runs is not None
-        else default_runs()
+        else default_runs(qat=train_data is not None)
     )
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -259,6 +393,13 @@ def compare(
     if example_inputs is None:
         example_inputs = calib[0]
     verify = list(verify_data) if verify_data is not None else calib[:2]
+    train = list(train_data) if train_data is not None else None
+    has_labels = (
+        train is not None
+        and bool(train)
+        and isinstance(train[0], (tuple, list))
+        and len(train[0]) == 2
+    )
     models_dir = (
         Path(out_dir) / "models"
         if out_dir is not None
@@ -305,10 +446,19 @@ def compare(
                 if run.recipe.activation
                 else None
             ),
-            "labels_used": run.labels_used,
+            "labels_used": run.labels_used or (run.family == "qat" and has_labels),
         }
         try:
-            qmodel = quantize(model, run.recipe, calib, method=run.method)
+            extra: dict[str, Any] = {}
+            if run.family == "qat":
+                if train is None:
+                    raise ValueError("a QAT run needs train_data (compare(..., train_data=...))")
+                qmodel, extra = _qat_model(model, run, calib, train)
+            elif run.family == "mixed":
+                qmodel, extra = _mixed_model(model, run, calib)
+            else:
+                qmodel = quantize(model, run.recipe, calib, method=run.method)
+            row.update(extra)
             summaries[run.name] = cast(Summary, qmodel.quant_summary).format()
             path = models_dir / f"{run.name}.onnx"
             info = export_onnx(qmodel, path, example_inputs, verify_data=verify)
@@ -319,6 +469,8 @@ def compare(
             row["size_bytes"] = info.size_bytes
             row["size_ratio"] = info.size_bytes / fp32_size
             row["samples_used"] = cast("dict[str, Any]", qmodel.quant_info)["samples_used"]
+            if run.family == "qat":
+                row["samples_used"] += sum(_batch_len(b) for b in cast(list[Any], train))
             row["latency_ms"] = latency(path)
             row["onnx"] = str(path)
             row["status"] = "ok"

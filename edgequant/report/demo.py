@@ -1,5 +1,6 @@
 """`edgequant demo`: the main job on built-in data (MNIST-1D, generated locally, no download):
-train a small FP32 CNN, run every PTQ method, export each, measure it in ONNX Runtime, report."""
+train a small FP32 CNN, run every method (PTQ, mixed precision, QAT), export each, measure it in
+ONNX Runtime, report."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from typing import Any
 import torch
 
 from edgequant.report.compare import Predict, Report, compare
+
+
+def _quick_runs() -> list[Any]:
+    """--quick: static W8A8, W4A8 and W4A4 PTQ, QAT W4A4 for one epoch, the mixed plan."""
+    from edgequant.report.compare import default_runs
+
+    keep = ("ptq-static-w8a8", "ptq-static-w4a8", "ptq-static-w4a4", "mixed-w3avg-a8")
+    runs = [
+        r for r in default_runs(qat=True, qat_epochs=1) if r.name in keep or r.name == "qat-w4a4"
+    ]
+    return runs
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool = False) -> Report:
@@ -36,11 +48,15 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
             total += int(y.shape[0])
         return correct / total
 
+    from edgequant.report.compare import default_runs
+
     report = compare(
         model,
         calib,
         accuracy,
         example_inputs=calib[0][:8],
+        train_data=mnist1d.train_batches(),
+        runs=_quick_runs() if quick else default_runs(qat=True, qat_epochs=3),
         tolerance=0.01,
         task="mnist1d-cnn",
         out_dir=out_dir,

@@ -75,6 +75,43 @@ def test_a_failing_method_is_reported_and_the_others_run(tmp_path: Path) -> None
     assert "FAILED" in text and "Recommendation" in text
 
 
+def test_qat_and_mixed_runs(tmp_path: Path) -> None:
+    model, calib, test = _toy()
+    runs = [
+        Run("qat-w4a8", "static", Recipe.preset("w4a8"), family="qat", epochs=2),
+        Run("mixed", "static", Recipe.preset("w4a8"), family="mixed", budget_ratio=0.15),
+        Run("qat-no-data", "static", Recipe.preset("w8a8"), family="qat", epochs=1),
+    ]
+    train = [(x, model(x).argmax(1).detach()) for x in calib]
+    report = compare(
+        model,
+        calib,
+        _accuracy(test),
+        calib[0],
+        runs=runs[:2],
+        train_data=train,
+        latency_runs=2,
+        verify_data=[x for x, _ in test],
+    )
+    rows = {r["name"]: r for r in report.results["runs"]}
+    qat = rows["qat-w4a8"]
+    assert qat["status"] == "ok", qat.get("error")
+    assert qat["labels_used"] is True and qat["family"] == "qat"
+    assert 0 <= qat["kept_epoch"] <= 2 and qat["kl_kept"] <= qat["kl_start"]
+    assert qat["samples_used"] > 128  # calibration plus the training data
+    mixed = rows["mixed"]
+    assert mixed["status"] == "ok", mixed.get("error")
+    assert set(mixed["mixed_bits"].values()) <= {2, 3, 4, 8}
+    # Without training data a QAT run fails alone, with the reason.
+    report = compare(model, calib, _accuracy(test), calib[0], runs=runs[2:], latency_runs=2)
+    row = report.results["runs"][0]
+    assert row["status"] == "failed" and "train_data" in row["error"]
+    with pytest.raises(ValueError, match="epochs"):
+        Run("q", "static", Recipe.preset("w8a8"), family="qat")
+    with pytest.raises(ValueError, match="budget_ratio"):
+        Run("m", "static", Recipe.preset("w8a8"), family="mixed")
+
+
 def _row(name: str, metric: float, size: int, family: str = "ptq", labels: bool = False) -> dict:
     return {
         "name": name,
@@ -127,3 +164,9 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert static["status"] == "ok"
     assert static["metric_deployed"] >= results["baseline"]["metric"] - 0.01
     assert results["recommendation"]["choice"] is not None
+    rows = {r["name"]: r for r in results["runs"]}
+    # QAT starts from the PTQ model and keeps its best epoch: never worse than PTQ at its bits.
+    qat, ptq = rows["qat-w4a4"], rows["ptq-static-w4a4"]
+    assert qat["status"] == "ok" and ptq["status"] == "ok"
+    assert qat["metric_deployed"] >= ptq["metric_deployed"] - 0.002
+    assert rows["mixed-w3avg-a8"]["status"] == "ok"
