@@ -201,7 +201,8 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 def _compare_run(args: argparse.Namespace) -> int:
     """Each recipe of the config is one PTQ run: a weight-only recipe (no activation spec) runs
     method weight_only, any other static (calibrated activations). A config without recipes
-    runs compare's default set. The metric is the config's, on its eval_data."""
+    runs compare's default set (PTQ, a mixed-precision plan, and QAT when the config has
+    train_data). The metric is the config's, on its eval_data."""
     import time
     from pathlib import Path
     from typing import Any
@@ -229,12 +230,15 @@ def _compare_run(args: argparse.Namespace) -> int:
             samples = min(samples, args.quick_calib_samples)
         return recipe.replace(calib_samples=samples)
 
+    import dataclasses
+
     if config.recipes:
         runs = [Run(run.name, run.method, for_run(run.recipe)) for run in runs_for(config.recipes)]
     else:
+        # The default set: its QAT runs when the config has train_data.
         runs = [
-            Run(run.name, run.method, for_run(run.recipe.for_target(config.target)), run.family)
-            for run in default_runs()
+            dataclasses.replace(run, recipe=for_run(run.recipe.for_target(config.target)))
+            for run in default_runs(qat=config.train_data is not None)
         ]
 
     def say(message: str) -> None:
@@ -263,6 +267,7 @@ def _compare_run(args: argparse.Namespace) -> int:
         calib,
         eval_fn,
         config.example_inputs(),
+        train_data=config.train_batches() if config.train_data is not None else None,
         runs=runs,
         tolerance=config.tolerance,
         task=config.task,
