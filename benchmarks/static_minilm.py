@@ -115,7 +115,9 @@ def main() -> int:
 
     # --- choices on held-out calibration sentences ----------------------------------------
     if args.skip_choice and "choice" in previous:
-        out["heldout"], out["choice"] = previous["heldout"], previous["choice"]
+        for key in ("heldout", "choice", "heldout_note"):
+            if key in previous:
+                out[key] = previous[key]
     else:
         half = len(cal_sentences) // 2
         fit = M.tokenize_batches(tok, cal_sentences[:half], batch_size=16)
@@ -162,6 +164,9 @@ def main() -> int:
                 row[f"meets_{key}"] = row[key] >= TARGETS[key]
         out["results"][name] = row
         print(name, json.dumps(row), flush=True)
+        # Saved after every row: a run stopped part-way keeps what it measured.
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
 
     # --- edgequant static W8A8 ------------------------------------------------------------
     finals = [(label, key, False) for label, key in out["choice"].items()]
@@ -206,41 +211,6 @@ def main() -> int:
                 "verify_sqnr_db": info.verification.sqnr_db,
                 "pipeline_steps": qmodel.quant_info.get("pipeline", {}).get("steps"),
                 "smooth_alphas": _alphas(qmodel),
-            },
-        )
-
-    # --- edgequant INT4 weight-only, group 128 ---------------------------------------------
-    # Embedding tables stay INT8 per row: ONNX Gather reads no INT4 and no blocked scales.
-    # Held-out sentences (64 fit / 64 scored, measured while building this benchmark): round to
-    # nearest on minmax grids 0.9394 mean cosine, on MSE grids 0.9574; GPTQ (the default at
-    # 4 bits) on minmax grids 0.9786. So: MSE grids + GPTQ, plus round-to-nearest for reference.
-    # GPTQ reads the first 64 calibration sentences (its cost grows with them).
-    for label, rounding in (("GPTQ", "auto"), ("round to nearest", "nearest")):
-        recipe = eq.Recipe(
-            name="w4-g128-weight-only",
-            weight=weight_spec(4, group_size=128).replace(observer="mse"),
-            activation=None,
-            overrides=(LayerOverride("Embedding", weight=weight_spec(8)),),
-            rounding=rounding,
-        )
-        start = time.perf_counter()
-        qmodel = eq.quantize(model, recipe, calib[:4], method="weight_only")
-        wall = time.perf_counter() - start
-        path = work / f"w4_g128_{rounding}.onnx"
-        info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
-        dep = M.cosine_report(ref, M.embed(ort_fn(path), evals))
-        record(
-            f"edgequant weight-only INT4 group 128, MSE grids, {label} (embeddings INT8 per row)",
-            {
-                **dep,
-                "sim": M.cosine_report(ref, M.embed(qmodel, evals)),
-                "meets_int4_target_0.98": dep["mean_cosine"] >= 0.98,
-                "calibration_wall_s": wall,
-                "size_bytes": info.size_bytes,
-                "size_vs_fp32_onnx": info.size_bytes / fp32_size,
-                "integer_weights": info.integer_weights,
-                "verify_sqnr_db": info.verification.sqnr_db,
-                "pipeline_steps": qmodel.quant_info.get("pipeline", {}).get("steps"),
             },
         )
 
@@ -297,6 +267,41 @@ def main() -> int:
                     "size_vs_fp32_onnx": path.stat().st_size / fp32_size,
                 },
             )
+
+    # --- edgequant INT4 weight-only, group 128 ---------------------------------------------
+    # Embedding tables stay INT8 per row: ONNX Gather reads no INT4 and no blocked scales.
+    # Held-out sentences (64 fit / 64 scored, measured while building this benchmark): round to
+    # nearest on minmax grids 0.9394 mean cosine, on MSE grids 0.9574; GPTQ (the default at
+    # 4 bits) on minmax grids 0.9786. So: MSE grids + GPTQ, plus round-to-nearest for reference.
+    # GPTQ reads the first 64 calibration sentences (its cost grows with them).
+    for label, rounding in (("GPTQ", "auto"), ("round to nearest", "nearest")):
+        recipe = eq.Recipe(
+            name="w4-g128-weight-only",
+            weight=weight_spec(4, group_size=128).replace(observer="mse"),
+            activation=None,
+            overrides=(LayerOverride("Embedding", weight=weight_spec(8)),),
+            rounding=rounding,
+        )
+        start = time.perf_counter()
+        qmodel = eq.quantize(model, recipe, calib[:4], method="weight_only")
+        wall = time.perf_counter() - start
+        path = work / f"w4_g128_{rounding}.onnx"
+        info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
+        dep = M.cosine_report(ref, M.embed(ort_fn(path), evals))
+        record(
+            f"edgequant weight-only INT4 group 128, MSE grids, {label} (embeddings INT8 per row)",
+            {
+                **dep,
+                "sim": M.cosine_report(ref, M.embed(qmodel, evals)),
+                "meets_int4_target_0.98": dep["mean_cosine"] >= 0.98,
+                "calibration_wall_s": wall,
+                "size_bytes": info.size_bytes,
+                "size_vs_fp32_onnx": info.size_bytes / fp32_size,
+                "integer_weights": info.integer_weights,
+                "verify_sqnr_db": info.verification.sqnr_db,
+                "pipeline_steps": qmodel.quant_info.get("pipeline", {}).get("steps"),
+            },
+        )
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
