@@ -71,8 +71,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--stages",
-        default="uniform,analysis,mixed,target,qat",
-        help="comma-separated; later stages read the sensitivities from --out",
+        default="analysis,mixed,uniform,target,qat",
+        help="comma-separated, run in this order; mixed/target/qat read the sensitivities "
+        "that 'analysis' wrote to --out",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
     parser.add_argument("--search-steps", type=int, default=5, help="accuracy-target trials")
@@ -159,9 +160,8 @@ def main() -> int:
     budgets = [float(v) for v in args.budgets.split(",")]
     if args.quick:
         budgets = budgets[:1]
-    stages = set(args.stages.split(","))
 
-    if "uniform" in stages:
+    def stage_uniform() -> None:
         # Uniform weights, the library's presets (first and last layer 8-bit below 8 bits).
         for b in (2, 3, 4, 8):
             start = time.perf_counter()
@@ -175,7 +175,7 @@ def main() -> int:
                 },
             )
 
-    if "analysis" in stages:
+    def stage_analysis() -> None:
         # Sensitivities once (both routes); the later stages reuse them from the results file.
         start = time.perf_counter()
         first = plan(
@@ -209,10 +209,13 @@ def main() -> int:
         })  # fmt: skip
         save()
         print("analysis", json.dumps({k: v for k, v in analysis.items() if "scores" not in k}))
-    if "scores_perturbation" not in analysis:
-        print("no sensitivities yet: run the 'analysis' stage first", file=sys.stderr)
-        return 1
-    pert, hess = (restore(analysis[f"scores_{m}"], m) for m in ("perturbation", "hessian"))
+
+    def restored() -> tuple[Sensitivity, Sensitivity]:
+        if "scores_perturbation" not in analysis:
+            raise SystemExit("no sensitivities yet: run the 'analysis' stage first")
+        return restore(analysis["scores_perturbation"], "perturbation"), restore(
+            analysis["scores_hessian"], "hessian"
+        )
 
     def deploy_plan(name: str, p: Any, extra: dict[str, Any] | None = None) -> None:
         start = time.perf_counter()
@@ -232,7 +235,8 @@ def main() -> int:
     def budget_plan(avg: float, sens: Sensitivity) -> Any:
         return plan(model, calib, budget=Budget.average_bits(avg), recipe=base, sensitivities=sens)
 
-    if "mixed" in stages:
+    def stage_mixed() -> None:
+        pert, hess = restored()
         for method, sens in (("perturbation", pert), ("hessian", hess)):
             for avg in budgets if method == "perturbation" else budgets[: args.hessian_plans]:
                 p = budget_plan(avg, sens)
@@ -241,7 +245,8 @@ def main() -> int:
                     yaml_path = Path(args.out).with_suffix(f".{avg:g}bit.recipe.yaml")
                     p.recipe.to_yaml(yaml_path)
 
-    if "target" in stages:
+    def stage_target() -> None:
+        pert, _ = restored()
         # Accuracy target: at most max_drop below FP32 on the held-out images, smallest size.
         start = time.perf_counter()
         target = plan(
@@ -267,8 +272,11 @@ def main() -> int:
             },
         )  # fmt: skip
 
-    if "qat" in stages and args.qat_epochs > 0:
-        if not hasattr(eq, "prepare_qat"):
+    def stage_qat() -> None:
+        pert, _ = restored()
+        if args.qat_epochs <= 0:
+            print("QAT skipped: --qat-epochs 0", flush=True)
+        elif not hasattr(eq, "prepare_qat"):
             print("QAT skipped: edgequant.prepare_qat is not available", flush=True)
         else:
             p25 = budget_plan(budgets[0], pert)
@@ -294,6 +302,18 @@ def main() -> int:
                 },
             )
 
+    stages = {
+        "uniform": stage_uniform,
+        "analysis": stage_analysis,
+        "mixed": stage_mixed,
+        "target": stage_target,
+        "qat": stage_qat,
+    }
+    for name in args.stages.split(","):
+        if name not in stages:
+            parser.error(f"unknown stage {name!r}; valid: {', '.join(stages)}")
+    for name in args.stages.split(","):
+        stages[name]()
     save()
     plot(results, Path(args.plot), "acc_jpeg_10000" if not args.quick else "acc_test_932")
     return 0
