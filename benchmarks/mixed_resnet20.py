@@ -75,6 +75,13 @@ def main() -> int:
         help="comma-separated, run in this order; mixed/target/qat read the sensitivities "
         "that 'analysis' wrote to --out",
     )
+    parser.add_argument("--calib-images", type=int, default=1024)
+    parser.add_argument(
+        "--rounding", default="auto", help="Recipe.rounding (auto: the library's pipeline)"
+    )
+    parser.add_argument("--no-bias-correction", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hessian-seconds", type=float, default=120.0)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
     parser.add_argument("--search-steps", type=int, default=5, help="accuracy-target trials")
     args = parser.parse_args()
@@ -82,9 +89,9 @@ def main() -> int:
         print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
         return 0
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = C.load_resnet20()
-    x_cal, _ = C.calibration_split(1024)
+    x_cal, _ = C.calibration_split(args.calib_images)
     calib = list(x_cal.split(64))
     x_held, y_held = C.heldout_split()
     x932, y932 = C.load_split("test_932")
@@ -92,7 +99,10 @@ def main() -> int:
     if not args.quick:
         tests["jpeg_10000"] = C.load_jpeg_test()
     work = Path(tempfile.mkdtemp(prefix="eq-mixed-"))
-    base = eq.Recipe.preset("w8a8").replace(calib_samples=1024)
+    pipeline = {"calib_samples": args.calib_images, "rounding": args.rounding}
+    if args.no_bias_correction:
+        pipeline["bias_correction"] = False
+    base = eq.Recipe.preset("w8a8").replace(**pipeline)
     results: dict[str, dict[str, Any]] = {}
     analysis: dict[str, Any] = {}
     if Path(args.out).is_file() and not args.fresh:
@@ -109,8 +119,8 @@ def main() -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
-            "calibration": "1024 images of train_4660 (calibration part); choices on the 660 "
-            "held-out images",
+            "calibration": f"{args.calib_images} images of train_4660 (calibration part); "
+            "choices on the 660 held-out images",
             "args": vars(args),
             "analysis": analysis,
             "results": results,
@@ -165,7 +175,8 @@ def main() -> int:
         # Uniform weights, the library's presets (first and last layer 8-bit below 8 bits).
         for b in (2, 3, 4, 8):
             start = time.perf_counter()
-            q = eq.quantize(model, eq.Recipe.preset(f"w{b}a8").replace(calib_samples=1024), calib)
+            recipe = eq.Recipe.preset(f"w{b}a8").replace(**pipeline)
+            q = eq.quantize(model, recipe, calib)
             deploy(
                 f"uniform-w{b}a8",
                 q,
@@ -185,7 +196,7 @@ def main() -> int:
             recipe=base,
             compare=True,
             hessian_samples=args.hessian_samples,
-            hessian_seconds=120.0,
+            hessian_seconds=args.hessian_seconds,
         )
         analysis_s = time.perf_counter() - start
         pert, hess = first.sensitivity, first.other
