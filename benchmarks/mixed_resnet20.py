@@ -1,4 +1,4 @@
-"""Issue 11's figures: mixed-precision weights on the pretrained ResNet-20 (CIFAR-10), against
+r"""Issue 11's figures: mixed-precision weights on the pretrained ResNet-20 (CIFAR-10), against
 uniform 2/3/4/8-bit weights, activations 8-bit everywhere.
 
 Calibration: 1,024 images of train_4660 (its calibration part). Every choice (the accuracy
@@ -7,8 +7,14 @@ that of the exported ONNX model in ONNX Runtime on test_932 and on the 10,000 JP
 Sizes: packed weight bytes (parameters x bits / 8, what a bit-packing runtime stores) and the
 ONNX file (3- and 2-bit weights in INT4 containers).
 
-    flock /tmp/edgequant-bench.lock python benchmarks/mixed_resnet20.py \
-        [--out benchmarks/results/mixed_resnet20.json] [--quick] [--qat-epochs 2]
+    flock /tmp/edgequant-bench.lock python benchmarks/mixed_resnet20.py --fresh --qat-epochs 2 \
+        --budgets 2.5,3.0 [--stages analysis,mixed,uniform,target,qat] [--quick]
+
+Stages add to one results file (--out), saved after every deployed model; mixed, target and qat
+read the sensitivities that analysis wrote there. A light analysis only (seconds, no deployment):
+    python benchmarks/mixed_resnet20.py --fresh --quick --stages analysis --calib-images 256 \
+        --rounding nearest --no-bias-correction --threads 1 --hessian-samples 6 \
+        --hessian-seconds 15 --out benchmarks/results/mixed_resnet20_analysis_light.json
 """
 
 from __future__ import annotations
