@@ -85,6 +85,7 @@ def main() -> int:
     first = plan(model, calib, budget=Budget.average_bits(2.5), recipe=base, compare=True)
     analysis = {
         "plan_wall_s": time.perf_counter() - start,
+        "ptq_s": first.ptq_s,
         "perturbation_s": first.sensitivity.wall_s,
         "hessian_s": first.other.wall_s if first.other else None,
         "milp_s": first.solver_s,

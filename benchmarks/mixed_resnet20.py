@@ -211,7 +211,8 @@ def main() -> int:
         analysis.update({
             "fp32_weight_bytes": 4 * sum(first.costs.params.values()),
             "plan_wall_s (PTQ at 2/3/4/8 bits + both sensitivities + MILP)": analysis_s,
-            "perturbation_s (PTQ at each width + toggled measurement)": pert.wall_s,
+            "ptq_s (eq.quantize at each candidate width)": first.ptq_s,
+            "perturbation_s (toggled measurement: layers x widths evaluations)": pert.wall_s,
             "hessian_s": hess.wall_s,
             "milp_s": first.solver_s,
             "hessian_notes": hess.notes,

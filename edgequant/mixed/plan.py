@@ -64,6 +64,9 @@ class MixedPlan:
     drop: float | None = None
     wall_s: float = 0.0
     qmodel: nn.Module | None = None
+    # Seconds spent quantizing the model once per candidate width (eq.quantize, the PTQ pipeline)
+    # before the sensitivities were measured.
+    ptq_s: float = 0.0
 
     @property
     def packed_bytes(self) -> float:
@@ -94,7 +97,7 @@ class MixedPlan:
             f"mixed-precision plan ({self.method}): {self.average_bits:.3f} bits per weight on "
             f"average, {self.packed_bytes:,.0f} packed bytes ({self.packed_bytes / self.fp32_bytes:.4f} "
             f"of FP32), budget {self.budget}, solver {self.solver_s * 1e3:.1f} ms, "
-            f"sensitivity {self.sensitivity.wall_s:.1f} s",
+            f"PTQ at each width {self.ptq_s:.1f} s, sensitivity {self.sensitivity.wall_s:.1f} s",
             f"  {'layer':<{width}} {'params':>8} {'MACs':>10} bits{heads}",
         ]
         for n in names:
@@ -128,6 +131,7 @@ class MixedPlan:
             "budget": self.budget.as_dict() if self.budget else None,
             "solver_s": self.solver_s,
             "sensitivity_s": self.sensitivity.wall_s,
+            "ptq_s": self.ptq_s,
             "scores": {
                 n: {str(b): s for b, s in r.items()} for n, r in self.sensitivity.scores.items()
             },
@@ -156,7 +160,7 @@ def _sensitivities(
     hessian_samples: int,
     hessian_seconds: float,
     progress: bool,
-) -> tuple[Sensitivity, Sensitivity | None, dict[int, float]]:
+) -> tuple[Sensitivity, Sensitivity | None, dict[int, float], float]:
     from edgequant.mixed.hessian import (
         hessian_sensitivity,
         hessian_trace,
@@ -166,7 +170,9 @@ def _sensitivities(
 
     act_bits = base.activation.bits if base.activation is not None else None
     pert = hess = None
+    start = time.perf_counter()
     quantized = quantize_uniform(model, batches, cands, base)
+    ptq_s = time.perf_counter() - start
     if method == "perturbation" or compare:
         pert = sensitivity(
             model,
@@ -194,7 +200,7 @@ def _sensitivities(
     chosen = pert if method == "perturbation" else hess
     other = hess if method == "perturbation" else pert
     assert chosen is not None
-    return chosen, other, rhos
+    return chosen, other, rhos, ptq_s
 
 
 def _measure(
@@ -286,6 +292,7 @@ def plan(
     # (layer, width) pair: that would cost layers x widths evaluations of a coarser metric.
     other: Sensitivity | None = None
     rhos: dict[int, float] = {}
+    ptq_s = 0.0
     if sensitivities is not None:
         if not isinstance(sensitivities, Sensitivity):
             raise TypeError(
@@ -295,7 +302,7 @@ def plan(
         sens = sensitivities
         method = sens.method
     else:
-        sens, other, rhos = _sensitivities(
+        sens, other, rhos, ptq_s = _sensitivities(
             model,
             batches,
             cands,
@@ -354,6 +361,7 @@ def plan(
         max_drop=max_drop,
         drop=drop,
         wall_s=time.perf_counter() - start,
+        ptq_s=ptq_s,
     )
 
 
