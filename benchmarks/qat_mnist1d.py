@@ -71,7 +71,11 @@ def main() -> int:
     for preset in args.presets.split(","):
         recipe = recipe_for(preset)
         ptq = eq.quantize(model, recipe, calib)
-        row_ptq = {"acc_val": M.accuracy(ptq, *val), **deployed(ptq, f"ptq_{preset}")}
+        row_ptq: dict[str, Any] = {"acc_val": M.accuracy(ptq, *val)}
+        try:  # an export failure is recorded; the QAT run still happens
+            row_ptq.update(deployed(ptq, f"ptq_{preset}"))
+        except Exception as err:
+            row_ptq["export_failed"] = f"{type(err).__name__}: {str(err)[:300]}"
         best: tuple[float, float, torch.nn.Module, dict[str, Any]] | None = None
         selection = {}
         for lr in map(float, args.lrs.split(",")):
@@ -99,7 +103,11 @@ def main() -> int:
             if best is None or acc_val > best[0]:
                 best = (acc_val, lr, qmodel, record)
         assert best is not None
-        row_qat = {**best[3], "val_by_lr": selection, **deployed(best[2], f"qat_{preset}")}
+        row_qat = {**best[3], "val_by_lr": selection}
+        try:
+            row_qat.update(deployed(best[2], f"qat_{preset}"))
+        except Exception as err:
+            row_qat["export_failed"] = f"{type(err).__name__}: {str(err)[:300]}"
         results[preset] = {"ptq": row_ptq, "qat": row_qat}
         print(preset, json.dumps(results[preset]), flush=True)
     out = {

@@ -67,6 +67,9 @@ class Augmented:
             yield x.contiguous(), self.y[idx]
 
 
+OPTIMIZER = "sgd"
+
+
 def recipe_for(preset: str) -> eq.Recipe:
     """The preset (first/last layer 8-bit below 8 bits), MSE-searched activation ranges, MSE
     weight ranges below 8 bits, LSQ range learning."""
@@ -98,7 +101,7 @@ def qat_run(
         train,
         epochs=epochs,
         lr=lr,
-        optimizer="sgd",
+        optimizer=OPTIMIZER,
         momentum=0.9,
         teacher=model,
         temperature=2.0,
@@ -127,6 +130,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=None, help="default: chosen on held-out")
     parser.add_argument("--select", action="store_true", help="only choose lr on held-out images")
     parser.add_argument("--lrs", default="0.003,0.01")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     parser.add_argument("--select-preset", default="w4a4")
     parser.add_argument("--select-epochs", type=int, default=1)
     parser.add_argument("--epochs-for", default="", help="per-preset epochs, e.g. 'w8a8=5'")
@@ -139,6 +143,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 0
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     if args.epochs > 10:
         parser.error("issue 9's budget is at most 10 epochs")
     torch.set_num_threads(2)
@@ -155,7 +161,8 @@ def main() -> int:
         "train": "train_4660[:4000], random crop (pad 4) + flip, batch 128",
         "heldout": "train_4660[4000:] (660 images): lr choice only",
         "calibration": "512 images of train_4660[:4000]; activation observer mse (weights mse below 8 bits)",
-        "loss": "0.5 * KL(teacher T=2) * T^2 + 0.5 * CE; SGD momentum 0.9, cosine lr per step",
+        "loss": "0.5 * KL(teacher T=2) * T^2 + 0.5 * CE, cosine lr per step",
+        "optimizer": args.optimizer,
     }
 
     if args.select or args.lr is None:
