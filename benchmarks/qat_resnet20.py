@@ -134,6 +134,7 @@ def main() -> int:
     parser.add_argument("--select-preset", default="w4a4")
     parser.add_argument("--select-epochs", type=int, default=1)
     parser.add_argument("--epochs-for", default="", help="per-preset epochs, e.g. 'w8a8=5'")
+    parser.add_argument("--no-ptq", action="store_true", help="skip the PTQ comparison runs")
     parser.add_argument("--no-jpeg", action="store_true", help="skip the 10,000 JPEG images")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -226,6 +227,8 @@ def main() -> int:
         start = time.perf_counter()
         ptq_row: dict[str, Any]
         try:  # PTQ is the comparison; a failure there is recorded, the QAT run still happens
+            if args.no_ptq:
+                raise RuntimeError("skipped (--no-ptq)")
             ptq = eq.quantize(model, recipe, calib)
             ptq_row = {"wall_s": time.perf_counter() - start, "heldout": C.accuracy(ptq, *heldout)}
             ptq_row.update(deployed(ptq, f"ptq_{preset}"))
