@@ -117,11 +117,14 @@ def test_compare_quiet_runs_the_default_set_for_a_config_without_recipes(
     assert printed.out.startswith("recommendation: ") and printed.out.count("\n") == 1
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "tiny"  # the file's name
+    # The default set; the config has no train_data, so no QAT runs.
     assert [r["name"] for r in results["runs"]] == [
         "ptq-dynamic-w8a8",
         "ptq-static-w8a8",
         "ptq-weight-only-w4",
         "ptq-static-w4a8",
+        "ptq-static-w4a4",
+        "mixed-w3avg-a8",
     ]
     static = results["runs"][1]
     assert static["status"] == "ok" and static["samples_used"] == 64  # the config's num_samples

@@ -8,6 +8,7 @@ import torch
 
 from edgequant import functional as F
 from edgequant.observers import (
+    AutoObserver,
     OBSERVERS,
     EMAObserver,
     EntropyObserver,
@@ -59,6 +60,7 @@ def test_registry_holds_every_observer() -> None:
         "percentile": PercentileObserver,
         "mse": MSEObserver,
         "entropy": EntropyObserver,
+        "auto": AutoObserver,
     }
     assert expected == OBSERVERS
 
