@@ -8,8 +8,8 @@ import torch
 
 from edgequant import functional as F
 from edgequant.observers import (
-    AutoObserver,
     OBSERVERS,
+    AutoObserver,
     EMAObserver,
     EntropyObserver,
     MinMaxObserver,
