@@ -22,6 +22,7 @@ import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
 from edgequant.qat import finalize
+from edgequant.qat.prepare import start_from
 
 
 def main() -> int:
@@ -50,11 +51,7 @@ def main() -> int:
     ptq = eq.quantize(model, args.preset, calib, method="static")
     ptq_s = time.perf_counter() - start
     qat = eq.prepare_qat(model, args.preset, calib_data=calib)
-    with torch.no_grad():
-        own = dict(qat.named_parameters())
-        for name, value in ptq.named_parameters():
-            if name in own and own[name].shape == value.shape:
-                own[name].copy_(value)
+    start_from(qat, ptq)
     held = {0: C.accuracy(qat, x_ho, y_ho)}
     best = {"epoch": 0, "acc": held[0], "state": copy.deepcopy(qat.state_dict())}
 

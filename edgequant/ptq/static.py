@@ -156,6 +156,31 @@ def refine_weights(
     return notes
 
 
+def apply_refinement(
+    qmodel: nn.Module,
+    data: list[Any],
+    pipeline: dict[str, Any],
+    summary: Summary,
+    progress: bool,
+) -> list[str]:
+    """refine_weights as the resolved pipeline asks (nothing when it asks for neither step);
+    its notes go to the summary, and the steps that ran are returned for quant_info."""
+    if pipeline["rounding"] == "nearest" and not pipeline["bias_correction"]:
+        return []
+    with fast_simulation(qmodel):
+        summary.notes.extend(
+            refine_weights(
+                qmodel, data, pipeline["rounding"], pipeline["bias_correction"], progress
+            )
+        )
+    steps = []
+    if pipeline["rounding"] != "nearest":
+        steps.append(f"{pipeline['rounding']} weight rounding")
+    if pipeline["bias_correction"]:
+        steps.append("empirical bias correction")
+    return steps
+
+
 def quantize_static(
     model: nn.Module,
     recipe: Recipe,
@@ -188,17 +213,7 @@ def quantize_static(
         steps.append(
             "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
         )
-    if pipeline["rounding"] != "nearest" or pipeline["bias_correction"]:
-        with fast_simulation(qmodel):
-            summary.notes.extend(
-                refine_weights(
-                    qmodel, data, pipeline["rounding"], pipeline["bias_correction"], progress
-                )
-            )
-        if pipeline["rounding"] != "nearest":
-            steps.append(f"{pipeline['rounding']} weight rounding")
-        if pipeline["bias_correction"]:
-            steps.append("empirical bias correction")
+    steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     attach_info(
         qmodel,
         summary,

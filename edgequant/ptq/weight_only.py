@@ -8,9 +8,8 @@ from typing import Any
 from torch import nn
 
 from edgequant.instrument import Summary, attach_info, batch_size, instrument
-from edgequant.modules import fast_simulation
 from edgequant.ptq.calibrate import collect, peek
-from edgequant.ptq.static import calibrate_weights, refine_weights, resolve_pipeline
+from edgequant.ptq.static import apply_refinement, calibrate_weights, resolve_pipeline
 from edgequant.spec import Recipe
 
 
@@ -46,16 +45,7 @@ def quantize_weight_only(
     if pipeline["rounding"] != "nearest" or pipeline["bias_correction"]:
         data = collect(batches, num_samples)
         used = sum(batch_size(b) for b in data)
-        with fast_simulation(qmodel):
-            summary.notes.extend(
-                refine_weights(
-                    qmodel, data, pipeline["rounding"], pipeline["bias_correction"], progress
-                )
-            )
-        if pipeline["rounding"] != "nearest":
-            steps.append(f"{pipeline['rounding']} weight rounding")
-        if pipeline["bias_correction"]:
-            steps.append("empirical bias correction")
+        steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     attach_info(
         qmodel,
         summary,

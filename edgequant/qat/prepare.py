@@ -24,6 +24,7 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from edgequant.instrument import attach_info
@@ -141,6 +142,17 @@ def prepare_qat(
         },
     )
     return qmodel.train()
+
+
+def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:
+    """Copy the weights and biases of a PTQ model of the same model and recipe (eq.quantize,
+    learned rounding and bias correction included) into a prepared QAT model, in place. Both were
+    calibrated the same way, so the grids agree and QAT starts from the better PTQ model."""
+    with torch.no_grad():
+        own = dict(qmodel.named_parameters())
+        for name, value in ptq_model.named_parameters():
+            if name in own and own[name].shape == value.shape and not name.endswith("scale"):
+                own[name].copy_(value)
 
 
 def qat_quantizers(model: nn.Module) -> list[QATQuantizer]:

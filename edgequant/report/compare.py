@@ -125,18 +125,14 @@ def _qat_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prepare, fine-tune with distillation from `model`, keep the epoch closest to the teacher."""
     from edgequant.qat import finalize, fit_qat, prepare_qat
+    from edgequant.qat.prepare import start_from
 
     qmodel = prepare_qat(model, run.recipe, calib_data=calib)
     # Start from the PTQ model at the same bits, its whole pipeline included (learned rounding,
     # bias correction): same grids (the same calibration), better weights and biases.
     from edgequant.ptq import quantize
 
-    ptq = quantize(model, run.recipe, calib, method="static")
-    with torch.no_grad():
-        own = dict(qmodel.named_parameters())
-        for name, value in ptq.named_parameters():
-            if name in own and own[name].shape == value.shape and not name.endswith("scale"):
-                own[name].copy_(value)
+    start_from(qmodel, quantize(model, run.recipe, calib, method="static"))
     kl = _kl_to(model, calib)
     best: dict[str, Any] = {
         "epoch": 0,
