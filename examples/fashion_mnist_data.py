@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgequant._io import atomic_path
+
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_PART = 55_000
 
@@ -94,9 +96,8 @@ def trained_cnn(epochs: int = 3, seed: int = 0) -> nn.Module:
             opt.step()
     model.eval()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
     return model
 
 
