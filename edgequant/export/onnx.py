@@ -43,6 +43,12 @@ def _container_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8 if bits <= 8 else 16
 
 
+def _activation_container_bits(bits: int) -> int:
+    """Activations below 4 bits travel in 8-bit containers behind a Clip: ONNX Runtime's
+    Clip-QuantizeLinear fusion cannot read a 4-bit zero point and refuses the whole model."""
+    return 8 if bits < 4 else _container_bits(bits)
+
+
 _INT_DTYPES = {
     (4, True): torch.int8,
     (4, False): torch.uint8,
@@ -65,7 +71,7 @@ class LoweredQDQ(nn.Module):
         super().__init__()
         spec = q.spec
         self.qmin, self.qmax = spec.qmin, spec.qmax
-        self.container = _container_bits(spec.bits)
+        self.container = _activation_container_bits(spec.bits)
         self.axis = -1 if spec.per_tensor else spec.axis
         if spec.granularity == "group":
             raise ExportError(f"{q.name}: per-group activation quantization has no ONNX QDQ form")
@@ -185,7 +191,7 @@ class LoweredLayer(nn.Module):
             not self.weight_float
             and self.w_container == 8
             and iq is not None
-            and _container_bits(iq.spec.bits) == 8
+            and _activation_container_bits(iq.spec.bits) == 8
         )
         self.integer_pattern = layer.integer_form() and not fusable and not self.dynamic
         if self.integer_pattern:

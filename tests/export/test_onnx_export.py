@@ -240,6 +240,17 @@ def test_more_models_export_as_simulated(case: str, tmp_path: Path) -> None:
     assert sorted(weight_initializers(path).values()).count(INT4) == int4
 
 
+@pytest.mark.parametrize("recipe", ["w2a2", "w3a3", "w8a2"])
+def test_activations_below_4_bits_load_and_agree(recipe: str, tmp_path: Path) -> None:
+    """2- and 3-bit activations ride in 8-bit containers behind a Clip: ONNX Runtime's
+    Clip-QuantizeLinear fusion refused 4-bit containers there ("y_zero_point of 21")."""
+    model, calib, held_out = _case("classifier")
+    qmodel = eq.quantize(model, recipe, calib, method="static")
+    path = tmp_path / "model.onnx"
+    _export(qmodel, path, calib)
+    assert sqnr_db(_simulate(qmodel, held_out), run_ort(path, held_out)) > 40.0
+
+
 # --- file size beside an FP32 export, INT4 storage ----------------------------------------------
 
 
