@@ -100,6 +100,7 @@ def fit_qat(
     resume: bool = False,
     val_fn: Callable[[nn.Module], float] | None = None,
     freeze_observers_epoch: int | None = None,
+    range_lr_scale: float = 1.0,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -110,7 +111,11 @@ def fit_qat(
     without labels a teacher is required. kd_weight: the share of the distillation term when
     there are labels too. val_fn(model) -> float is called after each epoch, model in eval mode.
     checkpoint_dir: `qat_last.pt` is written there atomically after each epoch; resume=True
-    continues from it (refused if it comes from another recipe or model). on_epoch_end(epoch,
+    continues from it (refused if it comes from another recipe or model). range_lr_scale: the
+    learning rate of the learned ranges (LSQ step sizes and offsets, PACT clips) is lr times this:
+    with Adam, whose steps are about lr in size whatever the gradient, a step size of 0.01 moves
+    by 1 % of itself per step at lr 1e-4, so ranges calibrated by PTQ want a smaller factor.
+    The ranges get no weight decay. on_epoch_end(epoch,
     record) runs after the checkpoint. The model is left in eval mode, its grids in the
     standard buffers (export it with eq.export_onnx).
     """
@@ -130,6 +135,12 @@ def fit_qat(
         raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if (
+        isinstance(range_lr_scale, bool)
+        or not isinstance(range_lr_scale, (int, float))
+        or not 0.0 <= range_lr_scale < math.inf
+    ):
+        raise ValueError(f"range_lr_scale must be a number >= 0, got {range_lr_scale!r}")
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
     if freeze_observers_epoch is not None:
@@ -147,12 +158,21 @@ def fit_qat(
         path.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
-    params = [p for p in qmodel.parameters() if p.requires_grad]
+    ranges = {id(p) for q in qat_quantizers(model) for p in q.parameters() if p.requires_grad}
+    trained = [p for p in qmodel.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if id(p) not in ranges]},
+        {
+            "params": [p for p in trained if id(p) in ranges],
+            "lr": lr * range_lr_scale,
+            "weight_decay": 0.0,
+        },
+    ]
     opt: torch.optim.Optimizer
     if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     try:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]
     except TypeError:

@@ -12,6 +12,7 @@ from edgequant.qat import fit_qat, prepare_qat
 from edgequant.qat.checkpoint import FILENAME
 from edgequant.qat.ema import EMAQuantizer
 from edgequant.qat.fit import NaNLossError
+from edgequant.qat.prepare import qat_quantizers
 
 
 class Shuffled:
@@ -163,3 +164,23 @@ def test_bad_arguments_are_named(tiny_model, calib, train_data):
         fit_qat(tiny_model, train_data)
     with pytest.raises(TypeError, match="item 0"):
         fit_qat(qat, [{"x": 1}], progress=False)
+
+
+def test_range_lr_scale_sets_how_fast_the_ranges_learn(tiny_model, calib, train_data):
+    def ranges(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for q in qat_quantizers(model) for p in q.parameters()]
+
+    frozen = prepare_qat(tiny_model, "w4a4", calib)
+    before, weights = ranges(frozen), [p.detach().clone() for p in frozen.parameters()]
+    assert before, "LSQ quantizers have learned step sizes"
+    fit_qat(
+        frozen, train_data, epochs=1, lr=1e-2, optimizer="adam", range_lr_scale=0.0, progress=False
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before, ranges(frozen), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(weights, frozen.parameters(), strict=False))
+
+    moving = prepare_qat(tiny_model, "w4a4", calib)
+    fit_qat(moving, train_data, epochs=1, lr=1e-2, optimizer="adam", progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ranges(moving), strict=True))
+    with pytest.raises(ValueError, match="range_lr_scale"):
+        fit_qat(moving, train_data, range_lr_scale=-1.0)
