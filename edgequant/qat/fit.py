@@ -160,7 +160,7 @@ def fit_qat(
     torch.manual_seed(seed)
     ranges = {id(p) for q in qat_quantizers(model) for p in q.parameters() if p.requires_grad}
     trained = [p for p in qmodel.parameters() if p.requires_grad]
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [p for p in trained if id(p) not in ranges]},
         {
             "params": [p for p in trained if id(p) in ranges],
