@@ -203,14 +203,20 @@ def _compare_run(args: argparse.Namespace) -> int:
     method weight_only, any other static (calibrated activations). A config without recipes
     runs compare's default set (PTQ, a mixed-precision plan, and QAT when the config has
     train_data). The metric is the config's, on its eval_data."""
-    import time
     from pathlib import Path
     from typing import Any
 
     import torch
 
     from edgequant.config import load_config
-    from edgequant.report.compare import Predict, Run, compare, default_runs, runs_for
+    from edgequant.report.compare import (
+        Predict,
+        Run,
+        compare,
+        default_runs,
+        runs_for,
+        stderr_progress,
+    )
     from edgequant.report.render import table
     from edgequant.spec import Recipe
 
@@ -241,9 +247,8 @@ def _compare_run(args: argparse.Namespace) -> int:
             for run in default_runs(qat=config.train_data is not None)
         ]
 
-    def say(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
+    say = progress or (lambda message: None)
 
     say(f"{config.task}: building the model and loading the data")
     model = config.build_model()
@@ -275,7 +280,7 @@ def _compare_run(args: argparse.Namespace) -> int:
         out_dir=out,
         verify_data=[inputs for inputs, _ in pairs],
         latency_runs=args.quick_latency_runs if args.quick else 20,
-        progress=say,
+        progress=progress,
     )
     rec = report.recommendation
     if args.quiet:

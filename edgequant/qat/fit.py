@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -273,7 +274,7 @@ def fit_qat(
             )
         if progress:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
-            print(f"QAT epoch {epoch}/{epochs}: {shown}", flush=True)
+            print(f"QAT epoch {epoch}/{epochs}: {shown}", file=sys.stderr, flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     model.eval()

@@ -35,9 +35,9 @@ class Run:
     """One method to try: a name, its family, the PTQ method and the recipe.
 
     family "ptq": eq.quantize(method). "qat": eq.prepare_qat from the static PTQ start, then
-    eq.fit_qat for `epochs` on compare's train_data with the FP32 model as teacher; the epoch
-    kept is the one closest to the teacher on the calibration data (epoch 0 is the PTQ start, so
-    QAT never ends worse than its own start by that measure). "mixed": eq.mixed_precision picks
+    eq.fit_qat for `epochs` on compare's train_data, less a held-out slice (holdout_split), with
+    the FP32 model as teacher; the epoch kept is chosen on the held-out slice by select_epoch,
+    which keeps the PTQ start (epoch 0) unless an epoch is better by more than noise. "mixed": eq.mixed_precision picks
     per-layer weight bits (candidates 2, 3, 4, 8) under a packed-size budget of `budget_ratio`
     of the FP32 weights, then static PTQ with those bits.
     """
@@ -96,81 +96,175 @@ def _batch_len(batch: Any) -> int:
     return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
-def _kl_to(teacher: nn.Module, calib: list[Any]) -> Callable[[nn.Module], float]:
-    """KL divergence of a model's outputs from the teacher's on the calibration data (no labels)."""
-    with torch.no_grad():
-        targets = [torch.log_softmax(call_model(teacher, b).float(), -1) for b in calib]
+# QAT epoch selection (see _qat_model): every HOLDOUT_EVERY-th batch of train_data is held out
+# of training and scores each epoch; an epoch replaces the PTQ start only when it wins on the
+# held-out samples by more than SELECTION_Z standard errors of the paired difference.
+HOLDOUT_EVERY = 7
+SELECTION_Z = 2.0
 
-    def kl(model: nn.Module) -> float:
+
+def holdout_split(train: list[Any], every: int = HOLDOUT_EVERY) -> tuple[list[Any], list[Any]]:
+    """(batches to train on, held-out batches): every `every`-th batch is held out (strided, so
+    a train_data sorted by class still gives a mixed slice); with fewer batches than `every`,
+    the last one. Needs at least 2 batches."""
+    if len(train) < 2:
+        raise ValueError(
+            f"a QAT run needs at least 2 batches of train_data (one is held out to choose the "
+            f"epoch kept), got {len(train)}"
+        )
+    step = min(every, len(train))
+    held = set(range(step - 1, len(train), step))
+    return [b for i, b in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def _split_labels(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[1], torch.Tensor)
+        and not batch[1].is_floating_point()
+    ):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def _hits_on(
+    teacher: nn.Module, held: list[Any]
+) -> tuple[Callable[[nn.Module], torch.Tensor], str]:
+    """(model -> per-sample top-1 hits on the held-out batches, what the hits are against): the
+    labels where the batches have them, else the teacher's top-1 (agreement with FP32)."""
+    inputs, targets = [], []
+    with torch.no_grad():
+        for batch in held:
+            x, y = _split_labels(batch)
+            inputs.append(x)
+            targets.append(y if y is not None else call_model(teacher, x).argmax(-1))
+    against = "labels" if all(_split_labels(b)[1] is not None for b in held) else "FP32 top-1"
+
+    def hits(model: nn.Module) -> torch.Tensor:
         flags = {m: m.training for m in model.modules()}
         model.eval()
-        total = 0.0
         try:
             with torch.no_grad():
-                for b, t in zip(calib, targets, strict=True):
-                    out = torch.log_softmax(call_model(model, b).float(), -1)
-                    total += float(
-                        torch.nn.functional.kl_div(out, t, log_target=True, reduction="batchmean")
-                    )
+                return torch.cat(
+                    [
+                        (call_model(model, x).argmax(-1) == t).flatten()
+                        for x, t in zip(inputs, targets, strict=True)
+                    ]
+                )
         finally:
             for m, f in flags.items():
                 m.training = f
-        return total / len(calib)
 
-    return kl
+    return hits, against
+
+
+def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[int, str]:
+    """(epoch to keep, why) from per-sample hits on held-out data, hits[0] being the PTQ start.
+
+    The candidate is the epoch with the most hits (the earliest on a tie). It replaces the start
+    only if, of the samples on which the two disagree, it gets b right that the start gets
+    wrong and c the other way with b - c > z * sqrt(b + c): a gain of more than z standard
+    errors of the paired difference (McNemar's statistic). Otherwise QAT keeps the PTQ start,
+    so it is never worse than PTQ by a difference that the held-out data cannot tell from noise.
+    """
+    n = int(hits[0].numel())
+    if len(hits) < 2:
+        return 0, "no QAT epoch ran: the PTQ start is kept"
+    counts = [int(h.sum()) for h in hits]
+    best = max(range(1, len(hits)), key=lambda e: (counts[e], -e))
+    b = int((hits[best] & ~hits[0]).sum())
+    c = int((~hits[best] & hits[0]).sum())
+    margin = z * (b + c) ** 0.5
+    scores = ", ".join(f"epoch {e}: {k}" for e, k in enumerate(counts))
+    detail = (
+        f"held-out hits of {n} ({scores}); the best epoch, {best}, gets {b} right that the PTQ "
+        f"start gets wrong and {c} the other way"
+    )
+    if b - c > margin:
+        return (
+            best,
+            f"kept epoch {best}: {detail}, a gain above {z:g} standard errors ({margin:.1f})",
+        )
+    return 0, (
+        f"kept the PTQ start (epoch 0): {detail}; a gain of {b - c} is within {z:g} standard "
+        f"errors ({margin:.1f}), not distinguishable from noise"
+    )
 
 
 def _qat_model(
-    model: nn.Module, run: Run, calib: list[Any], train_data: list[Any], seed: int = 0
+    model: nn.Module,
+    run: Run,
+    calib: list[Any],
+    train_data: list[Any],
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Prepare, fine-tune with distillation from `model`, keep the epoch closest to the teacher."""
+    """Prepare from the PTQ model, fine-tune with distillation from `model` on train_data less
+    a held-out slice, and keep the epoch that select_epoch picks on that slice."""
+    from edgequant.ptq import quantize
     from edgequant.qat import finalize, fit_qat, prepare_qat
     from edgequant.qat.prepare import start_from
 
-    qmodel = prepare_qat(model, run.recipe, calib_data=calib)
+    fit, held = holdout_split(train_data)
+    bars = progress is not None
+    qmodel = prepare_qat(model, run.recipe, calib_data=calib, progress=bars)
     # Start from the PTQ model at the same bits, its whole pipeline included (learned rounding,
     # bias correction): same grids (the same calibration), better weights and biases.
-    from edgequant.ptq import quantize
+    start_from(qmodel, quantize(model, run.recipe, calib, method="static", progress=bars))
+    hits_of, against = _hits_on(model, held)
+    hits = [hits_of(qmodel)]
+    states = [copy.deepcopy(qmodel.state_dict())]
+    if progress is not None:
+        progress(
+            f"{run.name}: QAT from the PTQ start (held-out top-1 {float(hits[0].float().mean()):.4f}"
+            f" on {hits[0].numel()} samples), {run.epochs} epochs"
+        )
 
-    start_from(qmodel, quantize(model, run.recipe, calib, method="static"))
-    kl = _kl_to(model, calib)
-    best: dict[str, Any] = {
-        "epoch": 0,
-        "kl": kl(qmodel),
-        "state": copy.deepcopy(qmodel.state_dict()),
-    }
-    start_kl = best["kl"]
-
-    def keep_best(epoch: int, record: dict[str, Any]) -> None:
-        value = kl(qmodel)
-        if value < best["kl"]:
-            best.update(epoch=epoch, kl=value, state=copy.deepcopy(qmodel.state_dict()))
+    def heldout_top1(m: nn.Module) -> float:  # fit_qat's val_fn: shown in its epoch line
+        hits.append(hits_of(m))
+        return float(hits[-1].float().mean())
 
     fit_qat(
         qmodel,
-        train_data,
+        fit,
         epochs=run.epochs,
         lr=run.lr,
         teacher=model,
-        progress=False,
-        on_epoch_end=keep_best,
+        progress=bars,
+        val_fn=heldout_top1,
+        on_epoch_end=lambda epoch, record: states.append(copy.deepcopy(qmodel.state_dict())),
         seed=seed,
     )
-    qmodel.load_state_dict(best["state"])
+    assert len(hits) == len(states) == run.epochs + 1
+    kept, why = select_epoch(hits)
+    qmodel.load_state_dict(states[kept])
     info = {
         "epochs": run.epochs,
-        "kept_epoch": best["epoch"],
-        "kl_start": start_kl,
-        "kl_kept": best["kl"],
+        "kept_epoch": kept,
+        "selection": {
+            "held_out_samples": int(hits[0].numel()),
+            "trained_on_samples": sum(_batch_len(b) for b in fit),
+            "against": against,
+            "heldout_top1": [float(h.float().mean()) for h in hits],
+            "rule": f"an epoch replaces the PTQ start only if b - c > {SELECTION_Z:g} * sqrt(b + c)",
+            "why": why,
+        },
     }
     final = finalize(qmodel)
     for attr in ("quant_summary", "quant_info"):
         if hasattr(qmodel, attr) and not hasattr(final, attr):
             setattr(final, attr, getattr(qmodel, attr))
+    cast(Summary, final.quant_summary).notes.append(
+        f"QAT epoch selection on {int(hits[0].numel())} held-out train_data samples "
+        f"(against {against}): {why}"
+    )
     return final, info
 
 
-def _mixed_model(model: nn.Module, run: Run, calib: list[Any]) -> tuple[nn.Module, dict[str, Any]]:
+def _mixed_model(
+    model: nn.Module, run: Run, calib: list[Any], progress: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
     from edgequant.mixed import Budget, plan
     from edgequant.ptq import quantize
 
@@ -183,8 +277,9 @@ def _mixed_model(model: nn.Module, run: Run, calib: list[Any]) -> tuple[nn.Modul
         act_bits=act,
         recipe=run.recipe,
         num_samples=min(256, sum(_batch_len(b) for b in calib)),
+        progress=progress,
     )
-    qmodel = quantize(model, p.recipe, calib, method=run.method)
+    qmodel = quantize(model, p.recipe, calib, method=run.method, progress=progress)
     return qmodel, {"mixed_bits": dict(p.bits), "packed_bytes": p.packed_bytes}
 
 
@@ -204,6 +299,20 @@ def runs_for(recipes: Sequence[Recipe | str]) -> list[Run]:
         else:
             runs.append(Run(f"ptq-static-{r.name}", "static", r))
     return runs
+
+
+def stderr_progress(quiet: bool = False) -> Callable[[str], None] | None:
+    """compare's `progress` for a command line: timestamped one-line messages on stderr (and,
+    since it is not None, the steps' tqdm bars), or None when quiet (nothing at all)."""
+    import sys
+
+    if quiet:
+        return None
+
+    def say(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def torch_predict(model: nn.Module) -> Predict:
@@ -367,6 +476,9 @@ def compare(
     first calibration batch. train_data: batches of inputs, or (inputs, labels) pairs, for QAT
     runs (labels_used is recorded from it); QAT runs without it are reported as failed.
     Exported models are written to out_dir/models (a temporary folder when out_dir is None).
+    progress: called with a one-line message at each step; when given, the long steps
+    (calibration, learned rounding, sensitivity analysis, QAT epochs) also show tqdm bars on
+    stderr. None: silent. stderr_progress() gives the command line's.
     """
     from edgequant.bench import latency_ms
     from edgequant.export.onnx import export_float_onnx, export_onnx
@@ -393,6 +505,7 @@ def compare(
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
     say = progress or (lambda msg: None)
+    bars = progress is not None
     calib = list(calib_data)
     if not calib:
         raise ValueError("calib_data is empty")
@@ -437,7 +550,7 @@ def compare(
     results: list[dict[str, Any]] = []
     summaries: dict[str, str] = {}
     for run in runs:
-        say(f"{run.name}: quantizing ({run.method}, {run.recipe.name})")
+        say(f"{run.name}: {run.family} {run.method}, recipe {run.recipe.name}")
         start = time.perf_counter()
         row: dict[str, Any] = {
             "name": run.name,
@@ -459,14 +572,16 @@ def compare(
             if run.family == "qat":
                 if train is None:
                     raise ValueError("a QAT run needs train_data (compare(..., train_data=...))")
-                qmodel, extra = _qat_model(model, run, calib, train)
+                qmodel, extra = _qat_model(model, run, calib, train, progress=progress)
             elif run.family == "mixed":
-                qmodel, extra = _mixed_model(model, run, calib)
+                say(f"{run.name}: per-layer sensitivity and bit allocation, then static PTQ")
+                qmodel, extra = _mixed_model(model, run, calib, progress=bars)
             else:
-                qmodel = quantize(model, run.recipe, calib, method=run.method)
+                qmodel = quantize(model, run.recipe, calib, method=run.method, progress=bars)
             row.update(extra)
             summaries[run.name] = cast(Summary, qmodel.quant_summary).format()
             path = models_dir / f"{run.name}.onnx"
+            say(f"{run.name}: exporting to ONNX and verifying in ONNX Runtime")
             info = export_onnx(qmodel, path, example_inputs, verify_data=verify)
             row["metric_simulated"] = float(eval_fn(torch_predict(qmodel)))
             row["metric_deployed"] = float(eval_fn(ort_predict(path, threads)))
@@ -477,6 +592,7 @@ def compare(
             row["samples_used"] = cast("dict[str, Any]", qmodel.quant_info)["samples_used"]
             if run.family == "qat":
                 row["samples_used"] += sum(_batch_len(b) for b in cast(list[Any], train))
+            say(f"{run.name}: latency in ONNX Runtime (batch sizes {latency_batch_sizes})")
             row["latency_ms"] = latency(path)
             row["onnx"] = str(path)
             row["status"] = "ok"
@@ -504,5 +620,6 @@ def compare(
         summaries=summaries,
     )
     if out_dir is not None:
+        say(f"writing the report to {out_dir}")
         report.save(out_dir)
     return report

@@ -4,14 +4,12 @@ ONNX Runtime, report."""
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgequant.report.compare import Predict, Report, compare
+from edgequant.report.compare import Predict, Report, compare, stderr_progress
 
 
 def _quick_runs() -> list[Any]:
@@ -38,9 +36,8 @@ def _quick_runs() -> list[Any]:
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool = False) -> Report:
     from edgequant.examples import mnist1d
 
-    def say(msg: str) -> None:
-        if not quiet:
-            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    progress = stderr_progress(quiet)
+    say = progress or (lambda message: None)
 
     torch.manual_seed(0)
     epochs = 6 if quick else mnist1d.EPOCHS
@@ -72,7 +69,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
         out_dir=out_dir,
         verify_data=[x for x, _ in test],
         latency_runs=10 if quick else 30,
-        progress=say,
+        progress=progress,
     )
     if not quiet:
         print(report.to_markdown().split("## What each method quantized")[0])

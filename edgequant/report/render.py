@@ -107,6 +107,15 @@ def _environment_line(results: dict[str, Any]) -> str:
     )
 
 
+def _selection_lines(results: dict[str, Any]) -> list[str]:
+    """One line per QAT run that recorded which epoch it kept and why."""
+    return [
+        f"{run['name']}: {run['selection']['why']}."
+        for run in results["runs"]
+        if run.get("status") == "ok" and isinstance(run.get("selection"), dict)
+    ]
+
+
 def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -> str:
     lines = [
         f"# edgequant report: {results['task']}",
@@ -117,8 +126,12 @@ def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -
         "",
         table(results),
         "",
-        _environment_line(results),
     ]
+    selection = _selection_lines(results)
+    if selection:
+        lines += ["QAT epoch kept, chosen on data held out of train_data:", ""]
+        lines += [f"- {line}" for line in selection] + [""]
+    lines.append(_environment_line(results))
     if summaries:
         lines += ["", "## What each method quantized", ""]
         for name, text in summaries.items():
@@ -261,6 +274,14 @@ def html(
         "<h2>Runs</h2>",
         _html_table(results),
     ]
+    selection = _selection_lines(results)
+    if selection:
+        parts += [
+            '<p class="note">QAT epoch kept, chosen on data held out of train_data:</p>',
+            "<ul>"
+            + "".join(f'<li class="note">{escape(line)}</li>' for line in selection)
+            + "</ul>",
+        ]
     if plots or plot_errors:
         parts += ["<h2>Plots</h2>", *_html_plots(plots or {}, plot_errors or {})]
     parts += [

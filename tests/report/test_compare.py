@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from edgequant.report.compare import Run, compare, recommend
+from edgequant.report.compare import (
+    Run,
+    compare,
+    holdout_split,
+    recommend,
+    select_epoch,
+    stderr_progress,
+)
 from edgequant.spec import Recipe
 
 
@@ -34,7 +41,9 @@ def _accuracy(test):  # type: ignore[no-untyped-def]
     return metric
 
 
-def test_a_failing_method_is_reported_and_the_others_run(tmp_path: Path) -> None:
+def test_a_failing_method_is_reported_and_the_others_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model, calib, test = _toy()
     runs = [
         Run("static-w8a8", "static", Recipe.preset("w8a8")),
@@ -54,6 +63,7 @@ def test_a_failing_method_is_reported_and_the_others_run(tmp_path: Path) -> None
         latency_runs=2,
         verify_data=[x for x, _ in test],
     )
+    assert capsys.readouterr().err == ""  # no progress given: silent, bars included
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     rows = {r["name"]: r for r in report.results["runs"]}
@@ -75,7 +85,7 @@ def test_a_failing_method_is_reported_and_the_others_run(tmp_path: Path) -> None
     assert "FAILED" in text and "Recommendation" in text
 
 
-def test_qat_and_mixed_runs(tmp_path: Path) -> None:
+def test_qat_and_mixed_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, calib, test = _toy()
     runs = [
         Run("qat-w4a8", "static", Recipe.preset("w4a8"), family="qat", epochs=2),
@@ -92,13 +102,31 @@ def test_qat_and_mixed_runs(tmp_path: Path) -> None:
         train_data=train,
         latency_runs=2,
         verify_data=[x for x, _ in test],
+        progress=stderr_progress(),
     )
     rows = {r["name"]: r for r in report.results["runs"]}
     qat = rows["qat-w4a8"]
     assert qat["status"] == "ok", qat.get("error")
     assert qat["labels_used"] is True and qat["family"] == "qat"
-    assert 0 <= qat["kept_epoch"] <= 2 and qat["kl_kept"] <= qat["kl_start"]
+    # The epoch is chosen on the held-out batch of train_data (4 batches: the last one).
+    selection = qat["selection"]
+    assert selection["held_out_samples"] == 32 and selection["trained_on_samples"] == 96
+    assert selection["against"] == "labels" and len(selection["heldout_top1"]) == 3
+    assert 0 <= qat["kept_epoch"] <= 2 and f"epoch {qat['kept_epoch']}" in selection["why"]
     assert qat["samples_used"] > 128  # calibration plus the training data
+    assert selection["why"] in report.to_markdown()
+    # Progress on stderr for every long step: the bars of calibration, learned rounding,
+    # sensitivity and QAT epochs, and a line for export, verification and latency.
+    err = capsys.readouterr().err
+    for step in (
+        "calibrating",
+        "weights (",
+        "sensitivity",
+        "QAT epoch 2/2",
+        "qat-w4a8: exporting to ONNX and verifying in ONNX Runtime",
+        "mixed: latency in ONNX Runtime",
+    ):
+        assert step in err, f"no progress for {step!r} in: {err[-3000:]}"
     mixed = rows["mixed"]
     assert mixed["status"] == "ok", mixed.get("error")
     assert set(mixed["mixed_bits"].values()) <= {2, 3, 4, 8}
@@ -110,6 +138,36 @@ def test_qat_and_mixed_runs(tmp_path: Path) -> None:
         Run("q", "static", Recipe.preset("w8a8"), family="qat")
     with pytest.raises(ValueError, match="budget_ratio"):
         Run("m", "static", Recipe.preset("w8a8"), family="mixed")
+
+
+def test_select_epoch_keeps_the_ptq_start_unless_an_epoch_wins_beyond_noise() -> None:
+    def hits(*right: int, n: int = 100) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.bool)
+        out[list(right)] = True
+        return out
+
+    start = hits(*range(90))
+    # 2 more right and none worse: b - c = 2 <= 2 * sqrt(2), noise: the start stays.
+    kept, why = select_epoch([start, hits(*range(92))])
+    assert kept == 0 and "PTQ start" in why and "within 2 standard errors" in why
+    # 6 more right: 6 > 2 * sqrt(6) = 4.9, kept; the best epoch is the candidate.
+    kept, why = select_epoch([start, hits(*range(92)), hits(*range(96)), hits(*range(94))])
+    assert kept == 2 and why.startswith("kept epoch 2") and "gets 6 right" in why
+    # Paired, not marginal: 8 gained and 8 lost is no gain at all.
+    kept, _ = select_epoch([start, hits(*range(8, 98))])
+    assert kept == 0
+    # An epoch worse than the start is never kept.
+    assert select_epoch([start, hits(*range(50))])[0] == 0
+    assert select_epoch([start])[0] == 0
+
+
+def test_holdout_split_is_strided_and_needs_two_batches() -> None:
+    batches = list(range(15))
+    fit, held = holdout_split(batches)  # type: ignore[arg-type]
+    assert held == [6, 13] and fit == [b for b in batches if b not in (6, 13)]
+    assert holdout_split([0, 1, 2]) == ([0, 1], [2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        holdout_split([0])  # type: ignore[arg-type]
 
 
 def _row(name: str, metric: float, size: int, family: str = "ptq", labels: bool = False) -> dict:
@@ -153,11 +211,15 @@ def test_bad_arguments_are_named() -> None:
         compare(model, calib, _accuracy(test), calib[0], runs=dup)
 
 
-def test_demo_command_end_to_end(tmp_path: Path) -> None:
+def test_demo_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("mnist1d")
     from edgequant.cli import main
 
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    # --quiet: no progress line or bar from any step (training, PTQ, mixed, QAT), one line out.
+    assert printed.err == ""
+    assert printed.out.startswith("recommendation: ") and printed.out.count("\n") == 1
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["baseline"]["metric"] >= 0.90
     static = next(r for r in results["runs"] if r["name"] == "ptq-static-w8a8")
@@ -165,8 +227,10 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert static["metric_deployed"] >= results["baseline"]["metric"] - 0.01
     assert results["recommendation"]["choice"] is not None
     rows = {r["name"]: r for r in results["runs"]}
-    # QAT starts from the PTQ model and keeps its best epoch: never worse than PTQ at its bits.
+    # QAT starts from the PTQ model and keeps an epoch only when it wins on held-out training
+    # data beyond noise: never worse than PTQ at its bits.
     qat, ptq = rows["qat-w4a4"], rows["ptq-static-w4a4"]
     assert qat["status"] == "ok" and ptq["status"] == "ok"
     assert qat["metric_deployed"] >= ptq["metric_deployed"] - 0.002
+    assert qat["selection"]["held_out_samples"] == 500  # every 7th of 35 batches of 100
     assert rows["mixed-w3avg-a8"]["status"] == "ok"
