@@ -114,7 +114,9 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-samples", type=int, metavar="N", help="calibration samples (default: the config's)"
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="print only the line about the written file"
+        "--quiet",
+        action="store_true",
+        help="no progress bars; print only the line about the written file",
     )
 
 
@@ -146,6 +148,7 @@ def _quantize_run(args: argparse.Namespace) -> int:
         calib_data=config.calib_batches(),
         method=args.method,
         num_samples=args.num_samples or config.num_samples,
+        progress=not args.quiet,  # bars on stderr: calibration, learned rounding
     )
     eval_batches = list(config.eval_batches()) if config.eval_data is not None else None
     if not args.quiet:

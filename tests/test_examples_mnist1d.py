@@ -201,7 +201,9 @@ def test_quantize_cli_writes_a_verified_integer_model(
     out = tmp_path / "cnn.int8.onnx"
     argv = ["quantize", "--config", str(quick_config), "--recipe", "w8a8", "--method", "static"]
     assert main([*argv, "--out", str(out), "--num-samples", "128"]) == 0
-    stdout = capsys.readouterr().out
+    printed = capsys.readouterr()
+    stdout = printed.out
+    assert "calibrating" in printed.err  # the progress bar, on stderr
     assert "recipe 'w8a8'" in stdout and "conv3" in stdout  # the quantization summary
     assert "calibrated on 128 samples" in stdout
     assert "accuracy on eval_data: float" in stdout
@@ -225,7 +227,9 @@ def test_quantize_cli_writes_a_verified_integer_model(
         )
         == 0
     )
-    lines = capsys.readouterr().out.strip().splitlines()
+    printed = capsys.readouterr()
+    assert printed.err == ""  # --quiet: no progress
+    lines = printed.out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wrote {quiet}")
 
 
