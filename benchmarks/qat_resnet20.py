@@ -21,150 +21,22 @@ accuracy is the *exported* model's, run in ONNX Runtime, on test_932 and the 10,
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _qat import kl_to_teacher, parse_configs, qat_from_ptq  # benchmarks/_qat.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
 from edgequant.export.onnx import export_float_onnx
-from edgequant.qat import finalize
-from edgequant.qat.prepare import start_from
-
-
-class Augmented:
-    """Shuffled batches of (images, labels) with random crop (zero padding 4) and horizontal flip,
-    drawn from the global torch generator (so fit_qat's checkpoints can resume the same order)."""
-
-    def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, pad: int = 4
-    ) -> None:
-        self.x, self.y, self.batch_size, self.pad = x, y, batch_size, pad
-
-    def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.x))
-        h, w = self.x.shape[-2:]
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = F.pad(self.x[idx], (self.pad,) * 4)
-            n = x.shape[0]
-            top = torch.randint(0, 2 * self.pad + 1, (n,))
-            left = torch.randint(0, 2 * self.pad + 1, (n,))
-            rows = (top[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
-            cols = (left[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
-            x = x[
-                torch.arange(n)[:, None, None, None],
-                torch.arange(x.shape[1])[None, :, None, None],
-                rows,
-                cols,
-            ]
-            flip = torch.rand(n) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            yield x.contiguous(), self.y[idx]
-
-
-DEFAULTS: dict[str, Any] = {"lr": 1e-4, "aug": 1, "kd": 1.0, "t": 4.0, "epochs": 10, "slr": 1.0}
-
-
-def parse_configs(text: str) -> list[dict[str, Any]]:
-    """ "lr=1e-4,aug=1;lr=3e-5" -> settings dicts over DEFAULTS (kd: share of distillation)."""
-    configs = []
-    for item in filter(None, (c.strip() for c in text.split(";"))):
-        config = dict(DEFAULTS)
-        for pair in item.split(","):
-            key, _, value = pair.partition("=")
-            if key not in DEFAULTS:
-                raise SystemExit(
-                    f"--configs: unknown key {key!r} in {item!r}; known: {list(DEFAULTS)}"
-                )
-            config[key] = type(DEFAULTS[key])(float(value)) if key != "lr" else float(value)
-        if config["epochs"] > 10:
-            raise SystemExit("issue 9's budget is at most 10 epochs")
-        configs.append(config)
-    return configs
-
-
-def kl_to_teacher(model: torch.nn.Module, x: torch.Tensor, teacher_logp: torch.Tensor) -> float:
-    with torch.no_grad():
-        logp = torch.cat([F.log_softmax(model.eval()(b), -1) for b in x.split(256)])
-    return float(F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean"))
-
-
-def qat_from_ptq(
-    model: torch.nn.Module,
-    ptq: torch.nn.Module,
-    preset: str,
-    calib: list[torch.Tensor],
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    heldout: tuple[torch.Tensor, torch.Tensor],
-    teacher_logp: torch.Tensor,
-    config: dict[str, Any],
-    seed: int = 0,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """QAT from the PTQ model; the epoch kept (0 = the PTQ start) has the lowest held-out KL."""
-    torch.manual_seed(seed)
-    qmodel = eq.prepare_qat(model, preset, calib_data=calib)
-    start_from(qmodel, ptq)
-    if config["aug"]:
-        train: Any = Augmented(train_x, train_y)
-    else:
-        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
-        train = list(zip(train_x[order].split(128), train_y[order].split(128), strict=True))
-    epochs: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-
-    def evaluate(epoch: int, record: dict[str, Any] | None = None) -> None:
-        row = {
-            "epoch": epoch,
-            "heldout_kl": kl_to_teacher(qmodel, heldout[0], teacher_logp),
-            "heldout_acc": C.accuracy(qmodel, *heldout),
-        }
-        if record is not None:
-            row.update(loss=record["loss"], wall_s=record["wall_s"])
-        epochs.append(row)
-        print(f"  {preset} {config} epoch {epoch}: {json.dumps(row)}", flush=True)
-        if not best or row["heldout_kl"] < best["heldout_kl"]:
-            best.update(row, state=copy.deepcopy(qmodel.state_dict()))
-
-    evaluate(0)
-    start = time.perf_counter()
-    eq.fit_qat(
-        qmodel,
-        train,
-        epochs=int(config["epochs"]),
-        lr=config["lr"],
-        optimizer="adam",
-        teacher=model,
-        temperature=config["t"],
-        kd_weight=config["kd"],
-        range_lr_scale=config["slr"],
-        on_epoch_end=evaluate,
-        progress=False,
-        seed=seed,
-    )
-    train_s = time.perf_counter() - start
-    qmodel.load_state_dict(best.pop("state"))
-    return finalize(qmodel), {
-        "config": config,
-        "by_epoch": epochs,
-        "kept_epoch": best["epoch"],
-        "kept": best,
-        "train_wall_s": train_s,
-    }
 
 
 def main() -> int:
