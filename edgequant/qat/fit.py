@@ -102,6 +102,7 @@ def fit_qat(
     val_fn: Callable[[nn.Module], float] | None = None,
     freeze_observers_epoch: int | None = None,
     range_lr_scale: float = 1.0,
+    warmup_epochs: float = 0.0,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -116,7 +117,10 @@ def fit_qat(
     learning rate of the learned ranges (LSQ step sizes and offsets, PACT clips) is lr times this:
     with Adam, whose steps are about lr in size whatever the gradient, a step size of 0.01 moves
     by 1 % of itself per step at lr 1e-4, so ranges calibrated by PTQ want a smaller factor.
-    The ranges get no weight decay. on_epoch_end(epoch,
+    The ranges get no weight decay. warmup_epochs: the learning rate rises linearly from 0 over
+    this many epochs (fractions allowed where train_data has a length) before the cosine decay:
+    Adam's first steps move every parameter by about lr whatever its gradient, which knocks a
+    PTQ-initialized model off its grid before the moments settle. on_epoch_end(epoch,
     record) runs after the checkpoint. The model is left in eval mode, its grids in the
     standard buffers (export it with eq.export_onnx).
     """
@@ -142,6 +146,12 @@ def fit_qat(
         or not 0.0 <= range_lr_scale < math.inf
     ):
         raise ValueError(f"range_lr_scale must be a number >= 0, got {range_lr_scale!r}")
+    if (
+        isinstance(warmup_epochs, bool)
+        or not isinstance(warmup_epochs, (int, float))
+        or not 0.0 <= warmup_epochs < epochs
+    ):
+        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs!r}")
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
     if freeze_observers_epoch is not None:
@@ -179,9 +189,16 @@ def fit_qat(
     except TypeError:
         steps_per_epoch = 0  # unknown: the cosine steps once per epoch
     per_step = steps_per_epoch > 0
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=epochs * steps_per_epoch if per_step else epochs
-    )
+    total_steps = epochs * steps_per_epoch if per_step else epochs
+    warm = round(warmup_epochs * steps_per_epoch) if per_step else math.ceil(warmup_epochs)
+
+    def factor(step: int) -> float:
+        """Linear warmup to lr over `warm` steps, then cosine to 0 at `total_steps`."""
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total_steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if teacher is not None:
         teacher.eval()
 

@@ -184,3 +184,17 @@ def test_range_lr_scale_sets_how_fast_the_ranges_learn(tiny_model, calib, train_
     assert any(not torch.equal(a, b) for a, b in zip(before, ranges(moving), strict=True))
     with pytest.raises(ValueError, match="range_lr_scale"):
         fit_qat(moving, train_data, range_lr_scale=-1.0)
+
+
+def test_warmup_rises_to_lr_then_decays(tiny_model, calib, train_data):
+    qat = prepare_qat(tiny_model, "w8a8", calib)
+    history = fit_qat(qat, train_data, epochs=3, lr=1e-3, warmup_epochs=1, progress=False)
+    assert history[0]["lr"] == pytest.approx(1e-3)  # the peak, reached as warmup ends
+    assert history[1]["lr"] < 1e-3 and history[2]["lr"] == pytest.approx(0.0, abs=1e-12)
+    plain = fit_qat(
+        prepare_qat(tiny_model, "w8a8", calib), train_data, epochs=3, lr=1e-3, progress=False
+    )
+    assert plain[0]["lr"] < 1e-3
+    for bad in (3, -1.0, "1"):
+        with pytest.raises(ValueError, match="warmup_epochs"):
+            fit_qat(qat, train_data, epochs=3, warmup_epochs=bad)
