@@ -17,12 +17,20 @@ from edgequant.examples import cifar10 as C
 from edgequant.qat import finalize
 from edgequant.qat.prepare import start_from
 
-DEFAULTS: dict[str, Any] = {"lr": 1e-4, "aug": 1, "kd": 1.0, "t": 4.0, "epochs": 10, "slr": 1.0}
+DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "aug": 1,
+    "kd": 1.0,
+    "t": 4.0,
+    "epochs": 10,
+    "slr": 1.0,
+    "warm": 0.0,
+}
 
 
 def parse_configs(text: str) -> list[dict[str, Any]]:
     """ "lr=1e-4,aug=1;lr=3e-5" -> settings dicts over DEFAULTS (kd: share of distillation, t: its
-    temperature, slr: the learned ranges' learning rate as a fraction of lr)."""
+    temperature, slr: the learned ranges' learning rate as a fraction of lr, warm: warmup epochs)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -128,6 +136,7 @@ def qat_from_ptq(
         temperature=config["t"],
         kd_weight=config["kd"],
         range_lr_scale=config["slr"],
+        warmup_epochs=config["warm"],
         on_epoch_end=evaluate,
         progress=False,
         seed=seed,
