@@ -467,6 +467,104 @@ def fold_integer_casts(model: Any) -> int:
     return folded
 
 
+# Ops that ONNX Runtime's QDQPropagationTransformer moves a DequantizeLinear across (its
+# CanNodePropagate): each output value is one of the input's values, so it stays on the grid.
+_GRID_PRESERVING_OPS = ("MaxPool", "Reshape", "Slice", "Squeeze", "Transpose", "Unsqueeze")
+
+
+def requantize_after_moves(model: Any) -> int:
+    """After each op in _GRID_PRESERVING_OPS that reads a DequantizeLinear with a per-tensor INT8
+    zero point, and whose output reaches something other than a QuantizeLinear (a float op, a
+    residual Add, a graph output), insert a QuantizeLinear/DequantizeLinear pair with the same
+    scale and zero point; return how many pairs. Changes no value: the op's output is on that grid.
+
+    Why: ONNX Runtime 1.32 inserts such pairs itself when it loads the model
+    (QDQPropagationTransformer), and for an INT8 zero point the QuantizeLinear it inserts fails
+    type inference ("output_dtype INT8 does not match y_zero_point type UINT8"), so the model
+    does not load. Every signed-activation target (tflite-int8, tensorrt, dsp-pow2) meets it,
+    e.g. on a shortcut that slices and pads a quantized tensor with a value other than 0, or
+    zero-pads it with a concatenation, or on a max-pooled or reshaped quantized tensor read by a
+    float op. With the pairs in place ONNX Runtime finds nothing to propagate. A DequantizeLinear
+    with several readers counts too: ONNX Runtime first gives each reader its own copy.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    consts: dict[str, Any] = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+
+    def signed_per_tensor(dq: Any) -> bool:
+        if len(dq.input) < 3 or not dq.input[2] or dq.input[2] not in consts:
+            return False
+        zero_point = consts[dq.input[2]]
+        return zero_point.data_type == TensorProto.INT8 and math.prod(zero_point.dims) == 1
+
+    names = {n.name for n in graph.node}
+    values = {v for n in graph.node for v in (*n.input, *n.output)} | set(consts)
+
+    def fresh(base: str, taken: set[str]) -> str:
+        name, index = base, 0
+        while name in taken:
+            index += 1
+            name = f"{base}_{index}"
+        taken.add(name)
+        return name
+
+    outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes = list(graph.node)
+    inserted = 0
+    index = 0
+    while index < len(nodes):
+        node = nodes[index]
+        index += 1
+        source = producer.get(node.input[0]) if node.input else None
+        if (
+            node.op_type not in _GRID_PRESERVING_OPS
+            or source is None
+            or source.op_type != "DequantizeLinear"
+            or not signed_per_tensor(source)
+        ):
+            continue
+        out = node.output[0]
+        readers = [n for n in nodes if out in n.input]
+        if out not in outputs and all(r.op_type == "QuantizeLinear" for r in readers):
+            continue
+        # The op now writes `moved`; the new DequantizeLinear writes the old name, so every
+        # reader (and a graph output) keeps its input; QuantizeLinear readers take `moved` directly.
+        moved = fresh(f"{out}_moved", values)
+        requantized = fresh(f"{out}_requantized", values)
+        node.output[0] = moved
+        for reader in readers:
+            if reader.op_type == "QuantizeLinear":
+                reader.input[0] = moved
+        scale, zero_point = source.input[1], source.input[2]
+        quantize = helper.make_node(
+            "QuantizeLinear",
+            [moved, scale, zero_point],
+            [requantized],
+            name=fresh(f"{node.name or out}_requantize", names),
+        )
+        dequantize = helper.make_node(
+            "DequantizeLinear",
+            [requantized, scale, zero_point],
+            [out],
+            name=fresh(f"{node.name or out}_dequantize", names),
+        )
+        nodes[index:index] = [quantize, dequantize]
+        producer[moved], producer[requantized], producer[out] = node, quantize, dequantize
+        index += 2
+        inserted += 1
+    if inserted:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return inserted
+
+
 def strip_metadata(model: Any) -> None:
     """Drop the exporter's per-node provenance (stack traces, FX names): a third of a small file."""
     for node in model.graph.node:
@@ -823,6 +921,7 @@ def export_onnx(
                 f"edges of this one are float (run edgequant check first): "
                 + "; ".join(problems[:5])
             )
+    requantize_after_moves(model)
     integer, float_dq = integer_weight_count(model)
     quantized = sum(
         1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,12 +124,10 @@ def test_ema_ranges_follow_the_data_until_frozen(tiny_model, calib):
 def test_pow2_scales_from_the_first_step_and_export_unchanged(
     tiny_model, calib, train_data, tmp_path
 ):
-    """Issue 6: QAT under the dsp-pow2 target trains on power-of-two grids and exports them."""
+    """Issue 6: QAT under the dsp-pow2 target trains on power-of-two grids and exports them,
+    through ResNet-20's option-A join (strided slice, zero padding, add) on signed INT8 grids."""
     recipe = eq.Recipe.preset("w8a8").for_target("dsp-pow2")
-    # Without the slice-and-pad join: signed activations re-quantized after a strided slice do
-    # not load in ONNX Runtime yet, for PTQ models as well (QuantizeLinear output INT8 with a
-    # UINT8 zero point); an export issue outside QAT.
-    tiny_model.slice_join = False
+    assert tiny_model.slice_join
     qat = prepare_qat(tiny_model, recipe, calib)
     opt = torch.optim.SGD(qat.parameters(), lr=0.05)
     for x, y in train_data:
@@ -159,6 +158,15 @@ def test_pow2_scales_from_the_first_step_and_export_unchanged(
     scales = [v for name in scale_names if name in inits for v in inits[name].reshape(-1).tolist()]
     assert len(scales) >= 5
     assert all(math.log2(v) == round(math.log2(v)) for v in scales)
+    # The join stays on the signed grid: the slices and the pad each feed a QuantizeLinear with
+    # an INT8 zero point (ONNX Runtime runs them on integers and propagates nothing itself).
+    readers = {i: n for n in graph.node for i in n.input}
+    moves = [n for n in graph.node if n.op_type in ("Slice", "Pad")]
+    assert {n.op_type for n in moves} == {"Slice", "Pad"}
+    for node in moves:
+        reader = readers[node.output[0]]
+        assert reader.op_type == "QuantizeLinear", node.name
+        assert inits[reader.input[2]].dtype == np.int8, node.name
 
 
 def test_finalize_gives_plain_quantizers_computing_the_same(tiny_model, calib, train_data):
