@@ -186,6 +186,10 @@ def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[
             best,
             f"kept epoch {best}: {detail}, a gain above {z:g} standard errors ({margin:.1f})",
         )
+    if b == c == 0:
+        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch changed a held-out answer"
+    if b <= c:
+        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch gained on it"
     return 0, (
         f"kept the PTQ start (epoch 0): {detail}; a gain of {b - c} is within {z:g} standard "
         f"errors ({margin:.1f}), not distinguishable from noise"

@@ -156,8 +156,10 @@ def test_select_epoch_keeps_the_ptq_start_unless_an_epoch_wins_beyond_noise() ->
     # Paired, not marginal: 8 gained and 8 lost is no gain at all.
     kept, _ = select_epoch([start, hits(*range(8, 98))])
     assert kept == 0
-    # An epoch worse than the start is never kept.
-    assert select_epoch([start, hits(*range(50))])[0] == 0
+    # An epoch worse than the start is never kept; no change at all is said so.
+    kept, why = select_epoch([start, hits(*range(50))])
+    assert kept == 0 and "no epoch gained" in why
+    assert "no epoch changed a held-out answer" in select_epoch([start, start.clone()])[1]
     assert select_epoch([start])[0] == 0
 
 
