@@ -220,14 +220,15 @@ def _qat_model(
     hits = [hits_of(qmodel)]
     states = [copy.deepcopy(qmodel.state_dict())]
     if progress is not None:
+        top1 = int(hits[0].sum()) / hits[0].numel()
         progress(
-            f"{run.name}: QAT from the PTQ start (held-out top-1 {float(hits[0].float().mean()):.4f}"
-            f" on {hits[0].numel()} samples), {run.epochs} epochs"
+            f"{run.name}: QAT from the PTQ start (held-out top-1 {top1:.4f} on "
+            f"{hits[0].numel()} samples), {run.epochs} epochs"
         )
 
     def heldout_top1(m: nn.Module) -> float:  # fit_qat's val_fn: shown in its epoch line
         hits.append(hits_of(m))
-        return float(hits[-1].float().mean())
+        return int(hits[-1].sum()) / hits[-1].numel()
 
     fit_qat(
         qmodel,
@@ -250,7 +251,7 @@ def _qat_model(
             "held_out_samples": int(hits[0].numel()),
             "trained_on_samples": sum(_batch_len(b) for b in fit),
             "against": against,
-            "heldout_top1": [float(h.float().mean()) for h in hits],
+            "heldout_top1": [int(h.sum()) / h.numel() for h in hits],
             "rule": f"an epoch replaces the PTQ start only if b - c > {SELECTION_Z:g} * sqrt(b + c)",
             "why": why,
         },
