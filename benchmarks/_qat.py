@@ -25,12 +25,16 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "slr": 1.0,
     "warm": 0.0,
+    "mix": 0.0,
 }
 
 
 def parse_configs(text: str) -> list[dict[str, Any]]:
-    """ "lr=1e-4,aug=1;lr=3e-5" -> settings dicts over DEFAULTS (kd: share of distillation, t: its
-    temperature, slr: the learned ranges' learning rate as a fraction of lr, warm: warmup epochs)."""
+    """ "lr=1e-4,aug=1;lr=3e-5" -> settings dicts over DEFAULTS.
+
+    kd: share of distillation; t: its temperature; slr: the learned ranges' learning rate as a
+    fraction of lr; warm: warmup epochs; mix: mixup alpha on the inputs, labels dropped, for
+    pure distillation (0 = off)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -49,17 +53,24 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
 
 class Augmented:
     """Shuffled batches of (images, labels) with random crop (zero padding 4) and horizontal flip,
-    drawn from the global torch generator (so fit_qat's checkpoints can resume the same order)."""
+    drawn from the global torch generator (so fit_qat's checkpoints can resume the same order).
+    mixup > 0: each batch is blended with a shuffled copy of itself (weight ~ Beta(mixup, mixup))
+    and yielded without labels: for distillation, where the teacher labels the blend."""
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, pad: int = 4
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int = 128,
+        pad: int = 4,
+        mixup: float = 0.0,
     ) -> None:
-        self.x, self.y, self.batch_size, self.pad = x, y, batch_size, pad
+        self.x, self.y, self.batch_size, self.pad, self.mixup = x, y, batch_size, pad, mixup
 
     def __len__(self) -> int:
         return (len(self.x) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
         order = torch.randperm(len(self.x))
         h, w = self.x.shape[-2:]
         for start in range(0, len(order), self.batch_size):
@@ -78,7 +89,11 @@ class Augmented:
             ]
             flip = torch.rand(n) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            yield x.contiguous(), self.y[idx]
+            if self.mixup > 0:
+                lam = torch.distributions.Beta(self.mixup, self.mixup).sample((n, 1, 1, 1))
+                yield (lam * x + (1 - lam) * x[torch.randperm(n)]).contiguous()
+            else:
+                yield x.contiguous(), self.y[idx]
 
 
 def kl_to_teacher(model: torch.nn.Module, x: torch.Tensor, teacher_logp: torch.Tensor) -> float:
@@ -104,7 +119,7 @@ def qat_from_ptq(
     qmodel = eq.prepare_qat(model, preset, calib_data=calib)
     start_from(qmodel, ptq)
     if config["aug"]:
-        train: Any = Augmented(train_x, train_y)
+        train: Any = Augmented(train_x, train_y, mixup=config["mix"])
     else:
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
         train = list(zip(train_x[order].split(128), train_y[order].split(128), strict=True))
