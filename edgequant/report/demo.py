@@ -14,8 +14,9 @@ from edgequant.report.compare import Predict, Report, compare, stderr_progress
 
 def _quick_runs() -> list[Any]:
     """--quick: static W8A8, W4A8 and W4A4 PTQ, QAT W4A4 for one epoch and the mixed plan; the
-    4-bit PTQ runs round with GPTQ (one pass) instead of AdaRound, and the mixed plan's
-    sensitivity analysis rounds to nearest, to keep the whole run near a minute."""
+    W4A4 runs round with GPTQ (one pass) instead of AdaRound, QAT's PTQ start included (so
+    QAT and PTQ W4A4 start from the same model), and the mixed plan's sensitivity analysis
+    rounds to nearest, to keep the whole run near a minute."""
     import dataclasses
 
     from edgequant.report.compare import default_runs
@@ -23,7 +24,7 @@ def _quick_runs() -> list[Any]:
     keep = ("ptq-static-w8a8", "ptq-static-w4a8", "ptq-static-w4a4", "qat-w4a4")
     runs = []
     for run in default_runs(qat=True, qat_epochs=1):
-        if run.name in ("ptq-static-w4a4",):
+        if run.name in ("ptq-static-w4a4", "qat-w4a4"):
             run = dataclasses.replace(run, recipe=run.recipe.replace(rounding="gptq"))
         if run.family == "mixed":
             run = dataclasses.replace(run, recipe=run.recipe.replace(rounding="nearest"))
