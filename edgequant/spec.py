@@ -306,6 +306,7 @@ TARGETS: dict[str, Target] = {
 }
 
 ROUNDINGS = ("auto", "nearest", "adaround", "gptq")
+ROUNDING_TARGETS = ("auto", "float", "quantized")
 RANGE_LEARNING = ("ema", "pact", "lsq", "lsq+")
 
 _PRESET_RE = re.compile(r"^w(\d+)a(\d+)$")
@@ -343,6 +344,11 @@ class Recipe:
     bias_correction: bool | None = None
     # Weight rounding: "nearest", "adaround", "gptq", or "auto".
     rounding: str = "auto"
+    # What learned rounding reconstructs: "float", the float model's output of the layer (so the
+    # layer also absorbs the error of its quantized input, as GPTAQ / Qronos do); "quantized",
+    # the layer's float weight applied to its own quantized input (plain GPTQ / AdaRound);
+    # "auto": "float" when activations are quantized, "quantized" for weight-only models.
+    rounding_target: str = "auto"
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"
 
@@ -376,6 +382,11 @@ class Recipe:
         if self.rounding not in ROUNDINGS:
             raise ValueError(
                 f"Recipe.rounding={self.rounding!r} is unknown; valid: {', '.join(ROUNDINGS)}"
+            )
+        if self.rounding_target not in ROUNDING_TARGETS:
+            raise ValueError(
+                f"Recipe.rounding_target={self.rounding_target!r} is unknown; "
+                f"valid: {', '.join(ROUNDING_TARGETS)}"
             )
         if self.range_learning not in RANGE_LEARNING:
             raise ValueError(
@@ -517,6 +528,7 @@ class Recipe:
             "equalize": self.equalize,
             "bias_correction": self.bias_correction,
             "rounding": self.rounding,
+            "rounding_target": self.rounding_target,
             "range_learning": self.range_learning,
         }
 

@@ -124,13 +124,19 @@ def input_error_target(weight: Tensor, h: Tensor, cross: Tensor, damp: float = 0
     """The float weight W' whose output on the quantized inputs best matches the float layer's
     output on the float inputs: argmin ||W' X_q - W X_f||^2 = W X_f X_q^T (X_q X_q^T)^-1.
     GPTQ then rounds W' instead of W, so the layer also absorbs its input's quantization error
-    (the asymmetric calibration of GPTAQ / Qronos)."""
+    (the asymmetric calibration of GPTAQ / Qronos).
+
+    The damping regularises the solve towards W, not towards 0: argmin ||W' X_q - W X_f||^2 +
+    lambda ||W' - W||^2, i.e. W' = W + W (C - H)^T (H + lambda I)^-1 with C = X_q^T X_f. So
+    W' = W exactly when the inputs carry no error (C = H), whatever the damping; damping towards
+    0 instead shrank every weight along the inputs' low-variance directions, which on inputs with
+    a few outlier channels (transformer hidden states) cost more than the target gained."""
     shape = weight.shape
     w = weight.detach().reshape(shape[0], -1).double()
     hd = h + torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.mean(torch.diag(h))
-    # W' = W C^T H^-1 with C = X_q^T X_f (cols x cols), i.e. solve H W'^T = C W^T.
-    target = torch.linalg.solve(hd, cross @ w.T).T
-    return target.reshape(shape).to(weight.dtype)
+    # Solve (H + lambda I) D^T = (C - H) W^T for the correction D = W' - W.
+    delta = torch.linalg.solve(hd, (cross - h) @ w.T).T
+    return (w + delta).reshape(shape).to(weight.dtype)
 
 
 def gptq_weight(
