@@ -1,5 +1,5 @@
-"""Issue 10's transformer figures: static W8A8 and INT4 weight-only (group 128) on
-all-MiniLM-L6-v2, side by side with ONNX Runtime's quantize_static, on the same sentences.
+"""Issue 10's transformer figures: static W8A8 on all-MiniLM-L6-v2, side by side with ONNX
+Runtime's quantize_static, on the same sentences (INT4 weight-only: weight_only_minilm.py).
 
 Static W8A8: every Linear of the encoder (36) and the pooler with its input quantized per
 tensor on a static grid (UINT8, asymmetric) and its weight per output channel (INT8), the three
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import edgequant as eq  # noqa: E402
 from edgequant.export.onnx import export_float_onnx  # noqa: E402
 from edgequant.observers import OBSERVERS  # noqa: E402
-from edgequant.spec import LayerOverride, activation_spec, weight_spec  # noqa: E402
+from edgequant.spec import LayerOverride, activation_spec  # noqa: E402
 
 GLOBAL_ALPHAS = (0.5, 0.7, 0.8, 0.9, 0.95)
 # MSE ranges for every input were left out after a first held-out sweep (fit 64 / score 64):
@@ -268,40 +268,7 @@ def main() -> int:
                 },
             )
 
-    # --- edgequant INT4 weight-only, group 128 ---------------------------------------------
-    # Embedding tables stay INT8 per row: ONNX Gather reads no INT4 and no blocked scales.
-    # Held-out sentences (64 fit / 64 scored, measured while building this benchmark): round to
-    # nearest on minmax grids 0.9394 mean cosine, on MSE grids 0.9574; GPTQ (the default at
-    # 4 bits) on minmax grids 0.9786. So: MSE grids + GPTQ, plus round-to-nearest for reference.
-    # GPTQ reads the first 64 calibration sentences (its cost grows with them).
-    for label, rounding in (("GPTQ", "auto"), ("round to nearest", "nearest")):
-        recipe = eq.Recipe(
-            name="w4-g128-weight-only",
-            weight=weight_spec(4, group_size=128).replace(observer="mse"),
-            activation=None,
-            overrides=(LayerOverride("Embedding", weight=weight_spec(8)),),
-            rounding=rounding,
-        )
-        start = time.perf_counter()
-        qmodel = eq.quantize(model, recipe, calib[:4], method="weight_only")
-        wall = time.perf_counter() - start
-        path = work / f"w4_g128_{rounding}.onnx"
-        info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
-        dep = M.cosine_report(ref, M.embed(ort_fn(path), evals))
-        record(
-            f"edgequant weight-only INT4 group 128, MSE grids, {label} (embeddings INT8 per row)",
-            {
-                **dep,
-                "sim": M.cosine_report(ref, M.embed(qmodel, evals)),
-                "meets_int4_target_0.98": dep["mean_cosine"] >= 0.98,
-                "calibration_wall_s": wall,
-                "size_bytes": info.size_bytes,
-                "size_vs_fp32_onnx": info.size_bytes / fp32_size,
-                "integer_weights": info.integer_weights,
-                "verify_sqnr_db": info.verification.sqnr_db,
-                "pipeline_steps": qmodel.quant_info.get("pipeline", {}).get("steps"),
-            },
-        )
+    # INT4 weight-only (group 128) is measured by benchmarks/weight_only_minilm.py.
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
