@@ -41,7 +41,6 @@ CANDIDATES: dict[str, tuple[float | str, bool, str, int]] = {
     "alpha 0.8, unpadded calibration": (0.8, False, "nearest", 1),
     "alpha 0.8, GPTQ (float target)": (0.8, False, "gptq", 16),
     "alpha 0.8, bias correction": (0.8, True, "nearest", 16),
-    "alpha 0.8, bias correction, unpadded calibration": (0.8, True, "nearest", 1),
     "alpha 0.9, bias correction": (0.9, True, "nearest", 16),
 }
 
