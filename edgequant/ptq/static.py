@@ -69,7 +69,9 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     layer output where activations are quantized (the layer absorbs its input's error) and the
     layer's own output in weight-only models, where the input error is only upstream weight error:
     on all-MiniLM-L6-v2's held-out sentences at INT4 g128 the float target cost mean cosine
-    (0.9789 vs 0.9838)."""
+    (0.9789 vs 0.9838). With 8-bit activations (GPTQ) the layer's own output too: on ResNet-20's
+    held-out images at W4A8, KL to FP32 0.00324 vs 0.00341 and top-1 agreement 100 % vs 99.85 %.
+    The float target stays where the inputs are coarse (<= 4-bit activations, AdaRound)."""
     low = (lowest_weight_bits(qmodel) or 8) <= 4
     act_bits = [
         q.spec.bits for q in quantizers(qmodel) if q.role == "activation" and q.mode != "dynamic"
@@ -83,7 +85,7 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
         rounding = "adaround" if coarse_inputs else "gptq"
     target = recipe.rounding_target
     if target == "auto":
-        target = "float" if act_bits else "quantized"
+        target = "float" if coarse_inputs else "quantized"
     return {
         "equalize": recipe.equalize if recipe.equalize is not None else False,
         "rounding": rounding,
