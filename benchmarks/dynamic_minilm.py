@@ -85,13 +85,6 @@ def main() -> int:
         print("chosen alpha (best held-out mean cosine):", args.alpha, flush=True)
     out["alpha"] = args.alpha
 
-    def ort_fn(path: Path):  # type: ignore[no-untyped-def]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        return lambda **b: sess.run(None, {k: b[k].numpy() for k in names})
-
     work = Path(tempfile.mkdtemp(prefix="eq-minilm-"))
 
     def record(name: str, emb: torch.Tensor, path: Path | None, extra: dict) -> None:
@@ -115,7 +108,7 @@ def main() -> int:
         dynamic_shapes={k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in calib[0]},
         output_names=["last_hidden_state", "pooler_output"],
     )
-    record("fp32 (ONNX Runtime)", M.embed(ort_fn(fp32), evals), fp32, {})
+    record("fp32 (ONNX Runtime)", M.embed(M.ort_encoder_fn(fp32), evals), fp32, {})
 
     for label, alpha in (
         ("edgequant dynamic w8a8", None),
@@ -131,7 +124,7 @@ def main() -> int:
         sim = M.cosine_report(ref, M.embed(qmodel, evals))
         record(
             label,
-            M.embed(ort_fn(path), evals),
+            M.embed(M.ort_encoder_fn(path), evals),
             path,
             {
                 "wall_s": wall,
@@ -148,7 +141,7 @@ def main() -> int:
         quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
         record(
             f"onnxruntime quantize_dynamic (per_channel={per_channel})",
-            M.embed(ort_fn(path), evals),
+            M.embed(M.ort_encoder_fn(path), evals),
             path,
             {"wall_s": time.perf_counter() - start},
         )

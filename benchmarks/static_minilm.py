@@ -145,13 +145,6 @@ def main() -> int:
         out["choice"] = choice
         print("choice", choice, flush=True)
 
-    def ort_fn(path: Path):  # type: ignore[no-untyped-def]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        return lambda **b: sess.run(None, {k: b[k].numpy() for k in names})
-
     work = Path(tempfile.mkdtemp(prefix="eq-static-minilm-"))
     fp32 = work / "fp32.onnx"
     export_float_onnx(model, fp32, calib[0])
@@ -190,7 +183,7 @@ def main() -> int:
         path = work / f"static_{observer}_{alpha_text}_{int(ffn16)}.onnx"
         info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
         sim = M.cosine_report(ref, M.embed(qmodel, evals))
-        dep = M.cosine_report(ref, M.embed(ort_fn(path), evals))
+        dep = M.cosine_report(ref, M.embed(M.ort_encoder_fn(path), evals))
         linear = [r for r in summary.quantized if r.type == "Linear"]
         record(
             f"edgequant static w8a8, {label} ({observer}, alpha {alpha_text})",
@@ -261,7 +254,7 @@ def main() -> int:
             record(
                 f"onnxruntime quantize_static ({label})",
                 {
-                    **M.cosine_report(ref, M.embed(ort_fn(path), evals)),
+                    **M.cosine_report(ref, M.embed(M.ort_encoder_fn(path), evals)),
                     "calibration_wall_s": wall,
                     "size_bytes": path.stat().st_size,
                     "size_vs_fp32_onnx": path.stat().st_size / fp32_size,

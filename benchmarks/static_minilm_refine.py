@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from static_minilm import score  # noqa: E402  (benchmarks/static_minilm.py: the same ranking)
 
 import edgequant as eq  # noqa: E402
 from edgequant.spec import activation_spec  # noqa: E402
@@ -53,10 +54,6 @@ def recipe_for(alpha: float | str, bc: bool, rounding: str) -> eq.Recipe:
         bias_correction=bc,
         rounding=rounding,
     )
-
-
-def score(row: dict[str, float]) -> tuple[float, float, float]:
-    return (round(row["mean_cosine"], 4), round(row["min_cosine"], 3), row["nn_agreement"])
 
 
 def main() -> int:
@@ -123,13 +120,7 @@ def main() -> int:
     wall = time.perf_counter() - start
     path = Path(tempfile.mkdtemp(prefix="eq-minilm-refine-")) / "model.onnx"
     info = eq.export_onnx(qmodel, path, evals[0], verify_data=evals[:2])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    dep = M.cosine_report(
-        ref, M.embed(lambda **b: sess.run(None, {k: b[k].numpy() for k in names}), evals)
-    )
+    dep = M.cosine_report(ref, M.embed(M.ort_encoder_fn(path), evals))
     linear = [r for r in qmodel.quant_summary.quantized if r.type == "Linear"]
     row = {
         **dep,

@@ -125,13 +125,6 @@ def main() -> int:
         print("choice", out["choice"], flush=True)
         save()
 
-    def ort_fn(path: Path):  # type: ignore[no-untyped-def]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        return lambda **b: sess.run(None, {k: b[k].numpy() for k in names})
-
     work = Path(tempfile.mkdtemp(prefix="eq-wo-minilm-"))
     fp32 = work / "fp32.onnx"
     export_float_onnx(model, fp32, calib[0])
@@ -149,7 +142,7 @@ def main() -> int:
         wall = time.perf_counter() - start
         path = work / f"w4_g128_{observer}_{rounding}_{target}.onnx"
         info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
-        dep = M.cosine_report(ref, M.embed(ort_fn(path), evals))
+        dep = M.cosine_report(ref, M.embed(M.ort_encoder_fn(path), evals))
         linear = [r for r in qmodel.quant_summary.quantized if r.type == "Linear"]
         out["results"][f"edgequant weight-only INT4 group 128, {label}"] = row = {
             **dep,

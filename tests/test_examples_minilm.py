@@ -123,3 +123,29 @@ def test_embeddings_unit_norm_and_padding_invariant(model_tok):
     probe = ["The cat sits on the mat.", "A cat is sitting on a rug.", "Stock prices fell sharply."]
     e = minilm.embed(model, minilm.tokenize_batches(tok, probe))
     assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.3
+
+
+def test_ort_encoder_fn_runs_an_export_and_names_bad_input(tmp_path):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        minilm.ort_encoder_fn(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="threads"):
+        minilm.ort_encoder_fn(tmp_path / "missing.onnx", threads=0)
+
+    class Encoder(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return (input_ids.float() * attention_mask.float()).unsqueeze(-1).repeat(1, 1, 4)
+
+    batch = {
+        "input_ids": torch.ones(2, 3, dtype=torch.int64),
+        "attention_mask": torch.ones(2, 3, dtype=torch.int64),
+    }
+    path = tmp_path / "enc.onnx"
+    torch.onnx.export(
+        Encoder(), (), str(path), kwargs=batch, dynamo=True, external_data=False, verbose=False
+    )
+    fn = minilm.ort_encoder_fn(path)
+    emb = minilm.embed(fn, [{**batch, "token_type_ids": torch.zeros(2, 3, dtype=torch.int64)}])
+    assert emb.shape == (2, 4)
+    with pytest.raises(ValueError, match="attention_mask"):
+        fn(input_ids=batch["input_ids"])
