@@ -418,18 +418,24 @@ def _outputs(out: Any) -> list[Tensor]:
 # --- the ONNX pass --------------------------------------------------------------------------
 
 
-def fold_integer_casts(model: Any) -> int:
-    """Replace Cast(constant int) -> INT4/UINT4 with packed INT4 initializers; drop what is unused."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    graph = model.graph
+def _constants(graph: Any) -> dict[str, Any]:
+    """Value name -> TensorProto of every initializer and single-output Constant node."""
     consts: dict[str, Any] = {init.name: init for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and len(node.output) == 1:
             for attr in node.attribute:
                 if attr.name == "value":
                     consts[node.output[0]] = attr.t
+    return consts
+
+
+def fold_integer_casts(model: Any) -> int:
+    """Replace Cast(constant int) -> INT4/UINT4 with packed INT4 initializers; drop what is unused."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = _constants(graph)
     folded = 0
     keep = []
     new_inits = []
@@ -490,12 +496,7 @@ def requantize_after_moves(model: Any) -> int:
     from onnx import TensorProto, helper
 
     graph = model.graph
-    consts: dict[str, Any] = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.output) == 1:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = attr.t
+    consts = _constants(graph)
 
     def signed_per_tensor(dq: Any) -> bool:
         if len(dq.input) < 3 or not dq.input[2] or dq.input[2] not in consts:
