@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edgequant.examples import minilm
+from edgequant.export.onnx import ExportError
 
 
 def test_sentence_counts():
@@ -147,5 +148,5 @@ def test_ort_encoder_fn_runs_an_export_and_names_bad_input(tmp_path):
     fn = minilm.ort_encoder_fn(path)
     emb = minilm.embed(fn, [{**batch, "token_type_ids": torch.zeros(2, 3, dtype=torch.int64)}])
     assert emb.shape == (2, 4)
-    with pytest.raises(ValueError, match="attention_mask"):
+    with pytest.raises(ExportError, match="attention_mask"):
         fn(input_ids=batch["input_ids"])

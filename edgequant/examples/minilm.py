@@ -211,23 +211,16 @@ def _hidden_state(out: Any) -> torch.Tensor:
 def ort_encoder_fn(onnx_path: str | Path, threads: int = 2) -> Callable[..., list[Any]]:
     """An exported encoder run in ONNX Runtime (CPU), callable as ``fn(**batch)`` on the batches of
     :func:`tokenize_batches` (inputs the model does not take are ignored): for :func:`embed`."""
-    import onnxruntime as ort
+    from edgequant.bench import _session
+    from edgequant.export.onnx import ort_feed
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _session(onnx_path, threads)
     names = [i.name for i in session.get_inputs()]
 
     def run(**batch: torch.Tensor) -> list[Any]:
-        missing = [n for n in names if n not in batch]
-        if missing:
-            raise ValueError(f"{path.name}: the batch lacks the model inputs {missing}")
-        return session.run(None, {n: batch[n].numpy() for n in names})
+        return session.run(None, ort_feed(names, batch))
 
     return run
 
