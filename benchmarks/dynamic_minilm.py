@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
 
 import edgequant as eq  # noqa: E402
+from edgequant.examples import minilm as M  # noqa: E402
 
 ALPHAS = (None, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
@@ -41,18 +42,13 @@ def main() -> int:
         help="re-run the choice of alpha on held-out sentences",
     )
     args = parser.parse_args()
-    try:
-        from edgequant.examples import minilm as M
-
-        model, tok = M.load_minilm()
-    except (ImportError, FileNotFoundError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_or_skip()
+    if loaded is None:
         return 0
+    model, tok = loaded
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
     cal_sentences = M.calibration_sentences()
     calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
     evals = M.tokenize_batches(tok, M.eval_sentences(), batch_size=32)

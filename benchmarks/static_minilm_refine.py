@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
 from static_minilm import score  # noqa: E402  (benchmarks/static_minilm.py: the same ranking)
 
 import edgequant as eq  # noqa: E402
+from edgequant.examples import minilm as M  # noqa: E402
 from edgequant.spec import activation_spec  # noqa: E402
 
 TARGETS = {"mean_cosine": 0.998, "min_cosine": 0.98, "nn_agreement": 0.95}
@@ -61,17 +62,12 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/static_minilm_refine.json")
     parser.add_argument("--measured", default=None, help="held-out rows already measured")
     args = parser.parse_args()
-    try:
-        from edgequant.examples import minilm as M
-
-        model, tok = M.load_minilm()
-    except (ImportError, FileNotFoundError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_or_skip()
+    if loaded is None:
         return 0
+    model, tok = loaded
     import onnxruntime as ort
 
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
     cal = M.calibration_sentences(128)
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),

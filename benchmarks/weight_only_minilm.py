@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
 
 import edgequant as eq  # noqa: E402
+from edgequant.examples import minilm as M  # noqa: E402
 from edgequant.export.onnx import export_float_onnx  # noqa: E402
 from edgequant.spec import LayerOverride, weight_spec  # noqa: E402
 
@@ -69,17 +70,12 @@ def main() -> int:
     parser.add_argument("--skip-choice", action="store_true", help="reuse the choice in --out")
     parser.add_argument("--quick", action="store_true", help="a smoke run on few sentences")
     args = parser.parse_args()
-    try:
-        from edgequant.examples import minilm as M
-
-        model, tok = M.load_minilm()
-    except (ImportError, FileNotFoundError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_or_skip()
+    if loaded is None:
         return 0
+    model, tok = loaded
     import onnxruntime as ort
 
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
     cal_sentences = M.calibration_sentences(32 if args.quick else 128)
     calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
     evals = M.tokenize_batches(tok, M.eval_sentences()[: 64 if args.quick else None], batch_size=32)
