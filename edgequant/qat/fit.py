@@ -86,6 +86,13 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _is_number_in(value: Any, low: float, high: float, low_open: bool = False) -> bool:
+    """A real number (not a bool) in [low, high), or (low, high) with low_open."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (value > low if low_open else value >= low) and value < high
+
+
 def fit_qat(
     qmodel: nn.Module,
     train_data: Iterable[Any],
@@ -132,7 +139,7 @@ def fit_qat(
     if not qat_quantizers(model):
         raise ValueError("qmodel has no QAT quantizers: prepare it with eq.prepare_qat first")
     _check_positive_int("epochs", epochs)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr):
+    if not _is_number_in(lr, 0.0, math.inf, low_open=True):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -140,17 +147,9 @@ def fit_qat(
         raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if (
-        isinstance(range_lr_scale, bool)
-        or not isinstance(range_lr_scale, (int, float))
-        or not 0.0 <= range_lr_scale < math.inf
-    ):
+    if not _is_number_in(range_lr_scale, 0.0, math.inf):
         raise ValueError(f"range_lr_scale must be a number >= 0, got {range_lr_scale!r}")
-    if (
-        isinstance(warmup_epochs, bool)
-        or not isinstance(warmup_epochs, (int, float))
-        or not 0.0 <= warmup_epochs < epochs
-    ):
+    if not _is_number_in(warmup_epochs, 0.0, epochs):
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs!r}")
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
