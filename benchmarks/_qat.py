@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import edgequant as eq
-from edgequant.examples import cifar10 as C
 from edgequant.qat import finalize
 from edgequant.qat.prepare import start_from
 
@@ -96,10 +95,18 @@ class Augmented:
                 yield x.contiguous(), self.y[idx]
 
 
-def kl_to_teacher(model: torch.nn.Module, x: torch.Tensor, teacher_logp: torch.Tensor) -> float:
+def heldout_scores(
+    model: torch.nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], teacher_logp: torch.Tensor
+) -> dict[str, float]:
+    """KL to the FP32 outputs and top-1 accuracy on the held-out images, from one pass in eval
+    mode (the model is left in eval mode)."""
+    x, y = heldout
     with torch.no_grad():
         logp = torch.cat([F.log_softmax(model.eval()(b), -1) for b in x.split(256)])
-    return float(F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean"))
+    return {
+        "heldout_kl": float(F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")),
+        "heldout_acc": int((logp.argmax(-1) == y).sum()) / len(y),
+    }
 
 
 def qat_from_ptq(
@@ -127,11 +134,7 @@ def qat_from_ptq(
     best: dict[str, Any] = {}
 
     def evaluate(epoch: int, record: dict[str, Any] | None = None) -> None:
-        row = {
-            "epoch": epoch,
-            "heldout_kl": kl_to_teacher(qmodel, heldout[0], teacher_logp),
-            "heldout_acc": C.accuracy(qmodel, *heldout),
-        }
+        row: dict[str, Any] = {"epoch": epoch, **heldout_scores(qmodel, heldout, teacher_logp)}
         if record is not None:
             row.update(loss=record["loss"], wall_s=record["wall_s"])
         epochs.append(row)

@@ -31,7 +31,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _qat import kl_to_teacher, parse_configs, qat_from_ptq  # benchmarks/_qat.py (sys.path[0] here)
+from _qat import (  # benchmarks/_qat.py (sys.path[0] here)
+    heldout_scores,
+    parse_configs,
+    qat_from_ptq,
+)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
@@ -125,8 +129,7 @@ def main() -> int:
         ptq = eq.quantize(model, preset, calib, method="static")
         ptq_row: dict[str, Any] = {
             "wall_s": time.perf_counter() - start,
-            "heldout_kl": kl_to_teacher(ptq, heldout[0], teacher_logp),
-            "heldout_acc": C.accuracy(ptq, *heldout),
+            **heldout_scores(ptq, heldout, teacher_logp),
             "pipeline": ptq.quant_info.get("pipeline"),
         }
         ptq_row.update(deployed(ptq, f"ptq_{preset}"))
