@@ -65,13 +65,12 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     round-to-nearest loses accuracy) learned rounding and bias correction, plain rounding above.
     Learned rounding is GPTQ (one closed-form pass) with 8-bit activations, AdaRound (slower,
     better when the inputs are coarse too) with 4-bit or lower activations: the choice measured
-    on ResNet-20's held-out images (BENCHMARKS.md). The rounding reconstructs the float model's
-    layer output where activations are quantized (the layer absorbs its input's error) and the
-    layer's own output in weight-only models, where the input error is only upstream weight error:
-    on all-MiniLM-L6-v2's held-out sentences at INT4 g128 the float target cost mean cosine
-    (0.9789 vs 0.9838). With 8-bit activations (GPTQ) the layer's own output too: on ResNet-20's
-    held-out images at W4A8, KL to FP32 0.00324 vs 0.00341 and top-1 agreement 100 % vs 99.85 %.
-    The float target stays where the inputs are coarse (<= 4-bit activations, AdaRound)."""
+    on ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the float
+    model's output of the layer, so that the layer absorbs its input's error, where activations
+    are 4-bit or coarser (AdaRound); elsewhere the layer's float weight on its own inputs. Chosen
+    on held-out data: weight-only all-MiniLM-L6-v2 at INT4 g128, mean cosine 0.9838 vs 0.9789
+    with the float target; ResNet-20 W4A8 (GPTQ), KL to FP32 0.00324 vs 0.00341 and top-1
+    agreement 100 % vs 99.85 %."""
     low = (lowest_weight_bits(qmodel) or 8) <= 4
     act_bits = [
         q.spec.bits for q in quantizers(qmodel) if q.role == "activation" and q.mode != "dynamic"
