@@ -107,6 +107,8 @@ def holdout_split(train: list[Any], every: int = HOLDOUT_EVERY) -> tuple[list[An
     """(batches to train on, held-out batches): every `every`-th batch is held out (strided, so
     a train_data sorted by class still gives a mixed slice); with fewer batches than `every`,
     the last one. Needs at least 2 batches."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+        raise ValueError(f"every must be an int >= 2 (1 would hold out everything), got {every!r}")
     if len(train) < 2:
         raise ValueError(
             f"a QAT run needs at least 2 batches of train_data (one is held out to choose the "
@@ -168,6 +170,18 @@ def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[
     errors of the paired difference (McNemar's statistic). Otherwise QAT keeps the PTQ start,
     so it is never worse than PTQ by a difference that the held-out data cannot tell from noise.
     """
+    if not hits:
+        raise ValueError("hits is empty: it needs at least the PTQ start's hits (epoch 0)")
+    for epoch, h in enumerate(hits):
+        if not isinstance(h, torch.Tensor) or h.dtype != torch.bool or h.shape != hits[0].shape:
+            raise ValueError(
+                f"hits[{epoch}] must be a bool tensor shaped like hits[0] "
+                f"{tuple(hits[0].shape) if isinstance(hits[0], torch.Tensor) else ''}, got "
+                f"{h.dtype if isinstance(h, torch.Tensor) else type(h).__name__}"
+                f"{tuple(h.shape) if isinstance(h, torch.Tensor) else ''}"
+            )
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
+        raise ValueError(f"z must be a number >= 0, got {z!r}")
     n = int(hits[0].numel())
     if len(hits) < 2:
         return 0, "no QAT epoch ran: the PTQ start is kept"

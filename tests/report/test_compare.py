@@ -170,6 +170,21 @@ def test_holdout_split_is_strided_and_needs_two_batches() -> None:
     assert holdout_split([0, 1, 2]) == ([0, 1], [2])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 2 batches"):
         holdout_split([0])  # type: ignore[arg-type]
+    for every in (1, 0, True, 2.0):
+        with pytest.raises(ValueError, match="every must be an int >= 2"):
+            holdout_split(batches, every)  # type: ignore[arg-type]
+
+
+def test_select_epoch_names_bad_hits() -> None:
+    start = torch.zeros(10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="hits is empty"):
+        select_epoch([])
+    with pytest.raises(ValueError, match=r"hits\[1\] must be a bool tensor"):
+        select_epoch([start, torch.zeros(10)])
+    with pytest.raises(ValueError, match=r"hits\[1\] must be a bool tensor"):
+        select_epoch([start, torch.zeros(9, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="z must be a number >= 0"):
+        select_epoch([start, start], z=-1.0)
 
 
 def _row(name: str, metric: float, size: int, family: str = "ptq", labels: bool = False) -> dict:
