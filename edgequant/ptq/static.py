@@ -65,17 +65,19 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     round-to-nearest loses accuracy) learned rounding and bias correction, plain rounding above.
     Learned rounding is GPTQ (one closed-form pass) with 8-bit activations, AdaRound (slower,
     better when the inputs are coarse too) with 4-bit or lower activations: the choice measured
-    on ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the float
-    model's output of the layer, so that the layer absorbs its input's error, where activations
-    are 4-bit or coarser (AdaRound); elsewhere the layer's float weight on its own inputs. Chosen
-    on held-out data: weight-only all-MiniLM-L6-v2 at INT4 g128, mean cosine 0.9838 vs 0.9789
-    with the float target; ResNet-20 W4A8 (GPTQ), KL to FP32 0.00324 vs 0.00341 and top-1
-    agreement 100 % vs 99.85 %."""
+    on ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the layer's
+    float weight on its own inputs only where every grid is fine (weights >= 4 bits, activations
+    > 4 bits); elsewhere the float model's output of the layer, so that each layer absorbs the
+    error its inputs bring. Chosen on held-out data (KL to FP32): all-MiniLM-L6-v2 weight-only
+    INT4 g128, mean cosine 0.9838 own vs 0.9789 float; ResNet-20 W4A8 (GPTQ) 0.00324 own vs
+    0.00341 float; but ResNet-20 W3A8 0.039 own vs 0.013 float and W2A8 2.09 own (19 % top-1: the
+    errors compound through the layers) vs 0.44 float."""
     low = (lowest_weight_bits(qmodel) or 8) <= 4
     act_bits = [
         q.spec.bits for q in quantizers(qmodel) if q.role == "activation" and q.mode != "dynamic"
     ]
     coarse_inputs = bool(act_bits) and min(act_bits) <= 4
+    coarse_weights = (lowest_weight_bits(qmodel) or 8) <= 3
     if recipe.rounding != "auto":
         rounding = recipe.rounding
     elif not low:
@@ -84,7 +86,7 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
         rounding = "adaround" if coarse_inputs else "gptq"
     target = recipe.rounding_target
     if target == "auto":
-        target = "float" if coarse_inputs else "quantized"
+        target = "float" if coarse_inputs or coarse_weights else "quantized"
     return {
         "equalize": recipe.equalize if recipe.equalize is not None else False,
         "rounding": rounding,

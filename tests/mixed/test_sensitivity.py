@@ -15,6 +15,8 @@ from edgequant.mixed.sensitivity import (
     base_recipe,
     exact_pattern,
     quantize_uniform,
+    uniform_recipe,
+    with_layer_bits,
 )
 from edgequant.quantizer import quantizers
 
@@ -96,6 +98,21 @@ def test_exact_pattern_matches_only_that_name() -> None:
         assert fnmatch.fnmatchcase(name, pattern)
     assert not fnmatch.fnmatchcase("a_b", exact_pattern("a*b"))
     assert not fnmatch.fnmatchcase("qx", exact_pattern("q?"))
+
+
+def test_plan_layers_get_the_presets_range_observer_at_their_width() -> None:
+    """A plan on the default W8 (min/max) base puts its sub-8-bit layers on MSE grids, as the
+    uniform presets at those widths are; an observer the caller chose is kept."""
+    import edgequant as eq
+
+    base = base_recipe(None, 8)
+    plan = with_layer_bits(base, {"a": 2, "b": 4, "c": 8}, "plan")
+    observers = {o.pattern: o.weight.observer for o in plan.overrides if o.weight is not None}
+    assert observers == {"a": "mse", "b": "mse", "c": "minmax"}
+    assert uniform_recipe(base, 3).weight == eq.Recipe.preset("w3a8").weight
+    custom = base.replace(weight=base.weight.replace(observer="percentile"))
+    kept = with_layer_bits(custom, {"a": 2}, "plan").overrides[0].weight
+    assert kept is not None and (kept.bits, kept.observer) == (2, "percentile")
 
 
 # --- Hessian ----------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def _batches() -> list[torch.Tensor]:
         ("weight_only", "auto", "quantized"),
         ("static", "auto", "quantized"),  # 8-bit activations
         ("static-a4", "auto", "float"),  # coarse inputs: the float target absorbs their error
+        ("static-w3", "auto", "float"),  # coarse weights: errors compound without it
+        ("weight_only-w2", "auto", "float"),
         ("weight_only", "float", "float"),
         ("static", "quantized", "quantized"),
     ],
@@ -72,8 +74,10 @@ def test_rounding_target_resolves_and_is_recorded(
     method: str, rounding_target: str, resolved: str
 ) -> None:
     recipe = eq.Recipe(
-        weight=weight_spec(4, group_size=16),
-        activation=None if method == "weight_only" else activation_spec(4 if "a4" in method else 8),
+        weight=weight_spec(int(method[-1]) if "-w" in method else 4, group_size=16),
+        activation=None
+        if method.startswith("weight_only")
+        else activation_spec(4 if "a4" in method else 8),
         rounding="gptq",
         rounding_target=rounding_target,
     )
