@@ -100,6 +100,13 @@ def main() -> int:
     parser.add_argument("--hessian-seconds", type=float, default=120.0)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
     parser.add_argument("--search-steps", type=int, default=5, help="accuracy-target trials")
+    parser.add_argument(
+        "--target-set",
+        choices=("heldout-jpeg", "heldout"),
+        default="heldout-jpeg",
+        help="what the accuracy target is judged on: the held-out images JPEG-compressed at "
+        "quality 75 and mirrored (1,320 inputs, FP32 near 87 %%), or as stored (660, FP32 99.7 %%)",
+    )
     args = parser.parse_args()
     if shared_dir() is None:
         print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
@@ -275,12 +282,23 @@ def main() -> int:
 
     def stage_target() -> None:
         pert, _ = restored()
-        # Accuracy target: at most max_drop below FP32 on the held-out images, smallest size.
+        # Accuracy target: at most max_drop below FP32 on held-out images, smallest size. The
+        # target is stated on the JPEG test set; the stored held-out images are memorized by
+        # FP32 (99.7 %) and too coarse a judge of 0.3 points, so by default they are judged
+        # JPEG-compressed as the test set is (never a test image).
+        if args.target_set == "heldout-jpeg":
+            x_t, y_t = C.heldout_jpeg_split()
+        else:
+            x_t, y_t = x_held, y_held
+
+        def target_acc(m: torch.nn.Module) -> float:
+            return C.accuracy(m, x_t, y_t)
+
         start = time.perf_counter()
         target = plan(
             model,
             calib,
-            eval_fn=heldout_acc,
+            eval_fn=target_acc,
             max_drop=args.max_drop,
             recipe=base,
             sensitivities=pert,
@@ -291,6 +309,8 @@ def main() -> int:
             target,
             {
                 "search_s": time.perf_counter() - start,
+                "target_set": args.target_set,
+                "fp32_target_set_acc": target_acc(model),
                 "heldout_drop": target.drop,
                 "trials": [
                     {"average_bits": 32 * t.packed_bytes / (4 * sum(target.costs.params.values())),

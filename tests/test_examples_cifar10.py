@@ -198,6 +198,13 @@ def test_splits_shapes_and_disjoint_calibration(shared):
     heldout, heldout_labels = cifar10.heldout_split()
     assert heldout.shape == (660, 3, 32, 32)
     assert torch.equal(heldout, images[4000:]) and torch.equal(heldout_labels, labels[4000:])
+    jpeg, jpeg_labels = cifar10.heldout_jpeg_split()
+    assert jpeg.shape == (1320, 3, 32, 32) and torch.equal(jpeg_labels[660:], heldout_labels)
+    assert torch.equal(jpeg[660:], jpeg[:660].flip(-1))
+    noise = (jpeg[:660] - heldout).abs().mean()
+    assert 0 < noise < 0.5, noise  # compressed, not some other image
+    with pytest.raises(ValueError, match="quality"):
+        cifar10.heldout_jpeg_split(quality=0)
     train, _ = cifar10.train_split()
     assert torch.equal(train, images[:4000])
     # Every calibration image comes from the first 4000 and none from the held-out part.
