@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -147,8 +149,7 @@ def main() -> int:
         "torch.ao quantize_dynamic (PyTorch, not exportable to ONNX)", M.embed(tq, evals), None, {}
     )
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
@@ -145,8 +146,7 @@ def main() -> int:
         "results": results,
         "bars": bars,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     for name, ok in bars.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import mnist1d
@@ -116,8 +117,7 @@ def main() -> int:
         "analysis": analysis,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from _qat import parse_configs, qat_from_ptq  # benchmarks/_qat.py (sys.path[0] here)
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
@@ -148,8 +149,7 @@ def main() -> int:
             "analysis": analysis,
             "results": results,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        write_json(args.out, out)
 
     def heldout_acc(m: torch.nn.Module) -> float:
         return C.accuracy(m, x_held, y_held)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant import bench
@@ -172,8 +173,7 @@ def main() -> int:
         "results": results,
         "latency": latency,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

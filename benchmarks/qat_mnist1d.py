@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import mnist1d as M
@@ -119,8 +120,7 @@ def main() -> int:
         "KD (T=2, 0.5 KL + 0.5 CE), SGD momentum 0.9, cosine; lr chosen on the 500 validation signals",
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

@@ -36,6 +36,7 @@ from _qat import (  # benchmarks/_qat.py (sys.path[0] here)
     parse_configs,
     qat_from_ptq,
 )
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
@@ -122,7 +123,7 @@ def main() -> int:
         import onnxruntime
 
         meta["onnxruntime"] = onnxruntime.__version__
-        out.write_text(json.dumps({**meta, "results": results}, indent=1, default=str))
+        write_json(out, {**meta, "results": results}, default=str)
 
     for preset in args.presets.split(","):
         start = time.perf_counter()

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 from torch import nn
 
 import edgequant as eq
@@ -116,8 +115,7 @@ def main() -> int:
         "steps_per_round": args.steps,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

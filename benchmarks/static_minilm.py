@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -154,8 +156,7 @@ def main() -> int:
         out["results"][name] = row
         print(name, json.dumps(row), flush=True)
         # Saved after every row: a run stopped part-way keeps what it measured.
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        write_json(args.out, out)
 
     # --- edgequant static W8A8 ------------------------------------------------------------
     finals = [(label, key, False) for label, key in out["choice"].items()]
@@ -259,8 +260,7 @@ def main() -> int:
 
     # INT4 weight-only (group 128) is measured by benchmarks/weight_only_minilm.py.
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

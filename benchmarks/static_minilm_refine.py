@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -81,8 +83,7 @@ def main() -> int:
     measured = json.loads(Path(args.measured).read_text()) if args.measured else {}
 
     def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        write_json(args.out, out)
 
     folds = [(cal[:64], cal[64:]), (cal[64:], cal[:64])]
     held = [M.tokenize_batches(tok, h, 16) for _, h in folds]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
@@ -107,8 +108,7 @@ def main() -> int:
         "calibration": "512 images of train_4660 (calibration part), minmax observers",
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return 0
 
 

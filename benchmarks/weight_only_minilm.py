@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -93,8 +95,7 @@ def main() -> int:
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
 
     def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        write_json(args.out, out)
 
     # --- choice on held-out calibration sentences --------------------------------------------
     if args.skip_choice and "choice" in previous:

@@ -1,0 +1,129 @@
+"""Held-out figures behind the learned-rounding defaults at 2-4 weight bits (issues 10 and 11).
+
+Each variant is one `eq.quantize` of the pretrained ResNet-20 (1,024 calibration images of
+train_4660), simulated, scored against FP32 on images never used to calibrate and never a test
+image: "h", the 660 held-out images of train_4660, and "hj", the same images JPEG-compressed at
+quality 75 as the JPEG test set is, and mirrored (1,320 inputs; cifar10.heldout_jpeg_split).
+
+    python benchmarks/heldout_rounding.py [--variants NAME,...] [--out FILE]
+
+A variant is a preset or the 2.5-bit mixed plan ("plan2.5", the perturbation plan of the
+sensitivities in benchmarks/results/mixed_resnet20.json, or "hplan2.5" from the Hessian ones),
+then optional recipe changes after a colon as JSON, e.g. 'w2a8:{"rounding_target": "quantized"}'.
+'"minmax": true' puts every sub-8-bit weight on min/max grids (the plans' old behaviour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+
+import edgequant as eq
+from edgequant.examples import cifar10 as C
+from edgequant.examples.shared import shared_dir
+
+DEFAULT = [
+    'w2a8:{"rounding_target": "quantized"}',
+    "w2a8",
+    'w3a8:{"rounding_target": "quantized"}',
+    "w3a8",
+    'w4a4:{"rounding_target": "quantized"}',
+    'w4a4:{"rounding": "gptq"}',
+    "w4a4",
+    'plan2.5:{"minmax": true, "rounding_target": "quantized"}',
+    'plan2.5:{"minmax": true}',
+    "plan2.5",
+    'plan2.5:{"rounding": "adaround"}',
+    "hplan2.5",
+]
+
+
+def scores(
+    model: torch.nn.Module, qmodel: torch.nn.Module, sets: dict[str, Any]
+) -> dict[str, float]:
+    row = {}
+    for tag, (x, y) in sets.items():
+        with torch.no_grad():
+            ref, out = model(x), qmodel(x)
+        kl = torch.nn.functional.kl_div(
+            out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"
+        )
+        row[f"{tag}_kl"] = round(float(kl), 5)
+        row[f"{tag}_top1"] = round(float((out.argmax(1) == y).float().mean()), 4)
+    return row
+
+
+def minmax_grids(recipe: eq.Recipe) -> eq.Recipe:
+    def mm(spec: eq.QuantSpec | None) -> eq.QuantSpec | None:
+        return spec.replace(observer="minmax") if spec is not None and spec.bits < 8 else spec
+
+    overrides = tuple(dataclasses.replace(o, weight=mm(o.weight)) for o in recipe.overrides)
+    return recipe.replace(weight=mm(recipe.weight), overrides=overrides)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=";".join(DEFAULT), help="';'-separated variants")
+    parser.add_argument("--out", default="benchmarks/results/heldout_rounding.json")
+    args = parser.parse_args()
+    if shared_dir() is None:
+        print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
+        return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mixed_resnet20 import restore
+
+    from edgequant.mixed import Budget, plan
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = C.load_resnet20().eval()
+    x_cal, _ = C.calibration_split(1024)
+    calib = list(x_cal.split(64))
+    sets = {"h": C.heldout_split(), "hj": C.heldout_jpeg_split()}
+    results: dict[str, Any] = {"fp32": scores(model, model, sets)}
+    print("fp32", results["fp32"], flush=True)
+    analysis = None
+    for variant in args.variants.split(";"):
+        name, _, changes_text = variant.partition(":")
+        changes = json.loads(changes_text) if changes_text else {}
+        minmax = changes.pop("minmax", False)
+        if name.endswith("plan2.5"):
+            if analysis is None:
+                analysis = json.loads(Path("benchmarks/results/mixed_resnet20.json").read_text())[
+                    "analysis"
+                ]
+            method = "hessian" if name.startswith("h") else "perturbation"
+            sens = restore(analysis[f"scores_{method}"], method)
+            base = eq.Recipe.preset("w8a8").replace(calib_samples=1024)
+            recipe = plan(model, calib, budget=Budget.average_bits(2.5), recipe=base,
+                          sensitivities=sens).recipe  # fmt: skip
+        else:
+            recipe = eq.Recipe.preset(name)
+        recipe = recipe.replace(**changes)
+        if minmax:
+            recipe = minmax_grids(recipe)
+        start = time.perf_counter()
+        qmodel = eq.quantize(model, recipe, calib)
+        pipeline = cast("dict[str, Any]", qmodel.quant_info)["pipeline"]
+        row = {
+            "quantize_s": round(time.perf_counter() - start, 1),
+            "rounding": pipeline["rounding"],
+            "rounding_target": pipeline["rounding_target"],
+            **scores(model, qmodel, sets),
+        }
+        results[variant] = row
+        print(variant, json.dumps(row), flush=True)
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d %H:%M"), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
