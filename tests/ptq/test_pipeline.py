@@ -12,7 +12,7 @@ from edgequant import functional as F
 from edgequant.modules import QuantMixin
 from edgequant.observers import AutoObserver
 from edgequant.ptq.equalize import equalize, find_pairs
-from edgequant.ptq.rounding import gptq_weight, hessian, round_adaround
+from edgequant.ptq.rounding import gptq_weight, hessian, round_adaround, search_clipping_
 from edgequant.spec import activation_spec, weight_spec
 
 
@@ -63,6 +63,52 @@ def test_gptq_beats_nearest_on_correlated_inputs() -> None:
     err_gptq = float(((x @ q_gptq.T) - (x @ w.T)).square().mean())
     err_near = float(((x @ q_near.T) - (x @ w.T)).square().mean())
     assert err_gptq < 0.7 * err_near
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_clipping_search_lowers_the_output_error_at_low_bits(bits: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 32, generator=g) * torch.logspace(-1, 1, 32)  # unequal columns
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    recipe = eq.Recipe.preset(f"w{bits}a8").replace(
+        rounding="nearest", bias_correction=False, first_last_bits=None
+    )
+    layer = eq.quantize(model, recipe, [x[:256]], method="static")[0]
+    wq = layer.weight_quantizer
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    before = wq.scale.clone()
+
+    def output_error(scale: torch.Tensor) -> float:
+        s = scale.reshape(-1, 1).double()
+        q = torch.clamp(torch.round(layer.weight.double() / s), wq.spec.qmin, wq.spec.qmax) * s
+        e = layer.weight.double() - q
+        return float(((e @ h) * e).sum())
+
+    assert search_clipping_(layer, layer.weight, h)
+    assert not torch.equal(wq.scale, before)
+    assert output_error(wq.scale) < output_error(before)
+    # The layer now quantizes on the searched grid.
+    s = wq.scale.reshape(-1, 1)
+    expected = torch.clamp(torch.round(layer.weight / s), wq.spec.qmin, wq.spec.qmax) * s
+    assert torch.allclose(wq(layer.weight), expected)
+
+
+def test_clipping_search_leaves_finer_or_constrained_grids_alone() -> None:
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0))
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    for recipe in (
+        eq.Recipe.preset("w4a8"),  # 4 bits: the MSE grid stays
+        eq.Recipe.preset("w3a8").for_target("dsp-pow2"),  # power-of-two steps
+    ):
+        layer = eq.quantize(
+            nn.Sequential(nn.Linear(32, 16)).eval(),
+            recipe.replace(rounding="nearest", bias_correction=False, first_last_bits=None),
+            [x],
+            method="static",
+        )[0]
+        before = layer.weight_quantizer.scale.clone()
+        assert not search_clipping_(layer, layer.weight, h)
+        assert torch.equal(layer.weight_quantizer.scale, before)
 
 
 def _quantize(model: nn.Module, preset: str = "w4a8", **changes: object) -> nn.Module:
