@@ -10,7 +10,9 @@ quality 75 as the JPEG test set is, and mirrored (1,320 inputs; cifar10.heldout_
 A variant is a preset or the 2.5-bit mixed plan ("plan2.5", the perturbation plan of the
 sensitivities in benchmarks/results/mixed_resnet20.json, or "hplan2.5" from the Hessian ones),
 then optional recipe changes after a colon as JSON, e.g. 'w2a8:{"rounding_target": "quantized"}'.
-'"minmax": true' puts every sub-8-bit weight on min/max grids (the plans' old behaviour).
+'"minmax": true' puts every sub-8-bit weight on min/max grids (the plans' old behaviour);
+'"clip_search": false' turns off GPTQ's output-error clipping search at <= 3 bits
+(ptq.rounding.search_clipping_), '"clip_search": 4' extends it to 4 bits.
 """
 
 from __future__ import annotations
@@ -31,15 +33,20 @@ from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
 
 DEFAULT = [
-    'w2a8:{"rounding_target": "quantized"}',
+    'w2a8:{"rounding_target": "quantized", "clip_search": false}',
+    'w2a8:{"clip_search": false}',
     "w2a8",
-    'w3a8:{"rounding_target": "quantized"}',
+    'w3a8:{"rounding_target": "quantized", "clip_search": false}',
+    'w3a8:{"clip_search": false}',
     "w3a8",
+    "w4a8",
+    'w4a8:{"clip_search": 4}',
     'w4a4:{"rounding_target": "quantized"}',
     'w4a4:{"rounding": "gptq"}',
     "w4a4",
-    'plan2.5:{"minmax": true, "rounding_target": "quantized"}',
-    'plan2.5:{"minmax": true}',
+    'plan2.5:{"minmax": true, "rounding_target": "quantized", "clip_search": false}',
+    'plan2.5:{"minmax": true, "clip_search": false}',
+    'plan2.5:{"clip_search": false}',
     "plan2.5",
     'plan2.5:{"rounding": "adaround"}',
     "hplan2.5",
@@ -81,6 +88,7 @@ def main() -> int:
     from mixed_resnet20 import restore
 
     from edgequant.mixed import Budget, plan
+    from edgequant.ptq import rounding as R
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -95,6 +103,8 @@ def main() -> int:
         name, _, changes_text = variant.partition(":")
         changes = json.loads(changes_text) if changes_text else {}
         minmax = changes.pop("minmax", False)
+        clip = changes.pop("clip_search", True)
+        R.CLIP_SEARCH_MAX_BITS = 3 if clip is True else int(clip)
         if name.endswith("plan2.5"):
             if analysis is None:
                 analysis = json.loads(Path("benchmarks/results/mixed_resnet20.json").read_text())[
@@ -117,6 +127,7 @@ def main() -> int:
             "quantize_s": round(time.perf_counter() - start, 1),
             "rounding": pipeline["rounding"],
             "rounding_target": pipeline["rounding_target"],
+            "clip_search_max_bits": R.CLIP_SEARCH_MAX_BITS,
             **scores(model, qmodel, sets),
         }
         results[variant] = row

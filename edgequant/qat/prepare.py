@@ -146,13 +146,28 @@ def prepare_qat(
 
 def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:
     """Copy the weights and biases of a PTQ model of the same model and recipe (eq.quantize,
-    learned rounding and bias correction included) into a prepared QAT model, in place. Both were
-    calibrated the same way, so the grids agree and QAT starts from the better PTQ model."""
+    learned rounding and bias correction included) into a prepared QAT model, in place, with the
+    weight grids they were rounded on: PTQ may move a weight grid after calibration (GPTQ's
+    clipping search at <= 3 bits), and weights put on one grid and then quantized on another
+    lose what the rounding learned (ResNet-20's 2.5-bit plan started QAT at 61.5 % held-out top-1
+    instead of 97.4 % before this copied the grids). Activation ranges are calibrated the same
+    way in both and stay as prepared."""
+    ptq_weight_quantizers = {q.name: q for q in quantizers(ptq_model) if q.role == "weight"}
     with torch.no_grad():
         own = dict(qmodel.named_parameters())
         for name, value in ptq_model.named_parameters():
             if name in own and own[name].shape == value.shape and not name.endswith("scale"):
                 own[name].copy_(value)
+        for q in quantizers(qmodel):
+            source = ptq_weight_quantizers.get(q.name)
+            if q.role != "weight" or source is None or source.scale.shape != q.scale.shape:
+                continue
+            q.scale.copy_(source.scale)
+            q.zero_point.copy_(source.zero_point)
+            if isinstance(q, LSQQuantizer):
+                q.learned_scale.copy_(source.scale.reshape(q.learned_scale.shape))
+                if q.learned_zero_point is not None:
+                    q.learned_zero_point.copy_(source.zero_point.float())
 
 
 def qat_quantizers(model: nn.Module) -> list[QATQuantizer]:

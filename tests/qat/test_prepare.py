@@ -43,6 +43,35 @@ def test_prepared_model_in_eval_is_the_ptq_model(tiny_model, calib, range_learni
     assert torch.equal(qat(x), ptq(x))
 
 
+@pytest.mark.parametrize("range_learning", ["lsq", "lsq+", "ema"])
+def test_start_from_a_learned_ptq_model_computes_what_it_computes(
+    tiny_model, calib, range_learning
+):
+    """GPTQ at 2 bits moves the weight grids (clipping search) and rounds onto them: the QAT
+    model started from it must take those grids, or its weights are re-quantized off them."""
+    from edgequant.qat.prepare import start_from
+
+    recipe = eq.Recipe.preset("w2a8").replace(
+        rounding="gptq", range_learning=range_learning, first_last_bits=None
+    )
+    ptq = eq.quantize(tiny_model, recipe, calib).eval()
+    plain = eq.quantize(tiny_model, _plain_ptq(recipe), calib)
+    moved = [
+        q.name
+        for q, p in zip(quantizers(ptq), quantizers(plain), strict=True)
+        if q.role == "weight" and not torch.equal(q.scale, p.scale)
+    ]
+    assert moved, "the clipping search moved no grid: this test would not test start_from"
+    qat = prepare_qat(tiny_model, recipe, calib)
+    start_from(qat, ptq)
+    qat.eval()
+    x = calib[0]
+    assert torch.equal(qat(x), ptq(x))
+    if range_learning != "ema":  # LSQ trains from the PTQ grid, not the calibrated one
+        qat.train()
+        assert torch.allclose(qat(x), ptq(x), atol=1e-5)
+
+
 def test_shared_quantizers_stay_shared(tiny_model, calib):
     qat = prepare_qat(tiny_model, "w8a8", calib)
     ids = [id(q) for q in qat.modules() if isinstance(q, TensorQuantizer)]
