@@ -109,7 +109,7 @@ def weight_at(spec: QuantSpec, bits: int) -> QuantSpec:
     defaults); any other observer (percentile, ...) is the caller's choice and kept. Without this
     a plan built on the default W8 base put its 2- and 3-bit layers on min/max grids that the
     uniform presets at the same widths do not use: ResNet-20's 2.5-bit plan, held-out KL to FP32
-    0.178 on min/max grids, 0.091 on MSE grids (BENCHMARKS.md)."""
+    0.196 on min/max grids, 0.080 on MSE grids (BENCHMARKS.md, issue 11)."""
     if spec.observer in ("minmax", "mse"):
         return spec.replace(bits=bits, observer="mse" if bits < 8 else "minmax")
     return spec.replace(bits=bits)
