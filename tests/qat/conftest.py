@@ -87,3 +87,26 @@ def train_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.fixture
 def make_data() -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
     return _data
+
+
+def _sgd_steps(
+    model: nn.Module,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    lr: float = 0.05,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """One plain SGD step per (x, y) batch on the cross-entropy: the training loop the tests that
+    only need "some QAT steps" share. after_step runs after every step (checks on the grids)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
+@pytest.fixture
+def sgd_steps() -> Callable[..., None]:
+    """_sgd_steps, for tests that need a few plain QAT steps."""
+    return _sgd_steps

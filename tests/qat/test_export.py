@@ -41,23 +41,18 @@ def test_trained_qat_model_exports_and_verifies(tiny_model, calib, train_data, t
 
 @pytest.mark.parametrize("target", [None, "mcu-int8"])
 def test_qat_through_the_option_a_join_exports_per_target(
-    tiny_model, calib, train_data, tmp_path, target
+    tiny_model, calib, train_data, tmp_path, target, sgd_steps
 ):
     """The slice-and-pad join of the tiny net (ResNet-20's option-A shortcut) after QAT steps:
     the default grids and the fully integer target (dsp-pow2: test_prepare.py's pow2 test)."""
     import onnx
-    from torch import nn
 
     recipe = eq.Recipe.preset("w8a8")
     if target is not None:
         recipe = recipe.for_target(target)
     assert tiny_model.slice_join
     qat = prepare_qat(tiny_model, recipe, calib)
-    opt = torch.optim.SGD(qat.parameters(), lr=0.05)
-    for x, y in train_data:
-        opt.zero_grad()
-        nn.functional.cross_entropy(qat(x), y).backward()
-        opt.step()
+    sgd_steps(qat, train_data)
     qat.eval()
     info = eq.export_onnx(qat, tmp_path / "qat.onnx", calib[0][:2], verify_data=calib)
     assert info.verification.passed

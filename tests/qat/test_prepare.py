@@ -151,20 +151,19 @@ def test_ema_ranges_follow_the_data_until_frozen(tiny_model, calib):
 
 
 def test_pow2_scales_from_the_first_step_and_export_unchanged(
-    tiny_model, calib, train_data, tmp_path
+    tiny_model, calib, train_data, tmp_path, sgd_steps
 ):
     """Issue 6: QAT under the dsp-pow2 target trains on power-of-two grids and exports them,
     through ResNet-20's option-A join (strided slice, zero padding, add) on signed INT8 grids."""
     recipe = eq.Recipe.preset("w8a8").for_target("dsp-pow2")
     assert tiny_model.slice_join
     qat = prepare_qat(tiny_model, recipe, calib)
-    opt = torch.optim.SGD(qat.parameters(), lr=0.05)
-    for x, y in train_data:
-        opt.zero_grad()
-        nn.functional.cross_entropy(qat(x), y).backward()
-        opt.step()
+
+    def grids_are_powers_of_two() -> None:
         for q in quantizers(qat):  # the grid every training step used
             assert torch.equal(torch.exp2(torch.round(torch.log2(q.scale))), q.scale), q.name
+
+    sgd_steps(qat, train_data, after_step=grids_are_powers_of_two)
     moved = [
         q
         for q in quantizers(qat)
