@@ -21,3 +21,53 @@ def load_or_skip(threads: int = 2) -> tuple[Any, Any] | None:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     return model, tok
+
+
+def sentence_data(model: Any, tok: Any, quick: bool = False) -> tuple[list[str], Any, Any, Any]:
+    """(calibration sentences, their batches of 16, the evaluation batches of 32, the FP32
+    embeddings of those): 128 calibration and every evaluation sentence, or 32 and 64 with
+    `quick` (a smoke run of the script)."""
+    from edgequant.examples import minilm as M
+
+    sentences = M.calibration_sentences(32 if quick else 128)
+    calib = M.tokenize_batches(tok, sentences, batch_size=16)
+    evals = M.tokenize_batches(tok, M.eval_sentences()[: 64 if quick else None], batch_size=32)
+    return sentences, calib, evals, M.embed(model, evals)
+
+
+def results_header(ref: Any, sentences: list[str], **extra: Any) -> dict[str, Any]:
+    """The head of a results file: date, machine, versions, how many sentences; then `extra`
+    and an empty "results"."""
+    import platform
+    import time
+
+    import onnxruntime as ort
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, 2 threads",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "eval_sentences": int(ref.shape[0]),
+        "calibration_sentences": len(sentences),
+        **extra,
+        "results": {},
+    }
+
+
+def fit_and_heldout(model: Any, tok: Any, sentences: list[str]) -> tuple[Any, Any, Any]:
+    """The calibration sentences' first half as batches to calibrate on, the second half as
+    held-out batches, and the FP32 embeddings of the held-out ones: for choices."""
+    from edgequant.examples import minilm as M
+
+    half = len(sentences) // 2
+    fit = M.tokenize_batches(tok, sentences[:half], batch_size=16)
+    held = M.tokenize_batches(tok, sentences[half:], batch_size=16)
+    return fit, held, M.embed(model, held)
+
+
+def reuse(previous: dict[str, Any], out: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Copy the `keys` a previous results file has into `out` (a choice not re-run)."""
+    for key in keys:
+        if key in previous:
+            out[key] = previous[key]

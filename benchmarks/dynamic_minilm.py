@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
+from _minilm import (  # noqa: E402  (benchmarks/_minilm.py)
+    fit_and_heldout,
+    load_or_skip,
+    results_header,
+    sentence_data,
+)
 
 import edgequant as eq  # noqa: E402
 from edgequant.examples import minilm as M  # noqa: E402
@@ -48,27 +52,13 @@ def main() -> int:
     if loaded is None:
         return 0
     model, tok = loaded
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    cal_sentences = M.calibration_sentences()
-    calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
-    evals = M.tokenize_batches(tok, M.eval_sentences(), batch_size=32)
-    ref = M.embed(model, evals)
-    out: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, 2 threads",
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "eval_sentences": int(ref.shape[0]),
-        "calibration_sentences": len(cal_sentences),
-        "results": {},
-    }
+    cal_sentences, calib, evals, ref = sentence_data(model, tok)
+    out = results_header(ref, cal_sentences)
 
     if args.choose_alpha:
-        fit = M.tokenize_batches(tok, cal_sentences[:64], batch_size=16)
-        held = M.tokenize_batches(tok, cal_sentences[64:], batch_size=16)
-        held_ref = M.embed(model, held)
+        fit, held, held_ref = fit_and_heldout(model, tok, cal_sentences)
         choice = {}
         for alpha in ALPHAS:
             q = eq.quantize(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
+from _minilm import (  # noqa: E402  (benchmarks/_minilm.py)
+    fit_and_heldout,
+    load_or_skip,
+    results_header,
+    reuse,
+    sentence_data,
+)
 
 import edgequant as eq  # noqa: E402
 from edgequant.examples import minilm as M  # noqa: E402
@@ -88,39 +93,24 @@ def main() -> int:
     if loaded is None:
         return 0
     model, tok = loaded
-    import onnxruntime as ort
-
-    cal_sentences = M.calibration_sentences(32 if args.quick else 128)
-    calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
-    evals = M.tokenize_batches(tok, M.eval_sentences()[: 64 if args.quick else None], batch_size=32)
+    cal_sentences, calib, evals, ref = sentence_data(model, tok, args.quick)
     observers = CANDIDATE_OBSERVERS[:1] if args.quick else CANDIDATE_OBSERVERS
     global_alphas = GLOBAL_ALPHAS[-1:] if args.quick else GLOBAL_ALPHAS
-    ref = M.embed(model, evals)
-    out: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, 2 threads",
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "eval_sentences": int(ref.shape[0]),
-        "eval_tokens_max": max(int(b["attention_mask"].sum(1).max()) for b in evals),
-        "calibration_sentences": len(cal_sentences),
-        "calibration_tokens": [int(b["input_ids"].shape[1]) for b in calib],
-        "targets": TARGETS,
-        "float_ops": "attention matmuls (QK^T, attn x V), softmax, GELU, LayerNorm, residual adds",
-        "results": {},
-    }
+    out = results_header(
+        ref,
+        cal_sentences,
+        eval_tokens_max=max(int(b["attention_mask"].sum(1).max()) for b in evals),
+        calibration_tokens=[int(b["input_ids"].shape[1]) for b in calib],
+        targets=TARGETS,
+        float_ops="attention matmuls (QK^T, attn x V), softmax, GELU, LayerNorm, residual adds",
+    )
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
 
     # --- choices on held-out calibration sentences ----------------------------------------
     if args.skip_choice and "choice" in previous:
-        for key in ("heldout", "choice", "heldout_note"):
-            if key in previous:
-                out[key] = previous[key]
+        reuse(previous, out, ("heldout", "choice", "heldout_note"))
     else:
-        half = len(cal_sentences) // 2
-        fit = M.tokenize_batches(tok, cal_sentences[:half], batch_size=16)
-        held = M.tokenize_batches(tok, cal_sentences[half:], batch_size=16)
-        held_ref = M.embed(model, held)
+        fit, held, held_ref = fit_and_heldout(model, tok, cal_sentences)
         heldout: dict[str, Any] = {}
         for observer in observers:
             for alpha in (None, *global_alphas, "auto"):

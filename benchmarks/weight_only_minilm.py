@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +34,13 @@ from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
+from _minilm import (  # noqa: E402  (benchmarks/_minilm.py)
+    fit_and_heldout,
+    load_or_skip,
+    results_header,
+    reuse,
+    sentence_data,
+)
 
 import edgequant as eq  # noqa: E402
 from edgequant.examples import minilm as M  # noqa: E402
@@ -76,22 +80,8 @@ def main() -> int:
     if loaded is None:
         return 0
     model, tok = loaded
-    import onnxruntime as ort
-
-    cal_sentences = M.calibration_sentences(32 if args.quick else 128)
-    calib = M.tokenize_batches(tok, cal_sentences, batch_size=16)
-    evals = M.tokenize_batches(tok, M.eval_sentences()[: 64 if args.quick else None], batch_size=32)
-    ref = M.embed(model, evals)
-    out: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, 2 threads",
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "eval_sentences": int(ref.shape[0]),
-        "calibration_sentences": len(cal_sentences),
-        "target_mean_cosine": TARGET_MEAN_COSINE,
-        "results": {},
-    }
+    cal_sentences, calib, evals, ref = sentence_data(model, tok, args.quick)
+    out = results_header(ref, cal_sentences, target_mean_cosine=TARGET_MEAN_COSINE)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
 
     def save() -> None:
@@ -99,14 +89,9 @@ def main() -> int:
 
     # --- choice on held-out calibration sentences --------------------------------------------
     if args.skip_choice and "choice" in previous:
-        for key in ("heldout", "heldout_more", "heldout_note", "choice"):
-            if key in previous:
-                out[key] = previous[key]
+        reuse(previous, out, ("heldout", "heldout_more", "heldout_note", "choice"))
     else:
-        half = len(cal_sentences) // 2
-        fit = M.tokenize_batches(tok, cal_sentences[:half], batch_size=16)
-        held = M.tokenize_batches(tok, cal_sentences[half:], batch_size=16)
-        held_ref = M.embed(model, held)
+        fit, held, held_ref = fit_and_heldout(model, tok, cal_sentences)
         heldout: dict[str, Any] = {}
         for label, observer, rounding, target in CANDIDATES:
             start = time.perf_counter()
