@@ -347,8 +347,9 @@ class Recipe:
     # What learned rounding reconstructs: "float", the float model's output of the layer (so the
     # layer also absorbs the error of its quantized input, as GPTAQ / Qronos do); "quantized",
     # the layer's float weight applied to its own quantized input (plain GPTQ / AdaRound);
-    # "auto": "float" when activations are 4-bit or coarser, "quantized" otherwise (held-out
-    # choices on ResNet-20 W4A8 and all-MiniLM-L6-v2 INT4; edgequant/ptq/static.py).
+    # "auto": "float" when activations are 4-bit or coarser or any weight is 3-bit or coarser,
+    # "quantized" otherwise (held-out choices on ResNet-20 W2A8-W4A8 and all-MiniLM-L6-v2 INT4;
+    # edgequant/ptq/static.py resolve_pipeline).
     rounding_target: str = "auto"
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"

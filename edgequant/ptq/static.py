@@ -72,12 +72,13 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     INT4 g128, mean cosine 0.9838 own vs 0.9789 float; ResNet-20 W4A8 (GPTQ) 0.00324 own vs
     0.00341 float; but ResNet-20 W3A8 0.039 own vs 0.013 float and W2A8 2.09 own (19 % top-1: the
     errors compound through the layers) vs 0.44 float."""
-    low = (lowest_weight_bits(qmodel) or 8) <= 4
+    weight_bits = lowest_weight_bits(qmodel) or 8
+    low = weight_bits <= 4
     act_bits = [
         q.spec.bits for q in quantizers(qmodel) if q.role == "activation" and q.mode != "dynamic"
     ]
     coarse_inputs = bool(act_bits) and min(act_bits) <= 4
-    coarse_weights = (lowest_weight_bits(qmodel) or 8) <= 3
+    coarse_weights = weight_bits <= 3
     if recipe.rounding != "auto":
         rounding = recipe.rounding
     elif not low:
