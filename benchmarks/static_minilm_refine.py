@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from _minilm import load_or_skip  # benchmarks/_minilm.py
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from static_minilm import score  # benchmarks/static_minilm.py: the same ranking
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
-from _minilm import load_or_skip  # noqa: E402  (benchmarks/_minilm.py)
-from static_minilm import score  # noqa: E402  (benchmarks/static_minilm.py: the same ranking)
-
-import edgequant as eq  # noqa: E402
-from edgequant.examples import minilm as M  # noqa: E402
-from edgequant.spec import activation_spec  # noqa: E402
+import edgequant as eq
+from edgequant.examples import minilm as M
+from edgequant.spec import activation_spec
 
 TARGETS = {"mean_cosine": 0.998, "min_cosine": 0.98, "nn_agreement": 0.95}
 # name -> (alpha, bias correction, rounding, calibration batch size)
