@@ -159,6 +159,11 @@ def main() -> int:
             recipe("w4a8", rounding="adaround"),
             "static",
         ),
+        (
+            "ablation: w4a4 layer-wise adaround + bias correction",
+            recipe("w4a4", rounding="adaround"),
+            "static",
+        ),
     ]
     keep = {s.strip() for s in args.only.split(",") if s.strip()}
     for name, rec, method in runs:

@@ -305,7 +305,7 @@ TARGETS: dict[str, Target] = {
     )
 }
 
-ROUNDINGS = ("auto", "nearest", "adaround", "gptq")
+ROUNDINGS = ("auto", "nearest", "adaround", "gptq", "block")
 ROUNDING_TARGETS = ("auto", "float", "quantized")
 RANGE_LEARNING = ("ema", "pact", "lsq", "lsq+")
 
@@ -342,7 +342,9 @@ class Recipe:
     equalize: bool | None = None
     # Empirical bias correction of the quantized layers' output mean.
     bias_correction: bool | None = None
-    # Weight rounding: "nearest", "adaround", "gptq", or "auto".
+    # Weight rounding: "nearest", "adaround", "gptq", "block" (BRECQ-style: the layers of each
+    # block learn their rounding together against the float block output; torch.fx models only),
+    # or "auto".
     rounding: str = "auto"
     # What learned rounding reconstructs: "float", the float model's output of the layer (so the
     # layer also absorbs the error of its quantized input, as GPTAQ / Qronos do); "quantized",

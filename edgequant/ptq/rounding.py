@@ -264,6 +264,28 @@ def _rectified_sigmoid(v: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
 
 
+def soft_rounding(w: Tensor, scale: Tensor) -> tuple[Tensor, nn.Parameter]:
+    """floor(w / scale) and the rounding variable V, with h(V) at the fractional part: the soft
+    weight floor + h(V) starts at the float weight."""
+    w_floor = torch.floor(w / scale)
+    rest = w / scale - w_floor
+    v = nn.Parameter(
+        -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA).clamp_min(1e-6) - 1).clamp(-8, 8)
+    )
+    return w_floor, v
+
+
+def rounding_penalty(vs: list[nn.Parameter], it: int, iters: int, reg: float) -> Tensor | None:
+    """AdaRound's regulariser, pushing h(V) to 0 or 1, with beta annealed from 20 to 2 after a
+    20 % warm-up (None during the warm-up), as in the paper."""
+    frac = it / max(iters - 1, 1)
+    if frac < 0.2:
+        return None
+    beta = 2 + (20 - 2) * 0.5 * (1 + math.cos(math.pi * (frac - 0.2) / 0.8))
+    total = sum(reg * (1 - (2 * _rectified_sigmoid(v) - 1).abs().pow(beta)).sum() for v in vs)
+    return cast(Tensor, total)
+
+
 def round_adaround(
     layer: QuantMixin,
     inputs: list[Tensor],
@@ -300,12 +322,7 @@ def round_adaround(
             else:
                 parts_f.append(cq[idx])
     xq, xf = torch.cat(parts_q), torch.cat(parts_f)
-    w_floor = torch.floor(w / s)
-    rest = w / s - w_floor
-    # h(V) starts at the fractional part: the soft weight starts at the float weight.
-    v_param = nn.Parameter(
-        -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA).clamp_min(1e-6) - 1).clamp(-8, 8)
-    )
+    w_floor, v_param = soft_rounding(w, s)
     opt = torch.optim.Adam([v_param], lr=lr)
     target_all = xf @ w.T
     n = xq.shape[0]
@@ -315,14 +332,8 @@ def round_adaround(
         wq = (soft - z) * s
         out = xq[idx] @ wq.T
         rec = (out - target_all[idx]).square().sum(dim=1).mean()
-        # Regulariser annealed from beta 20 to 2 after a 20 % warm-up, as in the paper.
-        frac = it / max(iters - 1, 1)
-        if frac < 0.2:
-            loss = rec
-        else:
-            beta = 2 + (20 - 2) * 0.5 * (1 + math.cos(math.pi * (frac - 0.2) / 0.8))
-            hv = _rectified_sigmoid(v_param)
-            loss = rec + reg * (1 - (2 * hv - 1).abs().pow(beta)).sum()
+        penalty = rounding_penalty([v_param], it, iters, reg)
+        loss = rec if penalty is None else rec + penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

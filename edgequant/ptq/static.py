@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from edgequant.instrument import (
     Summary,
@@ -19,6 +19,7 @@ from edgequant.instrument import (
 from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto
 from edgequant.ptq.bias_correction import correct_bias, float_output_means
+from edgequant.ptq.block import block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
@@ -63,9 +64,10 @@ def lowest_weight_bits(qmodel: nn.Module) -> int | None:
 def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     """The recipe's "auto" choices made concrete for this model: at <= 4 weight bits (where
     round-to-nearest loses accuracy) learned rounding and bias correction, plain rounding above.
-    Learned rounding is GPTQ (one closed-form pass) with 8-bit activations, AdaRound (slower,
-    better when the inputs are coarse too) with 4-bit or lower activations: the choice measured
-    on ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the layer's
+    Learned rounding is GPTQ (one closed-form pass) with 8-bit activations; with 4-bit or lower
+    activations, block reconstruction (ptq/block.py: slower, and better when the inputs are
+    coarse too) where the model is a torch.fx graph, else AdaRound: the choices measured on
+    ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the layer's
     float weight on its own inputs only where every grid is fine (weights >= 4 bits, activations
     > 4 bits); elsewhere the float model's output of the layer, so that each layer absorbs the
     error its inputs bring. Chosen on held-out data (KL to FP32): all-MiniLM-L6-v2 weight-only
@@ -83,8 +85,12 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
         rounding = recipe.rounding
     elif not low:
         rounding = "nearest"
+    elif not coarse_inputs:
+        rounding = "gptq"
     else:
-        rounding = "adaround" if coarse_inputs else "gptq"
+        # Coarse inputs: the block's layers learn their rounding together (needs the fx graph),
+        # else AdaRound layer by layer.
+        rounding = "block" if isinstance(qmodel, fx.GraphModule) else "adaround"
     target = recipe.rounding_target
     if target == "auto":
         target = "float" if coarse_inputs or coarse_weights else "quantized"
@@ -141,10 +147,18 @@ def refine_weights(
     # The float model (original weights, no quantizer) gives each layer's float inputs, the
     # target the rounding reconstructs.
     reference = None
-    if rounding != "nearest" and float_target:
+    if rounding not in ("nearest", "block") and float_target:
         reference = copy.deepcopy(qmodel)
         for q in quantizers(reference):
             q.mode = "disabled"
+    if rounding == "block":
+        # The block's target: the float model's value where the block ends, or (target
+        # "quantized") the float weights' on the quantized activations.
+        reference = copy.deepcopy(qmodel)
+        for q in quantizers(reference):
+            if float_target or q.role == "weight":
+                q.mode = "disabled"
+        return refine_blocks(qmodel, reference, layers, batches, means, progress)
     for name, layer in tqdm(
         layers, desc=f"weights ({rounding})", disable=not progress, leave=False
     ):
@@ -172,6 +186,44 @@ def refine_weights(
             + ": rounded to nearest"
         )
     return notes
+
+
+def refine_blocks(
+    qmodel: nn.Module,
+    reference: nn.Module,
+    layers: list[tuple[str, QuantMixin]],
+    batches: list[Any],
+    means: dict[str, Any],
+    progress: bool,
+) -> list[str]:
+    """refine_weights for rounding="block": each block's layers learn their rounding together
+    (ptq/block.py), then bias correction runs on the block's layers in order."""
+    from tqdm import tqdm
+
+    plan, skipped = block_plan(qmodel, layers)
+    if not plan:
+        raise ValueError(
+            "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "
+            "graph into blocks); use rounding='adaround' for this model"
+        )
+    for group, stop in tqdm(plan, desc="weights (block)", disable=not progress, leave=False):
+        reconstruct_group(
+            cast(fx.GraphModule, qmodel), cast(fx.GraphModule, reference), group, stop, batches
+        )
+        for name, layer in group:
+            if name in means:
+                correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name])
+    for name, _ in layers:  # layers outside every block: bias correction only
+        if name in skipped and name in means:
+            layer = cast(QuantMixin, qmodel.get_submodule(name))
+            correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name])
+    if skipped:
+        return [
+            "block rounding not applied to "
+            + "; ".join(f"{n} ({w})" for n, w in skipped.items())
+            + ": rounded to nearest"
+        ]
+    return []
 
 
 def apply_refinement(
