@@ -27,30 +27,58 @@ from typing import Any
 import torch
 from _minilm import load_or_skip  # benchmarks/_minilm.py
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
-from static_minilm import score  # benchmarks/static_minilm.py: the same ranking
+from static_minilm import FFN_OUTPUT, score  # benchmarks/static_minilm.py: the same ranking
 
 import edgequant as eq
 from edgequant.examples import minilm as M
-from edgequant.spec import activation_spec
+from edgequant.spec import LayerOverride, activation_spec
 
 TARGETS = {"mean_cosine": 0.998, "min_cosine": 0.98, "nn_agreement": 0.95}
-# name -> (alpha, bias correction, rounding, calibration batch size)
-CANDIDATES: dict[str, tuple[float | str, bool, str, int]] = {
-    "alpha 0.8": (0.8, False, "nearest", 16),
-    "alpha 0.8, unpadded calibration": (0.8, False, "nearest", 1),
-    "alpha 0.8, GPTQ (float target)": (0.8, False, "gptq", 16),
-    "alpha 0.8, bias correction": (0.8, True, "nearest", 16),
-    "alpha 0.9, bias correction": (0.9, True, "nearest", 16),
+# name -> (alpha, bias correction, rounding, calibration batch size, range observer of the six
+# FFN-output inputs (None: minmax, as every other input))
+CANDIDATES: dict[str, tuple[float | str, bool, str, int, str | None]] = {
+    "alpha 0.8": (0.8, False, "nearest", 16, None),
+    "alpha 0.8, unpadded calibration": (0.8, False, "nearest", 1, None),
+    "alpha 0.8, GPTQ (float target)": (0.8, False, "gptq", 16, None),
+    "alpha 0.8, bias correction": (0.8, True, "nearest", 16, None),
+    "alpha 0.9, bias correction": (0.9, True, "nearest", 16, None),
+    "alpha 0.8, bias correction, unpadded calibration": (0.8, True, "nearest", 1, None),
+    # The FFN-output inputs (GELU outputs) carry most of the error: at 16 bits all three bars are
+    # met (static_minilm.py). Their 8-bit range from another observer:
+    "alpha 0.8, bias correction, FFN-output ranges by MSE": (0.8, True, "nearest", 16, "mse"),
+    "alpha 0.8, bias correction, FFN-output ranges by percentile": (
+        0.8,
+        True,
+        "nearest",
+        16,
+        "percentile",
+    ),
+    "alpha 0.8, bias correction, FFN-output ranges by the auto calibrator": (
+        0.8,
+        True,
+        "nearest",
+        16,
+        "auto",
+    ),
 }
 
 
-def recipe_for(alpha: float | str, bc: bool, rounding: str) -> eq.Recipe:
+def recipe_for(
+    alpha: float | str, bc: bool, rounding: str, ffn_observer: str | None = None
+) -> eq.Recipe:
+    overrides = (
+        (LayerOverride(FFN_OUTPUT, activation=activation_spec(8, ffn_observer)),)
+        if ffn_observer
+        else ()
+    )
     return eq.Recipe.preset("w8a8").replace(
-        name=f"w8a8-smooth-{alpha}-bc{int(bc)}-{rounding}",
+        name=f"w8a8-smooth-{alpha}-bc{int(bc)}-{rounding}"
+        + (f"-ffn-{ffn_observer}" * bool(ffn_observer)),
         activation=activation_spec(8, "minmax"),
         smooth_alpha=alpha,
         bias_correction=bc,
         rounding=rounding,
+        overrides=overrides,
     )
 
 
@@ -83,7 +111,7 @@ def main() -> int:
     folds = [(cal[:64], cal[64:]), (cal[64:], cal[:64])]
     held = [M.tokenize_batches(tok, h, 16) for _, h in folds]
     held_refs = [M.embed(model, h) for h in held]
-    for name, (alpha, bc, rounding, bs) in CANDIDATES.items():
+    for name, (alpha, bc, rounding, bs, ffn_obs) in CANDIDATES.items():
         if name in measured:
             out["heldout"][name] = {**measured[name], "provenance": "earlier locked run"}
             continue
@@ -91,7 +119,7 @@ def main() -> int:
         rows = []
         for (fit_s, _), h, r in zip(folds, held, held_refs, strict=True):
             fit = M.tokenize_batches(tok, fit_s, bs)
-            q = eq.quantize(model, recipe_for(alpha, bc, rounding), fit, method="static")
+            q = eq.quantize(model, recipe_for(alpha, bc, rounding, ffn_obs), fit, method="static")
             rows.append(M.cosine_report(r, M.embed(q, h)))
         row = {k: sum(x[k] for x in rows) / len(rows) for k in rows[0]}
         row["folds_nn_agreement"] = [x["nn_agreement"] for x in rows]
@@ -103,12 +131,12 @@ def main() -> int:
     out["choice"] = choice
     print("choice", choice, flush=True)
 
-    alpha, bc, rounding, bs = CANDIDATES[choice]
+    alpha, bc, rounding, bs, ffn_obs = CANDIDATES[choice]
     calib = M.tokenize_batches(tok, cal, bs)
     evals = M.tokenize_batches(tok, M.eval_sentences(), batch_size=32)
     ref = M.embed(model, evals)
     start = time.perf_counter()
-    qmodel = eq.quantize(model, recipe_for(alpha, bc, rounding), calib, method="static")
+    qmodel = eq.quantize(model, recipe_for(alpha, bc, rounding, ffn_obs), calib, method="static")
     wall = time.perf_counter() - start
     path = Path(tempfile.mkdtemp(prefix="eq-minilm-refine-")) / "model.onnx"
     info = eq.export_onnx(qmodel, path, evals[0], verify_data=evals[:2])

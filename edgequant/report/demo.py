@@ -14,7 +14,7 @@ from edgequant.report.compare import Predict, Report, compare, stderr_progress
 
 def _quick_runs() -> list[Any]:
     """--quick: static W8A8, W4A8 and W4A4 PTQ, QAT W4A4 for one epoch and the mixed plan; the
-    W4A4 runs round with GPTQ (one pass) instead of AdaRound, QAT's PTQ start included (so
+    W4A4 runs round with GPTQ (one pass) instead of block reconstruction, QAT's PTQ start included (so
     QAT and PTQ W4A4 start from the same model), and the mixed plan's sensitivity analysis
     rounds to nearest, to keep the whole run near a minute."""
     import dataclasses
