@@ -36,6 +36,11 @@ from edgequant.quantizer import TensorQuantizer
 Group = list[tuple[str, QuantMixin]]
 
 
+class SegmentError(ValueError):
+    """A block that cannot be cut out of the graph as one segment (refine_blocks then rounds
+    its layers one by one, and says so in the summary)."""
+
+
 def layer_groups(layers: Sequence[tuple[str, QuantMixin]]) -> list[Group]:
     """Consecutive layers (execution order) that share a parent module other than the root; a
     top-level layer is a block of its own."""
@@ -78,15 +83,15 @@ class Segment:
         if stop is None:
             end = next(n for n in nodes if n.op == "output").args[0]
             if not isinstance(end, fx.Node):
-                raise ValueError("the model's output is not a single tensor")
+                raise SegmentError("the model's output is not a single tensor")
         else:
             end = _module_node(gm.graph, stop).args[0]  # the stop layer's input
             if not isinstance(end, fx.Node):
-                raise ValueError(f"layer {stop!r} reads no graph value")
+                raise SegmentError(f"layer {stop!r} reads no graph value")
         end_node: fx.Node = end
         last = pos[end_node]
         if last < first:
-            raise ValueError(f"the block starting at {start!r} ends before it starts")
+            raise SegmentError(f"the block starting at {start!r} ends before it starts")
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         self.frontier: list[fx.Node] = []
@@ -124,7 +129,7 @@ class Segment:
             elif all(_same(values[0], v) for v in values[1:]):
                 merged.append(_Const(values[0]))
             else:
-                raise ValueError(
+                raise SegmentError(
                     f"graph value {node.name!r} varies between calibration batches but has no "
                     "batch dimension"
                 )

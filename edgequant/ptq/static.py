@@ -19,7 +19,7 @@ from edgequant.instrument import (
 from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto
 from edgequant.ptq.bias_correction import correct_bias, float_output_means
-from edgequant.ptq.block import block_plan, reconstruct_group
+from edgequant.ptq.block import SegmentError, block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
@@ -158,7 +158,7 @@ def refine_weights(
         for q in quantizers(reference):
             if float_target or q.role == "weight":
                 q.mode = "disabled"
-        return refine_blocks(qmodel, reference, layers, batches, means, progress)
+        return refine_blocks(qmodel, reference, layers, batches, means, progress, float_target)
     for name, layer in tqdm(
         layers, desc=f"weights ({rounding})", disable=not progress, leave=False
     ):
@@ -195,9 +195,11 @@ def refine_blocks(
     batches: list[Any],
     means: dict[str, Any],
     progress: bool,
+    float_target: bool,
 ) -> list[str]:
     """refine_weights for rounding="block": each block's layers learn their rounding together
-    (ptq/block.py), then bias correction runs on the block's layers in order."""
+    (ptq/block.py), then bias correction runs on the block's layers in order. A block the graph
+    cannot give as one segment is rounded layer by layer with AdaRound (noted)."""
     from tqdm import tqdm
 
     plan, skipped = block_plan(qmodel, layers)
@@ -206,24 +208,41 @@ def refine_blocks(
             "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "
             "graph into blocks); use rounding='adaround' for this model"
         )
+    notes = []
     for group, stop in tqdm(plan, desc="weights (block)", disable=not progress, leave=False):
-        reconstruct_group(
-            cast(fx.GraphModule, qmodel), cast(fx.GraphModule, reference), group, stop, batches
-        )
+        try:
+            reconstruct_group(
+                cast(fx.GraphModule, qmodel), cast(fx.GraphModule, reference), group, stop, batches
+            )
+            layerwise = False
+        except SegmentError as err:
+            notes.append(
+                f"block rounding of {', '.join(n for n, _ in group)} not possible ({err}): "
+                "AdaRound layer by layer"
+            )
+            layerwise = True
         for name, layer in group:
+            inputs = capture_inputs(qmodel, layer, batches)
+            if layerwise:
+                targets = (
+                    capture_inputs(reference, reference.get_submodule(name), batches)
+                    if float_target
+                    else None
+                )
+                ROUNDERS["adaround"](layer, inputs, targets)
             if name in means:
-                correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name])
+                correct_bias(layer, inputs, means[name])
     for name, _ in layers:  # layers outside every block: bias correction only
         if name in skipped and name in means:
             layer = cast(QuantMixin, qmodel.get_submodule(name))
             correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name])
     if skipped:
-        return [
+        notes.append(
             "block rounding not applied to "
             + "; ".join(f"{n} ({w})" for n, w in skipped.items())
             + ": rounded to nearest"
-        ]
-    return []
+        )
+    return notes
 
 
 def apply_refinement(

@@ -172,3 +172,35 @@ def test_block_plan_lists_layers_it_cannot_round() -> None:
     assert all(isinstance(layer, QuantMixin) for g, _ in plan for _, layer in g)
     plan2, skipped2 = B.block_plan(nn.Sequential(), layers)
     assert not plan2 and set(skipped2) == {n for n, _ in layers}
+
+
+def test_a_block_the_graph_cannot_give_falls_back_to_layerwise_rounding_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import edgequant.ptq.rounding as R
+
+    class TwoHeads(ResNetlet):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+            y = self.fc(self.layer(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+            return y, y.softmax(dim=1)
+
+    monkeypatch.setattr(S, "reconstruct_group", functools.partial(B.reconstruct_group, iters=50))
+    monkeypatch.setitem(R.ROUNDERS, "adaround", functools.partial(R.round_adaround, iters=50))
+    model = TwoHeads().eval()
+    near = eq.quantize(
+        model,
+        eq.Recipe.preset("w3a4").replace(rounding="nearest", bias_correction=False),
+        _data(),
+        method="static",
+    )
+    q = eq.quantize(model, "w3a4", _data(), method="static")
+    assert q.quant_info["pipeline"]["rounding"] == "block"
+    notes = " ".join(q.quant_summary.notes)
+    assert "block rounding of fc not possible (the model's output is not a single tensor)" in notes
+    fc, fc_near = q.get_submodule("fc"), near.get_submodule("fc")
+    assert not torch.equal(fc.weight, fc_near.weight_quantizer(fc_near.weight))  # it was rounded
+    x = torch.cat(_data(seed=7))
+    with torch.no_grad():
+        ref, out = model(x)[0], q(x)[0]
+        err_near = float((near(x)[0] - ref).square().mean())
+    assert float((out - ref).square().mean()) < err_near
