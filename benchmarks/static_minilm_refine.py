@@ -4,8 +4,8 @@ PTQ refinements add on top of SmoothQuant (alpha 0.8, the choice of static_minil
 Candidates (SmoothQuant alpha, empirical bias correction, GPTQ rounding of the 8-bit weights
 with the float-output target, calibration batches of 1 sentence so no padded token enters the
 ranges) are scored on held-out calibration sentences in two folds (quantize on sentences 0-63,
-score on 64-127, and the reverse; 128 scored sentences), ranked by mean cosine, then worst, then
-nearest-neighbour agreement. Rows measured in an earlier locked run of the same protocol are
+score on 64-127, and the reverse; 128 scored sentences), ranked by mean cosine (within 1e-4: a
+tie), then worst, then nearest-neighbour agreement. Rows measured in an earlier locked run of the same protocol are
 passed in with --measured (a JSON file, recorded as such). The chosen candidate then calibrates
 on all 128 sentences and is measured on the 640 evaluation sentences, simulated and deployed in
 ONNX Runtime.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from _minilm import load_or_skip  # benchmarks/_minilm.py
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
-from static_minilm import FFN_OUTPUT, score  # benchmarks/static_minilm.py: the same ranking
+from static_minilm import FFN_OUTPUT  # benchmarks/static_minilm.py
 
 import edgequant as eq
 from edgequant.examples import minilm as M
@@ -43,6 +43,8 @@ CANDIDATES: dict[str, tuple[float | str, bool, str, int, str | None]] = {
     "alpha 0.8, bias correction": (0.8, True, "nearest", 16, None),
     "alpha 0.9, bias correction": (0.9, True, "nearest", 16, None),
     "alpha 0.8, bias correction, unpadded calibration": (0.8, True, "nearest", 1, None),
+    # Since bias correction leaves padded tokens out of its means (attention mask):
+    "alpha 0.8, bias correction over real tokens only": (0.8, True, "nearest", 16, None),
     # The FFN-output inputs (GELU outputs) carry most of the error: at 16 bits all three bars are
     # met (static_minilm.py). Their 8-bit range from another observer:
     "alpha 0.8, bias correction, FFN-output ranges by MSE": (0.8, True, "nearest", 16, "mse"),
@@ -80,6 +82,17 @@ def recipe_for(
         rounding=rounding,
         overrides=overrides,
     )
+
+
+# Mean cosines closer than this are a tie (static_minilm.score's rounding to 4 decimals split
+# 0.99853 from 0.99856); ties go to the worst sentence, then nearest-neighbour agreement.
+MEAN_TIE = 1e-4
+
+
+def choose(heldout: dict[str, dict[str, Any]]) -> str:
+    best = max(row["mean_cosine"] for row in heldout.values())
+    tied = [k for k, row in heldout.items() if row["mean_cosine"] >= best - MEAN_TIE]
+    return max(tied, key=lambda k: (heldout[k]["min_cosine"], heldout[k]["nn_agreement"]))
 
 
 def main() -> int:
@@ -127,7 +140,7 @@ def main() -> int:
         out["heldout"][name] = row
         print("held-out", name, json.dumps(row), flush=True)
         save()
-    choice = max(out["heldout"], key=lambda k: score(out["heldout"][k]))
+    choice = choose(out["heldout"])
     out["choice"] = choice
     print("choice", choice, flush=True)
 

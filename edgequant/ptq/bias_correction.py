@@ -10,7 +10,7 @@ means. Layers are corrected in execution order, each against the model as correc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,10 +21,25 @@ from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
 
 
-def channel_mean(layer: nn.Module, y: Tensor) -> Tensor:
-    """Per-output-channel mean of a layer's output (channels: dim 1 of convs, last of Linear)."""
+def token_mask(batch: Any) -> Tensor | None:
+    """The (batch, tokens) attention mask of a tokenizer batch (a mapping with an
+    "attention_mask"), else None: padded positions are left out of the output means."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
+def channel_mean(layer: nn.Module, y: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-output-channel mean of a layer's output (channels: dim 1 of convs, last of Linear);
+    with a (batch, tokens) mask matching a Linear's (batch, tokens, channels) output, over the
+    unmasked positions only."""
     y = y.detach().double()
     if isinstance(layer, nn.Linear):
+        if mask is not None and y.dim() == 3 and tuple(mask.shape) == tuple(y.shape[:2]):
+            keep = mask.reshape(-1).bool()
+            return y.reshape(-1, y.shape[-1])[keep].mean(dim=0)
         return y.reshape(-1, y.shape[-1]).mean(dim=0)
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)
 
@@ -50,9 +65,11 @@ def float_output_means(
     counts: dict[str, int] = {}
     handles = []
 
+    mask: list[Tensor | None] = [None]
+
     def make_hook(name: str) -> Any:
         def hook(mod: nn.Module, args: Any, out: Tensor) -> None:
-            m = channel_mean(mod, out)
+            m = channel_mean(mod, out, mask[0])
             sums[name] = sums.get(name, torch.zeros_like(m)) + m
             counts[name] = counts.get(name, 0) + 1
 
@@ -63,6 +80,7 @@ def float_output_means(
     try:
         with float_mode(model), torch.no_grad():
             for index, batch in enumerate(batches):
+                mask[0] = token_mask(batch)
                 call_model(model, batch, index)
     finally:
         for h in handles:
@@ -70,14 +88,20 @@ def float_output_means(
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def correct_bias(layer: QuantMixin, inputs: list[Tensor], float_mean: Tensor) -> float:
-    """Shift the layer's bias so its quantized output mean on `inputs` equals `float_mean`;
-    returns the largest shift relative to the output's scale (for the log)."""
+def correct_bias(
+    layer: QuantMixin,
+    inputs: list[Tensor],
+    float_mean: Tensor,
+    masks: Sequence[Tensor | None] | None = None,
+) -> float:
+    """Shift the layer's bias so its quantized output mean on `inputs` equals `float_mean`
+    (`masks`: each batch's token_mask, as float_output_means used them); returns the largest
+    shift relative to the output's scale (for the log)."""
     assert layer.bias is not None
     total = torch.zeros_like(float_mean)
     with torch.no_grad():
-        for x in inputs:
-            total += channel_mean(layer, layer(x))
+        for i, x in enumerate(inputs):
+            total += channel_mean(layer, layer(x), masks[i] if masks is not None else None)
         delta = float_mean - total / len(inputs)
         layer.bias.add_(delta.to(layer.bias.dtype))
     return float(delta.abs().max())

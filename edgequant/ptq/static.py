@@ -18,7 +18,7 @@ from edgequant.instrument import (
 )
 from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto
-from edgequant.ptq.bias_correction import correct_bias, float_output_means
+from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.block import SegmentError, block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
 from edgequant.ptq.equalize import equalize
@@ -144,6 +144,7 @@ def refine_weights(
         else {}
     )
     skipped: dict[str, str] = {}
+    masks = [token_mask(b) for b in batches]  # padded tokens stay out of bias correction
     # The float model (original weights, no quantizer) gives each layer's float inputs, the
     # target the rounding reconstructs.
     reference = None
@@ -178,7 +179,7 @@ def refine_weights(
         elif rounding != "nearest":
             skipped[name] = why
         if name in means:
-            correct_bias(layer, inputs, means[name])
+            correct_bias(layer, inputs, means[name], masks)
     if skipped:
         notes.append(
             f"{rounding} rounding not applied to "
@@ -203,6 +204,7 @@ def refine_blocks(
     from tqdm import tqdm
 
     plan, skipped = block_plan(qmodel, layers)
+    masks = [token_mask(b) for b in batches]
     if not plan:
         raise ValueError(
             "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "
@@ -231,11 +233,11 @@ def refine_blocks(
                 )
                 ROUNDERS["adaround"](layer, inputs, targets)
             if name in means:
-                correct_bias(layer, inputs, means[name])
+                correct_bias(layer, inputs, means[name], masks)
     for name, _ in layers:  # layers outside every block: bias correction only
         if name in skipped and name in means:
             layer = cast(QuantMixin, qmodel.get_submodule(name))
-            correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name])
+            correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name], masks)
     if skipped:
         notes.append(
             "block rounding not applied to "
