@@ -58,9 +58,13 @@ def float_mode(model: nn.Module) -> Iterator[None]:
 
 
 def float_output_means(
-    model: nn.Module, layers: dict[str, QuantMixin], batches: list[Any]
+    model: nn.Module,
+    layers: dict[str, QuantMixin],
+    batches: list[Any],
+    real_tokens_only: bool = True,
 ) -> dict[str, Tensor]:
-    """Per-channel output means of each layer in the float model (one pass over the data)."""
+    """Per-channel output means of each layer in the float model (one pass over the data); with
+    real_tokens_only, over the positions each batch's token_mask keeps."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
@@ -80,7 +84,7 @@ def float_output_means(
     try:
         with float_mode(model), torch.no_grad():
             for index, batch in enumerate(batches):
-                mask[0] = token_mask(batch)
+                mask[0] = token_mask(batch) if real_tokens_only else None
                 call_model(model, batch, index)
     finally:
         for h in handles:

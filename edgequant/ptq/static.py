@@ -129,22 +129,26 @@ def refine_weights(
     bias_correction: bool,
     progress: bool = False,
     float_target: bool = True,
+    real_tokens_only: bool = True,
 ) -> list[str]:
     """Learned rounding and bias correction, layer by layer in execution order, each layer seeing
     its inputs as the partly refined model computes them. float_target: the rounding reconstructs
     the float model's output of the layer (else the layer's float weight on its own inputs).
-    Returns notes for the summary."""
+    real_tokens_only: bias correction leaves out the positions a tokenizer batch's attention mask
+    marks as padding. Returns notes for the summary."""
     from tqdm import tqdm
 
     notes: list[str] = []
     layers = execution_order(qmodel, batches[0])
     means = (
-        float_output_means(qmodel, {n: m for n, m in layers if m.bias is not None}, batches)
+        float_output_means(
+            qmodel, {n: m for n, m in layers if m.bias is not None}, batches, real_tokens_only
+        )
         if bias_correction
         else {}
     )
     skipped: dict[str, str] = {}
-    masks = [token_mask(b) for b in batches]  # padded tokens stay out of bias correction
+    masks = [token_mask(b) if real_tokens_only else None for b in batches]
     # The float model (original weights, no quantizer) gives each layer's float inputs, the
     # target the rounding reconstructs.
     reference = None
@@ -159,7 +163,9 @@ def refine_weights(
         for q in quantizers(reference):
             if float_target or q.role == "weight":
                 q.mode = "disabled"
-        return refine_blocks(qmodel, reference, layers, batches, means, progress, float_target)
+        return refine_blocks(
+            qmodel, reference, layers, batches, means, masks, progress, float_target
+        )
     for name, layer in tqdm(
         layers, desc=f"weights ({rounding})", disable=not progress, leave=False
     ):
@@ -195,6 +201,7 @@ def refine_blocks(
     layers: list[tuple[str, QuantMixin]],
     batches: list[Any],
     means: dict[str, Any],
+    masks: list[Any],
     progress: bool,
     float_target: bool,
 ) -> list[str]:
@@ -204,7 +211,6 @@ def refine_blocks(
     from tqdm import tqdm
 
     plan, skipped = block_plan(qmodel, layers)
-    masks = [token_mask(b) for b in batches]
     if not plan:
         raise ValueError(
             "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "
@@ -253,6 +259,7 @@ def apply_refinement(
     pipeline: dict[str, Any],
     summary: Summary,
     progress: bool,
+    real_tokens_only: bool = True,
 ) -> list[str]:
     """refine_weights as the resolved pipeline asks (nothing when it asks for neither step);
     its notes go to the summary, and the steps that ran are returned for quant_info."""
@@ -267,6 +274,7 @@ def apply_refinement(
                 pipeline["bias_correction"],
                 progress,
                 float_target=pipeline.get("rounding_target", "float") == "float",
+                real_tokens_only=real_tokens_only,
             )
         )
     steps = []
