@@ -26,3 +26,27 @@ def test_token_mask_reads_tokenizer_batches_only() -> None:
     assert token_mask(torch.ones(2, 5)) is None
     assert token_mask({"input_ids": mask}) is None
     assert token_mask((mask, mask)) is None
+
+
+def test_static_bias_correction_reads_the_mask_and_weight_only_does_not(monkeypatch) -> None:
+    import edgequant as eq
+    import edgequant.ptq.bias_correction as BC
+    import edgequant.ptq.static as S
+
+    calls: list[str] = []
+
+    def spy(batch):  # type: ignore[no-untyped-def]
+        calls.append("mask")
+        return None
+
+    monkeypatch.setattr(BC, "token_mask", spy)
+    monkeypatch.setattr(S, "token_mask", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [torch.randn(16, 8) for _ in range(2)]
+    recipe = eq.Recipe.preset("w4-weight-only").replace(rounding="nearest", bias_correction=True)
+    eq.quantize(model, recipe, data, method="weight_only")
+    assert calls == []  # weight-only: every position (held-out choice on MiniLM)
+    recipe = eq.Recipe.preset("w4a8").replace(rounding="nearest", bias_correction=True)
+    eq.quantize(model, recipe, data, method="static")
+    assert calls  # static: padded tokens left out
