@@ -182,9 +182,11 @@ def reconstruct_group(
     def finish(layer: nn.Module | None, y: Tensor) -> Tensor:
         return layer_input(layer, y) if isinstance(layer, QuantMixin) else y
 
+    if not any(isinstance(v, Tensor) for v in x_q):
+        raise SegmentError(f"the block of {names[0]!r} reads no batch of values computed before it")
     with torch.no_grad():
-        target = finish(stop_f, seg_f.module(*x_f)) if x_f else None
-    assert target is not None
+        all_rows = torch.arange(next(v for v in x_f if isinstance(v, Tensor)).shape[0])
+        target = finish(stop_f, seg_f.module(*_take(x_f, all_rows)))
     n = target.shape[0]
     state = []
     for name, layer in group:
