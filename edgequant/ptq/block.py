@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from edgequant.instrument import batch_size
+from edgequant.instrument import batch_size, call_model
 from edgequant.modules import QuantMixin
 from edgequant.ptq.rounding import (
     _grid,
     _rectified_sigmoid,
     layer_input,
+    on_grid,
     rounding_penalty,
     soft_rounding,
     supports,
@@ -37,8 +38,8 @@ Group = list[tuple[str, QuantMixin]]
 
 
 class SegmentError(ValueError):
-    """A block that cannot be cut out of the graph as one segment (refine_blocks then rounds
-    its layers one by one, and says so in the summary)."""
+    """A block that cannot be cut out of the graph as one segment (static.refine_weights then
+    rounds its layers one by one with AdaRound, and says so in the summary)."""
 
 
 def layer_groups(layers: Sequence[tuple[str, QuantMixin]]) -> list[Group]:
@@ -61,14 +62,6 @@ def _module_node(graph: fx.Graph, target: str) -> fx.Node:
         if node.op == "call_module" and node.target == target:
             return node
     raise KeyError(target)
-
-
-def _graph_input(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(batch, Tensor):
-        return (batch,), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    return tuple(batch), {}
 
 
 class Segment:
@@ -115,9 +108,8 @@ class Segment:
         concatenated along it, anything else (the same for every batch) kept once."""
         runs = []
         with torch.no_grad():
-            for batch in batches:
-                args, kwargs = _graph_input(batch)
-                runs.append((batch_size(batch), self.prefix(*args, **kwargs)))
+            for index, batch in enumerate(batches):
+                runs.append((batch_size(batch), call_model(self.prefix, batch, index)))
         merged: list[Any] = []
         for k, node in enumerate(self.frontier):
             values = [r[1][k] for r in runs]
@@ -202,7 +194,7 @@ def reconstruct_group(
         out = {}
         for name, _, scale, zp, qmin, qmax, floor, v in state:
             h = (v >= 0).float() if hard else _rectified_sigmoid(v)
-            out[f"{name}.weight"] = (torch.clamp(floor + h + zp, qmin, qmax) - zp) * scale
+            out[f"{name}.weight"] = on_grid(floor + h, zp, scale, qmin, qmax)
         return out
 
     try:

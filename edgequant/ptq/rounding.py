@@ -264,6 +264,12 @@ def _rectified_sigmoid(v: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
 
 
+def on_grid(levels: Tensor, zp: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The weight of `levels` (floor + h, in steps) on the quantizer's grid, clamped to its
+    range."""
+    return (torch.clamp(levels + zp, qmin, qmax) - zp) * scale
+
+
 def soft_rounding(w: Tensor, scale: Tensor) -> tuple[Tensor, nn.Parameter]:
     """floor(w / scale) and the rounding variable V, with h(V) at the fractional part: the soft
     weight floor + h(V) starts at the float weight."""
@@ -328,8 +334,7 @@ def round_adaround(
     n = xq.shape[0]
     for it in range(iters):
         idx = torch.randint(0, n, (min(batch_rows, n),), generator=gen)
-        soft = torch.clamp(w_floor + _rectified_sigmoid(v_param) + z, qmin, qmax)
-        wq = (soft - z) * s
+        wq = on_grid(w_floor + _rectified_sigmoid(v_param), z, s, qmin, qmax)
         out = xq[idx] @ wq.T
         rec = (out - target_all[idx]).square().sum(dim=1).mean()
         penalty = rounding_penalty([v_param], it, iters, reg)
@@ -338,8 +343,8 @@ def round_adaround(
         loss.backward()
         opt.step()
     with torch.no_grad():
-        hard = torch.clamp(w_floor + (v_param >= 0).float() + z, qmin, qmax)
-        layer.weight.copy_(((hard - z) * s).reshape(shape))
+        hard = on_grid(w_floor + (v_param >= 0).float(), z, s, qmin, qmax)
+        layer.weight.copy_(hard.reshape(shape))
 
 
 ROUNDERS: dict[str, Callable[..., None]] = {"gptq": round_gptq, "adaround": round_adaround}

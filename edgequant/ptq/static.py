@@ -19,7 +19,7 @@ from edgequant.instrument import (
 from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
-from edgequant.ptq.block import SegmentError, block_plan, reconstruct_group
+from edgequant.ptq.block import Group, SegmentError, block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
@@ -138,6 +138,11 @@ def refine_weights(
     marks as padding. Returns notes for the summary."""
     from tqdm import tqdm
 
+    if rounding == "block" and not isinstance(qmodel, fx.GraphModule):
+        raise ValueError(
+            "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "
+            "graph into blocks); use rounding='adaround' for this model"
+        )
     notes: list[str] = []
     layers = execution_order(qmodel, batches[0])
     means = (
@@ -150,103 +155,60 @@ def refine_weights(
     skipped: dict[str, str] = {}
     masks = [token_mask(b) if real_tokens_only else None for b in batches]
     # The float model (original weights, no quantizer) gives each layer's float inputs, the
-    # target the rounding reconstructs.
+    # target the rounding reconstructs; for block rounding, the value where each block ends (with
+    # target "quantized": the float weights' on the quantized activations).
     reference = None
-    if rounding not in ("nearest", "block") and float_target:
-        reference = copy.deepcopy(qmodel)
-        for q in quantizers(reference):
-            q.mode = "disabled"
-    if rounding == "block":
-        # The block's target: the float model's value where the block ends, or (target
-        # "quantized") the float weights' on the quantized activations.
+    if rounding == "block" or (rounding != "nearest" and float_target):
         reference = copy.deepcopy(qmodel)
         for q in quantizers(reference):
             if float_target or q.role == "weight":
                 q.mode = "disabled"
-        return refine_blocks(
-            qmodel, reference, layers, batches, means, masks, progress, float_target
-        )
+    # rounding="block": each block is rounded as a whole when the run reaches its first layer;
+    # a block the graph cannot give as one segment falls back to AdaRound layer by layer.
+    blocks: dict[str, tuple[Group, str | None]] = {}
+    layerwise: set[str] = set()
+    if rounding == "block":
+        plan, _ = block_plan(qmodel, layers)
+        blocks = {group[0][0]: (group, stop) for group, stop in plan}
     for name, layer in tqdm(
         layers, desc=f"weights ({rounding})", disable=not progress, leave=False
     ):
+        if name in blocks:
+            group, stop = blocks[name]
+            try:
+                reconstruct_group(
+                    cast(fx.GraphModule, qmodel),
+                    cast(fx.GraphModule, reference),
+                    group,
+                    stop,
+                    batches,
+                )
+            except SegmentError as err:
+                notes.append(
+                    f"block rounding of {', '.join(n for n, _ in group)} not possible ({err}): "
+                    "AdaRound layer by layer"
+                )
+                layerwise.update(n for n, _ in group)
         why = rounding_support(layer) if rounding != "nearest" else "nearest"
         if why is not None and name not in means:
             if rounding != "nearest":
                 skipped[name] = why
             continue
         inputs = capture_inputs(qmodel, layer, batches)
-        if why is None:
+        if why is None and (rounding != "block" or name in layerwise):
             targets = (
                 capture_inputs(reference, reference.get_submodule(name), batches)
-                if reference is not None
+                if reference is not None and float_target
                 else None
             )
-            ROUNDERS[rounding](layer, inputs, targets)
-        elif rounding != "nearest":
+            ROUNDERS["adaround" if rounding == "block" else rounding](layer, inputs, targets)
+        elif why is not None and rounding != "nearest":
             skipped[name] = why
         if name in means:
             correct_bias(layer, inputs, means[name], masks)
     if skipped:
         notes.append(
             f"{rounding} rounding not applied to "
-            + "; ".join(f"{n} ({w})" for n, w in skipped.items())
-            + ": rounded to nearest"
-        )
-    return notes
-
-
-def refine_blocks(
-    qmodel: nn.Module,
-    reference: nn.Module,
-    layers: list[tuple[str, QuantMixin]],
-    batches: list[Any],
-    means: dict[str, Any],
-    masks: list[Any],
-    progress: bool,
-    float_target: bool,
-) -> list[str]:
-    """refine_weights for rounding="block": each block's layers learn their rounding together
-    (ptq/block.py), then bias correction runs on the block's layers in order. A block the graph
-    cannot give as one segment is rounded layer by layer with AdaRound (noted)."""
-    from tqdm import tqdm
-
-    plan, skipped = block_plan(qmodel, layers)
-    if not plan:
-        raise ValueError(
-            "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "
-            "graph into blocks); use rounding='adaround' for this model"
-        )
-    notes = []
-    for group, stop in tqdm(plan, desc="weights (block)", disable=not progress, leave=False):
-        try:
-            reconstruct_group(
-                cast(fx.GraphModule, qmodel), cast(fx.GraphModule, reference), group, stop, batches
-            )
-            layerwise = False
-        except SegmentError as err:
-            notes.append(
-                f"block rounding of {', '.join(n for n, _ in group)} not possible ({err}): "
-                "AdaRound layer by layer"
-            )
-            layerwise = True
-        for name, layer in group:
-            inputs = capture_inputs(qmodel, layer, batches)
-            if layerwise:
-                targets = (
-                    capture_inputs(reference, reference.get_submodule(name), batches)
-                    if float_target
-                    else None
-                )
-                ROUNDERS["adaround"](layer, inputs, targets)
-            if name in means:
-                correct_bias(layer, inputs, means[name], masks)
-    for name, _ in layers:  # layers outside every block: bias correction only
-        if name in skipped and name in means:
-            layer = cast(QuantMixin, qmodel.get_submodule(name))
-            correct_bias(layer, capture_inputs(qmodel, layer, batches), means[name], masks)
-    if skipped:
-        notes.append(
-            "block rounding not applied to "
             + "; ".join(f"{n} ({w})" for n, w in skipped.items())
             + ": rounded to nearest"
         )
