@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "slr": 1.0,
     "warm": 0.0,
     "mix": 0.0,
+    "jpeg": 0.0,
+    "avg": 0.0,
 }
 
 
@@ -33,7 +35,9 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
 
     kd: share of distillation; t: its temperature; slr: the learned ranges' learning rate as a
     fraction of lr; warm: warmup epochs; mix: mixup alpha on the inputs, labels dropped, for
-    pure distillation (0 = off)."""
+    pure distillation (0 = off); jpeg: the chance that a training image is replaced, each time it
+    is drawn, by its JPEG (quality 75) copy (cifar10.train_jpeg_split; 0 = off); avg: fit_qat's
+    weight_average, the decay of the moving average of the trained parameters (0 = off)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -53,8 +57,10 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
 class Augmented:
     """Shuffled batches of (images, labels) with random crop (zero padding 4) and horizontal flip,
     drawn from the global torch generator (so fit_qat's checkpoints can resume the same order).
-    mixup > 0: each batch is blended with a shuffled copy of itself (weight ~ Beta(mixup, mixup))
-    and yielded without labels: for distillation, where the teacher labels the blend."""
+    jpeg > 0 (with x_jpeg, the same images JPEG-compressed): each image is drawn from x_jpeg with
+    that chance. mixup > 0: each batch is blended with a shuffled copy of itself (weight ~
+    Beta(mixup, mixup)) and yielded without labels: for distillation, where the teacher labels
+    the blend."""
 
     def __init__(
         self,
@@ -63,8 +69,13 @@ class Augmented:
         batch_size: int = 128,
         pad: int = 4,
         mixup: float = 0.0,
+        x_jpeg: torch.Tensor | None = None,
+        jpeg: float = 0.0,
     ) -> None:
+        if jpeg > 0 and (x_jpeg is None or x_jpeg.shape != x.shape):
+            raise ValueError("jpeg > 0 needs x_jpeg, the JPEG copies of x (same shape)")
         self.x, self.y, self.batch_size, self.pad, self.mixup = x, y, batch_size, pad, mixup
+        self.x_jpeg, self.jpeg = x_jpeg, jpeg
 
     def __len__(self) -> int:
         return (len(self.x) + self.batch_size - 1) // self.batch_size
@@ -74,7 +85,12 @@ class Augmented:
         h, w = self.x.shape[-2:]
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = F.pad(self.x[idx], (self.pad,) * 4)
+            x = self.x[idx]
+            if self.jpeg > 0:
+                assert self.x_jpeg is not None
+                pick = torch.rand(len(idx)) < self.jpeg
+                x = torch.where(pick[:, None, None, None], self.x_jpeg[idx], x)
+            x = F.pad(x, (self.pad,) * 4)
             n = x.shape[0]
             top = torch.randint(0, 2 * self.pad + 1, (n,))
             left = torch.randint(0, 2 * self.pad + 1, (n,))
@@ -120,14 +136,23 @@ def qat_from_ptq(
     teacher_logp: torch.Tensor,
     config: dict[str, Any],
     seed: int = 0,
+    heldout_jpeg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    train_x_jpeg: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """QAT from the PTQ model; the epoch kept (0 = the PTQ start) has the lowest held-out KL."""
+    """QAT from the PTQ model; the epoch kept (0 = the PTQ start) has the lowest held-out KL:
+    on the held-out images, or with heldout_jpeg (images, labels, FP32 log-probabilities of
+    cifar10.heldout_jpeg_split) the mean of the KLs on the clean and the JPEG'd held-out images.
+    train_x_jpeg: the JPEG copies of train_x, for config["jpeg"] > 0."""
     torch.manual_seed(seed)
     qmodel = eq.prepare_qat(model, preset, calib_data=calib)
     start_from(qmodel, ptq)
     if config["aug"]:
-        train: Any = Augmented(train_x, train_y, mixup=config["mix"])
+        train: Any = Augmented(
+            train_x, train_y, mixup=config["mix"], x_jpeg=train_x_jpeg, jpeg=config["jpeg"]
+        )
     else:
+        if config["jpeg"] > 0:
+            raise SystemExit("--configs: jpeg > 0 needs aug=1")
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
         train = list(zip(train_x[order].split(128), train_y[order].split(128), strict=True))
     epochs: list[dict[str, Any]] = []
@@ -135,11 +160,16 @@ def qat_from_ptq(
 
     def evaluate(epoch: int, record: dict[str, Any] | None = None) -> None:
         row: dict[str, Any] = {"epoch": epoch, **heldout_scores(qmodel, heldout, teacher_logp)}
+        row["score"] = row["heldout_kl"]
+        if heldout_jpeg is not None:
+            jpeg = heldout_scores(qmodel, heldout_jpeg[:2], heldout_jpeg[2])
+            row.update(heldout_jpeg_kl=jpeg["heldout_kl"], heldout_jpeg_acc=jpeg["heldout_acc"])
+            row["score"] = (row["heldout_kl"] + row["heldout_jpeg_kl"]) / 2
         if record is not None:
             row.update(loss=record["loss"], wall_s=record["wall_s"])
         epochs.append(row)
         print(f"  {preset} {config} epoch {epoch}: {json.dumps(row)}", flush=True)
-        if not best or row["heldout_kl"] < best["heldout_kl"]:
+        if not best or row["score"] < best["score"]:
             best.update(row, state=copy.deepcopy(qmodel.state_dict()))
 
     evaluate(0)
@@ -155,6 +185,7 @@ def qat_from_ptq(
         kd_weight=config["kd"],
         range_lr_scale=config["slr"],
         warmup_epochs=config["warm"],
+        weight_average=config["avg"],
         on_epoch_end=evaluate,
         progress=False,
         seed=seed,

@@ -51,6 +51,13 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="held-out only: no test set is read")
     parser.add_argument("--calib", type=int, default=1024, help="calibration images")
     parser.add_argument("--no-jpeg", action="store_true", help="skip the 10,000 JPEG images")
+    parser.add_argument(
+        "--judge",
+        choices=("clean", "clean+jpeg"),
+        default="clean",
+        help="the held-out KL that keeps an epoch: the 660 held-out images, or the mean of that "
+        "and the KL on the same images JPEG'd and mirrored (cifar10.heldout_jpeg_split)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if shared_dir() is None:
@@ -66,6 +73,12 @@ def main() -> int:
     heldout = C.heldout_split()
     with torch.no_grad():
         teacher_logp = F.log_softmax(model(heldout[0]), -1)
+    heldout_jpeg = None
+    if args.judge == "clean+jpeg":
+        x_hj, y_hj = C.heldout_jpeg_split()
+        with torch.no_grad():
+            heldout_jpeg = (x_hj, y_hj, F.log_softmax(model(x_hj), -1))
+    train_x_jpeg = C.train_jpeg_split()[0] if any(c["jpeg"] > 0 for c in configs) else None
     calib = list(C.calibration_split(args.calib)[0].split(128))
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -73,6 +86,7 @@ def main() -> int:
         "torch": torch.__version__,
         "train": "train_4660[:4000], batch 128 (aug=1: random crop, pad 4, + flip)",
         "heldout": "train_4660[4000:] (660 images): settings and kept epoch (lowest KL to FP32)",
+        "judge": args.judge,
         "calibration": f"{args.calib} images of train_4660[:4000]",
         "loss": "kd * KL(teacher, T) * T^2 + (1 - kd) * CE; Adam, cosine lr per step",
     }
@@ -131,6 +145,14 @@ def main() -> int:
         ptq_row: dict[str, Any] = {
             "wall_s": time.perf_counter() - start,
             **heldout_scores(ptq, heldout, teacher_logp),
+            **(
+                {
+                    f"heldout_jpeg_{k[len('heldout_') :]}": v
+                    for k, v in heldout_scores(ptq, heldout_jpeg[:2], heldout_jpeg[2]).items()
+                }
+                if heldout_jpeg is not None
+                else {}
+            ),
             "pipeline": ptq.quant_info.get("pipeline"),
         }
         ptq_row.update(deployed(ptq, f"ptq_{preset}"))
@@ -138,7 +160,17 @@ def main() -> int:
         rows = []
         for config in configs:
             final, row = qat_from_ptq(
-                model, ptq, preset, calib, train_x, train_y, heldout, teacher_logp, config
+                model,
+                ptq,
+                preset,
+                calib,
+                train_x,
+                train_y,
+                heldout,
+                teacher_logp,
+                config,
+                heldout_jpeg=heldout_jpeg,
+                train_x_jpeg=train_x_jpeg,
             )
             row.update(deployed(final, f"qat_{preset}"))
             print(

@@ -205,8 +205,14 @@ def test_splits_shapes_and_disjoint_calibration(shared):
     assert 0 < noise < 0.5, noise  # compressed, not some other image
     with pytest.raises(ValueError, match="quality"):
         cifar10.heldout_jpeg_split(quality=0)
-    train, _ = cifar10.train_split()
+    train, train_labels = cifar10.train_split()
     assert torch.equal(train, images[:4000])
+    train_jpeg, train_jpeg_labels = cifar10.train_jpeg_split()
+    assert train_jpeg.shape == train.shape and torch.equal(train_jpeg_labels, train_labels)
+    noise = (train_jpeg - train).abs().mean()
+    assert 0 < noise < 0.5, noise  # each image compressed in place, same order
+    with pytest.raises(ValueError, match="quality"):
+        cifar10.train_jpeg_split(quality=96)
     # Every calibration image comes from the first 4000 and none from the held-out part.
     everything = cifar10.calibration_split(n=4000, seed=0)[0]
     flat = {bytes(row.numpy().tobytes()) for row in everything.flatten(1)}

@@ -113,6 +113,7 @@ def fit_qat(
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
     seed: int = 0,
+    weight_average: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train a prepared model (eq.prepare_qat) in place; return one record per epoch.
 
@@ -128,8 +129,16 @@ def fit_qat(
     this many epochs (fractions allowed where train_data has a length) before the cosine decay:
     Adam's first steps move every parameter by about lr whatever its gradient, which knocks a
     PTQ-initialized model off its grid before the moments settle. on_epoch_end(epoch,
-    record) runs after the checkpoint. The model is left in eval mode, its grids in the
-    standard buffers (export it with eq.export_onnx).
+    record) runs after the checkpoint. weight_average: the decay d of an exponential moving
+    average of every trained parameter (weights, biases, learned ranges), updated after each
+    step (avg = d * avg + (1 - d) * param, starting from the prepared model; 0 = off, 0.99
+    averages about the last 100 steps). STE training keeps moving weights that sit near a
+    rounding boundary from one grid point to the next (Nagel et al. 2022, "Overcoming
+    oscillations in quantization-aware training"), so the model at any one step is a noisy
+    draw; the average is not. With it, every epoch's val_fn, checkpoint and on_epoch_end see
+    the averaged model, training goes on from the raw parameters, and the model is left
+    holding the average. The model is left in eval mode, its grids in the standard buffers
+    (export it with eq.export_onnx).
     """
     from tqdm import tqdm
 
@@ -151,6 +160,8 @@ def fit_qat(
         raise ValueError(f"range_lr_scale must be a number >= 0, got {range_lr_scale!r}")
     if not _is_number_in(warmup_epochs, 0.0, epochs):
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs!r}")
+    if not _is_number_in(weight_average, 0.0, 1.0):
+        raise ValueError(f"weight_average must be a number in [0, 1), got {weight_average!r}")
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
     if freeze_observers_epoch is not None:
@@ -200,6 +211,8 @@ def fit_qat(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if teacher is not None:
         teacher.eval()
+    # The moving average of the trained parameters (weight_average > 0), in `trained` order.
+    average = [p.detach().clone() for p in trained] if weight_average > 0 else None
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -211,6 +224,19 @@ def fit_qat(
         ckpt.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"])
         history = list(state.get("history", []))
+        raw = state.get("raw_parameters")
+        if (raw is None) != (average is None):
+            raise ValueError(
+                f"the checkpoint {path} was made with weight_average "
+                f"{'0' if raw is None else '> 0'}; this run has weight_average={weight_average}: "
+                "resume with the same setting"
+            )
+        if average is not None:
+            # The checkpoint's model holds the average; training goes on from the raw values.
+            with torch.no_grad():
+                for avg, p, value in zip(average, trained, raw, strict=True):
+                    avg.copy_(p)
+                    p.copy_(value)
         if start_epoch >= epochs:
             model.eval()
             return history
@@ -254,6 +280,11 @@ def fit_qat(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if average is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(
+                        average, [p.detach() for p in trained], 1.0 - weight_average
+                    )
             if per_step:
                 sched.step()
             n = int(x.shape[0])
@@ -271,6 +302,11 @@ def fit_qat(
             "lr": sched.get_last_lr()[0],
             "wall_s": time.perf_counter() - started,
         }
+        raw_values = None
+        if average is not None:
+            raw_values = [p.detach().clone() for p in trained]
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in trained], average)
         model.eval()
         if val_fn is not None:
             record["val"] = float(val_fn(model))
@@ -286,6 +322,7 @@ def fit_qat(
                     "rng": ckpt.rng_state(),
                     "fingerprint": ckpt.fingerprint(model),
                     "history": history,
+                    **({"raw_parameters": raw_values} if raw_values is not None else {}),
                 },
             )
         if progress:
@@ -293,6 +330,9 @@ def fit_qat(
             print(f"QAT epoch {epoch}/{epochs}: {shown}", file=sys.stderr, flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
+        if raw_values is not None and epoch < epochs:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in trained], raw_values)
     model.eval()
     return history
 

@@ -41,9 +41,11 @@ def _stop_after_first(epoch: int, record: dict) -> None:
         raise Stop
 
 
-@pytest.mark.parametrize("range_learning", ["lsq", "ema"])
+@pytest.mark.parametrize(
+    ("range_learning", "weight_average"), [("lsq", 0.0), ("ema", 0.0), ("lsq", 0.8)]
+)
 def test_resume_after_a_kill_gives_identical_weights(
-    tiny_model, calib, make_data, tmp_path, range_learning
+    tiny_model, calib, make_data, tmp_path, range_learning, weight_average
 ):
     recipe = eq.Recipe.preset("w4a4").replace(range_learning=range_learning)
     data = Shuffled(*make_data(96, 5))
@@ -56,6 +58,7 @@ def test_resume_after_a_kill_gives_identical_weights(
         progress=False,
         seed=7,
         freeze_observers_epoch=2,
+        weight_average=weight_average,
     )
     straight = prepare_qat(tiny_model, recipe, calib)
     fit_qat(straight, data, checkpoint_dir=tmp_path / "a", **kwargs)
@@ -84,6 +87,54 @@ def test_resume_after_a_kill_gives_identical_weights(
     # Training changed something (the comparison above is not between two untouched models).
     start = prepare_qat(tiny_model, recipe, calib).state_dict()
     assert any(not torch.equal(start[k], a[k]) for k in a if k.endswith("weight"))
+
+
+def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_weights(
+    tiny_model, calib, make_data, tmp_path
+):
+    data = Shuffled(*make_data(96, 5))
+    kwargs = dict(epochs=3, lr=1e-2, optimizer="adam", teacher=tiny_model, progress=False)
+
+    def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = prepare_qat(tiny_model, "w4a4", calib)
+    plain_history = fit_qat(plain, data, **kwargs)
+    seen: list[list[torch.Tensor]] = []
+    averaged = prepare_qat(tiny_model, "w4a4", calib)
+    history = fit_qat(
+        averaged,
+        data,
+        weight_average=0.8,
+        on_epoch_end=lambda epoch, record: seen.append(weights(averaged)),
+        **kwargs,
+    )
+    # The average does not steer training: the raw trajectory, and so every loss, is the plain one.
+    assert [r["loss"] for r in history] == [r["loss"] for r in plain_history]
+    # What each epoch's callback saw, and what is left, is the average, not the raw weights.
+    assert all(torch.equal(a, b) for a, b in zip(seen[-1], weights(averaged), strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(weights(plain), weights(averaged), strict=True)
+    )
+    # A near-zero decay averages only the last step: the plain model, up to rounding.
+    last = prepare_qat(tiny_model, "w4a4", calib)
+    fit_qat(last, data, weight_average=1e-12, **kwargs)
+    for a, b in zip(weights(plain), weights(last), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="weight_average"):
+            fit_qat(last, data, weight_average=bad)
+    # A checkpoint of an averaged run cannot be resumed without averaging, nor the other way.
+    fit_qat(prepare_qat(tiny_model, "w4a4", calib), data, checkpoint_dir=tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="weight_average"):
+        fit_qat(
+            prepare_qat(tiny_model, "w4a4", calib),
+            data,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            weight_average=0.8,
+            **{**kwargs, "epochs": 4},
+        )
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, calib, train_data, tmp_path):
