@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import edgequant as eq
 from edgequant.qat import finalize
-from edgequant.qat.prepare import start_from
+from edgequant.qat.prepare import qat_quantizers, start_from
 
 DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,
@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "mix": 0.0,
     "jpeg": 0.0,
     "avg": 0.0,
+    "frozen": 0,
 }
 
 
@@ -37,7 +38,9 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
     fraction of lr; warm: warmup epochs; mix: mixup alpha on the inputs, labels dropped, for
     pure distillation (0 = off); jpeg: the chance that a training image is replaced, each time it
     is drawn, by its JPEG (quality 75) copy (cifar10.train_jpeg_split; 0 = off); avg: fit_qat's
-    weight_average, the decay of the moving average of the trained parameters (0 = off)."""
+    weight_average, the decay of the moving average of the trained parameters (0 = off); frozen=1:
+    the weights and their grids stay as PTQ rounded them, and only the biases and the activation
+    ranges train (0 = everything trains)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -125,6 +128,22 @@ def heldout_scores(
     }
 
 
+def freeze_weights(qmodel: torch.nn.Module) -> None:
+    """No gradient for the weights and the weight quantizers' parameters (their learned steps):
+    what trains is the biases and the activation quantizers' parameters."""
+    weight_quantizers = [q for q in qat_quantizers(qmodel) if q.role == "weight"]
+    for q in weight_quantizers:
+        q.requires_grad_(False)
+    for module in qmodel.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and any(
+            q in weight_quantizers for q in module.children()
+        ):
+            weight.requires_grad_(False)
+    if not any(p.requires_grad for p in qmodel.parameters()):
+        raise SystemExit("frozen=1 left nothing to train")
+
+
 def qat_from_ptq(
     model: torch.nn.Module,
     ptq: torch.nn.Module,
@@ -146,6 +165,8 @@ def qat_from_ptq(
     torch.manual_seed(seed)
     qmodel = eq.prepare_qat(model, preset, calib_data=calib)
     start_from(qmodel, ptq)
+    if config["frozen"]:
+        freeze_weights(qmodel)
     if config["aug"]:
         train: Any = Augmented(
             train_x, train_y, mixup=config["mix"], x_jpeg=train_x_jpeg, jpeg=config["jpeg"]
@@ -168,7 +189,8 @@ def qat_from_ptq(
         if record is not None:
             row.update(loss=record["loss"], wall_s=record["wall_s"])
         epochs.append(row)
-        print(f"  {preset} {config} epoch {epoch}: {json.dumps(row)}", flush=True)
+        label = preset if isinstance(preset, str) else preset.name
+        print(f"  {label} {config} epoch {epoch}: {json.dumps(row)}", flush=True)
         if not best or row["score"] < best["score"]:
             best.update(row, state=copy.deepcopy(qmodel.state_dict()))
 

@@ -1,7 +1,7 @@
 """Held-out figures behind the learned-rounding defaults at 2-4 weight bits (issues 10 and 11).
 
-Each variant is one `eq.quantize` of the pretrained ResNet-20 (1,024 calibration images of
-train_4660), simulated, scored against FP32 on images never used to calibrate and never a test
+Each variant is one `eq.quantize` of the pretrained ResNet-20 (--calib calibration images of
+train_4660, 1,024 by default; before 2026-12-03 the presets' calib_samples capped them at 512), simulated, scored against FP32 on images never used to calibrate and never a test
 image: "h", the 660 held-out images of train_4660, and "hj", the same images JPEG-compressed at
 quality 75 as the JPEG test set is, and mirrored (1,320 inputs; cifar10.heldout_jpeg_split).
 
@@ -77,6 +77,7 @@ def minmax_grids(recipe: eq.Recipe) -> eq.Recipe:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=";".join(DEFAULT), help="';'-separated variants")
+    parser.add_argument("--calib", type=int, default=1024, help="calibration images")
     parser.add_argument("--out", default="benchmarks/results/heldout_rounding.json")
     args = parser.parse_args()
     if shared_dir() is None:
@@ -85,7 +86,7 @@ def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = C.load_resnet20().eval()
-    x_cal, _ = C.calibration_split(1024)
+    x_cal, _ = C.calibration_split(args.calib)
     calib = list(x_cal.split(64))
     sets = {}
     for tag, (x, y) in (("h", C.heldout_split()), ("hj", C.heldout_jpeg_split())):
@@ -107,11 +108,12 @@ def main() -> int:
                 ]
             method = "hessian" if name.startswith("h") else "perturbation"
             sens = restore(analysis[f"scores_{method}"], method)
-            base = eq.Recipe.preset("w8a8").replace(calib_samples=1024)
+            base = eq.Recipe.preset("w8a8").replace(calib_samples=args.calib)
             recipe = plan(model, calib, budget=Budget.average_bits(2.5), recipe=base,
                           sensitivities=sens).recipe  # fmt: skip
         else:
-            recipe = eq.Recipe.preset(name)
+            # Every calibration image: a preset's calib_samples (512) would cap them.
+            recipe = eq.Recipe.preset(name).replace(calib_samples=args.calib)
         recipe = recipe.replace(**changes)
         if minmax:
             recipe = minmax_grids(recipe)

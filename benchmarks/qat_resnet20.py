@@ -139,7 +139,9 @@ def main() -> int:
         meta["onnxruntime"] = onnxruntime.__version__
         write_json(out, {**meta, "results": results}, default=str)
 
-    for preset in args.presets.split(","):
+    for name in args.presets.split(","):
+        # Every calibration image: a preset's calib_samples (512) would cap them.
+        preset = eq.Recipe.preset(name).replace(calib_samples=args.calib)
         start = time.perf_counter()
         ptq = eq.quantize(model, preset, calib, method="static")
         ptq_row: dict[str, Any] = {
@@ -155,8 +157,8 @@ def main() -> int:
             ),
             "pipeline": ptq.quant_info.get("pipeline"),
         }
-        ptq_row.update(deployed(ptq, f"ptq_{preset}"))
-        print(f"ptq {preset}", json.dumps(ptq_row, default=str), flush=True)
+        ptq_row.update(deployed(ptq, f"ptq_{name}"))
+        print(f"ptq {name}", json.dumps(ptq_row, default=str), flush=True)
         rows = []
         for config in configs:
             final, row = qat_from_ptq(
@@ -172,14 +174,14 @@ def main() -> int:
                 heldout_jpeg=heldout_jpeg,
                 train_x_jpeg=train_x_jpeg,
             )
-            row.update(deployed(final, f"qat_{preset}"))
+            row.update(deployed(final, f"qat_{name}"))
             print(
-                f"qat {preset}",
+                f"qat {name}",
                 json.dumps({k: v for k, v in row.items() if k != "by_epoch"}),
                 flush=True,
             )
             rows.append(row)
-            results[preset] = {"ptq": ptq_row, "qat": rows}
+            results[name] = {"ptq": ptq_row, "qat": rows}
             save()
     return 0
 

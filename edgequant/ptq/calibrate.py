@@ -83,23 +83,37 @@ def run_calibration(
     return seen
 
 
-def collect(batches: Iterable[Any], num_samples: int) -> list[Any]:
+def collect(batches: Iterable[Any], num_samples: int) -> tuple[list[Any], bool]:
     """Up to num_samples samples of `batches`, as a list of batches (for passes that read the
-    calibration data more than once)."""
+    calibration data more than once), and whether `batches` held more samples than that."""
     out: list[Any] = []
     seen = 0
-    for index, batch in enumerate(batches):
+    more = False
+    it = iter(batches)
+    for index, batch in enumerate(it):
         n = batch_size(batch)
         if seen + n > num_samples:
-            batch, n = _take(batch, num_samples - seen), num_samples - seen
+            batch, n, more = _take(batch, num_samples - seen), num_samples - seen, True
         check_finite(batch, index)
         out.append(batch)
         seen += n
         if seen >= num_samples:
+            more = more or next(it, _END) is not _END
             break
     if seen == 0:
         raise ValueError("calib_data yielded no samples")
-    return out
+    return out, more
+
+
+_END = object()
+
+
+def cap_note(used: int, num_samples: int) -> str:
+    """The summary's note for calib_data that held more samples than the cap let through."""
+    return (
+        f"calibrated on the first {used} samples of calib_data, which holds more: the cap is "
+        f"num_samples={num_samples} (default Recipe.calib_samples); raise it to use them all"
+    )
 
 
 class _Stop(Exception):

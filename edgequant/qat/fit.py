@@ -231,7 +231,7 @@ def fit_qat(
                 f"{'0' if raw is None else '> 0'}; this run has weight_average={weight_average}: "
                 "resume with the same setting"
             )
-        if average is not None:
+        if average is not None and raw is not None:
             # The checkpoint's model holds the average; training goes on from the raw values.
             with torch.no_grad():
                 for avg, p, value in zip(average, trained, raw, strict=True):

@@ -380,9 +380,27 @@ def test_num_samples_is_respected_exactly(num_samples: int) -> None:
 
 def test_num_samples_beyond_the_data_uses_all_of_it() -> None:
     model, calib, _ = _setup("mlp")
-    assert eq.quantize(model, "w8a8", calib, num_samples=1000).quant_info["samples_used"] == 16
+    everything = eq.quantize(model, "w8a8", calib, num_samples=1000)
+    assert everything.quant_info["samples_used"] == 16
+    assert not any("holds more" in n for n in everything.quant_summary.notes)
     recipe = eq.Recipe.preset("w8a8").replace(calib_samples=5)
     assert eq.quantize(model, recipe, calib).quant_info["samples_used"] == 5
+
+
+@pytest.mark.parametrize("cap", [4, 5])  # at a batch boundary (4 of 4 + 4 + ...) and inside one
+def test_data_beyond_the_cap_is_named_in_the_summary(cap: int) -> None:
+    """A user who passes more calibration samples than the cap is told the rest went unused."""
+    model, calib, _ = _setup("mlp")
+    batches = list(torch.cat(calib).split(4))
+    recipe = eq.Recipe.preset("w8a8").replace(calib_samples=cap)
+    for method in ("static", "weight_only"):
+        qmodel = eq.quantize(model, recipe.replace(rounding="gptq"), batches, method=method)
+        notes = [n for n in qmodel.quant_summary.notes if "holds more" in n]
+        assert notes and f"first {cap} samples" in notes[0], (method, qmodel.quant_summary.notes)
+    qat = eq.prepare_qat(model, recipe, batches)
+    assert any(f"first {cap} samples" in n for n in qat.quant_summary.notes)
+    exact = eq.quantize(model, recipe, batches[:1] if cap == 4 else [torch.cat(calib)[:5]])
+    assert not any("holds more" in n for n in exact.quant_summary.notes)
 
 
 @pytest.mark.parametrize("name", ["cnn", "residual"])
