@@ -576,6 +576,34 @@ def strip_metadata(model: Any) -> None:
     del model.metadata_props[:]
 
 
+# QuantizeLinear / DequantizeLinear attributes at their opset-21 defaults: the exporter writes
+# all four on every node, about 60 bytes a node, which a node without them means just as well.
+_QDQ_DEFAULTS = {"axis": 1, "block_size": 0, "output_dtype": 0, "saturate": 1}
+
+
+def drop_default_attributes(model: Any) -> int:
+    """Remove the Q/DQ attributes that equal their defaults (same graph, smaller file); return
+    how many were removed."""
+    from onnx import AttributeProto
+
+    def is_default(attribute: Any) -> bool:
+        default = _QDQ_DEFAULTS.get(attribute.name)
+        return attribute.type == AttributeProto.INT and default == attribute.i
+
+    removed = 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        keep = [a for a in node.attribute if not is_default(a)]
+        if len(keep) != len(node.attribute):
+            removed += len(node.attribute) - len(keep)
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return removed
+
+
 def integer_weight_count(model: Any) -> tuple[int, list[str]]:
     """How many DequantizeLinear nodes read integer constants; and any that read float ones."""
     from onnx import TensorProto
@@ -905,6 +933,7 @@ def export_onnx(
     model = program.model_proto
     fold_integer_casts(model)
     strip_metadata(model)
+    drop_default_attributes(model)
     fully_integer = _fully_integer_target(qmodel)
     if fully_integer:
         from edgequant.export.integer import (

@@ -204,6 +204,21 @@ def test_static_classifier_stores_int8_weights(static_classifier: tuple) -> None
     assert sorted(weight_initializers(path).values()) == [INT8] * 3
 
 
+def test_qdq_nodes_carry_no_default_attributes(static_classifier: tuple) -> None:
+    """The exporter writes axis/block_size/output_dtype/saturate on every Q/DQ node; at their
+    defaults they are dropped (same graph, smaller file), per-axis weights keep their axis."""
+    _, path, _ = static_classifier
+    stored = onnx.load(str(path))
+    defaults = {"axis": 1, "block_size": 0, "output_dtype": 0, "saturate": 1}
+    qdq = [n for n in stored.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        for attribute in node.attribute:
+            assert defaults.get(attribute.name) != attribute.i, (node.name, attribute.name)
+    per_axis = [n for n in qdq if any(a.name == "axis" for a in n.attribute)]
+    assert per_axis and all(a.i == 0 for n in per_axis for a in n.attribute if a.name == "axis")
+
+
 # More models and recipes: a few seconds each, so they run with the slow checks.
 # (model, recipe, method) -> per weight layer, in execution order: (weight dtype, activation kind)
 MORE_CASES = {
