@@ -231,15 +231,15 @@ def fit_qat(
                 f"{'0' if raw is None else '> 0'}; this run has weight_average={weight_average}: "
                 "resume with the same setting"
             )
+        if start_epoch >= epochs:  # a finished run: the model holds what it ended with
+            model.eval()
+            return history
         if average is not None and raw is not None:
             # The checkpoint's model holds the average; training goes on from the raw values.
             with torch.no_grad():
                 for avg, p, value in zip(average, trained, raw, strict=True):
                     avg.copy_(p)
                     p.copy_(value)
-        if start_epoch >= epochs:
-            model.eval()
-            return history
 
     for epoch in range(start_epoch + 1, epochs + 1):
         if freeze_observers_epoch is not None and epoch >= freeze_observers_epoch:

@@ -124,6 +124,16 @@ def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_w
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="weight_average"):
             fit_qat(last, data, weight_average=bad)
+    # Resuming a finished averaged run gives back the average it ended with.
+    fit_qat(averaged_again := prepare_qat(tiny_model, "w4a4", calib), data, weight_average=0.8,
+            checkpoint_dir=tmp_path / "done", **kwargs)  # fmt: skip
+    again = prepare_qat(tiny_model, "w4a4", calib)
+    fit_qat(
+        again, data, weight_average=0.8, checkpoint_dir=tmp_path / "done", resume=True, **kwargs
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights(averaged_again), weights(again), strict=True)
+    )
     # A checkpoint of an averaged run cannot be resumed without averaging, nor the other way.
     fit_qat(prepare_qat(tiny_model, "w4a4", calib), data, checkpoint_dir=tmp_path, **kwargs)
     with pytest.raises(ValueError, match="weight_average"):
