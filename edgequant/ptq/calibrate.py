@@ -83,9 +83,10 @@ def run_calibration(
     return seen
 
 
-def collect(batches: Iterable[Any], num_samples: int) -> tuple[list[Any], bool]:
+def collect(batches: Iterable[Any], num_samples: int, notes: list[str] | None = None) -> list[Any]:
     """Up to num_samples samples of `batches`, as a list of batches (for passes that read the
-    calibration data more than once), and whether `batches` held more samples than that."""
+    calibration data more than once). Where `batches` holds more samples than that, `notes`
+    (a summary's notes) gets a line that says so: a user who passed them expects them used."""
     out: list[Any] = []
     seen = 0
     more = False
@@ -102,18 +103,15 @@ def collect(batches: Iterable[Any], num_samples: int) -> tuple[list[Any], bool]:
             break
     if seen == 0:
         raise ValueError("calib_data yielded no samples")
-    return out, more
+    if more and notes is not None:
+        notes.append(
+            f"calibrated on the first {seen} samples of calib_data, which holds more: the cap is "
+            f"num_samples={num_samples} (default Recipe.calib_samples); raise it to use them all"
+        )
+    return out
 
 
 _END = object()
-
-
-def cap_note(used: int, num_samples: int) -> str:
-    """The summary's note for calib_data that held more samples than the cap let through."""
-    return (
-        f"calibrated on the first {used} samples of calib_data, which holds more: the cap is "
-        f"num_samples={num_samples} (default Recipe.calib_samples); raise it to use them all"
-    )
 
 
 class _Stop(Exception):

@@ -20,7 +20,7 @@ from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.block import Group, SegmentError, block_plan, reconstruct_group
-from edgequant.ptq.calibrate import cap_note, capture_inputs, collect, peek, run_calibration
+from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
 from edgequant.ptq.rounding import supports as rounding_support
@@ -258,10 +258,8 @@ def quantize_static(
     qmodel, summary, recipe = build_static(model, recipe, first)
     pipeline = resolve_pipeline(recipe, qmodel)
     steps: list[str] = []
-    data, more = collect(batches, num_samples)
+    data = collect(batches, num_samples, summary.notes)
     used = sum(batch_size(b) for b in data)
-    if more:
-        summary.notes.append(cap_note(used, num_samples))
     if pipeline["equalize"]:
         pairs = equalize(qmodel)
         steps.append(f"cross-layer equalization ({len(pairs)} pairs)")

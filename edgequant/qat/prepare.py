@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from edgequant.instrument import attach_info
-from edgequant.ptq.calibrate import cap_note, collect, peek, run_calibration
+from edgequant.ptq.calibrate import collect, peek, run_calibration
 from edgequant.ptq.static import build_static, calibrate_weights
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.ema import EMAQuantizer
@@ -125,10 +125,7 @@ def prepare_qat(
     qmodel, summary, recipe = build_static(model, recipe, first)
     calibrate_weights(qmodel)
     cap = num_samples or recipe.calib_samples
-    data, more = collect(batches, cap)
-    used = run_calibration(qmodel, data, cap, progress)
-    if more:
-        summary.notes.append(cap_note(used, cap))
+    used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
     count = make_trainable(qmodel, recipe.range_learning)
     summary.notes.append(
         f"QAT: {count} quantizers trainable ({recipe.range_learning}), ranges calibrated on "
