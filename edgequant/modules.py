@@ -53,6 +53,7 @@ class QuantMixin(_MixinBase):
     weight: Tensor
     bias: Tensor | None
     input_smooth_inv: Tensor | None
+    input_channel_index: Tensor | None
 
     def _init_quant(
         self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str
@@ -65,6 +66,9 @@ class QuantMixin(_MixinBase):
         self.shared_input = False
         # SmoothQuant: the input is divided by a per-channel factor the weight was multiplied by.
         self.register_buffer("input_smooth_inv", None)
+        # Outlier channel splitting (Linear only): the input's channels gathered by this index
+        # (an outlier channel repeated), before the smoothing multiply; see ptq/smooth.py.
+        self.register_buffer("input_channel_index", None)
         self.weight_quantizer = (
             TensorQuantizer(weight_spec, f"{name}.weight", role="weight")
             if weight_spec is not None
@@ -75,6 +79,15 @@ class QuantMixin(_MixinBase):
             if act_spec is not None
             else None
         )
+
+    def transform_input(self, x: Tensor) -> Tensor:
+        """The layer's input as its weight multiplies it: channels gathered by
+        input_channel_index (outlier splitting), then divided by the smoothing factors."""
+        if self.input_channel_index is not None:
+            x = x.index_select(-1, self.input_channel_index)
+        if self.input_smooth_inv is not None:
+            x = x * self.input_smooth_inv
+        return x
 
     def bias_scale(self) -> Tensor | None:
         """Scale of the INT32 bias (input scale x weight scale), or None when the bias stays float:
@@ -118,8 +131,7 @@ class QuantMixin(_MixinBase):
         """
         iq, wq = self.input_quantizer, self.weight_quantizer
         assert iq is not None and wq is not None
-        if self.input_smooth_inv is not None:
-            x = x * self.input_smooth_inv
+        x = self.transform_input(x)
         zp = iq.zero_point.reshape(()).float()
         # Division, as ONNX Runtime's QuantizeLinear does (not multiplication by the reciprocal).
         x_int = (
@@ -147,8 +159,7 @@ class QuantMixin(_MixinBase):
         return F.dequantize(q, scale, zp, axis).expand(self.bias.shape)
 
     def quantized_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        if self.input_smooth_inv is not None:
-            x = x * self.input_smooth_inv
+        x = self.transform_input(x)
         if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
         w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
@@ -205,8 +216,7 @@ class QuantLinear(QuantMixin, nn.Linear):
         iq, wq = self.input_quantizer, self.weight_quantizer
         if iq is not None and iq.mode == "dynamic" and wq is not None and wq.mode == "quantize":
             # Integer-exact, as the runtime's MatMulInteger computes it.
-            if self.input_smooth_inv is not None:
-                x = x * self.input_smooth_inv
+            x = self.transform_input(x)
             w_q = F.quantize(
                 self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis
             )

@@ -336,6 +336,10 @@ class Recipe:
     # SmoothQuant's migration strength for Linear inputs; "auto": chosen per layer by the error
     # of its quantized output (ptq/smooth.py); None: off.
     smooth_alpha: float | str | None = None
+    # Outlier channel splitting of Linear inputs quantized per tensor (PTQ, static and dynamic):
+    # channels whose range exceeds this quantile of the layer's per-channel ranges are repeated,
+    # each copy carrying its share (ptq/smooth.py); None: off. 0.99 adds about 1 % of columns.
+    split_outliers: float | None = None
     # --- the PTQ pipeline (ptq/): None or "auto" lets the bits decide (on at <= 4 weight bits);
     # the quantized model's quant_info["pipeline"] records what ran.
     # Cross-layer equalization with bias absorption (Nagel et al. 2019).
@@ -382,6 +386,15 @@ class Recipe:
         ):
             raise ValueError(
                 f"Recipe.smooth_alpha={self.smooth_alpha!r} must be in [0, 1], 'auto' or None"
+            )
+        if self.split_outliers is not None and not (
+            isinstance(self.split_outliers, (int, float))
+            and not isinstance(self.split_outliers, bool)
+            and 0.0 < self.split_outliers < 1.0
+        ):
+            raise ValueError(
+                f"Recipe.split_outliers={self.split_outliers!r} must be a quantile in (0, 1) "
+                "or None"
             )
         if self.rounding not in ROUNDINGS:
             raise ValueError(
@@ -501,6 +514,11 @@ class Recipe:
             lines.append(f"  skip: {', '.join(self.skip)}")
         if self.smooth_alpha is not None:
             lines.append(f"  SmoothQuant on Linear inputs, alpha {self.smooth_alpha}")
+        if self.split_outliers is not None:
+            lines.append(
+                f"  outlier channel splitting of Linear inputs above the {self.split_outliers} "
+                "quantile of their channel ranges"
+            )
         lines.append(f"  calibration samples: {self.calib_samples}")
         if self.activation is not None:
             lines.append(
@@ -529,6 +547,7 @@ class Recipe:
             "calib_samples": self.calib_samples,
             "quantize_outputs": self.quantize_outputs,
             "smooth_alpha": self.smooth_alpha,
+            "split_outliers": self.split_outliers,
             "equalize": self.equalize,
             "bias_correction": self.bias_correction,
             "rounding": self.rounding,

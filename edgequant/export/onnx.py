@@ -124,6 +124,7 @@ class LoweredLayer(nn.Module):
 
     # Buffers registered in __init__ (which ones depends on the layer), and a method set below.
     input_smooth_inv: Tensor | None
+    input_channel_index: Tensor | None
     weight: Tensor
     bias: Tensor
     acc_scale: Tensor
@@ -158,6 +159,10 @@ class LoweredLayer(nn.Module):
         smooth = layer.input_smooth_inv
         self.register_buffer(
             "input_smooth_inv", smooth.detach().clone() if smooth is not None else None
+        )
+        index = layer.input_channel_index
+        self.register_buffer(
+            "input_channel_index", index.detach().clone() if index is not None else None
         )
         self.dynamic = self.act_mode == "dynamic"
         if self.dynamic and not isinstance(layer, QuantLinear):
@@ -226,6 +231,9 @@ class LoweredLayer(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        # As QuantMixin.transform_input: a Gather (outlier splitting), then the smoothing Mul.
+        if self.input_channel_index is not None:
+            x = x.index_select(-1, self.input_channel_index)
         if self.input_smooth_inv is not None:
             x = x * self.input_smooth_inv
         if self.dynamic:

@@ -18,9 +18,13 @@ from edgequant.quantizer import TensorQuantizer, quantizers
 
 
 def float_op(layer: QuantMixin, x: Tensor) -> Tensor:
-    """The layer's float op on x with its float weight, without bias (bias cancels in errors)."""
-    if layer.input_smooth_inv is not None:
-        x = x * layer.input_smooth_inv
+    """The layer's float op on x with its float weight, without bias (bias cancels in errors).
+
+    x is what the layer's input quantizer sees: already split and smoothed by the layer
+    (QuantMixin.transform_input), except where the graph quantizes the input before the layer
+    (shared_input), whose transform then still applies."""
+    if layer.shared_input:
+        x = layer.transform_input(x)
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         return layer._conv_forward(x, layer.weight, None)
     if isinstance(layer, nn.Linear):

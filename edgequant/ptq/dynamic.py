@@ -10,7 +10,7 @@ from torch import nn
 
 from edgequant.instrument import Summary, attach_info, batch_size, instrument
 from edgequant.ptq.calibrate import peek
-from edgequant.ptq.smooth import smooth_
+from edgequant.ptq.smooth import describe_split, smooth_, split_outliers_
 from edgequant.ptq.static import calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec
@@ -59,6 +59,11 @@ def quantize_dynamic(
             f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
             f"from {samples_used} calibration samples"
         )
+    if recipe.split_outliers is not None:
+        batches = list(batches)
+        added = split_outliers_(qmodel, batches, recipe.split_outliers, num_samples)
+        samples_used = min(num_samples, sum(batch_size(b) for b in batches))
+        summary.notes.append(describe_split(added))
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":

@@ -11,7 +11,9 @@ from typing import Any, cast
 from torch import nn
 
 from edgequant.instrument import attach_info
+from edgequant.modules import QuantLinear
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
+from edgequant.ptq.smooth import resize_input
 from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.spec import Recipe
@@ -90,11 +92,20 @@ def load(
     if not isinstance(state, dict):
         raise TypeError(f"state must be a state_dict or a path to one, got {type(state).__name__}")
     qmodel, summary, recipe = BUILDERS[method](model, recipe, example_inputs)
-    # Buffers that exist only once a pass has run (SmoothQuant) are created before loading.
+    # Buffers that exist only once a pass has run (SmoothQuant, outlier splitting) are created
+    # before loading; a split layer's weight takes the split width.
     for key, value in state.items():
-        if key.endswith(".input_smooth_inv"):
-            layer = qmodel.get_submodule(key.rsplit(".", 1)[0])
-            layer.input_smooth_inv = value.detach().clone()
+        if key.endswith((".input_smooth_inv", ".input_channel_index")):
+            layer_name = key.rsplit(".", 1)[0]
+            layer = qmodel.get_submodule(layer_name)
+            setattr(layer, key.rsplit(".", 1)[1], value.detach().clone())
+            if key.endswith(".input_channel_index"):
+                if not isinstance(layer, QuantLinear):
+                    raise ValueError(
+                        f"the saved state splits the input channels of {layer_name!r}, which "
+                        "is not a quantized Linear here (saved from another model?)"
+                    )
+                resize_input(layer, value.numel())
     try:
         qmodel.load_state_dict(state)
     except RuntimeError as err:

@@ -43,9 +43,8 @@ def _grid(layer: QuantMixin) -> tuple[Tensor, Tensor, int, int]:
 
 
 def layer_input(layer: QuantMixin, x: Tensor) -> Tensor:
-    """What the layer's weight multiplies: x smoothed and quantized as the layer does it."""
-    if layer.input_smooth_inv is not None:
-        x = x * layer.input_smooth_inv
+    """What the layer's weight multiplies: x split, smoothed and quantized as the layer does it."""
+    x = layer.transform_input(x)
     iq = layer.input_quantizer
     if iq is not None and not layer.shared_input and iq.mode in ("quantize", "dynamic"):
         x = iq(x)
@@ -93,7 +92,7 @@ def supports(layer: QuantMixin) -> str | None:
 
 
 def _smoothed(layer: QuantMixin, x: Tensor) -> Tensor:
-    return x * layer.input_smooth_inv if layer.input_smooth_inv is not None else x
+    return layer.transform_input(x)
 
 
 def hessian(

@@ -235,3 +235,81 @@ def describe_smoothing(done: dict[str, float | None]) -> str:
     alphas = sorted(set(applied))
     shown = f"alpha {alphas[0]}" if len(alphas) == 1 else f"alpha {alphas[0]}-{alphas[-1]}"
     return f"SmoothQuant ({shown}) on {len(applied)} of {len(done)} Linear inputs"
+
+
+# --- Outlier channel splitting ------------------------------------------------------------------
+# Zhao et al., "Improving Neural Network Quantization without Retraining using Outlier Channel
+# Splitting", ICML 2019, applied to a Linear's input: a channel j whose range r_j (after any
+# smoothing) exceeds t, the `quantile` of the layer's per-channel ranges, is repeated
+# m_j = ceil(r_j / t) times, each copy carrying x_j / m_j and the whole weight column W_j. The
+# output is unchanged (m_j copies of W_j x_j / m_j), the per-tensor input grid covers about t
+# instead of max_j r_j, and unlike SmoothQuant no weight column grows, so the weights' per-row
+# grids stay as fine. The cost is the added columns: about (1 - quantile) of the channels. In the
+# graph it is one Gather before the smoothing Mul (QuantMixin.transform_input).
+
+
+def resize_input(layer: QuantLinear, width: int) -> None:
+    """Give a Linear `width` input columns (a placeholder weight: loading fills it)."""
+    layer.weight = nn.Parameter(layer.weight.new_zeros(layer.out_features, width))
+    layer.in_features = width
+
+
+def split_factors(ranges: Tensor, quantile: float) -> Tensor:
+    """m_j = ceil(r_j / t), t the quantile of the ranges (r: (in,) per-channel max |x|)."""
+    threshold = torch.quantile(ranges.double(), quantile).clamp(min=1e-12)
+    return torch.ceil(ranges.double() / threshold).clamp(min=1).long()
+
+
+def _check_quantile(quantile: float) -> None:
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)):
+        raise TypeError(f"outlier splitting quantile must be a number, got {quantile!r}")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"outlier splitting quantile must be in (0, 1), got {quantile}")
+
+
+@torch.no_grad()
+def split_outliers_(
+    qmodel: nn.Module, batches: Iterable[Any], quantile: float, num_samples: int
+) -> dict[str, int]:
+    """Split the outlier input channels of every QuantLinear whose input is quantized per tensor
+    on its own (not by a quantizer the graph shares), in place, after any smoothing and before
+    calibration. Returns {layer name: channels added} for every layer considered."""
+    _check_quantile(quantile)
+    stats = input_stats(qmodel, batches, num_samples)
+    added: dict[str, int] = {}
+    for name, st in stats.items():
+        layer: Any = qmodel.get_submodule(name)
+        iq = layer.input_quantizer
+        if iq is None or layer.weight_quantizer is None or layer.shared_input:
+            continue
+        if not iq.spec.per_tensor:
+            continue
+        if layer.input_channel_index is not None:
+            raise ValueError(f"layer {name!r}: its input channels are already split")
+        inv = layer.input_smooth_inv
+        ranges = st.absmax * (inv.float() if inv is not None else 1.0)
+        mult = split_factors(ranges, quantile)
+        extra = int((mult - 1).sum())
+        added[name] = extra
+        if extra == 0:
+            continue
+        index = torch.repeat_interleave(torch.arange(mult.numel()), mult)
+        base = inv if inv is not None else torch.ones_like(layer.weight[0])
+        new_inv = (base / mult.to(base.dtype))[index]
+        weight = layer.weight.detach()[:, index].clone()
+        resize_input(layer, index.numel())
+        layer.weight.copy_(weight)
+        layer.input_channel_index = index.to(layer.weight.device)
+        layer.input_smooth_inv = new_inv.to(layer.weight.dtype)
+    return added
+
+
+def describe_split(added: dict[str, int]) -> str:
+    """One line for the pipeline's steps."""
+    split = {n: k for n, k in added.items() if k}
+    if not split:
+        return f"outlier channel splitting: no channel of {len(added)} Linear inputs split"
+    return (
+        f"outlier channel splitting: {sum(split.values())} channels added to {len(split)} of "
+        f"{len(added)} Linear inputs"
+    )

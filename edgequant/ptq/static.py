@@ -24,7 +24,7 @@ from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibrati
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
 from edgequant.ptq.rounding import supports as rounding_support
-from edgequant.ptq.smooth import describe_smoothing, smooth_
+from edgequant.ptq.smooth import describe_smoothing, describe_split, smooth_, split_outliers_
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
 
@@ -268,6 +268,9 @@ def quantize_static(
     if recipe.smooth_alpha is not None:
         pipeline["smooth_alphas"] = smooth_(qmodel, data, recipe.smooth_alpha, used)
         steps.append(describe_smoothing(pipeline["smooth_alphas"]))
+    if recipe.split_outliers is not None:
+        pipeline["split_channels"] = split_outliers_(qmodel, data, recipe.split_outliers, used)
+        steps.append(describe_split(pipeline["split_channels"]))
     calibrate_weights(qmodel)
     auto.attach_scores(qmodel)
     with fast_simulation(qmodel):

@@ -36,6 +36,11 @@ def quantize_weight_only(
 ) -> nn.Module:
     # One batch finds the execution order (first/last layer) and the foldable BatchNorms; the
     # learned rounding and bias correction (default at <= 4 bits) read up to num_samples.
+    if recipe.split_outliers is not None:
+        raise ValueError(
+            f"recipe {recipe.name!r}: split_outliers splits the channels of quantized inputs; "
+            "weight-only quantization quantizes none (set split_outliers=None)"
+        )
     first, batches = peek(calib_data, "calib_data (one example batch)")
     qmodel, summary, recipe = build_weight_only(model, recipe, first)
     pipeline = resolve_pipeline(recipe, qmodel)

@@ -1,0 +1,171 @@
+"""Outlier channel splitting of Linear inputs (Recipe.split_outliers, ptq/smooth.py).
+
+A tiny random BERT whose FFN has one planted outlier channel after its GELU (the massive
+activation trained transformers carry in their FFN-output inputs): a per-tensor grid of that
+input is set by the one channel, and splitting it gives the other channels their resolution back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import edgequant as eq
+from edgequant.functional import sqnr_db
+from edgequant.ptq import smooth
+from edgequant.ptq.static import build_static
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, LAYERS, VOCAB, FFN = 32, 2, 64, 64
+OUTLIER = 3  # the FFN channel with the planted outlier
+
+
+def outlier_bert() -> torch.nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=FFN,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():
+        for i in range(LAYERS):
+            layer: Any = model.encoder.layer[i]
+            # GELU output channel OUTLIER ~40x the others; the next Linear reads it with a
+            # small weight (it carries range, not signal), as in trained models.
+            layer.intermediate.dense.weight[OUTLIER] *= 40.0
+            layer.intermediate.dense.bias[OUTLIER] = 40.0
+            layer.output.dense.weight[:, OUTLIER] /= 40.0
+    return model
+
+
+def batches(lengths: list[int], batch: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for length in lengths:
+        ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[-1, length // 2 :] = 0
+        ids[-1, length // 2 :] = 0
+        out.append(
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        )
+    return out
+
+
+def hidden(model: Any, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(**b).last_hidden_state.flatten(0, 1) for b in data])
+
+
+CALIB = batches([7, 12, 9, 16])
+EVAL = batches([20, 5], seed=1)
+FFN_OUT = [f"encoder.layer.{i}.output.dense" for i in range(LAYERS)]
+
+
+def recipe(split: float | None, alpha: float | None = None) -> eq.Recipe:
+    return eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha, split_outliers=split)
+
+
+@pytest.fixture(scope="module")
+def split_model() -> torch.nn.Module:
+    return eq.quantize(outlier_bert(), recipe(0.9), CALIB, method="static")
+
+
+def test_split_factors() -> None:
+    ranges = torch.tensor([1.0, 0.5, 1.0, 10.0, 2.5])
+    # The 0.5 quantile is 1.0: channels at or under it stay single, the others ceil(r / 1.0).
+    assert smooth.split_factors(ranges, 0.5).tolist() == [1, 1, 1, 10, 3]
+
+
+def test_splitting_keeps_the_float_model() -> None:
+    """Before calibration (quantizers off) the split model computes what the float model does:
+    each copy carries x_j / m_j and the whole weight column."""
+    model = outlier_bert()
+    qmodel, _, _ = build_static(model, recipe(None), CALIB[0])
+    added = smooth.split_outliers_(qmodel, CALIB, 0.9, 10**6)
+    for name in FFN_OUT:
+        layer: Any = qmodel.get_submodule(name)
+        assert added[name] >= 1
+        assert layer.weight.shape == (HIDDEN, FFN + added[name]) == (HIDDEN, layer.in_features)
+        # The planted channel is the one most repeated.
+        counts = torch.bincount(layer.input_channel_index, minlength=FFN)
+        assert int(counts.argmax()) == OUTLIER and int(counts[OUTLIER]) > 10
+    torch.testing.assert_close(hidden(qmodel, EVAL), hidden(model, EVAL), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already split"):
+        smooth.split_outliers_(qmodel, CALIB, 0.9, 10**6)
+
+
+def test_splitting_recovers_the_outlier_input(split_model: torch.nn.Module) -> None:
+    model = outlier_bert()
+    ref = hidden(model, EVAL)
+    plain = sqnr_db(ref, hidden(eq.quantize(model, recipe(None), CALIB, method="static"), EVAL))
+    split = sqnr_db(ref, hidden(split_model, EVAL))
+    assert split > plain + 3.0, (plain, split)
+    steps = split_model.quant_info["pipeline"]["steps"]
+    assert any(s.startswith("outlier channel splitting:") for s in steps)
+    assert split_model.quant_info["recipe"]["split_outliers"] == 0.9
+    added = split_model.quant_info["pipeline"]["split_channels"]
+    assert all(added[n] >= 1 for n in FFN_OUT)
+
+
+def test_split_with_smoothing_exports_and_matches_onnx_runtime(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    model = outlier_bert()
+    qmodel = eq.quantize(model, recipe(0.9, alpha=0.5), CALIB, method="static")
+    path = tmp_path / "bert.onnx"
+    info = eq.export_onnx(qmodel, path, CALIB[0], verify_data=EVAL)
+    assert info.verification.passed
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Gather") >= LAYERS + 1  # the embeddings' Gathers and one per split input
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    dep = torch.cat(
+        [
+            torch.from_numpy(sess.run(None, {k: b[k].numpy() for k in names})[0]).flatten(0, 1)
+            for b in EVAL
+        ]
+    )
+    assert sqnr_db(hidden(qmodel, EVAL), dep) > 30.0
+
+
+def test_saved_split_model_loads(tmp_path: Path, split_model: torch.nn.Module) -> None:
+    path = tmp_path / "q.pt"
+    torch.save(split_model.state_dict(), path)
+    loaded = eq.load(outlier_bert(), recipe(0.9), path, CALIB[0], method="static")
+    assert torch.equal(hidden(split_model, EVAL), hidden(loaded, EVAL))
+
+
+def test_dynamic_quantization_splits_too() -> None:
+    model = outlier_bert()
+    ref = hidden(model, EVAL)
+    plain = eq.quantize(model, recipe(None), CALIB, method="dynamic")
+    split = eq.quantize(model, recipe(0.9), CALIB, method="dynamic")
+    assert any(n.startswith("outlier channel splitting") for n in split.quant_summary.notes)
+    assert sqnr_db(ref, hidden(split, EVAL)) > sqnr_db(ref, hidden(plain, EVAL))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2, True, "0.9"])
+def test_bad_quantile_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match="split_outliers"):
+        eq.Recipe.preset("w8a8").replace(split_outliers=bad)
+    qmodel, _, _ = build_static(outlier_bert(), recipe(None), CALIB[0])
+    with pytest.raises((ValueError, TypeError), match="quantile"):
+        smooth.split_outliers_(qmodel, CALIB, bad, 10**6)
+
+
+def test_weight_only_refuses_splitting() -> None:
+    r = eq.Recipe.preset("w4-weight-only").replace(split_outliers=0.9)
+    with pytest.raises(ValueError, match="split_outliers"):
+        eq.quantize(outlier_bert(), r, CALIB, method="weight_only")
