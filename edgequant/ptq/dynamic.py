@@ -10,7 +10,7 @@ from torch import nn
 
 from edgequant.instrument import Summary, attach_info, batch_size, instrument
 from edgequant.ptq.calibrate import peek
-from edgequant.ptq.smooth import describe_split, smooth_, split_outliers_
+from edgequant.ptq.smooth import describe_split, smooth_and_split_
 from edgequant.ptq.static import calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec
@@ -51,19 +51,19 @@ def quantize_dynamic(
     first, batches = peek(calib_data, "calib_data")
     qmodel, summary, recipe = build_dynamic(model, recipe, first)
     samples_used = 0
-    if recipe.smooth_alpha is not None:
+    if recipe.smooth_alpha is not None or recipe.split_outliers is not None:
         batches = list(batches)
-        smoothed = smooth_(qmodel, batches, recipe.smooth_alpha, num_samples)
-        samples_used = min(num_samples, sum(batch_size(b) for b in batches))
-        summary.notes.append(
-            f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
-            f"from {samples_used} calibration samples"
+        smoothed, added = smooth_and_split_(
+            qmodel, batches, recipe.smooth_alpha, num_samples, recipe.split_outliers
         )
-    if recipe.split_outliers is not None:
-        batches = list(batches)
-        added = split_outliers_(qmodel, batches, recipe.split_outliers, num_samples)
         samples_used = min(num_samples, sum(batch_size(b) for b in batches))
-        summary.notes.append(describe_split(added))
+        if recipe.split_outliers is not None:
+            summary.notes.append(describe_split(added))
+        if recipe.smooth_alpha is not None:
+            summary.notes.append(
+                f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
+                f"from {samples_used} calibration samples"
+            )
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":

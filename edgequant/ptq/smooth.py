@@ -202,29 +202,58 @@ def smooth_(
     module docstring). Returns {layer name: the alpha applied, None where smoothing did not
     help}; a layer whose input is not quantized is not smoothed and not listed.
     """
-    _check_alpha(alpha)
+    return smooth_and_split_(qmodel, batches, alpha, num_samples)[0]
+
+
+@torch.no_grad()
+def smooth_and_split_(
+    qmodel: nn.Module,
+    batches: Iterable[Any],
+    alpha: float | str | None,
+    num_samples: int,
+    split: float | None = None,
+) -> tuple[dict[str, float | None], dict[str, int]]:
+    """Outlier channel splitting (split: the quantile, None: off; see below), then SmoothQuant
+    (alpha, None: off) of the split input, in one calibration pass, in place, before the
+    quantizers are calibrated. Splitting comes first so that the smoothing factors see the
+    split ranges: an outlier channel split m ways needs a factor about m^alpha smaller, and its
+    weight column grows that much less. Returns ({layer: alpha applied}, {layer: channels added})."""
+    if alpha is not None:
+        _check_alpha(alpha)
+    if split is not None:
+        _check_quantile(split)
     auto = alpha == "auto"
     batches = list(batches) if auto else batches
     stats = input_stats(qmodel, batches, num_samples, rows_per_batch=ROWS_PER_BATCH if auto else 0)
-    done: dict[str, float | None] = {}
+    alphas: dict[str, float | None] = {}
+    added: dict[str, int] = {}
     for name, st in stats.items():
         layer: Any = qmodel.get_submodule(name)
         if layer.input_quantizer is None or layer.weight_quantizer is None:
             continue
-        if layer.input_smooth_inv is not None:
-            raise ValueError(f"layer {name!r} is already smoothed")
+        if layer.input_smooth_inv is not None or layer.input_channel_index is not None:
+            what = "smoothed" if layer.input_channel_index is None else "split"
+            raise ValueError(f"layer {name!r} is already {what}")
+        inv: Tensor | None = None
+        if split is not None and layer.input_quantizer.spec.per_tensor and not layer.shared_input:
+            st, inv, added[name] = _split_layer(layer, st, split)
+        if alpha is None:
+            if inv is not None:
+                layer.input_smooth_inv = inv.to(layer.weight.dtype)
+            continue
         chosen: float | None
         if auto:
             chosen, _, _ = choose_alpha(layer, st)
         else:
             chosen = float(alpha)
-        done[name] = chosen
-        if chosen is None:
-            continue
-        s = smoothing_factors(st.absmax, layer.weight, chosen)
-        layer.weight.mul_(s.to(layer.weight.dtype).reshape(1, -1))
-        layer.input_smooth_inv = (1.0 / s).to(layer.weight.dtype)
-    return done
+        alphas[name] = chosen
+        if chosen is not None:
+            s = smoothing_factors(st.absmax, layer.weight, chosen)
+            layer.weight.mul_(s.to(layer.weight.dtype).reshape(1, -1))
+            inv = 1.0 / s if inv is None else inv / s
+        if inv is not None:
+            layer.input_smooth_inv = inv.to(layer.weight.dtype)
+    return alphas, added
 
 
 def describe_smoothing(done: dict[str, float | None]) -> str:
@@ -267,41 +296,37 @@ def _check_quantile(quantile: float) -> None:
         raise ValueError(f"outlier splitting quantile must be in (0, 1), got {quantile}")
 
 
-@torch.no_grad()
+def _split_layer(
+    layer: QuantLinear, st: InputStats, quantile: float
+) -> tuple[InputStats, Tensor | None, int]:
+    """Split the layer's outlier input channels (its weight gets the repeated columns, its
+    input_channel_index the gather); returns the input's statistics as split, the shares
+    1 / m_j of the split channels (None if nothing split) and the number of channels added."""
+    mult = split_factors(st.absmax, quantile)
+    extra = int((mult - 1).sum())
+    if extra == 0:
+        return st, None, 0
+    index = torch.repeat_interleave(torch.arange(mult.numel()), mult)
+    share = (1.0 / mult.double())[index].float()
+    weight = layer.weight.detach()[:, index].clone()
+    resize_input(layer, index.numel())
+    layer.weight.copy_(weight)
+    layer.input_channel_index = index.to(layer.weight.device)
+    split = InputStats(
+        st.amin[index] * share, st.amax[index] * share, [r[:, index] * share for r in st.rows]
+    )
+    return split, share, extra
+
+
 def split_outliers_(
     qmodel: nn.Module, batches: Iterable[Any], quantile: float, num_samples: int
 ) -> dict[str, int]:
     """Split the outlier input channels of every QuantLinear whose input is quantized per tensor
-    on its own (not by a quantizer the graph shares), in place, after any smoothing and before
-    calibration. Returns {layer name: channels added} for every layer considered."""
+    on its own (not by a quantizer the graph shares), in place, before calibration (and before
+    smoothing: smooth_and_split_ does both). Returns {layer name: channels added} for every
+    layer considered."""
     _check_quantile(quantile)
-    stats = input_stats(qmodel, batches, num_samples)
-    added: dict[str, int] = {}
-    for name, st in stats.items():
-        layer: Any = qmodel.get_submodule(name)
-        iq = layer.input_quantizer
-        if iq is None or layer.weight_quantizer is None or layer.shared_input:
-            continue
-        if not iq.spec.per_tensor:
-            continue
-        if layer.input_channel_index is not None:
-            raise ValueError(f"layer {name!r}: its input channels are already split")
-        inv = layer.input_smooth_inv
-        ranges = st.absmax * (inv.float() if inv is not None else 1.0)
-        mult = split_factors(ranges, quantile)
-        extra = int((mult - 1).sum())
-        added[name] = extra
-        if extra == 0:
-            continue
-        index = torch.repeat_interleave(torch.arange(mult.numel()), mult)
-        base = inv if inv is not None else torch.ones_like(layer.weight[0])
-        new_inv = (base / mult.to(base.dtype))[index]
-        weight = layer.weight.detach()[:, index].clone()
-        resize_input(layer, index.numel())
-        layer.weight.copy_(weight)
-        layer.input_channel_index = index.to(layer.weight.device)
-        layer.input_smooth_inv = new_inv.to(layer.weight.dtype)
-    return added
+    return smooth_and_split_(qmodel, batches, None, num_samples, quantile)[1]
 
 
 def describe_split(added: dict[str, int]) -> str:

@@ -24,7 +24,7 @@ from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibrati
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
 from edgequant.ptq.rounding import supports as rounding_support
-from edgequant.ptq.smooth import describe_smoothing, describe_split, smooth_, split_outliers_
+from edgequant.ptq.smooth import describe_smoothing, describe_split, smooth_and_split_
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
 
@@ -265,12 +265,16 @@ def quantize_static(
         steps.append(f"cross-layer equalization ({len(pairs)} pairs)")
         if not pairs:
             summary.notes.append("cross-layer equalization found no layer pairs to equalize")
-    if recipe.smooth_alpha is not None:
-        pipeline["smooth_alphas"] = smooth_(qmodel, data, recipe.smooth_alpha, used)
-        steps.append(describe_smoothing(pipeline["smooth_alphas"]))
-    if recipe.split_outliers is not None:
-        pipeline["split_channels"] = split_outliers_(qmodel, data, recipe.split_outliers, used)
-        steps.append(describe_split(pipeline["split_channels"]))
+    if recipe.smooth_alpha is not None or recipe.split_outliers is not None:
+        alphas, added = smooth_and_split_(
+            qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers
+        )
+        if recipe.split_outliers is not None:
+            pipeline["split_channels"] = added
+            steps.append(describe_split(added))
+        if recipe.smooth_alpha is not None:
+            pipeline["smooth_alphas"] = alphas
+            steps.append(describe_smoothing(alphas))
     calibrate_weights(qmodel)
     auto.attach_scores(qmodel)
     with fast_simulation(qmodel):
