@@ -219,6 +219,31 @@ def test_qdq_nodes_carry_no_default_attributes(static_classifier: tuple) -> None
     assert per_axis and all(a.i == 0 for n in per_axis for a in n.attribute if a.name == "axis")
 
 
+def test_exports_carry_no_value_info_or_provenance(
+    static_classifier: tuple, tmp_path: Path
+) -> None:
+    """Quantized and float exports alike are written without intermediate shape annotations
+    and exporter metadata (runtimes infer the shapes), so their sizes compare like with like;
+    the float export still runs and computes the float model."""
+    import onnxruntime as ort
+
+    from edgequant.export.onnx import export_float_onnx
+
+    _, path, _ = static_classifier
+    stored = onnx.load(str(path))
+    assert len(stored.graph.value_info) == 0 and len(stored.metadata_props) == 0
+    model, calib, _ = _case("classifier")
+    fp32 = tmp_path / "fp32.onnx"
+    export_float_onnx(model, fp32, calib[0])
+    float_model = onnx.load(str(fp32))
+    assert len(float_model.graph.value_info) == 0 and len(float_model.metadata_props) == 0
+    assert all(len(n.metadata_props) == 0 for n in float_model.graph.node)
+    sess = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: calib[0].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(calib[0]).numpy(), rtol=1e-4, atol=1e-5)
+
+
 # More models and recipes: a few seconds each, so they run with the slow checks.
 # (model, recipe, method) -> per weight layer, in execution order: (weight dtype, activation kind)
 MORE_CASES = {
