@@ -283,10 +283,17 @@ def resize_input(layer: QuantLinear, width: int) -> None:
     layer.in_features = width
 
 
+# At most this many copies of one channel: where most channels are (near) zero, the quantile
+# is too, and the plain rule would repeat a channel without bound.
+MAX_COPIES = 32
+
+
 def split_factors(ranges: Tensor, quantile: float) -> Tensor:
-    """m_j = ceil(r_j / t), t the quantile of the ranges (r: (in,) per-channel max |x|)."""
-    threshold = torch.quantile(ranges.double(), quantile).clamp(min=1e-12)
-    return torch.ceil(ranges.double() / threshold).clamp(min=1).long()
+    """m_j = ceil(r_j / t), t the quantile of the ranges (r: (in,) per-channel max |x|), but
+    t at least max_j r_j / MAX_COPIES."""
+    r = ranges.double()
+    threshold = torch.maximum(torch.quantile(r, quantile), r.max() / MAX_COPIES).clamp(min=1e-12)
+    return torch.ceil(r / threshold).clamp(min=1).long()
 
 
 def _check_quantile(quantile: float) -> None:

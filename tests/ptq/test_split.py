@@ -87,6 +87,20 @@ def test_split_factors() -> None:
     assert smooth.split_factors(ranges, 0.5).tolist() == [1, 1, 1, 10, 3]
 
 
+def test_split_factors_are_bounded_where_most_channels_are_zero() -> None:
+    ranges = torch.zeros(1000)
+    ranges[:3] = torch.tensor([5.0, 1.0, 0.01])  # the 0.99 quantile is 0
+    mult = smooth.split_factors(ranges, 0.99)
+    assert int(mult.max()) == smooth.MAX_COPIES and mult[3:].eq(1).all()
+    assert smooth.split_factors(torch.zeros(8), 0.5).eq(1).all()
+
+
+def test_recipe_keeps_split_outliers_in_yaml() -> None:
+    r = recipe(0.99, alpha=0.8)
+    assert eq.Recipe.from_yaml(r.to_yaml()) == r
+    assert "outlier channel splitting" in str(r)
+
+
 def test_splitting_keeps_the_float_model() -> None:
     """Before calibration (quantizers off) the split model computes what the float model does:
     each copy carries x_j / m_j and the whole weight column."""
