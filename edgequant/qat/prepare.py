@@ -127,6 +127,18 @@ def prepare_qat(
     cap = num_samples or recipe.calib_samples
     used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
     count = make_trainable(qmodel, recipe.range_learning)
+    skipped = [
+        label
+        for label, value in (
+            ("SmoothQuant (smooth_alpha)", recipe.smooth_alpha),
+            ("outlier channel splitting (split_outliers)", recipe.split_outliers),
+        )
+        if value is not None
+    ]
+    if skipped:
+        summary.notes.append(
+            f"{' and '.join(skipped)}: PTQ steps that prepare_qat does not run; not applied"
+        )
     summary.notes.append(
         f"QAT: {count} quantizers trainable ({recipe.range_learning}), ranges calibrated on "
         f"{used} samples; BatchNorm folded with its running statistics (frozen)"
@@ -153,6 +165,15 @@ def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:
     lose what the rounding learned (ResNet-20's 2.5-bit plan started QAT at 61.5 % held-out top-1
     instead of 97.4 % before this copied the grids). Activation ranges are calibrated the same
     way in both and stay as prepared."""
+    for name, m in ptq_model.named_modules():
+        if getattr(m, "input_smooth_inv", None) is not None or (
+            getattr(m, "input_channel_index", None) is not None
+        ):
+            raise ValueError(
+                f"layer {name!r} of the PTQ model is smoothed or has split input channels, "
+                "which a QAT model does not have: start QAT from a PTQ model quantized without "
+                "smooth_alpha and split_outliers"
+            )
     ptq_weight_quantizers = {q.name: q for q in quantizers(ptq_model) if q.role == "weight"}
     with torch.no_grad():
         own = dict(qmodel.named_parameters())

@@ -235,3 +235,18 @@ def test_bad_arguments_are_named(tiny_model, calib):
         eq.Recipe.preset("w8a8").replace(range_learning="adam")
     with pytest.raises(ValueError, match="quantizes no activations"):
         prepare_qat(tiny_model, "w8-weight-only", calib)
+
+
+@pytest.mark.parametrize("extra", [{"smooth_alpha": 0.5}, {"split_outliers": 0.5}])
+def test_start_from_refuses_a_smoothed_or_split_ptq_model(tiny_model, calib, extra):
+    """SmoothQuant and outlier splitting change a layer's weights (and width) for an input
+    transform the QAT model does not have: copying those weights would silently compute
+    something else, so start_from refuses, and prepare_qat says it skipped those steps."""
+    from edgequant.qat.prepare import start_from
+
+    recipe = eq.Recipe.preset("w8a8").replace(**extra)
+    ptq = eq.quantize(tiny_model, recipe, calib)
+    qat = prepare_qat(tiny_model, recipe, calib)
+    assert any("prepare_qat does not run" in n for n in qat.quant_summary.notes)
+    with pytest.raises(ValueError, match="smoothed or has split input channels"):
+        start_from(qat, ptq)
