@@ -1,9 +1,9 @@
 """Issue 10, all-MiniLM-L6-v2 static W8A8 with every Linear input per-tensor 8-bit: what the
 PTQ refinements add on top of SmoothQuant (alpha 0.8, the choice of static_minilm.py).
 
-Candidates (SmoothQuant alpha, empirical bias correction, GPTQ rounding of the 8-bit weights
-with the float-output target, calibration batches of 1 sentence so no padded token enters the
-ranges) are scored on held-out calibration sentences in two folds (quantize on sentences 0-63,
+Candidates (SmoothQuant alpha, empirical bias correction, GPTQ rounding of the 8-bit weights,
+calibration batches of 1 sentence so no padded token enters the ranges, the FFN-output inputs'
+range observer, outlier channel splitting before smoothing) are scored on held-out calibration sentences in two folds (quantize on sentences 0-63,
 score on 64-127, and the reverse; 128 scored sentences), ranked by mean cosine (within 1e-4: a
 tie), then worst, then nearest-neighbour agreement. Rows measured in an earlier locked run of the same protocol are
 passed in with --measured (a JSON file, recorded as such). The chosen candidate then calibrates
