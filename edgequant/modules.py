@@ -45,6 +45,16 @@ else:
     _MixinBase = object
 
 
+def transform_input(x: Tensor, channel_index: Tensor | None, smooth_inv: Tensor | None) -> Tensor:
+    """x's channels (last dim) gathered by channel_index (outlier splitting), then divided by the
+    smoothing factors (smooth_inv: their inverses); in the graph, a Gather and a Mul."""
+    if channel_index is not None:
+        x = x.index_select(-1, channel_index)
+    if smooth_inv is not None:
+        x = x * smooth_inv
+    return x
+
+
 class QuantMixin(_MixinBase):
     """Shared by every quantized layer: the quantizers and the quantized (weight, bias)."""
 
@@ -81,13 +91,8 @@ class QuantMixin(_MixinBase):
         )
 
     def transform_input(self, x: Tensor) -> Tensor:
-        """The layer's input as its weight multiplies it: channels gathered by
-        input_channel_index (outlier splitting), then divided by the smoothing factors."""
-        if self.input_channel_index is not None:
-            x = x.index_select(-1, self.input_channel_index)
-        if self.input_smooth_inv is not None:
-            x = x * self.input_smooth_inv
-        return x
+        """The layer's input as its weight multiplies it (see `transform_input`)."""
+        return transform_input(x, self.input_channel_index, self.input_smooth_inv)
 
     def bias_scale(self) -> Tensor | None:
         """Scale of the INT32 bias (input scale x weight scale), or None when the bias stays float:

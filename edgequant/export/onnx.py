@@ -29,7 +29,14 @@ from edgequant import functional as F
 from edgequant._io import atomic_path
 from edgequant.export import ops
 from edgequant.instrument import quant_layers
-from edgequant.modules import BIAS_QMAX, BIAS_QMIN, QuantEmbedding, QuantLinear, QuantMixin
+from edgequant.modules import (
+    BIAS_QMAX,
+    BIAS_QMIN,
+    QuantEmbedding,
+    QuantLinear,
+    QuantMixin,
+    transform_input,
+)
 from edgequant.quantizer import TensorQuantizer
 
 OPSET = 21
@@ -231,11 +238,7 @@ class LoweredLayer(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        # As QuantMixin.transform_input: a Gather (outlier splitting), then the smoothing Mul.
-        if self.input_channel_index is not None:
-            x = x.index_select(-1, self.input_channel_index)
-        if self.input_smooth_inv is not None:
-            x = x * self.input_smooth_inv
+        x = transform_input(x, self.input_channel_index, self.input_smooth_inv)
         if self.dynamic:
             return torch.ops.edgequant.dynamic_linear(
                 x, self.weight_q, self.weight_scale, self.bias, self.has_bias
@@ -868,23 +871,23 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike[str], example_in
         if kwargs
         else tuple(_dynamic_dims(a) for a in args)
     )
-    with atomic_path(path, suffix=".onnx.tmp") as tmp, _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
             model,
             args,
-            str(tmp),
             kwargs=kwargs or None,
             dynamo=True,
             opset_version=OPSET,
-            external_data=False,
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
-        # Without the exporter's provenance and shape annotations, as export_onnx writes its
-        # files: the size ratio of a quantized export to this file compares like with like.
-        model_proto = onnx.load(str(tmp))
-        strip_metadata(model_proto)
-        drop_value_info(model_proto)
+    assert program is not None
+    model_proto = program.model_proto
+    # Without the exporter's provenance and shape annotations, as export_onnx writes its files:
+    # the size ratio of a quantized export to this file compares like with like.
+    strip_metadata(model_proto)
+    drop_value_info(model_proto)
+    with atomic_path(path, suffix=".onnx.tmp") as tmp:
         onnx.save_model(model_proto, str(tmp))
 
 

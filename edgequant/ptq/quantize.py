@@ -96,10 +96,10 @@ def load(
     # before loading; a split layer's weight takes the split width.
     for key, value in state.items():
         if key.endswith((".input_smooth_inv", ".input_channel_index")):
-            layer_name = key.rsplit(".", 1)[0]
+            layer_name, buffer = key.rsplit(".", 1)
             layer = qmodel.get_submodule(layer_name)
-            setattr(layer, key.rsplit(".", 1)[1], value.detach().clone())
-            if key.endswith(".input_channel_index"):
+            setattr(layer, buffer, value.detach().clone())
+            if buffer == "input_channel_index":
                 if not isinstance(layer, QuantLinear):
                     raise ValueError(
                         f"the saved state splits the input channels of {layer_name!r}, which "

@@ -91,10 +91,6 @@ def supports(layer: QuantMixin) -> str | None:
     return f"{type(layer).__name__} layers"
 
 
-def _smoothed(layer: QuantMixin, x: Tensor) -> Tensor:
-    return layer.transform_input(x)
-
-
 def hessian(
     layer: QuantMixin, inputs: list[Tensor], float_inputs: list[Tensor] | None = None
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -111,7 +107,7 @@ def hessian(
                 c = as_columns(layer, layer_input(layer, x))
                 h += (c.T @ c).double()
                 if cross is not None and fbatch is not None:
-                    cf = as_columns(layer, _smoothed(layer, fbatch[j]))
+                    cf = as_columns(layer, layer.transform_input(fbatch[j]))
                     cross += (c.T @ cf).double()
                 n += c.shape[0]
     if cross is not None:
@@ -323,7 +319,7 @@ def round_adaround(
             idx = torch.randperm(cq.shape[0], generator=gen)[:per_batch]
             parts_q.append(cq[idx])
             if targets is not None:
-                parts_f.append(as_columns(layer, _smoothed(layer, targets[i]))[idx])
+                parts_f.append(as_columns(layer, layer.transform_input(targets[i]))[idx])
             else:
                 parts_f.append(cq[idx])
     xq, xf = torch.cat(parts_q), torch.cat(parts_f)

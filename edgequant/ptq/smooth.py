@@ -237,16 +237,10 @@ def smooth_and_split_(
         inv: Tensor | None = None
         if split is not None and layer.input_quantizer.spec.per_tensor and not layer.shared_input:
             st, inv, added[name] = _split_layer(layer, st, split)
-        if alpha is None:
-            if inv is not None:
-                layer.input_smooth_inv = inv.to(layer.weight.dtype)
-            continue
-        chosen: float | None
-        if auto:
-            chosen, _, _ = choose_alpha(layer, st)
-        else:
-            chosen = float(alpha)
-        alphas[name] = chosen
+        chosen: float | None = None
+        if alpha is not None:
+            chosen = choose_alpha(layer, st)[0] if auto else float(alpha)
+            alphas[name] = chosen
         if chosen is not None:
             s = smoothing_factors(st.absmax, layer.weight, chosen)
             layer.weight.mul_(s.to(layer.weight.dtype).reshape(1, -1))
@@ -268,8 +262,9 @@ def describe_smoothing(done: dict[str, float | None]) -> str:
 
 # --- Outlier channel splitting ------------------------------------------------------------------
 # Zhao et al., "Improving Neural Network Quantization without Retraining using Outlier Channel
-# Splitting", ICML 2019, applied to a Linear's input: a channel j whose range r_j (after any
-# smoothing) exceeds t, the `quantile` of the layer's per-channel ranges, is repeated
+# Splitting", ICML 2019, applied to a Linear's input: a channel j whose range r_j (before
+# smoothing, which then sees the split ranges) exceeds t, the `quantile` of the layer's
+# per-channel ranges, is repeated
 # m_j = ceil(r_j / t) times, each copy carrying x_j / m_j and the whole weight column W_j. The
 # output is unchanged (m_j copies of W_j x_j / m_j), the per-tensor input grid covers about t
 # instead of max_j r_j, and unlike SmoothQuant no weight column grows, so the weights' per-row
@@ -332,7 +327,6 @@ def split_outliers_(
     on its own (not by a quantizer the graph shares), in place, before calibration (and before
     smoothing: smooth_and_split_ does both). Returns {layer name: channels added} for every
     layer considered."""
-    _check_quantile(quantile)
     return smooth_and_split_(qmodel, batches, None, num_samples, quantile)[1]
 
 
