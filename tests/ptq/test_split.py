@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from _bert import FFN, HIDDEN, LAYERS, batches, hidden, random_bert  # tests/ptq/_bert.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -20,23 +21,11 @@ from edgequant.ptq.static import build_static
 
 transformers = pytest.importorskip("transformers")
 
-HIDDEN, LAYERS, VOCAB, FFN = 32, 2, 64, 64
 OUTLIER = 3  # the FFN channel with the planted outlier
 
 
 def outlier_bert() -> torch.nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=FFN,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = random_bert()
     with torch.no_grad():
         for i in range(LAYERS):
             layer: Any = model.encoder.layer[i]
@@ -46,25 +35,6 @@ def outlier_bert() -> torch.nn.Module:
             layer.intermediate.dense.bias[OUTLIER] = 40.0
             layer.output.dense.weight[:, OUTLIER] /= 40.0
     return model
-
-
-def batches(lengths: list[int], batch: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for length in lengths:
-        ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
-        mask = torch.ones(batch, length, dtype=torch.int64)
-        mask[-1, length // 2 :] = 0
-        ids[-1, length // 2 :] = 0
-        out.append(
-            {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        )
-    return out
-
-
-def hidden(model: Any, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(**b).last_hidden_state.flatten(0, 1) for b in data])
 
 
 CALIB = batches([7, 12, 9, 16])

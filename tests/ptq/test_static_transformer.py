@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from _bert import LAYERS, batches, hidden, random_bert  # tests/ptq/_bert.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -20,24 +21,11 @@ from edgequant.ptq.static import build_static
 
 transformers = pytest.importorskip("transformers")
 
-HIDDEN, LAYERS, VOCAB = 32, 2, 64
-
 
 def tiny_bert() -> torch.nn.Module:
     """A 2-layer BERT whose LayerNorm outputs have two outlier channels (x30): the inputs of
     q/k/v and of the FFN's first Linear then have outliers that ruin a per-tensor grid."""
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = random_bert()
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, torch.nn.LayerNorm):
@@ -47,26 +35,6 @@ def tiny_bert() -> torch.nn.Module:
             if name.endswith(("query", "key", "value", "intermediate.dense")):
                 m.weight[:, :2] /= 30.0
     return model
-
-
-def batches(lengths: list[int], batch: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Tokenizer-like batches, padded per batch (the last sentence of each is shorter)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for length in lengths:
-        ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
-        mask = torch.ones(batch, length, dtype=torch.int64)
-        mask[-1, length // 2 :] = 0
-        ids[-1, length // 2 :] = 0
-        out.append(
-            {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        )
-    return out
-
-
-def hidden(model: Any, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(**b).last_hidden_state.flatten(0, 1) for b in data])
 
 
 CALIB = batches([7, 12, 9, 16])  # sequence lengths vary from batch to batch
