@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "jpeg": 0.0,
     "avg": 0.0,
     "frozen": 0,
+    "feat": 0.0,
 }
 
 
@@ -40,7 +41,8 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
     is drawn, by its JPEG (quality 75) copy (cifar10.train_jpeg_split; 0 = off); avg: fit_qat's
     weight_average, the decay of the moving average of the trained parameters (0 = off); frozen=1:
     the weights and their grids stay as PTQ rounded them, and only the biases and the activation
-    ranges train (0 = everything trains)."""
+    ranges train (0 = everything trains); feat: fit_qat's feature_weight, feature distillation of
+    every quantized layer's input (0 = off)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -208,6 +210,7 @@ def qat_from_ptq(
         range_lr_scale=config["slr"],
         warmup_epochs=config["warm"],
         weight_average=config["avg"],
+        feature_weight=config["feat"],
         on_epoch_end=evaluate,
         progress=False,
         seed=seed,

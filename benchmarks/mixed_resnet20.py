@@ -40,11 +40,11 @@ from edgequant.mixed import Budget, Sensitivity, plan
 from edgequant.mixed.allocate import packed_bytes
 
 
-def qat_config(text: str) -> dict[str, Any]:
+def qat_configs(text: str, sweep: bool) -> list[dict[str, Any]]:
     configs = parse_configs(text or "lr=1e-4")
-    if len(configs) != 1:
-        raise SystemExit("--qat-config takes one set of settings")
-    return configs[0]
+    if len(configs) != 1 and not sweep:
+        raise SystemExit("--qat-config takes one set of settings (several with --qat-sweep)")
+    return configs
 
 
 def restore(scores: dict[str, dict[str, float]], method: str) -> Sensitivity:
@@ -80,7 +80,26 @@ def main() -> int:
     )
     parser.add_argument("--qat-epochs", type=int, default=0, help="QAT of the 2.5-bit plan")
     parser.add_argument(
-        "--qat-config", default="", help="QAT settings as in qat_resnet20.py --configs (one)"
+        "--qat-config",
+        default="",
+        help="QAT settings as in qat_resnet20.py --configs (one; several with --qat-sweep)",
+    )
+    parser.add_argument(
+        "--qat-sweep",
+        action="store_true",
+        help="qat stage on held-out images only: each --qat-config setting is trained and scored "
+        "on the held-out images, nothing is deployed and no test set is read",
+    )
+    parser.add_argument(
+        "--analysis-from",
+        default=None,
+        help="read the sensitivities from this results file instead of --out",
+    )
+    parser.add_argument(
+        "--qat-judge",
+        choices=("clean", "clean+jpeg"),
+        default="clean",
+        help="the held-out KL that keeps a QAT epoch, as qat_resnet20.py --judge",
     )
     parser.add_argument("--hessian-samples", type=int, default=32)
     parser.add_argument(
@@ -109,6 +128,8 @@ def main() -> int:
         "quality 75 and mirrored (1,320 inputs, FP32 near 87 %%), or as stored (660, FP32 99.7 %%)",
     )
     args = parser.parse_args()
+    if args.qat_sweep and args.stages != "qat":
+        parser.error("--qat-sweep runs the qat stage alone: pass --stages qat")
     if shared_dir() is None:
         print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
         return 0
@@ -118,9 +139,10 @@ def main() -> int:
     x_cal, _ = C.calibration_split(args.calib_images)
     calib = list(x_cal.split(64))
     x_held, y_held = C.heldout_split()
-    x932, y932 = C.load_split("test_932")
-    tests: dict[str, tuple[Any, Any]] = {"test_932": (x932, y932)}
-    if not args.quick:
+    # A held-out sweep reads no test image at all.
+    x932, y932 = C.load_split("test_932") if not args.qat_sweep else (x_held[:8], y_held[:8])
+    tests: dict[str, tuple[Any, Any]] = {} if args.qat_sweep else {"test_932": (x932, y932)}
+    if not args.quick and not args.qat_sweep:
         tests["jpeg_10000"] = C.load_jpeg_test()
     work = Path(tempfile.mkdtemp(prefix="eq-mixed-"))
     pipeline = {"calib_samples": args.calib_images, "rounding": args.rounding}
@@ -134,6 +156,8 @@ def main() -> int:
         previous = json.loads(Path(args.out).read_text())
         results.update(previous.get("results", {}))
         analysis.update(previous.get("analysis", {}))
+    if args.analysis_from:
+        analysis.update(json.loads(Path(args.analysis_from).read_text())["analysis"])
     import onnxruntime
 
     def save() -> None:
@@ -180,15 +204,16 @@ def main() -> int:
         brief = {k: v for k, v in row.items() if k != "bits"}
         print(name, json.dumps(brief), flush=True)
 
-    # FP32, exported the same way as the benchmark of issue 2.
-    fp32 = work / "fp32.onnx"
-    export_float_onnx(model, fp32, x932[:1])
-    predict = C.ort_predict_fn(fp32)
-    results["fp32"] = {
-        f"acc_{k}": C.accuracy(predict, x.numpy(), y.numpy()) for k, (x, y) in tests.items()
-    }
-    results["fp32"].update(onnx_bytes=fp32.stat().st_size, sim_acc_heldout=fp32_heldout)
-    print("fp32", json.dumps(results["fp32"]), flush=True)
+    if not args.qat_sweep:
+        # FP32, exported the same way as the benchmark of issue 2.
+        fp32 = work / "fp32.onnx"
+        export_float_onnx(model, fp32, x932[:1])
+        predict = C.ort_predict_fn(fp32)
+        results["fp32"] = {
+            f"acc_{k}": C.accuracy(predict, x.numpy(), y.numpy()) for k, (x, y) in tests.items()
+        }
+        results["fp32"].update(onnx_bytes=fp32.stat().st_size, sim_acc_heldout=fp32_heldout)
+        print("fp32", json.dumps(results["fp32"]), flush=True)
 
     budgets = [float(v) for v in args.budgets.split(",")]
     if args.quick:
@@ -332,17 +357,41 @@ def main() -> int:
         x_tr, y_tr = C.train_split()
         with torch.no_grad():
             teacher_logp = torch.log_softmax(model.eval()(x_held), -1)
-        config = {**qat_config(args.qat_config), "epochs": args.qat_epochs}
+        heldout_jpeg = None
+        if args.qat_judge == "clean+jpeg" or args.qat_sweep:
+            x_hj, y_hj = C.heldout_jpeg_split()
+            with torch.no_grad():
+                heldout_jpeg = (x_hj, y_hj, torch.log_softmax(model(x_hj), -1))
+        configs = [
+            {**c, "epochs": args.qat_epochs} for c in qat_configs(args.qat_config, args.qat_sweep)
+        ]
+        x_tr_jpeg = C.train_jpeg_split()[0] if any(c["jpeg"] > 0 for c in configs) else None
         start = time.perf_counter()
         ptq = eq.quantize(model, p25.recipe, calib)
-        final, row = qat_from_ptq(
-            model, ptq, p25.recipe, calib, x_tr, y_tr, (x_held, y_held), teacher_logp, config
-        )
-        deploy(
-            f"mixed-perturbation-{budgets[0]:g}bit+qat{args.qat_epochs}",
-            final,
-            {"qat_s": time.perf_counter() - start, "recipe": p25.recipe.name, **row},
-        )
+        ptq_s = time.perf_counter() - start
+        name = f"mixed-perturbation-{budgets[0]:g}bit+qat{args.qat_epochs}"
+        for config in configs:
+            start = time.perf_counter()
+            final, row = qat_from_ptq(
+                model,
+                ptq,
+                p25.recipe,
+                calib,
+                x_tr,
+                y_tr,
+                (x_held, y_held),
+                teacher_logp,
+                config,
+                heldout_jpeg=heldout_jpeg,
+                train_x_jpeg=x_tr_jpeg,
+            )
+            extra = {"qat_s": ptq_s + time.perf_counter() - start, "recipe": p25.recipe.name}
+            if args.qat_sweep:  # held-out rows only: nothing deployed, no test set read
+                results.setdefault(f"sweep:{name}", {"judge": args.qat_judge, "runs": []})
+                results[f"sweep:{name}"]["runs"].append({**extra, **row})
+                save()
+            else:
+                deploy(name, final, {**extra, "judge": args.qat_judge, **row})
 
     stages = {
         "uniform": stage_uniform,
@@ -357,6 +406,8 @@ def main() -> int:
     for name in args.stages.split(","):
         stages[name]()
     save()
+    if args.qat_sweep:
+        return 0
     plot(results, Path(args.plot), "acc_jpeg_10000" if not args.quick else "acc_test_932")
     return 0
 

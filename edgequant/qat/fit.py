@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,87 @@ def distillation_loss(
     return kd_weight * kd + (1.0 - kd_weight) * torch_F.cross_entropy(logits, labels)
 
 
+class FeatureMatch:
+    """The inputs of named layers in the student and the teacher, caught by forward pre-hooks
+    while `capturing`, and their mismatch: per layer the mean squared difference over the
+    teacher's mean square (so every layer counts alike whatever its scale), averaged over the
+    layers. A layer called several times per forward is matched call by call."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.capturing = False
+        self.caught: dict[tuple[str, str], list[Tensor]] = {}
+        self.handles: list[Any] = []
+        for side, root in (("student", student), ("teacher", teacher)):
+            modules = dict(root.named_modules())
+            for name in self.names:
+                self.handles.append(modules[name].register_forward_pre_hook(self._hook(side, name)))
+
+    def _hook(self, side: str, name: str) -> Callable[..., None]:
+        def catch(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self.capturing and args and isinstance(args[0], Tensor):
+                self.caught.setdefault((side, name), []).append(args[0])
+
+        return catch
+
+    def loss(self) -> Tensor:
+        terms = []
+        for name in self.names:
+            student = self.caught.get(("student", name), [])
+            teacher = self.caught.get(("teacher", name), [])
+            if len(student) != len(teacher) or not student:
+                raise RuntimeError(
+                    f"feature distillation: layer {name!r} ran {len(student)} time(s) in the "
+                    f"student and {len(teacher)} in the teacher in one step; name layers that "
+                    "both models run, once per forward or the same number of times"
+                )
+            for s, t in zip(student, teacher, strict=True):
+                if s.shape != t.shape:
+                    raise RuntimeError(
+                        f"feature distillation: layer {name!r} gets inputs of shape "
+                        f"{tuple(s.shape)} in the student and {tuple(t.shape)} in the teacher"
+                    )
+                t = t.detach().float()
+                terms.append((s.float() - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12))
+        self.caught.clear()
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def feature_layer_names(
+    model: nn.Module, teacher: nn.Module, names: Sequence[str] | None
+) -> list[str]:
+    """The layers whose inputs feature distillation matches: `names` (each checked to be a
+    module of both models), or by default every quantized layer (a module with an input
+    quantizer) that the teacher has under the same name."""
+    student_modules = dict(model.named_modules())
+    teacher_modules = dict(teacher.named_modules())
+    if names is None:
+        chosen = [
+            name
+            for name, module in student_modules.items()
+            if isinstance(getattr(module, "input_quantizer", None), QATQuantizer)
+            and name in teacher_modules
+        ]
+        if not chosen:
+            raise ValueError(
+                "feature distillation: the teacher has none of the quantized layers' names "
+                "(is it the FP32 model the QAT model was prepared from?); pass feature_layers="
+            )
+        return chosen
+    if isinstance(names, str) or not names:
+        raise ValueError(f"feature_layers must be a non-empty list of layer names, got {names!r}")
+    for name in names:
+        for side, modules in (("qmodel", student_modules), ("teacher", teacher_modules)):
+            if not isinstance(name, str) or not name or name not in modules:
+                raise ValueError(f"feature_layers: {name!r} is not a layer of the {side}")
+    return list(names)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -114,6 +195,8 @@ def fit_qat(
     progress: bool = True,
     seed: int = 0,
     weight_average: float = 0.0,
+    feature_weight: float = 0.0,
+    feature_layers: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train a prepared model (eq.prepare_qat) in place; return one record per epoch.
 
@@ -137,8 +220,14 @@ def fit_qat(
     oscillations in quantization-aware training"), so the model at any one step is a noisy
     draw; the average is not. With it, every epoch's val_fn, checkpoint and on_epoch_end see
     the averaged model, training goes on from the raw parameters, and the model is left
-    holding the average. The model is left in eval mode, its grids in the standard buffers
-    (export it with eq.export_onnx).
+    holding the average. feature_weight: adds that many times a feature-distillation term
+    (FeatureMatch): the inputs of `feature_layers` (default: every quantized layer the teacher
+    has by name) in the student against the teacher's, as normalized squared error; needs a
+    teacher. Logits alone carry ten numbers per image, so on a few thousand images that the
+    teacher has memorized the student drifts from it between them; matching every layer's
+    input, as block reconstruction does in PTQ (Li et al. 2021, BRECQ), ties each layer to the
+    teacher's representation. The model is left in eval mode, its grids in the standard
+    buffers (export it with eq.export_onnx).
     """
     from tqdm import tqdm
 
@@ -162,6 +251,12 @@ def fit_qat(
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs!r}")
     if not _is_number_in(weight_average, 0.0, 1.0):
         raise ValueError(f"weight_average must be a number in [0, 1), got {weight_average!r}")
+    if not _is_number_in(feature_weight, 0.0, math.inf):
+        raise ValueError(f"feature_weight must be a number >= 0, got {feature_weight!r}")
+    if feature_weight > 0 and teacher is None:
+        raise ValueError("feature_weight > 0 distils the teacher's features: pass teacher=")
+    if feature_layers is not None and feature_weight == 0:
+        raise ValueError("feature_layers is given but feature_weight is 0: set feature_weight > 0")
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
     if freeze_observers_epoch is not None:
@@ -173,6 +268,11 @@ def fit_qat(
         )
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    layers = (
+        feature_layer_names(model, teacher, feature_layers)
+        if feature_weight > 0 and teacher is not None
+        else []
+    )
     path: Path | None = None
     if checkpoint_dir is not None:
         path = Path(checkpoint_dir) / ckpt.FILENAME
@@ -241,100 +341,118 @@ def fit_qat(
                     avg.copy_(p)
                     p.copy_(value)
 
-    for epoch in range(start_epoch + 1, epochs + 1):
-        if freeze_observers_epoch is not None and epoch >= freeze_observers_epoch:
-            freeze_observers(model)
-        qmodel.train()
-        started = time.perf_counter()
-        total, samples = 0.0, 0
-        bar = tqdm(
-            train_data,
-            total=steps_per_epoch or None,
-            desc=f"QAT epoch {epoch}/{epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for index, batch in enumerate(bar):
-            x, y = _split(batch, index)
-            if y is None and teacher is None:
-                raise ValueError(
-                    f"train_data item {index} has no labels and no teacher was given: pass "
-                    "(inputs, labels) pairs or teacher="
-                )
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-            logits = qmodel(x)
-            loss = distillation_loss(logits, y, teacher_logits, temperature, kd_weight)
-            if not torch.isfinite(loss):
-                where = (
-                    f"the last good checkpoint ({path}, epoch {start_epoch if not history else history[-1]['epoch']}) is kept"
-                    if path is not None and path.is_file()
-                    else "no checkpoint was written yet"
-                )
-                raise NaNLossError(
-                    f"QAT loss is {float(loss.detach())} at epoch {epoch}, step {index}: training stopped; "
-                    f"{where}. Lower lr (now {sched.get_last_lr()[0]:.3g}) or check the data."
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if average is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(
-                        average, [p.detach() for p in trained], 1.0 - weight_average
-                    )
-            if per_step:
-                sched.step()
-            n = int(x.shape[0])
-            total += float(loss.detach()) * n
-            samples += n
-            bar.set_postfix(loss=f"{total / samples:.4f}")
-        bar.close()
-        if not per_step:
-            sched.step()
-        if samples == 0:
-            raise ValueError("train_data yielded no batches")
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": total / samples,
-            "lr": sched.get_last_lr()[0],
-            "wall_s": time.perf_counter() - started,
-        }
-        raw_values = None
-        if average is not None:
-            raw_values = [p.detach().clone() for p in trained]
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in trained], average)
-        model.eval()
-        if val_fn is not None:
-            record["val"] = float(val_fn(model))
-        history.append(record)
-        if path is not None and _is_rank0():
-            ckpt.save(
-                path,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": ckpt.rng_state(),
-                    "fingerprint": ckpt.fingerprint(model),
-                    "history": history,
-                    **({"raw_parameters": raw_values} if raw_values is not None else {}),
-                },
+    # Catches the layers' inputs in both models during training steps only (not in val_fn).
+    match = FeatureMatch(model, teacher, layers) if teacher is not None and layers else None
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            if freeze_observers_epoch is not None and epoch >= freeze_observers_epoch:
+                freeze_observers(model)
+            qmodel.train()
+            started = time.perf_counter()
+            total, samples = 0.0, 0
+            bar = tqdm(
+                train_data,
+                total=steps_per_epoch or None,
+                desc=f"QAT epoch {epoch}/{epochs}",
+                disable=not progress,
+                leave=False,
             )
-        if progress:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
-            print(f"QAT epoch {epoch}/{epochs}: {shown}", file=sys.stderr, flush=True)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-        if raw_values is not None and epoch < epochs:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in trained], raw_values)
+            for index, batch in enumerate(bar):
+                x, y = _split(batch, index)
+                if y is None and teacher is None:
+                    raise ValueError(
+                        f"train_data item {index} has no labels and no teacher was given: pass "
+                        "(inputs, labels) pairs or teacher="
+                    )
+                teacher_logits = None
+                if match is not None:
+                    match.capturing = True
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                logits = qmodel(x)
+                loss = distillation_loss(logits, y, teacher_logits, temperature, kd_weight)
+                if match is not None:
+                    match.capturing = False
+                    loss = loss + feature_weight * match.loss()
+                if not torch.isfinite(loss):
+                    where = (
+                        f"the last good checkpoint ({path}, epoch {start_epoch if not history else history[-1]['epoch']}) is kept"
+                        if path is not None and path.is_file()
+                        else "no checkpoint was written yet"
+                    )
+                    raise NaNLossError(
+                        f"QAT loss is {float(loss.detach())} at epoch {epoch}, step {index}: training stopped; "
+                        f"{where}. Lower lr (now {sched.get_last_lr()[0]:.3g}) or check the data."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if average is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(
+                            average, [p.detach() for p in trained], 1.0 - weight_average
+                        )
+                if per_step:
+                    sched.step()
+                n = int(x.shape[0])
+                total += float(loss.detach()) * n
+                samples += n
+                bar.set_postfix(loss=f"{total / samples:.4f}")
+            bar.close()
+            if not per_step:
+                sched.step()
+            if samples == 0:
+                raise ValueError("train_data yielded no batches")
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "loss": total / samples,
+                "lr": sched.get_last_lr()[0],
+                "wall_s": time.perf_counter() - started,
+            }
+            raw_values = None
+            if average is not None:
+                raw_values = [p.detach().clone() for p in trained]
+                with torch.no_grad():
+                    torch._foreach_copy_([p.detach() for p in trained], average)
+            model.eval()
+            if val_fn is not None:
+                record["val"] = float(val_fn(model))
+            history.append(record)
+            if path is not None and _is_rank0():
+                ckpt.save(
+                    path,
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "rng": ckpt.rng_state(),
+                        "fingerprint": ckpt.fingerprint(model),
+                        "history": history,
+                        **({"raw_parameters": raw_values} if raw_values is not None else {}),
+                    },
+                )
+            if progress:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
+                print(f"QAT epoch {epoch}/{epochs}: {shown}", file=sys.stderr, flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+            if raw_values is not None and epoch < epochs:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.detach() for p in trained], raw_values)
+    finally:
+        if match is not None:
+            match.remove()
     model.eval()
     return history
 
 
-__all__ = ["NaNLossError", "QATQuantizer", "distillation_loss", "fit_qat"]
+__all__ = [
+    "FeatureMatch",
+    "NaNLossError",
+    "QATQuantizer",
+    "distillation_loss",
+    "feature_layer_names",
+    "fit_qat",
+]
