@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "avg": 0.0,
     "frozen": 0,
     "feat": 0.0,
+    "bs": 128,
 }
 
 
@@ -42,7 +43,8 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
     weight_average, the decay of the moving average of the trained parameters (0 = off); frozen=1:
     the weights and their grids stay as PTQ rounded them, and only the biases and the activation
     ranges train (0 = everything trains); feat: fit_qat's feature_weight, feature distillation of
-    every quantized layer's input (0 = off)."""
+    every quantized layer's input (0 = off); bs: the batch size (an epoch is still one pass over
+    the images, so a smaller batch takes more steps in the same epochs)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -171,13 +173,20 @@ def qat_from_ptq(
         freeze_weights(qmodel)
     if config["aug"]:
         train: Any = Augmented(
-            train_x, train_y, mixup=config["mix"], x_jpeg=train_x_jpeg, jpeg=config["jpeg"]
+            train_x,
+            train_y,
+            batch_size=config["bs"],
+            mixup=config["mix"],
+            x_jpeg=train_x_jpeg,
+            jpeg=config["jpeg"],
         )
     else:
         if config["jpeg"] > 0:
             raise SystemExit("--configs: jpeg > 0 needs aug=1")
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
-        train = list(zip(train_x[order].split(128), train_y[order].split(128), strict=True))
+        train = list(
+            zip(train_x[order].split(config["bs"]), train_y[order].split(config["bs"]), strict=True)
+        )
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
 

@@ -213,6 +213,21 @@ def test_splits_shapes_and_disjoint_calibration(shared):
     assert 0 < noise < 0.5, noise  # each image compressed in place, same order
     with pytest.raises(ValueError, match="quality"):
         cifar10.train_jpeg_split(quality=96)
+    # The judge beside a calibration set: everything train_4660 holds except those images.
+    judge, judge_labels = cifar10.uncalibrated_jpeg_split(3000, seed=0)
+    assert judge.shape == (2 * 1660, 3, 32, 32) and judge_labels.shape == (3320,)
+    assert torch.equal(judge[1660:], judge[:1660].flip(-1))
+    assert torch.equal(judge[1000:1660], jpeg[:660])  # the held-out part, last
+    used = cifar10.calibration_split(n=3000, seed=0)[0]
+    used_set = {bytes(row.numpy().tobytes()) for row in used.flatten(1)}
+    kept = {bytes(row.numpy().tobytes()) for row in train.flatten(1)} - used_set
+    assert len(kept) == 1000
+    # The judge's first 1000 are JPEG copies of exactly the images calibration left out.
+    nearest = torch.cdist(judge[:1000].flatten(1), train.flatten(1)).argmin(1)
+    assert {bytes(train[i].numpy().tobytes()) for i in nearest.tolist()} == kept
+    for bad in (0, 4000, 2.5):
+        with pytest.raises(ValueError, match="n must be"):
+            cifar10.uncalibrated_jpeg_split(bad)
     # Every calibration image comes from the first 4000 and none from the held-out part.
     everything = cifar10.calibration_split(n=4000, seed=0)[0]
     flat = {bytes(row.numpy().tobytes()) for row in everything.flatten(1)}

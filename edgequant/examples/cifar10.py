@@ -244,6 +244,26 @@ def heldout_jpeg_split(quality: int = 75) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([x, x.flip(-1)]), torch.cat([y, y])
 
 
+def uncalibrated_jpeg_split(
+    n: int, seed: int = 0, quality: int = 75
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of the 4000-image part that ``calibration_split(n, seed)`` leaves out, then
+    the held-out images, each JPEG-compressed at ``quality`` and mirrored as in
+    heldout_jpeg_split: 2 x (4660 - n) inputs. All of train_4660 was in the FP32 model's
+    training set, so for a model quantized from those ``n`` images the rest are as unseen as the
+    held-out part: a judge 5.5 times the held-out one at n = 1024 (never a test image). Not for
+    choices about QAT, which trains on the whole 4000-image part."""
+    _check_quality(quality)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < CALIBRATION_SIZE:
+        raise ValueError(f"n must be an int in [1, {CALIBRATION_SIZE - 1}], got {n!r}")
+    images, labels = _load_uint8("train_4660")
+    order = np.random.default_rng(seed).permutation(CALIBRATION_SIZE)[n:]
+    keep = np.concatenate([np.sort(order), np.arange(CALIBRATION_SIZE, len(images))])
+    x = preprocess(jpeg_roundtrip(images[keep], quality))
+    y = torch.from_numpy(labels[keep])
+    return torch.cat([x, x.flip(-1)]), torch.cat([y, y])
+
+
 def train_jpeg_split(quality: int = 75) -> tuple[torch.Tensor, torch.Tensor]:
     """The images of train_split, each JPEG-compressed at ``quality`` and decoded, in the same
     order: a training augmentation for models deployed on JPEG-compressed inputs."""
