@@ -344,7 +344,7 @@ def main() -> int:
                 "heldout_drop": target.drop,
                 "trials": [
                     {"average_bits": 32 * t.packed_bytes / (4 * sum(target.costs.params.values())),
-                     "heldout_drop": t.drop, "accepted": t.accepted}
+                     "heldout_drop": t.drop, "accepted": t.accepted, "source": t.source}
                     for t in target.trials
                 ],
             },

@@ -42,6 +42,9 @@ class Trial:
     packed_bytes: float
     drop: float
     accepted: bool
+    # "bisection": the integer program's plan at a size budget; "uniform": every layer (but the
+    # caller's fixed ones) at one candidate width; "progressive": a step of mixed.progressive.
+    source: str = "bisection"
 
 
 @dataclass
@@ -243,8 +246,10 @@ def plan(
     Give `budget` (an eq.Budget) to minimize the total sensitivity under it, or `max_drop` with
     `eval_fn(model) -> float` (higher is better; measure it on held-out data) for the smallest
     packed size whose measured drop from FP32 is at most max_drop (a search over size budgets,
-    each candidate quantized and measured); both: the smallest plan within the budget that meets
-    the tolerance. method: "perturbation" (KL of the outputs, or eval_fn's drop, one layer
+    each candidate quantized and measured: `search_steps` bisection trials, counting the largest
+    and the smallest plan, plus one uniform plan per intermediate candidate width, smallest first,
+    up to the first one that meets the tolerance); both: the smallest plan within the budget that
+    meets the tolerance. method: "perturbation" (KL of the outputs, or eval_fn's drop, one layer
     quantized at a time) or "hessian" (HAWQ-v3: Hutchinson trace x weight error). compare=True
     computes both and their Spearman rank correlation per bit width. candidates: default
     (2, 3, 4, 8), or those of `sensitivities` when given. `sensitivities` reuses a
@@ -318,7 +323,11 @@ def plan(
     if missing:
         raise RuntimeError(f"no sensitivity for layers {missing[:5]}")
 
-    def solve(b: Budget) -> Allocation:
+    def solve(b: Budget, uniform: int | None = None) -> Allocation:
+        # uniform: every layer at that width, except the caller's fixed layers.
+        pinned = dict(fixed or {})
+        if uniform is not None:
+            pinned = {name: uniform for name in costs.params} | pinned
         return allocate(
             sens.scores,
             costs.params,
@@ -327,7 +336,7 @@ def plan(
             macs=costs.macs,
             act_bits=act_bits or 8,
             latency_table=latency_table,
-            fixed=fixed,
+            fixed=pinned,
         )
 
     trials: list[Trial] = []
@@ -377,7 +386,14 @@ def _search(
     cands: tuple[int, ...],
     steps: int,
 ) -> tuple[Allocation, float, list[Trial]]:
-    """Bisect the packed size: the smallest size whose allocation's measured drop <= max_drop."""
+    """The smallest plan whose measured drop <= max_drop.
+
+    Trials: the largest plan allowed, then the smallest; then each intermediate candidate width as
+    a uniform plan, smallest first, up to the first accepted one, so that the search never returns
+    a plan larger than a uniform width that meets the tolerance (per-layer sensitivities do not add
+    up exactly, so a uniform plan the integer program would not choose can measure better); then
+    `steps - 2` bisections of the packed size below the smallest accepted plan.
+    """
     reference = float(eval_fn(model))
     total = sum(costs.params.values())
     trials: list[Trial] = []
@@ -387,30 +403,43 @@ def _search(
     if budget is not None and budget.size_ratio is not None:
         cap = min(cap, budget.size_ratio * total * FP32_BITS / 8)
 
-    def trial(size: float) -> tuple[Allocation, float]:
-        b = (
-            Budget(size_bytes=size)
-            if budget is None
-            else Budget(size_bytes=size, bops=budget.bops, latency_ms=budget.latency_ms)
-        )
-        alloc = solve(b)
+    def bounded(size: float) -> Budget:
+        if budget is None:
+            return Budget(size_bytes=size)
+        return Budget(size_bytes=size, bops=budget.bops, latency_ms=budget.latency_ms)
+
+    def measured(alloc: Allocation, source: str) -> float:
         d = _measure(model, base, alloc.bits, costs.params, batches, eval_fn, reference)
-        trials.append(Trial(dict(alloc.bits), alloc.packed_bytes, d, d <= max_drop))
-        return alloc, d
+        trials.append(Trial(dict(alloc.bits), alloc.packed_bytes, d, d <= max_drop, source))
+        return d
 
     lo, hi = total * cands[0] / 8, min(total * cands[-1] / 8, cap)
-    best, best_drop = trial(hi)
+    best = solve(bounded(hi))
+    best_drop = measured(best, "bisection")
     if best_drop > max_drop:
         raise ValueError(
             f"max_drop={max_drop} is unreachable: the largest plan allowed "
             f"({best.average_bits:.2f} bits per weight) drops the metric by {best_drop:.4f}"
         )
-    alloc, d = trial(lo)
+    alloc = solve(bounded(lo))
+    d = measured(alloc, "bisection")
     if d <= max_drop:
         return alloc, d, trials
+    for width in cands[1:-1]:
+        try:
+            alloc = solve(bounded(best.packed_bytes), uniform=width)
+        except ValueError:  # over the size, bops or latency budget: not a candidate
+            continue
+        if alloc.packed_bytes >= best.packed_bytes:
+            continue
+        d = measured(alloc, "uniform")
+        if d <= max_drop:
+            best, best_drop, hi = alloc, d, alloc.packed_bytes
+            break
     for _ in range(max(steps - 2, 0)):
         mid = (lo + hi) / 2
-        alloc, d = trial(mid)
+        alloc = solve(bounded(mid))
+        d = measured(alloc, "bisection")
         if d <= max_drop:
             hi = min(mid, alloc.packed_bytes)
             if alloc.packed_bytes <= best.packed_bytes:

@@ -131,7 +131,7 @@ def progressive(
 
     bits = {n: fixed.get(n, cands[-1]) for n in costs.params}
     drop, qmodel = measure(bits)
-    trials = [Trial(dict(bits), _packed(costs.params, bits), drop, drop <= max_drop)]
+    trials = [Trial(dict(bits), _packed(costs.params, bits), drop, drop <= max_drop, "progressive")]
     if drop > max_drop:
         raise ValueError(
             f"max_drop={max_drop} is unreachable: with every layer at {cands[-1]} bits the metric "
@@ -153,7 +153,11 @@ def progressive(
         trial_bits = {**bits, name: lower}
         d, q = measure(trial_bits)
         steps += 1
-        trials.append(Trial(dict(trial_bits), _packed(costs.params, trial_bits), d, d <= max_drop))
+        trials.append(
+            Trial(
+                dict(trial_bits), _packed(costs.params, trial_bits), d, d <= max_drop, "progressive"
+            )
+        )
         if d <= max_drop:
             bits, drop, qmodel = trial_bits, d, q
         else:
