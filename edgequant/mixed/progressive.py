@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.mixed.allocate import DEFAULT_CANDIDATES
+from edgequant.mixed.allocate import DEFAULT_CANDIDATES, packed_bytes
 from edgequant.mixed.plan import MixedPlan, Trial, recipe_for
 from edgequant.mixed.sensitivity import (
     EvalFn,
@@ -129,9 +129,14 @@ def progressive(
         )
         return reference - float(eval_fn(qmodel)), qmodel
 
+    def trial(bits: Mapping[str, int], drop: float) -> Trial:
+        return Trial(
+            dict(bits), packed_bytes(costs.params, bits), drop, drop <= max_drop, "progressive"
+        )
+
     bits = {n: fixed.get(n, cands[-1]) for n in costs.params}
     drop, qmodel = measure(bits)
-    trials = [Trial(dict(bits), _packed(costs.params, bits), drop, drop <= max_drop, "progressive")]
+    trials = [trial(bits, drop)]
     if drop > max_drop:
         raise ValueError(
             f"max_drop={max_drop} is unreachable: with every layer at {cands[-1]} bits the metric "
@@ -153,11 +158,7 @@ def progressive(
         trial_bits = {**bits, name: lower}
         d, q = measure(trial_bits)
         steps += 1
-        trials.append(
-            Trial(
-                dict(trial_bits), _packed(costs.params, trial_bits), d, d <= max_drop, "progressive"
-            )
-        )
+        trials.append(trial(trial_bits, d))
         if d <= max_drop:
             bits, drop, qmodel = trial_bits, d, q
         else:
@@ -183,7 +184,3 @@ def progressive(
         wall_s=time.perf_counter() - start,
         qmodel=qmodel,
     )
-
-
-def _packed(params: Mapping[str, int], bits: Mapping[str, int]) -> float:
-    return sum(params[n] * bits[n] / 8 for n in bits)
