@@ -548,7 +548,12 @@ class _Runner:
         """acc: sum((x - zx) * w) with channels on axis 1; adds the INT32 bias and returns the
         requantization."""
         if np.any(w.zp != 0):
-            raise self.error(node, "weights must be symmetric (zero point 0)")
+            raise self.error(
+                node,
+                "weights must be symmetric with zero point 0, as microcontroller kernels "
+                f"(CMSIS-NN) take them; these have zero point {int(np.asarray(w.zp).flat[0])}: "
+                "export the model with target 'mcu-int8' for a fully integer graph",
+            )
         sx = np.float64(_scalar(x.scale))
         sw = w.scale.astype(np.float64).reshape(-1)
         channels = acc.shape[1]

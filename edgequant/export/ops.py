@@ -124,15 +124,29 @@ def _(
 
 @torch.library.custom_op("edgequant::dynamic_linear", mutates_args=())
 def dynamic_linear(
-    x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool
+    x: Tensor,
+    weight_t_q: Tensor,
+    weight_zero_point: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor,
+    has_bias: bool,
 ) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
-    MatMulInteger + scale multiply compute it. weight_t_q: int8 (in, out)."""
-    return F.dynamic_quantized_linear(x, weight_t_q, weight_scale, bias if has_bias else None)
+    MatMulInteger + scale multiply compute it. weight_t_q: (in, out) integers, uint8 with
+    weight_zero_point 128 for symmetric int8 weights (export.onnx.as_uint8)."""
+    w = weight_t_q.to(torch.int32) - weight_zero_point.to(torch.int32)
+    return F.dynamic_quantized_linear(x, w, weight_scale, bias if has_bias else None)
 
 
 @dynamic_linear.register_fake
-def _(x: Tensor, weight_t_q: Tensor, weight_scale: Tensor, bias: Tensor, has_bias: bool) -> Tensor:
+def _(
+    x: Tensor,
+    weight_t_q: Tensor,
+    weight_zero_point: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor,
+    has_bias: bool,
+) -> Tensor:
     return torch.empty(x.shape[:-1] + (weight_t_q.shape[1],), dtype=x.dtype, device=x.device)
 
 
@@ -181,7 +195,9 @@ def translation_table() -> dict[object, object]:
         container_bits: int,
         zero_point_is_zero: bool,
     ):
-        signed = True  # weights and biases are signed grids
+        signed = (
+            True  # 4-bit weights are signed grids (8-bit ones may be stored as uint8: as_uint8)
+        )
         qc = _container(q, container_bits, signed)
         if zero_point_is_zero:
             # An absent zero point is 0 of the input's type: symmetric weights and INT32 biases
@@ -217,9 +233,9 @@ def translation_table() -> dict[object, object]:
             x = op.Clip(x, clip_lo, clip_hi)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
 
-    def dynamic_linear_onnx(x, weight_t_q, weight_scale, bias, has_bias: bool):
+    def dynamic_linear_onnx(x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool):
         xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
-        acc = op.MatMulInteger(xq, weight_t_q, x_zp)
+        acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
         y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
         if has_bias:
             y = op.Add(y, bias)

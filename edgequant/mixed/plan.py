@@ -23,6 +23,7 @@ from edgequant.mixed.sensitivity import (
     Sensitivity,
     base_recipe,
     collect_batches,
+    eval_metric,
     layer_costs,
     method_for,
     quantize_uniform,
@@ -218,7 +219,8 @@ def _measure(
     from edgequant.ptq import quantize
 
     qmodel = quantize(model, recipe_for(base, bits, params), batches, method=method_for(base))
-    return reference - float(eval_fn(qmodel))
+    average = packed_bytes(params, bits) * 8 / max(sum(params.values()), 1)
+    return reference - eval_metric(eval_fn, qmodel, f"the plan at {average:.2f} bits per weight")
 
 
 def plan(
@@ -346,7 +348,13 @@ def plan(
         alloc = solve(budget)
         if eval_fn is not None:
             drop = _measure(
-                model, base, alloc.bits, costs.params, batches, eval_fn, float(eval_fn(model))
+                model,
+                base,
+                alloc.bits,
+                costs.params,
+                batches,
+                eval_fn,
+                eval_metric(eval_fn, model, "the FP32 model"),
             )
     else:
         assert eval_fn is not None
@@ -394,7 +402,7 @@ def _search(
     up exactly, so a uniform plan the integer program would not choose can measure better); then
     `steps - 2` bisections of the packed size below the smallest accepted plan.
     """
-    reference = float(eval_fn(model))
+    reference = eval_metric(eval_fn, model, "the FP32 model")
     total = sum(costs.params.values())
     trials: list[Trial] = []
     cap = float("inf")

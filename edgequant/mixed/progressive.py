@@ -24,6 +24,7 @@ from edgequant.mixed.sensitivity import (
     Sensitivity,
     base_recipe,
     collect_batches,
+    eval_metric,
     layer_costs,
     method_for,
     quantize_uniform,
@@ -121,13 +122,15 @@ def progressive(
     if absent:
         raise ValueError(f"sensitivities lack layers or widths for {absent[:5]}")
 
-    reference = float(eval_fn(model))
+    reference = eval_metric(eval_fn, model, "the FP32 model")
 
     def measure(bits: Mapping[str, int]) -> tuple[float, nn.Module]:
         qmodel = quantize(
             model, recipe_for(base, bits, costs.params), batches, method=method_for(base)
         )
-        return reference - float(eval_fn(qmodel)), qmodel
+        average = packed_bytes(costs.params, bits) * 8 / max(sum(costs.params.values()), 1)
+        what = f"the plan at {average:.2f} bits per weight"
+        return reference - eval_metric(eval_fn, qmodel, what), qmodel
 
     def trial(bits: Mapping[str, int], drop: float) -> Trial:
         return Trial(
@@ -169,7 +172,9 @@ def progressive(
         qmodel = prepare(model, final_recipe, calib_data=batches)
         fit(qmodel, train_data, epochs=qat_epochs, teacher=model, **dict(qat_kwargs or {}))
         qmodel.eval()
-        drop = reference - float(eval_fn(qmodel))
+        drop = reference - eval_metric(
+            eval_fn, qmodel, f"the plan after {qat_epochs} epochs of QAT"
+        )
     return MixedPlan(
         recipe=final_recipe,
         bits=bits,

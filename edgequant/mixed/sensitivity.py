@@ -20,6 +20,7 @@ function-preserving only up to its bias absorption).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,26 @@ from edgequant.quantizer import quantizers
 from edgequant.spec import LayerOverride, QuantSpec, Recipe, activation_spec, weight_spec
 
 EvalFn = Callable[[nn.Module], float]
+
+
+def eval_metric(eval_fn: EvalFn, model: nn.Module, what: str) -> float:
+    """eval_fn(model) as a float, refused unless it is a finite number: a NaN compares false with
+    every tolerance, so it would quietly reject (or accept) every plan. `what` names the model in
+    the error (e.g. "the FP32 model", "the plan at 2.50 bits per weight")."""
+    value = eval_fn(model)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"eval_fn must return a number (higher is better); for {what} it returned "
+            f"{type(value).__name__}"
+        )
+    if not math.isfinite(value):
+        raise ValueError(
+            f"eval_fn returned {value!r} for {what}: it must return a finite number (higher is "
+            "better), so that drops against the FP32 model can be compared with the tolerance"
+        )
+    return float(value)
 
 
 @dataclass
@@ -380,10 +401,10 @@ def sensitivity(
         metric = "mean KL(FP32 || quantized) of the softmax outputs"
     else:
         user_fn = eval_fn
-        reference = float(user_fn(model))
+        reference = eval_metric(user_fn, model, "the FP32 model")
 
         def measure(m: nn.Module) -> float:
-            return reference - float(user_fn(m))
+            return reference - eval_metric(user_fn, m, "a model with one layer quantized")
 
         metric = "drop of eval_fn (FP32 minus quantized)"
 

@@ -48,6 +48,18 @@ def _split(batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
     )
 
 
+def _check_labels(labels: Tensor, logits: Tensor, index: int) -> None:
+    """Class indices in [0, classes) for the model's logits; torch's own error names neither the
+    item nor the value."""
+    classes = logits.shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(
+            f"train_data item {index} has label {bad}, but the model has {classes} outputs: "
+            f"labels must be class indices in [0, {classes - 1}]"
+        )
+
+
 def distillation_loss(
     logits: Tensor,
     labels: Tensor | None,
@@ -266,6 +278,11 @@ def fit_qat(
             "train_data must be re-iterable (a DataLoader or a list of batches): it is read "
             f"once per epoch; got {type(train_data).__name__}"
         )
+    if not isinstance(resume, bool):
+        raise TypeError(
+            f"resume must be True or False, got {type(resume).__name__} {resume!r}: the run resumes "
+            f"from checkpoint_dir/{ckpt.FILENAME}, so pass checkpoint_dir=<folder> and resume=True"
+        )
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     layers = (
@@ -343,6 +360,7 @@ def fit_qat(
 
     # Catches the layers' inputs in both models during training steps only (not in val_fn).
     match = FeatureMatch(model, teacher, layers) if teacher is not None and layers else None
+    bar: Any = None
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             if freeze_observers_epoch is not None and epoch >= freeze_observers_epoch:
@@ -371,6 +389,8 @@ def fit_qat(
                     with torch.no_grad():
                         teacher_logits = teacher(x)
                 logits = qmodel(x)
+                if y is not None:
+                    _check_labels(y, logits, index)
                 loss = distillation_loss(logits, y, teacher_logits, temperature, kd_weight)
                 if match is not None:
                     match.capturing = False
@@ -442,6 +462,8 @@ def fit_qat(
                 with torch.no_grad():
                     torch._foreach_copy_([p.detach() for p in trained], raw_values)
     finally:
+        if bar is not None:  # an error mid-epoch: leave no half-drawn progress bar behind
+            bar.close()
         if match is not None:
             match.remove()
     model.eval()

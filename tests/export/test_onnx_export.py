@@ -20,7 +20,7 @@ from edgequant.instrument import instrument
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-INT4, INT8 = 22, 3  # onnx.TensorProto data types
+INT4, UINT8, INT8 = 22, 2, 3  # onnx.TensorProto data types
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -194,14 +194,28 @@ def test_static_classifier_agrees_with_the_simulation(static_classifier: tuple) 
     assert float(((sim - dep).abs() / step).max()) <= 1.0
 
 
-def test_static_classifier_stores_int8_weights(static_classifier: tuple) -> None:
-    _, path, _ = static_classifier
+def test_static_classifier_stores_8_bit_weights_as_uint8(static_classifier: tuple) -> None:
+    """Between uint8 activations, 8-bit weights are stored as uint8 with zero point 128: the same
+    values, run by ONNX Runtime's u8u8 kernel, which does not saturate on x86 CPUs without VNNI
+    as its u8s8 one does (export.onnx.as_uint8)."""
+    qmodel, path, _ = static_classifier
     report = inspect_onnx(path)
     assert [
         (layer.weight_dtype, layer.weight_bits, layer.activation) for layer in report.layers
-    ] == [("INT8", 8, "static")] * 3
+    ] == [("UINT8", 8, "static")] * 3
     assert report.is_integer
-    assert sorted(weight_initializers(path).values()) == [INT8] * 3
+    assert sorted(weight_initializers(path).values()) == [UINT8] * 3
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    fc = qmodel.get_submodule("fc")
+    (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "fc" in n.input[0]
+             and inits.get(n.input[0]) is not None and inits[n.input[0]].ndim == 2]  # fmt: skip
+    w, scale, zp = (inits[name] for name in dq.input)
+    assert zp.dtype == np.uint8 and (zp == 128).all()
+    stored = (w.astype(np.float32) - 128) * scale.reshape(-1, 1)
+    wq = fc.weight_quantizer
+    expected = wq(fc.weight.detach()).numpy()
+    np.testing.assert_array_equal(stored, expected)
 
 
 def test_qdq_nodes_carry_no_default_attributes(static_classifier: tuple) -> None:
@@ -252,7 +266,7 @@ MORE_CASES = {
         "conv1d",
         "w4a8",
         "static",
-        [("INT8", "static"), ("INT4", "static"), ("INT8", "static")],
+        [("UINT8", "static"), ("INT4", "static"), ("UINT8", "static")],
     ),
     "mlp3-weight_only-w4": (
         "mlp3",
@@ -260,8 +274,8 @@ MORE_CASES = {
         "weight_only",
         [("INT8", "float"), ("INT4", "float"), ("INT8", "float")],
     ),
-    "keywords-static-w8a8": ("keywords", "w8a8", "static", [("INT8", "static")] * 2),
-    "mlp3-dynamic-w8a8": ("mlp3", "w8a8", "dynamic", [("INT8", "dynamic")] * 3),
+    "keywords-static-w8a8": ("keywords", "w8a8", "static", [("UINT8", "static")] * 2),
+    "mlp3-dynamic-w8a8": ("mlp3", "w8a8", "dynamic", [("UINT8", "dynamic")] * 3),
 }
 
 
@@ -317,9 +331,9 @@ def test_dynamic_w8a8_agrees_and_is_at_most_030_of_fp32(big_mlp: tuple, tmp_path
     assert float((sim.argmax(1) == dep.argmax(1)).float().mean()) == 1.0
     report = inspect_onnx(path)
     assert [(layer.op, layer.weight_dtype, layer.activation) for layer in report.layers] == [
-        ("MatMulInteger", "INT8", "dynamic")
+        ("MatMulInteger", "UINT8", "dynamic")
     ] * 2
-    assert sorted(weight_initializers(path).values()) == [INT8, INT8]
+    assert sorted(weight_initializers(path).values()) == [UINT8, UINT8]
     assert path.stat().st_size / fp32_bytes <= 0.30
 
 

@@ -1,4 +1,4 @@
-"""A mixed-precision model (2, 3, 4 and 8-bit weights) exported to ONNX: INT8 and INT4 initializers
+"""A mixed-precision model (2, 3, 4 and 8-bit weights) exported to ONNX: 8-bit and INT4 initializers
 (2- and 3-bit weights in INT4 containers), verified in ONNX Runtime."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ RECIPE = base_recipe(None, 8).replace(calib_samples=64)  # the default pipeline 
 
 def test_mixed_model_exports_int8_and_int4_and_verifies(cnn, calib, tmp_path: Path) -> None:
     """2, 3, 4 and 8 bits in one model: ONNX Runtime computes what the simulation does; 2/3/4-bit
-    weights are INT4 initializers holding only their grid's integers, the 8-bit one INT8."""
+    weights are INT4 initializers holding only their grid's integers, the 8-bit one UINT8 (zero
+    point 128)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -36,7 +37,7 @@ def test_mixed_model_exports_int8_and_int4_and_verifies(cnn, calib, tmp_path: Pa
     assert info.verification.passed
     report = inspect_onnx(path)
     dtypes = {layer.weight_dtype for layer in report.layers if layer.quantized}
-    assert dtypes == {"INT8", "INT4"}
+    assert dtypes == {"UINT8", "INT4"}  # 8-bit weights as uint8 + 128: export.onnx.as_uint8
     stored = onnx.load(str(path))
     int4 = [i for i in stored.graph.initializer if i.data_type == 22 and len(i.dims) >= 2]
     ranges = sorted(

@@ -141,6 +141,20 @@ def test_unreachable_tolerance_is_an_error(plan3: MixedPlan, cnn, calib, val_acc
              sensitivities=plan3.sensitivity)  # fmt: skip
 
 
+def test_a_metric_that_is_not_a_finite_number_is_refused(plan3: MixedPlan, cnn, calib) -> None:
+    """A NaN compares false with every tolerance: taken as it is, it would quietly reject every
+    plan but the largest. The error names the model it came from."""
+    with pytest.raises(ValueError, match="returned nan for the FP32 model"):
+        plan(cnn, calib, eval_fn=lambda m: float("nan"), max_drop=0.01, recipe=RECIPE,
+             sensitivities=plan3.sensitivity)  # fmt: skip
+    with pytest.raises(ValueError, match=r"returned inf for the plan at 8\.00 bits"):
+        plan(cnn, calib, eval_fn=lambda m: 1.0 if m is cnn else float("inf"), max_drop=0.01,
+             recipe=RECIPE, sensitivities=plan3.sensitivity)  # fmt: skip
+    with pytest.raises(TypeError, match="must return a number.*returned str"):
+        progressive(cnn, calib, lambda m: "0.9", max_drop=0.01, recipe=RECIPE,
+                    sensitivities=plan3.sensitivity)  # fmt: skip
+
+
 def test_progressive_lowers_layers_while_the_metric_holds(plan3: MixedPlan, cnn, calib, val_acc):
     p = progressive(cnn, calib, val_acc, max_drop=0.01, recipe=RECIPE,
                     sensitivities=plan3.sensitivity, max_steps=4)  # fmt: skip

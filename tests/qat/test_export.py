@@ -25,7 +25,7 @@ def test_trained_qat_model_exports_and_verifies(tiny_model, calib, train_data, t
         assert report.initializer_bytes.get("INT4", 0) > 0  # packed, two weights a byte
     else:
         assert (
-            report.initializer_bytes.get("INT8", 0) > 0 and "INT4" not in report.initializer_bytes
+            report.initializer_bytes.get("UINT8", 0) > 0 and "INT4" not in report.initializer_bytes
         )
     # The finalized (plain PTQ-form) model exports to the same graph computing the same numbers.
     final = finalize(qat)

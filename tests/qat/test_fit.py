@@ -225,6 +225,19 @@ def test_bad_arguments_are_named(tiny_model, calib, train_data):
         fit_qat(tiny_model, train_data)
     with pytest.raises(TypeError, match="item 0"):
         fit_qat(qat, [{"x": 1}], progress=False)
+    with pytest.raises(TypeError, match="resume must be True or False.*checkpoint_dir=<folder>"):
+        fit_qat(qat, train_data, resume="runs/qat_last.pt")  # type: ignore[arg-type]
+
+
+def test_a_label_outside_the_models_classes_is_named(tiny_model, calib, train_data):
+    qat = prepare_qat(tiny_model, "w8a8", calib)
+    x, y = train_data[0]
+    classes = tiny_model(x).shape[-1]
+    bad = [train_data[0], (x, torch.full_like(y, classes))]
+    with pytest.raises(
+        ValueError, match=f"item 1 has label {classes}, but the model has {classes}"
+    ):
+        fit_qat(qat, bad, progress=False)
 
 
 def test_range_lr_scale_sets_how_fast_the_ranges_learn(tiny_model, calib, train_data):
