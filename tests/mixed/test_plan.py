@@ -4,6 +4,7 @@ mixes INT8 and INT4 (2- and 3-bit weights in INT4 containers)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,18 @@ def test_plan_meets_the_budget_and_names_every_layer(plan3: MixedPlan) -> None:
     assert plan3.average_bits <= 3.0 + 1e-9
     assert plan3.packed_bytes == sum(plan3.costs.params[n] * b / 8 for n, b in plan3.bits.items())
     assert plan3.fp32_bytes == 4 * sum(plan3.costs.params.values())
-    # Not uniform: at 3 bits on average a plan that spends bits where they matter differs.
-    assert len(set(plan3.bits.values())) > 1
+    # The optimum of every plan within the budget, checked by enumeration (4^4 plans). Whether it
+    # is uniform depends on the measured scores, which differ in the last bits between CPUs
+    # (uniform 3-bit on an AVX2 machine, mixed on an AVX-512 one), so that is not asserted.
+    scores, params = plan3.sensitivity.scores, plan3.costs.params
+    names = sorted(plan3.bits)
+    limit = 3.0 * sum(params.values()) / 8 + 1e-6
+    best = min(
+        sum(scores[n][b] for n, b in zip(names, combo, strict=True))
+        for combo in itertools.product(plan3.candidates, repeat=len(names))
+        if sum(params[n] * b / 8 for n, b in zip(names, combo, strict=True)) <= limit
+    )
+    assert plan3.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
     assert plan3.recipe.name.startswith("mixed-w")
     assert plan3.recipe.first_last_bits is None
     assert {o.pattern for o in plan3.recipe.overrides} == set(plan3.bits)
