@@ -343,7 +343,7 @@ def test_static_w8a8_file_is_at_most_030_of_fp32(big_mlp: tuple, tmp_path: Path)
     qmodel = eq.quantize(model, "w8a8", [x])
     path = tmp_path / "w8a8.onnx"
     _export(qmodel, path, [x])
-    assert sorted(weight_initializers(path).values()) == [INT8, INT8]
+    assert sorted(weight_initializers(path).values()) == [UINT8, UINT8]
     assert path.stat().st_size / fp32_bytes <= 0.30
 
 
