@@ -25,9 +25,53 @@ import edgequant as eq
 from edgequant import bench
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
+from edgequant.functional import sqnr_db
 
 
-def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray) -> float:
+def cpu_flags() -> str:
+    """The x86 features that decide ONNX Runtime's 8-bit kernels (VNNI: no saturation)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni"
+
+
+def as_int8_weights(src: Path, dst: Path) -> int:
+    """Our export with its uint8 weights (zero point 128) stored back as int8 (zero point 0):
+    the same values, the format before 2026-12-04, which ONNX Runtime runs in its u8s8 kernel.
+    Returns how many weights were rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights, zero_points = set(), set()  # zero points may be shared between layers: collect first
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        w, zp = inits.get(node.input[0]), inits.get(node.input[2])
+        if w is None or zp is None or len(w.dims) < 2 or w.data_type != onnx.TensorProto.UINT8:
+            continue
+        if (numpy_helper.to_array(zp) == 128).all():
+            weights.add(w.name)
+            zero_points.add(zp.name)
+    for name in weights:
+        values = numpy_helper.to_array(inits[name]).astype(np.int16) - 128
+        inits[name].CopyFrom(numpy_helper.from_array(values.astype(np.int8), name))
+    for name in zero_points:
+        shape = numpy_helper.to_array(inits[name]).shape
+        inits[name].CopyFrom(numpy_helper.from_array(np.zeros(shape, np.int8), name))
+    count = len(weights)
+    onnx.save(model, str(dst))
+    return count
+
+
+def ort_quantize_static(
+    fp32_path: Path, out_path: Path, calib: np.ndarray, weight_type: str = "int8"
+) -> float:
     """ONNX Runtime's quantize_static: MinMax, per-channel, QDQ, U8 activations / S8 weights."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -62,7 +106,7 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray) -> f
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )
     return time.perf_counter() - start
@@ -119,9 +163,18 @@ def main() -> int:
     evaluate(
         "onnxruntime quantize_static w8a8 (MinMax, per-channel, QDQ)", ort_path, {"wall_s": wall}
     )
+    # ONNX Runtime's own advice against u8s8 saturation on x86 without VNNI: uint8 weights.
+    ort_u8_path = work / "ort_static_w8a8_u8.onnx"
+    wall = ort_quantize_static(fp32, ort_u8_path, x_cal.numpy(), weight_type="uint8")
+    evaluate(
+        "onnxruntime quantize_static w8a8, uint8 weights (QUInt8)", ort_u8_path, {"wall_s": wall}
+    )
 
     runs = [
         ("edgequant static w8a8", "w8a8", "static"),
+        # 7-bit weights (|w| <= 64) cannot saturate a u8s8 kernel, so they stay INT8 and run in
+        # ONNX Runtime's fast kernel: its reduce_range, as a recipe.
+        ("edgequant static w7a8 (INT8 weights, u8s8 kernel)", "w7a8", "static"),
         ("edgequant weight-only int4 per-channel (RTN)", "w4-weight-only", "weight_only"),
     ]
     paths = {}
@@ -145,6 +198,25 @@ def main() -> int:
         )
         paths[preset] = path
 
+    # The same model in the format before 2026-12-04 (int8 weights): what saturation costs here.
+    int8_path = work / "w8a8_int8_weights.onnx"
+    rewritten = as_int8_weights(paths["w8a8"], int8_path)
+    sim_logits = C.ort_predict_fn(paths["w8a8"])(x932.numpy())
+    old_logits = C.ort_predict_fn(int8_path)(x932.numpy())
+    evaluate(
+        "edgequant static w8a8, int8 weights (export format before 2026-12-04)",
+        int8_path,
+        {
+            "weights_rewritten": rewritten,
+            "top1_agreement_with_uint8_test_932": float(
+                (np.asarray(sim_logits).argmax(1) == np.asarray(old_logits).argmax(1)).mean()
+            ),
+            "sqnr_db_vs_uint8_test_932": sqnr_db(
+                torch.as_tensor(np.asarray(sim_logits)), torch.as_tensor(np.asarray(old_logits))
+            ),
+        },
+    )
+
     fp32_size = results["fp32"]["size_bytes"]
     for row in results.values():
         row["size_ratio_vs_fp32"] = row["size_bytes"] / fp32_size
@@ -152,7 +224,16 @@ def main() -> int:
     n = 10 if args.quick else args.runs
     lat = bench.compare_latency(ort_path, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2)
     lat_fp32 = bench.compare_latency(fp32, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2)
+    lat_fmt = bench.compare_latency(
+        int8_path, paths["w8a8"], batch_sizes=(1, 64), runs=n, threads=2
+    )
+    lat_w7 = bench.compare_latency(ort_path, paths["w7a8"], batch_sizes=(1, 64), runs=n, threads=2)
     latency = {
+        "edgequant_w7a8_ms": lat_w7["b"],
+        "speed_ratio_w7a8_vs_ort": {k: 1.0 / v for k, v in lat_w7["ratio"].items()},
+        "edgequant_int8_weights_ms": lat_fmt["a"],
+        # >= 1: the uint8-weight export is at least as fast as the int8-weight one on this CPU
+        "speed_ratio_uint8_vs_int8_weights": {k: 1.0 / v for k, v in lat_fmt["ratio"].items()},
         "ort_static_ms": lat["a"],
         "edgequant_static_ms": lat["b"],
         "fp32_ms": lat_fp32["a"],
@@ -166,7 +247,7 @@ def main() -> int:
     out = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads, cpu flags: {cpu_flags()}",
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "calibration": "512 images of train_4660 (calibration part)",

@@ -206,8 +206,9 @@ class OnnxRuntimeTarget(Target):
 
     name: str = "onnxruntime"
     description: str = (
-        "ONNX Runtime CPU: symmetric per-channel INT8 weights, asymmetric UINT8 activations "
-        "(the presets' defaults; a recipe's own specs are kept)"
+        "ONNX Runtime CPU: symmetric per-channel 8-bit weights (stored as UINT8 + 128 beside "
+        "UINT8 activations: ONNX Runtime's u8s8 kernel saturates on x86 without VNNI), "
+        "asymmetric UINT8 activations (the presets' defaults; a recipe's own specs are kept)"
     )
 
 

@@ -136,9 +136,17 @@ def as_uint8(q: Tensor) -> Tensor:
     deployed model quietly differs from the simulation (ONNX Runtime's and OpenVINO's
     "saturation issue"; measured: 27 dB SQNR instead of 147 dB on a small CNN). With uint8
     weights it runs its u8u8 kernel, which widens both to 16 bits first and is exact on every
-    CPU. The 7-bit-weight workaround (reduce_range) would cost a bit of weight precision instead.
+    CPU, but runs slower (0.69-0.77x on ResNet-20 here, BENCHMARKS.md). Weights within [-64, 64]
+    cannot saturate (255 x 64 x 2 < 32767) and stay int8 (can_saturate): 7-bit weights, ONNX
+    Runtime's own reduce_range workaround, keep the fast kernel and stay exact.
     """
     return (q.to(torch.int16) + 128).to(torch.uint8)
+
+
+def can_saturate(q: Tensor) -> bool:
+    """Whether stored int8 weights can overflow the int16 pair sums of a u8s8 kernel (VPMADDUBSW:
+    a0 * b0 + a1 * b1 with a <= 255): only when some |b| > 64."""
+    return bool(q.to(torch.int16).abs().max() > 64) if q.numel() else False
 
 
 class LoweredLayer(nn.Module):
@@ -220,7 +228,7 @@ class LoweredLayer(nn.Module):
             unsigned_input = self.dynamic or (
                 fusable and iq is not None and not iq.spec.signed and iq.mode == "quantize"
             )
-            if unsigned_input and w_q.dtype == torch.int8:
+            if unsigned_input and w_q.dtype == torch.int8 and can_saturate(w_q):
                 w_q, w_zp = as_uint8(w_q), as_uint8(w_zp)
             self.w_zero = not bool((w_zp != 0).any())
             self.register_buffer("weight_q", w_q)

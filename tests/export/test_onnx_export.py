@@ -258,6 +258,43 @@ def test_exports_carry_no_value_info_or_provenance(
         np.testing.assert_allclose(out, model(calib[0]).numpy(), rtol=1e-4, atol=1e-5)
 
 
+class Saturating(nn.Module):
+    """Conv-ReLU-Conv whose second layer sees large inputs on every channel and has large weights
+    of one sign: its pairwise u8 x s8 products overflow int16 wherever a kernel sums them there
+    (ONNX Runtime's u8s8 kernel on x86 without VNNI)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 1)
+        self.conv2 = nn.Conv2d(64, 8, 3, padding=1)
+        with torch.no_grad():
+            self.conv1.weight.fill_(0.5)
+            self.conv1.bias.fill_(1.0)
+            self.conv2.weight.uniform_(0.5, 1.0, generator=_gen(11))
+            self.conv2.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch_F.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize(("preset", "dtype"), [("w8a8", UINT8), ("w7a8", INT8)])
+def test_layers_that_would_saturate_deploy_exactly(preset: str, dtype: int, tmp_path: Path):
+    """8-bit weights are stored as UINT8 (ONNX Runtime's u8u8 kernel cannot saturate); 7-bit
+    ones stay INT8, since |w| <= 64 cannot saturate a u8s8 kernel either. Either way ONNX Runtime
+    computes what the simulation computes, on any CPU."""
+    model = Saturating().eval()
+    x = torch.rand(16, 3, 8, 8, generator=_gen(12)) + 1.0
+    recipe = eq.Recipe.preset(preset).replace(first_last_bits=None)
+    qmodel = eq.quantize(model, recipe, [x])
+    path = tmp_path / "model.onnx"
+    _export(qmodel, path, [x])
+    assert sorted(weight_initializers(path).values()) == [dtype] * 2
+    sim, dep = _simulate(qmodel, x), run_ort(path, x)
+    # Equal up to float32 rounding of outputs near 1,000 (a saturated sum is off by thousands of
+    # accumulator steps: 16 dB SQNR on ResNet-20).
+    assert sqnr_db(sim, dep) > 100.0
+
+
 # More models and recipes: a few seconds each, so they run with the slow checks.
 # (model, recipe, method) -> per weight layer, in execution order: (weight dtype, activation kind)
 MORE_CASES = {
