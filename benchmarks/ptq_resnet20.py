@@ -25,18 +25,16 @@ import edgequant as eq
 from edgequant import bench
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
+from edgequant.export.onnx import INT8_CPU_FLAGS, cpu_int8_flags
 from edgequant.functional import sqnr_db
 
 
 def cpu_flags() -> str:
     """The x86 features that decide ONNX Runtime's 8-bit kernels (VNNI: no saturation)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_int8_flags()
+    if flags is None:
         return "unknown"
-    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni"
+    return " ".join(f for f in INT8_CPU_FLAGS if f in flags) or "none of avx2/avx512/vnni"
 
 
 def as_int8_weights(src: Path, dst: Path) -> int:

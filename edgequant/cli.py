@@ -114,6 +114,14 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-samples", type=int, metavar="N", help="calibration samples (default: the config's)"
     )
     parser.add_argument(
+        "--weight-storage",
+        default="exact",
+        metavar="HOW",
+        help="exact (default: 8-bit weights beside uint8 activations stored as UINT8 + 128, exact "
+        "in ONNX Runtime on every CPU) or int8 (ONNX Runtime's faster u8s8 kernel, exact only on "
+        "CPUs with VNNI or Arm dot-product instructions; verification runs on this machine)",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="no progress bars; print only the line about the written file",
@@ -132,6 +140,12 @@ def _quantize_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; valid: {', '.join(METHODS)}")
+    from edgequant.export.onnx import WEIGHT_STORAGE
+
+    if args.weight_storage not in WEIGHT_STORAGE:
+        raise UserError(
+            f"unknown --weight-storage {args.weight_storage!r}; valid: {', '.join(WEIGHT_STORAGE)}"
+        )
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
     out = Path(args.out)
@@ -165,7 +179,13 @@ def _quantize_run(args: argparse.Namespace) -> int:
     # With eval data, verification covers the task's own inputs, not only one example batch.
     verify = [inputs for inputs, _ in eval_batches] if eval_batches is not None else None
     try:
-        export = eq.export_onnx(qmodel, out, config.example_inputs(), verify_data=verify)
+        export = eq.export_onnx(
+            qmodel,
+            out,
+            config.example_inputs(),
+            verify_data=verify,
+            weight_storage=args.weight_storage,
+        )
     except eq.ExportError as error:
         raise UserError(f"export failed: {error}") from error
     print(export)

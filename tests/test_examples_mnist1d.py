@@ -260,6 +260,9 @@ def test_quantize_cli_user_errors_are_one_line_and_write_nothing(
     )
     assert "unknown preset 'w9z9'" in _fails([*base, "--recipe", "w9z9"], capsys)
     assert "unknown --method 'fast'" in _fails([*base, "--method", "fast"], capsys)
+    assert "unknown --weight-storage 'uint4'" in _fails(
+        [*base, "--weight-storage", "uint4"], capsys
+    )
     assert "does not exist" in _fails([*base[:-1], str(tmp_path / "no" / "m.onnx")], capsys)
     assert "must end in .onnx" in _fails([*base[:-1], str(tmp_path / "m.pt")], capsys)
     # A ValueError from the library: static quantization of a weight-only recipe.

@@ -126,6 +126,30 @@ def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int,
     )
 
 
+WEIGHT_STORAGE = ("exact", "int8")
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_flags() -> set[str] | None:
+    """Which of the x86 features that decide ONNX Runtime's 8-bit kernels this CPU has (from
+    /proc/cpuinfo), or None where that cannot be read (another OS, another architecture)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    if line is None:  # not x86 (Arm lists "Features")
+        return None
+    flags = set(line.split(":", 1)[-1].split())
+    return {f for f in INT8_CPU_FLAGS if f in flags}
+
+
+def u8s8_saturates_here() -> bool:
+    """True when this is an x86 CPU without VNNI, where ONNX Runtime's u8s8 kernel saturates."""
+    flags = cpu_int8_flags()
+    return flags is not None and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def as_uint8(q: Tensor) -> Tensor:
     """int8 integers (or zero points) as uint8 ones 128 higher: the same dequantized values.
 
@@ -161,7 +185,7 @@ class LoweredLayer(nn.Module):
     bias_int: Tensor | None
     _integer_forward: ClassVar[Callable[[LoweredLayer, Tensor], Tensor]]
 
-    def __init__(self, layer: QuantMixin) -> None:
+    def __init__(self, layer: QuantMixin, weight_storage: str = "exact") -> None:
         super().__init__()
         module: Any = layer
         self.name = layer.layer_name
@@ -228,7 +252,12 @@ class LoweredLayer(nn.Module):
             unsigned_input = self.dynamic or (
                 fusable and iq is not None and not iq.spec.signed and iq.mode == "quantize"
             )
-            if unsigned_input and w_q.dtype == torch.int8 and can_saturate(w_q):
+            if (
+                weight_storage == "exact"
+                and unsigned_input
+                and w_q.dtype == torch.int8
+                and can_saturate(w_q)
+            ):
                 w_q, w_zp = as_uint8(w_q), as_uint8(w_zp)
             self.w_zero = not bool((w_zp != 0).any())
             self.register_buffer("weight_q", w_q)
@@ -395,8 +424,12 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def lower(qmodel: nn.Module) -> nn.Module:
-    """A copy of qmodel whose quantized layers call the export ops on stored integers."""
+def lower(qmodel: nn.Module, weight_storage: str = "exact") -> nn.Module:
+    """A copy of qmodel whose quantized layers call the export ops on stored integers.
+
+    weight_storage "exact" stores 8-bit weights that meet uint8 activations as uint8 + 128 where
+    int8 could saturate ONNX Runtime's u8s8 kernel (as_uint8); "int8" keeps every one int8.
+    """
     with _quiet_exporter():  # deep-copying a traced GraphModule trips torch's pytree deprecation
         lowered = copy.deepcopy(qmodel).eval()
     for name, layer in list(quant_layers(lowered)):
@@ -404,7 +437,11 @@ def lower(qmodel: nn.Module) -> nn.Module:
             if layer.weight_quantizer is not None and layer.weight_quantizer.mode == "quantize":
                 _set_submodule(lowered, name, LoweredEmbedding(layer))
             continue
-        _set_submodule(lowered, name, LoweredLayer(layer))  # type: ignore[arg-type]
+        _set_submodule(
+            lowered,
+            name,
+            LoweredLayer(layer, weight_storage),  # type: ignore[arg-type]
+        )
     for name, m in list(lowered.named_modules()):
         if isinstance(m, TensorQuantizer):
             if m.mode == "quantize" and m.role == "activation":
@@ -932,9 +969,16 @@ def export_onnx(
     verify_data: Iterable[Any] | None = None,
     min_top1_agreement: float = 0.995,
     min_sqnr_db: float = 30.0,
+    weight_storage: str = "exact",
 ) -> ExportInfo:
     """Write qmodel as an ONNX QDQ model (opset 21) at `path`, after proving in ONNX Runtime that
     it computes what the simulation computes (on example_inputs and on verify_data when given).
+
+    weight_storage: "exact" (default) stores the 8-bit weights of a layer with uint8 inputs as
+    UINT8 with zero point 128 wherever some |w| > 64, so ONNX Runtime runs its u8u8 kernel, exact
+    on every CPU. "int8" keeps them INT8: ONNX Runtime's faster u8s8 kernel, exact only on CPUs
+    with VNNI (AVX-VNNI, AVX512-VNNI) or Arm dot-product instructions; on x86 without VNNI it
+    saturates, and verification, which runs on this machine, refuses the file.
 
     Nothing is written if export or verification fails (ExportError); an existing file at `path`
     is replaced only by a verified model.
@@ -959,6 +1003,11 @@ def export_onnx(
             "no quantizer of qmodel is active (uncalibrated or all disabled): there is nothing "
             "integer to export; use edgequant.quantize first"
         )
+    if weight_storage not in WEIGHT_STORAGE:
+        raise ValueError(
+            f"weight_storage must be one of {', '.join(map(repr, WEIGHT_STORAGE))}, "
+            f"got {weight_storage!r}"
+        )
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
@@ -969,7 +1018,7 @@ def export_onnx(
     args, kwargs = split_inputs(example_inputs)
     start = time.perf_counter()
     qmodel = qmodel.eval()
-    lowered = lower(qmodel)
+    lowered = lower(qmodel, weight_storage)
     dynamic_shapes: Any
     if kwargs:
         dynamic_shapes = {k: _dynamic_dims(v) for k, v in kwargs.items()}
@@ -1031,9 +1080,16 @@ def export_onnx(
         batches = [example_inputs] + (list(verify_data) if verify_data is not None else [])
         v = verify_onnx(tmp, qmodel, batches, min_top1_agreement, min_sqnr_db)
         if not v.passed:
+            hint = ""
+            if weight_storage == "int8" and u8s8_saturates_here():
+                hint = (
+                    " (weight_storage='int8' on an x86 CPU without VNNI, where ONNX Runtime's "
+                    "u8s8 kernel saturates: export with weight_storage='exact', or on a CPU "
+                    "like the one you deploy to)"
+                )
             raise ExportError(
-                f"the exported model does not compute what the simulation computes: {v.reason}; "
-                "nothing was written"
+                f"the exported model does not compute what the simulation computes: {v.reason}"
+                f"{hint}; nothing was written"
             )
         size = tmp.stat().st_size
     float_bytes = sum(4 * p.numel() for p in qmodel.parameters())

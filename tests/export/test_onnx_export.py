@@ -295,6 +295,37 @@ def test_layers_that_would_saturate_deploy_exactly(preset: str, dtype: int, tmp_
     assert sqnr_db(sim, dep) > 100.0
 
 
+def test_weight_storage_int8_keeps_int8_weights_and_verifies_on_this_cpu(tmp_path: Path):
+    """weight_storage="int8" keeps ONNX Runtime's fast u8s8 kernel. Verification runs here: on an
+    x86 CPU without VNNI that kernel saturates, and the export is refused with a message that says
+    so; elsewhere it deploys exactly."""
+    from edgequant.export.onnx import lower, u8s8_saturates_here
+
+    model = Saturating().eval()
+    x = torch.rand(16, 3, 8, 8, generator=_gen(12)) + 1.0
+    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(first_last_bits=None), [x])
+    stored = [m.weight_q.dtype for m in lower(qmodel, "int8").modules() if hasattr(m, "weight_q")]
+    assert stored == [torch.int8] * 2
+    path = tmp_path / "model.onnx"
+    if u8s8_saturates_here():
+        with pytest.raises(eq.ExportError, match="without VNNI.*weight_storage='exact'"):
+            eq.export_onnx(qmodel, path, x, weight_storage="int8")
+        assert not path.exists() and list(tmp_path.iterdir()) == []
+    else:
+        eq.export_onnx(qmodel, path, x, weight_storage="int8")
+        assert sorted(weight_initializers(path).values()) == [INT8] * 2
+        assert sqnr_db(_simulate(qmodel, x), run_ort(path, x)) > 100.0
+
+
+def test_weight_storage_must_be_known(tmp_path: Path):
+    model = Saturating().eval()
+    x = torch.rand(4, 3, 8, 8, generator=_gen(13))
+    qmodel = eq.quantize(model, "w8a8", [x])
+    with pytest.raises(ValueError, match="weight_storage must be one of 'exact', 'int8', got 'u8'"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, weight_storage="u8")
+    assert list(tmp_path.iterdir()) == []
+
+
 # More models and recipes: a few seconds each, so they run with the slow checks.
 # (model, recipe, method) -> per weight layer, in execution order: (weight dtype, activation kind)
 MORE_CASES = {
