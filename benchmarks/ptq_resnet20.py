@@ -40,7 +40,9 @@ def cpu_flags() -> str:
 def as_int8_weights(src: Path, dst: Path) -> int:
     """Our export with its uint8 weights (zero point 128) stored back as int8 (zero point 0):
     the same values, the format before 2026-12-04, which ONNX Runtime runs in its u8s8 kernel.
-    Returns how many weights were rewritten."""
+    Returns how many weights were rewritten. (Not export_onnx(weight_storage="int8"): that file
+    is verified, and on a CPU without VNNI, where this measures what saturation costs, it is
+    refused.)"""
     import onnx
     from onnx import numpy_helper
 

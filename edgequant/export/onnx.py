@@ -128,6 +128,7 @@ def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int,
 
 WEIGHT_STORAGE = ("exact", "int8")
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+NO_SATURATION_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # u8s8 sums in int32
 
 
 def cpu_int8_flags() -> set[str] | None:
@@ -147,7 +148,7 @@ def cpu_int8_flags() -> set[str] | None:
 def u8s8_saturates_here() -> bool:
     """True when this is an x86 CPU without VNNI, where ONNX Runtime's u8s8 kernel saturates."""
     flags = cpu_int8_flags()
-    return flags is not None and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return flags is not None and not flags & NO_SATURATION_FLAGS
 
 
 def as_uint8(q: Tensor) -> Tensor:
