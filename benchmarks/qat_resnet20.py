@@ -58,8 +58,20 @@ def main() -> int:
         help="the held-out KL that keeps an epoch: the 660 held-out images, or the mean of that "
         "and the KL on the same images JPEG'd and mirrored (cifar10.heldout_jpeg_split)",
     )
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="','-separated training seeds, each a run of every config (data order, mixup, "
+        "augmentation): the spread across seeds measures how much of a result is the draw",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--seeds: expected integers separated by ',', got {args.seeds!r}"
+        ) from None
     if shared_dir() is None:
         print(
             "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
@@ -160,7 +172,7 @@ def main() -> int:
         ptq_row.update(deployed(ptq, f"ptq_{name}"))
         print(f"ptq {name}", json.dumps(ptq_row, default=str), flush=True)
         rows = []
-        for config in configs:
+        for config, seed in [(c, s) for c in configs for s in seeds]:
             final, row = qat_from_ptq(
                 model,
                 ptq,
@@ -171,9 +183,11 @@ def main() -> int:
                 heldout,
                 teacher_logp,
                 config,
+                seed=seed,
                 heldout_jpeg=heldout_jpeg,
                 train_x_jpeg=train_x_jpeg,
             )
+            row["seed"] = seed
             row.update(deployed(final, f"qat_{name}"))
             print(
                 f"qat {name}",
