@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,18 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.bits={self.bits} is out of range: valid bits are {MIN_BITS}..{MAX_BITS}"
             )
+        for label in ("signed", "symmetric", "narrow_range"):
+            if not isinstance(getattr(self, label), bool):
+                # A string such as 'false' from a quoted YAML value would be truthy.
+                raise TypeError(
+                    f"QuantSpec.{label} must be true or false, got {getattr(self, label)!r}"
+                )
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise TypeError(f"QuantSpec.axis must be an int (a tensor dim), got {self.axis!r}")
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+        ):
+            raise TypeError(f"QuantSpec.group_size must be an int or None, got {self.group_size!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"QuantSpec.granularity={self.granularity!r} is unknown; valid: {', '.join(GRANULARITIES)}"
@@ -63,7 +76,7 @@ class QuantSpec:
             )
         from edgequant.observers import OBSERVERS  # local: observers import spec
 
-        if self.observer not in OBSERVERS:
+        if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
             raise ValueError(
                 f"QuantSpec.observer={self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}"
             )
@@ -135,6 +148,9 @@ def activation_spec(bits: int, observer: str = "minmax") -> QuantSpec:
     )
 
 
+OVERRIDE_KEYS = ("pattern", "weight", "activation", "skip")
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """Per-layer settings. `pattern` is a module name glob ('layer1.*.conv1') or a type name
@@ -144,6 +160,24 @@ class LayerOverride:
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
     skip: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise TypeError(
+                f"LayerOverride.pattern must be a non-empty module name glob or type name, "
+                f"got {self.pattern!r}"
+            )
+        for label in ("weight", "activation"):
+            spec = getattr(self, label)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(
+                    f"LayerOverride({self.pattern!r}).{label} must be a QuantSpec or None, "
+                    f"got {type(spec).__name__}"
+                )
+        if not isinstance(self.skip, bool):
+            raise TypeError(
+                f"LayerOverride({self.pattern!r}).skip must be true or false, got {self.skip!r}"
+            )
 
     def matches(self, name: str, module_type: str) -> bool:
         return self.pattern == module_type or fnmatch.fnmatchcase(name, self.pattern)
@@ -362,6 +396,8 @@ class Recipe:
     range_learning: str = "lsq"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Recipe.name must be a string, got {self.name!r}")
         if self.weight is None and self.activation is None:
             raise ValueError("Recipe needs a weight spec, an activation spec or both; got neither")
         for label, spec in (("weight", self.weight), ("activation", self.activation)):
@@ -369,11 +405,16 @@ class Recipe:
                 raise TypeError(
                     f"Recipe.{label} must be a QuantSpec or None, got {type(spec).__name__}"
                 )
-        if self.first_last_bits is not None and not MIN_BITS <= self.first_last_bits <= MAX_BITS:
+        if self.first_last_bits is not None and (
+            not isinstance(self.first_last_bits, int)
+            or isinstance(self.first_last_bits, bool)
+            or not MIN_BITS <= self.first_last_bits <= MAX_BITS
+        ):
             raise ValueError(
-                f"Recipe.first_last_bits={self.first_last_bits} out of range {MIN_BITS}..{MAX_BITS}"
+                f"Recipe.first_last_bits={self.first_last_bits!r} must be an int in "
+                f"{MIN_BITS}..{MAX_BITS} or None"
             )
-        if self.target not in TARGETS:
+        if not isinstance(self.target, str) or self.target not in TARGETS:
             raise ValueError(
                 f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}"
             )
@@ -416,9 +457,30 @@ class Recipe:
                 raise ValueError(
                     f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
                 )
-        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+        if not isinstance(self.quantize_outputs, bool):
+            raise TypeError(
+                f"Recipe.quantize_outputs must be true or false, got {self.quantize_outputs!r}"
+            )
+        if (
+            not isinstance(self.calib_samples, int)
+            or isinstance(self.calib_samples, bool)
+            or self.calib_samples < 1
+        ):
             raise ValueError(
                 f"Recipe.calib_samples must be a positive int, got {self.calib_samples!r}"
+            )
+        # A bare string would become a tuple of its characters, a bare LayerOverride or None
+        # fail in tuple(): both must come in a list.
+        if not isinstance(self.skip, (list, tuple)) or not all(
+            isinstance(p, str) for p in self.skip
+        ):
+            raise TypeError(
+                f"Recipe.skip must be a list of module name globs or type names, got {self.skip!r}"
+            )
+        if not isinstance(self.overrides, (list, tuple)):
+            raise TypeError(
+                f"Recipe.overrides must be a list of LayerOverride, got "
+                f"{type(self.overrides).__name__}"
             )
         # Tuples keep the dataclass hashable and immutable even when built from lists.
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -469,7 +531,7 @@ class Recipe:
     def for_target(self, target: str) -> Recipe:
         """This recipe under `target`'s grid rules (TARGETS): bit widths, observers and
         first_last_bits are kept; weight, activation and override specs are rewritten."""
-        if target not in TARGETS:
+        if not isinstance(target, str) or target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; known targets: {', '.join(TARGETS)}")
         return TARGETS[target].apply(self)
 
@@ -569,18 +631,40 @@ class Recipe:
         def spec(v: Any) -> QuantSpec | None:
             return QuantSpec.from_dict(v) if v is not None else None
 
-        d["weight"] = spec(d.get("weight"))
-        d["activation"] = spec(d.get("activation"))
-        d["overrides"] = tuple(
-            LayerOverride(
-                pattern=o["pattern"],
-                weight=spec(o.get("weight")),
-                activation=spec(o.get("activation")),
-                skip=bool(o.get("skip", False)),
+        # A key left out takes the field's default, as every other key does: a recipe that
+        # gives only `weight` keeps the default activations (`activation: null` is weight-only).
+        for label in ("weight", "activation"):
+            if label in d:
+                d[label] = spec(d[label])
+        overrides = d.get("overrides") or []  # `overrides:` with no value is YAML null
+        if not isinstance(overrides, list):
+            raise TypeError(
+                f"Recipe.overrides must be a list of mappings with a 'pattern', got {overrides!r}"
             )
-            for o in d.get("overrides", [])
-        )
-        d["skip"] = tuple(d.get("skip", ()))
+        parsed = []
+        for index, o in enumerate(overrides):
+            if not isinstance(o, dict) or "pattern" not in o:
+                raise TypeError(
+                    f"Recipe.overrides[{index}] must be a mapping with a 'pattern' (and "
+                    f"optionally {', '.join(OVERRIDE_KEYS[1:])}), got {o!r}"
+                )
+            unknown = set(o) - set(OVERRIDE_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"Recipe.overrides[{index}] ({o['pattern']!r}): unknown keys "
+                    f"{sorted(unknown)}; valid: {', '.join(OVERRIDE_KEYS)}"
+                )
+            parsed.append(
+                LayerOverride(
+                    pattern=o["pattern"],
+                    weight=spec(o.get("weight")),
+                    activation=spec(o.get("activation")),
+                    skip=o.get("skip", False),
+                )
+            )
+        d["overrides"] = tuple(parsed)
+        if "skip" in d and d["skip"] is None:
+            d["skip"] = ()
         return cls(**d)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -590,6 +674,11 @@ class Recipe:
         if path is not None:
             from edgequant._io import atomic_write_text
 
+            if Path(path).is_dir():
+                raise IsADirectoryError(
+                    f"Recipe.to_yaml: {path} is a folder; give a file path, e.g. "
+                    f"{Path(path) / (self.name + '.yaml')}"
+                )
             atomic_write_text(Path(path), text)
         return text
 
@@ -600,11 +689,26 @@ class Recipe:
 
         if isinstance(source, str) and "\n" in source:
             text, where = source, "the YAML text"
+        elif not isinstance(source, (str, os.PathLike)):
+            raise TypeError(
+                f"Recipe.from_yaml expects a file path or YAML text, got {type(source).__name__}"
+            )
         else:
             path = Path(source)
+            if path.is_dir():
+                raise IsADirectoryError(f"recipe path {path} is a folder, not a YAML file")
             if not path.is_file():
-                raise FileNotFoundError(f"recipe file not found: {path}")
-            text, where = path.read_text(), str(path)
+                hint = (
+                    " (YAML text needs a newline: a single line is read as a file path)"
+                    if isinstance(source, str) and ": " in source
+                    else ""
+                )
+                raise FileNotFoundError(f"recipe file not found: {path}{hint}")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not a YAML text file (not UTF-8: {err})") from err
+            where = str(path)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:

@@ -332,3 +332,126 @@ def test_specs_for_skip_list_and_skip_override_give_reasons() -> None:
     assert weight is None and activation is None
     assert reason is not None and "blocks.*.proj" in reason
     assert recipe.specs_for("blocks.3.fc", "Linear")[2] is None
+
+
+# --- values of the wrong type (hand-written YAML) -------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["signed", "symmetric", "narrow_range"])
+def test_quantspec_flags_must_be_booleans(field: str) -> None:
+    # A quoted YAML 'false' is a non-empty string: truthy, so it used to mean true.
+    with pytest.raises(TypeError, match=rf"QuantSpec\.{field} must be true or false, got 'false'"):
+        QuantSpec(**{field: "false"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"granularity": "channel", "axis": "0"}, r"QuantSpec\.axis must be an int.*'0'"),
+        ({"granularity": "group", "axis": 1, "group_size": "32"}, r"group_size.*got '32'"),
+        ({"granularity": "group", "axis": 1, "group_size": True}, r"group_size.*got True"),
+    ],
+)
+def test_quantspec_axis_and_group_size_must_be_ints(changes: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        QuantSpec(**changes)
+
+
+def test_quantspec_observer_of_the_wrong_type_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"observer=\['minmax'\] is unknown; valid: minmax"):
+        QuantSpec(observer=["minmax"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pattern": None}, r"pattern must be a non-empty.*got None"),
+        ({"pattern": ""}, r"pattern must be a non-empty.*got ''"),
+        ({"pattern": "fc", "weight": {"bits": 4}}, r"LayerOverride\('fc'\)\.weight.*got dict"),
+        ({"pattern": "fc", "skip": "no"}, r"LayerOverride\('fc'\)\.skip.*got 'no'"),
+    ],
+)
+def test_layer_override_checks_its_fields(kwargs: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        LayerOverride(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"skip": "head"}, TypeError, r"Recipe\.skip must be a list.*got 'head'"),
+        ({"skip": None}, TypeError, r"Recipe\.skip must be a list.*got None"),
+        ({"overrides": LayerOverride("fc", skip=True)}, TypeError, "got LayerOverride"),
+        ({"quantize_outputs": "no"}, TypeError, r"quantize_outputs must be true or false"),
+        ({"calib_samples": True}, ValueError, r"calib_samples must be a positive int, got True"),
+        ({"first_last_bits": 8.0}, ValueError, r"first_last_bits=8\.0 must be an int in 2\.\.16"),
+        ({"name": None}, TypeError, r"Recipe\.name must be a string, got None"),
+        ({"target": ["tensorrt"]}, ValueError, r"target=\['tensorrt'\] is unknown; known"),
+    ],
+)
+def test_recipe_fields_of_the_wrong_type_are_named(
+    changes: dict, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Recipe(**changes)
+
+
+def test_for_target_of_the_wrong_type_lists_the_targets() -> None:
+    with pytest.raises(ValueError, match=r"unknown target \['tensorrt'\]; known targets: onnx"):
+        Recipe().for_target(["tensorrt"])  # type: ignore[arg-type]
+
+
+# --- Recipe.from_dict / from_yaml / to_yaml -------------------------------------------------------
+
+
+def test_a_mapping_without_activation_keeps_the_default_activations() -> None:
+    # Omitted keys take the field's default, as for every other key; `activation: null` is
+    # weight-only. It used to turn a W4A8 recipe into a weight-only one, silently.
+    recipe = Recipe.from_yaml("name: mine\nweight: {bits: 4, granularity: channel}\n")
+    assert recipe.activation == Recipe().activation
+    assert Recipe.from_yaml("name: mine\nactivation: {bits: 4}\n").weight == Recipe().weight
+    assert Recipe.from_yaml("name: mine\nactivation: null\n").weight_only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ("- {weight: {bits: 4}}", TypeError, r"overrides\[0\] must be a mapping with a 'pattern'"),
+        (
+            "- {pattern: fc, bitz: 4}",
+            ValueError,
+            r"overrides\[0\] \('fc'\): unknown keys \['bitz'\]",
+        ),
+        ("- {pattern: fc, skip: 'false'}", TypeError, r"skip must be true or false, got 'false'"),
+        ("fc", TypeError, r"overrides must be a list of mappings.*got 'fc'"),
+        ("[fc]", TypeError, r"overrides\[0\] must be a mapping.*got 'fc'"),
+    ],
+)
+def test_yaml_overrides_are_checked(overrides: str, error: type[Exception], message: str) -> None:
+    sep = "\n  " if overrides.startswith("-") else " "
+    with pytest.raises(error, match=message):
+        Recipe.from_yaml(f"name: x\noverrides:{sep}{overrides}\n")
+
+
+def test_yaml_null_overrides_and_skip_are_empty() -> None:
+    recipe = Recipe.from_yaml("name: x\noverrides:\nskip:\n")
+    assert recipe.overrides == () and recipe.skip == ()
+
+
+def test_yaml_from_a_folder_a_binary_file_or_a_non_path(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder"):
+        Recipe.from_yaml(tmp_path)
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 binary")
+    with pytest.raises(ValueError, match=r"recipe\.yaml is not a YAML text file"):
+        Recipe.from_yaml(binary)
+    with pytest.raises(TypeError, match="expects a file path or YAML text, got NoneType"):
+        Recipe.from_yaml(None)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="YAML text needs a newline"):
+        Recipe.from_yaml("name: x")
+
+
+def test_to_yaml_into_a_folder_names_it_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; give a file path"):
+        Recipe.preset("w8a8").to_yaml(tmp_path)
+    assert list(tmp_path.iterdir()) == []
