@@ -368,7 +368,13 @@ def _row(node: str, op: str, fully_integer: bool, target: str, at_output: bool) 
 
 
 def _target(target: str) -> Any:
-    if not isinstance(target, str) or target not in TARGETS:
+    if not isinstance(target, str):
+        hint = f" (this recipe's is {target.target!r})" if hasattr(target, "target") else ""
+        raise TypeError(
+            f"target must be a target name, one of {', '.join(TARGETS)}{hint}; "
+            f"got {type(target).__name__}"
+        )
+    if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known targets: {', '.join(TARGETS)}")
     return TARGETS[target]
 
@@ -444,9 +450,13 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
             try:
                 torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*args)
             except Exception as err:  # shapes only sharpen the check; name it and go on
+                # ShapeProp wraps the op's error ("mat1 and mat2 shapes cannot be multiplied"):
+                # show the cause, which is what tells a user that example_inputs do not fit.
+                cause = err.__cause__ or err
                 result.notes.append(
-                    f"shape propagation failed ({type(err).__name__}); tensor ops told apart "
-                    "from shape arithmetic by their inputs"
+                    f"shape propagation on example_inputs failed ({type(cause).__name__}: "
+                    f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}); "
+                    "tensor ops told apart from shape arithmetic by their inputs"
                 )
     modules = dict(gm.named_modules())
     memo: dict[torch.fx.Node, bool] = {}
@@ -478,6 +488,7 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
 
 def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
     from edgequant.instrument import call_model
+    from edgequant.ptq.calibrate import naming_the_batch
 
     seen: list[tuple[str, nn.Module]] = []
     hooks = []
@@ -492,7 +503,7 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
         if name and not list(m.children()):
             hooks.append(m.register_forward_hook(hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), naming_the_batch(example_inputs, "example_inputs"):
             call_model(model, example_inputs)
     finally:
         for h in hooks:

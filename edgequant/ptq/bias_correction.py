@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from edgequant.instrument import call_model
 from edgequant.modules import QuantMixin
+from edgequant.ptq.calibrate import naming_the_batch
 from edgequant.quantizer import quantizers
 
 
@@ -85,7 +86,8 @@ def float_output_means(
         with float_mode(model), torch.no_grad():
             for index, batch in enumerate(batches):
                 mask[0] = token_mask(batch) if real_tokens_only else None
-                call_model(model, batch, index)
+                with naming_the_batch(batch, f"calib_data item {index}"):
+                    call_model(model, batch, index)
     finally:
         for h in handles:
             h.remove()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,6 +33,43 @@ def peek(calib_data: Iterable[Any] | None, what: str = "calib_data") -> tuple[An
     except StopIteration:
         raise ValueError(f"{what} is empty: at least one batch of model inputs is needed") from None
     return first, itertools.chain([first], it)
+
+
+def describe_batch(batch: Any) -> str:
+    """What one model input holds, for errors: 'a Tensor (4, 7) float32', 'a tuple of ...'."""
+
+    def one(v: Any) -> str:
+        if isinstance(v, Tensor):
+            return f"Tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        return type(v).__name__
+
+    if isinstance(batch, Tensor):
+        return f"a {one(batch)}"
+    if isinstance(batch, (tuple, list)):
+        more = ", ..." if len(batch) > 4 else ""
+        return f"a {type(batch).__name__} of {', '.join(one(v) for v in batch[:4])}{more}"
+    if hasattr(batch, "items"):
+        items = list(batch.items())
+        more = ", ..." if len(items) > 4 else ""
+        return "a mapping of " + ", ".join(f"{k}: {one(v)}" for k, v in items[:4]) + more
+    return f"a {type(batch).__name__}"
+
+
+@contextlib.contextmanager
+def naming_the_batch(batch: Any, what: str) -> Iterator[None]:
+    """A RuntimeError raised while the model runs on `batch` (torch's "mat1 and mat2 shapes
+    cannot be multiplied", a dtype mismatch) becomes a ValueError naming the batch (`what`, e.g.
+    "calib_data item 3") and its shapes. Errors raised outside the model's forward pass
+    (instrument.call_model) go through unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(f.name == "call_model" for f in traceback.extract_tb(err.__traceback__)):
+            raise
+        raise ValueError(
+            f"the model failed on {what} ({describe_batch(batch)}): {type(err).__name__}: "
+            f"{err}; is it what the model's forward takes (shapes, dtypes)?"
+        ) from err
 
 
 def _take(batch: Any, n: int) -> Any:
@@ -69,7 +107,8 @@ def run_calibration(
             if seen + n > num_samples:
                 batch, n = _take(batch, num_samples - seen), num_samples - seen
             check_finite(batch, index)
-            call_model(model, batch, index)
+            with naming_the_batch(batch, f"calib_data item {index}"):
+                call_model(model, batch, index)
             seen += n
             bar.update(n)
             if seen >= num_samples:
@@ -131,7 +170,10 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any]) -> li
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                with contextlib.suppress(_Stop):
+                with (
+                    contextlib.suppress(_Stop),
+                    naming_the_batch(batch, f"calib_data item {index}"),
+                ):
                     call_model(model, batch, index)
     finally:
         handle.remove()

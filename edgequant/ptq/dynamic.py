@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info, batch_size, instrument
-from edgequant.ptq.calibrate import peek
+from edgequant.instrument import Summary, attach_info, batch_size, check_finite, instrument
+from edgequant.ptq.calibrate import naming_the_batch, peek
 from edgequant.ptq.smooth import describe_split, smooth_and_split_
 from edgequant.ptq.static import calibrate_weights
 from edgequant.quantizer import quantizers
@@ -49,10 +49,13 @@ def quantize_dynamic(
 ) -> nn.Module:
     batches: Iterable[Any]  # a list once SmoothQuant has to read it twice
     first, batches = peek(calib_data, "calib_data")
-    qmodel, summary, recipe = build_dynamic(model, recipe, first)
+    with naming_the_batch(first, "calib_data item 0"):
+        qmodel, summary, recipe = build_dynamic(model, recipe, first)
     samples_used = 0
     if recipe.smooth_alpha is not None or recipe.split_outliers is not None:
         batches = list(batches)
+        for index, batch in enumerate(batches):
+            check_finite(batch, index)
         smoothed, added = smooth_and_split_(
             qmodel, batches, recipe.smooth_alpha, num_samples, recipe.split_outliers
         )

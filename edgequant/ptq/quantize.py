@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,11 +14,13 @@ from typing import Any, cast
 from torch import nn
 
 from edgequant.instrument import attach_info
-from edgequant.modules import QuantLinear
+from edgequant.modules import QUANT_MODULES, QuantLinear
+from edgequant.ptq.calibrate import naming_the_batch
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
 from edgequant.ptq.smooth import resize_input
 from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
+from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
@@ -23,6 +28,37 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
     "dynamic": quantize_dynamic,
     "weight_only": quantize_weight_only,
 }
+
+
+def _check_recipe_fits(model: nn.Module, recipe: Recipe) -> None:
+    """Every override and skip pattern of `recipe` names a module of `model` (a typo would
+    otherwise leave the layer at the default specs, silently), and every weight spec's axis is a
+    dim of the weights it applies to."""
+    layers = [(n, m) for n, m in model.named_modules() if n]
+    names = [n for n, _ in layers]
+    types = sorted({type(m).__name__ for _, m in layers})
+    patterns = [("skip", p) for p in recipe.skip] + [
+        ("override", o.pattern) for o in recipe.overrides
+    ]
+    for kind, pattern in patterns:
+        match = re.compile(fnmatch.translate(pattern)).match
+        if pattern not in types and not any(match(n) for n in names):
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            raise ValueError(
+                f"recipe {recipe.name!r}: {kind} pattern {pattern!r} matches no module of the "
+                f"model; module names: {shown}; type names: {', '.join(types)}"
+            )
+    for name, module in layers:
+        if type(module) not in QUANT_MODULES:
+            continue
+        spec, _, _ = recipe.specs_for(name, type(module).__name__)
+        dims = module.weight.dim()
+        if spec is not None and not spec.per_tensor and not -dims <= spec.axis < dims:
+            raise ValueError(
+                f"layer {name!r}: the weight spec's axis {spec.axis} ({spec.short()}) is not a "
+                f"dim of its weight of shape {tuple(module.weight.shape)}; valid axes: "
+                f"0..{dims - 1}"
+            )
 
 
 def _check_arguments(model: nn.Module, recipe: Recipe | str, method: str) -> Recipe:
@@ -35,8 +71,9 @@ def _check_arguments(model: nn.Module, recipe: Recipe | str, method: str) -> Rec
         raise TypeError(
             f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
         )
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    _check_recipe_fits(model, recipe)
     return recipe
 
 
@@ -56,7 +93,9 @@ def quantize(
     skipped and why) and `.quant_info`.
     """
     recipe = _check_arguments(model, recipe, method)
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (
+        not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
+    ):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     start = time.perf_counter()
     qmodel = METHODS[method](
@@ -86,18 +125,47 @@ def load(
     recipe = _check_arguments(model, recipe, method)
     if isinstance(state, (str, os.PathLike)):
         path = Path(state)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"state: {path} is a folder; pass the file that "
+                "torch.save(qmodel.state_dict(), path) wrote"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"no saved state at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a file it cannot read
+            detail = (
+                "it holds objects other than tensors, a pickled model perhaps, which loading "
+                "with weights_only=True refuses"
+                if isinstance(err, pickle.UnpicklingError)
+                else f"{type(err).__name__}: {str(err).strip()[:200]}"
+            )
+            raise ValueError(
+                f"{path} is not a saved state_dict that torch.load can read safely ({detail}); "
+                "save the quantized model with torch.save(qmodel.state_dict(), path)"
+            ) from err
     if not isinstance(state, dict):
         raise TypeError(f"state must be a state_dict or a path to one, got {type(state).__name__}")
-    qmodel, summary, recipe = BUILDERS[method](model, recipe, example_inputs)
+    if example_inputs is None:
+        raise ValueError(
+            "example_inputs is required: one batch of model inputs (as calib_data yields them) "
+            "to trace the layers as quantize did"
+        )
+    with naming_the_batch(example_inputs, "example_inputs"):
+        qmodel, summary, recipe = BUILDERS[method](model, recipe, example_inputs)
     # Buffers that exist only once a pass has run (SmoothQuant, outlier splitting) are created
     # before loading; a split layer's weight takes the split width.
     for key, value in state.items():
         if key.endswith((".input_smooth_inv", ".input_channel_index")):
             layer_name, buffer = key.rsplit(".", 1)
-            layer = qmodel.get_submodule(layer_name)
+            try:
+                layer = qmodel.get_submodule(layer_name)
+            except AttributeError:
+                raise ValueError(
+                    f"the saved state holds {key!r}, but the model quantized with recipe "
+                    f"{recipe.name!r} has no layer {layer_name!r} (saved from another model?)"
+                ) from None
             setattr(layer, buffer, value.detach().clone())
             if buffer == "input_channel_index":
                 if not isinstance(layer, QuantLinear):
@@ -113,6 +181,16 @@ def load(
             f"the saved state does not fit this model quantized with recipe {recipe.name!r} and method "
             f"{method!r} (was it saved from another recipe, method or model?): {err}"
         ) from err
+    # Static and dynamic models of a plain stack of layers hold the same keys; the quantizers'
+    # saved modes tell them apart (and would otherwise override the method asked for).
+    modes = {q.mode for q in quantizers(qmodel) if q.role == "activation"}
+    saved = "dynamic" if "dynamic" in modes else "static" if "quantize" in modes else None
+    if saved is not None and method in ("static", "dynamic") and saved != method:
+        raise ValueError(
+            f"the saved state was quantized with method {saved!r} (its activation ranges are "
+            f"{'computed at run time' if saved == 'dynamic' else 'fixed'}), not method={method!r}; "
+            f"pass method={saved!r}"
+        )
     attach_info(
         qmodel,
         summary,

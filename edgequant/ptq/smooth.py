@@ -28,6 +28,7 @@ from edgequant import functional as F
 from edgequant.instrument import batch_size, call_model
 from edgequant.modules import QuantLinear
 from edgequant.observers import OBSERVERS
+from edgequant.ptq.calibrate import naming_the_batch
 
 # Candidates of the per-layer search ("auto"): this grid, then half a step either side of its
 # best; "no smoothing" (s = 1) is always a candidate too.
@@ -93,7 +94,8 @@ def input_stats(
     seen = 0
     try:
         for index, batch in enumerate(batches):
-            call_model(qmodel, batch, index)
+            with naming_the_batch(batch, f"calib_data item {index}"):
+                call_model(qmodel, batch, index)
             seen += batch_size(batch)
             if seen >= num_samples:
                 break

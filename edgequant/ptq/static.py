@@ -20,7 +20,7 @@ from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.block import Group, SegmentError, block_plan, reconstruct_group
-from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
+from edgequant.ptq.calibrate import capture_inputs, collect, naming_the_batch, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
 from edgequant.ptq.rounding import supports as rounding_support
@@ -255,7 +255,8 @@ def quantize_static(
     progress: bool,
 ) -> nn.Module:
     first, batches = peek(calib_data)
-    qmodel, summary, recipe = build_static(model, recipe, first)
+    with naming_the_batch(first, "calib_data item 0"):
+        qmodel, summary, recipe = build_static(model, recipe, first)
     pipeline = resolve_pipeline(recipe, qmodel)
     steps: list[str] = []
     data = collect(batches, num_samples, summary.notes)

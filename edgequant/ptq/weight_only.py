@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from edgequant.instrument import Summary, attach_info, batch_size, instrument
-from edgequant.ptq.calibrate import collect, peek
+from edgequant.ptq.calibrate import collect, naming_the_batch, peek
 from edgequant.ptq.static import apply_refinement, calibrate_weights, resolve_pipeline
 from edgequant.spec import Recipe
 
@@ -42,7 +42,8 @@ def quantize_weight_only(
             "weight-only quantization quantizes none (set split_outliers=None)"
         )
     first, batches = peek(calib_data, "calib_data (one example batch)")
-    qmodel, summary, recipe = build_weight_only(model, recipe, first)
+    with naming_the_batch(first, "calib_data item 0"):
+        qmodel, summary, recipe = build_weight_only(model, recipe, first)
     pipeline = resolve_pipeline(recipe, qmodel)
     calibrate_weights(qmodel)
     steps = ["weight ranges calibrated"]
