@@ -186,6 +186,18 @@ def _is_number_in(value: Any, low: float, high: float, low_open: bool = False) -
     return (value > low if low_open else value >= low) and value < high
 
 
+def _val_number(value: Any, epoch: int) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"val_fn must return a number (model -> float); after epoch {epoch} it returned "
+            f"{type(value).__name__}"
+            + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else "")
+        )
+    return float(value)
+
+
 def fit_qat(
     qmodel: nn.Module,
     train_data: Iterable[Any],
@@ -255,8 +267,12 @@ def fit_qat(
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not _is_number_in(momentum, 0.0, 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if not _is_number_in(weight_decay, 0.0, math.inf):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not _is_number_in(temperature, 0.0, math.inf, low_open=True):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if not _is_number_in(range_lr_scale, 0.0, math.inf):
         raise ValueError(f"range_lr_scale must be a number >= 0, got {range_lr_scale!r}")
     if not _is_number_in(warmup_epochs, 0.0, epochs):
@@ -269,8 +285,11 @@ def fit_qat(
         raise ValueError("feature_weight > 0 distils the teacher's features: pass teacher=")
     if feature_layers is not None and feature_weight == 0:
         raise ValueError("feature_layers is given but feature_weight is 0: set feature_weight > 0")
-    if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
+    if not _is_number_in(kd_weight, 0.0, math.nextafter(1.0, math.inf)):  # [0, 1]
+        raise ValueError(f"kd_weight must be a number in [0, 1], got {kd_weight!r}")
+    for label, fn in (("val_fn", val_fn), ("on_epoch_end", on_epoch_end)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{label} must be callable or None, got {type(fn).__name__} {fn!r}")
     if freeze_observers_epoch is not None:
         _check_positive_int("freeze_observers_epoch", freeze_observers_epoch)
     if isinstance(train_data, (Tensor, dict, Iterator)) or not isinstance(train_data, Iterable):
@@ -293,6 +312,12 @@ def fit_qat(
     path: Path | None = None
     if checkpoint_dir is not None:
         path = Path(checkpoint_dir) / ckpt.FILENAME
+        for folder in (path.parent, *path.parent.parents):
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(
+                    f"checkpoint_dir={str(checkpoint_dir)!r}: {str(folder)!r} is a file, not a "
+                    f"folder; {ckpt.FILENAME} is written inside checkpoint_dir"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
@@ -326,8 +351,6 @@ def fit_qat(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total_steps - warm, 1)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    if teacher is not None:
-        teacher.eval()
     # The moving average of the trained parameters (weight_average > 0), in `trained` order.
     average = [p.detach().clone() for p in trained] if weight_average > 0 else None
 
@@ -361,7 +384,11 @@ def fit_qat(
     # Catches the layers' inputs in both models during training steps only (not in val_fn).
     match = FeatureMatch(model, teacher, layers) if teacher is not None and layers else None
     bar: Any = None
+    # The teacher runs in eval mode; its flags are put back at the end (it is the caller's model).
+    teacher_flags = {m: m.training for m in teacher.modules()} if teacher is not None else {}
     try:
+        if teacher is not None:
+            teacher.eval()
         for epoch in range(start_epoch + 1, epochs + 1):
             if freeze_observers_epoch is not None and epoch >= freeze_observers_epoch:
                 freeze_observers(model)
@@ -377,6 +404,12 @@ def fit_qat(
             )
             for index, batch in enumerate(bar):
                 x, y = _split(batch, index)
+                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    # Fake-quantize maps NaN inputs to grid points: the loss stays finite and the
+                    # model trains on garbage without a word.
+                    raise ValueError(
+                        f"train_data item {index} (epoch {epoch}) holds NaN or Inf in its inputs"
+                    )
                 if y is None and teacher is None:
                     raise ValueError(
                         f"train_data item {index} has no labels and no teacher was given: pass "
@@ -389,6 +422,16 @@ def fit_qat(
                     with torch.no_grad():
                         teacher_logits = teacher(x)
                 logits = qmodel(x)
+                if (
+                    isinstance(teacher_logits, Tensor)
+                    and isinstance(logits, Tensor)
+                    and teacher_logits.shape != logits.shape
+                ):
+                    raise ValueError(
+                        f"teacher output has shape {tuple(teacher_logits.shape)} on train_data "
+                        f"item {index}, the model's {tuple(logits.shape)}: distillation compares "
+                        "them class by class; pass the FP32 model that qmodel was prepared from"
+                    )
                 if y is not None:
                     _check_labels(y, logits, index)
                 loss = distillation_loss(logits, y, teacher_logits, temperature, kd_weight)
@@ -437,7 +480,7 @@ def fit_qat(
                     torch._foreach_copy_([p.detach() for p in trained], average)
             model.eval()
             if val_fn is not None:
-                record["val"] = float(val_fn(model))
+                record["val"] = _val_number(val_fn(model), epoch)
             history.append(record)
             if path is not None and _is_rank0():
                 ckpt.save(
@@ -466,6 +509,8 @@ def fit_qat(
             bar.close()
         if match is not None:
             match.remove()
+        for m, flag in teacher_flags.items():
+            m.training = flag
     model.eval()
     return history
 

@@ -92,6 +92,21 @@ def make_trainable(qmodel: nn.Module, range_learning: str) -> int:
     return len(new_of)
 
 
+def check_float_model(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model that already holds quantizers (eq.quantize's or eq.prepare_qat's output):
+    instrumenting it again finds no float layer, and the error would say only that."""
+    found = next((n for n, m in model.named_modules() if isinstance(m, TensorQuantizer)), None)
+    if found is None:
+        return
+    info = getattr(model, "quant_info", None)
+    method = info.get("method") if isinstance(info, dict) else None
+    made_by = " by eq.prepare_qat" if method == "qat" else " by eq.quantize" if method else ""
+    raise ValueError(
+        f"{what} is already quantized{made_by} (it has the quantizer {found!r}): pass the FP32 "
+        "model it was made from"
+    )
+
+
 def prepare_qat(
     model: nn.Module,
     recipe: Recipe | str = "w8a8",
@@ -109,6 +124,7 @@ def prepare_qat(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_float_model(model)
     if isinstance(recipe, str):
         recipe = Recipe.preset(recipe)
     if not isinstance(recipe, Recipe):
