@@ -102,15 +102,25 @@ def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
 
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
         raise TypeError(f"candidates must be a sequence of ints, got {candidates!r}")
-    out = tuple(sorted(set(candidates)))
-    if not out:
+    if not candidates:
         raise ValueError("candidates is empty: give at least one bit width, e.g. (2, 3, 4, 8)")
-    for b in out:
+    # Each one checked before sorting: [4, "8"] would otherwise fail in sorted() with a TypeError
+    # that names neither the argument nor the value.
+    for b in candidates:
         if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
             raise ValueError(
                 f"candidate bit width {b!r} is invalid: ints in {MIN_BITS}..{MAX_BITS}"
             )
-    return out
+    return tuple(sorted(set(candidates)))
+
+
+def _check_fixed(fixed: Mapping[str, int] | None) -> dict[str, int]:
+    if fixed is not None and not isinstance(fixed, Mapping):
+        raise TypeError(
+            f"fixed must be a mapping of layer name -> bits (e.g. {{'conv1': 8}}), got "
+            f"{type(fixed).__name__} {fixed!r}"
+        )
+    return dict(fixed or {})
 
 
 def allocate(
@@ -139,7 +149,7 @@ def allocate(
     layers = list(sensitivities)
     if not layers:
         raise ValueError("sensitivities is empty: no layer to allocate bits to")
-    fixed = dict(fixed or {})
+    fixed = _check_fixed(fixed)
     for name in layers:
         row = sensitivities[name]
         missing = [b for b in cands if b not in row]

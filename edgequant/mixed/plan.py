@@ -257,11 +257,13 @@ def plan(
     (2, 3, 4, 8), or those of `sensitivities` when given. `sensitivities` reuses a
     result (plan.sensitivity of an earlier plan) instead of measuring again.
     """
-    from edgequant.mixed.allocate import _check_candidates
+    from edgequant.mixed.allocate import _check_candidates, _check_fixed
+    from edgequant.qat.prepare import check_float_model
 
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_float_model(model)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; valid: {', '.join(METHODS)}")
     if budget is None and max_drop is None:
@@ -273,12 +275,23 @@ def plan(
     if max_drop is not None:
         if eval_fn is None:
             raise ValueError("max_drop needs eval_fn(model) -> float to measure the drop")
-        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
+        # `not >= 0` refuses NaN too: every drop compared false with it (the 8-bit plan came back).
+        if (
+            isinstance(max_drop, bool)
+            or not isinstance(max_drop, (int, float))
+            or not max_drop >= 0
+        ):
             raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
     if eval_fn is not None and not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
         raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
+    if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
+        raise TypeError(
+            f"sensitivities must be an edgequant.mixed.Sensitivity, got "
+            f"{type(sensitivities).__name__}"
+        )
+    fixed = _check_fixed(fixed)
     if candidates is None:
         candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES
     cands = _check_candidates(candidates)
@@ -301,11 +314,6 @@ def plan(
     rhos: dict[int, float] = {}
     ptq_s = 0.0
     if sensitivities is not None:
-        if not isinstance(sensitivities, Sensitivity):
-            raise TypeError(
-                f"sensitivities must be an edgequant.mixed.Sensitivity, got "
-                f"{type(sensitivities).__name__}"
-            )
         sens = sensitivities
         method = sens.method
     else:
@@ -358,6 +366,10 @@ def plan(
             )
     else:
         assert eval_fn is not None
+        if budget is not None:
+            # The search re-states the size bounds in bytes; an infeasible budget is named here
+            # as the caller gave it (size_ratio stays size_ratio), before any plan is measured.
+            solve(budget)
         alloc, drop, trials = _search(
             model, base, costs, batches, eval_fn, float(max_drop), budget, solve, cands,
             search_steps,

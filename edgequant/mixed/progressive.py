@@ -12,7 +12,7 @@ plan meets the tolerance on the data eval_fn reads, not only by prediction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 from torch import nn
@@ -47,6 +47,57 @@ def _qat_api() -> tuple[Any, Any]:
     return prepare, fit
 
 
+def _length(data: Any) -> int | None:
+    """len(data), or None where it has none (a generator, a DataLoader of an IterableDataset)."""
+    try:
+        return len(data) if isinstance(data, Sized) else None
+    except TypeError:
+        return None
+
+
+def _check_qat_arguments(
+    qat_epochs: int, train_data: Iterable[Any] | None, qat_kwargs: Mapping[str, Any] | None
+) -> None:
+    """The final QAT's arguments, checked before the search (minutes) rather than after it."""
+    import inspect
+
+    if qat_epochs == 0:
+        given = ["train_data"] if train_data is not None else []
+        given += ["qat_kwargs"] if qat_kwargs else []
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} given but qat_epochs is 0, so no QAT runs: set "
+                "qat_epochs > 0 to train the final plan, or leave them out"
+            )
+        return
+    _, fit = _qat_api()
+    if train_data is None:
+        raise ValueError("qat_epochs > 0 needs train_data (batches of (inputs, labels))")
+    if _length(train_data) == 0:
+        raise ValueError("train_data is empty: qat_epochs > 0 needs batches of (inputs, labels)")
+    if qat_kwargs is None:
+        return
+    if not isinstance(qat_kwargs, Mapping):
+        raise TypeError(
+            f"qat_kwargs must be a mapping of edgequant.fit_qat arguments (e.g. {{'lr': 1e-4}}), "
+            f"got {type(qat_kwargs).__name__}"
+        )
+    # progressive passes these itself: the model, the data, qat_epochs and the FP32 teacher.
+    own = {"qmodel", "train_data", "epochs", "teacher"}
+    valid = [n for n in inspect.signature(fit).parameters if n not in own]
+    for key in qat_kwargs:
+        if key in own:
+            raise ValueError(
+                f"qat_kwargs[{key!r}] is set by progressive itself "
+                "(epochs: qat_epochs=, train_data: train_data=, teacher: the FP32 model)"
+            )
+        if key not in valid:
+            raise ValueError(
+                f"qat_kwargs[{key!r}] is not an argument of edgequant.fit_qat; valid: "
+                f"{', '.join(valid)}"
+            )
+
+
 def progressive(
     model: nn.Module,
     calib_data: Iterable[Any],
@@ -73,25 +124,33 @@ def progressive(
     train_data (with the FP32 model as teacher); the plan's qmodel is the trained model and
     plan.drop its measured drop.
     """
-    from edgequant.mixed.allocate import _check_candidates
+    from edgequant.mixed.allocate import _check_candidates, _check_fixed
     from edgequant.mixed.hessian import float_instrumented
     from edgequant.ptq import quantize
+    from edgequant.qat.prepare import check_float_model
 
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_float_model(model)
     if not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
+    # `not >= 0` refuses NaN too: every move compared false with it (8 bits everywhere came back).
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
         raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
         raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}")
-    if qat_epochs > 0:
-        _qat_api()  # fail before the search, not after it
-        if train_data is None:
-            raise ValueError("qat_epochs > 0 needs train_data (batches of (inputs, labels))")
+    _check_qat_arguments(qat_epochs, train_data, qat_kwargs)  # before the search, not after it
+    if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
+        raise TypeError(
+            f"sensitivities must be an edgequant.mixed.Sensitivity, got "
+            f"{type(sensitivities).__name__}"
+        )
+    fixed = _check_fixed(fixed)
     if candidates is None:
         candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES
     cands = _check_candidates(candidates)
@@ -105,7 +164,6 @@ def progressive(
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
     costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
-    fixed = dict(fixed or {})
     for name, b in fixed.items():
         if name not in costs.params:
             raise ValueError(f"fixed names layer {name!r}, which is not a quantized layer")
