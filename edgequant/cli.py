@@ -250,8 +250,7 @@ def _compare_run(args: argparse.Namespace) -> int:
             "eval_data", "compare measures the metric on it; add it ((inputs, labels) batches)"
         )
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {args.out!r} exists and is not a folder")
+    _check_out_folder(args.out)
 
     def for_run(recipe: Recipe) -> Recipe:
         samples = config.num_samples or recipe.calib_samples
@@ -366,6 +365,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo_run(args: argparse.Namespace) -> int:
     from edgequant.report.demo import run_demo
 
+    _check_out_folder(args.out)
     report = run_demo(args.out, quick=args.quick, quiet=args.quiet)
     if args.quiet:
         rec = report.recommendation
@@ -437,7 +437,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(error) if error.filename is None else f"no such file: {error.filename}")
     except (UserError, ValueError) as error:
         _error(str(error))
+    except OSError as error:  # a file where a folder should be, no permission, a full disk
+        where = f": {error.filename}" if error.filename is not None else ""
+        _error(f"{error.strerror or error}{where}")
     return USAGE_ERROR
+
+
+def _check_out_folder(out: str) -> None:
+    """--out names a folder to create or fill: refused before any work when it, or a folder it
+    would be created in, is a file (the report's mkdir came after minutes of quantizing)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out: {out!r} exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out: {out!r} cannot be created: {str(parent)!r} is a file")
+            break
 
 
 def _error(message: str) -> None:
