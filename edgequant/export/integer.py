@@ -71,7 +71,10 @@ def _load(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"no such ONNX file: {os.fspath(model)}")
-        return onnx.load(os.fspath(model))
+        from edgequant.export.inspect import load_onnx_model
+
+        # A ValueError naming the file for a text file, an empty file or another protobuf.
+        return load_onnx_model(model)
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(
             f"expected an ONNX file path or onnx.ModelProto, got {type(model).__name__}"
@@ -951,17 +954,36 @@ def run_integer(
     docstring). Raises IntegerGraphError naming the node and op type the runner cannot run.
     """
     model = _load(onnx_path)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     runner = _Runner(model, matmul, rounding)
     feeds = _feeds(runner.input_names, inputs)
+    _check_shapes(model, feeds)
     n = {int(v.shape[0]) for v in feeds.values() if v.ndim}
     if len(n) > 1:
         raise ValueError(f"inputs disagree on the batch size: {sorted(n)}")
     total = n.pop() if n else 1
+    if total == 0:
+        raise ValueError(f"inputs hold an empty batch: {[tuple(v.shape) for v in feeds.values()]}")
     pieces = [runner.run({k: v[s] for k, v in feeds.items()}) for s in _batches(total, batch_size)]
     outputs = [np.concatenate([p[k] for p in pieces], axis=0) for k in range(len(pieces[0]))]
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _check_shapes(model: Any, feeds: dict[str, np.ndarray]) -> None:
+    """ValueError for an input whose rank or fixed dimensions differ from the graph's: the
+    runner's kernels would otherwise read a wrong-sized input without complaint."""
+    for value in model.graph.input:
+        if value.name not in feeds or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        want = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+        got = feeds[value.name].shape
+        if len(got) != len(want) or any(
+            isinstance(w, int) and w != g for w, g in zip(want, got, strict=False)
+        ):
+            shown = "(" + ", ".join(str(w) for w in want) + ")"
+            raise ValueError(f"input {value.name!r} has shape {got}; the model takes {shown}")
 
 
 def _feeds(names: list[str], inputs: Any) -> dict[str, np.ndarray]:
@@ -978,7 +1000,10 @@ def _feeds(names: list[str], inputs: Any) -> dict[str, np.ndarray]:
     if isinstance(inputs, dict):
         missing = [k for k in names if k not in inputs]
         if missing:
-            raise ValueError(f"no value for the model's inputs {missing}; it takes {names}")
+            raise ValueError(
+                f"no value for the model's inputs {missing}; it takes {names}, "
+                f"got {sorted(map(str, inputs))}"
+            )
         return {k: as_array(inputs[k], k) for k in names}
     seq = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if len(seq) != len(names):

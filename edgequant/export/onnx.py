@@ -470,6 +470,80 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
+def batch_list(data: Any, name: str) -> list[Any]:
+    """An iterable of batches (a list, a DataLoader) as a list; a TypeError naming `name` for a
+    bare tensor (iterating it would give single samples, not batches) or a non-iterable."""
+    if isinstance(data, Tensor):
+        raise TypeError(
+            f"{name} must be an iterable of batches (a list or a DataLoader), got a tensor of "
+            f"shape {tuple(data.shape)}: pass [x] for one batch, or list(x.split(64))"
+        )
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{name} must be an iterable of batches (a list or a DataLoader), "
+            f"got {type(data).__name__}"
+        )
+    return list(data)
+
+
+def _input_tensors(batch: Any) -> list[tuple[str, Tensor]]:
+    """(position, tensor) of each tensor of a batch: "[0]", "[1]"... or "['input_ids']"."""
+    args, kwargs = split_inputs(batch)
+    found = [(f"[{i}]", a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    return found + [(f"[{k!r}]", v) for k, v in kwargs.items() if isinstance(v, Tensor)]
+
+
+def check_batch_values(batch: Any, what: str) -> None:
+    """ValueError naming `what` for a batch that cannot verify anything: NaN, or no samples."""
+    for pos, t in _input_tensors(batch):
+        if t.dim() and t.shape[0] == 0:
+            raise ValueError(f"{what}{pos} has an empty batch (shape {tuple(t.shape)})")
+        if t.is_floating_point() and not t.is_meta and bool(torch.isnan(t).any()):
+            raise ValueError(
+                f"{what}{pos} holds NaN ({int(torch.isnan(t).sum())} of {t.numel()} values): "
+                "a model cannot be verified on it"
+            )
+
+
+def _shapes(batch: Any) -> str:
+    return ", ".join(
+        f"{pos}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+        for pos, t in _input_tensors(batch)
+    )
+
+
+def run_checked(model: nn.Module, batch: Any, what: str) -> Any:
+    """model(batch) without gradients; a ValueError naming `what`, its shapes and the innermost
+    layer that failed when the model cannot run it (a wrong shape, dtype or device)."""
+    names = {m: n for n, m in model.named_modules()}
+    entered: list[nn.Module] = []
+
+    def enter(mod: nn.Module, inputs: Any) -> None:
+        entered.append(mod)
+
+    def leave(mod: nn.Module, inputs: Any, output: Any) -> None:
+        if entered and entered[-1] is mod:
+            entered.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names]
+    hooks += [m.register_forward_hook(leave) for m in names]
+    args, kwargs = split_inputs(batch)
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as err:
+        where = ""
+        if entered and names.get(entered[-1]):
+            where = f"layer {names[entered[-1]]!r} ({type(entered[-1]).__name__}) raised "
+        raise ValueError(
+            f"{what} ({_shapes(batch)}) do not run through the model: "
+            f"{where}{type(err).__name__}: {err}"
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _dynamic_dims(t: Any) -> Any:
     if not isinstance(t, Tensor) or t.dim() == 0:
         return None
@@ -817,13 +891,14 @@ def verify_onnx(
     min_sqnr_db: float = 30.0,
     threads: int = 0,
     floor_margin_db: float = 6.0,
+    batch_names: list[str] | None = None,
 ) -> Verification:
     """Run the ONNX model in ONNX Runtime and the simulation in PyTorch on the same inputs.
 
     Passes when the deployed outputs agree with the simulated ones to min_sqnr_db (or, for a
     model whose own float-rounding floor is lower, to within floor_margin_db of that floor)
     and, for classifiers, on min_top1_agreement of top-1 predictions (or the floor's agreement,
-    if lower).
+    if lower). batch_names: what to call each batch in an error (default "inputs[i]").
     """
     import numpy as np
     import onnxruntime as ort
@@ -842,15 +917,22 @@ def verify_onnx(
     qmodel.eval()
     for index, batch in enumerate(inputs):
         args, kwargs = split_inputs(batch)
+        what = batch_names[index] if batch_names is not None else f"inputs[{index}]"
         with torch.no_grad():
-            sim = _outputs(qmodel(*args, **kwargs))
+            sim = _outputs(run_checked(qmodel, batch, what))
             hooks = _perturbed(qmodel, 1e-7, seed=index)
             try:
                 sim_noisy = _outputs(qmodel(*args, **kwargs))
             finally:
                 for h in hooks:
                     h.remove()
-        dep = [torch.from_numpy(np.asarray(o)) for o in sess.run(None, ort_feed(names, batch))]
+        try:
+            raw = sess.run(None, ort_feed(names, batch))
+        except Exception as err:  # ORT's own exception types: say which batch it refused
+            raise ValueError(
+                f"ONNX Runtime cannot run the exported model on {what} ({_shapes(batch)}): {err}"
+            ) from err
+        dep = [torch.from_numpy(np.asarray(o)) for o in raw]
         if index == 0:
             classify = sim[0].dim() == 2 and sim[0].shape[1] > 1 and sim[0].is_floating_point()
         deployed.add(sim, dep, classify)
@@ -984,8 +1066,6 @@ def export_onnx(
     Nothing is written if export or verification fails (ExportError); an existing file at `path`
     is replaced only by a verified model.
     """
-    import onnx
-
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     layers = list(quant_layers(qmodel))
@@ -1009,16 +1089,75 @@ def export_onnx(
             f"weight_storage must be one of {', '.join(map(repr, WEIGHT_STORAGE))}, "
             f"got {weight_storage!r}"
         )
+    for name, value, low, high in (
+        ("min_top1_agreement", min_top1_agreement, 0.0, 1.0),
+        ("min_sqnr_db", min_sqnr_db, -math.inf, math.inf),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not low <= value <= high:
+            raise ValueError(
+                f"{name} must be "
+                + ("a fraction in [0, 1]" if name == "min_top1_agreement" else "a finite number")
+                + f", got {value!r}"
+            )
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
     if path.exists() and path.is_dir():
         raise ValueError(f"path {str(path)!r} is a directory")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{str(path.parent)!r}, the folder of path, is a file, not a folder")
     if not path.parent.exists():
         raise ValueError(f"the folder {str(path.parent)!r} does not exist")
     args, kwargs = split_inputs(example_inputs)
+    for pos, t in _input_tensors(example_inputs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise TypeError(
+                f"example_inputs{pos} has dtype {t.dtype}; the exported model takes float32 "
+                "inputs (its scales are float32): pass it as .float()"
+            )
+    check_batch_values(example_inputs, "example_inputs")
+    verify = batch_list(verify_data, "verify_data") if verify_data is not None else []
+    for i, batch in enumerate(verify):
+        split_inputs(batch)
+        check_batch_values(batch, f"verify_data[{i}]")
+    # Export and verification need eval mode; the caller's flags come back at the end (STYLE §9).
+    training = {m: m.training for m in qmodel.modules()}
+    try:
+        qmodel.eval()
+        run_checked(qmodel, example_inputs, "example_inputs")
+        return _export(
+            qmodel,
+            path,
+            example_inputs,
+            verify,
+            min_top1_agreement,
+            min_sqnr_db,
+            weight_storage,
+            layers,
+        )
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _export(
+    qmodel: nn.Module,
+    path: Path,
+    example_inputs: Any,
+    verify: list[Any],
+    min_top1_agreement: float,
+    min_sqnr_db: float,
+    weight_storage: str,
+    layers: list[tuple[str, nn.Module]],
+) -> ExportInfo:
+    import onnx
+
+    args, kwargs = split_inputs(example_inputs)
     start = time.perf_counter()
-    qmodel = qmodel.eval()
     lowered = lower(qmodel, weight_storage)
     dynamic_shapes: Any
     if kwargs:
@@ -1042,6 +1181,7 @@ def export_onnx(
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     assert program is not None
     model = program.model_proto
+    _check_integer_inputs(model)
     fold_integer_casts(model)
     strip_metadata(model)
     drop_default_attributes(model)
@@ -1078,8 +1218,11 @@ def export_onnx(
     onnx.checker.check_model(model)
     with atomic_path(path, suffix=".onnx.tmp") as tmp:
         onnx.save_model(model, str(tmp))
-        batches = [example_inputs] + (list(verify_data) if verify_data is not None else [])
-        v = verify_onnx(tmp, qmodel, batches, min_top1_agreement, min_sqnr_db)
+        batches = [example_inputs] + verify
+        batch_names = ["example_inputs"] + [f"verify_data[{i}]" for i in range(len(verify))]
+        v = verify_onnx(
+            tmp, qmodel, batches, min_top1_agreement, min_sqnr_db, batch_names=batch_names
+        )
         if not v.passed:
             hint = ""
             if weight_storage == "int8" and u8s8_saturates_here():
@@ -1105,6 +1248,25 @@ def export_onnx(
         wall_s=time.perf_counter() - start,
         fully_integer=True if fully_integer else None,
     )
+
+
+def _check_integer_inputs(model: Any) -> None:
+    """ValueError for a graph input of an integer type that a QuantizeLinear reads: the
+    simulation quantizes integer example inputs as floats, ONNX Runtime refuses the graph."""
+    from onnx import TensorProto
+
+    for value in model.graph.input:
+        elem = value.type.tensor_type.elem_type
+        if elem in (TensorProto.FLOAT, TensorProto.UNDEFINED):
+            continue
+        if any(
+            n.op_type == "QuantizeLinear" and n.input[:1] == [value.name] for n in model.graph.node
+        ):
+            raise ValueError(
+                f"example_inputs: the model's input {value.name!r} is "
+                f"{TensorProto.DataType.Name(elem).lower()}, and its first layer quantizes it "
+                "as float activations: pass it as a float32 tensor (.float())"
+            )
 
 
 def _fully_integer_target(qmodel: nn.Module) -> str | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import platform
 import tempfile
 import time
@@ -304,6 +306,14 @@ def _mixed_model(
 
 def runs_for(recipes: Sequence[Recipe | str]) -> list[Run]:
     """One PTQ run per recipe: weight-only recipes run method weight_only, the others static."""
+    if isinstance(recipes, (str, Recipe)):
+        raise TypeError(
+            f"recipes must be a list of Recipes or preset names, got the single {recipes!r}: "
+            f"pass [{recipes!r}]"
+            if isinstance(recipes, str)
+            else f"recipes must be a list of Recipes or preset names, got a single Recipe "
+            f"{recipes.name!r}: pass [recipe]"
+        )
     runs = []
     for item in recipes:
         r = Recipe.preset(item) if isinstance(item, str) else item
@@ -378,9 +388,21 @@ class Report:
                 return dict(r)
         raise KeyError(f"no run named {name!r}; runs: {[r['name'] for r in self.results['runs']]}")
 
+    def _check(self) -> None:
+        """A ValueError naming the keys a results dict lacks (DESIGN §1's results file)."""
+        if not isinstance(self.results, dict):
+            raise TypeError(f"Report.results must be a dict, got {type(self.results).__name__}")
+        missing = [k for k in RESULTS_KEYS if k not in self.results]
+        if missing:
+            raise ValueError(
+                f"Report.results lacks the keys {missing} of a results file; it has "
+                f"{sorted(self.results)}"
+            )
+
     def to_markdown(self) -> str:
         from edgequant.report.render import markdown
 
+        self._check()
         return markdown(self.results, self.summaries)
 
     def plots(self, out_dir: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -388,7 +410,7 @@ class Report:
         error). Plots are isolated like runs: one that fails is reported, the others are drawn."""
         from edgequant.report.plots import PLOTS
 
-        folder = Path(out_dir)
+        folder = _folder(out_dir, "out_dir")
         folder.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
         errors: dict[str, str] = {}
@@ -410,15 +432,50 @@ class Report:
         from edgequant._io import atomic_write_text
         from edgequant.report.render import html
 
-        out = Path(out_dir)
+        out = _folder(out_dir, "out_dir")
+        _folder(out / "plots", "out_dir/plots")
+        # Rendered before anything is written: results that cannot be rendered leave an
+        # earlier report in out_dir whole, not a new results.json beside an old report.md.
+        markdown = self.to_markdown()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "results.json", json.dumps(self.results, indent=1))
-        atomic_write_text(out / "report.md", self.to_markdown())
+        atomic_write_text(out / "report.md", markdown)
         paths, errors = self.plots(out / "plots")
         for name, error in errors.items():
             warnings.warn(f"edgequant report: plot {name!r} not drawn: {error}", stacklevel=2)
         atomic_write_text(out / "report.html", html(self.results, self.summaries, paths, errors))
         return out
+
+
+RESULTS_KEYS = ("task", "metric", "tolerance", "baseline", "runs", "recommendation")
+
+
+def _folder(out_dir: str | Path, name: str) -> Path:
+    """out_dir as a Path; a ValueError when it names an existing file, not a folder."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(out_dir).__name__}")
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name} {str(folder)!r} is a file, not a folder")
+    return folder
+
+
+def _metric(value: Any, what: str) -> float:
+    """eval_fn's result as a float; a TypeError or ValueError naming `what` for anything else."""
+    number: float | None = None
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)  # ints, numpy scalars, one-element tensors and arrays
+        except Exception:
+            number = None
+    if number is None:
+        raise TypeError(
+            f"eval_fn must return a number (the metric), got {type(value).__name__} {value!r} "
+            f"for {what}"
+        )
+    if not math.isfinite(number):
+        raise ValueError(f"eval_fn returned {number} for {what}: the metric must be finite")
+    return number
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -500,7 +557,7 @@ def compare(
     stderr. None: silent. stderr_progress() gives the command line's.
     """
     from edgequant.bench import latency_ms
-    from edgequant.export.onnx import export_float_onnx, export_onnx
+    from edgequant.export.onnx import batch_list, export_float_onnx, export_onnx, run_checked
     from edgequant.ptq import quantize
 
     if not isinstance(model, nn.Module):
@@ -509,10 +566,25 @@ def compare(
         raise TypeError(
             "eval_fn must be a callable taking a predict function and returning the metric"
         )
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise TypeError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    if progress is not None and not callable(progress):
+        raise TypeError(
+            f"progress must be a callable taking a message (e.g. stderr_progress()) or None, "
+            f"got {progress!r}"
+        )
     if recipes is not None and runs is not None:
         raise ValueError("give recipes or runs, not both")
+    if runs is not None:
+        runs = list(runs)
+        bad = [r for r in runs if not isinstance(r, Run)]
+        if bad:
+            raise TypeError(
+                f"runs must hold Run objects, got {type(bad[0]).__name__} {bad[0]!r} "
+                "(for preset names use recipes=[...])"
+            )
     runs = (
         runs_for(recipes)
         if recipes is not None
@@ -525,13 +597,14 @@ def compare(
         raise ValueError(f"run names must be unique, got {names}")
     say = progress or (lambda msg: None)
     bars = progress is not None
-    calib = list(calib_data)
+    calib = batch_list(calib_data, "calib_data")
     if not calib:
         raise ValueError("calib_data is empty")
+    example_name = "example_inputs"
     if example_inputs is None:
-        example_inputs = calib[0]
-    verify = list(verify_data) if verify_data is not None else calib[:2]
-    train = list(train_data) if train_data is not None else None
+        example_inputs, example_name = calib[0], "calib_data[0] (the default example_inputs)"
+    verify = batch_list(verify_data, "verify_data") if verify_data is not None else calib[:2]
+    train = batch_list(train_data, "train_data") if train_data is not None else None
     has_labels = (
         train is not None
         and bool(train)
@@ -539,7 +612,7 @@ def compare(
         and len(train[0]) == 2
     )
     models_dir = (
-        Path(out_dir) / "models"
+        _folder(out_dir, "out_dir") / "models"
         if out_dir is not None
         else Path(tempfile.mkdtemp(prefix="edgequant-"))
     )
@@ -553,12 +626,13 @@ def compare(
     fp32_path = models_dir / "fp32.onnx"
     # A copy: the caller's model keeps its training flags (STYLE §9).
     model = copy.deepcopy(model).eval()
+    run_checked(model, example_inputs, example_name)
     export_float_onnx(model, fp32_path, example_inputs)
-    baseline_metric = float(eval_fn(ort_predict(fp32_path, threads)))
+    baseline_metric = _metric(eval_fn(ort_predict(fp32_path, threads)), "the FP32 baseline")
     fp32_size = fp32_path.stat().st_size
     baseline = {
         "metric": baseline_metric,
-        "metric_torch": float(eval_fn(torch_predict(model))),
+        "metric_torch": _metric(eval_fn(torch_predict(model)), "the FP32 PyTorch model"),
         "size_bytes": fp32_size,
         "latency_ms": latency(fp32_path),
         "onnx": str(fp32_path),
@@ -602,8 +676,12 @@ def compare(
             path = models_dir / f"{run.name}.onnx"
             say(f"{run.name}: exporting to ONNX and verifying in ONNX Runtime")
             info = export_onnx(qmodel, path, example_inputs, verify_data=verify)
-            row["metric_simulated"] = float(eval_fn(torch_predict(qmodel)))
-            row["metric_deployed"] = float(eval_fn(ort_predict(path, threads)))
+            row["metric_simulated"] = _metric(
+                eval_fn(torch_predict(qmodel)), f"{run.name} (simulated)"
+            )
+            row["metric_deployed"] = _metric(
+                eval_fn(ort_predict(path, threads)), f"{run.name} (deployed)"
+            )
             row["top1_agreement"] = info.verification.top1_agreement
             row["sqnr_db_vs_simulation"] = info.verification.sqnr_db
             row["size_bytes"] = info.size_bytes
