@@ -1112,7 +1112,6 @@ def export_onnx(
         raise ValueError(f"{str(path.parent)!r}, the folder of path, is a file, not a folder")
     if not path.parent.exists():
         raise ValueError(f"the folder {str(path.parent)!r} does not exist")
-    args, kwargs = split_inputs(example_inputs)
     for pos, t in _input_tensors(example_inputs):
         if t.is_floating_point() and t.dtype != torch.float32:
             raise TypeError(
@@ -1122,8 +1121,7 @@ def export_onnx(
     check_batch_values(example_inputs, "example_inputs")
     verify = batch_list(verify_data, "verify_data") if verify_data is not None else []
     for i, batch in enumerate(verify):
-        split_inputs(batch)
-        check_batch_values(batch, f"verify_data[{i}]")
+        check_batch_values(batch, f"verify_data[{i}]")  # refuses a batch of the wrong kind too
     # Export and verification need eval mode; the caller's flags come back at the end (STYLE §9).
     training = {m: m.training for m in qmodel.modules()}
     try:
