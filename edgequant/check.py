@@ -9,6 +9,8 @@ return a CheckResult: one row per op instance the target cannot run in integer, 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 import os
 from collections.abc import Callable
@@ -448,15 +450,19 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
         args, kwargs = split_inputs(example_inputs)
         if not kwargs:
             try:
-                torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*args)
+                # ShapeProp prints the traceback of a failing op to stderr before it raises;
+                # the note below says what failed, in one line.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*args)
             except Exception as err:  # shapes only sharpen the check; name it and go on
                 # ShapeProp wraps the op's error ("mat1 and mat2 shapes cannot be multiplied"):
                 # show the cause, which is what tells a user that example_inputs do not fit.
                 cause = err.__cause__ or err
                 result.notes.append(
-                    f"shape propagation on example_inputs failed ({type(cause).__name__}: "
-                    f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}); "
-                    "tensor ops told apart from shape arithmetic by their inputs"
+                    f"the model failed on example_inputs ({type(cause).__name__}: "
+                    f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}), "
+                    "so quantizing it on such inputs will fail too; without shapes, tensor "
+                    "ops were told apart from shape arithmetic by their inputs"
                 )
     modules = dict(gm.named_modules())
     memo: dict[torch.fx.Node, bool] = {}

@@ -383,13 +383,19 @@ def load_config(path: str | Path) -> Config:
     ValueError) naming the file, the line and the key for anything wrong inside it."""
     import yaml
 
+    from edgequant import _yaml
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "No such file or directory", str(path))
     text = path.read_text(encoding="utf-8")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = _yaml.safe_load(text)
+    except _yaml.DuplicateKeyError as err:
+        raise ConfigError(
+            path, err.line, err.key, f"duplicate key (first on line {err.first_line})"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)

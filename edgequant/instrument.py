@@ -124,6 +124,39 @@ def batch_size(batch: Any) -> int:
     raise TypeError(f"calibration item of type {type(batch).__name__} holds no tensor")
 
 
+def describe_batch(batch: Any) -> str:
+    """What one model input holds, for errors: 'a Tensor (4, 7) float32', 'a tuple of ...'; the
+    device where it is not the CPU. Every error that names a batch (calibration, export,
+    verification, compare) describes it with this."""
+
+    def one(v: Any) -> str:
+        if isinstance(v, Tensor):
+            where = "" if v.device.type == "cpu" else f" on {v.device}"
+            return f"Tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}{where}"
+        return type(v).__name__
+
+    if isinstance(batch, Tensor):
+        return f"a {one(batch)}"
+    if isinstance(batch, (tuple, list)):
+        more = ", ..." if len(batch) > 4 else ""
+        return f"a {type(batch).__name__} of {', '.join(one(v) for v in batch[:4])}{more}"
+    if hasattr(batch, "items"):
+        items = list(batch.items())
+        more = ", ..." if len(items) > 4 else ""
+        return "a mapping of " + ", ".join(f"{k}: {one(v)}" for k, v in items[:4]) + more
+    return f"a {type(batch).__name__}"
+
+
+def nonfinite(t: Any, nan_only: bool = False) -> int:
+    """How many values of `t` are NaN (or, unless nan_only, +-Inf); 0 for anything that is not a
+    float tensor with data. The one test behind every "holds NaN" refusal: calibration items
+    (check_finite), QAT's training batches, export's example and verification inputs."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_meta:
+        return 0
+    bad = torch.isnan(t) if nan_only else ~torch.isfinite(t)
+    return int(bad.sum())
+
+
 def check_finite(batch: Any, index: int) -> None:
     tensors: Iterable[Any]
     if isinstance(batch, Tensor):
@@ -131,8 +164,11 @@ def check_finite(batch: Any, index: int) -> None:
     else:
         tensors = batch.values() if hasattr(batch, "values") else batch
     for t in tensors:
-        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"calibration item {index} holds NaN or Inf in the model's input")
+        if count := nonfinite(t):
+            raise ValueError(
+                f"calibration item {index} holds NaN or Inf in the model's input ({count} of "
+                f"{t.numel()} values)"
+            )
 
 
 @dataclass

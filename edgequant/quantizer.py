@@ -65,7 +65,11 @@ class TensorQuantizer(nn.Module):
                 self.observer(x)
             except ValueError as err:
                 if "NaN" not in str(err):
-                    raise
+                    # A spec that does not fit this tensor (an axis out of range, a group size
+                    # that does not divide the dim): name the quantizer and its spec.
+                    raise ValueError(
+                        f"{self.name!r} ({self.role} quantizer, {self.spec.short()}): {err}"
+                    ) from err
                 raise ValueError(
                     f"layer {self.name!r}: calibration produced NaN or Inf in this tensor "
                     f"(check the calibration data and the layers before it): {err}"

@@ -684,8 +684,11 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Recipe:
-        """From a YAML file path, or a YAML string (one with a newline)."""
+        """From a YAML file path, or a YAML string (one with a newline). A key given twice in
+        one mapping is refused (PyYAML would keep the last silently)."""
         import yaml
+
+        from edgequant import _yaml
 
         if isinstance(source, str) and "\n" in source:
             text, where = source, "the YAML text"
@@ -710,7 +713,7 @@ class Recipe:
                 raise ValueError(f"{path} is not a YAML text file (not UTF-8: {err})") from err
             where = str(path)
         try:
-            data = yaml.safe_load(text)
+            data = _yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ValueError(f"{where} is not valid YAML: {err}") from err
         try:

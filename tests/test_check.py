@@ -222,3 +222,15 @@ def test_cli_check_unknown_target(block_onnx: Path, capsys: pytest.CaptureFixtur
     assert main(["check", "--target", "gpu", str(block_onnx)]) == 2
     err = capsys.readouterr().err
     assert "unknown target 'gpu'" in err and "mcu-int8" in err
+
+
+def test_inputs_that_do_not_fit_give_a_note_and_no_traceback(capsys) -> None:
+    # Before: torch's ShapeProp printed the failing op's traceback to stderr before the result.
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    result = eq.check(model, "onnxruntime", torch.randn(2, 9))
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err == ""
+    assert any(
+        "the model failed on example_inputs (RuntimeError: mat1 and mat2 shapes" in n
+        for n in result.notes
+    )

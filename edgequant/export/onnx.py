@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from edgequant import functional as F
 from edgequant._io import atomic_path
 from edgequant.export import ops
-from edgequant.instrument import quant_layers
+from edgequant.instrument import describe_batch, nonfinite, quant_layers
 from edgequant.modules import (
     BIAS_QMAX,
     BIAS_QMIN,
@@ -498,18 +498,11 @@ def check_batch_values(batch: Any, what: str) -> None:
     for pos, t in _input_tensors(batch):
         if t.dim() and t.shape[0] == 0:
             raise ValueError(f"{what}{pos} has an empty batch (shape {tuple(t.shape)})")
-        if t.is_floating_point() and not t.is_meta and bool(torch.isnan(t).any()):
+        if count := nonfinite(t, nan_only=True):
             raise ValueError(
-                f"{what}{pos} holds NaN ({int(torch.isnan(t).sum())} of {t.numel()} values): "
+                f"{what}{pos} holds NaN ({count} of {t.numel()} values): "
                 "a model cannot be verified on it"
             )
-
-
-def _shapes(batch: Any) -> str:
-    return ", ".join(
-        f"{pos}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
-        for pos, t in _input_tensors(batch)
-    )
 
 
 def run_checked(model: nn.Module, batch: Any, what: str) -> Any:
@@ -536,7 +529,7 @@ def run_checked(model: nn.Module, batch: Any, what: str) -> Any:
         if entered and names.get(entered[-1]):
             where = f"layer {names[entered[-1]]!r} ({type(entered[-1]).__name__}) raised "
         raise ValueError(
-            f"{what} ({_shapes(batch)}) do not run through the model: "
+            f"{what} ({describe_batch(batch)}) do not run through the model: "
             f"{where}{type(err).__name__}: {err}"
         ) from err
     finally:
@@ -930,7 +923,7 @@ def verify_onnx(
             raw = sess.run(None, ort_feed(names, batch))
         except Exception as err:  # ORT's own exception types: say which batch it refused
             raise ValueError(
-                f"ONNX Runtime cannot run the exported model on {what} ({_shapes(batch)}): {err}"
+                f"ONNX Runtime cannot run the exported model on {what} ({describe_batch(batch)}): {err}"
             ) from err
         dep = [torch.from_numpy(np.asarray(o)) for o in raw]
         if index == 0:

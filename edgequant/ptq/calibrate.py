@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import batch_size, call_model, check_finite
+from edgequant.instrument import batch_size, call_model, check_finite, describe_batch
 from edgequant.quantizer import calibration_mode, quantizers
 
 
@@ -33,26 +33,6 @@ def peek(calib_data: Iterable[Any] | None, what: str = "calib_data") -> tuple[An
     except StopIteration:
         raise ValueError(f"{what} is empty: at least one batch of model inputs is needed") from None
     return first, itertools.chain([first], it)
-
-
-def describe_batch(batch: Any) -> str:
-    """What one model input holds, for errors: 'a Tensor (4, 7) float32', 'a tuple of ...'."""
-
-    def one(v: Any) -> str:
-        if isinstance(v, Tensor):
-            return f"Tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-        return type(v).__name__
-
-    if isinstance(batch, Tensor):
-        return f"a {one(batch)}"
-    if isinstance(batch, (tuple, list)):
-        more = ", ..." if len(batch) > 4 else ""
-        return f"a {type(batch).__name__} of {', '.join(one(v) for v in batch[:4])}{more}"
-    if hasattr(batch, "items"):
-        items = list(batch.items())
-        more = ", ..." if len(items) > 4 else ""
-        return "a mapping of " + ", ".join(f"{k}: {one(v)}" for k, v in items[:4]) + more
-    return f"a {type(batch).__name__}"
 
 
 @contextlib.contextmanager

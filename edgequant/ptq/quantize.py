@@ -30,7 +30,7 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _check_recipe_fits(model: nn.Module, recipe: Recipe) -> None:
+def check_recipe_fits(model: nn.Module, recipe: Recipe) -> None:
     """Every override and skip pattern of `recipe` names a module of `model` (a typo would
     otherwise leave the layer at the default specs, silently), and every weight spec's axis is a
     dim of the weights it applies to."""
@@ -73,7 +73,7 @@ def _check_arguments(model: nn.Module, recipe: Recipe | str, method: str) -> Rec
         )
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    _check_recipe_fits(model, recipe)
+    check_recipe_fits(model, recipe)
     return recipe
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
+from edgequant.instrument import nonfinite
 from edgequant.qat import checkpoint as ckpt
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.prepare import freeze_observers, qat_quantizers
@@ -318,6 +320,7 @@ def fit_qat(
                     f"checkpoint_dir={str(checkpoint_dir)!r}: {str(folder)!r} is a file, not a "
                     f"folder; {ckpt.FILENAME} is written inside checkpoint_dir"
                 )
+        folder_was_there = path.parent.is_dir()
         path.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
@@ -356,6 +359,15 @@ def fit_qat(
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    if resume and path is not None and not path.is_file():
+        # The first run of a script that always passes resume=True lands here; so does a
+        # mistyped folder, which would throw away the run it meant to continue: say which.
+        warnings.warn(
+            f"resume=True: no checkpoint {path.name} in {path.parent}"
+            f"{'' if folder_was_there else ' (no such folder)'}; training starts from "
+            "epoch 1",
+            stacklevel=2,
+        )
     if resume and path is not None and path.is_file():
         state = ckpt.load(path, model)
         model.load_state_dict(state["model"])
@@ -404,11 +416,12 @@ def fit_qat(
             )
             for index, batch in enumerate(bar):
                 x, y = _split(batch, index)
-                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                if count := nonfinite(x):
                     # Fake-quantize maps NaN inputs to grid points: the loss stays finite and the
                     # model trains on garbage without a word.
                     raise ValueError(
-                        f"train_data item {index} (epoch {epoch}) holds NaN or Inf in its inputs"
+                        f"train_data item {index} (epoch {epoch}) holds NaN or Inf in its inputs "
+                        f"({count} of {x.numel()} values)"
                     )
                 if y is None and teacher is None:
                     raise ValueError(

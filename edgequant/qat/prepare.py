@@ -29,6 +29,7 @@ from torch import nn
 
 from edgequant.instrument import attach_info
 from edgequant.ptq.calibrate import collect, peek, run_calibration
+from edgequant.ptq.quantize import check_recipe_fits
 from edgequant.ptq.static import build_static, calibrate_weights
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.ema import EMAQuantizer
@@ -133,6 +134,7 @@ def prepare_qat(
         )
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights: QAT needs weight specs")
+    check_recipe_fits(model, recipe)
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
     ):

@@ -194,3 +194,15 @@ def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
         eq.check(_Untraceable(), "mcu-int8", _x(2, 7))
     result = eq.check(_mlp(), "mcu-int8", _x(2, 7))
     assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)
+
+
+def test_an_activation_axis_out_of_range_names_the_quantizer_and_its_spec() -> None:
+    # Before: "axis 5 out of range for a tensor of shape (16, 8)" from functional.py, no layer.
+    spec = QuantSpec(bits=8, symmetric=False, granularity="channel", axis=5)
+    recipe = Recipe.preset("w8a8").replace(activation=spec)
+    with pytest.raises(
+        ValueError,
+        match=r"'0.input' \(activation quantizer, .*per-channel\(5\).*\): axis 5 out of range "
+        r"for a tensor of shape \(16, 8\)",
+    ):
+        eq.quantize(_mlp(), recipe, [_x()])

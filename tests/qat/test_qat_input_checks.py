@@ -94,3 +94,19 @@ def test_fit_qat_leaves_the_teachers_mode_as_given(qat, tiny_model, train_data) 
     teacher = tiny_model.train()
     fit_qat(qat, train_data, epochs=1, progress=False, teacher=teacher)
     assert all(m.training for m in teacher.modules())
+
+
+def test_prepare_qat_refuses_a_pattern_that_matches_no_layer(tiny_model, calib) -> None:
+    # Before: eq.quantize refused it, prepare_qat trained with the typo'd layer at the defaults.
+    recipe = eq.Recipe.preset("w4a4").replace(skip=("conv9",))
+    with pytest.raises(ValueError, match="skip pattern 'conv9' matches no module of the model"):
+        prepare_qat(tiny_model, recipe, calib)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(qat, train_data, tmp_path) -> None:
+    # Before: silent, so a mistyped folder threw away the run it meant to continue.
+    with pytest.warns(UserWarning, match=r"no checkpoint qat_last.pt in .*no such folder"):
+        fit_qat(
+            qat, train_data, epochs=1, checkpoint_dir=tmp_path / "typo", resume=True, progress=False
+        )
+    assert (tmp_path / "typo" / "qat_last.pt").is_file()
