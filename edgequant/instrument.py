@@ -4,6 +4,7 @@ done, what was skipped and why."""
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,35 @@ def describe_batch(batch: Any) -> str:
         more = ", ..." if len(items) > 4 else ""
         return "a mapping of " + ", ".join(f"{k}: {one(v)}" for k, v in items[:4]) + more
     return f"a {type(batch).__name__}"
+
+
+def metric_number(value: Any, fn: str, what: str, finite: bool = True) -> float:
+    """What a user's metric function (`fn`: "eval_fn", "val_fn") returned for `what`, as a float:
+    an int, a float, a numpy scalar, a one-element tensor or array. Anything else is a TypeError
+    naming the type (and shape); with finite=True a NaN or Inf is a ValueError, because it
+    compares false with every tolerance and would quietly accept or reject everything."""
+    number: float | None = None
+    if getattr(value, "size", None) == 1 or (isinstance(value, Tensor) and value.numel() == 1):
+        value = value.item()  # one-element numpy arrays and tensors, whatever their shape
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+    if number is None:
+        shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(
+            f"{fn} must return a number (a float), but for {what} it returned {type(value).__name__}{shape} "
+            f"{shown}"
+        )
+    if finite and not math.isfinite(number):
+        raise ValueError(
+            f"{fn} returned {number} for {what}: it must return a finite number, so that it can "
+            "be compared with the FP32 model's and the tolerance"
+        )
+    return number
 
 
 def nonfinite(t: Any, nan_only: bool = False) -> int:

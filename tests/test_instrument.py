@@ -4,6 +4,8 @@ and last layers follow execution order, and graph-level quantizers go where DESI
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as torch_F
@@ -422,3 +424,22 @@ def test_untraceable_model_is_returned_unchanged_with_a_note() -> None:
     assert place_graph_quantizers(qmodel, summary) is qmodel
     assert len(summary.notes) == 1 and "torch.fx could not trace" in summary.notes[0]
     assert "note: activations quantized at layer inputs only" in summary.format()
+
+
+def test_metric_number_takes_what_metric_functions_return_and_names_the_rest() -> None:
+    import numpy as np
+
+    from edgequant.instrument import metric_number
+    from edgequant.mixed.sensitivity import eval_metric
+
+    for value in (0.5, 1, np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.array([0.5])):
+        assert metric_number(value, "eval_fn", "the FP32 model") == 0.5 or value == 1
+    # Before: mixed precision refused a numpy float32 (not a Python float) that compare accepted.
+    assert eval_metric(lambda m: np.float32(0.25), torch.nn.Linear(2, 2), "the FP32 model") == 0.25
+    with pytest.raises(TypeError, match=r"for the plan it returned Tensor of shape \(2,\)"):
+        metric_number(torch.ones(2), "eval_fn", "the plan")
+    with pytest.raises(TypeError, match="it returned bool True"):
+        metric_number(True, "eval_fn", "the plan")
+    with pytest.raises(ValueError, match="eval_fn returned inf for the plan"):
+        metric_number(float("inf"), "eval_fn", "the plan")
+    assert math.isnan(metric_number(float("nan"), "val_fn", "epoch 1", finite=False))

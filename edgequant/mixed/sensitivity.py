@@ -20,7 +20,6 @@ function-preserving only up to its bias absorption).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import batch_size, call_model
+from edgequant.instrument import batch_size, call_model, metric_number
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
 from edgequant.spec import LayerOverride, QuantSpec, Recipe, activation_spec, weight_spec
@@ -38,23 +37,9 @@ EvalFn = Callable[[nn.Module], float]
 
 
 def eval_metric(eval_fn: EvalFn, model: nn.Module, what: str) -> float:
-    """eval_fn(model) as a float, refused unless it is a finite number: a NaN compares false with
-    every tolerance, so it would quietly reject (or accept) every plan. `what` names the model in
-    the error (e.g. "the FP32 model", "the plan at 2.50 bits per weight")."""
-    value = eval_fn(model)
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"eval_fn must return a number (higher is better); for {what} it returned "
-            f"{type(value).__name__}"
-        )
-    if not math.isfinite(value):
-        raise ValueError(
-            f"eval_fn returned {value!r} for {what}: it must return a finite number (higher is "
-            "better), so that drops against the FP32 model can be compared with the tolerance"
-        )
-    return float(value)
+    """eval_fn(model) as a finite float (instrument.metric_number); `what` names the model in the
+    error (e.g. "the FP32 model", "the plan at 2.50 bits per weight")."""
+    return metric_number(eval_fn(model), "eval_fn", what)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
-from edgequant.instrument import nonfinite
+from edgequant.instrument import metric_number, nonfinite
 from edgequant.qat import checkpoint as ckpt
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.prepare import freeze_observers, qat_quantizers
@@ -186,18 +186,6 @@ def _is_number_in(value: Any, low: float, high: float, low_open: bool = False) -
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return (value > low if low_open else value >= low) and value < high
-
-
-def _val_number(value: Any, epoch: int) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"val_fn must return a number (model -> float); after epoch {epoch} it returned "
-            f"{type(value).__name__}"
-            + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else "")
-        )
-    return float(value)
 
 
 def fit_qat(
@@ -493,7 +481,9 @@ def fit_qat(
                     torch._foreach_copy_([p.detach() for p in trained], average)
             model.eval()
             if val_fn is not None:
-                record["val"] = _val_number(val_fn(model), epoch)
+                record["val"] = metric_number(
+                    val_fn(model), "val_fn", f"the model after epoch {epoch}", finite=False
+                )
             history.append(record)
             if path is not None and _is_rank0():
                 ckpt.save(

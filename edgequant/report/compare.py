@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from edgequant.instrument import Summary, call_model
+from edgequant.instrument import Summary, call_model, metric_number
 from edgequant.spec import Recipe
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
@@ -461,21 +460,8 @@ def _folder(out_dir: str | Path, name: str) -> Path:
 
 
 def _metric(value: Any, what: str) -> float:
-    """eval_fn's result as a float; a TypeError or ValueError naming `what` for anything else."""
-    number: float | None = None
-    if not isinstance(value, (bool, str, bytes)):
-        try:
-            number = float(value)  # ints, numpy scalars, one-element tensors and arrays
-        except Exception:
-            number = None
-    if number is None:
-        raise TypeError(
-            f"eval_fn must return a number (the metric), got {type(value).__name__} {value!r} "
-            f"for {what}"
-        )
-    if not math.isfinite(number):
-        raise ValueError(f"eval_fn returned {number} for {what}: the metric must be finite")
-    return number
+    """eval_fn's result as a finite float (instrument.metric_number)."""
+    return metric_number(value, "eval_fn", what)
 
 
 def _environment(threads: int) -> dict[str, Any]:
