@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "frozen": 0,
     "feat": 0.0,
     "bs": 128,
+    "sgd": 0,
 }
 
 
@@ -44,7 +45,8 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
     the weights and their grids stay as PTQ rounded them, and only the biases and the activation
     ranges train (0 = everything trains); feat: fit_qat's feature_weight, feature distillation of
     every quantized layer's input (0 = off); bs: the batch size (an epoch is still one pass over
-    the images, so a smaller batch takes more steps in the same epochs)."""
+    the images, so a smaller batch takes more steps in the same epochs); sgd=1: SGD with momentum
+0.9 instead of Adam (lr is then SGD's)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -212,7 +214,7 @@ def qat_from_ptq(
         train,
         epochs=int(config["epochs"]),
         lr=config["lr"],
-        optimizer="adam",
+        optimizer="sgd" if config["sgd"] else "adam",
         teacher=model,
         temperature=config["t"],
         kd_weight=config["kd"],
