@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import edgequant as eq
 from edgequant.qat import finalize
+from edgequant.qat.fit import dampening_loss
 from edgequant.qat.prepare import qat_quantizers, start_from
 
 DEFAULTS: dict[str, Any] = {
@@ -31,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "feat": 0.0,
     "bs": 128,
     "sgd": 0,
+    "damp": 0.0,
 }
 
 
@@ -46,7 +48,8 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
     ranges train (0 = everything trains); feat: fit_qat's feature_weight, feature distillation of
     every quantized layer's input (0 = off); bs: the batch size (an epoch is still one pass over
     the images, so a smaller batch takes more steps in the same epochs); sgd=1: SGD with momentum
-0.9 instead of Adam (lr is then SGD's)."""
+    0.9 instead of Adam (lr is then SGD's); damp: fit_qat's dampen_weight, oscillation dampening
+    (Nagel et al. 2022; 0 = off)."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -195,6 +198,9 @@ def qat_from_ptq(
     def evaluate(epoch: int, record: dict[str, Any] | None = None) -> None:
         row: dict[str, Any] = {"epoch": epoch, **heldout_scores(qmodel, heldout, teacher_logp)}
         row["score"] = row["heldout_kl"]
+        if not config["frozen"]:  # the latent weights' mean squared distance from the grid
+            with torch.no_grad():
+                row["grid_distance"] = float(dampening_loss(qmodel))
         if heldout_jpeg is not None:
             jpeg = heldout_scores(qmodel, heldout_jpeg[:2], heldout_jpeg[2])
             row.update(heldout_jpeg_kl=jpeg["heldout_kl"], heldout_jpeg_acc=jpeg["heldout_acc"])
@@ -222,6 +228,7 @@ def qat_from_ptq(
         warmup_epochs=config["warm"],
         weight_average=config["avg"],
         feature_weight=config["feat"],
+        dampen_weight=config["damp"],
         on_epoch_end=evaluate,
         progress=False,
         seed=seed,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
+from edgequant import functional as F
 from edgequant.instrument import metric_number, nonfinite
 from edgequant.qat import checkpoint as ckpt
 from edgequant.qat.base import QATQuantizer
@@ -136,6 +137,41 @@ class FeatureMatch:
         self.handles.clear()
 
 
+def dampening_loss(model: nn.Module) -> Tensor:
+    """Oscillation dampening (Nagel et al. 2022, "Overcoming oscillations in quantization-aware
+    training"): for every trained weight behind a QAT weight quantizer, the squared distance of
+    the latent weight, clipped to the grid's range, from the grid point it rounds to, in grid
+    steps, averaged over all those weights (so it lies in [0, 0.25] whatever the model's size and
+    scales). The grid point and the steps are held fixed (no gradient): the term pulls each
+    latent weight towards the centre of its bin, away from the rounding boundary where the STE
+    keeps flipping it between two grid points, and leaves range learning alone."""
+    total: Tensor | None = None
+    count = 0
+    for module in model.modules():
+        q = getattr(module, "weight_quantizer", None)
+        w = getattr(module, "weight", None)
+        if not isinstance(q, QATQuantizer) or not isinstance(w, nn.Parameter):
+            continue
+        if not w.requires_grad or q.mode != "quantize":
+            continue
+        with torch.no_grad():
+            scale, zp = q.qparams()
+            s = F._broadcast(scale.detach().float(), w, q.axis, q.spec.group_size)
+            z = F._broadcast(zp.detach().float(), w, q.axis, q.spec.group_size)
+            grid = torch.clamp(torch.round(w / s + z), q.spec.qmin, q.spec.qmax) - z
+            low, high = (q.spec.qmin - z) * s, (q.spec.qmax - z) * s
+        steps = torch.minimum(torch.maximum(w, low), high) / s - grid
+        term = steps.float().pow(2).sum()
+        total = term if total is None else total + term
+        count += w.numel()
+    if total is None:
+        raise ValueError(
+            "dampen_weight > 0, but the model has no trained weight behind a QAT weight "
+            "quantizer to dampen (are its weights quantized, and do they require grad?)"
+        )
+    return total / count
+
+
 def feature_layer_names(
     model: nn.Module, teacher: nn.Module, names: Sequence[str] | None
 ) -> list[str]:
@@ -211,6 +247,7 @@ def fit_qat(
     weight_average: float = 0.0,
     feature_weight: float = 0.0,
     feature_layers: Sequence[str] | None = None,
+    dampen_weight: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train a prepared model (eq.prepare_qat) in place; return one record per epoch.
 
@@ -240,7 +277,12 @@ def fit_qat(
     teacher. Logits alone carry ten numbers per image, so on a few thousand images that the
     teacher has memorized the student drifts from it between them; matching every layer's
     input, as block reconstruction does in PTQ (Li et al. 2021, BRECQ), ties each layer to the
-    teacher's representation. The model is left in eval mode, its grids in the standard
+    teacher's representation. dampen_weight: adds that many times the oscillation-dampening
+    term (`dampening_loss`, Nagel et al. 2022: the mean squared distance of the latent weights
+    from their grid points, in grid steps), its weight rising from 0 along a half cosine over
+    the run as the learning rate falls, so that weights move freely early and settle in their
+    bins late, instead of ending on whichever side of a rounding boundary the last step left
+    them. The model is left in eval mode, its grids in the standard
     buffers (export it with eq.export_onnx).
     """
     from tqdm import tqdm
@@ -271,6 +313,8 @@ def fit_qat(
         raise ValueError(f"weight_average must be a number in [0, 1), got {weight_average!r}")
     if not _is_number_in(feature_weight, 0.0, math.inf):
         raise ValueError(f"feature_weight must be a number >= 0, got {feature_weight!r}")
+    if not _is_number_in(dampen_weight, 0.0, math.inf):
+        raise ValueError(f"dampen_weight must be a finite number >= 0, got {dampen_weight!r}")
     if feature_weight > 0 and teacher is None:
         raise ValueError("feature_weight > 0 distils the teacher's features: pass teacher=")
     if feature_layers is not None and feature_weight == 0:
@@ -294,6 +338,8 @@ def fit_qat(
         )
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if dampen_weight > 0:
+        dampening_loss(model)  # refuses a model with nothing to dampen, before any training
     layers = (
         feature_layer_names(model, teacher, feature_layers)
         if feature_weight > 0 and teacher is not None
@@ -342,6 +388,13 @@ def fit_qat(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total_steps - warm, 1)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def dampen_factor(epoch: int, index: int) -> float:
+        """Near 0 at the first step, rising along a half cosine to 1 at the last (stepping once
+        per epoch where train_data has no length)."""
+        done = (epoch - 1) * steps_per_epoch + index + 1 if per_step else epoch
+        return 0.5 * (1.0 - math.cos(math.pi * min(done / max(total_steps, 1), 1.0)))
+
     # The moving average of the trained parameters (weight_average > 0), in `trained` order.
     average = [p.detach().clone() for p in trained] if weight_average > 0 else None
 
@@ -439,6 +492,10 @@ def fit_qat(
                 if match is not None:
                     match.capturing = False
                     loss = loss + feature_weight * match.loss()
+                if dampen_weight > 0:
+                    loss = loss + dampen_weight * dampen_factor(epoch, index) * dampening_loss(
+                        model
+                    )
                 if not torch.isfinite(loss):
                     where = (
                         f"the last good checkpoint ({path}, epoch {start_epoch if not history else history[-1]['epoch']}) is kept"
