@@ -144,7 +144,11 @@ def dampening_loss(model: nn.Module) -> Tensor:
     steps, averaged over all those weights (so it lies in [0, 0.25] whatever the model's size and
     scales). The grid point and the steps are held fixed (no gradient): the term pulls each
     latent weight towards the centre of its bin, away from the rounding boundary where the STE
-    keeps flipping it between two grid points, and leaves range learning alone."""
+    keeps flipping it between two grid points, and leaves range learning alone. Being a mean,
+    it pulls each of N weights with 2 d / (s^2 N) (d its distance from its grid point, s the
+    step): the value stays comparable across models, the pull per weight does not. On ResNet-20
+    (270k weights, 2.5 bits) the term held the weights on their grid points only from a weight
+    of about 1,000."""
     total: Tensor | None = None
     count = 0
     for module in model.modules():
