@@ -1,14 +1,17 @@
 """eq.fit_qat: a QAT training loop for users who do not bring their own.
 
-SGD (momentum) or Adam with a cosine learning rate over all steps, knowledge distillation from
+Adam (default) or SGD with momentum, a cosine learning rate over all steps, knowledge distillation from
 an FP32 teacher (Hinton et al. 2015: KL divergence of temperature-softened logits, times T^2,
 mixed with cross-entropy where labels are given), a tqdm progress bar, an atomic checkpoint
 after every epoch, and resume= to continue an interrupted run to bit-identical weights (same
-data order: the random generators are saved with the model, optimizer and schedule).
+data order: the random generators are saved with the model, optimizer and schedule), and the
+choice of the epoch kept (qat/selection.py): the prepared start unless an epoch beats it on
+held-out data by more than noise, so QAT never leaves a model worse than where it started.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -27,12 +30,68 @@ from edgequant.instrument import metric_number, nonfinite
 from edgequant.qat import checkpoint as ckpt
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.prepare import freeze_observers, qat_quantizers
+from edgequant.qat.selection import (
+    HOLDOUT_EVERY,
+    SELECTION_Z,
+    heldout_hits,
+    holdout_split,
+    select_by_value,
+    select_epoch,
+)
 
 OPTIMIZERS = ("sgd", "adam")
+# fit_qat(select=...): "best" keeps the held-out best epoch, the start included; "last" the last.
+SELECTS = ("best", "last")
+# An epoch whose mean training loss exceeds this many times the loss of the run's first step,
+# plus 1, has diverged (select="best" then stops the run and keeps the best epoch so far).
+DIVERGED_FACTOR = 10.0
+# A DataLoader is split at the sample level; its held-out part is capped at this many samples.
+MAX_HELDOUT_SAMPLES = 4096
 
 
 class NaNLossError(FloatingPointError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class _Diverged(Exception):
+    """The run stopped because its loss became non-finite or grew without bound (select="best")."""
+
+
+def _split_loader(loader: Any, every: int) -> tuple[Any, list[Any]] | None:
+    """(a DataLoader over the samples kept for training, the held-out batches) for a DataLoader
+    over a map-style dataset with a plain sequential or random sampler: every `every`-th sample
+    is held out (at most MAX_HELDOUT_SAMPLES), the same ones every epoch. None for any other
+    loader (its batches cannot be told apart from one epoch to the next)."""
+    from torch.utils.data import (
+        DataLoader,
+        IterableDataset,
+        RandomSampler,
+        SequentialSampler,
+        Subset,
+    )
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    if loader.batch_size is None or type(loader.sampler) not in (RandomSampler, SequentialSampler):
+        return None
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    held_idx = list(range(every - 1, n, every))[:MAX_HELDOUT_SAMPLES]
+    if not held_idx or len(held_idx) == n:
+        return None
+    held_set = set(held_idx)
+    fit = DataLoader(
+        Subset(loader.dataset, [i for i in range(n) if i not in held_set]),
+        batch_size=loader.batch_size,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        generator=loader.generator,
+    )
+    held = DataLoader(
+        Subset(loader.dataset, held_idx), batch_size=loader.batch_size, collate_fn=loader.collate_fn
+    )
+    return fit, list(held)
 
 
 def _split(batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
@@ -232,8 +291,8 @@ def fit_qat(
     qmodel: nn.Module,
     train_data: Iterable[Any],
     epochs: int = 3,
-    lr: float = 1e-3,
-    optimizer: str = "sgd",
+    lr: float = 1e-4,
+    optimizer: str = "adam",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     teacher: nn.Module | None = None,
@@ -252,12 +311,31 @@ def fit_qat(
     feature_weight: float = 0.0,
     feature_layers: Sequence[str] | None = None,
     dampen_weight: float = 0.0,
+    select: str = "best",
+    val_data: Iterable[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train a prepared model (eq.prepare_qat) in place; return one record per epoch.
 
     train_data: re-iterable (a DataLoader, a list) of input tensors or (inputs, labels) pairs;
     without labels a teacher is required. kd_weight: the share of the distillation term when
-    there are labels too. val_fn(model) -> float is called after each epoch, model in eval mode.
+    there are labels too. The defaults (Adam at lr 1e-4, no warmup, the ranges at the same
+    rate) are the setting chosen on ResNet-20's held-out images (BENCHMARKS.md); SGD at lr 1e-3
+    diverged there in the first epoch.
+
+    select="best" (default): the model is left holding the epoch that held-out data prefers,
+    the start (epoch 0, the model as prepared) included: by val_fn where one is given (higher
+    is better; the best value, the earliest epoch on a tie); else on `val_data`, or else on a
+    held-out part of train_data (every 7th batch of a list, every 7th sample of a DataLoader),
+    by per-sample top-1 hits against the labels (or the teacher's top-1), where an epoch
+    replaces the start only if it wins by more than two standard errors (selection.
+    select_epoch). A train_data that is neither a list nor a DataLoader over a dataset cannot be
+    split (its batches differ between epochs): the last epoch is then kept, with a warning. A
+    loss that becomes NaN/Inf or an epoch whose mean loss exceeds DIVERGED_FACTOR times that
+    of the first step, plus 1, stops the run with the best epoch so far kept (a warning says so). The
+    choice and its evidence go to qmodel.quant_info["qat_selection"] and the summary.
+    select="last": the last epoch is kept, and a NaN loss raises NaNLossError.
+    val_fn(model) -> float is called after each epoch (and, with select="best", once before the
+    first), model in eval mode.
     checkpoint_dir: `qat_last.pt` is written there atomically after each epoch; resume=True
     continues from it (refused if it comes from another recipe or model). range_lr_scale: the
     learning rate of the learned ranges (LSQ step sizes and offsets, PACT clips) is lr times this:
@@ -342,6 +420,47 @@ def fit_qat(
         )
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if select not in SELECTS:
+        raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTS)}")
+    if val_data is not None and (
+        isinstance(val_data, (Tensor, dict)) or not isinstance(val_data, Iterable)
+    ):
+        raise TypeError(
+            "val_data must be an iterable of held-out batches (inputs or (inputs, labels)), got "
+            f"{type(val_data).__name__}"
+        )
+    if val_data is not None and (select != "best" or val_fn is not None):
+        raise ValueError(
+            "val_data chooses the epoch kept: it needs select='best' and no val_fn (which "
+            "would choose instead)"
+        )
+    # Where the epoch kept is chosen: val_fn, val_data, or a held-out part of train_data.
+    hits_of: Callable[[nn.Module], Tensor] | None = None
+    against = ""
+    if select == "best" and val_fn is None:
+        held: list[Any] | None = None
+        if val_data is not None:
+            held = list(val_data)
+            if not held:
+                raise ValueError("val_data yielded no batches")
+        elif isinstance(train_data, Sequence) and not isinstance(train_data, (str, bytes)):
+            if len(train_data) >= 2:
+                fit_list, held = holdout_split(list(train_data), HOLDOUT_EVERY)
+                train_data = fit_list
+        else:
+            split = _split_loader(train_data, HOLDOUT_EVERY)
+            if split is not None:
+                train_data, held = split
+        if held is None:
+            warnings.warn(
+                f"fit_qat(select='best'): train_data ({type(train_data).__name__}) is neither a "
+                "list of batches nor a DataLoader over a dataset, so no held-out part can be "
+                "split off it; the last epoch is kept. Pass val_data= (held-out batches) or "
+                "val_fn= to keep the best epoch.",
+                stacklevel=2,
+            )
+        else:
+            hits_of, against = heldout_hits(teacher, held)
     if dampen_weight > 0:
         dampening_loss(model)  # refuses a model with nothing to dampen, before any training
     layers = (
@@ -428,15 +547,50 @@ def fit_qat(
                 f"{'0' if raw is None else '> 0'}; this run has weight_average={weight_average}: "
                 "resume with the same setting"
             )
-        if start_epoch >= epochs:  # a finished run: the model holds what it ended with
-            model.eval()
-            return history
-        if average is not None and raw is not None:
+        if average is not None and raw is not None and start_epoch < epochs:
             # The checkpoint's model holds the average; training goes on from the raw values.
             with torch.no_grad():
                 for avg, p, value in zip(average, trained, raw, strict=True):
                     avg.copy_(p)
                     p.copy_(value)
+
+    # The epoch kept (select="best"): each epoch's score (0 = the start), the start's state and
+    # the best trained epoch's so far; the loss of the first step, which divergence is judged by.
+    choose = select == "best"
+    sel: dict[str, Any] = {
+        "scores": [],
+        "hits": [],
+        "start_state": None,
+        "best": None,
+        "ref_loss": None,
+    }
+    if resume and path is not None and path.is_file() and "selection" in state:
+        sel = state["selection"]
+    elif choose:
+        sel["start_state"] = copy.deepcopy(model.state_dict())
+        model.eval()
+        if val_fn is not None:
+            sel["scores"].append(
+                metric_number(val_fn(model), "val_fn", "the model as prepared", finite=False)
+            )
+        elif hits_of is not None:
+            sel["hits"].append(hits_of(model))
+    stopped = ""
+
+    def score(epoch: int, record: dict[str, Any]) -> None:
+        """Score the model after `epoch` and keep its state if it is the best epoch so far."""
+        if val_fn is not None:
+            value = float(record["val"])
+            sel["scores"].append(value)
+        elif hits_of is not None:
+            found = hits_of(model)
+            sel["hits"].append(found)
+            value = float(found.sum())
+            record["heldout_top1"] = value / max(found.numel(), 1)
+        else:
+            return
+        if value == value and (sel["best"] is None or value > sel["best"][1]):
+            sel["best"] = (epoch, value, copy.deepcopy(model.state_dict()))
 
     # Catches the layers' inputs in both models during training steps only (not in val_fn).
     match = FeatureMatch(model, teacher, layers) if teacher is not None and layers else None
@@ -500,6 +654,10 @@ def fit_qat(
                     loss = loss + dampen_weight * dampen_factor(epoch, index) * dampening_loss(
                         model
                     )
+                if not torch.isfinite(loss) and choose:
+                    raise _Diverged(
+                        f"the QAT loss became {float(loss.detach())} at epoch {epoch}, step {index}"
+                    )
                 if not torch.isfinite(loss):
                     where = (
                         f"the last good checkpoint ({path}, epoch {start_epoch if not history else history[-1]['epoch']}) is kept"
@@ -523,6 +681,8 @@ def fit_qat(
                 n = int(x.shape[0])
                 total += float(loss.detach()) * n
                 samples += n
+                if epoch == 1 and index == 0:
+                    sel["ref_loss"] = float(loss.detach())  # the start's loss, before any step
                 bar.set_postfix(loss=f"{total / samples:.4f}")
             bar.close()
             if not per_step:
@@ -535,6 +695,15 @@ def fit_qat(
                 "lr": sched.get_last_lr()[0],
                 "wall_s": time.perf_counter() - started,
             }
+            if sel["ref_loss"] is None:
+                sel["ref_loss"] = record["loss"]
+            ref = sel["ref_loss"]
+            if choose and record["loss"] > DIVERGED_FACTOR * ref + 1.0:
+                history.append({**record, "diverged": True})
+                raise _Diverged(
+                    f"the QAT loss grew from {ref:.4g} (first step) to {record['loss']:.4g} "
+                    f"(epoch {epoch}'s mean), over {DIVERGED_FACTOR:g} times and 1 more"
+                )
             raw_values = None
             if average is not None:
                 raw_values = [p.detach().clone() for p in trained]
@@ -545,6 +714,8 @@ def fit_qat(
                 record["val"] = metric_number(
                     val_fn(model), "val_fn", f"the model after epoch {epoch}", finite=False
                 )
+            if choose:
+                score(epoch, record)
             history.append(record)
             if path is not None and _is_rank0():
                 ckpt.save(
@@ -557,6 +728,7 @@ def fit_qat(
                         "rng": ckpt.rng_state(),
                         "fingerprint": ckpt.fingerprint(model),
                         "history": history,
+                        **({"selection": sel} if choose else {}),
                         **({"raw_parameters": raw_values} if raw_values is not None else {}),
                     },
                 )
@@ -568,6 +740,8 @@ def fit_qat(
             if raw_values is not None and epoch < epochs:
                 with torch.no_grad():
                     torch._foreach_copy_([p.detach() for p in trained], raw_values)
+    except _Diverged as err:
+        stopped = str(err)
     finally:
         if bar is not None:  # an error mid-epoch: leave no half-drawn progress bar behind
             bar.close()
@@ -576,7 +750,64 @@ def fit_qat(
         for m, flag in teacher_flags.items():
             m.training = flag
     model.eval()
+    if choose:
+        _keep_selected(model, sel, stopped, val_fn is not None, hits_of is not None, against)
     return history
+
+
+def _keep_selected(
+    model: nn.Module,
+    sel: dict[str, Any],
+    stopped: str,
+    by_val_fn: bool,
+    by_hits: bool,
+    against: str,
+) -> None:
+    """Load the epoch that select="best" keeps into `model` and record why in its quant_info
+    (and summary); warn where the run stopped on a diverging loss."""
+    last = sel["best"][0] if sel["best"] is not None else 0
+    rule = ""
+    if by_val_fn:
+        kept, why = select_by_value(sel["scores"])
+        rule = "the highest val_fn, the start included (earliest on a tie)"
+        evidence: dict[str, Any] = {"val": list(sel["scores"])}
+    elif by_hits:
+        kept, why = select_epoch(sel["hits"])
+        rule = (
+            f"an epoch replaces the start only if b - c > {SELECTION_Z:g} * sqrt(b + c) on "
+            "held-out top-1 hits"
+        )
+        evidence = {
+            "held_out_predictions": int(sel["hits"][0].numel()),
+            "against": against,
+            "heldout_top1": [float(h.float().mean()) for h in sel["hits"]],
+        }
+    elif stopped:
+        kept, why, evidence = 0, "no held-out data to choose on: the start is kept", {}
+    else:
+        kept, why, evidence = -1, "no held-out data to choose on: the last epoch is kept", {}
+    if stopped:
+        why = f"stopped: {stopped}; {why}"
+        warnings.warn(f"fit_qat: {why}", stacklevel=3)
+    if kept == 0:
+        model.load_state_dict(sel["start_state"])
+    elif kept > 0:
+        assert sel["best"] is not None and sel["best"][0] == kept, (kept, last)
+        model.load_state_dict(sel["best"][2])
+    model.eval()
+    info = getattr(model, "quant_info", None)
+    if isinstance(info, dict):
+        info["qat_selection"] = {
+            "kept_epoch": kept,
+            "why": why,
+            "rule": rule,
+            **evidence,
+            **({"stopped": stopped} if stopped else {}),
+        }
+    summary = getattr(model, "quant_summary", None)
+    notes = getattr(summary, "notes", None)
+    if isinstance(notes, list):
+        notes.append(f"QAT epoch selection: {why}")
 
 
 __all__ = [

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from edgequant.instrument import attach_info
+from edgequant.instrument import Summary, attach_info
 from edgequant.ptq.calibrate import collect, peek, run_calibration
 from edgequant.ptq.quantize import check_recipe_fits
 from edgequant.ptq.static import build_static, calibrate_weights
@@ -108,19 +108,30 @@ def check_float_model(model: nn.Module, what: str = "model") -> None:
     )
 
 
+# prepare_qat(start=...): where the trainable model starts.
+STARTS = ("ptq", "calibrated")
+
+
 def prepare_qat(
     model: nn.Module,
     recipe: Recipe | str = "w8a8",
     calib_data: Iterable[Any] | None = None,
     num_samples: int | None = None,
     progress: bool = False,
+    start: str = "ptq",
 ) -> nn.Module:
     """A copy of `model`, quantized as static PTQ would quantize it, whose quantizers train.
 
     calib_data: an iterable of model inputs (as for eq.quantize); up to `num_samples`
     (default recipe.calib_samples) calibrate the starting ranges with the recipe's observers.
-    Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In eval
-    mode it computes what the PTQ model with its current grids computes; export it with
+    start: "ptq" (default) starts from the model eq.quantize(method="static") returns for the
+    same recipe, its whole pipeline included (learned rounding and bias correction below 8
+    bits), so QAT begins where PTQ ends, and with training switched off it is that PTQ model;
+    "calibrated" only calibrates the ranges and rounds the weights to nearest (faster, and
+    a worse start below 8 bits). SmoothQuant and outlier channel splitting are PTQ steps that
+    a trainable model does not carry: they are switched off for the start and the summary says
+    so. Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In
+    eval mode it computes what the PTQ model with its current grids computes; export it with
     eq.export_onnx. `model` is not modified.
     """
     if not isinstance(model, nn.Module):
@@ -134,17 +145,13 @@ def prepare_qat(
         )
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights: QAT needs weight specs")
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
     check_recipe_fits(model, recipe)
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
     ):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    first, batches = peek(calib_data)
-    qmodel, summary, recipe = build_static(model, recipe, first)
-    calibrate_weights(qmodel)
-    cap = num_samples or recipe.calib_samples
-    used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
-    count = make_trainable(qmodel, recipe.range_learning)
     skipped = [
         label
         for label, value in (
@@ -153,13 +160,34 @@ def prepare_qat(
         )
         if value is not None
     ]
+    cap = num_samples or recipe.calib_samples
+    pipeline: dict[str, Any] | None = None
+    if start == "ptq":
+        from edgequant.ptq.static import quantize_static
+
+        ptq_recipe = recipe.replace(smooth_alpha=None, split_outliers=None)
+        qmodel = quantize_static(model, ptq_recipe, calib_data, cap, progress)
+        summary = cast(Summary, qmodel.quant_summary)
+        ptq_info = cast("dict[str, Any]", qmodel.quant_info)
+        used = int(ptq_info["samples_used"])
+        pipeline = ptq_info.get("pipeline")
+        steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
+        origin = f"from the static PTQ model of the same recipe ({steps})"
+    else:
+        first, batches = peek(calib_data)
+        qmodel, summary, recipe = build_static(model, recipe, first)
+        calibrate_weights(qmodel)
+        used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
+        origin = "from calibrated ranges, weights rounded to nearest"
+    count = make_trainable(qmodel, recipe.range_learning)
     if skipped:
         summary.notes.append(
             f"{' and '.join(skipped)}: PTQ steps that prepare_qat does not run; not applied"
         )
     summary.notes.append(
-        f"QAT: {count} quantizers trainable ({recipe.range_learning}), ranges calibrated on "
-        f"{used} samples; BatchNorm folded with its running statistics (frozen)"
+        f"QAT: {count} quantizers trainable ({recipe.range_learning}), starting {origin}, "
+        f"ranges calibrated on {used} samples; BatchNorm folded with its running statistics "
+        "(frozen)"
     )
     attach_info(
         qmodel,
@@ -168,6 +196,8 @@ def prepare_qat(
             "method": "qat",
             "recipe": recipe.to_dict(),
             "range_learning": recipe.range_learning,
+            "start": start,
+            **({"pipeline": pipeline} if pipeline is not None else {}),
             "samples_used": used,
             "labels_used": False,
         },

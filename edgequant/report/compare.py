@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edgequant.instrument import Summary, call_model, metric_number
+from edgequant.qat.selection import holdout_split
 from edgequant.spec import Recipe
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
@@ -49,7 +50,7 @@ class Run:
     family: str = "ptq"
     labels_used: bool = False
     epochs: int = 0
-    lr: float = 1e-3
+    lr: float | None = None  # None: fit_qat's default
     budget_ratio: float | None = None
 
     def __post_init__(self) -> None:
@@ -97,120 +98,6 @@ def _batch_len(batch: Any) -> int:
     return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
-# QAT epoch selection (see _qat_model): every HOLDOUT_EVERY-th batch of train_data is held out
-# of training and scores each epoch; an epoch replaces the PTQ start only when it wins on the
-# held-out samples by more than SELECTION_Z standard errors of the paired difference.
-HOLDOUT_EVERY = 7
-SELECTION_Z = 2.0
-
-
-def holdout_split(train: list[Any], every: int = HOLDOUT_EVERY) -> tuple[list[Any], list[Any]]:
-    """(batches to train on, held-out batches): every `every`-th batch is held out (strided, so
-    a train_data sorted by class still gives a mixed slice); with fewer batches than `every`,
-    the last one. Needs at least 2 batches."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 2:
-        raise ValueError(f"every must be an int >= 2 (1 would hold out everything), got {every!r}")
-    if len(train) < 2:
-        raise ValueError(
-            f"a QAT run needs at least 2 batches of train_data (one is held out to choose the "
-            f"epoch kept), got {len(train)}"
-        )
-    step = min(every, len(train))
-    held = set(range(step - 1, len(train), step))
-    return [b for i, b in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-
-
-def _split_labels(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    if (
-        isinstance(batch, (tuple, list))
-        and len(batch) == 2
-        and isinstance(batch[1], torch.Tensor)
-        and not batch[1].is_floating_point()
-    ):
-        return batch[0], batch[1]
-    return batch, None
-
-
-def _hits_on(
-    teacher: nn.Module, held: list[Any]
-) -> tuple[Callable[[nn.Module], torch.Tensor], str]:
-    """(model -> per-sample top-1 hits on the held-out batches, what the hits are against): the
-    labels where the batches have them, else the teacher's top-1 (agreement with FP32)."""
-    inputs, targets = [], []
-    with torch.no_grad():
-        for batch in held:
-            x, y = _split_labels(batch)
-            inputs.append(x)
-            targets.append(y if y is not None else call_model(teacher, x).argmax(-1))
-    against = "labels" if all(_split_labels(b)[1] is not None for b in held) else "FP32 top-1"
-
-    def hits(model: nn.Module) -> torch.Tensor:
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with torch.no_grad():
-                return torch.cat(
-                    [
-                        (call_model(model, x).argmax(-1) == t).flatten()
-                        for x, t in zip(inputs, targets, strict=True)
-                    ]
-                )
-        finally:
-            for m, f in flags.items():
-                m.training = f
-
-    return hits, against
-
-
-def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[int, str]:
-    """(epoch to keep, why) from per-sample hits on held-out data, hits[0] being the PTQ start.
-
-    The candidate is the epoch with the most hits (the earliest on a tie). It replaces the start
-    only if, of the samples on which the two disagree, it gets b right that the start gets
-    wrong and c the other way with b - c > z * sqrt(b + c): a gain of more than z standard
-    errors of the paired difference (McNemar's statistic). Otherwise QAT keeps the PTQ start,
-    so it is never worse than PTQ by a difference that the held-out data cannot tell from noise.
-    """
-    if not hits:
-        raise ValueError("hits is empty: it needs at least the PTQ start's hits (epoch 0)")
-    for epoch, h in enumerate(hits):
-        if not isinstance(h, torch.Tensor) or h.dtype != torch.bool or h.shape != hits[0].shape:
-            raise ValueError(
-                f"hits[{epoch}] must be a bool tensor shaped like hits[0] "
-                f"{tuple(hits[0].shape) if isinstance(hits[0], torch.Tensor) else ''}, got "
-                f"{h.dtype if isinstance(h, torch.Tensor) else type(h).__name__}"
-                f"{tuple(h.shape) if isinstance(h, torch.Tensor) else ''}"
-            )
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
-        raise ValueError(f"z must be a number >= 0, got {z!r}")
-    n = int(hits[0].numel())
-    if len(hits) < 2:
-        return 0, "no QAT epoch ran: the PTQ start is kept"
-    counts = [int(h.sum()) for h in hits]
-    best = max(range(1, len(hits)), key=lambda e: (counts[e], -e))
-    b = int((hits[best] & ~hits[0]).sum())
-    c = int((~hits[best] & hits[0]).sum())
-    margin = z * (b + c) ** 0.5
-    scores = ", ".join(f"epoch {e}: {k}" for e, k in enumerate(counts))
-    detail = (
-        f"held-out hits of {n} ({scores}); the best epoch, {best}, gets {b} right that the PTQ "
-        f"start gets wrong and {c} the other way"
-    )
-    if b - c > margin:
-        return (
-            best,
-            f"kept epoch {best}: {detail}, a gain above {z:g} standard errors ({margin:.1f})",
-        )
-    if b == c == 0:
-        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch changed a held-out answer"
-    if b <= c:
-        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch gained on it"
-    return 0, (
-        f"kept the PTQ start (epoch 0): {detail}; a gain of {b - c} is within {z:g} standard "
-        f"errors ({margin:.1f}), not distinguishable from noise"
-    )
-
-
 def _qat_model(
     model: nn.Module,
     run: Run,
@@ -220,65 +107,44 @@ def _qat_model(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prepare from the PTQ model, fine-tune with distillation from `model` on train_data less
-    a held-out slice, and keep the epoch that select_epoch picks on that slice."""
-    from edgequant.ptq import quantize
+    a held-out slice, and keep the epoch that fit_qat's selection picks on that slice."""
     from edgequant.qat import finalize, fit_qat, prepare_qat
-    from edgequant.qat.prepare import start_from
 
     fit, held = holdout_split(train_data)
     bars = progress is not None
+    # prepare_qat starts from the PTQ model at the same bits, its whole pipeline included
+    # (learned rounding, bias correction).
     qmodel = prepare_qat(model, run.recipe, calib_data=calib, progress=bars)
-    # Start from the PTQ model at the same bits, its whole pipeline included (learned rounding,
-    # bias correction): same grids (the same calibration), better weights and biases.
-    start_from(qmodel, quantize(model, run.recipe, calib, method="static", progress=bars))
-    hits_of, against = _hits_on(model, held)
-    hits = [hits_of(qmodel)]
-    states = [copy.deepcopy(qmodel.state_dict())]
     if progress is not None:
-        top1 = int(hits[0].sum()) / hits[0].numel()
-        progress(
-            f"{run.name}: QAT from the PTQ start (held-out top-1 {top1:.4f} on "
-            f"{hits[0].numel()} samples), {run.epochs} epochs"
-        )
-
-    def heldout_top1(m: nn.Module) -> float:  # fit_qat's val_fn: shown in its epoch line
-        hits.append(hits_of(m))
-        return int(hits[-1].sum()) / hits[-1].numel()
-
+        progress(f"{run.name}: QAT from the PTQ start, {run.epochs} epochs")
+    settings: dict[str, Any] = {"lr": run.lr} if run.lr is not None else {}
     fit_qat(
         qmodel,
         fit,
         epochs=run.epochs,
-        lr=run.lr,
+        **settings,
         teacher=model,
         progress=bars,
-        val_fn=heldout_top1,
-        on_epoch_end=lambda epoch, record: states.append(copy.deepcopy(qmodel.state_dict())),
+        val_data=held,
         seed=seed,
     )
-    assert len(hits) == len(states) == run.epochs + 1
-    kept, why = select_epoch(hits)
-    qmodel.load_state_dict(states[kept])
+    chosen = cast("dict[str, Any]", qmodel.quant_info)["qat_selection"]
     info = {
         "epochs": run.epochs,
-        "kept_epoch": kept,
+        "kept_epoch": chosen["kept_epoch"],
         "selection": {
-            "held_out_samples": int(hits[0].numel()),
+            "held_out_samples": chosen["held_out_predictions"],
             "trained_on_samples": sum(_batch_len(b) for b in fit),
-            "against": against,
-            "heldout_top1": [int(h.sum()) / h.numel() for h in hits],
-            "rule": f"an epoch replaces the PTQ start only if b - c > {SELECTION_Z:g} * sqrt(b + c)",
-            "why": why,
+            "against": chosen["against"],
+            "heldout_top1": chosen["heldout_top1"],
+            "rule": chosen["rule"],
+            "why": chosen["why"],
         },
     }
     final = finalize(qmodel)
     for attr in ("quant_summary", "quant_info"):
         if hasattr(qmodel, attr) and not hasattr(final, attr):
             setattr(final, attr, getattr(qmodel, attr))
-    cast(Summary, final.quant_summary).notes.append(
-        f"QAT epoch selection on {int(hits[0].numel())} held-out train_data samples "
-        f"(against {against}): {why}"
-    )
     return final, info
 
 

@@ -53,7 +53,7 @@ def _worker(rank: int, init_file: str, out_dir: str, range_learning: str) -> Non
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         recipe = eq.Recipe.preset("w8a8").replace(range_learning=range_learning)
-        qmodel = prepare_qat(_model(), recipe, _calib())
+        qmodel = prepare_qat(_model(), recipe, _calib(), start="calibrated")
         ddp = nn.parallel.DistributedDataParallel(qmodel, broadcast_buffers=False)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         for step in range(STEPS):

@@ -12,10 +12,20 @@ from edgequant.qat import finalize, fit_qat, prepare_qat
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4"])
 def test_trained_qat_model_exports_and_verifies(tiny_model, calib, train_data, tmp_path, preset):
-    qat = prepare_qat(tiny_model, preset, calib)
-    fit_qat(qat, train_data, epochs=2, lr=5e-3, teacher=tiny_model, kd_weight=0.5, progress=False)
+    qat = prepare_qat(tiny_model, preset, calib, start="calibrated")
+    # select="last": the trained grids are exported whether or not they beat the start.
+    fit_qat(
+        qat,
+        train_data,
+        epochs=2,
+        lr=5e-3,
+        teacher=tiny_model,
+        kd_weight=0.5,
+        progress=False,
+        select="last",
+    )
     scales = {n: p.detach().clone() for n, p in qat.named_parameters() if "learned_scale" in n}
-    start = prepare_qat(tiny_model, preset, calib)
+    start = prepare_qat(tiny_model, preset, calib, start="calibrated")
     learned = dict(start.named_parameters())
     assert any(not torch.equal(scales[n], learned[n]) for n in scales)  # the grids trained
     info = eq.export_onnx(qat, tmp_path / "qat.onnx", calib[0][:2], verify_data=calib)
@@ -51,7 +61,7 @@ def test_qat_through_the_option_a_join_exports_per_target(
     if target is not None:
         recipe = recipe.for_target(target)
     assert tiny_model.slice_join
-    qat = prepare_qat(tiny_model, recipe, calib)
+    qat = prepare_qat(tiny_model, recipe, calib, start="calibrated")
     sgd_steps(qat, train_data)
     qat.eval()
     info = eq.export_onnx(qat, tmp_path / "qat.onnx", calib[0][:2], verify_data=calib)

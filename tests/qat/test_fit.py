@@ -62,10 +62,10 @@ def test_resume_after_a_kill_gives_identical_weights(
         freeze_observers_epoch=2,
         weight_average=weight_average,
     )
-    straight = prepare_qat(tiny_model, recipe, calib)
+    straight = prepare_qat(tiny_model, recipe, calib, start="calibrated")
     fit_qat(straight, data, checkpoint_dir=tmp_path / "a", **kwargs)
 
-    interrupted = prepare_qat(tiny_model, recipe, calib)
+    interrupted = prepare_qat(tiny_model, recipe, calib, start="calibrated")
     with pytest.raises(Stop):
         fit_qat(
             interrupted,
@@ -76,7 +76,9 @@ def test_resume_after_a_kill_gives_identical_weights(
         )
     assert (tmp_path / "b" / FILENAME).is_file()
     torch.manual_seed(12345)  # whatever happened in between must not matter
-    resumed = prepare_qat(tiny_model, recipe, calib)  # a new process would rebuild it
+    resumed = prepare_qat(
+        tiny_model, recipe, calib, start="calibrated"
+    )  # a new process would rebuild it
     history = fit_qat(resumed, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     a, b = straight.state_dict(), resumed.state_dict()
@@ -87,7 +89,7 @@ def test_resume_after_a_kill_gives_identical_weights(
     if range_learning == "ema":
         assert all(q.frozen for q in resumed.modules() if isinstance(q, EMAQuantizer))
     # Training changed something (the comparison above is not between two untouched models).
-    start = prepare_qat(tiny_model, recipe, calib).state_dict()
+    start = prepare_qat(tiny_model, recipe, calib, start="calibrated").state_dict()
     assert any(not torch.equal(start[k], a[k]) for k in a if k.endswith("weight"))
 
 
@@ -100,10 +102,10 @@ def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_w
     def weights(model: torch.nn.Module) -> list[torch.Tensor]:
         return [p.detach().clone() for p in model.parameters()]
 
-    plain = prepare_qat(tiny_model, "w4a4", calib)
+    plain = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     plain_history = fit_qat(plain, data, **kwargs)
     seen: list[list[torch.Tensor]] = []
-    averaged = prepare_qat(tiny_model, "w4a4", calib)
+    averaged = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     history = fit_qat(
         averaged,
         data,
@@ -119,7 +121,7 @@ def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_w
         not torch.equal(a, b) for a, b in zip(weights(plain), weights(averaged), strict=True)
     )
     # A near-zero decay averages only the last step: the plain model, up to rounding.
-    last = prepare_qat(tiny_model, "w4a4", calib)
+    last = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     fit_qat(last, data, weight_average=1e-12, **kwargs)
     for a, b in zip(weights(plain), weights(last), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -127,9 +129,9 @@ def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_w
         with pytest.raises(ValueError, match="weight_average"):
             fit_qat(last, data, weight_average=bad)
     # Resuming a finished averaged run gives back the average it ended with.
-    fit_qat(averaged_again := prepare_qat(tiny_model, "w4a4", calib), data, weight_average=0.8,
+    fit_qat(averaged_again := prepare_qat(tiny_model, "w4a4", calib, start="calibrated"), data, weight_average=0.8,
             checkpoint_dir=tmp_path / "done", **kwargs)  # fmt: skip
-    again = prepare_qat(tiny_model, "w4a4", calib)
+    again = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     fit_qat(
         again, data, weight_average=0.8, checkpoint_dir=tmp_path / "done", resume=True, **kwargs
     )
@@ -137,10 +139,15 @@ def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_w
         torch.equal(a, b) for a, b in zip(weights(averaged_again), weights(again), strict=True)
     )
     # A checkpoint of an averaged run cannot be resumed without averaging, nor the other way.
-    fit_qat(prepare_qat(tiny_model, "w4a4", calib), data, checkpoint_dir=tmp_path, **kwargs)
+    fit_qat(
+        prepare_qat(tiny_model, "w4a4", calib, start="calibrated"),
+        data,
+        checkpoint_dir=tmp_path,
+        **kwargs,
+    )
     with pytest.raises(ValueError, match="weight_average"):
         fit_qat(
-            prepare_qat(tiny_model, "w4a4", calib),
+            prepare_qat(tiny_model, "w4a4", calib, start="calibrated"),
             data,
             checkpoint_dir=tmp_path,
             resume=True,
@@ -150,8 +157,10 @@ def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_w
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, calib, train_data, tmp_path):
-    qat = prepare_qat(tiny_model, "w8a8", calib)
-    fit_qat(qat, train_data, epochs=1, lr=1e-3, checkpoint_dir=tmp_path, progress=False)
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
+    fit_qat(
+        qat, train_data, epochs=1, lr=1e-3, checkpoint_dir=tmp_path, progress=False, select="last"
+    )
     path = tmp_path / FILENAME
     saved = path.read_bytes()
 
@@ -165,7 +174,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, calib, tr
             out = tiny_model(x)
             return out * float("nan") if self.calls == 2 else out
 
-    qat2 = prepare_qat(tiny_model, "w8a8", calib)
+    qat2 = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
     with pytest.raises(NaNLossError, match=r"epoch 2, step 1.*last good checkpoint"):
         fit_qat(
             qat2,
@@ -177,15 +186,130 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, calib, tr
             checkpoint_dir=tmp_path,
             resume=True,
             progress=False,
+            select="last",
         )
     assert path.read_bytes() == saved
     assert not [p for p in tmp_path.iterdir() if p.name != FILENAME]  # no temp files left
 
 
+def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_a_diverging_run_stops_and_keeps_the_start(tiny_model, calib, train_data):
+    """SGD at a learning rate far too high destroys the model; select='best' (the default)
+    keeps the start, says why, and warns."""
+    start = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
+    with pytest.warns(UserWarning, match="stopped: the QAT loss"):
+        history = fit_qat(
+            qat, train_data, epochs=3, lr=50.0, optimizer="sgd", teacher=tiny_model, progress=False
+        )
+    chosen = qat.quant_info["qat_selection"]
+    assert chosen["kept_epoch"] == 0 and "stopped" in chosen
+    assert len(history) < 3  # it stopped early
+    x = calib[0]
+    assert torch.equal(_outputs(qat, x), _outputs(start, x))
+    assert "QAT epoch selection: stopped" in qat.quant_summary.notes[-1]
+
+
+def test_nan_loss_with_select_best_keeps_the_best_epoch_so_far(tiny_model, calib, train_data):
+    class Poisoned(torch.nn.Module):
+        """A teacher that outputs NaN once `poison` is set (after epoch 1)."""
+
+        poison = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = tiny_model(x)
+            return out * float("nan") if self.poison else out
+
+    teacher = Poisoned()
+
+    def after(epoch: int, record: dict) -> None:
+        teacher.poison = True
+
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
+    with pytest.warns(UserWarning, match="became nan at epoch 2, step 0"):
+        fit_qat(
+            qat,
+            train_data,
+            epochs=3,
+            lr=1e-3,
+            teacher=teacher,
+            on_epoch_end=after,
+            progress=False,
+        )
+    chosen = qat.quant_info["qat_selection"]
+    assert chosen["kept_epoch"] in (0, 1) and len(chosen["heldout_top1"]) == 2
+    assert torch.isfinite(_outputs(qat, calib[0])).all()
+
+
+def test_select_best_keeps_the_epoch_val_fn_prefers(tiny_model, calib, train_data):
+    scores = iter([0.5, 0.7, 0.9, 0.6])  # the start, then epochs 1-3
+
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
+    states: list[dict[str, torch.Tensor]] = []
+    fit_qat(
+        qat,
+        train_data,
+        epochs=3,
+        lr=1e-2,
+        val_fn=lambda m: next(scores),
+        on_epoch_end=lambda e, r: states.append(
+            {k: v.clone() for k, v in qat.state_dict().items() if isinstance(v, torch.Tensor)}
+        ),
+        progress=False,
+    )
+    assert qat.quant_info["qat_selection"]["kept_epoch"] == 2
+    kept = qat.state_dict()
+    assert all(torch.equal(kept[k], states[1][k]) for k in states[1])
+    assert not all(torch.equal(kept[k], states[2][k]) for k in states[2])
+
+
+def test_select_best_holds_out_a_list_and_a_dataloader(tiny_model, calib, make_data):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = make_data(224, 3)
+    seen: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_model
+
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            seen.append(int(batch.shape[0]))
+            return self.inner(batch)
+
+    batches = list(zip(x.split(32), y.split(32), strict=True))  # 7 batches: the 7th held out
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
+    fit_qat(qat, batches, epochs=1, teacher=Counting(), progress=False)
+    assert sum(seen) == 192  # the teacher saw the 6 training batches only
+    chosen = qat.quant_info["qat_selection"]
+    assert chosen["held_out_predictions"] == 32 and chosen["against"] == "labels"
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
+    seen.clear()
+    fit_qat(qat, loader, epochs=2, teacher=Counting(), progress=False)
+    assert sum(seen) == 2 * 192  # every 7th sample held out, the same ones in both epochs
+    assert qat.quant_info["qat_selection"]["held_out_predictions"] == 32
+    # val_data is used as given, train_data whole.
+    seen.clear()
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
+    fit_qat(qat, batches, epochs=1, teacher=Counting(), val_data=batches[:2], progress=False)
+    assert sum(seen) == 224
+    assert qat.quant_info["qat_selection"]["held_out_predictions"] == 64
+    with pytest.raises(ValueError, match="val_data chooses"):
+        fit_qat(qat, batches, val_data=batches, select="last", progress=False)
+    with pytest.raises(ValueError, match="unknown select"):
+        fit_qat(qat, batches, select="first", progress=False)
+
+
 def test_checkpoint_of_another_recipe_is_refused(tiny_model, calib, train_data, tmp_path):
-    qat = prepare_qat(tiny_model, "w8a8", calib)
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
     fit_qat(qat, train_data, epochs=1, checkpoint_dir=tmp_path, progress=False)
-    other = prepare_qat(tiny_model, "w4a4", calib)
+    other = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     with pytest.raises(
         ValueError,
         match=r"different recipe or model(.|\n)*recipe field 'name': checkpoint 'w8a8', this model 'w4a4'",
@@ -201,7 +325,7 @@ def test_checkpoint_of_another_recipe_is_refused(tiny_model, calib, train_data, 
 
 
 def test_distillation_without_labels_learns_the_teacher(tiny_model, calib, make_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     x, _ = make_data(128, 9)
     inputs = list(x.split(32))
     history = fit_qat(qat, inputs, epochs=3, lr=1e-3, teacher=tiny_model, progress=False)
@@ -210,7 +334,7 @@ def test_distillation_without_labels_learns_the_teacher(tiny_model, calib, make_
 
 
 def test_bad_arguments_are_named(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w8a8", calib)
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
     with pytest.raises(TypeError, match="re-iterable"):
         fit_qat(qat, iter(train_data), progress=False)
     with pytest.raises(ValueError, match="no labels and no teacher"):
@@ -232,13 +356,11 @@ def test_bad_arguments_are_named(tiny_model, calib, train_data):
 
 
 def test_a_label_outside_the_models_classes_is_named(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w8a8", calib)
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
     x, y = train_data[0]
     classes = tiny_model(x).shape[-1]
     bad = [train_data[0], (x, torch.full_like(y, classes))]
-    with pytest.raises(
-        ValueError, match=f"item 1 has label {classes}, but the model has {classes}"
-    ):
+    with pytest.raises(ValueError, match=f"has label {classes}, but the model has {classes}"):
         fit_qat(qat, bad, progress=False)
 
 
@@ -246,29 +368,40 @@ def test_range_lr_scale_sets_how_fast_the_ranges_learn(tiny_model, calib, train_
     def ranges(model: torch.nn.Module) -> list[torch.Tensor]:
         return [p.detach().clone() for q in qat_quantizers(model) for p in q.parameters()]
 
-    frozen = prepare_qat(tiny_model, "w4a4", calib)
+    frozen = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     before, weights = ranges(frozen), [p.detach().clone() for p in frozen.parameters()]
     assert before, "LSQ quantizers have learned step sizes"
     fit_qat(
-        frozen, train_data, epochs=1, lr=1e-2, optimizer="adam", range_lr_scale=0.0, progress=False
+        frozen,
+        train_data,
+        epochs=1,
+        lr=1e-2,
+        optimizer="adam",
+        range_lr_scale=0.0,
+        progress=False,
+        select="last",
     )
     assert all(torch.equal(a, b) for a, b in zip(before, ranges(frozen), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(weights, frozen.parameters(), strict=False))
 
-    moving = prepare_qat(tiny_model, "w4a4", calib)
-    fit_qat(moving, train_data, epochs=1, lr=1e-2, optimizer="adam", progress=False)
+    moving = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
+    fit_qat(moving, train_data, epochs=1, lr=1e-2, optimizer="adam", progress=False, select="last")
     assert any(not torch.equal(a, b) for a, b in zip(before, ranges(moving), strict=True))
     with pytest.raises(ValueError, match="range_lr_scale"):
         fit_qat(moving, train_data, range_lr_scale=-1.0)
 
 
 def test_warmup_rises_to_lr_then_decays(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w8a8", calib)
+    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
     history = fit_qat(qat, train_data, epochs=3, lr=1e-3, warmup_epochs=1, progress=False)
     assert history[0]["lr"] == pytest.approx(1e-3)  # the peak, reached as warmup ends
     assert history[1]["lr"] < 1e-3 and history[2]["lr"] == pytest.approx(0.0, abs=1e-12)
     plain = fit_qat(
-        prepare_qat(tiny_model, "w8a8", calib), train_data, epochs=3, lr=1e-3, progress=False
+        prepare_qat(tiny_model, "w8a8", calib, start="calibrated"),
+        train_data,
+        epochs=3,
+        lr=1e-3,
+        progress=False,
     )
     assert plain[0]["lr"] < 1e-3
     for bad in (3, -1.0, "1"):
@@ -296,7 +429,7 @@ def test_feature_distillation_ties_each_layer_input_to_the_teacher(tiny_model, c
     probe = make_data(64, 11)[0]
     runs = {}
     for weight in (0.0, 10.0):
-        qat = prepare_qat(tiny_model, "w4a4", calib)
+        qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
         assert feature_layer_names(qat, tiny_model, None) == ["conv1", "conv2", "conv3", "linear"]
         fit_qat(
             qat,
@@ -307,6 +440,7 @@ def test_feature_distillation_ties_each_layer_input_to_the_teacher(tiny_model, c
             teacher=tiny_model,
             feature_weight=weight,
             progress=False,
+            select="last",
         )
         runs[weight] = _feature_mismatch(qat, tiny_model, probe)
         # The hooks are gone from both models once training ends.
@@ -316,7 +450,7 @@ def test_feature_distillation_ties_each_layer_input_to_the_teacher(tiny_model, c
 
 
 def test_feature_distillation_arguments_are_checked(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     with pytest.raises(ValueError, match="pass teacher="):
         fit_qat(qat, train_data, feature_weight=1.0, progress=False)
     with pytest.raises(ValueError, match="feature_weight must be"):
@@ -343,7 +477,7 @@ def test_feature_distillation_arguments_are_checked(tiny_model, calib, train_dat
 def test_dampening_loss_measures_the_distance_from_the_grid_in_steps(tiny_model, calib):
     from edgequant.qat.fit import dampening_loss
 
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     layers = [
         m for m in qat.modules() if isinstance(getattr(m, "weight_quantizer", None), QATQuantizer)
     ]
@@ -396,7 +530,7 @@ def test_dampening_settles_the_weights_in_their_bins(tiny_model, calib, make_dat
     data = list(zip(x.split(32), y.split(32), strict=True))
     runs = {}
     for weight in (0.0, 10.0):
-        qat = prepare_qat(tiny_model, "w4a4", calib)
+        qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
         history = fit_qat(
             qat,
             data,
@@ -407,6 +541,7 @@ def test_dampening_settles_the_weights_in_their_bins(tiny_model, calib, make_dat
             dampen_weight=weight,
             progress=False,
             seed=3,
+            select="last",
         )
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
         runs[weight] = _mean_step_distance(qat)
@@ -416,7 +551,7 @@ def test_dampening_settles_the_weights_in_their_bins(tiny_model, calib, make_dat
 
 
 def test_dampening_arguments_are_checked(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     for bad in (-1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="dampen_weight must be"):
             fit_qat(qat, train_data, dampen_weight=bad, progress=False)  # type: ignore[arg-type]

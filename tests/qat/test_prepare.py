@@ -93,7 +93,7 @@ def test_shared_quantizers_stay_shared(tiny_model, calib):
 
 
 def test_lsq_gradient_is_esser_et_al(tiny_model, calib):
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     q = qat.get_submodule("conv2").weight_quantizer
     assert isinstance(q, LSQQuantizer)
     w = qat.get_submodule("conv2").weight.detach().clone().requires_grad_(True)
@@ -117,7 +117,12 @@ def test_lsq_gradient_is_esser_et_al(tiny_model, calib):
 
 
 def test_pact_gradient_counts_clipped_values(tiny_model, calib):
-    qat = prepare_qat(tiny_model, eq.Recipe.preset("w4a4").replace(range_learning="pact"), calib)
+    qat = prepare_qat(
+        tiny_model,
+        eq.Recipe.preset("w4a4").replace(range_learning="pact"),
+        calib,
+        start="calibrated",
+    )
     q = next(
         q for q in quantizers(qat) if isinstance(q, PACTQuantizer) and q.zero_point.item() == 0
     )
@@ -134,7 +139,7 @@ def test_pact_gradient_counts_clipped_values(tiny_model, calib):
 
 
 def test_scales_stay_positive(tiny_model, calib):
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     q = qat.get_submodule("conv2").weight_quantizer
     with torch.no_grad():
         q.learned_scale.fill_(-1.0)
@@ -166,7 +171,7 @@ def test_pow2_scales_from_the_first_step_and_export_unchanged(
     through ResNet-20's option-A join (strided slice, zero padding, add) on signed INT8 grids."""
     recipe = eq.Recipe.preset("w8a8").for_target("dsp-pow2")
     assert tiny_model.slice_join
-    qat = prepare_qat(tiny_model, recipe, calib)
+    qat = prepare_qat(tiny_model, recipe, calib, start="calibrated")
 
     def grids_are_powers_of_two() -> None:
         for q in quantizers(qat):  # the grid every training step used
@@ -207,7 +212,7 @@ def test_pow2_scales_from_the_first_step_and_export_unchanged(
 
 
 def test_finalize_gives_plain_quantizers_computing_the_same(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib)
+    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     opt = torch.optim.Adam(qat.parameters(), lr=1e-2)
     for x, y in train_data:
         opt.zero_grad()

@@ -57,7 +57,9 @@ def test_fit_qat_refuses_callbacks_that_are_not_callable(qat, train_data, name: 
 
 def test_fit_qat_names_what_val_fn_returned(qat, train_data) -> None:
     # Before: "only one element tensors can be converted to Python scalars".
-    with pytest.raises(TypeError, match=r"val_fn must return a number .* epoch 1 .* shape \(2,\)"):
+    with pytest.raises(
+        TypeError, match=r"val_fn must return a number .* model as prepared .* shape \(2,\)"
+    ):
         fit_qat(qat, train_data, epochs=1, progress=False, val_fn=lambda m: torch.ones(2))
 
 
@@ -76,6 +78,9 @@ def test_fit_qat_refuses_nan_inputs(qat, train_data) -> None:
     x[0, 0, 0, 0] = float("nan")
     data = [train_data[0], (x, y)]
     with pytest.raises(ValueError, match=r"train_data item 1 \(epoch 1\) holds NaN or Inf"):
+        fit_qat(qat, data, epochs=1, progress=False, select="last")
+    # Held out (the default select="best" holds out the last of two batches): named too.
+    with pytest.raises(ValueError, match=r"held-out batch 0 holds NaN or Inf .*1 of"):
         fit_qat(qat, data, epochs=1, progress=False)
 
 

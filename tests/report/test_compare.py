@@ -9,14 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgequant.report.compare import (
-    Run,
-    compare,
-    holdout_split,
-    recommend,
-    select_epoch,
-    stderr_progress,
-)
+from edgequant.qat.selection import holdout_split, select_epoch
+from edgequant.report.compare import Run, compare, recommend, stderr_progress
 from edgequant.spec import Recipe
 
 

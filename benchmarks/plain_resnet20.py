@@ -1,0 +1,127 @@
+"""The pretrained ResNet-20 through the plain calls the README shows, the library's defaults and
+nothing else: what a user gets. Every accuracy is that of the exported ONNX model run in ONNX
+Runtime, on test_932 (exact pixels) and on the 10,000 JPEG test images.
+
+    python benchmarks/plain_resnet20.py [--runs qat-w4a4,ptq-w4a4,...] [--out FILE]
+
+Runs (names): ptq-w8a8, ptq-w4a8, ptq-w4a4 (eq.quantize, static, 1,024 calibration images of
+train_4660's calibration part), ptq-w4a4-512 (the same on 512: the start of qat-w4a4), and
+qat-w4a4: eq.prepare_qat(model, "w4a4", calib_data=512 images) then eq.fit_qat(qmodel,
+train_4660 as (images, labels) batches of 128, epochs=10, teacher=model), nothing else set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+
+import edgequant as eq
+from edgequant.examples import cifar10 as C
+from edgequant.examples.shared import shared_dir
+
+RUNS = ("ptq-w8a8", "ptq-w4a8", "ptq-w4a4", "ptq-w4a4-512", "qat-w4a4")
+
+
+def batches(x: torch.Tensor, size: int = 64) -> list[torch.Tensor]:
+    return list(x.split(size))
+
+
+def build(name: str, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    preset = name.split("-")[1]
+    if name.startswith("ptq"):
+        n = 512 if name.endswith("-512") else 1024
+        calib = batches(C.calibration_split(n)[0])
+        return eq.quantize(model, preset, calib_data=calib, progress=True), {"calib_images": n}
+    calib = batches(C.calibration_split(512)[0])
+    qmodel = eq.prepare_qat(model, preset, calib_data=calib, progress=True)
+    x, y = C.load_split("train_4660")
+    train = list(zip(x.split(128), y.split(128), strict=True))
+    history = eq.fit_qat(qmodel, train, epochs=10, teacher=model)
+    info = qmodel.quant_info
+    return qmodel, {
+        "calib_images": 512,
+        "train_images": len(x),
+        "history": history,
+        "selection": {k: v for k, v in info["qat_selection"].items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--out", default="benchmarks/results/plain_resnet20.json")
+    args = parser.parse_args()
+    names = [n for n in args.runs.split(",") if n]
+    for n in names:
+        if n not in RUNS:
+            raise SystemExit(f"--runs: unknown {n!r}; known: {', '.join(RUNS)}")
+    if shared_dir() is None:
+        print("skipped: ../shared (CIFAR-10, ResNet-20) is absent", file=sys.stderr)
+        return
+    torch.manual_seed(0)
+    model = C.load_resnet20().eval()
+    test_x, test_y = C.load_split("test_932")
+    jpeg_x, jpeg_y = C.load_jpeg_test()
+    verify = batches(C.heldout_split()[0][:256])
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        from edgequant.export.onnx import export_float_onnx
+
+        export_float_onnx(model, fp32_path, test_x[:1])
+        fp32 = C.ort_predict_fn(fp32_path)
+        rows.append(
+            {
+                "name": "fp32",
+                "test_932": C.accuracy(fp32, test_x, test_y),
+                "jpeg_10000": C.accuracy(fp32, jpeg_x, jpeg_y),
+                "size_bytes": fp32_path.stat().st_size,
+            }
+        )
+        print(rows[-1], flush=True)
+        for name in names:
+            started = time.perf_counter()
+            qmodel, extra = build(name, model)
+            wall_s = time.perf_counter() - started
+            path = Path(tmp) / f"{name}.onnx"
+            export = eq.export_onnx(qmodel, path, test_x[:8], verify_data=verify)
+            predict = C.ort_predict_fn(path)
+            rows.append(
+                {
+                    "name": name,
+                    "test_932": C.accuracy(predict, test_x, test_y),
+                    "jpeg_10000": C.accuracy(predict, jpeg_x, jpeg_y),
+                    "simulated_test_932": C.accuracy(qmodel, test_x, test_y),
+                    "size_bytes": path.stat().st_size,
+                    "top1_agreement": export.verification.top1_agreement,
+                    "pipeline": qmodel.quant_info.get("pipeline", {}).get("steps"),
+                    "wall_s": wall_s,
+                    **extra,
+                }
+            )
+            shown = {k: v for k, v in rows[-1].items() if k not in ("history", "selection")}
+            print(shown, flush=True)
+            if "selection" in extra:
+                print("  selection:", extra["selection"]["why"], flush=True)
+    write_json(
+        args.out,
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+            "command": "python benchmarks/plain_resnet20.py --runs " + ",".join(names),
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Which QAT epoch to keep: held-out data, per-sample hits, and a rule that keeps the start.
+
+QAT fine-tunes a PTQ model; an epoch replaces that start only when it wins on samples that
+training never saw by more than noise (McNemar's paired comparison of per-sample top-1 hits),
+so a QAT run is never worse than its PTQ start by a difference the held-out data can tell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgequant.instrument import call_model, nonfinite
+
+# Every HOLDOUT_EVERY-th batch of train_data is held out of training to score each epoch; an
+# epoch replaces the start only when it wins by more than SELECTION_Z standard errors.
+HOLDOUT_EVERY = 7
+SELECTION_Z = 2.0
+
+
+def holdout_split(train: Sequence[Any], every: int = HOLDOUT_EVERY) -> tuple[list[Any], list[Any]]:
+    """(batches to train on, held-out batches): every `every`-th batch is held out (strided, so
+    a train_data sorted by class still gives a mixed slice); with fewer batches than `every`,
+    the last one. Needs at least 2 batches."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+        raise ValueError(f"every must be an int >= 2 (1 would hold out everything), got {every!r}")
+    if len(train) < 2:
+        raise ValueError(
+            f"a QAT run needs at least 2 batches of train_data (one is held out to choose the "
+            f"epoch kept), got {len(train)}"
+        )
+    step = min(every, len(train))
+    held = set(range(step - 1, len(train), step))
+    return [b for i, b in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def split_labels(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, integer labels or None) of one item: an (inputs, labels) pair or inputs alone."""
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[1], torch.Tensor)
+        and not batch[1].is_floating_point()
+    ):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def heldout_hits(
+    teacher: nn.Module | None, held: Iterable[Any]
+) -> tuple[Callable[[nn.Module], torch.Tensor], str]:
+    """(model -> per-sample top-1 hits on the held-out batches, what the hits are against): the
+    labels where every batch has them, else the teacher's top-1 (agreement with FP32)."""
+    pairs = [split_labels(batch) for batch in held]
+    has_labels = all(y is not None for _, y in pairs)
+    if not has_labels and teacher is None:
+        raise ValueError(
+            "the held-out batches have no labels and no teacher was given to agree with: pass "
+            "(inputs, labels) pairs or teacher="
+        )
+    inputs, targets = [], []
+    with torch.no_grad():
+        for index, (x, y) in enumerate(pairs):
+            if isinstance(x, torch.Tensor) and (count := nonfinite(x)):
+                raise ValueError(
+                    f"held-out batch {index} holds NaN or Inf in its inputs ({count} of "
+                    f"{x.numel()} values)"
+                )
+            inputs.append(x)
+            if has_labels:
+                targets.append(y)
+            else:
+                assert teacher is not None
+                targets.append(call_model(teacher, x).argmax(-1))
+
+    def hits(model: nn.Module) -> torch.Tensor:
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            found = []
+            with torch.no_grad():
+                for index, (x, t) in enumerate(zip(inputs, targets, strict=True)):
+                    out = call_model(model, x)
+                    classes = out.shape[-1]
+                    if has_labels and t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
+                        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+                        raise ValueError(
+                            f"held-out batch {index} has label {bad}, but the model has "
+                            f"{classes} outputs: labels must be class indices in "
+                            f"[0, {classes - 1}]"
+                        )
+                    found.append((out.argmax(-1) == t).flatten())
+            return torch.cat(found)
+        finally:
+            for m, f in flags.items():
+                m.training = f
+
+    return hits, "labels" if has_labels else "FP32 top-1"
+
+
+def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[int, str]:
+    """(epoch to keep, why) from per-sample hits on held-out data, hits[0] being the start.
+
+    The candidate is the epoch with the most hits (the earliest on a tie). It replaces the start
+    only if, of the samples on which the two disagree, it gets b right that the start gets
+    wrong and c the other way with b - c > z * sqrt(b + c): a gain of more than z standard
+    errors of the paired difference (McNemar's statistic). Otherwise QAT keeps the start, so it
+    is never worse than PTQ by a difference that the held-out data cannot tell from noise.
+    """
+    if not hits:
+        raise ValueError("hits is empty: it needs at least the PTQ start's hits (epoch 0)")
+    for epoch, h in enumerate(hits):
+        if not isinstance(h, torch.Tensor) or h.dtype != torch.bool or h.shape != hits[0].shape:
+            raise ValueError(
+                f"hits[{epoch}] must be a bool tensor shaped like hits[0] "
+                f"{tuple(hits[0].shape) if isinstance(hits[0], torch.Tensor) else ''}, got "
+                f"{h.dtype if isinstance(h, torch.Tensor) else type(h).__name__}"
+                f"{tuple(h.shape) if isinstance(h, torch.Tensor) else ''}"
+            )
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
+        raise ValueError(f"z must be a number >= 0, got {z!r}")
+    n = int(hits[0].numel())
+    if len(hits) < 2:
+        return 0, "no QAT epoch ran: the PTQ start is kept"
+    counts = [int(h.sum()) for h in hits]
+    best = max(range(1, len(hits)), key=lambda e: (counts[e], -e))
+    b = int((hits[best] & ~hits[0]).sum())
+    c = int((~hits[best] & hits[0]).sum())
+    margin = z * (b + c) ** 0.5
+    scores = ", ".join(f"epoch {e}: {k}" for e, k in enumerate(counts))
+    detail = (
+        f"held-out hits of {n} ({scores}); the best epoch, {best}, gets {b} right that the PTQ "
+        f"start gets wrong and {c} the other way"
+    )
+    if b - c > margin:
+        return (
+            best,
+            f"kept epoch {best}: {detail}, a gain above {z:g} standard errors ({margin:.1f})",
+        )
+    if b == c == 0:
+        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch changed a held-out answer"
+    if b <= c:
+        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch gained on it"
+    return 0, (
+        f"kept the PTQ start (epoch 0): {detail}; a gain of {b - c} is within {z:g} standard "
+        f"errors ({margin:.1f}), not distinguishable from noise"
+    )
+
+
+def select_by_value(values: Sequence[float]) -> tuple[int, str]:
+    """(epoch to keep, why) from one score per epoch (higher is better, values[0] the start),
+    as a user's val_fn returns them: the best epoch, the earliest on a tie, the start included.
+    NaN never wins."""
+    finite = [(v, -e) for e, v in enumerate(values) if v == v]
+    if not finite:
+        return 0, "val_fn gave no number for any epoch: the PTQ start is kept"
+    best = -max(finite)[1]
+    shown = ", ".join(f"epoch {e}: {v:.4g}" for e, v in enumerate(values))
+    if best == 0:
+        return 0, f"kept the PTQ start (epoch 0): val_fn ({shown}): no epoch beat it"
+    return best, f"kept epoch {best}: the best val_fn ({shown})"
+
+
+__all__ = [
+    "HOLDOUT_EVERY",
+    "SELECTION_Z",
+    "heldout_hits",
+    "holdout_split",
+    "select_by_value",
+    "select_epoch",
+    "split_labels",
+]
