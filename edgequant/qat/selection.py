@@ -61,7 +61,8 @@ def heldout_hits(
             "the held-out batches have no labels and no teacher was given to agree with: pass "
             "(inputs, labels) pairs or teacher="
         )
-    inputs, targets = [], []
+    inputs: list[Any] = []
+    targets: list[torch.Tensor] = []
     with torch.no_grad():
         for index, (x, y) in enumerate(pairs):
             if isinstance(x, torch.Tensor) and (count := nonfinite(x)):
@@ -70,7 +71,7 @@ def heldout_hits(
                     f"{x.numel()} values)"
                 )
             inputs.append(x)
-            if has_labels:
+            if y is not None:
                 targets.append(y)
             else:
                 assert teacher is not None
