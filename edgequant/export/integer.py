@@ -56,6 +56,9 @@ _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 # Float constants a node may read besides dequantized tensors: the pad value and clip bounds
 # are parameters of an integer kernel (the zero point, the clamp), not data.
 _PARAMETER_INPUTS = {"Pad": {2}, "Clip": {1, 2}}
+# Ops that read only their input's shape, never its values: shape arithmetic, not computation
+# (the exporter reads a dynamic batch size with Shape of the graph's float input).
+_SHAPE_ONLY_OPS = ("Shape", "Size")
 
 
 class IntegerGraphError(ValueError):
@@ -117,8 +120,9 @@ def fully_integer_violations(model: Any) -> list[str]:
     QuantizeLinear" ([] when it is fully integer).
 
     Compute node: any node but QuantizeLinear, DequantizeLinear and Constant that reads or
-    writes a float tensor (shape arithmetic on int64 is not computation on data). Float
-    constants are allowed only as Pad's pad value (0) and Clip's bounds.
+    writes a float tensor (shape arithmetic on int64 is not computation on data, and Shape and
+    Size read no values, so a float input of theirs is no float edge). Float constants are
+    allowed only as Pad's pad value (0) and Clip's bounds.
     """
     model = _load(model)
     graph = model.graph
@@ -132,7 +136,7 @@ def fully_integer_violations(model: Any) -> list[str]:
     outputs = {o.name for o in graph.output}
     problems = []
     for node in graph.node:
-        if node.op_type in (_Q, _DQ, "Constant"):
+        if node.op_type in (_Q, _DQ, "Constant", *_SHAPE_ONLY_OPS):
             continue
         label = f"node {node.name or node.output[0]!r} ({node.op_type})"
         float_in = [(k, i) for k, i in enumerate(node.input) if i and i in floats]
@@ -860,6 +864,10 @@ class _Runner:
         shape = np.array((x.q if isinstance(x, _Quantized) else np.asarray(x)).shape, np.int64)
         at = self.attrs(node)
         return [shape[at.get("start", 0) : at.get("end", len(shape))]]
+
+    def op_Size(self, node: Any, args: list[Any]) -> list[Any]:
+        x = args[0]
+        return [np.array((x.q if isinstance(x, _Quantized) else np.asarray(x)).size, np.int64)]
 
     def op_Gather(self, node: Any, args: list[Any]) -> list[Any]:
         if not all(isinstance(a, np.ndarray) for a in args):
