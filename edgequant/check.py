@@ -150,6 +150,14 @@ _NOT_INTEGER: dict[str, tuple[str | None, str]] = {
     "attention": (None, "softmax and activation products: no integer kernel in the export"),
 }
 _MONOTONIC_AT_OUTPUT = {"softmax", "log_softmax", "sigmoid"}
+# PyTorch's transformer blocks: attention, norms and activations inside one module call.
+_BLOCKS = (
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
 
 _NAMED_MODULES: dict[type[nn.Module], str] = {
     nn.GELU: "gelu",
@@ -470,7 +478,8 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if not _is_tensor_node(node, memo):
+        # A module call is computation even when it returns a tuple (attention's (out, weights)).
+        if node.op != "call_module" and not _is_tensor_node(node, memo):
             continue
         kind, other = _classify_fx(node, modules)
         if kind is not None and kind.startswith("batchnorm"):
@@ -505,8 +514,17 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
 
         return fn
 
+    # A module that computes with its children's parameters without calling them (attention
+    # reads out_proj's weight) is one op: hook it, not what is inside.
+    opaque = [
+        n
+        for n, m in model.named_modules()
+        if n and list(m.children()) and (type(m) in _NAMED_MODULES or isinstance(m, _BLOCKS))
+    ]
     for name, m in model.named_modules():
-        if name and not list(m.children()):
+        if not name or any(name.startswith(f"{o}.") for o in opaque):
+            continue
+        if name in opaque or not list(m.children()):
             hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.no_grad(), naming_the_batch(example_inputs, "example_inputs"):
@@ -560,6 +578,46 @@ def check(model: nn.Module, target: str, example_inputs: Any = None) -> CheckRes
         for m, flag in flags.items():
             m.training = flag
     return result
+
+
+def require_target_fits(
+    model: nn.Module, target: str, method: str, example_inputs: Any = None
+) -> None:
+    """ValueError before any calibration when a fully integer target (mcu-int8) cannot take
+    `model` quantized by `method`, naming the op and the layer; nothing for other targets.
+
+    Only static quantization gives integer activations everywhere; the ops are those `check`
+    refuses, must replace, or would remove at the output.
+    """
+    spec = _target(target)
+    if not spec.fully_integer:
+        return
+    if method != "static":
+        layers = [
+            (n, type(m).__name__)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        ]
+        where = f"layer {layers[0][0]!r} ({layers[0][1]}) and every other" if layers else "every"
+        how = (
+            "quantizes activations in float at run time (DynamicQuantizeLinear)"
+            if method == "dynamic"
+            else "keeps activations in float"
+        )
+        raise ValueError(
+            f"method {method!r} {how}, and target {spec.name!r} needs a fully integer graph: "
+            f"{where} layer would compute on float activations; use method='static'"
+        )
+    result = check(model, spec.name, example_inputs)
+    bad = [r for r in result.rows if r.action != KEEP_FLOAT]
+    if bad:
+        listed = "; ".join(f"op {r.op!r} at {r.node!r} ({r.action}: {r.choice})" for r in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(
+            f"target {spec.name!r} needs a fully integer graph, and this model has ops it "
+            f"cannot run in integer: {listed}{more}. Nothing was calibrated; "
+            "`edgequant check` lists every one"
+        )
 
 
 def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:

@@ -221,6 +221,68 @@ def merge_slices(model: Any) -> int:
         merged += 1
 
 
+# Ops that only move or regroup values (each output value is one of the input's values).
+_VALUE_MOVES = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity")
+
+
+def quantize_inputs_first(model: Any) -> int:
+    """Where a float graph input reaches its QuantizeLinear only through ops that move values
+    (a model that flattens or reshapes its input before the first layer), quantize the input
+    first: QuantizeLinear/DequantizeLinear with that quantizer's per-tensor scale and zero point
+    right after the input, the moves reading its output. Exact (quantization is elementwise, the
+    moves keep values, and the QuantizeLinear after them re-quantizes to the same grid); the
+    moves then run on integers. Returns how many inputs were rewritten.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    rewritten = 0
+    for value in graph.input:
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        moves, quantizers, frontier, ok = [], [], [value.name], True
+        while frontier and ok:
+            name = frontier.pop()
+            ok = name not in outputs
+            for reader in readers.get(name, []):
+                if reader.op_type in _SHAPE_ONLY_OPS:
+                    continue
+                if reader.op_type == _Q and reader.input[0] == name:
+                    quantizers.append(reader)
+                elif reader.op_type in _VALUE_MOVES and reader.input[0] == name:
+                    moves.append(reader)
+                    frontier.extend(reader.output)
+                else:
+                    ok = False
+        if not ok or not moves or not quantizers:
+            continue
+        params = {tuple(q.input[1:3]) for q in quantizers}
+        if len(params) != 1:
+            continue
+        scale, zero_point = next(iter(params))
+        if scale not in consts or consts[scale].size != 1:
+            continue
+        q_out, dq_out = f"{value.name}_quantized", f"{value.name}_dequantized"
+        first = [
+            helper.make_node(_Q, [value.name, scale, zero_point], [q_out], name=f"{q_out}_q"),
+            helper.make_node(_DQ, [q_out, scale, zero_point], [dq_out], name=f"{q_out}_dq"),
+        ]
+        for move in moves:
+            if move.input[0] == value.name:
+                move.input[0] = dq_out
+        nodes = first + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        rewritten += 1
+    return rewritten
+
+
 def fold_activations_into_quantizers(model: Any) -> int:
     """Drop each Relu/Clip whose only reader is a QuantizeLinear whose grid the activation
     cannot change: Q(relu(x)) == Q(x) when the zero point is the grid's lowest level (every

@@ -1280,9 +1280,11 @@ def _export(
             fold_activations_into_quantizers,
             fully_integer_violations,
             merge_slices,
+            quantize_inputs_first,
         )
 
         merge_slices(model)
+        quantize_inputs_first(model)
         fold_activations_into_quantizers(model)
         problems = fully_integer_violations(model)
         if problems:
