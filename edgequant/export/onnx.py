@@ -833,6 +833,10 @@ def exact_kernel_model(model: Any) -> tuple[Any, list[str]]:
         if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
             continue
         x_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+        # A Linear on a 3-D input exports as MatMul(x, Transpose(DequantizeLinear(w))); ONNX
+        # Runtime moves the Transpose onto the integers and fuses the rest the same way.
+        while w_dq is not None and w_dq.op_type == "Transpose":
+            w_dq = producer.get(w_dq.input[0])
         if x_dq is None or w_dq is None or "DequantizeLinear" not in (x_dq.op_type, w_dq.op_type):
             continue
         if x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
