@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from zoo import ZOO  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.spec import TARGETS
-from zoo import ZOO  # tests/zoo.py
 
 pytest.importorskip("onnxruntime")
 
@@ -103,9 +103,7 @@ _ALL = [(n, t, m) for n in ZOO for t in TARGETS for m in METHODS]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "case", [c for c in _ALL if c not in set(_default_cases())], ids=_case_id
-)
+@pytest.mark.parametrize("case", [c for c in _ALL if c not in set(_default_cases())], ids=_case_id)
 def test_zoo_full_matrix(case: tuple[str, str, str], tmp_path: Path) -> None:
     torch.manual_seed(0)
     run_case(*case, tmp_path)
