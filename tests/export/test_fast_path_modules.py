@@ -70,3 +70,15 @@ def test_multihead_attention_alone_exports(tmp_path: Path) -> None:
     qmodel = eq.quantize(Attention().eval(), eq.Recipe.preset("w8a8"), data)
     assert any("attn (MultiheadAttention)" in n for n in qmodel.quant_summary.notes)
     assert eq.export_onnx(qmodel, tmp_path / "m.onnx", data[0]).verification.passed
+
+
+def test_weight_only_linear_on_tokens_deploys_what_is_simulated(tmp_path: Path) -> None:
+    """8-bit weight-only Linear layers on (batch, tokens, features) inputs: ONNX Runtime's
+    MatMulNBits would quantize their float activations to int8 (46 dB); exported as Gemm on a
+    2-D view they match the simulation to float rounding."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    data = [torch.randn(4, 5, 6) for _ in range(2)]
+    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8"), data, method="weight_only")
+    info = eq.export_onnx(qmodel, tmp_path / "m.onnx", data[0], verify_data=data[1:])
+    assert info.verification.sqnr_db > 100
