@@ -242,6 +242,7 @@ _ONNX_INTEGER = {
     "Transpose": "transpose",
     "Slice": "slice",
     "Pad": "pad",
+    "Resize": "upsample (nearest)",
     "Identity": "identity",
     "Dropout": "identity (eval)",
     "BatchNormalization": "batchnorm (folded into the layer before it)",
@@ -344,6 +345,8 @@ _NAME_HINTS = (
 def _module_op(m: nn.Module) -> str:
     """The op a module computes: its entry in the tables, a hint from its class name, or the
     class name itself (unknown: refused on fully integer targets)."""
+    if isinstance(m, nn.Upsample):
+        return f"upsample ({m.mode})"
     named = _NAMED_MODULES.get(type(m))
     if named is not None:
         return named
@@ -389,14 +392,23 @@ def _target(target: str) -> Any:
     return TARGETS[target]
 
 
+def _nearest_upsample(m: nn.Module) -> bool:
+    return isinstance(m, nn.Upsample) and m.mode == "nearest"
+
+
 def _classify_fx(
     node: torch.fx.Node, modules: dict[str, nn.Module]
 ) -> tuple[str | None, str | None]:
     """(integer op kind, None) or (None, non-integer op name) or (None, None): not an op."""
+    if node.op == "call_function" and node.target is F.interpolate:
+        mode = node.kwargs.get("mode", node.args[4] if len(node.args) > 4 else "nearest")
+        return ("upsample (nearest)", None) if mode == "nearest" else (None, f"upsample ({mode})")
     if node.op == "call_module":
         m = modules.get(str(node.target))
         if m is None:
             return None, None
+        if _nearest_upsample(m):
+            return "upsample (nearest)", None
         for types, name in ((_INTEGER_MODULES, None),):
             kind = types.get(type(m))
             if kind is not None:
@@ -534,7 +546,7 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
             h.remove()
     last = seen[-1][0] if seen else None
     for name, m in dict(seen).items():
-        kind = _INTEGER_MODULES.get(type(m))
+        kind = "upsample (nearest)" if _nearest_upsample(m) else _INTEGER_MODULES.get(type(m))
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue

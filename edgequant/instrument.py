@@ -646,6 +646,9 @@ def _edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None
     if node.op == "call_function":
         if node.target is _F.pad and not _zero_pad(node):
             return None
+        if node.target is _F.interpolate:  # nearest: every value is one of the input's
+            mode = node.kwargs.get("mode", node.args[4] if len(node.args) > 4 else "nearest")
+            return "pass" if mode == "nearest" else None
         if node.target in _ADDS:
             return "add"
         for kind, targets in (
@@ -664,6 +667,8 @@ def _edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None
             return "pass"
     elif node.op == "call_module":
         m = modules.get(str(node.target))
+        if isinstance(m, nn.Upsample):
+            return "pass" if m.mode == "nearest" else None
         for kind, types in (("avg", _AVG_MODULES), ("pass", _PASS_MODULES)):
             if isinstance(m, types):
                 return kind

@@ -29,7 +29,6 @@ METHODS = ("static", "dynamic", "weight_only")
 # Combinations that are refused, and what the refusal must name: (method, target) -> pattern
 # per model; None: the combination must export and verify.
 _FULLY_INTEGER_OPS = {
-    "concat_upsample": r"op 'Upsample' at 'up'",
     "squeeze_excite": r"op 'sigmoid' at 'sigmoid'",
     "layernorm_gelu": r"op 'layer_norm' at 'norm'",
     "transformer_encoder_layer": r"op 'TransformerEncoderLayer' at 'layer'",

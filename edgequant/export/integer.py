@@ -55,7 +55,7 @@ ADD_LEFT_SHIFT = 20
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 # Float constants a node may read besides dequantized tensors: the pad value and clip bounds
 # are parameters of an integer kernel (the zero point, the clamp), not data.
-_PARAMETER_INPUTS = {"Pad": {2}, "Clip": {1, 2}}
+_PARAMETER_INPUTS = {"Pad": {2}, "Clip": {1, 2}, "Resize": {1, 2}}  # Resize: roi, scales
 # Ops that read only their input's shape, never its values: shape arithmetic, not computation
 # (the exporter reads a dynamic batch size with Shape of the graph's float input).
 _SHAPE_ONLY_OPS = ("Shape", "Size")
@@ -837,6 +837,38 @@ class _Runner:
         if isinstance(x, np.ndarray) and not np.issubdtype(x.dtype, np.floating):
             return [fn(x)]
         raise self.error(node, "reads a float tensor: the graph is not fully integer")
+
+    def op_Resize(self, node: Any, args: list[Any]) -> list[Any]:
+        """Nearest-neighbour upsampling (nn.Upsample, F.interpolate mode='nearest'): each output
+        value is one input value, so it moves integers. PyTorch's nearest exports with
+        coordinate_transformation_mode 'asymmetric' and nearest_mode 'floor'."""
+        at = {k: v.decode() if isinstance(v, bytes) else v for k, v in self.attrs(node).items()}
+        if (
+            at.get("mode", "nearest") != "nearest"
+            or at.get("coordinate_transformation_mode", "half_pixel") != "asymmetric"
+            or at.get("nearest_mode", "round_prefer_floor") != "floor"
+        ):
+            raise self.error(
+                node, "only nearest resizing (asymmetric coordinates, floor) is integer"
+            )
+        x = args[0]
+        shape = np.asarray((x.q if isinstance(x, _Quantized) else x).shape)
+        scales = args[2] if len(args) > 2 and args[2] is not None and np.size(args[2]) else None
+        if scales is not None:
+            scales = np.asarray(scales, np.float64)
+            out = np.floor(shape * scales).astype(np.int64)
+        else:
+            out = np.asarray(args[3], np.int64)
+            scales = out / shape
+
+        def resize(q: np.ndarray) -> np.ndarray:
+            for axis in range(q.ndim):
+                if out[axis] != shape[axis]:
+                    index = np.floor(np.arange(out[axis]) / scales[axis]).astype(np.int64)
+                    q = np.take(q, np.minimum(index, shape[axis] - 1), axis=axis)
+            return q
+
+        return self._move(node, args[:1], resize)
 
     def op_Reshape(self, node: Any, args: list[Any]) -> list[Any]:
         shape = np.asarray(args[1]).astype(np.int64).reshape(-1)
