@@ -888,6 +888,25 @@ def exact_kernel_model(model: Any) -> tuple[Any, list[str]]:
     return copy_, rewritten
 
 
+def exact_session(onnx_path: str | os.PathLike[str], options: Any = None) -> tuple[Any, list[str]]:
+    """An ONNX Runtime CPU session that computes what an exported model means, and the INT8
+    weights it runs as UINT8 + 128: on x86 CPUs without VNNI, of exact_kernel_model's copy
+    (signed-activation targets), elsewhere of the file itself. What verification runs; a
+    measurement of a signed-target export's deployed metric on this machine should run it too.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    source: Any = str(onnx_path)
+    names: list[str] = []
+    if u8s8_saturates_here():
+        exact, names = exact_kernel_model(onnx.load(str(onnx_path)))
+        if names:
+            source = exact.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session, names
+
+
 # --- verification ---------------------------------------------------------------------------
 
 
@@ -993,20 +1012,13 @@ def verify_onnx(
     if lower). batch_names: what to call each batch in an error (default "inputs[i]").
     """
     import numpy as np
-    import onnx
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    as_uint8_names: list[str] = []
-    source: Any = str(onnx_path)
-    if u8s8_saturates_here():
-        exact, as_uint8_names = exact_kernel_model(onnx.load(str(onnx_path)))
-        if as_uint8_names:
-            source = exact.SerializeToString()
     try:
-        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        sess, as_uint8_names = exact_session(onnx_path, opts)
     except Exception as err:  # ORT raises its own exception types; nothing was written
         raise ExportError(f"ONNX Runtime cannot load the exported model: {err}") from err
     names = [i.name for i in sess.get_inputs()]
