@@ -248,6 +248,8 @@ _ONNX_INTEGER = {
     "BatchNormalization": "batchnorm (folded into the layer before it)",
     "Gather": "embedding",
 }
+# ONNX ops that read only a tensor's shape: no computation on its values.
+_SHAPE_ONLY_ONNX = ("Shape", "Size")
 _ONNX_NAMED = {
     "Gelu": "gelu",
     "Erf": "gelu",
@@ -650,6 +652,11 @@ def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
         if not any(i in floats for i in node.input) and not any(o in floats for o in node.output):
             continue
         kind = _ONNX_INTEGER.get(node.op_type)
+        if node.op_type == "Resize":
+            mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+            kind = kind if mode == "nearest" else None
+        if node.op_type in _SHAPE_ONLY_ONNX:
+            continue
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue

@@ -277,3 +277,30 @@ def test_fully_integer_target_refuses_before_calibration() -> None:
     with pytest.raises(ValueError, match=r"method 'weight_only' keeps activations in float"):
         eq.quantize(Block().eval(), recipe, calib(3), method="weight_only")
     assert read == [0]
+
+
+def test_check_onnx_shape_reads_and_resize_modes(tmp_path: Path) -> None:
+    """Shape/Size of a float tensor is no float op; nearest Resize is integer, linear is not."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph_with(mode: str) -> Path:
+        nodes = [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+            [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])],
+        )
+        path = tmp_path / f"{mode}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    nearest = check_onnx(graph_with("nearest"), "mcu-int8")
+    assert nearest.rows == [] and nearest.integer_ops == {"upsample (nearest)": 1}
+    linear = check_onnx(graph_with("linear"), "mcu-int8")
+    assert [(r.op, r.action) for r in linear.rows] == [("Resize", REFUSE)]
