@@ -150,6 +150,14 @@ _NOT_INTEGER: dict[str, tuple[str | None, str]] = {
     "attention": (None, "softmax and activation products: no integer kernel in the export"),
 }
 _MONOTONIC_AT_OUTPUT = {"softmax", "log_softmax", "sigmoid"}
+# PyTorch's transformer blocks: attention, norms and activations inside one module call.
+_BLOCKS = (
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
 
 _NAMED_MODULES: dict[type[nn.Module], str] = {
     nn.GELU: "gelu",
@@ -234,11 +242,14 @@ _ONNX_INTEGER = {
     "Transpose": "transpose",
     "Slice": "slice",
     "Pad": "pad",
+    "Resize": "upsample (nearest)",
     "Identity": "identity",
     "Dropout": "identity (eval)",
     "BatchNormalization": "batchnorm (folded into the layer before it)",
     "Gather": "embedding",
 }
+# ONNX ops that read only a tensor's shape: no computation on its values.
+_SHAPE_ONLY_ONNX = ("Shape", "Size")
 _ONNX_NAMED = {
     "Gelu": "gelu",
     "Erf": "gelu",
@@ -336,6 +347,8 @@ _NAME_HINTS = (
 def _module_op(m: nn.Module) -> str:
     """The op a module computes: its entry in the tables, a hint from its class name, or the
     class name itself (unknown: refused on fully integer targets)."""
+    if isinstance(m, nn.Upsample):
+        return f"upsample ({m.mode})"
     named = _NAMED_MODULES.get(type(m))
     if named is not None:
         return named
@@ -381,14 +394,23 @@ def _target(target: str) -> Any:
     return TARGETS[target]
 
 
+def _nearest_upsample(m: nn.Module) -> bool:
+    return isinstance(m, nn.Upsample) and m.mode == "nearest"
+
+
 def _classify_fx(
     node: torch.fx.Node, modules: dict[str, nn.Module]
 ) -> tuple[str | None, str | None]:
     """(integer op kind, None) or (None, non-integer op name) or (None, None): not an op."""
+    if node.op == "call_function" and node.target is F.interpolate:
+        mode = node.kwargs.get("mode", node.args[4] if len(node.args) > 4 else "nearest")
+        return ("upsample (nearest)", None) if mode == "nearest" else (None, f"upsample ({mode})")
     if node.op == "call_module":
         m = modules.get(str(node.target))
         if m is None:
             return None, None
+        if _nearest_upsample(m):
+            return "upsample (nearest)", None
         for types, name in ((_INTEGER_MODULES, None),):
             kind = types.get(type(m))
             if kind is not None:
@@ -470,7 +492,8 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if not _is_tensor_node(node, memo):
+        # A module call is computation even when it returns a tuple (attention's (out, weights)).
+        if node.op != "call_module" and not _is_tensor_node(node, memo):
             continue
         kind, other = _classify_fx(node, modules)
         if kind is not None and kind.startswith("batchnorm"):
@@ -505,8 +528,17 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
 
         return fn
 
+    # A module that computes with its children's parameters without calling them (attention
+    # reads out_proj's weight) is one op: hook it, not what is inside.
+    opaque = [
+        n
+        for n, m in model.named_modules()
+        if n and list(m.children()) and (type(m) in _NAMED_MODULES or isinstance(m, _BLOCKS))
+    ]
     for name, m in model.named_modules():
-        if name and not list(m.children()):
+        if not name or any(name.startswith(f"{o}.") for o in opaque):
+            continue
+        if name in opaque or not list(m.children()):
             hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.no_grad(), naming_the_batch(example_inputs, "example_inputs"):
@@ -516,7 +548,7 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
             h.remove()
     last = seen[-1][0] if seen else None
     for name, m in dict(seen).items():
-        kind = _INTEGER_MODULES.get(type(m))
+        kind = "upsample (nearest)" if _nearest_upsample(m) else _INTEGER_MODULES.get(type(m))
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue
@@ -562,6 +594,46 @@ def check(model: nn.Module, target: str, example_inputs: Any = None) -> CheckRes
     return result
 
 
+def require_target_fits(
+    model: nn.Module, target: str, method: str, example_inputs: Any = None
+) -> None:
+    """ValueError before any calibration when a fully integer target (mcu-int8) cannot take
+    `model` quantized by `method`, naming the op and the layer; nothing for other targets.
+
+    Only static quantization gives integer activations everywhere; the ops are those `check`
+    refuses, must replace, or would remove at the output.
+    """
+    spec = _target(target)
+    if not spec.fully_integer:
+        return
+    if method != "static":
+        layers = [
+            (n, type(m).__name__)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        ]
+        where = f"layer {layers[0][0]!r} ({layers[0][1]}) and every other" if layers else "every"
+        how = (
+            "quantizes activations in float at run time (DynamicQuantizeLinear)"
+            if method == "dynamic"
+            else "keeps activations in float"
+        )
+        raise ValueError(
+            f"method {method!r} {how}, and target {spec.name!r} needs a fully integer graph: "
+            f"{where} layer would compute on float activations; use method='static'"
+        )
+    result = check(model, spec.name, example_inputs)
+    bad = [r for r in result.rows if r.action != KEEP_FLOAT]
+    if bad:
+        listed = "; ".join(f"op {r.op!r} at {r.node!r} ({r.action}: {r.choice})" for r in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(
+            f"target {spec.name!r} needs a fully integer graph, and this model has ops it "
+            f"cannot run in integer: {listed}{more}. Nothing was calibrated; "
+            "`edgequant check` lists every one"
+        )
+
+
 def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
     """The same check on an ONNX graph (a float export, or a QDQ one): every node that reads or
     writes float data, by op type."""
@@ -580,6 +652,11 @@ def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
         if not any(i in floats for i in node.input) and not any(o in floats for o in node.output):
             continue
         kind = _ONNX_INTEGER.get(node.op_type)
+        if node.op_type == "Resize":
+            mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+            kind = kind if mode == "nearest" else None
+        if node.op_type in _SHAPE_ONLY_ONNX:
+            continue
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue

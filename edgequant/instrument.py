@@ -3,6 +3,7 @@ done, what was skipped and why."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -249,6 +250,79 @@ def trace_layers(model: nn.Module, batch: Any) -> _Trace:
     return _Trace(order, {k: v for k, v in bn_of.items() if counts[v] == 1 and runs.get(k, 0) == 1})
 
 
+@contextlib.contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    """PyTorch's fused attention fast path off for the duration, restored after (even on error)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+class SlowPathMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention that always takes PyTorch's reference path: the same function,
+    never the fused kernel (torch._native_multi_head_attention), which no exporter translates."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _mha_fastpath_disabled():
+            return super().forward(*args, **kwargs)
+
+
+class SlowPathTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """nn.TransformerEncoderLayer that always takes PyTorch's reference path, which calls its
+    submodules (linear1, linear2, the norms); in eval mode its fused fast path reads their
+    weights directly, so a quantized linear1 would never see data."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _mha_fastpath_disabled():
+            return super().forward(*args, **kwargs)
+
+
+class SlowPathTransformerEncoder(nn.TransformerEncoder):
+    """nn.TransformerEncoder without its fast path (nested tensors from the padding mask)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _mha_fastpath_disabled():
+            return super().forward(*args, **kwargs)
+
+
+_SLOW_PATHS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.MultiheadAttention: SlowPathMultiheadAttention,
+    nn.TransformerEncoderLayer: SlowPathTransformerEncoderLayer,
+    nn.TransformerEncoder: SlowPathTransformerEncoder,
+}
+
+
+def take_slow_paths(model: nn.Module) -> list[str]:
+    """Switch (in place) every PyTorch module with a fused eval-mode fast path to the class that
+    always takes the reference path; return notes for the summary.
+
+    Same parameters, buffers and state-dict keys; only the fast path is gone. Attention itself
+    stays float: F.multi_head_attention_forward reads in_proj_weight (a raw parameter) and
+    out_proj's weight and bias directly, never calling out_proj as a module.
+    """
+    notes = []
+    for name, module in model.named_modules():
+        slow = _SLOW_PATHS.get(type(module))
+        if slow is None:
+            continue
+        module.__class__ = slow
+        if isinstance(module, nn.MultiheadAttention):
+            notes.append(
+                f"{name} (MultiheadAttention): attention kept in float: its fused fast path is "
+                "off, and PyTorch's attention reads in_proj_weight and out_proj's weight as "
+                "parameters, never calling a layer edgequant could quantize"
+            )
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            notes.append(
+                f"{name} (TransformerEncoderLayer): fused fast path off, so linear1 and linear2 "
+                "run as layers and are quantized"
+            )
+    return notes
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -284,8 +358,10 @@ def instrument(
             f"recipe must be an edgequant.Recipe (or a preset name), got {type(recipe).__name__}"
         )
     qmodel = copy.deepcopy(model).eval()
+    slow_path_notes = take_slow_paths(qmodel)
     trace = trace_layers(qmodel, example_batch)
     summary = Summary(recipe=recipe.name, method=method, target=recipe.target)
+    summary.notes.extend(slow_path_notes)
     supported = layer_types or tuple(QUANT_MODULES)
     executed = [n for n in trace.order if isinstance(qmodel.get_submodule(n), supported)]
     first_last = {executed[0], executed[-1]} if executed else set()
@@ -570,6 +646,9 @@ def _edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None
     if node.op == "call_function":
         if node.target is _F.pad and not _zero_pad(node):
             return None
+        if node.target is _F.interpolate:  # nearest: every value is one of the input's
+            mode = node.kwargs.get("mode", node.args[4] if len(node.args) > 4 else "nearest")
+            return "pass" if mode == "nearest" else None
         if node.target in _ADDS:
             return "add"
         for kind, targets in (
@@ -588,6 +667,8 @@ def _edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None
             return "pass"
     elif node.op == "call_module":
         m = modules.get(str(node.target))
+        if isinstance(m, nn.Upsample):
+            return "pass" if m.mode == "nearest" else None
         for kind, types in (("avg", _AVG_MODULES), ("pass", _PASS_MODULES)):
             if isinstance(m, types):
                 return kind

@@ -234,3 +234,73 @@ def test_inputs_that_do_not_fit_give_a_note_and_no_traceback(capsys) -> None:
         "the model failed on example_inputs (RuntimeError: mat1 and mat2 shapes" in n
         for n in result.notes
     )
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention, called the usual way: `a, _ = attn(h, h, h)` (a tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((h + a).mean(1))
+
+
+def test_attention_module_returning_a_tuple_is_listed() -> None:
+    x = torch.randn(2, 5, 8)
+    rows = eq.check(SelfAttention().eval(), "mcu-int8", x).rows
+    assert [(r.node, r.op, r.action) for r in rows] == [("attn", "attention", REFUSE)]
+    rows = eq.check(SelfAttention().eval(), "onnxruntime", x).rows
+    assert [(r.node, r.action) for r in rows] == [("attn", KEEP_FLOAT)]
+
+
+def test_fully_integer_target_refuses_before_calibration() -> None:
+    """eq.quantize for mcu-int8 stops at the first batch with the op and the layer named."""
+    read = []
+
+    def calib(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            read.append(i)
+            yield torch.randn(4, 8)
+
+    recipe = eq.Recipe.preset("w8a8").for_target("mcu-int8")
+    with pytest.raises(ValueError, match=r"op 'gelu' at 'act'.*op 'sigmoid'"):
+        eq.quantize(Block().eval(), recipe, calib(3))
+    assert read == [0]
+    with pytest.raises(ValueError, match=r"method 'dynamic' .* layer 'fc1' \(Linear\)"):
+        eq.quantize(Block().eval(), recipe, calib(3), method="dynamic")
+    with pytest.raises(ValueError, match=r"method 'weight_only' keeps activations in float"):
+        eq.quantize(Block().eval(), recipe, calib(3), method="weight_only")
+    assert read == [0]
+
+
+def test_check_onnx_shape_reads_and_resize_modes(tmp_path: Path) -> None:
+    """Shape/Size of a float tensor is no float op; nearest Resize is integer, linear is not."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph_with(mode: str) -> Path:
+        nodes = [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+            [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])],
+        )
+        path = tmp_path / f"{mode}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    nearest = check_onnx(graph_with("nearest"), "mcu-int8")
+    assert nearest.rows == [] and nearest.integer_ops == {"upsample (nearest)": 1}
+    linear = check_onnx(graph_with("linear"), "mcu-int8")
+    assert [(r.op, r.action) for r in linear.rows] == [("Resize", REFUSE)]

@@ -55,7 +55,10 @@ ADD_LEFT_SHIFT = 20
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 # Float constants a node may read besides dequantized tensors: the pad value and clip bounds
 # are parameters of an integer kernel (the zero point, the clamp), not data.
-_PARAMETER_INPUTS = {"Pad": {2}, "Clip": {1, 2}}
+_PARAMETER_INPUTS = {"Pad": {2}, "Clip": {1, 2}, "Resize": {1, 2}}  # Resize: roi, scales
+# Ops that read only their input's shape, never its values: shape arithmetic, not computation
+# (the exporter reads a dynamic batch size with Shape of the graph's float input).
+_SHAPE_ONLY_OPS = ("Shape", "Size")
 
 
 class IntegerGraphError(ValueError):
@@ -117,8 +120,9 @@ def fully_integer_violations(model: Any) -> list[str]:
     QuantizeLinear" ([] when it is fully integer).
 
     Compute node: any node but QuantizeLinear, DequantizeLinear and Constant that reads or
-    writes a float tensor (shape arithmetic on int64 is not computation on data). Float
-    constants are allowed only as Pad's pad value (0) and Clip's bounds.
+    writes a float tensor (shape arithmetic on int64 is not computation on data, and Shape and
+    Size read no values, so a float input of theirs is no float edge). Float constants are
+    allowed only as Pad's pad value (0) and Clip's bounds.
     """
     model = _load(model)
     graph = model.graph
@@ -132,7 +136,7 @@ def fully_integer_violations(model: Any) -> list[str]:
     outputs = {o.name for o in graph.output}
     problems = []
     for node in graph.node:
-        if node.op_type in (_Q, _DQ, "Constant"):
+        if node.op_type in (_Q, _DQ, "Constant", *_SHAPE_ONLY_OPS):
             continue
         label = f"node {node.name or node.output[0]!r} ({node.op_type})"
         float_in = [(k, i) for k, i in enumerate(node.input) if i and i in floats]
@@ -215,6 +219,68 @@ def merge_slices(model: Any) -> int:
         second.input.extend([first.input[0]] + names)
         graph.node.remove(first)
         merged += 1
+
+
+# Ops that only move or regroup values (each output value is one of the input's values).
+_VALUE_MOVES = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity")
+
+
+def quantize_inputs_first(model: Any) -> int:
+    """Where a float graph input reaches its QuantizeLinear only through ops that move values
+    (a model that flattens or reshapes its input before the first layer), quantize the input
+    first: QuantizeLinear/DequantizeLinear with that quantizer's per-tensor scale and zero point
+    right after the input, the moves reading its output. Exact (quantization is elementwise, the
+    moves keep values, and the QuantizeLinear after them re-quantizes to the same grid); the
+    moves then run on integers. Returns how many inputs were rewritten.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    rewritten = 0
+    for value in graph.input:
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        moves, quantizers, frontier, ok = [], [], [value.name], True
+        while frontier and ok:
+            name = frontier.pop()
+            ok = name not in outputs
+            for reader in readers.get(name, []):
+                if reader.op_type in _SHAPE_ONLY_OPS:
+                    continue
+                if reader.op_type == _Q and reader.input[0] == name:
+                    quantizers.append(reader)
+                elif reader.op_type in _VALUE_MOVES and reader.input[0] == name:
+                    moves.append(reader)
+                    frontier.extend(reader.output)
+                else:
+                    ok = False
+        if not ok or not moves or not quantizers:
+            continue
+        params = {tuple(q.input[1:3]) for q in quantizers}
+        if len(params) != 1:
+            continue
+        scale, zero_point = next(iter(params))
+        if scale not in consts or consts[scale].size != 1:
+            continue
+        q_out, dq_out = f"{value.name}_quantized", f"{value.name}_dequantized"
+        first = [
+            helper.make_node(_Q, [value.name, scale, zero_point], [q_out], name=f"{q_out}_q"),
+            helper.make_node(_DQ, [q_out, scale, zero_point], [dq_out], name=f"{q_out}_dq"),
+        ]
+        for move in moves:
+            if move.input[0] == value.name:
+                move.input[0] = dq_out
+        nodes = first + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        rewritten += 1
+    return rewritten
 
 
 def fold_activations_into_quantizers(model: Any) -> int:
@@ -772,6 +838,38 @@ class _Runner:
             return [fn(x)]
         raise self.error(node, "reads a float tensor: the graph is not fully integer")
 
+    def op_Resize(self, node: Any, args: list[Any]) -> list[Any]:
+        """Nearest-neighbour upsampling (nn.Upsample, F.interpolate mode='nearest'): each output
+        value is one input value, so it moves integers. PyTorch's nearest exports with
+        coordinate_transformation_mode 'asymmetric' and nearest_mode 'floor'."""
+        at = {k: v.decode() if isinstance(v, bytes) else v for k, v in self.attrs(node).items()}
+        if (
+            at.get("mode", "nearest") != "nearest"
+            or at.get("coordinate_transformation_mode", "half_pixel") != "asymmetric"
+            or at.get("nearest_mode", "round_prefer_floor") != "floor"
+        ):
+            raise self.error(
+                node, "only nearest resizing (asymmetric coordinates, floor) is integer"
+            )
+        x = args[0]
+        shape = np.asarray((x.q if isinstance(x, _Quantized) else x).shape)
+        scales = args[2] if len(args) > 2 and args[2] is not None and np.size(args[2]) else None
+        if scales is not None:
+            scales = np.asarray(scales, np.float64)
+            out = np.floor(shape * scales).astype(np.int64)
+        else:
+            out = np.asarray(args[3], np.int64)
+            scales = out / shape
+
+        def resize(q: np.ndarray) -> np.ndarray:
+            for axis in range(q.ndim):
+                if out[axis] != shape[axis]:
+                    index = np.floor(np.arange(out[axis]) / scales[axis]).astype(np.int64)
+                    q = np.take(q, np.minimum(index, shape[axis] - 1), axis=axis)
+            return q
+
+        return self._move(node, args[:1], resize)
+
     def op_Reshape(self, node: Any, args: list[Any]) -> list[Any]:
         shape = np.asarray(args[1]).astype(np.int64).reshape(-1)
 
@@ -860,6 +958,10 @@ class _Runner:
         shape = np.array((x.q if isinstance(x, _Quantized) else np.asarray(x)).shape, np.int64)
         at = self.attrs(node)
         return [shape[at.get("start", 0) : at.get("end", len(shape))]]
+
+    def op_Size(self, node: Any, args: list[Any]) -> list[Any]:
+        x = args[0]
+        return [np.array((x.q if isinstance(x, _Quantized) else np.asarray(x)).size, np.int64)]
 
     def op_Gather(self, node: Any, args: list[Any]) -> list[Any]:
         if not all(isinstance(a, np.ndarray) for a in args):

@@ -332,6 +332,20 @@ class LoweredLayer(nn.Module):
         else:
             b = self.bias if self.has_bias else None
         if self.kind == "linear":
+            if (
+                self.input_quantizer is None
+                and not self.weight_float
+                and self.w_container == 8
+                and x.dim() > 2
+            ):
+                # Float activations times 8-bit weights on a 3-D input export as MatMul, which
+                # ONNX Runtime fuses with the weight's DequantizeLinear into MatMulNBits; that
+                # kernel quantizes the activations to int8 itself (its default accuracy level
+                # 4), so the deployed model is not the simulated one (46 dB instead of 136 dB
+                # on a small attention model). Gemm on the 2-D view computes the same. (4-bit
+                # weights keep MatMulNBits, the fast kernel for language models.)
+                y = torch_F.linear(x.reshape(-1, x.shape[-1]), w, b)
+                return y.reshape(*x.shape[:-1], y.shape[-1])
             return torch_F.linear(x, w, b)
         if self.pad is not None:
             x = torch_F.pad(x, self.pad[0], mode=self.pad[1])
@@ -792,6 +806,107 @@ def integer_weight_count(model: Any) -> tuple[int, list[str]]:
     return integer, bad
 
 
+# Ops whose int8 weights ONNX Runtime multiplies in a u8s8 kernel once it fuses them.
+_WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def exact_kernel_model(model: Any) -> tuple[Any, list[str]]:
+    """A copy of an exported model in which every INT8 weight (zero point 0, some |w| > 64) that
+    a Conv/Gemm/MatMul multiplies with INT8 activations is stored as UINT8 + 128 instead, and
+    the names of those weights. The copy computes the same values on the same grids.
+
+    Why: the signed-activation targets (tflite-int8, tensorrt, dsp-pow2, mcu-int8) keep INT8
+    weights with zero point 0, which their runtimes (TFLite, TensorRT, CMSIS-NN, ONNX Runtime on
+    Arm) multiply with INT8 activations in INT32, exactly. ONNX Runtime on x86 instead converts
+    every INT8 activation Q/DQ pair to UINT8 when it loads a model (QDQS8ToU8Transformer) and
+    keeps the weights INT8, so the layer runs in its u8s8 kernel, which saturates on CPUs
+    without VNNI (as_uint8); its own remedy, the session option session.x64quantprecision,
+    fails on per-channel weights (ONNX Runtime 1.2x: "x_zero_point must be null or 1D tensor").
+    Measured on a small VGG for tflite-int8: 25.8 dB from the file as written, 146 dB from this
+    copy, inf dB from the file with ONNX Runtime's graph optimizations off. Verification on
+    such a CPU runs this copy; the file keeps the target's INT8 weights.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    copy_ = type(model)()
+    copy_.CopyFrom(model)
+    graph = copy_.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def int8_zero_point(dq: Any) -> bool:
+        if len(dq.input) < 3 or not dq.input[2]:
+            return False
+        zp = inits.get(dq.input[2])
+        return zp is not None and zp.data_type == TensorProto.INT8
+
+    rewritten: list[str] = []
+    done: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        x_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+        # A Linear on a 3-D input exports as MatMul(x, Transpose(DequantizeLinear(w))); ONNX
+        # Runtime moves the Transpose onto the integers and fuses the rest the same way.
+        while w_dq is not None and w_dq.op_type == "Transpose":
+            w_dq = producer.get(w_dq.input[0])
+        if x_dq is None or w_dq is None or "DequantizeLinear" not in (x_dq.op_type, w_dq.op_type):
+            continue
+        if x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        weight = inits.get(w_dq.input[0])
+        if weight is None or weight.data_type != TensorProto.INT8 or not int8_zero_point(x_dq):
+            continue
+        zp = inits.get(w_dq.input[2]) if len(w_dq.input) > 2 and w_dq.input[2] else None
+        if zp is not None and (zp.data_type != TensorProto.INT8 or numpy_helper.to_array(zp).any()):
+            continue
+        if w_dq.name in done:
+            continue
+        values = numpy_helper.to_array(weight)
+        if not can_saturate(torch.from_numpy(values.astype(np.int16))):
+            continue
+        scale = numpy_helper.to_array(inits[w_dq.input[1]]) if w_dq.input[1] in inits else None
+        zp_shape = scale.shape if scale is not None else ()
+        u8 = numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), "")
+        u8.name = f"{weight.name}_as_uint8"
+        u8_zp = numpy_helper.from_array(np.full(zp_shape, 128, dtype=np.uint8), "")
+        u8_zp.name = f"{weight.name}_as_uint8_zero_point"
+        graph.initializer.extend([u8, u8_zp])
+        w_dq.input[0] = u8.name
+        if len(w_dq.input) > 2:
+            w_dq.input[2] = u8_zp.name
+        else:
+            while len(w_dq.input) < 2:
+                w_dq.input.append("")
+            w_dq.input.append(u8_zp.name)
+        done.add(w_dq.name)
+        rewritten.append(weight.name)
+    used = {i for n in graph.node for i in n.input}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
+    return copy_, rewritten
+
+
+def exact_session(onnx_path: str | os.PathLike[str], options: Any = None) -> tuple[Any, list[str]]:
+    """An ONNX Runtime CPU session that computes what an exported model means, and the INT8
+    weights it runs as UINT8 + 128: on x86 CPUs without VNNI, of exact_kernel_model's copy
+    (signed-activation targets), elsewhere of the file itself. What verification runs; a
+    measurement of a signed-target export's deployed metric on this machine should run it too.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    source: Any = str(onnx_path)
+    names: list[str] = []
+    if u8s8_saturates_here():
+        exact, names = exact_kernel_model(onnx.load(str(onnx_path)))
+        if names:
+            source = exact.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session, names
+
+
 # --- verification ---------------------------------------------------------------------------
 
 
@@ -817,6 +932,9 @@ class Verification:
     required_top1_agreement: float | None = None
     passed: bool = False
     reason: str = ""
+    # INT8 weights that ran as UINT8 + 128 in verification (exact_kernel_model): this CPU's
+    # ONNX Runtime would saturate on them; the file keeps them INT8.
+    weights_run_as_uint8: list[str] = field(default_factory=list)
 
 
 class _Compare:
@@ -900,7 +1018,7 @@ def verify_onnx(
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        sess, as_uint8_names = exact_session(onnx_path, opts)
     except Exception as err:  # ORT raises its own exception types; nothing was written
         raise ExportError(f"ONNX Runtime cannot load the exported model: {err}") from err
     names = [i.name for i in sess.get_inputs()]
@@ -940,6 +1058,7 @@ def verify_onnx(
         max_abs_err=deployed.max_abs_err,
         floor_top1_agreement=floor.agreement,
         floor_sqnr_db=floor.sqnr_db,
+        weights_run_as_uint8=as_uint8_names,
     )
     v.required_sqnr_db = min(min_sqnr_db, v.floor_sqnr_db - floor_margin_db)
     problems = []
@@ -989,6 +1108,15 @@ class ExportInfo:
             f"{self.integer_weights} integer weight tensors for {self.quantized_layers} quantized layers; "
             f"verified in ONNX Runtime on {v.samples} samples: SQNR {v.sqnr_db:.1f} dB "
             f"(float-rounding floor {v.floor_sqnr_db:.1f} dB){agree}"
+            + (
+                f"; {len(v.weights_run_as_uint8)} INT8 weight tensors beside INT8 activations "
+                "ran as UINT8 + 128: ONNX Runtime on this CPU (x86 without VNNI) converts INT8 "
+                "activations to UINT8 and would saturate its u8s8 kernel on the file as written, "
+                "which int8 runtimes (TFLite, TensorRT, CMSIS-NN, ONNX Runtime on Arm) compute "
+                "exactly"
+                if v.weights_run_as_uint8
+                else ""
+            )
         )
 
 
@@ -1182,9 +1310,11 @@ def _export(
             fold_activations_into_quantizers,
             fully_integer_violations,
             merge_slices,
+            quantize_inputs_first,
         )
 
         merge_slices(model)
+        quantize_inputs_first(model)
         fold_activations_into_quantizers(model)
         problems = fully_integer_violations(model)
         if problems:

@@ -13,15 +13,16 @@ from typing import Any, cast
 
 from torch import nn
 
+from edgequant.check import require_target_fits
 from edgequant.instrument import attach_info
 from edgequant.modules import QUANT_MODULES, QuantLinear
-from edgequant.ptq.calibrate import naming_the_batch
+from edgequant.ptq.calibrate import naming_the_batch, peek
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
 from edgequant.ptq.smooth import resize_input
 from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.quantizer import quantizers
-from edgequant.spec import Recipe
+from edgequant.spec import TARGETS, Recipe
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "static": quantize_static,
@@ -97,6 +98,11 @@ def quantize(
         not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
     ):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if TARGETS[recipe.target].fully_integer:  # refuse what the target cannot run, before work
+        first = None
+        if method == "static":
+            first, calib_data = peek(calib_data)
+        require_target_fits(model, recipe.target, method, first)
     start = time.perf_counter()
     qmodel = METHODS[method](
         model, recipe, calib_data, num_samples or recipe.calib_samples, progress

@@ -269,3 +269,43 @@ def test_ties_are_where_integer_and_onnx_runtime_requantization_differ() -> None
     assert multiply_by_quantized_multiplier(x, mult, shift, "double").tolist() == [1, 2, -1, -2]
     assert multiply_by_quantized_multiplier(x, mult, shift, "single").tolist() == [1, 2, 0, -1]
     assert np.rint(x * 0.25).tolist() == [0, 2, -0, -2]  # half to even (ORT's requantization)
+
+
+def test_shape_of_the_float_input_is_no_float_edge(
+    mcu: tuple[Path, eq.ExportInfo], data: tuple, tmp_path: Path
+) -> None:
+    """The exporter reads a dynamic batch size with Shape of the graph's float input (e.g. for
+    out.view(out.size(0), -1)); Shape and Size read no values, so the graph stays fully integer
+    and the integer runner computes the same outputs."""
+    path, _ = mcu
+    model = onnx.load(str(path))
+    graph = model.graph
+    reshape = next(n for n in graph.node if n.op_type in ("Reshape", "Flatten"))
+    source = graph.input[0].name
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "batch_index"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        ]
+    )
+    nodes = [
+        helper.make_node("Shape", [source], ["input_shape"], name="node_Shape_0"),
+        helper.make_node("Size", [source], ["input_size"], name="node_Size_0"),
+        helper.make_node("Gather", ["input_shape", "batch_index"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "minus_one"], ["flat_shape"], axis=0),
+    ]
+    if reshape.op_type == "Flatten":  # make it a Reshape to that shape
+        reshape.op_type = "Reshape"
+        del reshape.attribute[:]
+        reshape.input.append("flat_shape")
+    else:
+        reshape.input[1] = "flat_shape"
+    index = list(graph.node).index(reshape)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    grafted = tmp_path / "grafted.onnx"
+    onnx.save(model, str(grafted))
+    assert fully_integer_violations(grafted) == []
+    x = data[2][:8].numpy()
+    expected = run_integer(path, x)
+    np.testing.assert_array_equal(run_integer(grafted, x), expected)

@@ -1,0 +1,279 @@
+"""Small models written the ways people write them, with seeded random weights, for the zoo test
+(tests/test_zoo.py): functional and module activations, view/reshape/flatten, depthwise and
+grouped convolutions, 1-D convolutions, concatenation skips, upsampling, squeeze-excitation
+gating, LayerNorm/GELU MLPs, nn.TransformerEncoderLayer, nn.MultiheadAttention, a ResNet option-A
+shortcut, and a tiny Hugging Face BERT encoder (when transformers is importable).
+
+Each entry of ZOO builds (model in eval mode, calibration batches); inputs are tiny so that
+the whole matrix of models x targets x methods runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCH, CALIB_BATCHES = 4, 2
+
+
+class FunctionalMLP(nn.Module):
+    """Linear layers with functional ReLU, the image flattened with view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(48, 32), nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), -1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class ModuleCNN(nn.Module):
+    """nn.Sequential of Conv-BN-ReLU modules, MaxPool, nn.Flatten, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class DepthwiseSeparable(nn.Module):
+    """A keyword spotter: depthwise (groups = channels) and 1x1 convs, average pool, reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.bn(self.dw(x)))
+        x = F.avg_pool2d(F.relu(self.pw(x)), x.shape[-2:])
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+class GroupedConv(nn.Module):
+    """Grouped convolutions (ResNeXt-style) with a channel shuffle by reshape/transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.group = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.fc = nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        n, c, h, w = x.shape
+        x = x.reshape(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+        x = F.relu(self.group(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Conv1dNet(nn.Module):
+    """1-D convolutions over a signal, strided, global average pool, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 8, 5, padding=2)
+        self.conv2 = nn.Conv1d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(x.mean(-1))
+
+
+class ConcatUpsample(nn.Module):
+    """A U-Net-like block: downsample, upsample (nearest), concatenation skip, 1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = F.relu(self.enc(x))
+        x = self.up(F.relu(self.down(skip)))
+        return self.head(F.relu(self.dec(torch.cat([x, skip], dim=1))))
+
+
+class SqueezeExcite(nn.Module):
+    """A conv whose channels are gated by a squeeze-excitation branch (sigmoid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.se1, self.se2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.se2(F.relu(self.se1(x.mean((2, 3))))))
+        x = x * gate[:, :, None, None]
+        return self.fc(x.mean((2, 3)))
+
+
+class LayerNormGELU(nn.Module):
+    """A pre-norm MLP block on token vectors: LayerNorm, Linear, GELU, Linear, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc2(self.act(self.fc1(self.norm(h))))
+        return self.head(h.mean(1))
+
+
+class EncoderLayer(nn.Module):
+    """nn.TransformerEncoderLayer (batch_first), which has a fused eval-mode fast path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention self-attention with a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((h + a).mean(1))
+
+
+class OptionAShortcut(nn.Module):
+    """A CIFAR ResNet block pair: option-A shortcut (strided slice + channel zero pad),
+    adaptive average pool and flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = F.relu(out + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    """BatchNorm statistics away from the identity, as a trained model has them."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+def _batches(shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(BATCH, *shape, generator=gen) for _ in range(CALIB_BATCHES)]
+
+
+def _tiny_bert() -> tuple[nn.Module, list[Any]]:
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Encoder(nn.Module):
+        """The BERT's first-token hidden state, from input ids and an attention mask."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+            return out.last_hidden_state[:, 0]
+
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(CALIB_BATCHES):
+        ids = torch.randint(1, 64, (BATCH, 6), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[-1, 3:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return Encoder().eval(), batches
+
+
+def _build(cls: type[nn.Module], shape: tuple[int, ...]) -> Callable[[], tuple[nn.Module, list]]:
+    def build() -> tuple[nn.Module, list[Any]]:
+        torch.manual_seed(0)
+        model = cls()
+        _randomize_norms(model)
+        return model.eval(), _batches(shape, seed=1)
+
+    return build
+
+
+ZOO: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {
+    "functional_mlp": _build(FunctionalMLP, (3, 4, 4)),
+    "module_cnn": _build(ModuleCNN, (3, 8, 8)),
+    "depthwise_separable": _build(DepthwiseSeparable, (1, 8, 5)),
+    "grouped_conv": _build(GroupedConv, (3, 6, 6)),
+    "conv1d": _build(Conv1dNet, (2, 16)),
+    "concat_upsample": _build(ConcatUpsample, (3, 8, 8)),
+    "squeeze_excite": _build(SqueezeExcite, (3, 6, 6)),
+    "layernorm_gelu": _build(LayerNormGELU, (5, 8)),
+    "transformer_encoder_layer": _build(EncoderLayer, (5, 8)),
+    "multihead_attention": _build(Attention, (5, 8)),
+    "option_a_shortcut": _build(OptionAShortcut, (3, 8, 8)),
+}
+if importlib.util.find_spec("transformers") is not None:
+    ZOO["tiny_bert"] = _tiny_bert
