@@ -287,7 +287,12 @@ def plan_outliers_(
     the other inputs are left as they are by "auto" (a number applies to every input)."""
     if alpha is not None:
         _check_alpha(alpha)
-    if split is not None and split != "auto":
+    if isinstance(split, str):
+        if split != "auto":
+            raise ValueError(
+                f"outlier splitting quantile must be a number in (0, 1) or 'auto', got {split!r}"
+            )
+    elif split is not None:
         _check_quantile(split)
     auto = alpha == "auto"
     batches = list(batches) if auto else batches
@@ -307,7 +312,11 @@ def plan_outliers_(
             plan.flagged.append(name)
         inv: Tensor | None = None
         quantile = AUTO_SPLIT_QUANTILE if split == "auto" else split
-        if quantile is not None and layer.input_quantizer.spec.per_tensor and not layer.shared_input:
+        if (
+            quantile is not None
+            and layer.input_quantizer.spec.per_tensor
+            and not layer.shared_input
+        ):
             if split != "auto" or has_outliers:
                 st, inv, plan.added[name] = _split_layer(layer, st, float(quantile))
             else:

@@ -17,7 +17,7 @@ from edgequant.instrument import (
     place_graph_quantizers,
 )
 from edgequant.modules import QuantMixin, fast_simulation
-from edgequant.ptq import auto
+from edgequant.ptq import auto, smooth
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.block import Group, SegmentError, block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, naming_the_batch, peek, run_calibration
@@ -25,7 +25,6 @@ from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
 from edgequant.ptq.rounding import supports as rounding_support
 from edgequant.ptq.smooth import (
-    OUTLIER_RATIO,
     describe_smoothing,
     describe_split,
     plan_outliers_,
@@ -317,12 +316,12 @@ def apply_outlier_steps(
         return {"outliers": "not inspected: smooth_alpha and split_outliers are off"}, [], []
     plan = plan_outliers_(qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers)
     entries: dict[str, Any] = {
-        "outlier_ratio_threshold": OUTLIER_RATIO,
+        "outlier_ratio_threshold": smooth.OUTLIER_RATIO,
         "outlier_inputs": {n: round(plan.ratios[n], 1) for n in plan.flagged},
     }
     steps = [
         f"outlier inspection: {len(plan.flagged)} of {len(plan.ratios)} Linear inputs have a "
-        f"channel range above {OUTLIER_RATIO:g}x their median channel range"
+        f"channel range above {smooth.OUTLIER_RATIO:g}x their median channel range"
     ]
     summary.notes.extend(plan.reasons())
     if recipe.split_outliers is not None:

@@ -151,7 +151,7 @@ def prepare_qat(
             ("SmoothQuant (smooth_alpha)", recipe.smooth_alpha),
             ("outlier channel splitting (split_outliers)", recipe.split_outliers),
         )
-        if value is not None
+        if value not in (None, "auto")
     ]
     if skipped:
         summary.notes.append(

@@ -230,7 +230,10 @@ def _qat_model(
     qmodel = prepare_qat(model, run.recipe, calib_data=calib, progress=bars)
     # Start from the PTQ model at the same bits, its whole pipeline included (learned rounding,
     # bias correction): same grids (the same calibration), better weights and biases.
-    start_from(qmodel, quantize(model, run.recipe, calib, method="static", progress=bars))
+    # Without SmoothQuant and outlier splitting (on by default where a model has outliers):
+    # the QAT model has neither, and start_from refuses weights made for them.
+    ptq_recipe = run.recipe.replace(smooth_alpha=None, split_outliers=None)
+    start_from(qmodel, quantize(model, ptq_recipe, calib, method="static", progress=bars))
     hits_of, against = _hits_on(model, held)
     hits = [hits_of(qmodel)]
     states = [copy.deepcopy(qmodel.state_dict())]
