@@ -435,10 +435,14 @@ class Recipe:
             raise ValueError(
                 f"Recipe.smooth_alpha={self.smooth_alpha!r} must be in [0, 1], 'auto' or None"
             )
-        if self.split_outliers is not None and self.split_outliers != "auto" and not (
-            isinstance(self.split_outliers, (int, float))
-            and not isinstance(self.split_outliers, bool)
-            and 0.0 < self.split_outliers < 1.0
+        if (
+            self.split_outliers is not None
+            and self.split_outliers != "auto"
+            and not (
+                isinstance(self.split_outliers, (int, float))
+                and not isinstance(self.split_outliers, bool)
+                and 0.0 < self.split_outliers < 1.0
+            )
         ):
             raise ValueError(
                 f"Recipe.split_outliers={self.split_outliers!r} must be a quantile in (0, 1), "
