@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from _minilm import (  # benchmarks/_minilm.py
@@ -145,8 +146,8 @@ def main() -> int:
                 "verify_sqnr_db": info.verification.sqnr_db,
                 "verify_floor_sqnr_db": info.verification.floor_sqnr_db,
                 "quantized_linear": info.quantized_layers,
-                "samples_used": qmodel.quant_info["samples_used"],
-                "pipeline": qmodel.quant_info["pipeline"],
+                "samples_used": cast("dict[str, Any]", qmodel.quant_info)["samples_used"],
+                "pipeline": cast("dict[str, Any]", qmodel.quant_info)["pipeline"],
             },
         )
 

@@ -35,7 +35,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from _minilm import (  # benchmarks/_minilm.py
@@ -285,8 +285,8 @@ def measure_defaults(
     row["calibration_wall_s"] = wall
     row["size_bytes"] = info.size_bytes
     row["verify_sqnr_db"] = info.verification.sqnr_db
-    row["pipeline"] = qmodel.quant_info["pipeline"]
-    row["summary_notes"] = qmodel.quant_summary.notes
+    row["pipeline"] = cast("dict[str, Any]", qmodel.quant_info)["pipeline"]
+    row["summary_notes"] = cast("Any", qmodel.quant_summary).notes
     out["results"]["edgequant static w8a8, defaults"] = row
     print(json.dumps({k: v for k, v in row.items() if k != "pipeline"}, indent=1), flush=True)
     write_json(out_path, out)

@@ -349,6 +349,12 @@ def quantize_static(
     num_samples: int,
     progress: bool,
 ) -> nn.Module:
+    if calib_data is None:
+        raise ValueError(
+            "calib_data is required for method='static': its activation ranges (and the "
+            "outlier inspection) are calibrated on it; method='dynamic' and 'weight_only' "
+            "(round to nearest) need none"
+        )
     first, batches = peek(calib_data)
     with naming_the_batch(first, "calib_data item 0"):
         qmodel, summary, recipe = build_static(model, recipe, first)
