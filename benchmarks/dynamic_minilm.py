@@ -8,6 +8,14 @@ is chosen (--choose-alpha) as the one with the best mean cosine on the second ha
 calibration sentences while calibrating on the first half; the final model calibrates on all 128.
 
     python benchmarks/dynamic_minilm.py [--out benchmarks/results/dynamic_minilm.json]
+
+--defaults (issue 27) measures only plain calls, every setting the library's default:
+eq.quantize(model, "w8a8", method="dynamic") without calibration data, and with the 128
+calibration sentences; deployed in ONNX Runtime, beside ONNX Runtime's quantize_dynamic
+(per-channel) on the same run:
+
+    flock /tmp/edgequant-bench.lock python benchmarks/dynamic_minilm.py --defaults \\
+        --out benchmarks/results/dynamic_minilm_defaults.json
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from _minilm import (  # benchmarks/_minilm.py
@@ -42,6 +51,9 @@ def main() -> int:
         action="store_true",
         help="re-run the choice of alpha on held-out sentences",
     )
+    parser.add_argument(
+        "--defaults", action="store_true", help="only the plain calls with the default recipe"
+    )
     args = parser.parse_args()
     loaded = load_or_skip()
     if loaded is None:
@@ -51,13 +63,21 @@ def main() -> int:
 
     cal_sentences, calib, evals, ref = sentence_data(model, tok)
     out = results_header(ref, cal_sentences)
+    if args.defaults:
+        out["calls"] = {
+            "without calib_data": 'eq.quantize(model, "w8a8", method="dynamic")',
+            "with calib_data": 'eq.quantize(model, "w8a8", calib, method="dynamic")',
+        }
 
     if args.choose_alpha:
         fit, held, held_ref = fit_and_heldout(model, tok, cal_sentences)
         choice = {}
         for alpha in ALPHAS:
             q = eq.quantize(
-                model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), fit, method="dynamic"
+                model,
+                eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha, split_outliers=None),
+                fit,
+                method="dynamic",
             )
             choice[str(alpha)] = M.cosine_report(held_ref, M.embed(q, held))
             print("alpha", alpha, choice[str(alpha)], flush=True)
@@ -93,16 +113,27 @@ def main() -> int:
     )
     record("fp32 (ONNX Runtime)", M.embed(M.ort_encoder_fn(fp32), evals), fp32, {})
 
-    for label, alpha in (
-        ("edgequant dynamic w8a8", None),
-        (f"edgequant dynamic w8a8 + SmoothQuant {args.alpha}", args.alpha),
-    ):
+    plain = eq.Recipe.preset("w8a8").replace(split_outliers=None)
+    runs: list[tuple[str, eq.Recipe | str, list | None]] = (
+        [
+            ("edgequant dynamic w8a8, defaults, no calib_data", "w8a8", None),
+            ("edgequant dynamic w8a8, defaults, 128 calibration sentences", "w8a8", calib),
+        ]
+        if args.defaults
+        else [
+            ("edgequant dynamic w8a8", plain.replace(smooth_alpha=None), calib),
+            (
+                f"edgequant dynamic w8a8 + SmoothQuant {args.alpha}",
+                plain.replace(smooth_alpha=args.alpha),
+                calib,
+            ),
+        ]
+    )
+    for index, (label, recipe, data) in enumerate(runs):
         start = time.perf_counter()
-        qmodel = eq.quantize(
-            model, eq.Recipe.preset("w8a8").replace(smooth_alpha=alpha), calib, method="dynamic"
-        )
+        qmodel = eq.quantize(model, recipe, data, method="dynamic")
         wall = time.perf_counter() - start
-        path = work / f"edgequant_{alpha}.onnx"
+        path = work / f"edgequant_{index}.onnx"
         info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:4])
         sim = M.cosine_report(ref, M.embed(qmodel, evals))
         record(
@@ -115,10 +146,12 @@ def main() -> int:
                 "verify_sqnr_db": info.verification.sqnr_db,
                 "verify_floor_sqnr_db": info.verification.floor_sqnr_db,
                 "quantized_linear": info.quantized_layers,
+                "samples_used": cast("dict[str, Any]", qmodel.quant_info)["samples_used"],
+                "pipeline": cast("dict[str, Any]", qmodel.quant_info)["pipeline"],
             },
         )
 
-    for per_channel in (False, True):
+    for per_channel in (True,) if args.defaults else (False, True):
         path = work / f"ort_dynamic_pc{int(per_channel)}.onnx"
         start = time.perf_counter()
         quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
@@ -129,6 +162,9 @@ def main() -> int:
             {"wall_s": time.perf_counter() - start},
         )
 
+    if args.defaults:
+        write_json(args.out, out)
+        return 0
     tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     record(
         "torch.ao quantize_dynamic (PyTorch, not exportable to ONNX)", M.embed(tq, evals), None, {}

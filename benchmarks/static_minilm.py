@@ -18,6 +18,14 @@ choice recorded in --out). The final models calibrate on all 128.
 
     flock /tmp/edgequant-bench.lock python benchmarks/static_minilm.py \\
         [--out benchmarks/results/static_minilm.json] [--skip-choice] [--skip-ort]
+
+--defaults (issue 27) measures only the plain call, every setting the library's default:
+eq.quantize(model, "w8a8", calib, method="static") on the 128 calibration sentences, exported
+and run in ONNX Runtime on the 640 evaluation sentences, with the pipeline the library chose
+(quant_info["pipeline"]):
+
+    flock /tmp/edgequant-bench.lock python benchmarks/static_minilm.py --defaults \\
+        --out benchmarks/results/static_minilm_defaults.json
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from _minilm import (  # benchmarks/_minilm.py
@@ -83,12 +91,17 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run of the script on few sentences"
     )
+    parser.add_argument(
+        "--defaults", action="store_true", help="only the plain call with the default recipe"
+    )
     args = parser.parse_args()
     loaded = load_or_skip()
     if loaded is None:
         return 0
     model, tok = loaded
     cal_sentences, calib, evals, ref = sentence_data(model, tok, args.quick)
+    if args.defaults:
+        return measure_defaults(model, calib, evals, ref, cal_sentences, args.out)
     observers = CANDIDATE_OBSERVERS[:1] if args.quick else CANDIDATE_OBSERVERS
     global_alphas = GLOBAL_ALPHAS[-1:] if args.quick else GLOBAL_ALPHAS
     out = results_header(
@@ -246,6 +259,37 @@ def main() -> int:
     # INT4 weight-only (group 128) is measured by benchmarks/weight_only_minilm.py.
 
     write_json(args.out, out)
+    return 0
+
+
+def measure_defaults(
+    model: Any, calib: Any, evals: Any, ref: Any, cal_sentences: list[str], out_path: str
+) -> int:
+    """The plain call eq.quantize(model, "w8a8", calib, method="static"), deployed."""
+    out = results_header(
+        ref,
+        cal_sentences,
+        targets=TARGETS,
+        call='eq.quantize(model, "w8a8", calib, method="static")',
+        float_ops="attention matmuls (QK^T, attn x V), softmax, GELU, LayerNorm, residual adds",
+    )
+    start = time.perf_counter()
+    qmodel = eq.quantize(model, "w8a8", calib, method="static")
+    wall = time.perf_counter() - start
+    path = Path(tempfile.mkdtemp(prefix="eq-static-minilm-defaults-")) / "model.onnx"
+    info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
+    row: dict[str, Any] = M.cosine_report(ref, M.embed(M.ort_encoder_fn(path), evals))
+    for key in list(TARGETS):
+        row[f"meets_{key}"] = row[key] >= TARGETS[key]
+    row["sim"] = M.cosine_report(ref, M.embed(qmodel, evals))
+    row["calibration_wall_s"] = wall
+    row["size_bytes"] = info.size_bytes
+    row["verify_sqnr_db"] = info.verification.sqnr_db
+    row["pipeline"] = cast("dict[str, Any]", qmodel.quant_info)["pipeline"]
+    row["summary_notes"] = cast("Any", qmodel.quant_summary).notes
+    out["results"]["edgequant static w8a8, defaults"] = row
+    print(json.dumps({k: v for k, v in row.items() if k != "pipeline"}, indent=1), flush=True)
+    write_json(out_path, out)
     return 0
 
 

@@ -210,7 +210,11 @@ class _Trace:
 
 def trace_layers(model: nn.Module, batch: Any) -> _Trace:
     """Run one batch with hooks: the order in which quantizable layers run, and which BatchNorm
-    reads a conv/linear output directly (the pairs that can be folded)."""
+    reads a conv/linear output directly (the pairs that can be folded). batch None (methods
+    that need no data: dynamic, weight-only): no run, every quantizable layer in the order the
+    model registers it, and no BatchNorm to fold."""
+    if batch is None:
+        return _Trace([n for n, m in model.named_modules() if type(m) in QUANT_MODULES], {})
     names = {m: n for n, m in model.named_modules()}
     order: list[str] = []
     produced: dict[int, str] = {}

@@ -368,15 +368,21 @@ class Recipe:
     # Quantize layer outputs that do not flow straight into another quantized layer, so that
     # integer runtimes keep those layers in integer kernels (see instrument.add_output_quantizers).
     quantize_outputs: bool = True
-    # SmoothQuant's migration strength for Linear inputs; "auto": chosen per layer by the error
-    # of its quantized output (ptq/smooth.py); None: off.
-    smooth_alpha: float | str | None = None
+    # SmoothQuant's migration strength for Linear inputs (PTQ, static and dynamic): a number
+    # applies to every Linear input; "auto": on each input with outlier channels (calibration
+    # data shows max/median of its per-channel ranges above ptq.smooth.OUTLIER_RATIO), the alpha
+    # (or none) whose quantized layer output has the least error, other inputs untouched
+    # (ptq/smooth.py); None: off. Without calib_data, "auto" is off.
+    smooth_alpha: float | str | None = "auto"
     # Outlier channel splitting of Linear inputs quantized per tensor (PTQ, static and dynamic):
     # channels whose range exceeds this quantile of the layer's per-channel ranges are repeated,
-    # each copy carrying its share (ptq/smooth.py); None: off. 0.99 adds about 1 % of columns.
-    split_outliers: float | None = None
-    # --- the PTQ pipeline (ptq/): None or "auto" lets the bits decide (on at <= 4 weight bits);
-    # the quantized model's quant_info["pipeline"] records what ran.
+    # each copy carrying its share (ptq/smooth.py); a number: every such input; "auto": the
+    # inputs with outlier channels (as for smooth_alpha), at ptq.smooth.AUTO_SPLIT_QUANTILE;
+    # None: off. 0.99 adds about 1 % of columns.
+    split_outliers: float | str | None = "auto"
+    # --- the PTQ pipeline (ptq/): None or "auto" lets the bits and the model decide (on at <= 4
+    # weight bits, and at 8 bits where calibration finds Linear inputs with outlier channels);
+    # the quantized model's quant_info["pipeline"] records what ran and why.
     # Cross-layer equalization with bias absorption (Nagel et al. 2019).
     equalize: bool | None = None
     # Empirical bias correction of the quantized layers' output mean.
@@ -429,14 +435,18 @@ class Recipe:
             raise ValueError(
                 f"Recipe.smooth_alpha={self.smooth_alpha!r} must be in [0, 1], 'auto' or None"
             )
-        if self.split_outliers is not None and not (
-            isinstance(self.split_outliers, (int, float))
-            and not isinstance(self.split_outliers, bool)
-            and 0.0 < self.split_outliers < 1.0
+        if (
+            self.split_outliers is not None
+            and self.split_outliers != "auto"
+            and not (
+                isinstance(self.split_outliers, (int, float))
+                and not isinstance(self.split_outliers, bool)
+                and 0.0 < self.split_outliers < 1.0
+            )
         ):
             raise ValueError(
-                f"Recipe.split_outliers={self.split_outliers!r} must be a quantile in (0, 1) "
-                "or None"
+                f"Recipe.split_outliers={self.split_outliers!r} must be a quantile in (0, 1), "
+                "'auto' or None"
             )
         if self.rounding not in ROUNDINGS:
             raise ValueError(
@@ -575,9 +585,13 @@ class Recipe:
             lines.append(f"  override {ov.pattern}: {what}")
         if self.skip:
             lines.append(f"  skip: {', '.join(self.skip)}")
-        if self.smooth_alpha is not None:
+        if self.smooth_alpha == "auto":
+            lines.append("  SmoothQuant on Linear inputs with outlier channels, alpha per layer")
+        elif self.smooth_alpha is not None:
             lines.append(f"  SmoothQuant on Linear inputs, alpha {self.smooth_alpha}")
-        if self.split_outliers is not None:
+        if self.split_outliers == "auto":
+            lines.append("  outlier channel splitting of Linear inputs with outlier channels")
+        elif self.split_outliers is not None:
             lines.append(
                 f"  outlier channel splitting of Linear inputs above the {self.split_outliers} "
                 "quantile of their channel ranges"

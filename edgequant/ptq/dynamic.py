@@ -8,18 +8,18 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info, batch_size, check_finite, instrument
-from edgequant.ptq.calibrate import naming_the_batch, peek
-from edgequant.ptq.smooth import describe_split, smooth_and_split_
-from edgequant.ptq.static import calibrate_weights
+from edgequant.instrument import Summary, attach_info, batch_size, instrument
+from edgequant.ptq.calibrate import collect, naming_the_batch, peek
+from edgequant.ptq.static import apply_outlier_steps, calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec
 
 
 def build_dynamic(
-    model: nn.Module, recipe: Recipe, example_batch: Any
+    model: nn.Module, recipe: Recipe, example_batch: Any | None
 ) -> tuple[nn.Module, Summary, Recipe]:
-    """The instrumented, uncalibrated model and the recipe as dynamic quantization applies it."""
+    """The instrumented, uncalibrated model and the recipe as dynamic quantization applies it
+    (example_batch None: no run; every Linear and Embedding is quantized)."""
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights")
     if recipe.weight.bits != 8 or (recipe.activation is not None and recipe.activation.bits != 8):
@@ -47,26 +47,45 @@ def quantize_dynamic(
     num_samples: int,
     progress: bool,
 ) -> nn.Module:
-    batches: Iterable[Any]  # a list once SmoothQuant has to read it twice
-    first, batches = peek(calib_data, "calib_data")
-    with naming_the_batch(first, "calib_data item 0"):
-        qmodel, summary, recipe = build_dynamic(model, recipe, first)
-    samples_used = 0
-    if recipe.smooth_alpha is not None or recipe.split_outliers is not None:
-        batches = list(batches)
-        for index, batch in enumerate(batches):
-            check_finite(batch, index)
-        smoothed, added = smooth_and_split_(
-            qmodel, batches, recipe.smooth_alpha, num_samples, recipe.split_outliers
+    """Dynamic PTQ. calib_data is optional: without it the weights are rounded to nearest and
+    nothing reads activations (outlier splitting and SmoothQuant, which need activation ranges,
+    are off, and quant_info["pipeline"] says so); with it, the Linear inputs with outlier
+    channels are split and smoothed as the recipe asks ("auto": ptq/smooth.py)."""
+    if calib_data is None:
+        for label, value in (
+            ("smooth_alpha", recipe.smooth_alpha),
+            ("split_outliers", recipe.split_outliers),
+        ):
+            if value not in (None, "auto"):
+                raise ValueError(
+                    f"recipe {recipe.name!r}: {label}={value!r} needs calib_data (it reads the "
+                    f"Linear inputs' ranges); pass calib_data or set {label}=None"
+                )
+        qmodel, summary, recipe = build_dynamic(model, recipe, None)
+        pipeline: dict[str, Any] = {
+            "outliers": "not inspected: no calib_data",
+            "reasons": {
+                "smooth_alpha": "no calib_data: off (SmoothQuant needs activation ranges)",
+                "split_outliers": "no calib_data: off (splitting needs activation ranges)",
+            },
+        }
+        steps = ["weights rounded to nearest; activation ranges computed at run time"]
+        summary.notes.append(
+            "no calib_data: outlier splitting and SmoothQuant off (they need activation ranges)"
         )
-        samples_used = min(num_samples, sum(batch_size(b) for b in batches))
-        if recipe.split_outliers is not None:
-            summary.notes.append(describe_split(added))
-        if recipe.smooth_alpha is not None:
-            summary.notes.append(
-                f"SmoothQuant (alpha {recipe.smooth_alpha}) on {len(smoothed)} Linear inputs, "
-                f"from {samples_used} calibration samples"
-            )
+        samples_used = 0
+    else:
+        first, batches = peek(calib_data, "calib_data")
+        with naming_the_batch(first, "calib_data item 0"):
+            qmodel, summary, recipe = build_dynamic(model, recipe, first)
+        samples_used = 0
+        pipeline, steps = {"outliers": "not inspected: smooth_alpha and split_outliers are off"}, []
+        if recipe.smooth_alpha is not None or recipe.split_outliers is not None:
+            data = collect(batches, num_samples, summary.notes)
+            samples_used = sum(batch_size(b) for b in data)
+            pipeline, steps, _ = apply_outlier_steps(qmodel, recipe, data, samples_used, summary)
+            summary.notes.extend(steps)  # dynamic models print their steps in the summary
+        steps.append("weights rounded to nearest; activation ranges computed at run time")
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":
@@ -77,6 +96,7 @@ def quantize_dynamic(
         {
             "method": "dynamic",
             "recipe": recipe.to_dict(),
+            "pipeline": {**pipeline, "steps": steps},
             "samples_used": samples_used,
             "labels_used": False,
         },

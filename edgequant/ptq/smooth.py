@@ -207,28 +207,101 @@ def smooth_(
     return smooth_and_split_(qmodel, batches, alpha, num_samples)[0]
 
 
+# --- Which inputs have outliers (the "auto" rule of Recipe.smooth_alpha and .split_outliers) -----
+# An input has outlier channels when its largest per-channel range is more than OUTLIER_RATIO
+# times the median per-channel range. Chosen on held-out calibration sentences of
+# all-MiniLM-L6-v2 (calibrate on 0-63, score on 64-127; the evaluation sentences never), with
+# the default pipeline (benchmarks/outlier_threshold_minilm.py,
+# benchmarks/results/outlier_threshold_minilm.json): at 3 (32 of 37 Linear inputs flagged) mean
+# cosine 0.99888 dynamic / 0.99928 static, at 6 (11 flagged) 0.99779 dynamic, at 12 (7 flagged)
+# 0.99696 dynamic. MiniLM's ratios are 2.1-2.9 (attention contexts) or 3.9-18 (LayerNorm and
+# GELU outputs), so any threshold in (2.94, 3.90) flags the same inputs as 3; 3.5 keeps the
+# widest margin from ResNet-20's Linear head (1.92 on CIFAR-10 training images).
+OUTLIER_RATIO = 3.5
+# The quantile "auto" splits flagged inputs at (issue 10's held-out choice on all-MiniLM-L6-v2).
+AUTO_SPLIT_QUANTILE = 0.99
+
+
+def outlier_ratio(absmax: Tensor) -> float:
+    """max_j r_j / median_j r_j of the per-channel ranges r (in,), the median over the channels
+    that move (r_j > 0): a ReLU network's dead channels set no grid and are no sign of outliers;
+    1.0 where no channel moves."""
+    r = absmax.double()
+    live = r[r > 0]
+    if live.numel() == 0:
+        return 1.0
+    return float(live.max() / live.median())
+
+
+@dataclass
+class OutlierPlan:
+    """What smooth_and_split_ decided per Linear input, with the numbers behind it."""
+
+    alphas: dict[str, float | None] = field(default_factory=dict)  # SmoothQuant's, per layer
+    added: dict[str, int] = field(default_factory=dict)  # channels added by splitting
+    ratios: dict[str, float] = field(default_factory=dict)  # input max/median of every layer
+    flagged: list[str] = field(default_factory=list)  # layers whose ratio > OUTLIER_RATIO
+
+    def reasons(self) -> list[str]:
+        """One line per flagged layer: its ratio and what was done to it, for the summary."""
+        lines = []
+        for name in self.flagged:
+            done = []
+            if self.added.get(name):
+                done.append(f"split {self.added[name]} channels")
+            if self.alphas.get(name) is not None:
+                done.append(f"SmoothQuant alpha {self.alphas[name]}")
+            lines.append(
+                f"{name}: input max/median {self.ratios[name]:.0f} > {OUTLIER_RATIO:g}: "
+                + (", ".join(done) if done else "neither split nor smoothed")
+            )
+        return lines
+
+
 @torch.no_grad()
 def smooth_and_split_(
     qmodel: nn.Module,
     batches: Iterable[Any],
     alpha: float | str | None,
     num_samples: int,
-    split: float | None = None,
+    split: float | str | None = None,
 ) -> tuple[dict[str, float | None], dict[str, int]]:
-    """Outlier channel splitting (split: the quantile, None: off; see below), then SmoothQuant
-    (alpha, None: off) of the split input, in one calibration pass, in place, before the
-    quantizers are calibrated. Splitting comes first so that the smoothing factors see the
-    split ranges: an outlier channel split m ways needs a factor about m^alpha smaller, and its
-    weight column grows that much less. Returns ({layer: alpha applied}, {layer: channels added})."""
+    """Outlier channel splitting and SmoothQuant (see plan_outliers_); returns
+    ({layer: alpha applied}, {layer: channels added})."""
+    plan = plan_outliers_(qmodel, batches, alpha, num_samples, split)
+    return plan.alphas, plan.added
+
+
+@torch.no_grad()
+def plan_outliers_(
+    qmodel: nn.Module,
+    batches: Iterable[Any],
+    alpha: float | str | None,
+    num_samples: int,
+    split: float | str | None = None,
+) -> OutlierPlan:
+    """Outlier channel splitting (split: the quantile, "auto": AUTO_SPLIT_QUANTILE on the inputs
+    with outliers, None: off; see below), then SmoothQuant (alpha: one for every layer; "auto":
+    chosen per layer, see choose_alpha, on the inputs with outliers; None: off) of the split
+    input, in one calibration pass, in place, before the quantizers are calibrated. Splitting
+    comes first so that the smoothing factors see the split ranges: an outlier channel split m
+    ways needs a factor about m^alpha smaller, and its weight column grows that much less.
+
+    An input "has outliers" when outlier_ratio of its per-channel ranges exceeds OUTLIER_RATIO;
+    the other inputs are left as they are by "auto" (a number applies to every input)."""
     if alpha is not None:
         _check_alpha(alpha)
-    if split is not None:
+    if isinstance(split, str):
+        if split != "auto":
+            raise ValueError(
+                f"outlier splitting quantile must be a number in (0, 1) or 'auto', got {split!r}"
+            )
+    elif split is not None:
         _check_quantile(split)
     auto = alpha == "auto"
     batches = list(batches) if auto else batches
     stats = input_stats(qmodel, batches, num_samples, rows_per_batch=ROWS_PER_BATCH if auto else 0)
-    alphas: dict[str, float | None] = {}
-    added: dict[str, int] = {}
+    plan = OutlierPlan()
     for name, st in stats.items():
         layer: Any = qmodel.get_submodule(name)
         if layer.input_quantizer is None or layer.weight_quantizer is None:
@@ -236,20 +309,36 @@ def smooth_and_split_(
         if layer.input_smooth_inv is not None or layer.input_channel_index is not None:
             what = "smoothed" if layer.input_channel_index is None else "split"
             raise ValueError(f"layer {name!r} is already {what}")
+        ratio = outlier_ratio(st.absmax)
+        plan.ratios[name] = ratio
+        has_outliers = ratio > OUTLIER_RATIO
+        if has_outliers:
+            plan.flagged.append(name)
         inv: Tensor | None = None
-        if split is not None and layer.input_quantizer.spec.per_tensor and not layer.shared_input:
-            st, inv, added[name] = _split_layer(layer, st, split)
+        quantile = AUTO_SPLIT_QUANTILE if split == "auto" else split
+        if (
+            quantile is not None
+            and layer.input_quantizer.spec.per_tensor
+            and not layer.shared_input
+        ):
+            if split != "auto" or has_outliers:
+                st, inv, plan.added[name] = _split_layer(layer, st, float(quantile))
+            else:
+                plan.added[name] = 0
         chosen: float | None = None
         if alpha is not None:
-            chosen = choose_alpha(layer, st)[0] if auto else float(alpha)
-            alphas[name] = chosen
+            if auto:
+                chosen = choose_alpha(layer, st)[0] if has_outliers else None
+            else:
+                chosen = float(alpha)
+            plan.alphas[name] = chosen
         if chosen is not None:
             s = smoothing_factors(st.absmax, layer.weight, chosen)
             layer.weight.mul_(s.to(layer.weight.dtype).reshape(1, -1))
             inv = 1.0 / s if inv is None else inv / s
         if inv is not None:
             layer.input_smooth_inv = inv.to(layer.weight.dtype)
-    return alphas, added
+    return plan
 
 
 def describe_smoothing(done: dict[str, float | None]) -> str:

@@ -17,14 +17,18 @@ from edgequant.instrument import (
     place_graph_quantizers,
 )
 from edgequant.modules import QuantMixin, fast_simulation
-from edgequant.ptq import auto
+from edgequant.ptq import auto, smooth
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.block import Group, SegmentError, block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, naming_the_batch, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.rounding import ROUNDERS
 from edgequant.ptq.rounding import supports as rounding_support
-from edgequant.ptq.smooth import describe_smoothing, describe_split, smooth_and_split_
+from edgequant.ptq.smooth import (
+    describe_smoothing,
+    describe_split,
+    plan_outliers_,
+)
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe
 
@@ -61,7 +65,12 @@ def lowest_weight_bits(qmodel: nn.Module) -> int | None:
     return min(bits) if bits else None
 
 
-def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
+def resolve_pipeline(
+    recipe: Recipe,
+    qmodel: nn.Module,
+    outliers: list[str] | None = None,
+    has_data: bool = True,
+) -> dict[str, Any]:
     """The recipe's "auto" choices made concrete for this model: at <= 4 weight bits (where
     round-to-nearest loses accuracy) learned rounding and bias correction, plain rounding above.
     Learned rounding is GPTQ (one closed-form pass) with 8-bit activations; with 4-bit or lower
@@ -73,7 +82,14 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     error its inputs bring. Chosen on held-out data (KL to FP32): all-MiniLM-L6-v2 weight-only
     INT4 g128, mean cosine 0.9838 own vs 0.9789 float; ResNet-20 W4A8 (GPTQ) 0.00324 own vs
     0.00341 float; but ResNet-20 W3A8 0.039 own vs 0.013 float and W2A8 2.09 own (19 % top-1: the
-    errors compound through the layers) vs 0.44 float."""
+    errors compound through the layers) vs 0.44 float.
+
+    outliers: the Linear inputs calibration found with outlier channels (ptq/smooth.py). At 8
+    weight bits they turn on GPTQ (own target) and bias correction too (all-MiniLM-L6-v2 static
+    W8A8: benchmarks/results/static_minilm_refine.json and auto_minilm.json). has_data=False
+    (no calib_data): the steps that need data are off, and "reasons" says so; asking for one of
+    them explicitly is an error. The returned dict's "reasons" gives each choice's reason."""
+    outliers = outliers or []
     weight_bits = lowest_weight_bits(qmodel) or 8
     low = weight_bits <= 4
     act_bits = [
@@ -81,24 +97,66 @@ def resolve_pipeline(recipe: Recipe, qmodel: nn.Module) -> dict[str, Any]:
     ]
     coarse_inputs = bool(act_bits) and min(act_bits) <= 4
     coarse_weights = weight_bits <= 3
+    if not has_data:
+        for label, value, off in (
+            ("rounding", recipe.rounding, "nearest"),
+            ("bias_correction", recipe.bias_correction, False),
+            ("equalize", recipe.equalize, False),
+        ):
+            if value not in ("auto", None, off):
+                raise ValueError(
+                    f"recipe {recipe.name!r}: {label}={value!r} needs calibration data (it "
+                    f"reads the layers' inputs); pass calib_data or set {label}={off!r}"
+                )
+        return {
+            "equalize": False,
+            "rounding": "nearest",
+            "rounding_target": "quantized",
+            "bias_correction": False,
+            "reasons": {
+                "rounding": "no calib_data: round to nearest, the rounding that needs none",
+                "bias_correction": "no calib_data: off (it needs the layers' outputs)",
+            },
+        }
+    reasons: dict[str, str] = {}
     if recipe.rounding != "auto":
         rounding = recipe.rounding
-    elif not low:
-        rounding = "nearest"
-    elif not coarse_inputs:
+        reasons["rounding"] = "recipe"
+    elif low and not coarse_inputs:
         rounding = "gptq"
-    else:
+        reasons["rounding"] = f"{weight_bits}-bit weights"
+    elif low:
         # Coarse inputs: the block's layers learn their rounding together (needs the fx graph),
         # else AdaRound layer by layer.
         rounding = "block" if isinstance(qmodel, fx.GraphModule) else "adaround"
+        reasons["rounding"] = f"{weight_bits}-bit weights, <= 4-bit activations"
+    elif outliers:
+        rounding = "gptq"
+        reasons["rounding"] = f"{len(outliers)} Linear inputs with outlier channels"
+    else:
+        rounding = "nearest"
+        reasons["rounding"] = f"{weight_bits}-bit weights, no Linear input with outliers"
     target = recipe.rounding_target
     if target == "auto":
         target = "float" if coarse_inputs or coarse_weights else "quantized"
+    if recipe.bias_correction is not None:
+        bias_correction = recipe.bias_correction
+        reasons["bias_correction"] = "recipe"
+    else:
+        bias_correction = low or bool(outliers)
+        reasons["bias_correction"] = (
+            f"{weight_bits}-bit weights"
+            if low
+            else f"{len(outliers)} Linear inputs with outlier channels"
+            if outliers
+            else f"{weight_bits}-bit weights, no Linear input with outliers"
+        )
     return {
         "equalize": recipe.equalize if recipe.equalize is not None else False,
         "rounding": rounding,
         "rounding_target": target,
-        "bias_correction": recipe.bias_correction if recipe.bias_correction is not None else low,
+        "bias_correction": bias_correction,
+        "reasons": reasons,
     }
 
 
@@ -247,6 +305,43 @@ def apply_refinement(
     return steps
 
 
+def apply_outlier_steps(
+    qmodel: nn.Module, recipe: Recipe, data: list[Any], used: int, summary: Summary
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Outlier channel splitting and SmoothQuant as the recipe asks (each "auto": on the Linear
+    inputs whose calibration ranges show outlier channels), in place before calibration.
+    Returns (entries for quant_info["pipeline"], steps, the layers with outlier inputs); each
+    flagged layer gets a line in the summary with its ratio and what was done to it."""
+    if recipe.smooth_alpha is None and recipe.split_outliers is None:
+        return {"outliers": "not inspected: smooth_alpha and split_outliers are off"}, [], []
+    plan = plan_outliers_(qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers)
+    entries: dict[str, Any] = {
+        "outlier_ratio_threshold": smooth.OUTLIER_RATIO,
+        "outlier_inputs": {n: round(plan.ratios[n], 1) for n in plan.flagged},
+    }
+    steps = [
+        f"outlier inspection: {len(plan.flagged)} of {len(plan.ratios)} Linear inputs have a "
+        f"channel range above {smooth.OUTLIER_RATIO:g}x their median channel range"
+    ]
+    summary.notes.extend(plan.reasons())
+    if recipe.split_outliers is not None:
+        entries["split_channels"] = plan.added
+        steps.append(describe_split(plan.added))
+    if recipe.smooth_alpha is not None:
+        entries["smooth_alphas"] = plan.alphas
+        steps.append(describe_smoothing(plan.alphas))
+    return entries, steps, plan.flagged
+
+
+def pipeline_notes(pipeline: dict[str, Any]) -> list[str]:
+    """The summary's lines for the choices the library made (not the recipe)."""
+    return [
+        f"{step}: {pipeline[step]} ({why})"
+        for step, why in pipeline.get("reasons", {}).items()
+        if why != "recipe"
+    ]
+
+
 def quantize_static(
     model: nn.Module,
     recipe: Recipe,
@@ -254,28 +349,28 @@ def quantize_static(
     num_samples: int,
     progress: bool,
 ) -> nn.Module:
+    if calib_data is None:
+        raise ValueError(
+            "calib_data is required for method='static': its activation ranges (and the "
+            "outlier inspection) are calibrated on it; method='dynamic' and 'weight_only' "
+            "(round to nearest) need none"
+        )
     first, batches = peek(calib_data)
     with naming_the_batch(first, "calib_data item 0"):
         qmodel, summary, recipe = build_static(model, recipe, first)
-    pipeline = resolve_pipeline(recipe, qmodel)
     steps: list[str] = []
     data = collect(batches, num_samples, summary.notes)
     used = sum(batch_size(b) for b in data)
-    if pipeline["equalize"]:
+    if recipe.equalize:
         pairs = equalize(qmodel)
         steps.append(f"cross-layer equalization ({len(pairs)} pairs)")
         if not pairs:
             summary.notes.append("cross-layer equalization found no layer pairs to equalize")
-    if recipe.smooth_alpha is not None or recipe.split_outliers is not None:
-        alphas, added = smooth_and_split_(
-            qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers
-        )
-        if recipe.split_outliers is not None:
-            pipeline["split_channels"] = added
-            steps.append(describe_split(added))
-        if recipe.smooth_alpha is not None:
-            pipeline["smooth_alphas"] = alphas
-            steps.append(describe_smoothing(alphas))
+    outlier_entries, outlier_steps, flagged = apply_outlier_steps(
+        qmodel, recipe, data, used, summary
+    )
+    steps += outlier_steps
+    pipeline = {**resolve_pipeline(recipe, qmodel, flagged), **outlier_entries}
     calibrate_weights(qmodel)
     auto.attach_scores(qmodel)
     with fast_simulation(qmodel):
@@ -288,6 +383,7 @@ def quantize_static(
             "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
         )
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
+    summary.notes.extend(pipeline_notes(pipeline))
     attach_info(
         qmodel,
         summary,

@@ -9,12 +9,17 @@ from torch import nn
 
 from edgequant.instrument import Summary, attach_info, batch_size, instrument
 from edgequant.ptq.calibrate import collect, naming_the_batch, peek
-from edgequant.ptq.static import apply_refinement, calibrate_weights, resolve_pipeline
+from edgequant.ptq.static import (
+    apply_refinement,
+    calibrate_weights,
+    pipeline_notes,
+    resolve_pipeline,
+)
 from edgequant.spec import Recipe
 
 
 def build_weight_only(
-    model: nn.Module, recipe: Recipe, example_batch: Any
+    model: nn.Module, recipe: Recipe, example_batch: Any | None
 ) -> tuple[nn.Module, Summary, Recipe]:
     """The instrumented, uncalibrated model and the recipe without activation specs."""
     if recipe.weight is None:
@@ -34,17 +39,34 @@ def quantize_weight_only(
     num_samples: int,
     progress: bool,
 ) -> nn.Module:
-    # One batch finds the execution order (first/last layer) and the foldable BatchNorms; the
-    # learned rounding and bias correction (default at <= 4 bits) read up to num_samples.
-    if recipe.split_outliers is not None:
+    """Weight-only PTQ. calib_data is optional: without it the weights are rounded to nearest
+    ("auto" rounding and bias correction, which read the layers' inputs, are off, and
+    quant_info["pipeline"] says so). With it, one batch finds the execution order (first/last
+    layer) and the foldable BatchNorms, and learned rounding and bias correction (default at
+    <= 4 bits) read up to num_samples."""
+    if recipe.split_outliers not in (None, "auto"):
         raise ValueError(
             f"recipe {recipe.name!r}: split_outliers splits the channels of quantized inputs; "
             "weight-only quantization quantizes none (set split_outliers=None)"
         )
-    first, batches = peek(calib_data, "calib_data (one example batch)")
-    with naming_the_batch(first, "calib_data item 0"):
-        qmodel, summary, recipe = build_weight_only(model, recipe, first)
-    pipeline = resolve_pipeline(recipe, qmodel)
+    if calib_data is None:
+        qmodel, summary, recipe = build_weight_only(model, recipe, None)
+        pipeline = resolve_pipeline(recipe, qmodel, has_data=False)
+        if recipe.first_last_bits is not None:
+            summary.notes.append(
+                f"no calib_data: the layers kept at {recipe.first_last_bits} bits are the first "
+                "and last the model registers (no run shows the order they execute in)"
+            )
+        if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
+            summary.notes.append(
+                "no calib_data: BatchNorm not folded (a run finds which layer feeds which)"
+            )
+        batches: Iterable[Any] = ()
+    else:
+        first, batches = peek(calib_data, "calib_data (one example batch)")
+        with naming_the_batch(first, "calib_data item 0"):
+            qmodel, summary, recipe = build_weight_only(model, recipe, first)
+        pipeline = resolve_pipeline(recipe, qmodel)
     calibrate_weights(qmodel)
     steps = ["weight ranges calibrated"]
     used = 0
@@ -55,6 +77,7 @@ def quantize_weight_only(
         # that held-out mean cosine is 0.9835 against 0.9813 over real tokens only (static W8A8
         # goes the other way, 0.99853 against 0.99806: BENCHMARKS.md, issue 10).
         steps += apply_refinement(qmodel, data, pipeline, summary, progress, real_tokens_only=False)
+    summary.notes.extend(pipeline_notes(pipeline))
     attach_info(
         qmodel,
         summary,

@@ -158,7 +158,7 @@ def prepare_qat(
             ("SmoothQuant (smooth_alpha)", recipe.smooth_alpha),
             ("outlier channel splitting (split_outliers)", recipe.split_outliers),
         )
-        if value is not None
+        if value not in (None, "auto")
     ]
     cap = num_samples or recipe.calib_samples
     pipeline: dict[str, Any] | None = None
