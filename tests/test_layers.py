@@ -1,0 +1,130 @@
+"""The layer contract of DESIGN §2, checked on the source: a module imports only from its own
+layer or lower ones, never a private name (a leading underscore) of another package or
+module, and never the top-level package (whose __init__ re-exports everything).
+
+Known breaches are listed in KNOWN with the reason each is still there; the test fails on any
+breach not listed, and on a listed one that is gone (so the list shrinks as they are fixed).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "edgequant"
+
+# Lowest first; a name is a top-level module or subpackage of edgequant.
+LAYERS: list[set[str]] = [
+    {"_yaml", "_io"},
+    {"spec"},
+    {"functional"},
+    {"observers", "quantizer"},
+    {"modules"},
+    {"instrument"},
+    {"ptq", "qat", "mixed"},
+    {"export"},
+    {"check", "bench"},
+    {"examples"},
+    {"report", "config"},
+    {"cli", "__init__", "__main__"},
+]
+
+# (importing module, what it breaches) -> why it is still there.
+KNOWN: dict[tuple[str, str], str] = {
+    ("edgequant.spec", "up: observers"): "Recipe checks observer names against OBSERVERS "
+    "(issue 28: move the registry's names below spec)",
+    ("edgequant.check", "private: edgequant.export.integer._float_tensors"): "issue 28",
+    ("edgequant.check", "private: edgequant.export.integer._load"): "issue 28",
+    ("edgequant.examples.minilm", "private: edgequant.bench._session"): "issue 28",
+    ("edgequant.mixed.progressive", "top-level package"): "looks fit_qat up with getattr "
+    "(issue 28)",
+    ("edgequant.mixed.sensitivity", "private: edgequant.ptq.calibrate._take"): "issue 28",
+    ("edgequant.ptq.quantize", "up: check"): "eq.quantize refuses, before any work, a model "
+    "that a fully integer target cannot run (check.require_target_fits), and check reads "
+    "export's integer-graph rules (issue 28: move the op rules below ptq)",
+}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    return next((i for i, names in enumerate(LAYERS) if top in names), None)
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def breaches(package: Path = PACKAGE) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for path in sorted(package.rglob("*.py")):
+        module = _module_name(path, package)
+        own = _layer(module)
+        if path == package / "__init__.py" or _top(module) in ("cli", "__main__"):
+            continue  # the API and the command line sit above everything
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            targets: list[tuple[str, list[str]]] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == "edgequant":
+                    # `from edgequant import functional`: a submodule, not the package's API.
+                    for alias in node.names:
+                        if (package / f"{alias.name}.py").is_file() or (
+                            package / alias.name
+                        ).is_dir():
+                            targets.append((f"edgequant.{alias.name}", []))
+                        else:
+                            found.add((module, "top-level package"))
+                elif node.module.startswith("edgequant."):
+                    targets.append((node.module, [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "edgequant":
+                        found.add((module, "top-level package"))
+                    elif alias.name.startswith("edgequant."):
+                        targets.append((alias.name, []))
+            for target, names in targets:
+                theirs = _layer(target)
+                if own is not None and theirs is not None and theirs > own:
+                    found.add((module, f"up: {_top(target)}"))
+                if _top(target) != _top(module):
+                    for name in names:
+                        if name.startswith("_"):
+                            found.add((module, f"private: {target}.{name}"))
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = sorted(
+        _module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if p != PACKAGE / "__init__.py" and _layer(_module_name(p)) is None
+    )
+    assert not missing, f"modules in no layer of LAYERS: {missing}"
+
+
+def test_imports_keep_to_the_layers() -> None:
+    found = breaches()
+    new = sorted(found - set(KNOWN))
+    assert not new, "imports that break the layer contract (DESIGN §2): " + "; ".join(
+        f"{m} -> {what}" for m, what in new
+    )
+    gone = sorted(set(KNOWN) - found)
+    assert not gone, f"fixed, so remove from KNOWN: {gone}"
+
+
+@pytest.mark.parametrize("source", ["from edgequant.export.onnx import _x", "import edgequant"])
+def test_the_check_sees_a_breach(tmp_path: Path, source: str) -> None:
+    """A private import across packages and the top-level import are both caught."""
+    package = tmp_path / "edgequant"
+    (package / "ptq").mkdir(parents=True)
+    (package / "ptq" / "probe.py").write_text(source + "\n")
+    assert {m for m, _ in breaches(package)} == {"edgequant.ptq.probe"}
