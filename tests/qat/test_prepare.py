@@ -255,3 +255,20 @@ def test_start_from_refuses_a_smoothed_or_split_ptq_model(tiny_model, calib, ext
     assert any("prepare_qat does not run" in n for n in qat.quant_summary.notes)
     with pytest.raises(ValueError, match="smoothed or has split input channels"):
         start_from(qat, ptq)
+
+
+def test_the_default_start_is_the_ptq_pipelines_model(tiny_model, calib):
+    """prepare_qat starts where eq.quantize ends for the same recipe, learned rounding and bias
+    correction included; start="calibrated" rounds to nearest from calibrated ranges."""
+    ptq = eq.quantize(tiny_model, "w4a8", calib).eval()
+    qat = prepare_qat(tiny_model, "w4a8", calib)
+    assert qat.quant_info["start"] == "ptq"
+    assert "gptq weight rounding" in qat.quant_info["pipeline"]["steps"]
+    x = calib[0]
+    with torch.no_grad():
+        assert torch.equal(qat.eval()(x), ptq(x))
+        plain = prepare_qat(tiny_model, "w4a8", calib, start="calibrated").eval()
+        assert not torch.equal(plain(x), ptq(x))
+    assert "pipeline" not in plain.quant_info
+    with pytest.raises(ValueError, match="unknown start 'best'; valid: ptq, calibrated"):
+        prepare_qat(tiny_model, "w4a8", calib, start="best")
