@@ -111,8 +111,12 @@ def main() -> None:
             print(shown, flush=True)
             if "selection" in extra:
                 print("  selection:", extra["selection"]["why"], flush=True)
+            save(args.out, names, rows)  # after every run: a long run keeps what it measured
+
+
+def save(out: str, names: list[str], rows: list[dict[str, Any]]) -> None:
     write_json(
-        args.out,
+        out,
         {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
