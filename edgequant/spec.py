@@ -370,7 +370,8 @@ class Recipe:
     quantize_outputs: bool = True
     # SmoothQuant's migration strength for Linear inputs (PTQ, static and dynamic): a number
     # applies to every Linear input; "auto": on each input with outlier channels (calibration
-    # data shows max/median of its per-channel ranges above ptq.smooth.OUTLIER_RATIO), the alpha
+    # data shows a few channels with ranges above ptq.smooth.OUTLIER_RATIO times the median
+    # channel range: ptq.smooth.has_outliers), the alpha
     # (or none) whose quantized layer output has the least error, other inputs untouched
     # (ptq/smooth.py); None: off. Without calib_data, "auto" is off.
     smooth_alpha: float | str | None = "auto"

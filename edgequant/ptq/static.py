@@ -317,19 +317,27 @@ def apply_outlier_steps(
     plan = plan_outliers_(qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers)
     entries: dict[str, Any] = {
         "outlier_ratio_threshold": smooth.OUTLIER_RATIO,
+        "outlier_max_fraction": smooth.MAX_OUTLIER_FRACTION,
         "outlier_inputs": {n: round(plan.ratios[n], 1) for n in plan.flagged},
     }
-    steps = [
-        f"outlier inspection: {len(plan.flagged)} of {len(plan.ratios)} Linear inputs have a "
-        f"channel range above {smooth.OUTLIER_RATIO:g}x their median channel range"
-    ]
+    # Steps are what changed the model: where "auto" found no outliers, none (the inspection's
+    # result stays in the entries).
+    steps = []
+    if plan.flagged:
+        steps.append(
+            f"outlier inspection: {len(plan.flagged)} of {len(plan.ratios)} Linear inputs have "
+            f"a few channels (at most {smooth.MAX_OUTLIER_FRACTION:.0%}) with ranges above "
+            f"{smooth.OUTLIER_RATIO:g}x their median channel range"
+        )
     summary.notes.extend(plan.reasons())
     if recipe.split_outliers is not None:
         entries["split_channels"] = plan.added
-        steps.append(describe_split(plan.added))
+        if recipe.split_outliers != "auto" or plan.flagged:
+            steps.append(describe_split(plan.added))
     if recipe.smooth_alpha is not None:
         entries["smooth_alphas"] = plan.alphas
-        steps.append(describe_smoothing(plan.alphas))
+        if recipe.smooth_alpha != "auto" or plan.flagged:
+            steps.append(describe_smoothing(plan.alphas))
     return entries, steps, plan.flagged
 
 
@@ -383,7 +391,8 @@ def quantize_static(
             "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
         )
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
-    summary.notes.extend(pipeline_notes(pipeline))
+    if flagged:  # the steps the outliers turned on, with their reasons
+        summary.notes.extend(pipeline_notes(pipeline))
     attach_info(
         qmodel,
         summary,

@@ -77,7 +77,8 @@ def quantize_weight_only(
         # that held-out mean cosine is 0.9835 against 0.9813 over real tokens only (static W8A8
         # goes the other way, 0.99853 against 0.99806: BENCHMARKS.md, issue 10).
         steps += apply_refinement(qmodel, data, pipeline, summary, progress, real_tokens_only=False)
-    summary.notes.extend(pipeline_notes(pipeline))
+    if calib_data is None:
+        summary.notes.extend(pipeline_notes(pipeline))
     attach_info(
         qmodel,
         summary,

@@ -73,6 +73,17 @@ def test_outlier_ratio_ignores_dead_channels() -> None:
     assert smooth.outlier_ratio(torch.zeros(4)) == 1.0
 
 
+def test_outliers_are_a_few_channels_not_an_even_spread() -> None:
+    few = torch.ones(64)
+    few[OUTLIER] = 50.0
+    assert smooth.has_outliers(few)
+    # Ranges spread evenly over two decades (unequal CNN channels): a quarter of the channels
+    # sit above the bar, which is no outlier for splitting or smoothing to fix.
+    spread = torch.logspace(-1, 1, 32)
+    assert smooth.outlier_ratio(spread) > smooth.OUTLIER_RATIO
+    assert not smooth.has_outliers(spread)
+
+
 @pytest.mark.parametrize("method", ["dynamic", "weight_only"])
 def test_no_calibration_data_needed(method: str) -> None:
     model = Mlp().eval()

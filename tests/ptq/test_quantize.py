@@ -175,7 +175,8 @@ def test_each_method_on_each_toy_model(name: str, method: str) -> None:
         next(iter(item.values())).shape[0] if isinstance(item, dict) else item.shape[0]
         for item in calib
     )
-    assert info["samples_used"] == (n_calib if method == "static" else 0)
+    # Dynamic quantization reads the data too: the outlier inspection of the Linear inputs.
+    assert info["samples_used"] == (n_calib if method in ("static", "dynamic") else 0)
     assert info["wall_s"] > 0
     summary = qmodel.quant_summary
     assert summary.method == method and summary.recipe == "w8a8"
@@ -292,8 +293,9 @@ def test_empty_calibration_data_raises(method: str) -> None:
         eq.quantize(model, "w8a8", [], method=method)
     with pytest.raises(ValueError, match="empty"):
         eq.quantize(model, "w8a8", iter(()), method=method)
-    with pytest.raises(ValueError, match="calib_data"):
-        eq.quantize(model, "w8a8", None, method=method)
+    if method == "static":  # dynamic and weight-only need none (tests/ptq/test_auto_pipeline.py)
+        with pytest.raises(ValueError, match="calib_data"):
+            eq.quantize(model, "w8a8", None, method=method)
 
 
 def test_single_tensor_instead_of_an_iterable_is_a_type_error() -> None:
