@@ -46,8 +46,6 @@ DATA_SEED = 42
 # normalisation nor global pooling.
 EPOCHS = 15
 LR = 1e-2
-# The demo's model width (edgequant demo): see report/demo.py for how it was chosen.
-DEMO_CHANNELS = 32
 BATCH_SIZE = 100
 WEIGHT_DECAY = 1e-4
 
