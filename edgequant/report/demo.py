@@ -57,9 +57,10 @@ def _low_bit_rounding(recipe: Recipe) -> Recipe:
 
 
 def demo_runs(quick: bool = False) -> list[Run]:
-    """Static PTQ and QAT at each width of the sweep (QUICK_SWEEP with --quick), then the other
-    methods of default_runs (dynamic W8, weight-only W4, static W4A8, the mixed plan); --quick
-    keeps weight-only W4 and the mixed plan of those."""
+    """Static PTQ and QAT at each width of the sweep (QUICK_SWEEP with --quick), then three
+    other methods of default_runs: weight-only W4, static W4A8 (not with --quick) and the
+    mixed plan. Dynamic W8 is left out to keep the run within 5 minutes on 2 shared cores: it
+    deploys like static W8A8 and is slower than it."""
     sweep = QUICK_SWEEP if quick else SWEEP
     runs = [Run(f"ptq-static-{b}", "static", _low_bit_rounding(Recipe.preset(b))) for b in sweep]
     for b in sweep:
@@ -71,7 +72,8 @@ def demo_runs(quick: bool = False) -> list[Run]:
             runs.append(Run(f"qat-{b}", "static", recipe, family="qat", epochs=1 if quick else 3))
     others: tuple[str, ...] = ("ptq-weight-only-w4", "mixed-w3avg-a8")
     if not quick:
-        others += ("ptq-dynamic-w8a8", "ptq-static-w4a8")
+        # W4A8 beside W4A4: what coarse activations cost on their own.
+        others += ("ptq-static-w4a8",)
     for run in default_runs(qat=False):
         if run.name in others:
             if run.family == "mixed" and quick:
