@@ -123,6 +123,35 @@ def retime(results: dict[str, Any], rounds: int, runs: int, threads: int) -> str
     )
 
 
+def _compare(
+    model: torch.nn.Module,
+    quick: bool,
+    out_dir: str | Path,
+    threads: int,
+    progress: Any,
+) -> Report:
+    from edgequant.examples import mnist1d
+
+    calib = mnist1d.calib_batches(256 if quick else 512)
+    val = mnist1d.eval_batches("val")
+    return compare(
+        model,
+        calib,
+        _accuracy_on(val),
+        example_inputs=calib[0][:8],
+        train_data=mnist1d.train_batches(),
+        runs=demo_runs(quick),
+        tolerance=TOLERANCE,
+        task="mnist1d-cnn32",
+        out_dir=out_dir,
+        verify_data=[x for x, _ in val],
+        # Timed again below, round-robin: here only a first look.
+        latency_runs=5,
+        threads=threads,
+        progress=progress,
+    )
+
+
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool = False) -> Report:
     from edgequant.examples import mnist1d
     from edgequant.report.compare import ort_predict
@@ -138,26 +167,19 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
         f"{epochs} epochs; cached after the first run)"
     )
     model = mnist1d.trained_cnn(epochs=epochs, channels=channels, verbose=not quiet)
-    calib = mnist1d.calib_batches(256 if quick else 512)
     val = mnist1d.eval_batches("val")
     threads = 2
 
-    report = compare(
-        model,
-        calib,
-        _accuracy_on(val),
-        example_inputs=calib[0][:8],
-        train_data=mnist1d.train_batches(),
-        runs=demo_runs(quick),
-        tolerance=TOLERANCE,
-        task=f"mnist1d-cnn{channels}",
-        out_dir=out_dir,
-        verify_data=[x for x, _ in val],
-        # Timed again below, round-robin: here only a first look.
-        latency_runs=5,
-        threads=threads,
-        progress=progress,
-    )
+    # One PyTorch thread for PTQ and QAT: these convolutions are too small to gain from two,
+    # and on a shared CPU two OpenMP threads spin against the other jobs (a W4A4 QAT run took
+    # 80 s with two under a load of 5.5, 2.4 s with two alone). ONNX Runtime's timing keeps
+    # its own `threads`.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = _compare(model, quick, out_dir, threads, progress)
+    finally:
+        torch.set_num_threads(torch_threads)
     results = report.results
     say("timing every exported model again, round-robin, and scoring it on the test split")
     notes = [retime(results, rounds=3 if quick else 5, runs=10 if quick else 20, threads=threads)]
