@@ -49,6 +49,11 @@ QUICK_QAT_EPOCHS = 3
 # epoch 10, kept), 62 % of PTQ's 4.8-point gap (115 s with two PyTorch threads under load, a
 # few seconds with one: see run_demo). 5 epochs at lr 1e-2 did not recover: held-out 485 of 500
 # at the start, 470 after epoch 1, 483 after epoch 5 (the PTQ start kept).
+# NOT SETTLED: the demo itself at 10 epochs, lr 1e-2 (one PyTorch thread, commit dae87cb) kept
+# the PTQ start at W2A2 (held-out 485 -> 456 after epoch 1, best 492 at epoch 7, within noise),
+# where the same settings with two threads reached 495 and val 0.962: at this rate the first
+# epochs knock the model down and where it ends depends on summation order. A lower rate or a
+# warmup (fit_qat's warmup_epochs; Run does not carry it) is the next thing to try, on val.
 
 
 def _low_bit_rounding(recipe: Recipe) -> Recipe:
