@@ -19,9 +19,12 @@ from edgequant._io import atomic_write_bytes
 __all__ = [
     "PLOTS",
     "TITLES",
+    "bit_sweep",
+    "crossover",
     "latency",
     "metric_vs_bits",
     "pareto_front",
+    "ptq_vs_qat",
     "size_vs_metric",
 ]
 
@@ -289,14 +292,120 @@ def latency(results: dict[str, Any], out_dir: str | Path) -> Path:
     return _save(fig, Path(out_dir) / "latency.png")
 
 
-# name -> plot function writing out_dir/<name>.png; Report.save draws each (a new plot is one
-# function and one line here, and a title below).
-PLOTS: dict[str, Callable[[dict[str, Any], str | Path], Path]] = {
+def bit_sweep(results: dict[str, Any], key: str = "metric_deployed") -> list[dict[str, Any]]:
+    """The bit widths at which both static PTQ and QAT ran (status ok), most bits first: one
+    row each with "label" ("W4A4"), "weight_bits", "act_bits", "ptq" and "qat" (the runs'
+    `key`, None where a run lacks it) and the two runs' names. Other methods are left out."""
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for run in _ok(results):
+        family = run.get("family")
+        is_ptq = family == "ptq" and run.get("method") == "static"
+        if not (is_ptq or family == "qat"):
+            continue
+        w, a = run.get("weight_bits"), run.get("act_bits")
+        if not isinstance(w, int) or not isinstance(a, int):
+            continue
+        side = "ptq" if is_ptq else "qat"
+        row = found.setdefault((w, a), {"label": f"W{w}A{a}", "weight_bits": w, "act_bits": a})
+        row[side], row[f"{side}_name"] = run.get(key), run["name"]
+    rows = [r for r in found.values() if "ptq_name" in r and "qat_name" in r]
+    return sorted(rows, key=lambda r: (-r["weight_bits"], -r["act_bits"]))
+
+
+def crossover(rows: Sequence[dict[str, Any]], base: float, tolerance: float) -> int | None:
+    """Index of the first row of bit_sweep (most bits first) where PTQ falls below
+    base - tolerance, after holding at every wider width: where PTQ stops and QAT has to take
+    over. None when PTQ holds everywhere (or has no value)."""
+    for index, row in enumerate(rows):
+        if isinstance(row.get("ptq"), (int, float)) and row["ptq"] < base - tolerance:
+            return index
+    return None
+
+
+def ptq_vs_qat(results: dict[str, Any], out_dir: str | Path) -> Path | None:
+    """PTQ vs QAT by bits: static PTQ and QAT at each bit width both ran at, most bits on the
+    left, with the FP32 line, the tolerance band below it and the crossover (the first width
+    where PTQ leaves the band) marked. One panel per split: the deployed metric the
+    recommendation saw and, where the runs carry "metric_test", the test split it did not see;
+    ptq_vs_qat.png; None (nothing drawn) when no bit width has both."""
+    if not bit_sweep(results):
+        (Path(out_dir) / "ptq_vs_qat.png").unlink(missing_ok=True)
+        return None
+    panels = [("metric_deployed", "metric", "deployed: what the recommendation saw")]
+    if any("metric_test" in r for r in _ok(results)):
+        panels.append(("metric_test", "metric_test", "test split: unseen by the recommendation"))
+    tolerance = float(results.get("tolerance") or 0.0)
+    fig = _figure(5.0 * len(panels) + 1.0, 4.3)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (key, base_key, title) in zip(axes, panels, strict=True):
+        rows = bit_sweep(results, key)
+        base = results["baseline"].get(base_key, results["baseline"]["metric"])
+        xs = list(range(len(rows)))
+        ax.axhline(base, color=_color("fp32"), ls="--", lw=1, label=f"FP32 {base:.4f}")
+        ax.axhspan(
+            base - tolerance, base, color="#2ca02c", alpha=0.12, label=f"within {tolerance:g}"
+        )
+        for family, marker in (("ptq", "o"), ("qat", "s")):
+            points = [
+                (x, r[family]) for x, r in zip(xs, rows, strict=True) if r[family] is not None
+            ]
+            ax.plot(
+                [x for x, _ in points],
+                [y for _, y in points],
+                marker=marker,
+                color=_color(family),
+                label="PTQ (static)" if family == "ptq" else "QAT (from the PTQ start)",
+            )
+            for x, y in points:
+                ax.annotate(
+                    f"{y:.3f}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(6, -10 if family == "ptq" else 5),
+                    fontsize=7,
+                    color=_color(family),
+                )
+        cross = crossover(rows, base, tolerance)
+        if cross is not None:
+            row = rows[cross]
+            ax.axvline(
+                cross, color="#ff7f0e", lw=1.5, ls=":", label="crossover: PTQ leaves the band"
+            )
+            text = f"PTQ stops at {row['label']}: {100 * (base - row['ptq']):.1f} pts below FP32"
+            if row["qat"] is not None and base > row["ptq"]:
+                share = (row["qat"] - row["ptq"]) / (base - row["ptq"])
+                text += f"\nQAT recovers {100 * share:.0f} % of the gap"
+            ax.annotate(
+                _text(text),
+                (cross, base - tolerance),
+                textcoords="offset points",
+                xytext=(-6, -28),
+                ha="right" if cross > 0 else "left",
+                fontsize=8,
+                color="#b35900",
+            )
+        ax.set_xticks(xs, [r["label"] for r in rows])
+        ax.set_xlim(-0.4, len(rows) - 0.6)
+        ax.set_xlabel("bits (weights / activations; first and last layers as the recipe sets)")
+        ax.set_title(_text(title), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(_text(f"{results.get('metric', 'metric')} (deployed, ONNX Runtime)"))
+    _legend(axes[-1], _failed(results))
+    fig.suptitle(_text(f"{results.get('task', '')}: PTQ vs QAT by bits"), fontsize=11)
+    return _save(fig, Path(out_dir) / "ptq_vs_qat.png")
+
+
+# name -> plot function writing out_dir/<name>.png, or returning None where the results have
+# nothing for it to show; Report.save draws each (a new plot is one function and one line here,
+# and a title below).
+PLOTS: dict[str, Callable[[dict[str, Any], str | Path], Path | None]] = {
+    "ptq_vs_qat": ptq_vs_qat,
     "metric_vs_bits": metric_vs_bits,
     "size_vs_metric": size_vs_metric,
     "latency": latency,
 }
 TITLES = {
+    "ptq_vs_qat": "PTQ vs QAT by bits",
     "metric_vs_bits": "Metric vs weight bits",
     "size_vs_metric": "Size vs metric (Pareto front)",
     "latency": "Latency in ONNX Runtime",

@@ -24,6 +24,23 @@ COLUMNS = (
 )
 
 
+TEST_COLUMN = "test (unseen)"
+
+
+def _has_test(results: dict[str, Any]) -> bool:
+    """Whether the runs carry "metric_test": the metric on a split that neither the
+    recommendation nor any setting was chosen on (the demo's MNIST-1D test split)."""
+    return "metric_test" in results["baseline"] or any("metric_test" in r for r in results["runs"])
+
+
+def columns(results: dict[str, Any]) -> tuple[str, ...]:
+    """COLUMNS, with TEST_COLUMN after "deployed" where the runs have a test metric."""
+    if not _has_test(results):
+        return COLUMNS
+    at = COLUMNS.index("deployed") + 1
+    return (*COLUMNS[:at], TEST_COLUMN, *COLUMNS[at:])
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -33,6 +50,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
     first three cells (name, family, bits): the rest of its row is its error."""
     base = results["baseline"]
     lat = base.get("latency_ms", {})
+    test = _has_test(results)
     rows: list[tuple[dict[str, Any] | None, list[str]]] = [
         (
             None,
@@ -50,6 +68,8 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
             ],
         )
     ]
+    if test:
+        rows[0][1].insert(4, _fmt(base.get("metric_test")))
     for r in results["runs"]:
         bits = f"{r.get('weight_bits') or '-'}/{r.get('act_bits') or '-'}"
         if r.get("status") != "ok":
@@ -68,19 +88,20 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
             f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}",
             f"{r['wall_s']:.1f}",
         ]
+        if test:
+            cells.insert(4, _fmt(r.get("metric_test")))
         rows.append((r, cells))
     return rows
 
 
 def table(results: dict[str, Any]) -> str:
     """One row per run: deployed and simulated metric, agreement, size, latency, time."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    names = columns(results)
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for run, cells in _rows(results):
         line = "| " + " | ".join(cells) + " |"
         if run is not None and run.get("status") != "ok":
-            line += f" FAILED: {run.get('error', '')[:80]} |" + " |" * (
-                len(COLUMNS) - len(cells) - 1
-            )
+            line += f" FAILED: {run.get('error', '')[:80]} |" + " |" * (len(names) - len(cells) - 1)
         lines.append(line)
     return "\n".join(lines)
 
@@ -116,6 +137,92 @@ def _selection_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | None:
+    """PTQ vs QAT by bits as (header, rows, summary): at each bit width both static PTQ and
+    QAT ran at, their metric on the split the recommendation saw and, where present, on the
+    unseen test split; the gap to FP32 and the share of it QAT recovers, on the test split
+    where there is one; and a sentence naming where PTQ stops (plots.crossover). None when no
+    bit width has both."""
+    from edgequant.report.plots import bit_sweep, crossover
+
+    seen = bit_sweep(results)
+    if not seen:
+        return None
+    base = results["baseline"]
+    tolerance = float(results.get("tolerance") or 0.0)
+    test = _has_test(results) and "metric_test" in base
+    judged = bit_sweep(results, "metric_test") if test else seen
+    judged_base = base["metric_test"] if test else base["metric"]
+    split = "test" if test else "deployed"
+    header = ["bits", "PTQ (seen)", "QAT (seen)"]
+    if test:
+        header += ["PTQ (test)", "QAT (test)"]
+    header += [f"PTQ gap to FP32 ({split}, pts)", "recovered by QAT", "QAT epoch kept"]
+    kept = {r["name"]: r.get("kept_epoch") for r in results["runs"] if r.get("family") == "qat"}
+    rows = []
+    for row, judged_row in zip(seen, judged, strict=True):
+        cells = [row["label"], _fmt(row["ptq"]), _fmt(row["qat"])]
+        if test:
+            cells += [_fmt(judged_row["ptq"]), _fmt(judged_row["qat"])]
+        ptq, qat = judged_row["ptq"], judged_row["qat"]
+        gap = judged_base - ptq if isinstance(ptq, (int, float)) else None
+        cells.append("-" if gap is None else _pct(gap))
+        cells.append(
+            f"{100 * (qat - ptq) / gap:.0f} %"
+            if gap is not None and gap > 0.005 and isinstance(qat, (int, float))
+            else "-"
+        )
+        epoch = kept.get(row["qat_name"])
+        cells.append("-" if epoch is None else str(epoch))
+        rows.append(cells)
+    cross = crossover(seen, base["metric"], tolerance)
+    if cross is None:
+        summary = (
+            f"PTQ stays within {tolerance:g} of FP32 at every bit width tried, down to "
+            f"{seen[-1]['label']}: QAT is not needed here."
+        )
+    else:
+        row, judged_row = seen[cross], judged[cross]
+        held = (
+            f"PTQ holds within {tolerance:g} of FP32 down to {seen[cross - 1]['label']}; "
+            if cross
+            else ""
+        )
+        summary = (
+            f"{held}at {row['label']} it falls {_pct(base['metric'] - row['ptq'])} points "
+            f"below FP32 on the data the recommendation saw"
+            + (
+                " and QAT stays within tolerance"
+                if isinstance(row["qat"], (int, float)) and row["qat"] >= base["metric"] - tolerance
+                else ""
+            )
+            + ". "
+        )
+        gaps = [
+            (r["label"], judged_base - r["ptq"], r["qat"] - r["ptq"])
+            for r in judged[cross:]
+            if isinstance(r["ptq"], (int, float)) and isinstance(r["qat"], (int, float))
+        ]
+        summary += (
+            "On the " + ("test split, which nothing was chosen on" if test else "same data") + ": "
+        )
+        summary += (
+            "; ".join(
+                f"{label} PTQ {_pct(gap)} points below FP32, QAT recovers {_pct(gain)} "
+                f"({100 * gain / gap:.0f} % of the gap)"
+                for label, gap, gain in gaps
+                if gap > 0
+            )
+            or f"PTQ is not below FP32 at {judged_row['label']}"
+        )
+        summary += "."
+    return header, rows, summary
+
+
 def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -> str:
     lines = [
         f"# edgequant report: {results['task']}",
@@ -127,6 +234,14 @@ def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -
         table(results),
         "",
     ]
+    if results.get("notes"):
+        lines += [f"- {note}" for note in results["notes"]] + [""]
+    by_bits = sweep(results)
+    if by_bits is not None:
+        header, rows, summary = by_bits
+        lines += ["## PTQ vs QAT by bits", "", summary, ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
     selection = _selection_lines(results)
     if selection:
         lines += ["QAT epoch kept, chosen on data held out of train_data:", ""]
@@ -173,7 +288,8 @@ footer { margin-top: 2em; color: #666; font-size: 0.85em; }
 
 def _html_table(results: dict[str, Any]) -> str:
     choice = results["recommendation"].get("choice")
-    head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
+    names = columns(results)
+    head = "".join(f"<th>{escape(c)}</th>" for c in names)
     body = []
     for run, cells in _rows(results):
         tds = "".join(f"<td>{escape(c)}</td>" for c in cells)
@@ -182,7 +298,7 @@ def _html_table(results: dict[str, Any]) -> str:
         elif run.get("status") != "ok":
             css = "failed"
             tds += (
-                f'<td class="error" colspan="{len(COLUMNS) - len(cells)}">'
+                f'<td class="error" colspan="{len(names) - len(cells)}">'
                 f"FAILED: {escape(str(run.get('error', '')))}</td>"
             )
         else:
@@ -274,6 +390,28 @@ def html(
         "<h2>Runs</h2>",
         _html_table(results),
     ]
+    if results.get("notes"):
+        parts.append(
+            "<ul>"
+            + "".join(f'<li class="note">{escape(str(n))}</li>' for n in results["notes"])
+            + "</ul>"
+        )
+    by_bits = sweep(results)
+    if by_bits is not None:
+        header, rows, summary = by_bits
+        parts += [
+            "<h2>PTQ vs QAT by bits</h2>",
+            f"<p>{escape(summary)}</p>",
+            "<table><thead><tr>"
+            + "".join(f"<th>{escape(c)}</th>" for c in header)
+            + "</tr></thead><tbody>"
+            + "".join(
+                "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>" for cells in rows
+            )
+            + "</tbody></table>",
+        ]
+        if plots and "ptq_vs_qat" in plots:
+            parts.append(_html_plots({"ptq_vs_qat": plots["ptq_vs_qat"]}, {})[0])
     selection = _selection_lines(results)
     if selection:
         parts += [
@@ -282,8 +420,9 @@ def html(
             + "".join(f'<li class="note">{escape(line)}</li>' for line in selection)
             + "</ul>",
         ]
-    if plots or plot_errors:
-        parts += ["<h2>Plots</h2>", *_html_plots(plots or {}, plot_errors or {})]
+    rest = {k: v for k, v in (plots or {}).items() if not (by_bits and k == "ptq_vs_qat")}
+    if rest or plot_errors:
+        parts += ["<h2>Plots</h2>", *_html_plots(rest, plot_errors or {})]
     parts += [
         "<h2>What each method quantized</h2>",
         *_html_details(results, summaries or {}),

@@ -87,11 +87,31 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+def sweep_results(test_split: bool = False) -> dict[str, Any]:
+    """results() with static PTQ at W4A4 beside its QAT run: PTQ holds at W8A8 (its QAT run
+    failed) and falls 5 points at W4A4, where QAT recovers 4 of them. test_split: every run
+    also has "metric_test", 0.01 lower."""
+    data = results()
+    data["runs"].insert(3, _run("ptq-static-w4a4", "ptq", "static", 4, 4, 0.90, 17_500, 0.06, 1.0))
+    if test_split:
+        data["baseline"]["metric_test"] = data["baseline"]["metric"] - 0.01
+        for run in data["runs"]:
+            if run["status"] == "ok":
+                run["metric_test"] = run["metric_deployed"] - 0.01
+    return data
+
+
+def _results_for(name: str) -> dict[str, Any]:
+    """The results each plot has something to draw from: ptq_vs_qat needs a bit width at which
+    both PTQ and QAT ran."""
+    return sweep_results() if name == "ptq_vs_qat" else results()
+
+
 @pytest.mark.parametrize("name", list(PLOTS))
 def test_each_plot_writes_a_png_named_after_it(tmp_path: Path, name: str) -> None:
     stale = tmp_path / f"{name}.png"
     stale.write_bytes(b"an older picture")
-    path = PLOTS[name](results(), tmp_path)
+    path = PLOTS[name](_results_for(name), tmp_path)
     assert path == stale
     data = path.read_bytes()
     width, height = _png_size(data)
@@ -127,7 +147,7 @@ def test_failed_runs_are_named_in_the_legend_not_drawn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     figures = _captured(monkeypatch)
-    PLOTS[name](results(), tmp_path)
+    PLOTS[name](_results_for(name), tmp_path)
     texts = _texts(figures[0])
     assert "qat-w8a8: failed" in texts
     assert not any("qat-w8a8" in t and "failed" not in t for t in texts)
@@ -194,18 +214,76 @@ def test_pareto_front() -> None:
 
 
 def test_text_that_matplotlib_would_read_as_math_is_drawn_as_is(tmp_path: Path) -> None:
-    odd = results()
+    odd = sweep_results()
     odd["task"] = "cost $1"  # a lone "$" would start mathtext and fail the figure
     odd["runs"][0]["name"] = "run_$a$_b$"
     for plot in PLOTS.values():
-        assert plot(odd, tmp_path).read_bytes()[:8] == PNG_SIGNATURE
+        path = plot(odd, tmp_path)
+        assert path is not None and path.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_plots_draw_when_every_run_failed(tmp_path: Path) -> None:
     bad = results()
     bad["runs"] = [r for r in bad["runs"] if r["status"] != "ok"]
-    for plot in PLOTS.values():
-        assert plot(bad, tmp_path).read_bytes()[:8] == PNG_SIGNATURE
+    (tmp_path / "ptq_vs_qat.png").write_bytes(b"an older picture")
+    for name, plot in PLOTS.items():
+        path = plot(bad, tmp_path)
+        if name == "ptq_vs_qat":
+            # No bit width with both PTQ and QAT: nothing to draw, and no stale picture left.
+            assert path is None and not (tmp_path / "ptq_vs_qat.png").exists()
+        else:
+            assert path is not None and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_bit_sweep_pairs_static_ptq_with_qat_and_finds_the_crossover() -> None:
+    rows = plots.bit_sweep(sweep_results())
+    # W8A8's QAT run failed: only W4A4 has both; dynamic, weight-only and W4A8 are left out.
+    assert rows == [
+        {
+            "label": "W4A4",
+            "weight_bits": 4,
+            "act_bits": 4,
+            "ptq": 0.90,
+            "ptq_name": "ptq-static-w4a4",
+            "qat": 0.945,
+            "qat_name": "qat-w4a4",
+        }
+    ]
+    sweep = [{"ptq": 0.95}, {"ptq": 0.942}, {"ptq": 0.90}, {"ptq": 0.60}]
+    assert plots.crossover(sweep, base=0.95, tolerance=0.01) == 2
+    assert plots.crossover(sweep[:2], base=0.95, tolerance=0.01) is None
+    assert plots.crossover([{"ptq": None}], base=0.95, tolerance=0.01) is None
+
+
+def test_ptq_vs_qat_draws_both_curves_fp32_the_band_and_the_crossover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = sweep_results(test_split=True)
+    qat_w8 = next(r for r in data["runs"] if r["name"] == "qat-w8a8")
+    qat_w8.update(_run("qat-w8a8", "qat", "static", 8, 8, 0.948, 33_000, 0.05, 0.9))
+    qat_w8["metric_test"] = 0.938
+    figures = _captured(monkeypatch)
+    plots.ptq_vs_qat(data, tmp_path)
+    seen, unseen = figures[0].axes  # the split the recommendation saw, and the test split
+    for ax, shift in ((seen, 0.0), (unseen, 0.01)):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        ptq, qat = lines["PTQ (static)"], lines["QAT (from the PTQ start)"]
+        assert list(ptq.get_ydata()) == pytest.approx([0.947 - shift, 0.90 - shift])
+        assert list(qat.get_ydata()) == pytest.approx([0.948 - shift, 0.945 - shift])
+        assert list(lines[f"FP32 {0.95 - shift:.4f}"].get_ydata()) == pytest.approx(
+            [0.95 - shift] * 2
+        )
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["W8A8", "W4A4"]
+        # The crossover: W4A4 (x = 1), where PTQ leaves the band.
+        cross = lines["crossover: PTQ leaves the band"]
+        assert list(cross.get_xdata()) == [1, 1]
+        assert any(
+            "PTQ stops at W4A4: 5.0 pts below FP32" in t.get_text()
+            and "QAT recovers 90 % of the gap" in t.get_text()
+            for t in ax.texts
+        )
+        assert any(p.get_label() == "within 0.01" for p in ax.patches)
+    assert "unseen" in unseen.get_title()
 
 
 def test_importing_the_plots_module_does_not_import_matplotlib() -> None:

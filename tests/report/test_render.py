@@ -97,9 +97,15 @@ SUMMARIES = {
 }
 
 
+# The plots results() has something for: no bit width has both PTQ and QAT, so no ptq_vs_qat.
+DRAWN = [name for name in plots.PLOTS if name != "ptq_vs_qat"]
+
+
 def _plots(folder: Path) -> dict[str, Path]:
     folder.mkdir(exist_ok=True)
-    return {name: plot(results(), folder) for name, plot in plots.PLOTS.items()}
+    drawn = {name: plot(results(), folder) for name, plot in plots.PLOTS.items()}
+    assert [name for name, path in drawn.items() if path is not None] == DRAWN
+    return {name: path for name, path in drawn.items() if path is not None}
 
 
 # --------------------------------------------------------------------------------- markdown
@@ -184,7 +190,7 @@ def test_html_page_holds_the_recommendation_table_plots_and_summaries(tmp_path: 
     assert re.search(r"tr\.failed td \{[^}]*color: #b00020", page)
     # Every plot embedded as a PNG data URI, none referenced by path.
     images = [attrs for tag, attrs in parsed.tags if tag == "img"]
-    assert len(images) == len(plots.PLOTS)
+    assert len(images) == len(DRAWN)
     for attrs in images:
         src = attrs["src"] or ""
         assert src.startswith("data:image/png;base64,")
@@ -232,7 +238,7 @@ def test_save_writes_every_file_atomically(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text()) == results()
     assert (out / "report.md").read_text() == markdown(results(), SUMMARIES)
     page = (out / "report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == len(plots.PLOTS)
+    assert page.count('<img src="data:image/png;base64,') == len(DRAWN)
     assert sorted(p.name for p in out.iterdir()) == [
         "plots",
         "report.html",
@@ -240,7 +246,7 @@ def test_save_writes_every_file_atomically(tmp_path: Path) -> None:
         "results.json",
     ]
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
-        f"{name}.png" for name in plots.PLOTS
+        f"{name}.png" for name in DRAWN
     )
     for png in (out / "plots").iterdir():
         assert png.read_bytes()[:8] == PNG_SIGNATURE
@@ -260,7 +266,7 @@ def test_save_reports_a_failing_plot_and_writes_the_rest(
         Report(results(), dict(SUMMARIES)).save(tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "Latency in ONNX Runtime: not drawn (ValueError: no timings)" in page
-    assert page.count("<img ") == len(plots.PLOTS) - 1
+    assert page.count("<img ") == len(DRAWN) - 1
     # The old latency picture would show another run's numbers: it is gone.
     assert not (tmp_path / "plots" / "latency.png").exists()
     assert (tmp_path / "results.json").is_file() and (tmp_path / "report.md").is_file()
@@ -313,3 +319,56 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert _near(pixels, (0xFD, 0xEC, 0xEA)) > 2_000
     # ...and the embedded plots were decoded and drawn: PTQ's blue is only in them.
     assert _near(pixels, (0x1F, 0x77, 0xB4), tolerance=6) > 2_000
+
+
+# ------------------------------------------------------------------- PTQ vs QAT by bits
+
+
+def _sweep_results() -> dict[str, Any]:
+    """results() with a bit sweep: PTQ and QAT at W8A8 and W2A2, and a test split on which
+    nothing was chosen (0.01 below what the recommendation saw)."""
+    data = results()
+    data["runs"] += [
+        _run("ptq-static-w2a2", "ptq", "static", 2, 2, 0.70, 15_000, 0.06, 1.0),
+        _run("qat-w8a8", "qat", "static", 8, 8, 0.948, 33_000, 0.05, 0.9),
+        _run("qat-w2a2", "qat", "static", 2, 2, 0.90, 15_000, 0.06, 1.0),
+    ]
+    data["runs"][-1]["kept_epoch"] = 3
+    data["baseline"]["metric_test"] = 0.94
+    for run in data["runs"]:
+        if run["status"] == "ok":
+            run["metric_test"] = run["metric_deployed"] - 0.01
+    data["notes"] = ["splits: <val> chooses, test reports"]
+    return data
+
+
+def test_sweep_section_names_where_ptq_stops_and_what_qat_recovers(tmp_path: Path) -> None:
+    data = _sweep_results()
+    text = markdown(data)
+    # The runs table gains the test column after "deployed".
+    assert "| run | family | bits W/A | deployed | test (unseen) | simulated |" in text
+    assert "| fp32 | - | 32/32 | 0.9500 | 0.9400 | 0.9500 |" in text
+    assert "- splits: <val> chooses, test reports" in text
+    assert "## PTQ vs QAT by bits" in text
+    assert (
+        "PTQ holds within 0.01 of FP32 down to W8A8; at W2A2 it falls 25.0 points below FP32 on "
+        "the data the recommendation saw. On the test split, which nothing was chosen on: W2A2 "
+        "PTQ 25.0 points below FP32, QAT recovers 20.0 (80 % of the gap)." in text
+    )
+    assert "| W2A2 | 0.7000 | 0.9000 | 0.6900 | 0.8900 | 25.0 | 80 % | 3 |" in text
+    assert "| W8A8 | 0.9470 | 0.9480 | 0.9370 | 0.9380 | 0.3 | - | - |" in text
+    # In the page: the section, its table and its figure, before the other plots.
+    drawn = {
+        name: path
+        for name, plot in plots.PLOTS.items()
+        if (path := plot(data, tmp_path)) is not None
+    }
+    assert set(drawn) == set(plots.PLOTS)
+    page = html(data, {}, drawn)
+    _parse(page)
+    assert page.index("<h2>PTQ vs QAT by bits</h2>") < page.index('id="plot-ptq_vs_qat"')
+    assert page.index('id="plot-ptq_vs_qat"') < page.index("<h2>Plots</h2>")
+    assert page.count('id="plot-ptq_vs_qat"') == 1
+    assert "&lt;val&gt; chooses" in page
+    # Without a bit width that has both, no section.
+    assert "PTQ vs QAT by bits" not in markdown(results())

@@ -1,0 +1,63 @@
+"""QAT and PTQ runs of one recipe in eq.compare export the same integer graph: the same nodes
+in the same order and the same integer initializers (dtype and shape), so that they run at the
+same speed and a latency gap between them can only be the machine's (issue 31)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgequant.report.compare import Run, compare
+from edgequant.spec import Recipe
+
+
+def _graph(path: str) -> tuple[list[str], list[tuple[str, int, tuple[int, ...]]]]:
+    """(node op types in order, sorted (initializer name, dtype, shape))."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    return (
+        [node.op_type for node in graph.node],
+        sorted((i.name, i.data_type, tuple(i.dims)) for i in graph.initializer),
+    )
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4"])
+def test_qat_and_ptq_of_one_recipe_export_the_same_integer_graph(
+    tmp_path: Path, preset: str
+) -> None:
+    from edgequant.examples.mnist1d import cnn1d
+
+    torch.manual_seed(0)
+    model = cnn1d(channels=8, seed=0).eval()
+    x = torch.randn(384, 1, 40)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    calib = list(x[:128].split(64))
+    train = list(zip(x[128:].split(32), y[128:].split(32), strict=True))
+    recipe = Recipe.preset(preset).replace(rounding="gptq" if preset == "w4a4" else "nearest")
+    report = compare(
+        model,
+        calib,
+        lambda predict: float((predict(x[:64]).argmax(1) == y[:64]).float().mean()),
+        calib[0][:4],
+        train_data=train,
+        runs=[
+            Run("ptq", "static", recipe),
+            # lr high enough that the trained epochs differ from the start: the kept epoch may
+            # be any, the graph must not change with it.
+            Run("qat", "static", recipe, family="qat", epochs=2, lr=1e-2),
+        ],
+        out_dir=tmp_path,
+        latency_runs=1,
+    )
+    rows = {r["name"]: r for r in report.results["runs"]}
+    assert rows["ptq"]["status"] == "ok" and rows["qat"]["status"] == "ok", rows
+    ptq_ops, ptq_init = _graph(rows["ptq"]["onnx"])
+    qat_ops, qat_init = _graph(rows["qat"]["onnx"])
+    assert qat_ops == ptq_ops
+    assert qat_init == ptq_init
+    assert "QuantizeLinear" in ptq_ops and "DequantizeLinear" in ptq_ops
+    assert rows["qat"]["size_bytes"] == rows["ptq"]["size_bytes"]
