@@ -114,7 +114,14 @@ def test_export_refuses_a_float_op_on_a_fully_integer_target(tmp_path: Path) -> 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 2))
     calib = [torch.randn(8, 3, 4, 4)]
-    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").for_target("mcu-int8"), calib)
+    recipe = eq.Recipe.preset("w8a8").for_target("mcu-int8")
+    # eq.quantize refuses it before calibrating, naming the op and the layer ...
+    with pytest.raises(ValueError, match=r"op 'sigmoid' at '1'"):
+        eq.quantize(model, recipe, calib)
+    # ... and the export refuses a model that got past that (through the static pipeline itself).
+    from edgequant.ptq.static import quantize_static
+
+    qmodel = quantize_static(model, recipe, calib, 8, False)
     assert any("left in float" in n and "Sigmoid" in n for n in qmodel.quant_summary.notes)
     path = tmp_path / "sigmoid.onnx"
     with pytest.raises(eq.ExportError, match=r"mcu-int8 needs a fully integer graph.*\(Sigmoid\)"):
