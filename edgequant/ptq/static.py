@@ -30,7 +30,7 @@ from edgequant.ptq.smooth import (
     plan_outliers_,
 )
 from edgequant.quantizer import quantizers
-from edgequant.spec import Recipe
+from edgequant.spec import TARGETS, Recipe
 
 
 def calibrate_weights(qmodel: nn.Module) -> None:
@@ -312,6 +312,21 @@ def apply_outlier_steps(
     inputs whose calibration ranges show outlier channels), in place before calibration.
     Returns (entries for quant_info["pipeline"], steps, the layers with outlier inputs); each
     flagged layer gets a line in the summary with its ratio and what was done to it."""
+    if TARGETS[recipe.target].fully_integer:
+        # SmoothQuant's and splitting's per-channel factors are float ops before the layer: a
+        # fully integer graph has none, so "auto" is off there (a number is kept, and refused by
+        # the export's integer-graph check).
+        off = {f: None for f in ("smooth_alpha", "split_outliers") if getattr(recipe, f) == "auto"}
+        recipe = recipe.replace(**off)
+        if recipe.smooth_alpha is None and recipe.split_outliers is None:
+            return (
+                {
+                    "outliers": f"not inspected: target {recipe.target} runs a fully integer "
+                    "graph, which has no place for SmoothQuant's or splitting's float factors"
+                },
+                [],
+                [],
+            )
     if recipe.smooth_alpha is None and recipe.split_outliers is None:
         return {"outliers": "not inspected: smooth_alpha and split_outliers are off"}, [], []
     plan = plan_outliers_(qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers)

@@ -144,6 +144,18 @@ def test_static_default_finds_the_outlier_input_and_says_why(auto_static: nn.Mod
     assert "fc1: input max/median" in text and "split" in text
 
 
+def test_a_fully_integer_target_gets_no_float_factors(tmp_path) -> None:
+    """mcu-int8 runs a fully integer graph: "auto" leaves the outlier input unsplit and
+    unsmoothed (their per-channel factors would be float ops), says why, and exports."""
+    recipe = eq.Recipe.preset("w8a8").for_target("mcu-int8")
+    qmodel = eq.quantize(outlier_mlp(), recipe, CALIB, method="static")
+    pipeline = qmodel.quant_info["pipeline"]
+    assert "fully integer" in pipeline["outliers"] and "split_channels" not in pipeline
+    assert all(getattr(m, "input_smooth_inv", None) is None for m in qmodel.modules())
+    info = eq.export_onnx(qmodel, tmp_path / "m.onnx", CALIB[0][:2], verify_data=CALIB)
+    assert info.fully_integer
+
+
 def test_static_default_beats_the_plain_pipeline_on_outliers(auto_static: nn.Module) -> None:
     model = outlier_mlp()
     ref = outputs(model, EVAL)
