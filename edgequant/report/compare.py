@@ -220,14 +220,18 @@ def torch_predict(model: nn.Module) -> Predict:
 
 
 def ort_predict(path: str | Path, threads: int = 2) -> Predict:
+    """The exported model run in ONNX Runtime, as verification runs it (export.onnx.
+    exact_session): on an x86 CPU without VNNI, a signed-activation target's INT8 weights run as
+    the same grid in UINT8, since ONNX Runtime's u8s8 kernel saturates there and a device that
+    runs the file (TFLite Micro, a VNNI CPU) would not."""
     import numpy as np
     import onnxruntime as ort
 
-    from edgequant.export.onnx import ort_feed
+    from edgequant.export.onnx import exact_session, ort_feed
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess, _ = exact_session(path, opts)
     names = [i.name for i in sess.get_inputs()]
 
     def predict(batch: Any) -> torch.Tensor:
