@@ -88,6 +88,11 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
 
 def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
     out = []
+    peers = [
+        f"{key}: {r['mean_cosine']:.4f} / {r['min_cosine']:.4f} / {r['nn_agreement']:.3f}"
+        for key, r in data["results"].items()
+        if key.startswith("onnxruntime")
+    ]
     for key, r in data["results"].items():
         if "defaults" not in key:
             continue
@@ -97,7 +102,7 @@ def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
                 "method": f"{key} ({data.get('calibration_sentences', '?')} calibration sentences)",
                 "deployed": f"mean cosine {r['mean_cosine']:.4f}, worst {r['min_cosine']:.4f}, "
                 f"nearest-neighbour {r['nn_agreement']:.3f}",
-                "reference": "FP32 embeddings (cosine 1)",
+                "reference": "; ".join(peers) or "FP32 embeddings (cosine 1)",
                 "size": _kb(r.get("size_bytes")),
                 "speed": "not measured in this run",
                 "source": name,
