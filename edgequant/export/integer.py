@@ -85,6 +85,15 @@ def _load(model: Any) -> Any:
     return model
 
 
+def _readers(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
 def _constants(graph: Any) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
@@ -129,10 +138,7 @@ def fully_integer_violations(model: Any) -> list[str]:
     floats = _float_tensors(model)
     consts = _constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     problems = []
     for node in graph.node:
@@ -178,10 +184,7 @@ def merge_slices(model: Any) -> int:
     merged = 0
     while True:
         consts = _constants(graph)
-        readers: dict[str, list[Any]] = {}
-        for n in graph.node:
-            for i in n.input:
-                readers.setdefault(i, []).append(n)
+        readers = _readers(graph)
         outputs = {o.name for o in graph.output}
         pair = None
         for first in graph.node:
@@ -237,10 +240,7 @@ def quantize_inputs_first(model: Any) -> int:
 
     graph = model.graph
     consts = _constants(graph)
-    readers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     rewritten = 0
     for value in graph.input:
@@ -290,10 +290,7 @@ def fold_activations_into_quantizers(model: Any) -> int:
     beyond the grid's ends. Exact, so the simulation still verifies; returns how many."""
     graph = model.graph
     consts = _constants(graph)
-    readers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     drop = []
     for node in graph.node:
