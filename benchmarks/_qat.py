@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import edgequant as eq
 from edgequant.qat import finalize
-from edgequant.qat.fit import dampening_loss
+from edgequant.qat.oscillation import dampening_loss
 from edgequant.qat.prepare import qat_quantizers, start_from
 
 DEFAULTS: dict[str, Any] = {

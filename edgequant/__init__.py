@@ -5,7 +5,7 @@ from edgequant.export.integer import run_integer
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
-from edgequant.qat import fit_qat, prepare_qat
+from edgequant.qat import FitConfig, fit_qat, prepare_qat
 from edgequant.report.compare import Report, compare
 from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
@@ -13,6 +13,7 @@ __all__ = [
     "Budget",
     "ExportError",
     "ExportInfo",
+    "FitConfig",
     "LayerOverride",
     "QuantSpec",
     "Recipe",

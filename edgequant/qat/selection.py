@@ -7,13 +7,15 @@ so a QAT run is never worse than its PTQ start by a difference the held-out data
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgequant.instrument import call_model, nonfinite
+from edgequant.instrument import call_model, metric_number, nonfinite
 
 # Every HOLDOUT_EVERY-th batch of train_data is held out of training to score each epoch; an
 # epoch replaces the start only when it wins by more than SELECTION_Z standard errors.
@@ -165,12 +167,210 @@ def select_by_value(values: Sequence[float]) -> tuple[int, str]:
     return best, f"kept epoch {best}: the best val_fn ({shown})"
 
 
+# A DataLoader is split at the sample level; its held-out part is capped at this many samples.
+MAX_HELDOUT_SAMPLES = 4096
+
+
+def split_loader(loader: Any, every: int) -> tuple[Any, list[Any]] | None:
+    """(a DataLoader over the samples kept for training, the held-out batches) for a DataLoader
+    over a map-style dataset with a plain sequential or random sampler: every `every`-th sample
+    is held out (at most MAX_HELDOUT_SAMPLES), the same ones every epoch. None for any other
+    loader (its batches cannot be told apart from one epoch to the next)."""
+    from torch.utils.data import (
+        DataLoader,
+        IterableDataset,
+        RandomSampler,
+        SequentialSampler,
+        Subset,
+    )
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    if loader.batch_size is None or type(loader.sampler) not in (RandomSampler, SequentialSampler):
+        return None
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    held_idx = list(range(every - 1, n, every))[:MAX_HELDOUT_SAMPLES]
+    if not held_idx or len(held_idx) == n:
+        return None
+    held_set = set(held_idx)
+    fit = DataLoader(
+        Subset(loader.dataset, [i for i in range(n) if i not in held_set]),
+        batch_size=loader.batch_size,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        generator=loader.generator,
+    )
+    held = DataLoader(
+        Subset(loader.dataset, held_idx), batch_size=loader.batch_size, collate_fn=loader.collate_fn
+    )
+    return fit, list(held)
+
+
+def heldout_source(
+    train_data: Iterable[Any],
+    teacher: nn.Module | None,
+    val_data: Iterable[Any] | None,
+) -> tuple[Iterable[Any], Callable[[nn.Module], torch.Tensor] | None, str]:
+    """(the batches to train on, model -> held-out hits or None, what the hits are against):
+    from val_data where given, else a held-out part of train_data (every HOLDOUT_EVERY-th batch
+    of a list, every HOLDOUT_EVERY-th sample of a DataLoader). None, with a warning, for a
+    train_data that cannot be split (its batches differ between epochs)."""
+    held: list[Any] | None = None
+    if val_data is not None:
+        held = list(val_data)
+        if not held:
+            raise ValueError("val_data yielded no batches")
+    elif isinstance(train_data, Sequence) and not isinstance(train_data, (str, bytes)):
+        if len(train_data) >= 2:
+            train_data, held = holdout_split(list(train_data), HOLDOUT_EVERY)
+    else:
+        split = split_loader(train_data, HOLDOUT_EVERY)
+        if split is not None:
+            train_data, held = split
+    if held is None:
+        warnings.warn(
+            f"fit_qat(select='best'): train_data ({type(train_data).__name__}) is neither a "
+            "list of batches nor a DataLoader over a dataset, so no held-out part can be "
+            "split off it; the last epoch is kept. Pass val_data= (held-out batches) or "
+            "val_fn= to keep the best epoch.",
+            stacklevel=3,
+        )
+        return train_data, None, ""
+    hits_of, against = heldout_hits(teacher, held)
+    return train_data, hits_of, against
+
+
+class EpochChooser:
+    """The epoch that fit_qat(select="best") keeps: each epoch's score (epoch 0 is the start),
+    the start's state and the best trained epoch's so far, by val_fn (higher is better) or by
+    held-out hits; `keep` loads the chosen one and records why."""
+
+    def __init__(
+        self,
+        val_fn: Callable[[nn.Module], float] | None,
+        hits_of: Callable[[nn.Module], torch.Tensor] | None,
+        against: str,
+    ) -> None:
+        self.val_fn = val_fn
+        self.hits_of = hits_of
+        self.against = against
+        self.scores: list[float] = []
+        self.hits: list[torch.Tensor] = []
+        self.start_state: dict[str, Any] | None = None
+        self.best: tuple[int, float, dict[str, Any]] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores to resume the choice."""
+        return {
+            "scores": self.scores,
+            "hits": self.hits,
+            "start_state": self.start_state,
+            "best": self.best,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.scores = list(state["scores"])
+        self.hits = list(state["hits"])
+        self.start_state = state["start_state"]
+        self.best = state["best"]
+
+    def start(self, model: nn.Module) -> None:
+        """Keep and score the model as prepared (epoch 0)."""
+        self.start_state = copy.deepcopy(model.state_dict())
+        model.eval()
+        if self.val_fn is not None:
+            self.scores.append(
+                metric_number(self.val_fn(model), "val_fn", "the model as prepared", finite=False)
+            )
+        elif self.hits_of is not None:
+            self.hits.append(self.hits_of(model))
+
+    def score(self, epoch: int, model: nn.Module, record: dict[str, Any]) -> None:
+        """Score the model after `epoch` (record["val"] holds val_fn's value where there is
+        one) and keep its state if it is the best epoch so far."""
+        if self.val_fn is not None:
+            value = float(record["val"])
+            self.scores.append(value)
+        elif self.hits_of is not None:
+            found = self.hits_of(model)
+            self.hits.append(found)
+            value = float(found.sum())
+            record["heldout_top1"] = value / max(found.numel(), 1)
+        else:
+            return
+        if value == value and (self.best is None or value > self.best[1]):
+            self.best = (epoch, value, copy.deepcopy(model.state_dict()))
+
+    def _decide(self, stopped: str) -> tuple[int, str, str, dict[str, Any]]:
+        """(epoch kept (-1: the last), why, the rule, the evidence)."""
+        if self.val_fn is not None:
+            kept, why = select_by_value(self.scores)
+            return (
+                kept,
+                why,
+                "the highest val_fn, the start included (earliest on a tie)",
+                {"val": list(self.scores)},
+            )
+        if self.hits_of is not None:
+            kept, why = select_epoch(self.hits)
+            rule = (
+                f"an epoch replaces the start only if b - c > {SELECTION_Z:g} * sqrt(b + c) on "
+                "held-out top-1 hits"
+            )
+            return (
+                kept,
+                why,
+                rule,
+                {
+                    "held_out_predictions": int(self.hits[0].numel()),
+                    "against": self.against,
+                    "heldout_top1": [float(h.float().mean()) for h in self.hits],
+                },
+            )
+        if stopped:
+            return 0, "no held-out data to choose on: the start is kept", "", {}
+        return -1, "no held-out data to choose on: the last epoch is kept", "", {}
+
+    def keep(self, model: nn.Module, stopped: str) -> None:
+        """Load the epoch kept into `model` and record why in its quant_info and summary; warn
+        where the run stopped on a diverging loss."""
+        kept, why, rule, evidence = self._decide(stopped)
+        if stopped:
+            why = f"stopped: {stopped}; {why}"
+            warnings.warn(f"fit_qat: {why}", stacklevel=3)
+        if kept == 0:
+            assert self.start_state is not None
+            model.load_state_dict(self.start_state)
+        elif kept > 0:
+            assert self.best is not None and self.best[0] == kept, (kept, self.best)
+            model.load_state_dict(self.best[2])
+        model.eval()
+        info = getattr(model, "quant_info", None)
+        if isinstance(info, dict):
+            info["qat_selection"] = {
+                "kept_epoch": kept,
+                "why": why,
+                "rule": rule,
+                **evidence,
+                **({"stopped": stopped} if stopped else {}),
+            }
+        notes = getattr(getattr(model, "quant_summary", None), "notes", None)
+        if isinstance(notes, list):
+            notes.append(f"QAT epoch selection: {why}")
+
+
 __all__ = [
     "HOLDOUT_EVERY",
+    "MAX_HELDOUT_SAMPLES",
+    "EpochChooser",
     "SELECTION_Z",
     "heldout_hits",
+    "heldout_source",
     "holdout_split",
     "select_by_value",
     "select_epoch",
     "split_labels",
+    "split_loader",
 ]

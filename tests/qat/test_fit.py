@@ -410,7 +410,7 @@ def test_warmup_rises_to_lr_then_decays(tiny_model, calib, train_data):
 
 
 def _feature_mismatch(qat: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
-    from edgequant.qat.fit import FeatureMatch, feature_layer_names
+    from edgequant.qat.distill import FeatureMatch, feature_layer_names
 
     match = FeatureMatch(qat, teacher, feature_layer_names(qat, teacher, None))
     match.capturing = True
@@ -422,7 +422,7 @@ def _feature_mismatch(qat: torch.nn.Module, teacher: torch.nn.Module, x: torch.T
 
 
 def test_feature_distillation_ties_each_layer_input_to_the_teacher(tiny_model, calib, make_data):
-    from edgequant.qat.fit import feature_layer_names
+    from edgequant.qat.distill import feature_layer_names
 
     x, _ = make_data(128, 9)
     inputs = list(x.split(32))
@@ -475,7 +475,7 @@ def test_feature_distillation_arguments_are_checked(tiny_model, calib, train_dat
 
 
 def test_dampening_loss_measures_the_distance_from_the_grid_in_steps(tiny_model, calib):
-    from edgequant.qat.fit import dampening_loss
+    from edgequant.qat.oscillation import dampening_loss
 
     qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
     layers = [
@@ -519,7 +519,7 @@ def test_dampening_loss_measures_the_distance_from_the_grid_in_steps(tiny_model,
 
 
 def _mean_step_distance(qat: torch.nn.Module) -> float:
-    from edgequant.qat.fit import dampening_loss
+    from edgequant.qat.oscillation import dampening_loss
 
     with torch.no_grad():
         return float(dampening_loss(qat))
