@@ -12,7 +12,7 @@ sensitivities in benchmarks/results/mixed_resnet20.json, or "hplan2.5" from the 
 then optional recipe changes after a colon as JSON, e.g. 'w2a8:{"rounding_target": "quantized"}'.
 '"minmax": true' puts every sub-8-bit weight on min/max grids (the plans' old behaviour);
 '"clip_search": false' turns off GPTQ's output-error clipping search at <= 3 bits
-(ptq.rounding.search_clipping_), '"clip_search": 4' extends it to 4 bits.
+(ptq.gptq.search_clipping_), '"clip_search": 4' extends it to 4 bits.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
 from edgequant.mixed import Budget, plan
-from edgequant.ptq import rounding as R
+from edgequant.ptq import gptq as R
 
 DEFAULT = [
     'w2a8:{"rounding_target": "quantized", "clip_search": false}',

@@ -1,4 +1,4 @@
-"""Issue 27: the threshold of the outlier rule (ptq.smooth.OUTLIER_RATIO), chosen on held-out
+"""Issue 27: the threshold of the outlier rule (ptq.outliers.OUTLIER_RATIO), chosen on held-out
 calibration sentences of all-MiniLM-L6-v2, never on the evaluation sentences.
 
 Every Linear input's max/median of per-channel ranges is recorded (calibration sentences 0-63)
@@ -23,7 +23,7 @@ from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import minilm as M
-from edgequant.ptq import smooth
+from edgequant.ptq import outliers, smoothquant
 from edgequant.ptq.static import build_static
 
 CANDIDATES = (3.0, 6.0, 12.0)
@@ -32,8 +32,8 @@ CANDIDATES = (3.0, 6.0, 12.0)
 def ratios(model: Any, batches: list[Any]) -> dict[str, float]:
     """Every Linear input's max/median per-channel range on `batches` (float model)."""
     qmodel, _, _ = build_static(model, eq.Recipe.preset("w8a8"), batches[0])
-    stats = smooth.input_stats(qmodel, batches, 10**9)
-    return {n: round(smooth.outlier_ratio(s.absmax), 2) for n, s in stats.items()}
+    stats = smoothquant.input_stats(qmodel, batches, 10**9)
+    return {n: round(outliers.outlier_ratio(s.absmax), 2) for n, s in stats.items()}
 
 
 def main() -> int:
@@ -64,7 +64,7 @@ def main() -> int:
         out["ratios"]["ResNet-20"] = f"skipped: {err}"
     for method in args.methods.split(","):
         for threshold in CANDIDATES:
-            smooth.OUTLIER_RATIO = threshold
+            outliers.OUTLIER_RATIO = threshold
             start = time.perf_counter()
             q = eq.quantize(model, "w8a8", fit, method=method)
             row: dict[str, Any] = M.cosine_report(held_ref, M.embed(q, held))

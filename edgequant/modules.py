@@ -77,7 +77,7 @@ class QuantMixin(_MixinBase):
         # SmoothQuant: the input is divided by a per-channel factor the weight was multiplied by.
         self.register_buffer("input_smooth_inv", None)
         # Outlier channel splitting (Linear only): the input's channels gathered by this index
-        # (an outlier channel repeated), before the smoothing multiply; see ptq/smooth.py.
+        # (an outlier channel repeated), before the smoothing multiply; see ptq/smoothquant.py.
         self.register_buffer("input_channel_index", None)
         self.weight_quantizer = (
             TensorQuantizer(weight_spec, f"{name}.weight", role="weight")

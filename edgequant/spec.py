@@ -370,15 +370,15 @@ class Recipe:
     quantize_outputs: bool = True
     # SmoothQuant's migration strength for Linear inputs (PTQ, static and dynamic): a number
     # applies to every Linear input; "auto": on each input with outlier channels (calibration
-    # data shows a few channels with ranges above ptq.smooth.OUTLIER_RATIO times the median
-    # channel range: ptq.smooth.has_outliers), the alpha
+    # data shows a few channels with ranges above ptq.outliers.OUTLIER_RATIO times the median
+    # channel range: ptq.outliers.has_outliers), the alpha
     # (or none) whose quantized layer output has the least error, other inputs untouched
-    # (ptq/smooth.py); None: off. Without calib_data, "auto" is off.
+    # (ptq/smoothquant.py); None: off. Without calib_data, "auto" is off.
     smooth_alpha: float | str | None = "auto"
     # Outlier channel splitting of Linear inputs quantized per tensor (PTQ, static and dynamic):
     # channels whose range exceeds this quantile of the layer's per-channel ranges are repeated,
-    # each copy carrying its share (ptq/smooth.py); a number: every such input; "auto": the
-    # inputs with outlier channels (as for smooth_alpha), at ptq.smooth.AUTO_SPLIT_QUANTILE;
+    # each copy carrying its share (ptq/smoothquant.py); a number: every such input; "auto": the
+    # inputs with outlier channels (as for smooth_alpha), at ptq.outliers.AUTO_SPLIT_QUANTILE;
     # None: off. 0.99 adds about 1 % of columns.
     split_outliers: float | str | None = "auto"
     # --- the PTQ pipeline (ptq/): None or "auto" lets the bits and the model decide (on at <= 4

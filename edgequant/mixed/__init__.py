@@ -2,7 +2,7 @@
 budget (an exact integer program), and the progressive PTQ-to-QAT workflow."""
 
 from edgequant.mixed.allocate import Allocation, Budget, allocate
-from edgequant.mixed.hessian import HessianTrace, hessian_sensitivity, hessian_trace, spearman
+from edgequant.mixed.hawq import HessianTrace, hessian_sensitivity, hessian_trace, spearman
 from edgequant.mixed.plan import MixedPlan, mixed_precision, plan
 from edgequant.mixed.progressive import progressive
 from edgequant.mixed.sensitivity import Sensitivity, layer_costs, sensitivity

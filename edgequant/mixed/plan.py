@@ -165,7 +165,7 @@ def _sensitivities(
     hessian_seconds: float,
     progress: bool,
 ) -> tuple[Sensitivity, Sensitivity | None, dict[int, float], float]:
-    from edgequant.mixed.hessian import (
+    from edgequant.mixed.hawq import (
         hessian_sensitivity,
         hessian_trace,
         pipeline_weight_error,
@@ -304,7 +304,7 @@ def plan(
             )
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
-    from edgequant.mixed.hessian import float_instrumented
+    from edgequant.mixed.hawq import float_instrumented
     from edgequant.mixed.sensitivity import uniform_recipe
 
     costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])

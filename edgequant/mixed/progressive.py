@@ -11,6 +11,7 @@ plan meets the tolerance on the data eval_fn reads, not only by prediction.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
@@ -31,20 +32,8 @@ from edgequant.mixed.sensitivity import (
     sensitivity,
     uniform_recipe,
 )
+from edgequant.qat import FitConfig, fit_qat, prepare_qat
 from edgequant.spec import Recipe
-
-
-def _qat_api() -> tuple[Any, Any]:
-    import edgequant
-
-    prepare = getattr(edgequant, "prepare_qat", None)
-    fit = getattr(edgequant, "fit_qat", None)
-    if prepare is None or fit is None:
-        raise RuntimeError(
-            "qat_epochs > 0 needs edgequant.prepare_qat and edgequant.fit_qat (qat/, issue 9), "
-            "which this installation does not have; run progressive with qat_epochs=0"
-        )
-    return prepare, fit
 
 
 def _length(data: Any) -> int | None:
@@ -70,7 +59,6 @@ def _check_qat_arguments(
                 "qat_epochs > 0 to train the final plan, or leave them out"
             )
         return
-    _, fit = _qat_api()
     if train_data is None:
         raise ValueError("qat_epochs > 0 needs train_data (batches of (inputs, labels))")
     if _length(train_data) == 0:
@@ -84,7 +72,9 @@ def _check_qat_arguments(
         )
     # progressive passes these itself: the model, the data, qat_epochs and the FP32 teacher.
     own = {"qmodel", "train_data", "epochs", "teacher"}
-    valid = [n for n in inspect.signature(fit).parameters if n not in own]
+    named = [f.name for f in dataclasses.fields(FitConfig)]
+    named += [n for n in inspect.signature(fit_qat).parameters if n not in ("config", "settings")]
+    valid = [n for n in named if n not in own]
     for key in qat_kwargs:
         if key in own:
             raise ValueError(
@@ -125,7 +115,7 @@ def progressive(
     plan.drop its measured drop.
     """
     from edgequant.mixed.allocate import _check_candidates, _check_fixed
-    from edgequant.mixed.hessian import float_instrumented
+    from edgequant.mixed.hawq import float_instrumented
     from edgequant.ptq import quantize
     from edgequant.qat.prepare import check_float_model
 
@@ -226,9 +216,8 @@ def progressive(
             frozen.add(name)
     final_recipe = recipe_for(base, bits, costs.params)
     if qat_epochs > 0:
-        prepare, fit = _qat_api()
-        qmodel = prepare(model, final_recipe, calib_data=batches)
-        fit(qmodel, train_data, epochs=qat_epochs, teacher=model, **dict(qat_kwargs or {}))
+        qmodel = prepare_qat(model, final_recipe, calib_data=batches)
+        fit_qat(qmodel, train_data, epochs=qat_epochs, teacher=model, **dict(qat_kwargs or {}))
         qmodel.eval()
         drop = reference - eval_metric(
             eval_fn, qmodel, f"the plan after {qat_epochs} epochs of QAT"

@@ -50,7 +50,7 @@ def quantize_dynamic(
     """Dynamic PTQ. calib_data is optional: without it the weights are rounded to nearest and
     nothing reads activations (outlier splitting and SmoothQuant, which need activation ranges,
     are off, and quant_info["pipeline"] says so); with it, the Linear inputs with outlier
-    channels are split and smoothed as the recipe asks ("auto": ptq/smooth.py)."""
+    channels are split and smoothed as the recipe asks ("auto": ptq/outliers.py)."""
     if calib_data is None:
         for label, value in (
             ("smooth_alpha", recipe.smooth_alpha),

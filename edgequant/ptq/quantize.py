@@ -18,7 +18,7 @@ from edgequant.instrument import attach_info
 from edgequant.modules import QUANT_MODULES, QuantLinear
 from edgequant.ptq.calibrate import naming_the_batch, peek
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
-from edgequant.ptq.smooth import resize_input
+from edgequant.ptq.outlier_split import resize_input
 from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.quantizer import quantizers

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -17,21 +17,23 @@ from edgequant.instrument import (
     place_graph_quantizers,
 )
 from edgequant.modules import QuantMixin, fast_simulation
-from edgequant.ptq import auto, smooth
+from edgequant.ptq import auto, outliers
+from edgequant.ptq.adaround import round_adaround
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
-from edgequant.ptq.block import Group, SegmentError, block_plan, reconstruct_group
+from edgequant.ptq.brecq import Group, SegmentError, block_plan, reconstruct_group
 from edgequant.ptq.calibrate import capture_inputs, collect, naming_the_batch, peek, run_calibration
 from edgequant.ptq.equalize import equalize
-from edgequant.ptq.rounding import ROUNDERS
+from edgequant.ptq.gptq import round_gptq
+from edgequant.ptq.outlier_split import describe_split
+from edgequant.ptq.outliers import plan_outliers_
 from edgequant.ptq.rounding import supports as rounding_support
-from edgequant.ptq.smooth import (
-    describe_smoothing,
-    describe_split,
-    plan_outliers_,
-)
+from edgequant.ptq.smoothquant import describe_smoothing
 from edgequant.quantizer import quantizers
 from edgequant.spec import TARGETS, Recipe
 
+# The learned rounding methods by Recipe.rounding name ("block" rounds with AdaRound inside
+# BRECQ's blocks).
+ROUNDERS: dict[str, Callable[..., None]] = {"gptq": round_gptq, "adaround": round_adaround}
 
 def calibrate_weights(qmodel: nn.Module) -> None:
     """Fix every weight quantizer from its (BN-folded) weight."""
@@ -74,7 +76,7 @@ def resolve_pipeline(
     """The recipe's "auto" choices made concrete for this model: at <= 4 weight bits (where
     round-to-nearest loses accuracy) learned rounding and bias correction, plain rounding above.
     Learned rounding is GPTQ (one closed-form pass) with 8-bit activations; with 4-bit or lower
-    activations, block reconstruction (ptq/block.py: slower, and better when the inputs are
+    activations, block reconstruction (ptq/brecq.py: slower, and better when the inputs are
     coarse too) where the model is a torch.fx graph, else AdaRound: the choices measured on
     ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the layer's
     float weight on its own inputs only where every grid is fine (weights >= 4 bits, activations
@@ -84,7 +86,7 @@ def resolve_pipeline(
     0.00341 float; but ResNet-20 W3A8 0.039 own vs 0.013 float and W2A8 2.09 own (19 % top-1: the
     errors compound through the layers) vs 0.44 float.
 
-    outliers: the Linear inputs calibration found with outlier channels (ptq/smooth.py). At 8
+    outliers: the Linear inputs calibration found with outlier channels (ptq/outliers.py). At 8
     weight bits they turn on GPTQ (own target) and bias correction too (all-MiniLM-L6-v2 static
     W8A8: benchmarks/results/static_minilm_refine.json and auto_minilm.json). has_data=False
     (no calib_data): the steps that need data are off, and "reasons" says so; asking for one of
@@ -331,8 +333,8 @@ def apply_outlier_steps(
         return {"outliers": "not inspected: smooth_alpha and split_outliers are off"}, [], []
     plan = plan_outliers_(qmodel, data, recipe.smooth_alpha, used, recipe.split_outliers)
     entries: dict[str, Any] = {
-        "outlier_ratio_threshold": smooth.OUTLIER_RATIO,
-        "outlier_max_fraction": smooth.MAX_OUTLIER_FRACTION,
+        "outlier_ratio_threshold": outliers.OUTLIER_RATIO,
+        "outlier_max_fraction": outliers.MAX_OUTLIER_FRACTION,
         "outlier_inputs": {n: round(plan.ratios[n], 1) for n in plan.flagged},
     }
     # Steps are what changed the model: where "auto" found no outliers, none (the inspection's
@@ -341,8 +343,8 @@ def apply_outlier_steps(
     if plan.flagged:
         steps.append(
             f"outlier inspection: {len(plan.flagged)} of {len(plan.ratios)} Linear inputs have "
-            f"a few channels (at most {smooth.MAX_OUTLIER_FRACTION:.0%}) with ranges above "
-            f"{smooth.OUTLIER_RATIO:g}x their median channel range"
+            f"a few channels (at most {outliers.MAX_OUTLIER_FRACTION:.0%}) with ranges above "
+            f"{outliers.OUTLIER_RATIO:g}x their median channel range"
         )
     summary.notes.extend(plan.reasons())
     if recipe.split_outliers is not None:

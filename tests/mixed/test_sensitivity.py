@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from edgequant.mixed import hessian_trace, sensitivity, spearman
-from edgequant.mixed.hessian import hessian_sensitivity, pipeline_weight_error
+from edgequant.mixed.hawq import hessian_sensitivity, pipeline_weight_error
 from edgequant.mixed.sensitivity import (
     Sensitivity,
     base_recipe,

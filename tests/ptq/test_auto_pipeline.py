@@ -1,6 +1,6 @@
 """Issue 27: the defaults pick the pipeline by the model. Dynamic and round-to-nearest
 weight-only quantization run without calibration data; where calibration data shows Linear
-inputs with outlier channels (ptq/smooth.py outlier_ratio > OUTLIER_RATIO), the default recipe
+inputs with outlier channels (ptq/outliers.py outlier_ratio > OUTLIER_RATIO), the default recipe
 splits and smooths those inputs and refines the 8-bit weights (GPTQ, bias correction), and
 quant_info["pipeline"] and the summary say why. Models without outliers are unaffected."""
 
@@ -12,7 +12,7 @@ from torch import nn
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
-from edgequant.ptq import smooth
+from edgequant.ptq import outliers
 
 OUTLIER = 3  # the input channel with the injected outlier
 
@@ -67,21 +67,21 @@ def test_recipe_defaults_are_auto_and_round_trip() -> None:
 
 
 def test_outlier_ratio_ignores_dead_channels() -> None:
-    assert smooth.outlier_ratio(torch.tensor([1.0, 2.0, 1.0, 50.0, 1.0])) == pytest.approx(50.0)
+    assert outliers.outlier_ratio(torch.tensor([1.0, 2.0, 1.0, 50.0, 1.0])) == pytest.approx(50.0)
     # Most channels dead (a ReLU network's): the median is over the live ones.
-    assert smooth.outlier_ratio(torch.tensor([0.0, 0.0, 0.0, 2.0, 1.0, 1.0])) == 2.0
-    assert smooth.outlier_ratio(torch.zeros(4)) == 1.0
+    assert outliers.outlier_ratio(torch.tensor([0.0, 0.0, 0.0, 2.0, 1.0, 1.0])) == 2.0
+    assert outliers.outlier_ratio(torch.zeros(4)) == 1.0
 
 
 def test_outliers_are_a_few_channels_not_an_even_spread() -> None:
     few = torch.ones(64)
     few[OUTLIER] = 50.0
-    assert smooth.has_outliers(few)
+    assert outliers.has_outliers(few)
     # Ranges spread evenly over two decades (unequal CNN channels): a quarter of the channels
     # sit above the bar, which is no outlier for splitting or smoothing to fix.
     spread = torch.logspace(-1, 1, 32)
-    assert smooth.outlier_ratio(spread) > smooth.OUTLIER_RATIO
-    assert not smooth.has_outliers(spread)
+    assert outliers.outlier_ratio(spread) > outliers.OUTLIER_RATIO
+    assert not outliers.has_outliers(spread)
 
 
 @pytest.mark.parametrize("method", ["dynamic", "weight_only"])
@@ -134,7 +134,7 @@ def auto_static() -> nn.Module:
 def test_static_default_finds_the_outlier_input_and_says_why(auto_static: nn.Module) -> None:
     pipeline = auto_static.quant_info["pipeline"]
     assert list(pipeline["outlier_inputs"]) == ["fc1"]  # fc2 reads ReLU outputs: no outliers
-    assert pipeline["outlier_inputs"]["fc1"] > smooth.OUTLIER_RATIO
+    assert pipeline["outlier_inputs"]["fc1"] > outliers.OUTLIER_RATIO
     assert pipeline["split_channels"]["fc1"] > 0 and pipeline["split_channels"]["fc2"] == 0
     assert pipeline["smooth_alphas"]["fc2"] is None
     assert pipeline["rounding"] == "gptq" and pipeline["bias_correction"] is True

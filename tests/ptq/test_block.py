@@ -1,4 +1,4 @@
-"""Block reconstruction (ptq/block.py): blocks, graph segments, and rounding that beats nearest."""
+"""Block reconstruction (ptq/brecq.py): blocks, graph segments, and rounding that beats nearest."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import fx, nn
 import edgequant as eq
 import edgequant.ptq.static as S
 from edgequant.modules import QuantMixin, fast_simulation
-from edgequant.ptq import block as B
+from edgequant.ptq import brecq as B
 from edgequant.ptq.calibrate import capture_inputs
 from edgequant.ptq.static import execution_order
 from edgequant.quantizer import quantizers
@@ -177,7 +177,7 @@ def test_block_plan_lists_layers_it_cannot_round() -> None:
 def test_a_block_the_graph_cannot_give_falls_back_to_layerwise_rounding_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import edgequant.ptq.rounding as R
+    from edgequant.ptq import adaround
 
     class TwoHeads(ResNetlet):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -185,7 +185,7 @@ def test_a_block_the_graph_cannot_give_falls_back_to_layerwise_rounding_and_says
             return y, y.softmax(dim=1)
 
     monkeypatch.setattr(S, "reconstruct_group", functools.partial(B.reconstruct_group, iters=50))
-    monkeypatch.setitem(R.ROUNDERS, "adaround", functools.partial(R.round_adaround, iters=50))
+    monkeypatch.setitem(S.ROUNDERS, "adaround", functools.partial(adaround.round_adaround, iters=50))
     model = TwoHeads().eval()
     near = eq.quantize(
         model,

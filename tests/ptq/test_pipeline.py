@@ -11,8 +11,9 @@ import edgequant as eq
 from edgequant import functional as F
 from edgequant.modules import QuantMixin
 from edgequant.observers import AutoObserver
+from edgequant.ptq.adaround import round_adaround
 from edgequant.ptq.equalize import equalize, find_pairs
-from edgequant.ptq.rounding import gptq_weight, hessian, round_adaround, search_clipping_
+from edgequant.ptq.gptq import gptq_hessian, gptq_weight, search_clipping_
 from edgequant.spec import activation_spec, weight_spec
 
 
@@ -122,7 +123,7 @@ def test_hessian_matches_im2col() -> None:
 
     q = from_float(layer, weight_spec(4), None, "c")
     x = torch.randn(4, 2, 5, 5)
-    h = hessian(q, [x])  # type: ignore[arg-type]
+    h = gptq_hessian(q, [x])  # type: ignore[arg-type]
     cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18).double()
     assert torch.allclose(h, 2 * cols.T @ cols / cols.shape[0], rtol=1e-4, atol=1e-5)
 
@@ -222,10 +223,11 @@ def test_learned_rounding_improves_the_model_and_exports(
 ) -> None:
     import functools
 
-    from edgequant.ptq import rounding as R
+    from edgequant.ptq import adaround
+    from edgequant.ptq import static as R
 
     # Fewer AdaRound iterations keep the test fast; the method is the same.
-    monkeypatch.setitem(R.ROUNDERS, "adaround", functools.partial(R.round_adaround, iters=150))
+    monkeypatch.setitem(R.ROUNDERS, "adaround", functools.partial(adaround.round_adaround, iters=150))
     model = Chain().eval()
     x = torch.cat(_data(seed=7))
     with torch.no_grad():

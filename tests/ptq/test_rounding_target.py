@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.ptq.rounding import input_error_target
+from edgequant.ptq.gptq import input_error_target
 from edgequant.spec import activation_spec, weight_spec
 
 

@@ -1,4 +1,4 @@
-"""Outlier channel splitting of Linear inputs (Recipe.split_outliers, ptq/smooth.py).
+"""Outlier channel splitting of Linear inputs (Recipe.split_outliers, ptq/outliers.py).
 
 A tiny random BERT whose FFN has one planted outlier channel after its GELU (the massive
 activation trained transformers carry in their FFN-output inputs): a per-tensor grid of that
@@ -16,7 +16,7 @@ from _bert import FFN, HIDDEN, LAYERS, batches, hidden, random_bert  # tests/ptq
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
-from edgequant.ptq import smooth
+from edgequant.ptq import outlier_split, outliers
 from edgequant.ptq.static import build_static
 
 transformers = pytest.importorskip("transformers")
@@ -54,15 +54,15 @@ def split_model() -> torch.nn.Module:
 def test_split_factors() -> None:
     ranges = torch.tensor([1.0, 0.5, 1.0, 10.0, 2.5])
     # The 0.5 quantile is 1.0: channels at or under it stay single, the others ceil(r / 1.0).
-    assert smooth.split_factors(ranges, 0.5).tolist() == [1, 1, 1, 10, 3]
+    assert outlier_split.split_factors(ranges, 0.5).tolist() == [1, 1, 1, 10, 3]
 
 
 def test_split_factors_are_bounded_where_most_channels_are_zero() -> None:
     ranges = torch.zeros(1000)
     ranges[:3] = torch.tensor([5.0, 1.0, 0.01])  # the 0.99 quantile is 0
-    mult = smooth.split_factors(ranges, 0.99)
-    assert int(mult.max()) == smooth.MAX_COPIES and mult[3:].eq(1).all()
-    assert smooth.split_factors(torch.zeros(8), 0.5).eq(1).all()
+    mult = outlier_split.split_factors(ranges, 0.99)
+    assert int(mult.max()) == outlier_split.MAX_COPIES and mult[3:].eq(1).all()
+    assert outlier_split.split_factors(torch.zeros(8), 0.5).eq(1).all()
 
 
 def test_recipe_keeps_split_outliers_in_yaml() -> None:
@@ -76,7 +76,7 @@ def test_splitting_keeps_the_float_model() -> None:
     each copy carries x_j / m_j and the whole weight column."""
     model = outlier_bert()
     qmodel, _, _ = build_static(model, recipe(None), CALIB[0])
-    added = smooth.split_outliers_(qmodel, CALIB, 0.9, 10**6)
+    added = outliers.split_outliers_(qmodel, CALIB, 0.9, 10**6)
     for name in FFN_OUT:
         layer: Any = qmodel.get_submodule(name)
         assert added[name] >= 1
@@ -86,7 +86,7 @@ def test_splitting_keeps_the_float_model() -> None:
         assert int(counts.argmax()) == OUTLIER and int(counts[OUTLIER]) > 10
     torch.testing.assert_close(hidden(qmodel, EVAL), hidden(model, EVAL), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="already split"):
-        smooth.split_outliers_(qmodel, CALIB, 0.9, 10**6)
+        outliers.split_outliers_(qmodel, CALIB, 0.9, 10**6)
 
 
 def test_splitting_recovers_the_outlier_input(split_model: torch.nn.Module) -> None:
@@ -146,7 +146,7 @@ def test_bad_quantile_is_refused(bad: Any) -> None:
         eq.Recipe.preset("w8a8").replace(split_outliers=bad)
     qmodel, _, _ = build_static(outlier_bert(), recipe(None), CALIB[0])
     with pytest.raises((ValueError, TypeError), match="quantile"):
-        smooth.split_outliers_(qmodel, CALIB, bad, 10**6)
+        outliers.split_outliers_(qmodel, CALIB, bad, 10**6)
 
 
 def test_weight_only_refuses_splitting() -> None:

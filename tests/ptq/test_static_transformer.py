@@ -16,7 +16,7 @@ from _bert import LAYERS, batches, hidden, random_bert  # tests/ptq/_bert.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
-from edgequant.ptq import smooth
+from edgequant.ptq import outliers, smoothquant
 from edgequant.ptq.static import build_static
 
 transformers = pytest.importorskip("transformers")
@@ -86,16 +86,16 @@ def test_smoothing_recovers_the_outlier_model(auto_model: torch.nn.Module) -> No
 
 def test_choose_alpha_never_worse_than_no_smoothing() -> None:
     qmodel, _, _ = build_static(tiny_bert(), eq.Recipe.preset("w8a8"), CALIB[0])
-    stats = smooth.input_stats(qmodel, CALIB, 10**6, rows_per_batch=64)
+    stats = smoothquant.input_stats(qmodel, CALIB, 10**6, rows_per_batch=64)
     layer = qmodel.get_submodule("encoder.layer.0.intermediate.dense")
-    alpha, err, base = smooth.choose_alpha(layer, stats["encoder.layer.0.intermediate.dense"])
+    alpha, err, base = smoothquant.choose_alpha(layer, stats["encoder.layer.0.intermediate.dense"])
     assert alpha is not None and err < 0.5 * base  # the outliers make smoothing pay
     # The reported error is that of the layer smoothed with the chosen alpha.
     st = stats["encoder.layer.0.intermediate.dense"]
     x = torch.cat(st.rows)
     ref = x @ layer.weight.detach().t()
-    s = smooth.smoothing_factors(st.absmax, layer.weight, alpha)
-    assert smooth.layer_error(layer, st, s, x, ref) == pytest.approx(err)
+    s = smoothquant.smoothing_factors(st.absmax, layer.weight, alpha)
+    assert smoothquant.layer_error(layer, st, s, x, ref) == pytest.approx(err)
 
 
 def test_export_runs_in_onnx_runtime_on_unseen_lengths(
@@ -126,14 +126,14 @@ def test_bad_alpha_is_refused(alpha: Any) -> None:
     qmodel, _, _ = build_static(tiny_bert(), eq.Recipe.preset("w8a8"), CALIB[0])
     if not isinstance(alpha, bool):
         with pytest.raises(ValueError, match="alpha"):
-            smooth.smooth_(qmodel, CALIB, alpha, 10**6)
+            outliers.smooth_(qmodel, CALIB, alpha, 10**6)
 
 
 def test_smoothing_twice_is_refused() -> None:
     qmodel, _, _ = build_static(tiny_bert(), eq.Recipe.preset("w8a8"), CALIB[0])
-    smooth.smooth_(qmodel, CALIB, 0.5, 10**6)
+    outliers.smooth_(qmodel, CALIB, 0.5, 10**6)
     with pytest.raises(ValueError, match="already smoothed"):
-        smooth.smooth_(qmodel, CALIB, 0.5, 10**6)
+        outliers.smooth_(qmodel, CALIB, 0.5, 10**6)
 
 
 @pytest.mark.slow

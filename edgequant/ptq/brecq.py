@@ -23,15 +23,8 @@ from torch import Tensor, fx, nn
 
 from edgequant.instrument import batch_size, call_model
 from edgequant.modules import QuantMixin
-from edgequant.ptq.rounding import (
-    _grid,
-    _rectified_sigmoid,
-    layer_input,
-    on_grid,
-    rounding_penalty,
-    soft_rounding,
-    supports,
-)
+from edgequant.ptq.adaround import rectified_sigmoid, rounding_penalty, soft_rounding
+from edgequant.ptq.rounding import layer_input, on_grid, supports, weight_grid
 from edgequant.quantizer import TensorQuantizer
 
 Group = list[tuple[str, QuantMixin]]
@@ -182,7 +175,7 @@ def reconstruct_group(
     n = target.shape[0]
     state = []
     for name, layer in group:
-        scale, zp, qmin, qmax = _grid(layer)
+        scale, zp, qmin, qmax = weight_grid(layer)
         floor, v = soft_rounding(layer.weight.detach(), scale)
         state.append((name, layer, scale, zp, qmin, qmax, floor, v))
     wqs: list[TensorQuantizer] = [layer.weight_quantizer for _, layer, *_ in state]  # type: ignore[misc]
@@ -193,7 +186,7 @@ def reconstruct_group(
     def weights(hard: bool) -> dict[str, Tensor]:
         out = {}
         for name, _, scale, zp, qmin, qmax, floor, v in state:
-            h = (v >= 0).float() if hard else _rectified_sigmoid(v)
+            h = (v >= 0).float() if hard else rectified_sigmoid(v)
             out[f"{name}.weight"] = on_grid(floor + h, zp, scale, qmin, qmax)
         return out
 
