@@ -21,7 +21,7 @@ from torch import Tensor
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
 
 
-def _check_granularity(x: Tensor, axis: int | None, group_size: int | None) -> int | None:
+def check_granularity(x: Tensor, axis: int | None, group_size: int | None) -> int | None:
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis")
@@ -36,7 +36,7 @@ def _check_granularity(x: Tensor, axis: int | None, group_size: int | None) -> i
     return axis
 
 
-def _to_rows(x: Tensor, axis: int, group_size: int | None) -> Tensor:
+def to_rows(x: Tensor, axis: int, group_size: int | None) -> Tensor:
     """View x as (channels or groups, elements): one row per scale."""
     moved = x.movedim(axis, 0) if group_size is None else x.movedim(axis, -1)
     if group_size is None:
@@ -52,8 +52,8 @@ def _from_rows(rows: Tensor, like: Tensor, axis: int, group_size: int | None) ->
     return rows.reshape(moved_shape).movedim(-1, axis)
 
 
-def _scale_rows(t: Tensor, x: Tensor, axis: int, group_size: int | None) -> Tensor:
-    """Scale/zero-point laid out per granularity -> flat (rows,) matching _to_rows(x)."""
+def scale_rows(t: Tensor, x: Tensor, axis: int, group_size: int | None) -> Tensor:
+    """Scale/zero-point laid out per granularity -> flat (rows,) matching to_rows(x)."""
     if group_size is None:
         return t.reshape(-1)
     return t.movedim(axis, -1).reshape(-1)
@@ -75,10 +75,10 @@ def reduce_min_max(
     x: Tensor, axis: int | None = None, group_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Min and max of x per tensor, channel or group (shapes as `param_shape`)."""
-    axis = _check_granularity(x, axis, group_size)
+    axis = check_granularity(x, axis, group_size)
     if axis is None:
         return x.min(), x.max()
-    rows = _to_rows(x, axis, group_size)
+    rows = to_rows(x, axis, group_size)
     mn, mx = rows.amin(dim=1), rows.amax(dim=1)
     shape = param_shape(x.shape, axis, group_size)
     if group_size is None:
@@ -139,7 +139,7 @@ def fake_quantize(
 ) -> Tensor:
     """Quantize then dequantize, with the straight-through estimator as gradient (1 inside the
     grid, 0 where clipped). This is PyTorch's fused fake-quantize op, bit for bit."""
-    axis = _check_granularity(x, axis, group_size)
+    axis = check_granularity(x, axis, group_size)
     zero_point = zero_point.to(torch.int32)
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(
@@ -149,11 +149,11 @@ def fake_quantize(
         return torch.fake_quantize_per_channel_affine(
             x, scale.float(), zero_point, axis, qmin, qmax
         )
-    rows = _to_rows(x, axis, group_size)
+    rows = to_rows(x, axis, group_size)
     out = torch.fake_quantize_per_channel_affine(
         rows,
-        _scale_rows(scale.float(), x, axis, group_size),
-        _scale_rows(zero_point, x, axis, group_size),
+        scale_rows(scale.float(), x, axis, group_size),
+        scale_rows(zero_point, x, axis, group_size),
         0,
         qmin,
         qmax,
@@ -161,7 +161,7 @@ def fake_quantize(
     return _from_rows(out, x, axis, group_size)
 
 
-def _broadcast(t: Tensor, x: Tensor, axis: int | None, group_size: int | None) -> Tensor:
+def broadcast_param(t: Tensor, x: Tensor, axis: int | None, group_size: int | None) -> Tensor:
     """Scale or zero point expanded to x's shape."""
     if axis is None:
         return t.reshape(())
@@ -182,9 +182,9 @@ def quantize(
     group_size: int | None = None,
 ) -> Tensor:
     """x -> integers (int32) on the grid, round half to even, saturating."""
-    axis = _check_granularity(x, axis, group_size)
-    inv_scale = torch.reciprocal(_broadcast(scale.float(), x, axis, group_size))
-    zp = _broadcast(zero_point.to(torch.int32), x, axis, group_size)
+    axis = check_granularity(x, axis, group_size)
+    inv_scale = torch.reciprocal(broadcast_param(scale.float(), x, axis, group_size))
+    zp = broadcast_param(zero_point.to(torch.int32), x, axis, group_size)
     # Saturate before the cast: a float -> int cast out of range is undefined (x86 turns huge
     # values into INT64_MIN, i.e. qmin instead of qmax); 2^31 is far outside any grid here.
     q = torch.clamp(torch.round(x.float() * inv_scale), -(2.0**31), 2.0**31).to(torch.int64) + zp
@@ -199,9 +199,9 @@ def dequantize(
     group_size: int | None = None,
 ) -> Tensor:
     """Integers -> float32: (q - zero_point) * scale."""
-    axis = _check_granularity(q, axis, group_size)
-    zp = _broadcast(zero_point.to(torch.int32), q, axis, group_size)
-    return (q.to(torch.int32) - zp).float() * _broadcast(scale.float(), q, axis, group_size)
+    axis = check_granularity(q, axis, group_size)
+    zp = broadcast_param(zero_point.to(torch.int32), q, axis, group_size)
+    return (q.to(torch.int32) - zp).float() * broadcast_param(scale.float(), q, axis, group_size)
 
 
 def dynamic_qparams(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, Tensor]:

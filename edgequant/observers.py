@@ -206,7 +206,7 @@ class _Histogram:
 
 
 class _RowSample:
-    """A bounded sample of each row of `functional._to_rows(x)` (one row per channel or group).
+    """A bounded sample of each row of `functional.to_rows(x)` (one row per channel or group).
 
     Batches whose other dims differ merge along the row; past `max_per_row` elements a seeded,
     proportional subsample keeps every batch represented by its share of the elements seen.
@@ -241,7 +241,7 @@ class _RowSample:
 def _rows_to_params(
     values: Tensor, shape: tuple[int, ...], axis: int, group_size: int | None
 ) -> Tensor:
-    """Per-row values (one per row of `functional._to_rows`) laid out as `functional.param_shape`."""
+    """Per-row values (one per row of `functional.to_rows`) laid out as `functional.param_shape`."""
     pshape = F.param_shape(shape, axis, group_size)
     if group_size is None:
         return values.reshape(pshape)
@@ -276,8 +276,8 @@ class _SampledObserver(Observer):
             self.hist.add(x)
         else:
             axis = x.dim() + self.axis if self.axis < 0 else self.axis
-            F._check_granularity(x, axis, self.group_size)
-            self.sample.add(F._to_rows(x, axis, self.group_size))
+            F.check_granularity(x, axis, self.group_size)
+            self.sample.add(F.to_rows(x, axis, self.group_size))
         self.batches += 1
 
     def _to_params(self, values: Tensor) -> Tensor:

@@ -69,8 +69,8 @@ def cases(draw: st.DrawFn, granularity: str) -> dict[str, object]:
     )
     ties = torch.rand(shape, generator=g) < 0.25
     steps = torch.where(ties, torch.floor(steps) + 0.5, steps)
-    s_full = F._broadcast(scale, torch.empty(shape), axis, group_size).double()
-    z_full = F._broadcast(zero_point, torch.empty(shape), axis, group_size).double()
+    s_full = F.broadcast_param(scale, torch.empty(shape), axis, group_size).double()
+    z_full = F.broadcast_param(zero_point, torch.empty(shape), axis, group_size).double()
     x = ((steps + qmin - z_full) * s_full).float()
     return {
         "x": x,
@@ -87,8 +87,8 @@ def numpy_fake_quantize(c: dict) -> np.ndarray:
     """An independent float32 computation: round(x * (1/scale)) half to even, saturate, back."""
     x = c["x"].numpy()
     shape = x.shape
-    scale = F._broadcast(c["scale"], c["x"], c["axis"], c["group_size"]).numpy()
-    zp = F._broadcast(c["zero_point"], c["x"], c["axis"], c["group_size"]).numpy()
+    scale = F.broadcast_param(c["scale"], c["x"], c["axis"], c["group_size"]).numpy()
+    zp = F.broadcast_param(c["zero_point"], c["x"], c["axis"], c["group_size"]).numpy()
     scale, zp = np.broadcast_to(scale, shape), np.broadcast_to(zp, shape).astype(np.int64)
     inv = np.float32(1.0) / scale
     q = np.clip(np.rint(x * inv).astype(np.float64) + zp, c["qmin"], c["qmax"]).astype(np.int64)
@@ -259,8 +259,8 @@ def test_range_maps_onto_the_grid(
 
 def steps_unclamped(c: dict) -> torch.Tensor:
     """round(x / scale) + zero point before saturation, as the fused op computes it."""
-    s = F._broadcast(c["scale"], c["x"], c["axis"], c["group_size"])
-    z = F._broadcast(c["zero_point"], c["x"], c["axis"], c["group_size"])
+    s = F.broadcast_param(c["scale"], c["x"], c["axis"], c["group_size"])
+    z = F.broadcast_param(c["zero_point"], c["x"], c["axis"], c["group_size"])
     return torch.round(c["x"] * torch.reciprocal(s)).double() + z.double()
 
 
@@ -269,8 +269,8 @@ def steps_unclamped(c: dict) -> torch.Tensor:
 def test_error_bound_idempotence_and_straight_through_gradient(c: dict) -> None:
     x, s, z, qmin, qmax = c["x"], c["scale"], c["zero_point"], c["qmin"], c["qmax"]
     axis, g = c["axis"], c["group_size"]
-    s_full = F._broadcast(s, x, axis, g)
-    z_full = F._broadcast(z, x, axis, g).float()
+    s_full = F.broadcast_param(s, x, axis, g)
+    z_full = F.broadcast_param(z, x, axis, g).float()
     x = x.clone().requires_grad_(True)
     fq = F.fake_quantize(x, s, z, qmin, qmax, axis, g)
     # |fq(x) - x| <= scale / 2 inside the grid's range (plus float rounding of x / scale)

@@ -213,13 +213,13 @@ def test_mse_per_channel_and_group_on_a_weight(spec: QuantSpec) -> None:
     assert lo.shape == hi.shape == F.param_shape(w.shape, spec.axis, spec.group_size)
     assert quant_mse(w, spec, lo, hi) < 0.9 * quant_mse(w, spec, mm_lo, mm_hi)
     # per row, never worse than minmax on the row's own elements
-    rows = F._to_rows(w, spec.axis, spec.group_size)
+    rows = F.to_rows(w, spec.axis, spec.group_size)
     s, z = F.calc_qparams(lo, hi, spec.qmin, spec.qmax, True)
     ms, mz = F.calc_qparams(mm_lo, mm_hi, spec.qmin, spec.qmax, True)
 
     def row_err(scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
         fq = F.fake_quantize(w, scale, zp, spec.qmin, spec.qmax, spec.axis, spec.group_size)
-        return (F._to_rows(fq, spec.axis, spec.group_size) - rows).pow(2).sum(1)
+        return (F.to_rows(fq, spec.axis, spec.group_size) - rows).pow(2).sum(1)
 
     assert bool((row_err(s, z) <= row_err(ms, mz)).all())
     assert bool((hi <= mm_hi).all()) and bool((hi < mm_hi).any())

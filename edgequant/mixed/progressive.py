@@ -216,6 +216,7 @@ def progressive(
             frozen.add(name)
     final_recipe = recipe_for(base, bits, costs.params)
     if qat_epochs > 0:
+        assert train_data is not None  # _check_qat_arguments refused None
         qmodel = prepare_qat(model, final_recipe, calib_data=batches)
         fit_qat(qmodel, train_data, epochs=qat_epochs, teacher=model, **dict(qat_kwargs or {}))
         qmodel.eval()

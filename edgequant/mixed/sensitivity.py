@@ -140,7 +140,7 @@ def method_for(recipe: Recipe) -> str:
 
 def collect_batches(calib_data: Iterable[Any], num_samples: int, what: str) -> list[Any]:
     """Up to num_samples samples of calib_data, as a list of batches (it is read many times)."""
-    from edgequant.ptq.calibrate import _take, peek
+    from edgequant.ptq.calibrate import peek, take_samples
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -149,7 +149,7 @@ def collect_batches(calib_data: Iterable[Any], num_samples: int, what: str) -> l
     for batch in items:
         n = batch_size(batch)
         if seen + n > num_samples:
-            batch, n = _take(batch, num_samples - seen), num_samples - seen
+            batch, n = take_samples(batch, num_samples - seen), num_samples - seen
         out.append(batch)
         seen += n
         if seen >= num_samples:

@@ -52,13 +52,13 @@ def naming_the_batch(batch: Any, what: str) -> Iterator[None]:
         ) from err
 
 
-def _take(batch: Any, n: int) -> Any:
+def take_samples(batch: Any, n: int) -> Any:
     """The first n samples of a batch."""
     if isinstance(batch, Tensor):
         return batch[:n]
     if isinstance(batch, (tuple, list)):
         return type(batch)(
-            _take(b, n) if isinstance(b, Tensor) and b.dim() > 0 else b for b in batch
+            take_samples(b, n) if isinstance(b, Tensor) and b.dim() > 0 else b for b in batch
         )
     if hasattr(batch, "keys"):
         return {
@@ -85,7 +85,7 @@ def run_calibration(
         for index, batch in enumerate(batches):
             n = batch_size(batch)
             if seen + n > num_samples:
-                batch, n = _take(batch, num_samples - seen), num_samples - seen
+                batch, n = take_samples(batch, num_samples - seen), num_samples - seen
             check_finite(batch, index)
             with naming_the_batch(batch, f"calib_data item {index}"):
                 call_model(model, batch, index)
@@ -113,7 +113,7 @@ def collect(batches: Iterable[Any], num_samples: int, notes: list[str] | None = 
     for index, batch in enumerate(it):
         n = batch_size(batch)
         if seen + n > num_samples:
-            batch, n, more = _take(batch, num_samples - seen), num_samples - seen, True
+            batch, n, more = take_samples(batch, num_samples - seen), num_samples - seen, True
         check_finite(batch, index)
         out.append(batch)
         seen += n

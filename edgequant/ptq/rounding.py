@@ -29,8 +29,8 @@ def weight_grid(layer: QuantMixin) -> tuple[Tensor, Tensor, int, int]:
     wq = layer.weight_quantizer
     assert wq is not None and wq.calibrated
     w = layer.weight
-    scale = F._broadcast(wq.scale.float(), w, wq.axis, wq.spec.group_size).expand_as(w)
-    zp = F._broadcast(wq.zero_point.float(), w, wq.axis, wq.spec.group_size).expand_as(w)
+    scale = F.broadcast_param(wq.scale.float(), w, wq.axis, wq.spec.group_size).expand_as(w)
+    zp = F.broadcast_param(wq.zero_point.float(), w, wq.axis, wq.spec.group_size).expand_as(w)
     return scale.detach(), zp.detach(), wq.spec.qmin, wq.spec.qmax
 
 

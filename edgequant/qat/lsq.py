@@ -56,11 +56,11 @@ def learnable_fake_quantize(
         return torch._fake_quantize_learnable_per_channel_affine(
             x, scale, zero_point, axis, qmin, qmax, grad_scale
         )
-    rows = F._to_rows(x, axis, group_size)
+    rows = F.to_rows(x, axis, group_size)
     out = torch._fake_quantize_learnable_per_channel_affine(
         rows,
-        F._scale_rows(scale, x, axis, group_size),
-        F._scale_rows(zero_point, x, axis, group_size),
+        F.scale_rows(scale, x, axis, group_size),
+        F.scale_rows(zero_point, x, axis, group_size),
         0,
         qmin,
         qmax,

@@ -35,8 +35,8 @@ def dampening_loss(model: nn.Module) -> Tensor:
             continue
         with torch.no_grad():
             scale, zp = q.qparams()
-            s = F._broadcast(scale.detach().float(), w, q.axis, q.spec.group_size)
-            z = F._broadcast(zp.detach().float(), w, q.axis, q.spec.group_size)
+            s = F.broadcast_param(scale.detach().float(), w, q.axis, q.spec.group_size)
+            z = F.broadcast_param(zp.detach().float(), w, q.axis, q.spec.group_size)
             grid = torch.clamp(torch.round(w / s + z), q.spec.qmin, q.spec.qmax) - z
             low, high = (q.spec.qmin - z) * s, (q.spec.qmax - z) * s
         steps = torch.minimum(torch.maximum(w, low), high) / s - grid

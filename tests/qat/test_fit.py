@@ -486,8 +486,8 @@ def test_dampening_loss_measures_the_distance_from_the_grid_in_steps(tiny_model,
         for m in layers:
             q = m.weight_quantizer
             scale, zp = q.qparams()
-            s = F._broadcast(scale.float(), m.weight, q.axis, q.spec.group_size)
-            z = F._broadcast(zp.float(), m.weight, q.axis, q.spec.group_size)
+            s = F.broadcast_param(scale.float(), m.weight, q.axis, q.spec.group_size)
+            z = F.broadcast_param(zp.float(), m.weight, q.axis, q.spec.group_size)
             # Every weight on a grid point inside the range: nothing to dampen.
             grid = torch.randint_like(m.weight, q.spec.qmin + 1, q.spec.qmax)  # inside the ends
             m.weight.copy_((grid - z) * s)
@@ -496,15 +496,15 @@ def test_dampening_loss_measures_the_distance_from_the_grid_in_steps(tiny_model,
         for m in layers:
             q = m.weight_quantizer
             scale, zp = q.qparams()
-            s = F._broadcast(scale.float(), m.weight, q.axis, q.spec.group_size)
+            s = F.broadcast_param(scale.float(), m.weight, q.axis, q.spec.group_size)
             m.weight.add_(0.25 * s)  # a quarter of a step off its grid point
     assert _mean_step_distance(qat) == pytest.approx(0.0625, rel=1e-4)
     # A weight beyond the range is clipped to the end of the grid first: it counts for nothing.
     first = layers[0]
     q = first.weight_quantizer
     scale, zp = q.qparams()
-    s = F._broadcast(scale.float(), first.weight, q.axis, q.spec.group_size)
-    z = F._broadcast(zp.float(), first.weight, q.axis, q.spec.group_size)
+    s = F.broadcast_param(scale.float(), first.weight, q.axis, q.spec.group_size)
+    z = F.broadcast_param(zp.float(), first.weight, q.axis, q.spec.group_size)
     with torch.no_grad():
         first.weight.copy_((q.spec.qmax - z + 7.3) * s)
     n_first = first.weight.numel()
