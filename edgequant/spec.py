@@ -13,6 +13,8 @@ from typing import Any
 
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_TYPES = ("float", "pow2")
+# The range estimators a QuantSpec may name; observers.OBSERVERS implements exactly these.
+OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy", "auto")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -74,11 +76,10 @@ class QuantSpec:
             raise ValueError(
                 "QuantSpec.narrow_range applies to signed grids only (-(2^(b-1)-1)..2^(b-1)-1)"
             )
-        from edgequant.observers import OBSERVERS  # local: observers import spec
-
-        if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
+        if not isinstance(self.observer, str) or self.observer not in OBSERVER_NAMES:
             raise ValueError(
-                f"QuantSpec.observer={self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}"
+                f"QuantSpec.observer={self.observer!r} is unknown; valid: "
+                f"{', '.join(OBSERVER_NAMES)}"
             )
 
     @property

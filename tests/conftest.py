@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 
 from edgequant.examples import cifar10
 from edgequant.examples.shared import shared_dir
+
+# Under pytest-xdist each worker gets one intra-op thread: the workers share the cores, and
+# two threads per worker on two cores would only contend.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 SKIP_REASON = (
     "../shared is absent: CIFAR-10 data and ResNet-20 weights are needed for this test "

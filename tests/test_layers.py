@@ -33,8 +33,6 @@ LAYERS: list[set[str]] = [
 
 # (importing module, what it breaches) -> why it is still there.
 KNOWN: dict[tuple[str, str], str] = {
-    ("edgequant.spec", "up: observers"): "Recipe checks observer names against OBSERVERS "
-    "(issue 28: move the registry's names below spec)",
     ("edgequant.check", "private: edgequant.export.integer._float_tensors"): "issue 28",
     ("edgequant.check", "private: edgequant.export.integer._load"): "issue 28",
     ("edgequant.examples.minilm", "private: edgequant.bench._session"): "issue 28",

@@ -428,3 +428,10 @@ def test_entropy_is_not_pulled_to_zero_by_relu_zeros() -> None:
     only_zeros(torch.zeros(10))
     lo, hi = only_zeros.compute_range()
     assert float(lo) == 0.0 and float(hi) == 0.0
+
+
+def test_the_registry_implements_exactly_the_names_a_spec_accepts() -> None:
+    from edgequant.observers import OBSERVERS
+    from edgequant.spec import OBSERVER_NAMES
+
+    assert tuple(OBSERVERS) == OBSERVER_NAMES
