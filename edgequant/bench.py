@@ -66,7 +66,7 @@ def latency_ms(
     the batch size; any other dynamic dimension needs `input_shapes`.
     """
     _check_timing_args(batch_sizes, warmup, runs, threads)
-    session = _session(onnx_path, threads)
+    session = ort_session(onnx_path, threads)
     rng = np.random.default_rng(seed)
     result = {}
     for batch_size in batch_sizes:
@@ -95,8 +95,8 @@ def compare_latency(
     falls on both alike; the ratio is steadier than two separate `latency_ms` calls.
     """
     _check_timing_args(batch_sizes, warmup, runs, threads)
-    session_a = _session(a, threads)
-    session_b = _session(b, threads)
+    session_a = ort_session(a, threads)
+    session_b = ort_session(b, threads)
     same_inputs = _signature(session_a) == _signature(session_b)
     rng = np.random.default_rng(seed)
     result: dict[str, dict[str, float]] = {"a": {}, "b": {}, "ratio": {}}
@@ -134,7 +134,7 @@ def _check_timing_args(batch_sizes: Sequence[int], warmup: int, runs: int, threa
         raise ValueError(f"threads must be >= 1, got {threads}")
 
 
-def _session(path: str | os.PathLike[str], threads: int) -> onnxruntime.InferenceSession:
+def ort_session(path: str | os.PathLike[str], threads: int) -> onnxruntime.InferenceSession:
     """A CPU session with `threads` intra-op threads; ValueError naming the file if ORT refuses it."""
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors

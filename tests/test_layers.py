@@ -35,7 +35,6 @@ LAYERS: list[set[str]] = [
 KNOWN: dict[tuple[str, str], str] = {
     ("edgequant.check", "private: edgequant.export.integer._float_tensors"): "issue 28",
     ("edgequant.check", "private: edgequant.export.integer._load"): "issue 28",
-    ("edgequant.examples.minilm", "private: edgequant.bench._session"): "issue 28",
     ("edgequant.ptq.quantize", "up: check"): "eq.quantize refuses, before any work, a model "
     "that a fully integer target cannot run (check.require_target_fits), and check reads "
     "export's integer-graph rules (issue 28: move the op rules below ptq)",

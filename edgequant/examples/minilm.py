@@ -211,12 +211,12 @@ def _hidden_state(out: Any) -> torch.Tensor:
 def ort_encoder_fn(onnx_path: str | Path, threads: int = 2) -> Callable[..., list[Any]]:
     """An exported encoder run in ONNX Runtime (CPU), callable as ``fn(**batch)`` on the batches of
     :func:`tokenize_batches` (inputs the model does not take are ignored): for :func:`embed`."""
-    from edgequant.bench import _session
+    from edgequant.bench import ort_session
     from edgequant.export.onnx import ort_feed
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    session = _session(onnx_path, threads)
+    session = ort_session(onnx_path, threads)
     names = [i.name for i in session.get_inputs()]
 
     def run(**batch: torch.Tensor) -> list[Any]:
