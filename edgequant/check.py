@@ -516,7 +516,7 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
 
 
 def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
-    from edgequant.instrument import call_model
+    from edgequant.batches import call_model
     from edgequant.ptq.calibrate import naming_the_batch
 
     seen: list[tuple[str, nn.Module]] = []

@@ -12,16 +12,12 @@ import torch.nn.functional as torch_F
 from torch import nn
 
 import edgequant as eq
-from edgequant.instrument import (
-    Summary,
-    batch_size,
-    call_model,
-    instrument,
-    place_graph_quantizers,
-    quant_layers,
-)
+from edgequant.batches import batch_size, call_model
+from edgequant.graph_quantizers import place_graph_quantizers
+from edgequant.instrument import instrument, quant_layers
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
+from edgequant.summary import Summary
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -429,7 +425,7 @@ def test_untraceable_model_is_returned_unchanged_with_a_note() -> None:
 def test_metric_number_takes_what_metric_functions_return_and_names_the_rest() -> None:
     import numpy as np
 
-    from edgequant.instrument import metric_number
+    from edgequant.batches import metric_number
     from edgequant.mixed.sensitivity import eval_metric
 
     for value in (0.5, 1, np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.array([0.5])):

@@ -17,12 +17,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgequant"
 
 # Lowest first; a name is a top-level module or subpackage of edgequant.
 LAYERS: list[set[str]] = [
-    {"_yaml", "_io"},
+    {"_yaml", "_io", "batches", "summary", "slow_paths"},
     {"spec"},
     {"functional"},
     {"observers", "quantizer"},
     {"modules"},
-    {"instrument"},
+    {"instrument", "graph_quantizers"},
     {"ptq", "qat", "mixed"},
     {"export"},
     {"check", "bench"},

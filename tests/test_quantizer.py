@@ -9,7 +9,8 @@ from torch import nn
 
 import edgequant as eq
 from edgequant import functional as F
-from edgequant.instrument import instrument, place_graph_quantizers
+from edgequant.graph_quantizers import place_graph_quantizers
+from edgequant.instrument import instrument
 from edgequant.quantizer import MODES, TensorQuantizer, calibration_mode, quantizers
 from edgequant.spec import activation_spec, weight_spec
 

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from edgequant import functional as F
 from edgequant._io import atomic_path
+from edgequant.batches import describe_batch, nonfinite
 from edgequant.export import ops
-from edgequant.instrument import describe_batch, nonfinite, quant_layers
+from edgequant.instrument import quant_layers
 from edgequant.modules import (
     BIAS_QMAX,
     BIAS_QMIN,

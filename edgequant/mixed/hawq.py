@@ -24,7 +24,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import batch_size, call_model, instrument
+from edgequant.batches import batch_size, call_model
+from edgequant.instrument import instrument
 from edgequant.mixed.sensitivity import (
     Sensitivity,
     UniformModels,

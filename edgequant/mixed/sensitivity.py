@@ -28,7 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import batch_size, call_model, metric_number
+from edgequant.batches import batch_size, call_model, metric_number
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
 from edgequant.spec import LayerOverride, QuantSpec, Recipe, activation_spec, weight_spec
@@ -37,7 +37,7 @@ EvalFn = Callable[[nn.Module], float]
 
 
 def eval_metric(eval_fn: EvalFn, model: nn.Module, what: str) -> float:
-    """eval_fn(model) as a finite float (instrument.metric_number); `what` names the model in the
+    """eval_fn(model) as a finite float (batches.metric_number); `what` names the model in the
     error (e.g. "the FP32 model", "the plan at 2.50 bits per weight")."""
     return metric_number(eval_fn(model), "eval_fn", what)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import call_model
+from edgequant.batches import call_model
 from edgequant.modules import QuantMixin
 from edgequant.ptq.calibrate import naming_the_batch
 from edgequant.quantizer import quantizers

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from edgequant.instrument import batch_size, call_model
+from edgequant.batches import batch_size, call_model
 from edgequant.modules import QuantMixin
 from edgequant.ptq.adaround import rectified_sigmoid, rounding_penalty, soft_rounding
 from edgequant.ptq.rounding import layer_input, on_grid, supports, weight_grid

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import batch_size, call_model, check_finite, describe_batch
+from edgequant.batches import batch_size, call_model, check_finite, describe_batch
 from edgequant.quantizer import calibration_mode, quantizers
 
 
@@ -40,7 +40,7 @@ def naming_the_batch(batch: Any, what: str) -> Iterator[None]:
     """A RuntimeError raised while the model runs on `batch` (torch's "mat1 and mat2 shapes
     cannot be multiplied", a dtype mismatch) becomes a ValueError naming the batch (`what`, e.g.
     "calib_data item 3") and its shapes. Errors raised outside the model's forward pass
-    (instrument.call_model) go through unchanged."""
+    (batches.call_model) go through unchanged."""
     try:
         yield
     except RuntimeError as err:

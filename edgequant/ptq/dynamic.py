@@ -8,11 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info, batch_size, instrument
+from edgequant.batches import batch_size
+from edgequant.instrument import instrument
 from edgequant.ptq.calibrate import collect, naming_the_batch, peek
 from edgequant.ptq.static import apply_outlier_steps, calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec
+from edgequant.summary import Summary, attach_info
 
 
 def build_dynamic(

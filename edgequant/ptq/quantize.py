@@ -14,7 +14,6 @@ from typing import Any, cast
 from torch import nn
 
 from edgequant.check import require_target_fits
-from edgequant.instrument import attach_info
 from edgequant.modules import QUANT_MODULES, QuantLinear
 from edgequant.ptq.calibrate import naming_the_batch, peek
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
@@ -23,6 +22,7 @@ from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.quantizer import quantizers
 from edgequant.spec import TARGETS, Recipe
+from edgequant.summary import attach_info
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "static": quantize_static,

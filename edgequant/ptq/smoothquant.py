@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from edgequant import functional as F
-from edgequant.instrument import batch_size, call_model
+from edgequant.batches import batch_size, call_model
 from edgequant.modules import QuantLinear
 from edgequant.observers import OBSERVERS
 from edgequant.ptq.calibrate import naming_the_batch

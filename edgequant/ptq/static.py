@@ -9,13 +9,9 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from edgequant.instrument import (
-    Summary,
-    attach_info,
-    batch_size,
-    instrument,
-    place_graph_quantizers,
-)
+from edgequant.batches import batch_size
+from edgequant.graph_quantizers import place_graph_quantizers
+from edgequant.instrument import instrument
 from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq import auto, outliers
 from edgequant.ptq.adaround import round_adaround
@@ -30,10 +26,12 @@ from edgequant.ptq.rounding import supports as rounding_support
 from edgequant.ptq.smoothquant import describe_smoothing
 from edgequant.quantizer import quantizers
 from edgequant.spec import TARGETS, Recipe
+from edgequant.summary import Summary, attach_info
 
 # The learned rounding methods by Recipe.rounding name ("block" rounds with AdaRound inside
 # BRECQ's blocks).
 ROUNDERS: dict[str, Callable[..., None]] = {"gptq": round_gptq, "adaround": round_adaround}
+
 
 def calibrate_weights(qmodel: nn.Module) -> None:
     """Fix every weight quantizer from its (BN-folded) weight."""
@@ -164,7 +162,7 @@ def resolve_pipeline(
 
 def execution_order(qmodel: nn.Module, batch: Any) -> list[tuple[str, QuantMixin]]:
     """Quantized layers in the order the model runs them (each once)."""
-    from edgequant.instrument import call_model
+    from edgequant.batches import call_model
 
     order: list[str] = []
     handles = [

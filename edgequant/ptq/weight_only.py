@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info, batch_size, instrument
+from edgequant.batches import batch_size
+from edgequant.instrument import instrument
 from edgequant.ptq.calibrate import collect, naming_the_batch, peek
 from edgequant.ptq.static import (
     apply_refinement,
@@ -16,6 +17,7 @@ from edgequant.ptq.static import (
     resolve_pipeline,
 )
 from edgequant.spec import Recipe
+from edgequant.summary import Summary, attach_info
 
 
 def build_weight_only(

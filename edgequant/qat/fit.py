@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgequant.instrument import metric_number, nonfinite
+from edgequant.batches import metric_number, nonfinite
 from edgequant.qat import checkpoint as ckpt
 from edgequant.qat.config import FitConfig
 from edgequant.qat.distill import FeatureMatch, distillation_loss, feature_layer_names

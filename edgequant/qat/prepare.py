@@ -27,7 +27,6 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from edgequant.instrument import Summary, attach_info
 from edgequant.ptq.calibrate import collect, peek, run_calibration
 from edgequant.ptq.quantize import check_recipe_fits
 from edgequant.ptq.static import build_static, calibrate_weights
@@ -37,6 +36,7 @@ from edgequant.qat.lsq import LSQQuantizer
 from edgequant.qat.pact import PACTQuantizer
 from edgequant.quantizer import TensorQuantizer, quantizers
 from edgequant.spec import RANGE_LEARNING, Recipe
+from edgequant.summary import Summary, attach_info
 
 
 def _ema(q: TensorQuantizer) -> QATQuantizer:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgequant.instrument import call_model, metric_number, nonfinite
+from edgequant.batches import call_model, metric_number, nonfinite
 
 # Every HOLDOUT_EVERY-th batch of train_data is held out of training to score each epoch; an
 # epoch replaces the start only when it wins by more than SELECTION_Z standard errors.

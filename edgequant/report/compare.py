@@ -23,9 +23,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from edgequant.instrument import Summary, call_model, metric_number
+from edgequant.batches import call_model, metric_number
 from edgequant.qat.selection import holdout_split
 from edgequant.spec import Recipe
+from edgequant.summary import Summary
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
 Predict = Callable[[Any], torch.Tensor]
@@ -93,7 +94,7 @@ def default_runs(qat: bool = True, qat_epochs: int = 3) -> list[Run]:
 
 
 def _batch_len(batch: Any) -> int:
-    from edgequant.instrument import batch_size
+    from edgequant.batches import batch_size
 
     return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
@@ -332,7 +333,7 @@ def _folder(out_dir: str | Path, name: str) -> Path:
 
 
 def _metric(value: Any, what: str) -> float:
-    """eval_fn's result as a finite float (instrument.metric_number)."""
+    """eval_fn's result as a finite float (batches.metric_number)."""
     return metric_number(value, "eval_fn", what)
 
 

@@ -1,0 +1,121 @@
+"""Batches as users pass them (a tensor, a tuple, a dict of tensors): run a model on one, count
+its samples, describe it in an error, and check it and a metric's value for NaN and Inf."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def call_model(model: nn.Module, batch: Any, index: int = 0) -> Any:
+    """Run the model on one calibration item: a tensor, a tuple of positional args, or a dict of
+    keyword args (a Hugging Face tokenizer batch)."""
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        try:
+            return model(*batch)
+        except TypeError as err:
+            if len(batch) == 2:
+                raise TypeError(
+                    f"calling the model on calibration item {index} failed ({err}); tuples are passed as "
+                    "positional arguments: if your loader yields (inputs, labels), pass "
+                    "(x for x, _ in loader)"
+                ) from err
+            raise
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return model(**dict(batch))
+    raise TypeError(
+        f"calibration items must be tensors, tuples of tensors or dicts of keyword arguments; got {type(batch).__name__}"
+    )
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in one calibration item (dim 0 of its first tensor)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    values: Iterable[Any] = batch.values() if hasattr(batch, "values") else batch
+    for v in values:
+        if isinstance(v, Tensor):
+            return int(v.shape[0]) if v.dim() > 0 else 1
+    raise TypeError(f"calibration item of type {type(batch).__name__} holds no tensor")
+
+
+def describe_batch(batch: Any) -> str:
+    """What one model input holds, for errors: 'a Tensor (4, 7) float32', 'a tuple of ...'; the
+    device where it is not the CPU. Every error that names a batch (calibration, export,
+    verification, compare) describes it with this."""
+
+    def one(v: Any) -> str:
+        if isinstance(v, Tensor):
+            where = "" if v.device.type == "cpu" else f" on {v.device}"
+            return f"Tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}{where}"
+        return type(v).__name__
+
+    if isinstance(batch, Tensor):
+        return f"a {one(batch)}"
+    if isinstance(batch, (tuple, list)):
+        more = ", ..." if len(batch) > 4 else ""
+        return f"a {type(batch).__name__} of {', '.join(one(v) for v in batch[:4])}{more}"
+    if hasattr(batch, "items"):
+        items = list(batch.items())
+        more = ", ..." if len(items) > 4 else ""
+        return "a mapping of " + ", ".join(f"{k}: {one(v)}" for k, v in items[:4]) + more
+    return f"a {type(batch).__name__}"
+
+
+def metric_number(value: Any, fn: str, what: str, finite: bool = True) -> float:
+    """What a user's metric function (`fn`: "eval_fn", "val_fn") returned for `what`, as a float:
+    an int, a float, a numpy scalar, a one-element tensor or array. Anything else is a TypeError
+    naming the type (and shape); with finite=True a NaN or Inf is a ValueError, because it
+    compares false with every tolerance and would quietly accept or reject everything."""
+    number: float | None = None
+    if getattr(value, "size", None) == 1 or (isinstance(value, Tensor) and value.numel() == 1):
+        value = value.item()  # one-element numpy arrays and tensors, whatever their shape
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+    if number is None:
+        shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(
+            f"{fn} must return a number (a float), but for {what} it returned {type(value).__name__}{shape} "
+            f"{shown}"
+        )
+    if finite and not math.isfinite(number):
+        raise ValueError(
+            f"{fn} returned {number} for {what}: it must return a finite number, so that it can "
+            "be compared with the FP32 model's and the tolerance"
+        )
+    return number
+
+
+def nonfinite(t: Any, nan_only: bool = False) -> int:
+    """How many values of `t` are NaN (or, unless nan_only, +-Inf); 0 for anything that is not a
+    float tensor with data. The one test behind every "holds NaN" refusal: calibration items
+    (check_finite), QAT's training batches, export's example and verification inputs."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_meta:
+        return 0
+    bad = torch.isnan(t) if nan_only else ~torch.isfinite(t)
+    return int(bad.sum())
+
+
+def check_finite(batch: Any, index: int) -> None:
+    tensors: Iterable[Any]
+    if isinstance(batch, Tensor):
+        tensors = [batch]
+    else:
+        tensors = batch.values() if hasattr(batch, "values") else batch
+    for t in tensors:
+        if count := nonfinite(t):
+            raise ValueError(
+                f"calibration item {index} holds NaN or Inf in the model's input ({count} of "
+                f"{t.numel()} values)"
+            )
