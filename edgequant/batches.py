@@ -3,8 +3,10 @@ its samples, describe it in an error, and check it and a metric's value for NaN 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+import traceback
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -119,3 +121,36 @@ def check_finite(batch: Any, index: int) -> None:
                 f"calibration item {index} holds NaN or Inf in the model's input ({count} of "
                 f"{t.numel()} values)"
             )
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        return (), dict(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors; "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def naming_the_batch(batch: Any, what: str) -> Iterator[None]:
+    """A RuntimeError raised while the model runs on `batch` (torch's "mat1 and mat2 shapes
+    cannot be multiplied", a dtype mismatch) becomes a ValueError naming the batch (`what`, e.g.
+    "calib_data item 3") and its shapes. Errors raised outside the model's forward pass
+    (batches.call_model) go through unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(f.name == "call_model" for f in traceback.extract_tb(err.__traceback__)):
+            raise
+        raise ValueError(
+            f"the model failed on {what} ({describe_batch(batch)}): {type(err).__name__}: "
+            f"{err}; is it what the model's forward takes (shapes, dtypes)?"
+        ) from err

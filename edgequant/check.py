@@ -3,7 +3,7 @@ cannot run in integer, and what to do about each (keep it in float where the tar
 a known replacement, or refuse).
 
 `check(model, target, example_inputs)` traces a PyTorch model with torch.fx (forward hooks on
-the modules when fx cannot trace it); `check_onnx(path, target)` reads an ONNX graph. Both
+the modules when fx cannot trace it); `export.check_onnx.check_onnx(path, target)` reads an ONNX graph. Both
 return a CheckResult: one row per op instance the target cannot run in integer, and `ok`.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import operator
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -223,7 +222,7 @@ _NAMED_METHODS = {
 }
 
 # ONNX op types (for check_onnx): integer ones, then named non-integer ones.
-_ONNX_INTEGER = {
+ONNX_INTEGER = {
     "Conv": "conv",
     "Gemm": "linear",
     "MatMul": "linear",
@@ -249,8 +248,8 @@ _ONNX_INTEGER = {
     "Gather": "embedding",
 }
 # ONNX ops that read only a tensor's shape: no computation on its values.
-_SHAPE_ONLY_ONNX = ("Shape", "Size")
-_ONNX_NAMED = {
+SHAPE_ONLY_ONNX = ("Shape", "Size")
+ONNX_NAMED = {
     "Gelu": "gelu",
     "Erf": "gelu",
     "Sigmoid": "sigmoid",
@@ -359,7 +358,7 @@ def _module_op(m: nn.Module) -> str:
     return type(m).__name__
 
 
-def _row(node: str, op: str, fully_integer: bool, target: str, at_output: bool) -> OpRow:
+def op_row(node: str, op: str, fully_integer: bool, target: str, at_output: bool) -> OpRow:
     replacement, why = _NOT_INTEGER.get(op, (None, "no integer kernel known for this op"))
     if not fully_integer:
         return OpRow(
@@ -382,7 +381,7 @@ def _row(node: str, op: str, fully_integer: bool, target: str, at_output: bool) 
     return OpRow(node, op, REFUSE, f"{target} cannot run it: {why}")
 
 
-def _target(target: str) -> Any:
+def target_spec(target: str) -> Any:
     if not isinstance(target, str):
         hint = f" (this recipe's is {target.target!r})" if hasattr(target, "target") else ""
         raise TypeError(
@@ -467,7 +466,7 @@ def _is_tensor_node(node: torch.fx.Node, memo: dict[torch.fx.Node, bool]) -> boo
 def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
     gm = torch.fx.symbolic_trace(model)
     if example_inputs is not None:
-        from edgequant.export.onnx import split_inputs
+        from edgequant.batches import split_inputs
 
         args, kwargs = split_inputs(example_inputs)
         if not kwargs:
@@ -512,12 +511,11 @@ def _check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> Non
             continue
         at_output = any(u.op == "output" for u in node.users)
         label = str(node.target) if node.op == "call_module" else node.name
-        result.rows.append(_row(label, other, fully, result.target, at_output))
+        result.rows.append(op_row(label, other, fully, result.target, at_output))
 
 
 def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
-    from edgequant.batches import call_model
-    from edgequant.ptq.calibrate import naming_the_batch
+    from edgequant.batches import call_model, naming_the_batch
 
     seen: list[tuple[str, nn.Module]] = []
     hooks = []
@@ -553,7 +551,7 @@ def _check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> 
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue
         other = _module_op(m)
-        result.rows.append(_row(name, other, result.fully_integer, result.target, name == last))
+        result.rows.append(op_row(name, other, result.fully_integer, result.target, name == last))
 
 
 def check(model: nn.Module, target: str, example_inputs: Any = None) -> CheckResult:
@@ -565,7 +563,7 @@ def check(model: nn.Module, target: str, example_inputs: Any = None) -> CheckRes
     modules instead (needs example_inputs; functional ops are then invisible, and the result
     says so). Unknown target: ValueError listing the known ones.
     """
-    spec = _target(target)
+    spec = target_spec(target)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     result = CheckResult(target=spec.name, fully_integer=spec.fully_integer)
@@ -603,7 +601,7 @@ def require_target_fits(
     Only static quantization gives integer activations everywhere; the ops are those `check`
     refuses, must replace, or would remove at the output.
     """
-    spec = _target(target)
+    spec = target_spec(target)
     if not spec.fully_integer:
         return
     if method != "static":
@@ -632,37 +630,3 @@ def require_target_fits(
             f"cannot run in integer: {listed}{more}. Nothing was calibrated; "
             "`edgequant check` lists every one"
         )
-
-
-def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
-    """The same check on an ONNX graph (a float export, or a QDQ one): every node that reads or
-    writes float data, by op type."""
-    spec = _target(target)
-    from edgequant.export.integer import _float_tensors, _load
-
-    model = _load(path)
-    floats = _float_tensors(model)
-    result = CheckResult(
-        target=spec.name, fully_integer=spec.fully_integer, traced_with="ONNX graph"
-    )
-    outputs = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
-            continue
-        if not any(i in floats for i in node.input) and not any(o in floats for o in node.output):
-            continue
-        kind = _ONNX_INTEGER.get(node.op_type)
-        if node.op_type == "Resize":
-            mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
-            kind = kind if mode == "nearest" else None
-        if node.op_type in _SHAPE_ONLY_ONNX:
-            continue
-        if kind is not None:
-            result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
-            continue
-        op = _ONNX_NAMED.get(node.op_type, node.op_type)
-        at_output = any(o in outputs for o in node.output)
-        result.rows.append(
-            _row(node.name or node.output[0], op, spec.fully_integer, spec.name, at_output)
-        )
-    return result

@@ -331,7 +331,8 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_run(args: argparse.Namespace) -> int:
     """Exit status 0 when the model can go to the target as it is, 1 when it must change."""
-    from edgequant.check import check, check_onnx
+    from edgequant.check import check
+    from edgequant.export.check_onnx import check_onnx
 
     if (args.model is None) == (args.config is None):
         raise UserError("give either MODEL.onnx or --config FILE.yaml")

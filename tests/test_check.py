@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgequant as eq
-from edgequant.check import KEEP_FLOAT, REFUSE, REMOVE, REPLACE, CheckResult, check_onnx
+from edgequant.check import KEEP_FLOAT, REFUSE, REMOVE, REPLACE, CheckResult
 from edgequant.cli import main
 from edgequant.examples.cifar10 import resnet20
+from edgequant.export.check_onnx import check_onnx
 from edgequant.export.onnx import export_float_onnx
 from edgequant.spec import TARGETS
 

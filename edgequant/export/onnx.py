@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from edgequant import functional as F
 from edgequant._io import atomic_path
-from edgequant.batches import describe_batch, nonfinite
+from edgequant.batches import describe_batch, nonfinite, split_inputs
 from edgequant.export import ops
 from edgequant.instrument import quant_layers
 from edgequant.modules import (
@@ -467,22 +467,6 @@ def lower(qmodel: nn.Module, weight_storage: str = "exact") -> nn.Module:
                     f"quantizer {m.name!r} is in mode {m.mode!r}; calibrate the model before export"
                 )
     return lowered
-
-
-# --- inputs ---------------------------------------------------------------------------------
-
-
-def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
-        return (), dict(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors; "
-        f"got {type(example_inputs).__name__}"
-    )
 
 
 def batch_list(data: Any, name: str) -> list[Any]:

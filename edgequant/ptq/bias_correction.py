@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgequant.batches import call_model
+from edgequant.batches import call_model, naming_the_batch
 from edgequant.modules import QuantMixin
-from edgequant.ptq.calibrate import naming_the_batch
 from edgequant.quantizer import quantizers
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from edgequant.batches import batch_size, call_model, check_finite, describe_batch
+from edgequant.batches import batch_size, call_model, check_finite, naming_the_batch
 from edgequant.quantizer import calibration_mode, quantizers
 
 
@@ -33,23 +32,6 @@ def peek(calib_data: Iterable[Any] | None, what: str = "calib_data") -> tuple[An
     except StopIteration:
         raise ValueError(f"{what} is empty: at least one batch of model inputs is needed") from None
     return first, itertools.chain([first], it)
-
-
-@contextlib.contextmanager
-def naming_the_batch(batch: Any, what: str) -> Iterator[None]:
-    """A RuntimeError raised while the model runs on `batch` (torch's "mat1 and mat2 shapes
-    cannot be multiplied", a dtype mismatch) becomes a ValueError naming the batch (`what`, e.g.
-    "calib_data item 3") and its shapes. Errors raised outside the model's forward pass
-    (batches.call_model) go through unchanged."""
-    try:
-        yield
-    except RuntimeError as err:
-        if not any(f.name == "call_model" for f in traceback.extract_tb(err.__traceback__)):
-            raise
-        raise ValueError(
-            f"the model failed on {what} ({describe_batch(batch)}): {type(err).__name__}: "
-            f"{err}; is it what the model's forward takes (shapes, dtypes)?"
-        ) from err
 
 
 def take_samples(batch: Any, n: int) -> Any:

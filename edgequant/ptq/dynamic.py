@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.batches import batch_size
+from edgequant.batches import batch_size, naming_the_batch
 from edgequant.instrument import instrument
-from edgequant.ptq.calibrate import collect, naming_the_batch, peek
+from edgequant.ptq.calibrate import collect, peek
 from edgequant.ptq.static import apply_outlier_steps, calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.spec import Recipe, activation_spec

@@ -13,9 +13,10 @@ from typing import Any, cast
 
 from torch import nn
 
+from edgequant.batches import naming_the_batch
 from edgequant.check import require_target_fits
 from edgequant.modules import QUANT_MODULES, QuantLinear
-from edgequant.ptq.calibrate import naming_the_batch, peek
+from edgequant.ptq.calibrate import peek
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
 from edgequant.ptq.outlier_split import resize_input
 from edgequant.ptq.static import build_static, quantize_static

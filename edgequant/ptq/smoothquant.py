@@ -25,10 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from edgequant import functional as F
-from edgequant.batches import batch_size, call_model
+from edgequant.batches import batch_size, call_model, naming_the_batch
 from edgequant.modules import QuantLinear
 from edgequant.observers import OBSERVERS
-from edgequant.ptq.calibrate import naming_the_batch
 
 # Candidates of the per-layer search ("auto"): this grid, then half a step either side of its
 # best; "no smoothing" (s = 1) is always a candidate too.

@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from edgequant.batches import batch_size
+from edgequant.batches import batch_size, naming_the_batch
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
 from edgequant.modules import QuantMixin, fast_simulation
@@ -17,7 +17,7 @@ from edgequant.ptq import auto, outliers
 from edgequant.ptq.adaround import round_adaround
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.brecq import Group, SegmentError, block_plan, reconstruct_group
-from edgequant.ptq.calibrate import capture_inputs, collect, naming_the_batch, peek, run_calibration
+from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.gptq import round_gptq
 from edgequant.ptq.outlier_split import describe_split

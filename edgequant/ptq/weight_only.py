@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from edgequant.batches import batch_size
+from edgequant.batches import batch_size, naming_the_batch
 from edgequant.instrument import instrument
-from edgequant.ptq.calibrate import collect, naming_the_batch, peek
+from edgequant.ptq.calibrate import collect, peek
 from edgequant.ptq.static import (
     apply_refinement,
     calibrate_weights,
