@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 
 from edgequant.examples import cifar10
 from edgequant.examples.shared import shared_dir
+
+# tests/toys.py and tests/zoo.py are imported by name from every test folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Under pytest-xdist each worker gets one intra-op thread: the workers share the cores, and
 # two threads per worker on two cores would only contend.

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
+from toys import TinyResidual, gen  # tests/toys.py
 
 import edgequant as eq
 from edgequant.batches import batch_size, call_model
@@ -20,16 +21,12 @@ from edgequant.quantizer import quantizers
 from edgequant.summary import Summary
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = _gen(seed)
+    g = gen(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -86,21 +83,6 @@ class Conv1dNet(nn.Module):
         return self.head(torch_F.relu(self.conv2(x)).mean(-1))
 
 
-class Residual(nn.Module):
-    """A toy residual block: F.relu and an add of the block's input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch_F.relu(self.conv1(x))
-        y = torch_F.relu(self.conv2(y) + x)
-        return self.fc(y.mean((2, 3)))
-
-
 class Keywords(nn.Module):
     """Takes keyword tensors, as a Hugging Face model takes a tokenizer batch."""
 
@@ -117,14 +99,14 @@ MODELS = {
     "cnn": (SmallCNN, (4, 3, 8, 8)),
     "mlp": (MLP, (4, 16)),
     "conv1d": (Conv1dNet, (4, 2, 16)),
-    "residual": (Residual, (4, 4, 6, 6)),
+    "residual": (TinyResidual, (4, 4, 6, 6)),
 }
 
 
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     cls, shape = MODELS[name]
     torch.manual_seed(0)
-    return _randomize_bn(cls()), torch.randn(*shape, generator=_gen(1))
+    return _randomize_bn(cls()), torch.randn(*shape, generator=gen(1))
 
 
 # --- the quantized copy, quantizers disabled ----------------------------------------------------
@@ -187,7 +169,7 @@ class ConvCalledTwice(nn.Module):
 def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(SharedConvOutput())
-    x = torch.randn(2, 3, 6, 6, generator=_gen(2))
+    x = torch.randn(2, 3, 6, 6, generator=gen(2))
     qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
     with torch.no_grad():
         assert _rel_err(qmodel(x), model(x)) < 1e-5
@@ -197,7 +179,7 @@ def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
 def test_bn_not_folded_into_a_layer_that_runs_twice() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(ConvCalledTwice())
-    x = torch.randn(2, 4, 6, 6, generator=_gen(3))
+    x = torch.randn(2, 4, 6, 6, generator=gen(3))
     qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
     with torch.no_grad():
         assert _rel_err(qmodel(x), model(x)) < 1e-5
@@ -252,7 +234,7 @@ class Odd(nn.Module):
 
 def test_summary_lists_layernorm_as_float_with_a_reason() -> None:
     torch.manual_seed(0)
-    ids = torch.randint(0, 20, (2, 5), generator=_gen(4))
+    ids = torch.randint(0, 20, (2, 5), generator=gen(4))
     _, summary = instrument(EmbedNorm().eval(), eq.Recipe.preset("w8a8"), ids, "static")
     records = {r.name: r for r in summary.layers}
     assert set(records) == {"emb", "norm", "fc"}
@@ -267,13 +249,13 @@ def test_summary_lists_layernorm_as_float_with_a_reason() -> None:
 def test_summary_reasons_for_subclass_unused_and_skipped_layers() -> None:
     torch.manual_seed(0)
     recipe = eq.Recipe.preset("w8a8").replace(skip=("nothing",))
-    _, summary = instrument(Odd().eval(), recipe, torch.randn(2, 4, generator=_gen(5)), "static")
+    _, summary = instrument(Odd().eval(), recipe, torch.randn(2, 4, generator=gen(5)), "static")
     reasons = {r.name: r.reason for r in summary.skipped}
     assert "own forward" in reasons["scaled"]
     assert "never ran" in reasons["unused"]
     assert [r.name for r in summary.quantized] == ["fc"]
     recipe = eq.Recipe.preset("w8a8").replace(skip=("fc2",))
-    _, summary = instrument(MLP().eval(), recipe, torch.randn(2, 16, generator=_gen(6)), "static")
+    _, summary = instrument(MLP().eval(), recipe, torch.randn(2, 16, generator=gen(6)), "static")
     assert "skip list" in {r.name: r.reason for r in summary.layers}["fc2"]
 
 
@@ -316,7 +298,7 @@ class Reordered(nn.Module):
 def test_first_and_last_executed_layers_stay_at_8_bits() -> None:
     torch.manual_seed(0)
     qmodel, summary = instrument(
-        Reordered().eval(), eq.Recipe.preset("w4a4"), torch.randn(2, 4, generator=_gen(7)), "static"
+        Reordered().eval(), eq.Recipe.preset("w4a4"), torch.randn(2, 4, generator=gen(7)), "static"
     )
     bits = {
         n: (m.weight_quantizer.spec.bits, m.input_quantizer.spec.bits)
@@ -333,7 +315,7 @@ def test_first_last_rule_is_off_for_8_bit_presets() -> None:
     torch.manual_seed(0)
     recipe = eq.Recipe.preset("w4a8").replace(first_last_bits=None)
     qmodel, _ = instrument(
-        Reordered().eval(), recipe, torch.randn(2, 4, generator=_gen(8)), "static"
+        Reordered().eval(), recipe, torch.randn(2, 4, generator=gen(8)), "static"
     )
     assert {m.weight_quantizer.spec.bits for _, m in quant_layers(qmodel)} == {4}
 
@@ -344,7 +326,7 @@ def test_group_size_must_divide_the_weight() -> None:
         weight=eq.QuantSpec(bits=4, granularity="group", axis=1, group_size=5), activation=None
     )
     with pytest.raises(ValueError, match="'fc1'.*group_size 5"):
-        instrument(MLP().eval(), recipe, torch.randn(2, 16, generator=_gen(9)), "weight_only")
+        instrument(MLP().eval(), recipe, torch.randn(2, 16, generator=gen(9)), "weight_only")
 
 
 def test_argument_types_are_checked() -> None:
@@ -415,7 +397,7 @@ class Untraceable(nn.Module):
 
 def test_untraceable_model_is_returned_unchanged_with_a_note() -> None:
     torch.manual_seed(0)
-    x = torch.randn(3, 4, generator=_gen(10))
+    x = torch.randn(3, 4, generator=gen(10))
     qmodel, summary = instrument(Untraceable().eval(), eq.Recipe.preset("w8a8"), x, "static")
     assert place_graph_quantizers(qmodel, summary) is qmodel
     assert len(summary.notes) == 1 and "torch.fx could not trace" in summary.notes[0]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
+from toys import bitwise_equal, gen  # tests/toys.py
 
 from edgequant.functional import sqnr_db
 from edgequant.modules import (
@@ -21,21 +22,13 @@ from edgequant.modules import (
 from edgequant.spec import activation_spec, weight_spec
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool((a.view(torch.int32) == b.view(torch.int32)).all())
-
-
 def _random_bn(bn: nn.Module, seed: int) -> nn.Module:
     """Non-trivial running statistics and affine parameters, eval mode."""
-    g = _gen(seed)
+    g = gen(seed)
     with torch.no_grad():
         n = bn.running_mean.numel()
         bn.running_mean.copy_(torch.randn(n, generator=g))
@@ -80,7 +73,7 @@ def test_bn_folding_equals_layer_then_bn(case: str) -> None:
     make_layer, make_bn, shape = CONV_BN_CASES[case]
     torch.manual_seed(0)
     layer, bn = make_layer().eval(), _random_bn(make_bn(), seed=1)
-    x = torch.randn(*shape, generator=_gen(2))
+    x = torch.randn(*shape, generator=gen(2))
     with torch.no_grad():
         expected = bn(layer(x))
         folded = from_float(layer, weight_spec(8), activation_spec(8), "layer", bn=bn)
@@ -94,8 +87,8 @@ def test_bn_folding_equals_layer_then_bn(case: str) -> None:
 
 def test_fold_batchnorm_formula() -> None:
     bn = _random_bn(nn.BatchNorm2d(4), seed=3)
-    w = torch.randn(4, 2, 3, 3, generator=_gen(4))
-    b = torch.randn(4, generator=_gen(5))
+    w = torch.randn(4, 2, 3, 3, generator=gen(4))
+    b = torch.randn(4, generator=gen(5))
     w_f, b_f = fold_batchnorm(w, b, bn)
     factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     assert torch.allclose(w_f, w * factor.reshape(4, 1, 1, 1), rtol=1e-6, atol=0)
@@ -149,7 +142,7 @@ def test_quantized_layer_matches_pytorch_reference(case: str, bits: int) -> None
     make, shape = CONV_CASES[case]
     torch.manual_seed(6)
     float_layer = make().eval()
-    x = torch.randn(*shape, generator=_gen(7))
+    x = torch.randn(*shape, generator=gen(7))
     layer = from_float(float_layer, weight_spec(bits), activation_spec(8), case)
     _calibrate(layer, x)
     x_q, w_q = _reference_inputs(layer, x, bits)
@@ -165,7 +158,7 @@ def test_quantized_layer_matches_pytorch_reference(case: str, bits: int) -> None
         # Eval mode runs the integer form (exact integer sums, then one scaling per channel):
         # the same numbers up to float rounding.
         integer = layer.eval()(x)
-    assert _bitwise_equal(actual, expected)
+    assert bitwise_equal(actual, expected)
     assert sqnr_db(expected, integer) > 100.0
     # Grouping survives the swap.
     if not isinstance(float_layer, nn.Linear):
@@ -195,7 +188,7 @@ def test_from_float_rejects_unsupported_layers() -> None:
 def _layer_with_off_grid_bias(act: bool) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(8)
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    x = torch.randn(2, 3, 6, 6, generator=_gen(9))
+    x = torch.randn(2, 3, 6, 6, generator=gen(9))
     layer = from_float(conv, weight_spec(8), activation_spec(8) if act else None, "conv")
     _calibrate(layer, x)
     return layer, x
@@ -206,7 +199,7 @@ def test_bias_is_int32_on_input_times_weight_scale_when_statically_quantized() -
     s_in, s_w = layer.input_quantizer.scale, layer.weight_quantizer.scale
     bias_scale = layer.bias_scale()
     assert bias_scale is not None
-    assert _bitwise_equal(bias_scale, (s_in * s_w).float())
+    assert bitwise_equal(bias_scale, (s_in * s_w).float())
     # Put each bias 0.37 steps off its grid: the layer must use the rounded value.
     steps = torch.tensor([3.37, -1200.37, 0.37, 2.0**20 + 0.37])
     with torch.no_grad():
@@ -240,7 +233,7 @@ def test_bias_stays_float_with_group_weights() -> None:
     torch.manual_seed(10)
     lin = nn.Linear(8, 4)
     layer = from_float(lin, weight_spec(4, group_size=4), activation_spec(8), "fc")
-    _calibrate(layer, torch.randn(5, 8, generator=_gen(11)))
+    _calibrate(layer, torch.randn(5, 8, generator=gen(11)))
     assert layer.weight_quantizer.scale.shape == (4, 2)
     assert layer.bias_scale() is None
 
@@ -256,7 +249,7 @@ def test_from_float_does_not_modify_or_alias_the_original() -> None:
     before_bn = {k: v.clone() for k, v in bn.state_dict().items()}
     q = from_float(conv, weight_spec(4), activation_spec(4), "conv", bn=bn)
     assert q.training  # follows the original's mode
-    x = torch.randn(2, 3, 6, 6, generator=_gen(14))
+    x = torch.randn(2, 3, 6, 6, generator=gen(14))
     _calibrate(q, x)
     with torch.no_grad():
         q(x)

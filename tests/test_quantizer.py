@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import bitwise_equal, gen  # tests/toys.py
 
 import edgequant as eq
 from edgequant import functional as F
@@ -14,21 +15,12 @@ from edgequant.instrument import instrument
 from edgequant.quantizer import MODES, TensorQuantizer, calibration_mode, quantizers
 from edgequant.spec import activation_spec, weight_spec
 
-
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool((a.view(torch.int32) == b.view(torch.int32)).all())
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # --- modes --------------------------------------------------------------------------------------
 
 
 def test_starts_disabled_and_passes_through() -> None:
     q = TensorQuantizer(activation_spec(8), "x")
-    x = torch.randn(4, 5, generator=_gen())
+    x = torch.randn(4, 5, generator=gen())
     assert q.mode == "disabled" and not q.calibrated
     assert q(x) is x
 
@@ -36,7 +28,7 @@ def test_starts_disabled_and_passes_through() -> None:
 def test_observe_passes_through_and_records() -> None:
     q = TensorQuantizer(activation_spec(8), "x")
     q.set_mode("observe")
-    x = torch.randn(4, 5, generator=_gen())
+    x = torch.randn(4, 5, generator=gen())
     y = q(x)
     assert y is x
     q.compute_qparams()
@@ -76,25 +68,25 @@ def test_bad_constructor_arguments() -> None:
 
 def test_quantize_per_tensor_matches_pytorch_reference() -> None:
     q = TensorQuantizer(activation_spec(8), "x")
-    calib = torch.randn(64, 16, generator=_gen(1)) * 3 + 0.5
+    calib = torch.randn(64, 16, generator=gen(1)) * 3 + 0.5
     q.calibrate_tensor(calib)
     q.set_mode("quantize")
-    x = torch.randn(32, 16, generator=_gen(2)) * 4  # also outside the calibrated range
+    x = torch.randn(32, 16, generator=gen(2)) * 4  # also outside the calibrated range
     expected = torch.fake_quantize_per_tensor_affine(x, float(q.scale), int(q.zero_point), 0, 255)
-    assert _bitwise_equal(q(x), expected)
+    assert bitwise_equal(q(x), expected)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_per_channel_weight_matches_pytorch_reference(bits: int) -> None:
     q = TensorQuantizer(weight_spec(bits), "conv.weight", role="weight")
-    w = torch.randn(6, 3, 3, 3, generator=_gen(3)) * torch.linspace(0.1, 2.0, 6).reshape(6, 1, 1, 1)
+    w = torch.randn(6, 3, 3, 3, generator=gen(3)) * torch.linspace(0.1, 2.0, 6).reshape(6, 1, 1, 1)
     q.calibrate_tensor(w)
     q.set_mode("quantize")
     assert q.scale.shape == (6,)
     assert bool((q.zero_point == 0).all())  # symmetric
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     expected = torch.fake_quantize_per_channel_affine(w, q.scale, q.zero_point, 0, qmin, qmax)
-    assert _bitwise_equal(q(w), expected)
+    assert bitwise_equal(q(w), expected)
     # Every channel's largest magnitude lands within half a step of the grid's edge.
     steps = w.abs().amax(dim=(1, 2, 3)) / q.scale
     assert bool(((steps - qmax).abs() <= 1.0).all())
@@ -103,7 +95,7 @@ def test_quantize_per_channel_weight_matches_pytorch_reference(bits: int) -> Non
 def test_dynamic_mode_takes_parameters_from_each_tensor() -> None:
     q = TensorQuantizer(activation_spec(8), "x")
     q.set_mode("dynamic")  # no calibration needed
-    small = torch.randn(8, 4, generator=_gen(4))
+    small = torch.randn(8, 4, generator=gen(4))
     large = small * 100
     y_small, y_large = q(small), q(large)
     assert torch.equal(y_small, F.dynamic_fake_quantize(small, 0, 255))
@@ -130,7 +122,7 @@ def _net() -> nn.Module:
 
 
 def _instrumented() -> nn.Module:
-    x = torch.randn(4, 8, generator=_gen(5))
+    x = torch.randn(4, 8, generator=gen(5))
     qmodel, _ = instrument(_net(), eq.Recipe.preset("w8a8"), x, "static")
     return qmodel
 
@@ -142,7 +134,7 @@ def test_calibration_mode_switches_activations_only_and_restores() -> None:
     with calibration_mode(qmodel):
         assert all(q.mode == "observe" for q in all_q if q.role == "activation")
         assert all(q.mode == "disabled" for q in all_q if q.role == "weight")
-        qmodel(torch.randn(4, 8, generator=_gen(6)))
+        qmodel(torch.randn(4, 8, generator=gen(6)))
     assert all(q.mode == "disabled" for q in all_q)
     assert all(q.observer.batches == 1 for q in all_q if q.role == "activation")
 
@@ -152,7 +144,7 @@ def test_calibration_mode_restores_modes_when_the_body_raises() -> None:
     all_q = list(quantizers(qmodel))
     for q in all_q:
         q.calibrate_tensor(
-            torch.randn(16, 8, generator=_gen(7))
+            torch.randn(16, 8, generator=gen(7))
             if q.role == "activation"
             else qmodel.get_submodule(q.name.rsplit(".", 1)[0]).weight
         )
@@ -173,31 +165,31 @@ def test_calibration_mode_restores_modes_when_the_body_raises() -> None:
 
 def test_state_dict_per_tensor_loads_into_a_fresh_quantizer() -> None:
     calibrated = TensorQuantizer(activation_spec(8), "x")
-    calibrated.calibrate_tensor(torch.randn(32, 8, generator=_gen(8)) + 1.0)
+    calibrated.calibrate_tensor(torch.randn(32, 8, generator=gen(8)) + 1.0)
     calibrated.set_mode("quantize")
     fresh = TensorQuantizer(activation_spec(8), "x")
     assert fresh.scale.numel() == 0
     fresh.load_state_dict(calibrated.state_dict())
     assert fresh.calibrated
-    assert _bitwise_equal(fresh.scale, calibrated.scale)
+    assert bitwise_equal(fresh.scale, calibrated.scale)
     assert torch.equal(fresh.zero_point, calibrated.zero_point)
     assert fresh.zero_point.dtype == torch.int32
     fresh.set_mode("quantize")
-    x = torch.randn(16, 8, generator=_gen(9)) * 2
-    assert _bitwise_equal(fresh(x), calibrated(x))
+    x = torch.randn(16, 8, generator=gen(9)) * 2
+    assert bitwise_equal(fresh(x), calibrated(x))
 
 
 def test_state_dict_per_channel_loads_into_a_fresh_quantizer() -> None:
     calibrated = TensorQuantizer(weight_spec(8), "fc.weight", role="weight")
-    w = torch.randn(6, 10, generator=_gen(10))
+    w = torch.randn(6, 10, generator=gen(10))
     calibrated.calibrate_tensor(w)
     calibrated.set_mode("quantize")
     fresh = TensorQuantizer(weight_spec(8), "fc.weight", role="weight")
     fresh.load_state_dict(calibrated.state_dict())
     assert fresh.scale.shape == (6,)
-    assert _bitwise_equal(fresh.scale, calibrated.scale)
+    assert bitwise_equal(fresh.scale, calibrated.scale)
     fresh.set_mode("quantize")
-    assert _bitwise_equal(fresh(w), calibrated(w))
+    assert bitwise_equal(fresh(w), calibrated(w))
 
 
 def _cnn() -> nn.Module:
@@ -220,7 +212,7 @@ def _cnn() -> nn.Module:
 
 def test_model_state_dict_round_trip_gives_identical_outputs() -> None:
     model = _cnn()
-    calib = [torch.randn(4, 3, 8, 8, generator=_gen(11 + i)) for i in range(3)]
+    calib = [torch.randn(4, 3, 8, 8, generator=gen(11 + i)) for i in range(3)]
     qmodel = eq.quantize(model, "w8a8", calib)
     saved = qmodel.state_dict()
     recipe = eq.Recipe.preset("w8a8")
@@ -231,9 +223,9 @@ def test_model_state_dict_round_trip_gives_identical_outputs() -> None:
     for q_fresh, q_saved in zip(quantizers(fresh), quantizers(qmodel), strict=True):
         assert q_fresh.name == q_saved.name
         assert q_fresh.scale.shape == q_saved.scale.shape
-        assert _bitwise_equal(q_fresh.scale, q_saved.scale)
+        assert bitwise_equal(q_fresh.scale, q_saved.scale)
         assert torch.equal(q_fresh.zero_point, q_saved.zero_point)
         q_fresh.set_mode(q_saved.mode)
-    x = torch.randn(8, 3, 8, 8, generator=_gen(20))
+    x = torch.randn(8, 3, 8, 8, generator=gen(20))
     with torch.no_grad():
-        assert _bitwise_equal(fresh(x), qmodel(x))
+        assert bitwise_equal(fresh(x), qmodel(x))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as torch_F
 from onnx import numpy_helper
 from torch import nn
+from toys import SmallResNet  # tests/toys.py
 
 import edgequant as eq
 from edgequant.spec import TARGETS, LayerOverride, QuantSpec, Recipe, Target
@@ -133,28 +134,10 @@ def test_retargeting_is_idempotent() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-class Residual(nn.Module):
-    """conv-bn-relu, a residual block, pooling and a linear head: a small ResNet."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch_F.relu(self.bn(self.stem(x)))
-        y = self.conv2(torch_F.relu(self.conv1(x)))
-        x = torch_F.relu(x + y)
-        return self.head(torch_F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def residual() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
     torch.manual_seed(0)
-    model = Residual().eval()
+    model = SmallResNet().eval()
     with torch.no_grad():
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)

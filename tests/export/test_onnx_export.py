@@ -4,7 +4,6 @@ a failed export leaves the target untouched (§3.4), and bad arguments fail befo
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
+from toys import gen  # tests/toys.py
 
 import edgequant as eq
 from edgequant.export.inspect import inspect_onnx
+from edgequant.functional import sqnr_db
 from edgequant.instrument import instrument
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 INT4, UINT8, INT8 = 22, 2, 3  # onnx.TensorProto data types
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    noise = float((reference.double() - actual.double()).pow(2).sum())
-    return (
-        math.inf if noise == 0 else 10 * math.log10(float(reference.double().pow(2).sum()) / noise)
-    )
 
 
 def run_ort(path: Path, item: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,11 +94,11 @@ class Keywords(nn.Module):
 
 
 def _batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
-    return [torch.randn(*shape, generator=_gen(seed + i)) for i in range(n)]
+    return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]
 
 
 def _keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.Tensor]]:
-    g = _gen(seed)
+    g = gen(seed)
     return [
         {
             "features": torch.randn(batch, 6, generator=g),
@@ -124,24 +114,24 @@ def _case(name: str) -> tuple[nn.Module, list, object]:
     if name == "classifier":
         model = Classifier()
         with torch.no_grad():
-            model.bn1.running_mean.uniform_(-0.3, 0.3, generator=_gen(1))
-            model.bn1.running_var.uniform_(0.5, 1.5, generator=_gen(2))
+            model.bn1.running_mean.uniform_(-0.3, 0.3, generator=gen(1))
+            model.bn1.running_var.uniform_(0.5, 1.5, generator=gen(2))
         return (
             model.eval(),
             _batches((8, 3, 8, 8), 4, 10),
-            torch.randn(64, 3, 8, 8, generator=_gen(99)),
+            torch.randn(64, 3, 8, 8, generator=gen(99)),
         )
     if name == "conv1d":
         return (
             Conv1dNet().eval(),
             _batches((8, 2, 16), 4, 10),
-            torch.randn(32, 2, 16, generator=_gen(99)),
+            torch.randn(32, 2, 16, generator=gen(99)),
         )
     if name == "mlp3":
         return (
             mlp(16, 32, 32, 4).eval(),
             _batches((8, 16), 4, 10),
-            torch.randn(32, 16, generator=_gen(99)),
+            torch.randn(32, 16, generator=gen(99)),
         )
     if name == "keywords":
         return Keywords().eval(), _keyword_batches(4, 10), _keyword_batches(1, 99, batch=32)[0]
@@ -270,7 +260,7 @@ class Saturating(nn.Module):
         with torch.no_grad():
             self.conv1.weight.fill_(0.5)
             self.conv1.bias.fill_(1.0)
-            self.conv2.weight.uniform_(0.5, 1.0, generator=_gen(11))
+            self.conv2.weight.uniform_(0.5, 1.0, generator=gen(11))
             self.conv2.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +273,7 @@ def test_layers_that_would_saturate_deploy_exactly(preset: str, dtype: int, tmp_
     ones stay INT8, since |w| <= 64 cannot saturate a u8s8 kernel either. Either way ONNX Runtime
     computes what the simulation computes, on any CPU."""
     model = Saturating().eval()
-    x = torch.rand(16, 3, 8, 8, generator=_gen(12)) + 1.0
+    x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0
     recipe = eq.Recipe.preset(preset).replace(first_last_bits=None)
     qmodel = eq.quantize(model, recipe, [x])
     path = tmp_path / "model.onnx"
@@ -302,7 +292,7 @@ def test_weight_storage_int8_keeps_int8_weights_and_verifies_on_this_cpu(tmp_pat
     from edgequant.export.onnx import lower, u8s8_saturates_here
 
     model = Saturating().eval()
-    x = torch.rand(16, 3, 8, 8, generator=_gen(12)) + 1.0
+    x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0
     qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(first_last_bits=None), [x])
     stored = [m.weight_q.dtype for m in lower(qmodel, "int8").modules() if hasattr(m, "weight_q")]
     assert stored == [torch.int8] * 2
@@ -319,7 +309,7 @@ def test_weight_storage_int8_keeps_int8_weights_and_verifies_on_this_cpu(tmp_pat
 
 def test_weight_storage_must_be_known(tmp_path: Path):
     model = Saturating().eval()
-    x = torch.rand(4, 3, 8, 8, generator=_gen(13))
+    x = torch.rand(4, 3, 8, 8, generator=gen(13))
     qmodel = eq.quantize(model, "w8a8", [x])
     with pytest.raises(ValueError, match="weight_storage must be one of 'exact', 'int8', got 'u8'"):
         eq.export_onnx(qmodel, tmp_path / "m.onnx", x, weight_storage="u8")
@@ -381,7 +371,7 @@ def big_mlp(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, torch.
     """A 256-256-256 MLP (weights dominate the file) and the size of its FP32 ONNX export."""
     torch.manual_seed(0)
     model = mlp(256, 256, 256).eval()
-    x = torch.randn(16, 256, generator=_gen(5))
+    x = torch.randn(16, 256, generator=gen(5))
     path = tmp_path_factory.mktemp("fp32") / "fp32.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)
     return model, x, path.stat().st_size
@@ -393,7 +383,7 @@ def test_dynamic_w8a8_agrees_and_is_at_most_030_of_fp32(big_mlp: tuple, tmp_path
     path = tmp_path / "dynamic.onnx"
     info = _export(qmodel, path, [x])
     assert info.quantized_layers == 2
-    held_out = torch.randn(32, 256, generator=_gen(7))
+    held_out = torch.randn(32, 256, generator=gen(7))
     sim, dep = _simulate(qmodel, held_out), run_ort(path, held_out)
     assert sqnr_db(sim, dep) > 40.0
     assert float((sim.argmax(1) == dep.argmax(1)).float().mean()) == 1.0
@@ -433,7 +423,7 @@ def int4_mlp(
 
 def test_weight_only_int4_export_agrees_and_stores_int4(int4_mlp: tuple) -> None:
     qmodel, path, _ = int4_mlp
-    held_out = torch.randn(32, 256, generator=_gen(6))
+    held_out = torch.randn(32, 256, generator=gen(6))
     assert sqnr_db(_simulate(qmodel, held_out), run_ort(path, held_out)) > 40.0
     stored = onnx.load(str(path))
     weights = [i for i in stored.graph.initializer if len(i.dims) == 2]

@@ -4,37 +4,17 @@ graph-level quantizers with the fallback for models torch.fx cannot trace."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from toys import TinyResidual, bitwise_equal, gen  # tests/toys.py
 
 import edgequant as eq
+from edgequant.functional import sqnr_db
 from edgequant.instrument import quant_layers
 from edgequant.quantizer import quantizers
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    noise = float((reference.double() - actual.double()).pow(2).sum())
-    return (
-        math.inf if noise == 0 else 10 * math.log10(float(reference.double().pow(2).sum()) / noise)
-    )
-
-
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and bool((a.view(torch.int32) == b.view(torch.int32)).all())
-    )
-
 
 # --- toy models ---------------------------------------------------------------------------------
 
@@ -77,19 +57,6 @@ class Conv1dNet(nn.Module):
         return self.head(x.mean(-1))
 
 
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch_F.relu(self.conv1(x))
-        y = torch_F.relu(self.conv2(y) + x)
-        return self.fc(y.mean((2, 3)))
-
-
 class Keywords(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -101,11 +68,11 @@ class Keywords(nn.Module):
 
 
 def _tensor_data(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
-    return [torch.randn(*shape, generator=_gen(seed + i)) for i in range(n)]
+    return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]
 
 
 def _keyword_data(n: int, seed: int, batch: int = 4) -> list[dict[str, torch.Tensor]]:
-    g = _gen(seed)
+    g = gen(seed)
     return [
         {
             "features": torch.randn(batch, 6, generator=g),
@@ -119,7 +86,7 @@ MODELS = {
     "cnn": (SmallCNN, (4, 3, 8, 8)),
     "mlp": (MLP, (4, 16)),
     "conv1d": (Conv1dNet, (4, 2, 16)),
-    "residual": (Residual, (4, 4, 6, 6)),
+    "residual": (TinyResidual, (4, 4, 6, 6)),
     "keywords": (Keywords, None),
 }
 
@@ -132,12 +99,12 @@ def _setup(name: str) -> tuple[nn.Module, list, object]:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5, generator=_gen(1))
-                m.running_var.uniform_(0.5, 1.5, generator=_gen(2))
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen(1))
+                m.running_var.uniform_(0.5, 1.5, generator=gen(2))
     if shape is None:
         # Six input features: a few more samples than the tensor models for the ranges to settle.
         return model, _keyword_data(8, seed=10, batch=8), _keyword_data(1, seed=99, batch=16)[0]
-    return model, _tensor_data(shape, 4, seed=10), torch.randn(16, *shape[1:], generator=_gen(99))
+    return model, _tensor_data(shape, 4, seed=10), torch.randn(16, *shape[1:], generator=gen(99))
 
 
 def _run(model: nn.Module, item: object) -> torch.Tensor:
@@ -162,10 +129,10 @@ def test_each_method_on_each_toy_model(name: str, method: str) -> None:
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(
-        _bitwise_equal(before[k], after[k]) if v.is_floating_point() else torch.equal(before[k], v)
+        bitwise_equal(before[k], after[k]) if v.is_floating_point() else torch.equal(before[k], v)
         for k, v in after.items()
     )
-    assert _bitwise_equal(_run(model, test), expected)
+    assert bitwise_equal(_run(model, test), expected)
     assert not any(True for _ in quant_layers(model))
 
     assert sqnr_db(expected, _run(qmodel, test)) > MIN_SQNR_DB[method]
@@ -217,7 +184,7 @@ class EmbedNorm(nn.Module):
 @pytest.mark.parametrize("method", ["static", "dynamic", "weight_only"])
 def test_summary_quantizes_embeddings_and_lists_layernorm_as_float(method: str) -> None:
     torch.manual_seed(0)
-    calib = [torch.randint(0, 20, (4, 7), generator=_gen(i)) for i in range(2)]
+    calib = [torch.randint(0, 20, (4, 7), generator=gen(i)) for i in range(2)]
     summary = eq.quantize(EmbedNorm().eval(), "w8a8", calib, method=method).quant_summary
     # Embedding tables take integer weights (one scale per row); their inputs are indices.
     assert [r.name for r in summary.quantized] == ["emb", "fc"]
@@ -278,7 +245,7 @@ class BlowsUp(nn.Module):
 def test_inf_inside_the_model_names_the_layer() -> None:
     torch.manual_seed(0)
     model = BlowsUp().eval()
-    calib = [torch.randn(2, 4, generator=_gen(1)), torch.randn(2, 4, generator=_gen(2)) * 1e4]
+    calib = [torch.randn(2, 4, generator=gen(1)), torch.randn(2, 4, generator=gen(2)) * 1e4]
     assert not torch.isfinite(model(calib[1])).all()
     with pytest.raises(ValueError, match=r"layer 'fc2\.input'.*NaN or Inf"):
         eq.quantize(model, "w8a8", calib)
@@ -312,7 +279,7 @@ def test_model_without_quantizable_layer_raises() -> None:
 
 def test_inputs_and_labels_loader_gives_a_hint() -> None:
     model, calib, _ = _setup("mlp")
-    loader = [(x, torch.randint(0, 4, (x.shape[0],), generator=_gen(3))) for x in calib]
+    loader = [(x, torch.randint(0, 4, (x.shape[0],), generator=gen(3))) for x in calib]
     with pytest.raises(TypeError) as info:
         eq.quantize(model, "w8a8", loader)
     message = str(info.value)
@@ -376,7 +343,7 @@ def test_num_samples_is_respected_exactly(num_samples: int) -> None:
     assert qmodel.quant_info["samples_used"] == num_samples
     reference = eq.quantize(model, "w8a8", [data[:num_samples]])
     for q, r in zip(quantizers(qmodel), quantizers(reference), strict=True):
-        assert _bitwise_equal(q.scale, r.scale), q.name
+        assert bitwise_equal(q.scale, r.scale), q.name
         assert torch.equal(q.zero_point, r.zero_point), q.name
 
 
@@ -413,9 +380,9 @@ def test_calibration_is_deterministic(name: str) -> None:
     pairs = list(zip(quantizers(first), quantizers(second), strict=True))
     assert pairs
     for a, b in pairs:
-        assert a.name == b.name and _bitwise_equal(a.scale, b.scale)
+        assert a.name == b.name and bitwise_equal(a.scale, b.scale)
         assert torch.equal(a.zero_point, b.zero_point)
-    assert _bitwise_equal(_run(first, test), _run(second, test))
+    assert bitwise_equal(_run(first, test), _run(second, test))
 
 
 def test_dict_of_keyword_tensors_calibrates() -> None:
@@ -478,7 +445,7 @@ def test_untraceable_model_still_quantizes_with_a_note() -> None:
     torch.manual_seed(0)
     model = DataDependent().eval()
     calib = _tensor_data((8, 4), 4, seed=5)
-    test = torch.randn(16, 4, generator=_gen(6))
+    test = torch.randn(16, 4, generator=gen(6))
     qmodel = eq.quantize(model, "w8a8", calib)
     assert not isinstance(qmodel, torch.fx.GraphModule)
     assert isinstance(qmodel, DataDependent)
