@@ -117,3 +117,25 @@ def test_the_check_sees_a_breach(tmp_path: Path, source: str) -> None:
     (package / "ptq").mkdir(parents=True)
     (package / "ptq" / "probe.py").write_text(source + "\n")
     assert {m for m, _ in breaches(package)} == {"edgequant.ptq.probe"}
+
+
+def test_import_linter_keeps_the_layer_contract() -> None:
+    """The same contract, stated for a standard tool in pyproject.toml ([tool.importlinter])."""
+    from importlinter.cli import lint_imports
+
+    config = PACKAGE.parent / "pyproject.toml"
+    assert lint_imports(config_filename=str(config), no_cache=True, no_logo=True) == 0
+
+
+def test_no_import_cycle() -> None:
+    """No module reaches itself through imports (function-local imports included)."""
+    import grimp
+
+    graph = grimp.build_graph("edgequant", include_external_packages=False)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            back = graph.find_shortest_chain(importer=imported, imported=module)
+            if back is not None:
+                cycles.append(" -> ".join((module, *back)))
+    assert not cycles, "import cycles: " + "; ".join(cycles[:5])
