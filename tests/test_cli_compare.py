@@ -96,6 +96,7 @@ def test_compare_on_mnist1d(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "ptq-static-w8a8: deployed accuracy" in printed.err  # progress goes to stderr
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with the benchmarks (pytest -m slow)
 def test_compare_quiet_runs_the_default_set_for_a_config_without_recipes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -239,6 +239,7 @@ def test_splits_shapes_and_disjoint_calibration(shared):
         cifar10.load_split("test_10000")
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with the benchmarks (pytest -m slow)
 def test_onnx_runtime_predictions_match_pytorch(resnet20, cifar_test_932, tmp_path):
     # A fixed batch of 100 exercises the padding of the last chunk (932 = 9 x 100 + 32).
     path = tmp_path / "resnet20.onnx"

@@ -185,7 +185,9 @@ def test_a_block_the_graph_cannot_give_falls_back_to_layerwise_rounding_and_says
             return y, y.softmax(dim=1)
 
     monkeypatch.setattr(S, "reconstruct_group", functools.partial(B.reconstruct_group, iters=50))
-    monkeypatch.setitem(S.ROUNDERS, "adaround", functools.partial(adaround.round_adaround, iters=50))
+    monkeypatch.setitem(
+        S.ROUNDERS, "adaround", functools.partial(adaround.round_adaround, iters=50)
+    )
     model = TwoHeads().eval()
     near = eq.quantize(
         model,

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with the benchmarks (pytest -m slow)
 def test_minilm_dynamic_export_keeps_embeddings(tmp_path: Path) -> None:
     import onnxruntime as ort
 

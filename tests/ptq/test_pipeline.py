@@ -227,7 +227,9 @@ def test_learned_rounding_improves_the_model_and_exports(
     from edgequant.ptq import static as R
 
     # Fewer AdaRound iterations keep the test fast; the method is the same.
-    monkeypatch.setitem(R.ROUNDERS, "adaround", functools.partial(adaround.round_adaround, iters=150))
+    monkeypatch.setitem(
+        R.ROUNDERS, "adaround", functools.partial(adaround.round_adaround, iters=150)
+    )
     model = Chain().eval()
     x = torch.cat(_data(seed=7))
     with torch.no_grad():

@@ -102,6 +102,7 @@ def test_splitting_recovers_the_outlier_input(split_model: torch.nn.Module) -> N
     assert all(added[n] >= 1 for n in FFN_OUT)
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with the benchmarks (pytest -m slow)
 def test_split_with_smoothing_exports_and_matches_onnx_runtime(tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort

@@ -98,6 +98,7 @@ def test_choose_alpha_never_worse_than_no_smoothing() -> None:
     assert smoothquant.layer_error(layer, st, s, x, ref) == pytest.approx(err)
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with the benchmarks (pytest -m slow)
 def test_export_runs_in_onnx_runtime_on_unseen_lengths(
     tmp_path: Path, auto_model: torch.nn.Module
 ) -> None:
