@@ -72,9 +72,15 @@ def perplexity(
         batches: Iterable[Tensor] = windows.split(batch_size)
     else:
         batches = windows
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in batches:
+            if isinstance(limit, int) and ids.shape[-1] > limit:
+                raise ValueError(
+                    f"windows of {ids.shape[-1]} tokens are longer than the model's context of "
+                    f"{limit} tokens (config.max_position_embeddings)"
+                )
             if isinstance(model, nn.Module):
                 output = model(input_ids=ids)
             else:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from edgequant.instrument import call_model
 from edgequant.modules import QuantLinear, QuantMixin
 from edgequant.ptq import awq, clip_search
+from edgequant.ptq.calibrate import check_context
 from edgequant.ptq.rounding import gptq_weight
 
 # (producer, consumer) Linear names inside one block whose producer output feeds the consumer's
@@ -301,6 +302,8 @@ def quantize_blocks_(
         raise ValueError("the model has no stack of repeated blocks holding quantized Linears")
     stack_name, blocks = found
     start = time.perf_counter()
+    for index, batch in enumerate(batches):
+        check_context(qmodel, batch, f"calib_data item {index}")
     inputs = _capture_first_block(qmodel, blocks[0], batches)
     if len(inputs) != len(batches):
         raise RuntimeError(f"{stack_name}.0 ran on {len(inputs)} of {len(batches)} batches")
