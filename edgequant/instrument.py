@@ -440,8 +440,7 @@ def instrument(
                 # One Parameter on one grid: the export stores one table for both.
                 new_layer.weight = qmodel.get_submodule(owner).weight
                 summary.notes.append(
-                    f"{name} shares its weight with {owner} (tied): kept tied, one quantized "
-                    "table"
+                    f"{name} shares its weight with {owner} (tied): kept tied, one quantized table"
                 )
             else:
                 summary.notes.append(

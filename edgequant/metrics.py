@@ -81,10 +81,7 @@ def perplexity(
                     f"windows of {ids.shape[-1]} tokens are longer than the model's context of "
                     f"{limit} tokens (config.max_position_embeddings)"
                 )
-            if isinstance(model, nn.Module):
-                output = model(input_ids=ids)
-            else:
-                output = model(ids)
+            output = model(input_ids=ids) if isinstance(model, nn.Module) else model(ids)
             nll, n = next_token_nll(logits_of(output), ids)
             total += nll
             count += n

@@ -127,12 +127,19 @@ def test_each_step_switches_off_in_the_recipe() -> None:
     rtn = eq.quantize(model, recipe(), method="weight_only")
     held_out = token_batches(2, 16, seed=3)[0]["input_ids"]
     with torch.no_grad():  # all three off: round to nearest on min/max ranges again
-        assert torch.allclose(q(input_ids=held_out).logits, rtn(input_ids=held_out).logits, atol=1e-5)
+        assert torch.allclose(
+            q(input_ids=held_out).logits, rtn(input_ids=held_out).logits, atol=1e-5
+        )
 
 
 def test_awq_folding_leaves_the_float_model_unchanged() -> None:
     model = tiny_llama()
-    q = eq.quantize(model, recipe(clip_search=False, rounding="nearest"), calib_data=token_batches(), method="weight_only")
+    q = eq.quantize(
+        model,
+        recipe(clip_search=False, rounding="nearest"),
+        calib_data=token_batches(),
+        method="weight_only",
+    )
     assert any(a > 0 for a in q.quant_info["pipeline"]["decoder"]["awq_alpha"].values())
     for m in q.modules():
         if getattr(m, "weight_quantizer", None) is not None:
@@ -193,7 +200,9 @@ def test_text_without_a_tokenizer_is_refused_clearly() -> None:
     with pytest.raises(TypeError, match="Tokenize it first"):
         eq.quantize(tiny_llama(), recipe(), calib_data=[["some text"]], method="weight_only")
     with pytest.raises(TypeError, match="token ids"):
-        eq.quantize(tiny_llama(), recipe(), calib_data=[{"input_ids": "text"}], method="weight_only")
+        eq.quantize(
+            tiny_llama(), recipe(), calib_data=[{"input_ids": "text"}], method="weight_only"
+        )
 
 
 def test_sequences_longer_than_the_context_are_refused() -> None:
@@ -246,7 +255,11 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
     for t in range(ids.shape[1]):
         out = session.run(outputs, {"input_ids": ids[:, t : t + 1], **past})
         steps.append(out[0])
-        past = {f"past_{k}_{i}": out[1 + 2 * i + (k == "value")] for i in range(2) for k in ("key", "value")}
+        past = {
+            f"past_{k}_{i}": out[1 + 2 * i + (k == "value")]
+            for i in range(2)
+            for k in ("key", "value")
+        }
     assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-4
     fp32 = export_lm_onnx(model, tmp_path / "fp32.onnx", quantized=False)
     assert info.size_bytes < 0.4 * fp32.size_bytes
@@ -285,10 +298,20 @@ def test_smollm2_int4_g64_perplexity_close_to_the_reference() -> None:
     if shared_dir() is None:
         pytest.skip("../shared (SmolLM2-135M, WikiText-2) is absent; set EDGEQUANT_SHARED")
     pytest.importorskip("gguf")
-    from edgequant.examples.smollm2 import TEST_TEXT, calibration_batches, load_smollm2, text_windows
+    from edgequant.examples.smollm2 import (
+        TEST_TEXT,
+        calibration_batches,
+        load_smollm2,
+        text_windows,
+    )
 
     model, tokenizer = load_smollm2()
     test = text_windows(tokenizer, TEST_TEXT, 512, 4)
-    q = eq.quantize(model, recipe(4, 64), calib_data=calibration_batches(tokenizer, 512, 16, 4), method="weight_only")
+    q = eq.quantize(
+        model,
+        recipe(4, 64),
+        calib_data=calibration_batches(tokenizer, 512, 16, 4),
+        method="weight_only",
+    )
     reference, quantized = perplexity(model, test), perplexity(q, test)
     assert math.isfinite(quantized) and quantized <= 1.06 * reference

@@ -13,6 +13,7 @@ windows of ``seq_len`` tokens (the last partial window dropped); see ``edgequant
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,8 @@ def load_tokenizer() -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     tokenizer.save_pretrained(tmp)
-    try:
+    with contextlib.suppress(OSError):  # another process cached it first
         tmp.replace(cache)
-    except OSError:  # another process cached it first
-        pass
     return tokenizer
 
 
@@ -126,6 +125,5 @@ def calibration_batches(
     """Dict batches {input_ids, attention_mask} of the calibration text (WikiText-2 validation)."""
     windows = text_windows(tokenizer, VALID_TEXT, seq_len, count)
     return [
-        {"input_ids": w, "attention_mask": torch.ones_like(w)}
-        for w in windows.split(batch_size)
+        {"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)
     ]

@@ -128,7 +128,7 @@ class DecoderGraph(nn.Module):
             self.register_buffer(
                 f"ln2_{i}", block.post_attention_layernorm.weight.detach().float().clone()
             )
-        self._linear("lm_head", model.lm_head)
+        self._linear("lm_head", cast(nn.Module, model.lm_head))
 
     def _linear(self, name: str, layer: nn.Module) -> None:
         if getattr(layer, "bias", None) is not None:
@@ -153,14 +153,15 @@ class DecoderGraph(nn.Module):
         batch, tokens = input_ids.shape[0], input_ids.shape[1]
         past_len = past[0].shape[2]
         positions = torch.arange(tokens, dtype=torch.float32) + past_len
-        freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        inv_freq = cast(Tensor, self.inv_freq)
+        freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         total = past_len + tokens
         keys = torch.arange(total).unsqueeze(0)
         queries = (torch.arange(tokens) + past_len).unsqueeze(1)
         mask = torch.where(keys <= queries, 0.0, float("-inf"))
-        x = torch_F.embedding(input_ids, self.embed)
+        x = torch_F.embedding(input_ids, cast(Tensor, self.embed))
         presents: list[Tensor] = []
         rep = self.heads // self.kv_heads
         for i in range(self.layers_count):
@@ -187,13 +188,14 @@ class DecoderGraph(nn.Module):
             gate = h @ self._w(f"{pre}.mlp.gate_proj")
             up = h @ self._w(f"{pre}.mlp.up_proj")
             x = x + (torch_F.silu(gate) * up) @ self._w(f"{pre}.mlp.down_proj")
-        x = self._norm(x, self.final_norm)
+        x = self._norm(x, cast(Tensor, self.final_norm))
         logits = x @ self._w("lm_head")
         return (logits, *presents)
 
     def empty_past(self, batch: int = 1) -> list[Tensor]:
         return [
-            torch.zeros(batch, self.kv_heads, 0, self.head_dim) for _ in range(2 * self.layers_count)
+            torch.zeros(batch, self.kv_heads, 0, self.head_dim)
+            for _ in range(2 * self.layers_count)
         ]
 
 
@@ -338,7 +340,9 @@ def _rewrite(
     if quant_embed:
         assert ewq is not None
         spec = ewq.spec
-        if not (spec.granularity == "channel" and ewq.axis == 0 and spec.bits == 8 and spec.symmetric):
+        if not (
+            spec.granularity == "channel" and ewq.axis == 0 and spec.bits == 8 and spec.symmetric
+        ):
             raise ValueError(
                 f"model.embed_tokens: {spec.short()} has no export here (8-bit symmetric per-row "
                 "embeddings only)"
@@ -350,14 +354,16 @@ def _rewrite(
             getattr(head, "weight", None) is embed_layer.weight
             and head_key in packed
             and packed[head_key].bits == 8
-            and bool(torch.equal(getattr(head, "weight_quantizer").scale, ewq.scale))
+            and bool(torch.equal(cast(Any, head).weight_quantizer.scale, ewq.scale))
         )
         if shared:
             table, scales = "lm_head.qweight", "lm_head.scales"
             p = packed[head_key]
             blocks, block = p.data.shape[1], p.data.shape[2]
             graph.initializer.append(
-                numpy_helper.from_array(np.array([p.n, blocks], dtype=np.int64), "embed.scale_shape")
+                numpy_helper.from_array(
+                    np.array([p.n, blocks], dtype=np.int64), "embed.scale_shape"
+                )
             )
             scale_rows = "embed.scale_rows"
             new_nodes.insert(
@@ -387,8 +393,12 @@ def _rewrite(
             raise LMExportError(f"expected one Gather on the embedding table, found {len(gathers)}")
         gather = gathers[0]
         ids, out = gather.input[1], gather.output[0]
-        graph.initializer.append(numpy_helper.from_array(np.array([128.0], np.float32), "embed.offset"))
-        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "embed.last_axis"))
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([128.0], np.float32), "embed.offset")
+        )
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([-1], np.int64), "embed.last_axis")
+        )
         graph.initializer.append(
             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "embed.flat_shape")
         )
@@ -423,7 +433,9 @@ def lm_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_windows(session: Any, windows: Tensor, layers: int, kv_heads: int, head_dim: int) -> list[np.ndarray]:
+def run_windows(
+    session: Any, windows: Tensor, layers: int, kv_heads: int, head_dim: int
+) -> list[np.ndarray]:
     """Logits of each window (batch 1, empty past)."""
     out = []
     empty = np.zeros((1, kv_heads, 0, head_dim), np.float32)
@@ -455,9 +467,10 @@ def export_lm_onnx(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path ending in .onnx")
-    if verify_windows is not None:
-        if not isinstance(verify_windows, Tensor) or verify_windows.dim() != 2:
-            raise TypeError("verify_windows must be a (windows, tokens) tensor of token ids")
+    if verify_windows is not None and (
+        not isinstance(verify_windows, Tensor) or verify_windows.dim() != 2
+    ):
+        raise TypeError("verify_windows must be a (windows, tokens) tensor of token ids")
     graph_module = DecoderGraph(qmodel).eval()
     if verify_windows is not None and verify_windows.shape[1] > graph_module.max_positions:
         raise ValueError(
@@ -476,10 +489,13 @@ def export_lm_onnx(
         dynamic[n] = {0: "batch", 2: "past"}
     for n in outputs[1:]:
         dynamic[n] = {0: "batch", 2: "total"}
-    example = (torch.zeros(1, 3, dtype=torch.int64), *[
-        torch.zeros(1, graph_module.kv_heads, 2, graph_module.head_dim)
-        for _ in range(2 * graph_module.layers_count)
-    ])
+    example = (
+        torch.zeros(1, 3, dtype=torch.int64),
+        *[
+            torch.zeros(1, graph_module.kv_heads, 2, graph_module.head_dim)
+            for _ in range(2 * graph_module.layers_count)
+        ],
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -501,7 +517,9 @@ def export_lm_onnx(
             count, quant_embed, shared = _rewrite(model, graph_module, qmodel, notes)
         out_tmp = Path(tmp) / "model.onnx"
         onnx.save(model, str(out_tmp))
-        info = LMExportInfo(str(path), out_tmp.stat().st_size, count, quant_embed, shared, notes=notes)
+        info = LMExportInfo(
+            str(path), out_tmp.stat().st_size, count, quant_embed, shared, notes=notes
+        )
         if verify_windows is not None:
             _verify(out_tmp, qmodel, graph_module, verify_windows, info)
         os.replace(out_tmp, path)

@@ -65,7 +65,8 @@ def search_scales(
         s = base.pow(alpha)
         s = s / torch.sqrt(s.max() * s.min())
         quantized = [
-            round_to_nearest(w.float() * s, spec) / s for w, spec in zip(weights, specs, strict=True)
+            round_to_nearest(w.float() * s, spec) / s
+            for w, spec in zip(weights, specs, strict=True)
         ]
         err = output_error([w.float() for w in weights], quantized, hf)
         if alpha == 0:

@@ -56,13 +56,18 @@ def check_context(model: nn.Module, batch: Any, what: str) -> None:
     of a Hugging Face model) is refused, naming both lengths."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     ids = batch.get("input_ids") if isinstance(batch, dict) else batch
-    if isinstance(limit, int) and isinstance(ids, Tensor) and ids.dim() == 2:
-        if not ids.is_floating_point() and ids.shape[1] > limit:
-            raise ValueError(
-                f"{what} holds sequences of {ids.shape[1]} tokens, longer than the model's "
-                f"context of {limit} tokens (config.max_position_embeddings); cut them into "
-                f"windows of at most {limit}"
-            )
+    if (
+        isinstance(limit, int)
+        and isinstance(ids, Tensor)
+        and ids.dim() == 2
+        and not ids.is_floating_point()
+        and ids.shape[1] > limit
+    ):
+        raise ValueError(
+            f"{what} holds sequences of {ids.shape[1]} tokens, longer than the model's "
+            f"context of {limit} tokens (config.max_position_embeddings); cut them into "
+            f"windows of at most {limit}"
+        )
 
 
 @contextlib.contextmanager

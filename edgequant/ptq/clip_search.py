@@ -41,11 +41,16 @@ def _blocks(h: Tensor, group_size: int) -> Tensor:
     """The diagonal blocks of h (in, in) as (groups, group_size, group_size)."""
     g = h.shape[0] // group_size
     return torch.stack(
-        [h[i * group_size : (i + 1) * group_size, i * group_size : (i + 1) * group_size] for i in range(g)]
+        [
+            h[i * group_size : (i + 1) * group_size, i * group_size : (i + 1) * group_size]
+            for i in range(g)
+        ]
     )
 
 
-def search_clipping(layer: QuantMixin, h: Tensor, ratios: tuple[float, ...] = CLIP_RATIOS) -> Tensor:
+def search_clipping(
+    layer: QuantMixin, h: Tensor, ratios: tuple[float, ...] = CLIP_RATIOS
+) -> Tensor:
     """Set the layer's weight quantizer to the per-row (per-channel grid) or per-(row, group)
     range ratio that minimises the output error under round to nearest; returns the ratios
     chosen, shaped like the quantizer's scale. h: (in, in), the inputs' X^T X."""

@@ -17,6 +17,7 @@ it computed before (checked on the first batch; otherwise the scaling is undone 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,10 +113,8 @@ def _capture_first_block(
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                try:
+                with contextlib.suppress(_Stop):
                     call_model(model, batch, index)
-                except _Stop:
-                    pass
     finally:
         handle.remove()
     return captured
@@ -233,7 +232,7 @@ def _apply_awq(
         for prod_short, cons_short in FOLD_PAIRS:
             prod_name = f"{parent}.{prod_short}" if parent else prod_short
             if short == cons_short and len(members) == 1 and prod_name in layers:
-                prod = layers[prod_name]
+                prod: nn.Module = layers[prod_name]
                 if cast(nn.Linear, prod).out_features == cast(nn.Linear, layers[key]).in_features:
                     plans.insert(0, (key, members, prod, "linear"))
                 break
@@ -262,16 +261,12 @@ def _apply_awq(
         with torch.no_grad():
             for m in members:
                 layers[m].weight.mul_(s.to(layers[m].weight.dtype).unsqueeze(0))
-            if kind == "linear":
-                prod.weight.div_(s.to(prod.weight.dtype).unsqueeze(1))
-                bias = getattr(prod, "bias", None)
-                if bias is not None:
-                    bias.div_(s.to(bias.dtype))
-            else:
-                prod.weight.div_(s.to(prod.weight.dtype))
-                bias = getattr(prod, "bias", None)
-                if isinstance(bias, Tensor):
-                    bias.div_(s.to(bias.dtype))
+            # A Linear producer's rows, or a norm's elementwise weight (and bias).
+            pw = cast(Tensor, prod.weight)
+            pw.div_(s.to(pw.dtype).unsqueeze(1) if kind == "linear" else s.to(pw.dtype))
+            bias = getattr(prod, "bias", None)
+            if isinstance(bias, Tensor):
+                bias.div_(s.to(bias.dtype))
         st.h = _scale_h(st.h, s)
         st.abs_sum = st.abs_sum / s.double()
 
