@@ -91,11 +91,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _with_bits(spec: QuantSpec | None, bits: int | None) -> QuantSpec | None:
     if spec is None or bits is None or spec.bits >= bits:
         return spec
-    return spec.replace(
-        bits=bits,
-        group_size=None,
-        granularity="channel" if spec.granularity == "group" else spec.granularity,
-    )
+    if spec.granularity == "group":
+        # Per output channel (axis 0: a Linear's rows, an embedding's rows), not along the
+        # group's axis (a group spec runs along the input dim, axis 1).
+        return spec.replace(bits=bits, group_size=None, granularity="channel", axis=0)
+    return spec.replace(bits=bits)
 
 
 def instrument(
@@ -124,6 +124,9 @@ def instrument(
     supported = layer_types or tuple(QUANT_MODULES)
     executed = [n for n in trace.order if isinstance(qmodel.get_submodule(n), supported)]
     first_last = {executed[0], executed[-1]} if executed else set()
+    # Tied weights (a language model's embedding and lm_head share one Parameter): the first
+    # quantized layer that holds it, by the Parameter's identity in the copy.
+    tied: dict[int, tuple[str, QuantSpec | None, Tensor]] = {}
 
     for name, module in list(qmodel.named_modules()):
         if not name or isinstance(module, QuantMixin):
@@ -184,7 +187,25 @@ def instrument(
         bn = qmodel.get_submodule(bn_name) if bn_name else None
         if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
             bn, bn_name = None, None
-        _set_submodule(qmodel, name, from_float(module, weight_spec, act_spec, name, bn=bn))
+        weight_id = id(module.weight)
+        new_layer = from_float(module, weight_spec, act_spec, name, bn=bn)
+        if bn is None and weight_id in tied:
+            owner, owner_spec, _ = tied[weight_id]
+            if owner_spec == weight_spec:
+                # One Parameter on one grid: the export stores one table for both.
+                new_layer.weight = qmodel.get_submodule(owner).weight
+                summary.notes.append(
+                    f"{name} shares its weight with {owner} (tied): kept tied, one quantized table"
+                )
+            else:
+                summary.notes.append(
+                    f"{name} shares its weight with {owner} (tied), but the recipe gives them "
+                    f"different grids ({weight_spec.short() if weight_spec else 'float'} vs "
+                    f"{owner_spec.short() if owner_spec else 'float'}): quantized as two tables"
+                )
+        elif bn is None:
+            tied[weight_id] = (name, weight_spec, module.weight)  # kept alive: ids stay unique
+        _set_submodule(qmodel, name, new_layer)
         if bn_name:
             _set_submodule(qmodel, bn_name, nn.Identity())
         summary.layers.append(

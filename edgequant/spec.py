@@ -400,6 +400,12 @@ class Recipe:
     # "quantized" otherwise (held-out choices on ResNet-20 W2A8-W4A8 and all-MiniLM-L6-v2 INT4;
     # edgequant/ptq/static.py resolve_pipeline).
     rounding_target: str = "auto"
+    # Weight-only PTQ of a decoder stack (a causal LM: most quantized Linears in one stack of
+    # repeated blocks) at <= 4 weight bits runs block by block (ptq/decoder.py): AWQ scaling
+    # (Lin et al. 2023) and the clipping search by output error, each True, False or None
+    # ("auto": on there, off elsewhere).
+    awq: bool | None = None
+    clip_search: bool | None = None
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"
 
@@ -464,7 +470,7 @@ class Recipe:
                 f"Recipe.range_learning={self.range_learning!r} is unknown; "
                 f"valid: {', '.join(RANGE_LEARNING)}"
             )
-        for label in ("equalize", "bias_correction"):
+        for label in ("equalize", "bias_correction", "awq", "clip_search"):
             if getattr(self, label) not in (None, True, False):
                 raise ValueError(
                     f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
@@ -631,6 +637,8 @@ class Recipe:
             "bias_correction": self.bias_correction,
             "rounding": self.rounding,
             "rounding_target": self.rounding_target,
+            "awq": self.awq,
+            "clip_search": self.clip_search,
             "range_learning": self.range_learning,
         }
 

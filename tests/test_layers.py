@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgequant"
 LAYERS: list[set[str]] = [
     {"_yaml", "_io", "batches", "summary", "slow_paths"},
     {"spec"},
-    {"functional"},
+    {"functional", "metrics"},
     {"observers", "quantizer"},
     {"modules"},
     {"instrument", "graph_quantizers", "check"},

@@ -31,7 +31,42 @@ def peek(calib_data: Iterable[Any] | None, what: str = "calib_data") -> tuple[An
         first = next(it)
     except StopIteration:
         raise ValueError(f"{what} is empty: at least one batch of model inputs is needed") from None
+    check_not_text(first, f"{what} item 0" if what == "calib_data" else what)
     return first, itertools.chain([first], it)
+
+
+def check_not_text(batch: Any, what: str) -> None:
+    """A batch of raw text (strings, or a dict holding them) is refused with what to do: the
+    model takes token ids, and edgequant holds no tokenizer."""
+    values = list(batch.values()) if isinstance(batch, dict) else [batch]
+    for value in values:
+        if isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+        ):
+            raise TypeError(
+                f"{what} is text ({type(value).__name__} of str): the model takes token ids. "
+                "Tokenize it first, e.g. dict(tokenizer(texts, return_tensors='pt', "
+                "padding=True)) per batch"
+            )
+
+
+def check_context(model: nn.Module, batch: Any, what: str) -> None:
+    """A batch of token ids longer than the model's context (config.max_position_embeddings
+    of a Hugging Face model) is refused, naming both lengths."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    if (
+        isinstance(limit, int)
+        and isinstance(ids, Tensor)
+        and ids.dim() == 2
+        and not ids.is_floating_point()
+        and ids.shape[1] > limit
+    ):
+        raise ValueError(
+            f"{what} holds sequences of {ids.shape[1]} tokens, longer than the model's "
+            f"context of {limit} tokens (config.max_position_embeddings); cut them into "
+            f"windows of at most {limit}"
+        )
 
 
 def take_samples(batch: Any, n: int) -> Any:

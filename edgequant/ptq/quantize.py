@@ -16,7 +16,7 @@ from torch import nn
 from edgequant.batches import naming_the_batch
 from edgequant.check import require_target_fits
 from edgequant.modules import QUANT_MODULES, QuantLinear
-from edgequant.ptq.calibrate import peek
+from edgequant.ptq.calibrate import check_context, peek
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
 from edgequant.ptq.outlier_split import resize_input
 from edgequant.ptq.static import build_static, quantize_static
@@ -104,6 +104,9 @@ def quantize(
         if method == "static":
             first, calib_data = peek(calib_data)
         require_target_fits(model, recipe.target, method, first)
+    if calib_data is not None:
+        first, calib_data = peek(calib_data)
+        check_context(model, first, "calib_data item 0")
     start = time.perf_counter()
     qmodel = METHODS[method](
         model, recipe, calib_data, num_samples or recipe.calib_samples, progress

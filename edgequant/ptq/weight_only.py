@@ -9,7 +9,9 @@ from torch import nn
 
 from edgequant.batches import batch_size, naming_the_batch
 from edgequant.instrument import instrument
+from edgequant.modules import QuantLinear
 from edgequant.ptq.calibrate import collect, peek
+from edgequant.ptq.decoder import find_blocks, is_decoder_stack, quantize_blocks_
 from edgequant.ptq.static import (
     apply_refinement,
     calibrate_weights,
@@ -18,6 +20,56 @@ from edgequant.ptq.static import (
 )
 from edgequant.spec import Recipe
 from edgequant.summary import Summary, attach_info
+
+
+def decoder_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) -> bool:
+    """Whether the block-by-block decoder pipeline (ptq/decoder.py) runs, and its steps:
+    at <= 4 weight bits on a model whose quantized Linears sit mostly in one stack of repeated
+    blocks (a transformer LM), AWQ scaling, clipping search and GPTQ, each unless the recipe
+    turns it off. Updates `pipeline` (steps and reasons) in place."""
+    bits = lowest_block_bits(qmodel)
+    if bits is None or bits > 4 or not is_decoder_stack(qmodel):
+        pipeline["awq"] = bool(recipe.awq)
+        pipeline["clip_search"] = bool(recipe.clip_search)
+        if recipe.awq or recipe.clip_search:
+            raise ValueError(
+                f"recipe {recipe.name!r}: awq and clip_search run in the decoder pipeline, "
+                "which needs a stack of repeated blocks of Linears quantized at <= 4 bits "
+                "(a causal LM); this model or recipe has none"
+            )
+        return False
+    reasons = pipeline["reasons"]
+    why = f"{bits}-bit weights in a stack of repeated blocks: block by block"
+    for label, value in (("awq", recipe.awq), ("clip_search", recipe.clip_search)):
+        pipeline[label] = value if value is not None else True
+        reasons[label] = "recipe" if value is not None else why
+    if recipe.rounding == "auto":
+        pipeline["rounding"] = "gptq"
+        reasons["rounding"] = why
+    elif recipe.rounding not in ("gptq", "nearest"):
+        raise ValueError(
+            f"recipe {recipe.name!r}: rounding={recipe.rounding!r} is not available in the "
+            "decoder pipeline (block by block); use 'gptq', 'nearest' or 'auto'"
+        )
+    # Bias correction layer by layer would re-run the whole model per layer; LLaMA-style
+    # decoders have no Linear biases.
+    pipeline["bias_correction"] = False
+    reasons["bias_correction"] = "off in the decoder pipeline"
+    pipeline["rounding_target"] = "quantized"
+    return True
+
+
+def lowest_block_bits(qmodel: nn.Module) -> int | None:
+    """The lowest weight bits among the quantized Linears inside the stack of blocks."""
+    found = find_blocks(qmodel)
+    if found is None:
+        return None
+    bits = [
+        m.weight_quantizer.spec.bits
+        for m in found[1].modules()
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None
+    ]
+    return min(bits) if bits else None
 
 
 def build_weight_only(
@@ -72,7 +124,29 @@ def quantize_weight_only(
     calibrate_weights(qmodel)
     steps = ["weight ranges calibrated"]
     used = 0
-    if pipeline["rounding"] != "nearest" or pipeline["bias_correction"]:
+    if calib_data is not None and decoder_rule(recipe, qmodel, pipeline):
+        data = collect(batches, num_samples, summary.notes)
+        used = sum(batch_size(b) for b in data)
+        notes, record = quantize_blocks_(
+            qmodel,
+            data,
+            awq_on=pipeline["awq"],
+            clip_on=pipeline["clip_search"],
+            gptq_on=pipeline["rounding"] == "gptq",
+            progress=progress,
+        )
+        summary.notes.extend(notes)
+        pipeline["decoder"] = record
+        steps += [
+            label
+            for label, on in (
+                ("AWQ scaling", pipeline["awq"]),
+                ("clipping search by output error", pipeline["clip_search"]),
+                ("gptq weight rounding", pipeline["rounding"] == "gptq"),
+            )
+            if on
+        ]
+    elif pipeline["rounding"] != "nearest" or pipeline["bias_correction"]:
         data = collect(batches, num_samples, summary.notes)
         used = sum(batch_size(b) for b in data)
         # Bias correction over every position, padding included: on all-MiniLM-L6-v2 INT4 g128
