@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.instrument import SlowPathTransformerEncoderLayer
+from edgequant.slow_paths import SlowPathTransformerEncoderLayer
 
 pytest.importorskip("onnxruntime")
 
