@@ -58,11 +58,27 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 @functools.lru_cache(maxsize=4)
 def _generate(seed: int) -> tuple[np.ndarray, ...]:
-    """(x, y, x_test, y_test) as read-only numpy arrays; generation takes a few seconds."""
+    """(x, y, x_test, y_test) as read-only numpy arrays.
+
+    Generation takes about 5 s of CPU, so the arrays are kept in the user cache folder
+    (``~/.cache/edgequant/mnist1d_data_<hash>.npz``, 1 MB; the hash covers the generator's
+    arguments and the mnist1d version), written atomically and generated again when unreadable.
+    """
     import mnist1d.data
 
     args = mnist1d.data.get_dataset_args()
     args.seed = seed
+    path = _data_cache_path(vars(args))
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                arrays = tuple(cached[key] for key in _DATA_KEYS)
+            if _valid_arrays(arrays, int(args.num_samples)):
+                for array in arrays:
+                    array.setflags(write=False)
+                return arrays
+        except Exception:  # a damaged or foreign file: generate again and overwrite it
+            pass
     # make_dataset seeds Python's and numpy's global generators (mnist1d.utils.set_seed);
     # put them back so that loading data never changes the caller's random stream.
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -77,9 +93,53 @@ def _generate(seed: int) -> tuple[np.ndarray, ...]:
         np.asarray(data["x_test"], dtype=np.float32).reshape(-1, 1, LENGTH),
         np.asarray(data["y_test"], dtype=np.int64),
     )
+    # An unwritable cache only costs the generation time on the next run.
+    with contextlib.suppress(OSError):
+        _save_npz_atomic(path, arrays)
     for array in arrays:
         array.setflags(write=False)
     return arrays
+
+
+_DATA_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _data_cache_path(args: dict[str, Any]) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("mnist1d")
+    except PackageNotFoundError:
+        package = "unknown"
+    settings = {"format": 1, "mnist1d": package, "args": args}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_dir(None) / f"mnist1d_data_{digest}.npz"
+
+
+def _valid_arrays(arrays: tuple[np.ndarray, ...], num_samples: int) -> bool:
+    """The cached arrays have the shapes and dtypes generation gives (a truncated or foreign
+    file does not)."""
+    x, y, x_test, y_test = arrays
+    return (
+        x.dtype == np.float32
+        and x_test.dtype == np.float32
+        and y.dtype == np.int64
+        and y_test.dtype == np.int64
+        and x.shape[1:] == (1, LENGTH) == x_test.shape[1:]
+        and x.shape[0] == y.shape[0] > VAL_SIZE
+        and x_test.shape[0] == y_test.shape[0] > 0
+        and x.shape[0] + x_test.shape[0] == num_samples
+    )
+
+
+def _save_npz_atomic(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
+    """The arrays under _DATA_KEYS' names, in a temp file beside `path`, then a rename."""
+    from edgequant._io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x, y, x_test, y_test = arrays
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, x=x, y=y, x_test=x_test, y_test=y_test)
 
 
 def load_mnist1d(seed: int = DATA_SEED) -> dict[str, torch.Tensor]:
