@@ -46,7 +46,7 @@ QUICK_QAT_EPOCHS = 3
 # time, chosen on the validation split.
 
 
-def _low_bit_rounding(recipe: Recipe) -> Recipe:
+def low_bit_rounding(recipe: Recipe) -> Recipe:
     """Below 8 bits, GPTQ (one closed-form pass) instead of the preset's block reconstruction:
     on the shared 2-core CPU block reconstruction takes 30 s a block under load, and the sweep
     runs it twice per width (PTQ and QAT's PTQ start). Both sides of the sweep use it, so QAT
@@ -61,9 +61,9 @@ def demo_runs(quick: bool = False) -> list[Run]:
     mixed plan. Dynamic W8 is left out to keep the run within 5 minutes on 2 shared cores: it
     deployed at 0.984 beside static W8A8's 0.983 in the earlier demo."""
     sweep = QUICK_SWEEP if quick else SWEEP
-    runs = [Run(f"ptq-static-{b}", "static", _low_bit_rounding(Recipe.preset(b))) for b in sweep]
+    runs = [Run(f"ptq-static-{b}", "static", low_bit_rounding(Recipe.preset(b))) for b in sweep]
     for b in sweep:
-        recipe = _low_bit_rounding(Recipe.preset(b))
+        recipe = low_bit_rounding(Recipe.preset(b))
         if quick and b == "w8a8":
             continue  # PTQ holds at 8 bits: --quick spends its seconds below
         if recipe.weight is not None and recipe.weight.bits < 8:
@@ -81,7 +81,7 @@ def demo_runs(quick: bool = False) -> list[Run]:
                 # The sensitivity analysis rounds to nearest, to keep --quick near a minute.
                 run = dataclasses.replace(run, recipe=run.recipe.replace(rounding="nearest"))
             else:
-                run = dataclasses.replace(run, recipe=_low_bit_rounding(run.recipe))
+                run = dataclasses.replace(run, recipe=low_bit_rounding(run.recipe))
             runs.append(run)
     return runs
 
@@ -119,6 +119,47 @@ def retime(results: dict[str, Any], rounds: int, runs: int, threads: int) -> str
         f"{runs} runs per batch size, {threads} threads; the fastest round's median is kept "
         "(the machine is shared: each model sees the same load)"
     )
+
+
+def graph_signature(path: str | Path) -> tuple[list[str], list[tuple[str, int, tuple[int, ...]]]]:
+    """(node op types in order, sorted (initializer name, ONNX dtype, shape)) of an ONNX file:
+    two files with the same signature run the same kernels on the same integer tensors."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return (
+        [node.op_type for node in graph.node],
+        sorted((i.name, i.data_type, tuple(i.dims)) for i in graph.initializer),
+    )
+
+
+def qat_vs_ptq_speed(
+    results: dict[str, Any], runs: int = 200, threads: int = 2
+) -> list[dict[str, Any]]:
+    """For each bit width where static PTQ and QAT both ran: whether their exports are the same
+    integer graph (graph_signature), and their latencies timed interleaved, run by run
+    (bench.compare_latency: a slow spell of the shared machine falls on both alike), with the
+    ratio QAT / PTQ per batch size."""
+    from edgequant.bench import compare_latency
+    from edgequant.report.plots import bit_sweep
+
+    rows = {r["name"]: r for r in results["runs"] if r.get("status") == "ok"}
+    pairs = []
+    for width in bit_sweep(results):
+        ptq, qat = rows[width["ptq_name"]], rows[width["qat_name"]]
+        timed = compare_latency(ptq["onnx"], qat["onnx"], runs=runs, threads=threads)
+        pairs.append(
+            {
+                "bits": width["label"],
+                "ptq": ptq["name"],
+                "qat": qat["name"],
+                "same_graph": graph_signature(ptq["onnx"]) == graph_signature(qat["onnx"]),
+                "latency_ms": {"ptq": timed["a"], "qat": timed["b"]},
+                "ratio_qat_to_ptq": timed["ratio"],
+                "runs": runs,
+            }
+        )
+    return pairs
 
 
 def _compare(
@@ -181,6 +222,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, quiet: bool
     results = report.results
     say("timing every exported model again, round-robin, and scoring it on the test split")
     notes = [retime(results, rounds=6 if quick else 10, runs=10, threads=threads)]
+    results["qat_vs_ptq_speed"] = qat_vs_ptq_speed(results, threads=threads)
     test = _accuracy_on(mnist1d.eval_batches("test"))
     for row in [results["baseline"]] + [r for r in results["runs"] if r.get("status") == "ok"]:
         row["metric_test"] = test(ort_predict(row["onnx"], threads))
