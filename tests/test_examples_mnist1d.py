@@ -196,6 +196,27 @@ def test_trained_cnn_is_cached_atomically(tmp_path: Path, monkeypatch: pytest.Mo
     assert [p.name for p in tmp_path.iterdir()] == [files[0].name]  # no temp files left
 
 
+def test_qat_holdout_leaves_qats_held_out_batches_out_of_fp32_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fit, held = mnist1d.qat_split()
+    assert [len(y) for _, y in held] == [100] * 5 and sum(len(y) for _, y in fit) == 3000
+    seen: list[torch.Tensor] = []
+
+    def spy(model: torch.nn.Module, data: dict[str, torch.Tensor], **kwargs: object) -> object:
+        seen.append(data["x_train"])
+        return model.eval()
+
+    monkeypatch.setattr(mnist1d, "train", spy)
+    mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path, qat_holdout=True)
+    mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # cached apart
+    without, everything = ({r.numpy().tobytes() for r in x} for x in seen)
+    held_rows = {r.numpy().tobytes() for x, _ in held for r in x}
+    assert len(everything) == 3500 and held_rows <= everything
+    assert len(without) == 3000 and not (held_rows & without)
+
+
 def test_calib_and_eval_batches(data: dict[str, torch.Tensor]) -> None:
     calib = mnist1d.calib_batches(n=300, batch_size=64, seed=0)
     assert [b.shape[0] for b in calib] == [64, 64, 64, 64, 44]

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant.qat.selection import HOLDOUT_EVERY, holdout_split
+
 LENGTH = 40
 NUM_CLASSES = 10
 VAL_SIZE = 500
@@ -302,8 +304,13 @@ def trained_cnn(
     channels: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     verbose: bool = False,
+    qat_holdout: bool = False,
 ) -> CNN1d:
     """CNN1d trained on MNIST-1D (``train`` with these settings), in eval mode.
+
+    ``qat_holdout``: train without the signals that QAT on ``train_batches()`` holds out to
+    choose its epoch (``qat_split``), so that choice is made on signals no model has seen; else
+    on the whole training split.
 
     Trained once, then read from ``cache_dir`` (default ``~/.cache/edgequant``): the file is
     named after a hash of the settings and the torch version, written atomically, and
@@ -321,6 +328,8 @@ def trained_cnn(
         "threads": 1,
         "torch": torch.__version__,
     }
+    if qat_holdout:
+        settings["qat_holdout_every"] = HOLDOUT_EVERY
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir(cache_dir) / f"mnist1d_cnn_{digest}.pt"
     model = cnn1d(channels, seed=seed)
@@ -337,7 +346,12 @@ def trained_cnn(
     start = time.perf_counter()
     # One thread: these small convolutions gain little from more (15 epochs take about 5 s), and
     # the weights then do not depend on the machine's core count (summation order does).
-    trained = train(model, load_mnist1d(), epochs=epochs, seed=seed, lr=lr, threads=1)
+    data = load_mnist1d()
+    if qat_holdout:
+        fit, _ = qat_split()
+        data["x_train"] = torch.cat([x for x, _ in fit])
+        data["y_train"] = torch.cat([y for _, y in fit])
+    trained = train(model, data, epochs=epochs, seed=seed, lr=lr, threads=1)
     if verbose:
         print(f"trained in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     # An unwritable cache only costs the training time on the next call.
@@ -384,3 +398,12 @@ def train_batches(
     order = torch.randperm(data["x_train"].shape[0], generator=torch.Generator().manual_seed(seed))
     x, y = data["x_train"][order], data["y_train"][order]
     return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
+
+
+def qat_split(
+    batch_size: int = BATCH_SIZE, seed: int = 0
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(batches QAT trains on, batches it holds out to choose its epoch) of ``train_batches``,
+    as eq.compare and eq.fit_qat split them (qat.selection.holdout_split: every
+    HOLDOUT_EVERY-th batch held out)."""
+    return holdout_split(train_batches(batch_size, seed))
