@@ -2,10 +2,11 @@
 train a small FP32 CNN, run PTQ and QAT down a bit sweep (and the other methods), export each,
 measure it in ONNX Runtime, report where PTQ stops and QAT takes over, and what it costs.
 
-Three splits keep the answer honest: QAT and the PTQ calibration see only the training split;
-every metric the recommendation reads ("deployed") is on the validation split, the split the
-demo's settings were also chosen on; the test split is touched once, at the end, to report
-each exported model on data nothing was chosen on ("test (unseen)").
+Three splits keep the answer honest: QAT and the PTQ calibration see only the training split,
+and QAT picks its epoch on the training batches it holds out, which the FP32 model was not
+trained on either; every metric the recommendation reads ("deployed") is on the validation
+split, the split the demo's settings were also chosen on; the test split is touched once, at
+the end, to report each exported model on data nothing was chosen on ("test (unseen)").
 """
 
 from __future__ import annotations
