@@ -187,7 +187,7 @@ def _compare(
         train_data=mnist1d.train_batches(),
         runs=demo_runs(quick),
         tolerance=TOLERANCE,
-        task="mnist1d-cnn32",
+        task=f"mnist1d-cnn{CHANNELS}",
         out_dir=out_dir,
         verify_data=[x for x, _ in val],
         # Timed again below, round-robin: here only a first look.
