@@ -48,6 +48,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--fp32-epochs", type=int, default=M.EPOCHS)
     parser.add_argument("--lrs", default="default", help="'default' (fit_qat's) or numbers")
+    parser.add_argument(
+        "--range-lr-scales", default="default", help="'default' (fit_qat's) or numbers"
+    )
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=M.BATCH_SIZE)
     parser.add_argument("--qat", default="below8", help="'below8', 'all' or 'none'")
@@ -96,8 +99,14 @@ def main() -> int:
             }
             below8 = recipe.weight is not None and recipe.weight.bits < 8
             if args.qat == "all" or (args.qat == "below8" and below8):
-                for lr in args.lrs.split(","):
-                    settings = {} if lr == "default" else {"lr": float(lr)}
+                for lr, scale in [
+                    (lr, scale)
+                    for lr in args.lrs.split(",")
+                    for scale in args.range_lr_scales.split(",")
+                ]:
+                    settings: dict[str, float] = {} if lr == "default" else {"lr": float(lr)}
+                    if scale != "default":
+                        settings["range_lr_scale"] = float(scale)
                     start = time.perf_counter()
                     qmodel = eq.prepare_qat(model, recipe, calib_data=calib)
                     per_epoch: list[float] = []
@@ -114,7 +123,8 @@ def main() -> int:
                         **settings,
                     )
                     chosen = qmodel.quant_info["qat_selection"]
-                    cell[f"qat_lr_{lr}"] = {
+                    key = f"qat_lr_{lr}" + ("" if scale == "default" else f"_range_{scale}")
+                    cell[key] = {
                         "kept_epoch": chosen["kept_epoch"],
                         "kept_val": _val_acc(qmodel, x_val, y_val),
                         "val_by_epoch": per_epoch,
