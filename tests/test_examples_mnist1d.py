@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,17 @@ def test_deterministic_and_fresh_tensors(data: dict[str, torch.Tensor]) -> None:
     assert torch.equal(mnist1d.load_mnist1d()["x_train"], data["x_train"])
 
 
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty user cache folder (HOME points at tmp_path) and an empty in-process cache."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    mnist1d._generate.cache_clear()
+    yield tmp_path / ".cache" / "edgequant"
+    mnist1d._generate.cache_clear()
+
+
 def test_generated_offline_without_touching_global_random_state(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, fresh_cache: Path
 ) -> None:
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("MNIST-1D tried to open a network connection")
@@ -79,6 +89,34 @@ def test_generated_offline_without_touching_global_random_state(
     assert (random.random(), np.random.rand()) == expected
     assert other["x_train"].shape == (3500, 1, 40)
     assert not torch.equal(other["x_train"], mnist1d.load_mnist1d()["x_train"])
+
+
+def test_generated_data_is_cached_on_disk_and_regenerated_when_damaged(
+    monkeypatch: pytest.MonkeyPatch, fresh_cache: Path
+) -> None:
+    import mnist1d.data as generator
+
+    first = mnist1d.load_mnist1d(seed=7)
+    files = list(fresh_cache.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("mnist1d_data_")
+    assert files[0].suffix == ".npz"
+
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generated again despite the cache")
+
+    mnist1d._generate.cache_clear()
+    monkeypatch.setattr(generator, "make_dataset", no_generation)
+    cached = mnist1d.load_mnist1d(seed=7)
+    assert all(torch.equal(first[k], cached[k]) for k in first)
+    assert not mnist1d._generate(7)[0].flags.writeable
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(fresh_cache.parent.parent))
+    for damage in (b"damaged", files[0].read_bytes()[:2000]):  # garbage; a truncated file
+        files[0].write_bytes(damage)
+        mnist1d._generate.cache_clear()
+        rebuilt = mnist1d.load_mnist1d(seed=7)
+        assert all(torch.equal(first[k], rebuilt[k]) for k in first)
+    assert [p.name for p in fresh_cache.iterdir()] == [files[0].name]  # no temp files left
 
 
 def test_load_rejects_a_non_int_seed() -> None:
@@ -156,6 +194,27 @@ def test_trained_cnn_is_cached_atomically(tmp_path: Path, monkeypatch: pytest.Mo
     rebuilt = mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
     assert _same(first, rebuilt)
     assert [p.name for p in tmp_path.iterdir()] == [files[0].name]  # no temp files left
+
+
+def test_qat_holdout_leaves_qats_held_out_batches_out_of_fp32_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fit, held = mnist1d.qat_split()
+    assert [len(y) for _, y in held] == [100] * 5 and sum(len(y) for _, y in fit) == 3000
+    seen: list[torch.Tensor] = []
+
+    def spy(model: torch.nn.Module, data: dict[str, torch.Tensor], **kwargs: object) -> object:
+        seen.append(data["x_train"])
+        return model.eval()
+
+    monkeypatch.setattr(mnist1d, "train", spy)
+    mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path, qat_holdout=True)
+    mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # cached apart
+    without, everything = ({r.numpy().tobytes() for r in x} for x in seen)
+    held_rows = {r.numpy().tobytes() for x, _ in held for r in x}
+    assert len(everything) == 3500 and held_rows <= everything
+    assert len(without) == 3000 and not (held_rows & without)
 
 
 def test_calib_and_eval_batches(data: dict[str, torch.Tensor]) -> None:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant.qat.selection import HOLDOUT_EVERY, holdout_split
+
 LENGTH = 40
 NUM_CLASSES = 10
 VAL_SIZE = 500
@@ -58,11 +60,27 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 @functools.lru_cache(maxsize=4)
 def _generate(seed: int) -> tuple[np.ndarray, ...]:
-    """(x, y, x_test, y_test) as read-only numpy arrays; generation takes a few seconds."""
+    """(x, y, x_test, y_test) as read-only numpy arrays.
+
+    Generation takes about 5 s of CPU, so the arrays are kept in the user cache folder
+    (``~/.cache/edgequant/mnist1d_data_<hash>.npz``, 1 MB; the hash covers the generator's
+    arguments and the mnist1d version), written atomically and generated again when unreadable.
+    """
     import mnist1d.data
 
     args = mnist1d.data.get_dataset_args()
     args.seed = seed
+    path = _data_cache_path(vars(args))
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                arrays = tuple(cached[key] for key in _DATA_KEYS)
+            if _valid_arrays(arrays, int(args.num_samples)):
+                for array in arrays:
+                    array.setflags(write=False)
+                return arrays
+        except Exception:  # a damaged or foreign file: generate again and overwrite it
+            pass
     # make_dataset seeds Python's and numpy's global generators (mnist1d.utils.set_seed);
     # put them back so that loading data never changes the caller's random stream.
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -77,9 +95,53 @@ def _generate(seed: int) -> tuple[np.ndarray, ...]:
         np.asarray(data["x_test"], dtype=np.float32).reshape(-1, 1, LENGTH),
         np.asarray(data["y_test"], dtype=np.int64),
     )
+    # An unwritable cache only costs the generation time on the next run.
+    with contextlib.suppress(OSError):
+        _save_npz_atomic(path, arrays)
     for array in arrays:
         array.setflags(write=False)
     return arrays
+
+
+_DATA_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _data_cache_path(args: dict[str, Any]) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("mnist1d")
+    except PackageNotFoundError:
+        package = "unknown"
+    settings = {"format": 1, "mnist1d": package, "args": args}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_dir(None) / f"mnist1d_data_{digest}.npz"
+
+
+def _valid_arrays(arrays: tuple[np.ndarray, ...], num_samples: int) -> bool:
+    """The cached arrays have the shapes and dtypes generation gives (a truncated or foreign
+    file does not)."""
+    x, y, x_test, y_test = arrays
+    return (
+        x.dtype == np.float32
+        and x_test.dtype == np.float32
+        and y.dtype == np.int64
+        and y_test.dtype == np.int64
+        and x.shape[1:] == (1, LENGTH) == x_test.shape[1:]
+        and x.shape[0] == y.shape[0] > VAL_SIZE
+        and x_test.shape[0] == y_test.shape[0] > 0
+        and x.shape[0] + x_test.shape[0] == num_samples
+    )
+
+
+def _save_npz_atomic(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
+    """The arrays under _DATA_KEYS' names, in a temp file beside `path`, then a rename."""
+    from edgequant._io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x, y, x_test, y_test = arrays
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, x=x, y=y, x_test=x_test, y_test=y_test)
 
 
 def load_mnist1d(seed: int = DATA_SEED) -> dict[str, torch.Tensor]:
@@ -242,8 +304,13 @@ def trained_cnn(
     channels: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     verbose: bool = False,
+    qat_holdout: bool = False,
 ) -> CNN1d:
     """CNN1d trained on MNIST-1D (``train`` with these settings), in eval mode.
+
+    ``qat_holdout``: train without the signals that QAT on ``train_batches()`` holds out to
+    choose its epoch (``qat_split``), so that choice is made on signals no model has seen; else
+    on the whole training split.
 
     Trained once, then read from ``cache_dir`` (default ``~/.cache/edgequant``): the file is
     named after a hash of the settings and the torch version, written atomically, and
@@ -261,6 +328,8 @@ def trained_cnn(
         "threads": 1,
         "torch": torch.__version__,
     }
+    if qat_holdout:
+        settings["qat_holdout_every"] = HOLDOUT_EVERY
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir(cache_dir) / f"mnist1d_cnn_{digest}.pt"
     model = cnn1d(channels, seed=seed)
@@ -277,7 +346,12 @@ def trained_cnn(
     start = time.perf_counter()
     # One thread: these small convolutions gain little from more (15 epochs take about 5 s), and
     # the weights then do not depend on the machine's core count (summation order does).
-    trained = train(model, load_mnist1d(), epochs=epochs, seed=seed, lr=lr, threads=1)
+    data = load_mnist1d()
+    if qat_holdout:
+        fit, _ = qat_split()
+        data["x_train"] = torch.cat([x for x, _ in fit])
+        data["y_train"] = torch.cat([y for _, y in fit])
+    trained = train(model, data, epochs=epochs, seed=seed, lr=lr, threads=1)
     if verbose:
         print(f"trained in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     # An unwritable cache only costs the training time on the next call.
@@ -324,3 +398,12 @@ def train_batches(
     order = torch.randperm(data["x_train"].shape[0], generator=torch.Generator().manual_seed(seed))
     x, y = data["x_train"][order], data["y_train"][order]
     return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
+
+
+def qat_split(
+    batch_size: int = BATCH_SIZE, seed: int = 0
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(batches QAT trains on, batches it holds out to choose its epoch) of ``train_batches``,
+    as eq.compare and eq.fit_qat split them (qat.selection.holdout_split: every
+    HOLDOUT_EVERY-th batch held out)."""
+    return holdout_split(train_batches(batch_size, seed))

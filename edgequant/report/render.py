@@ -223,6 +223,28 @@ def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | N
     return header, rows, summary
 
 
+def same_graph_speed(results: dict[str, Any]) -> str | None:
+    """A sentence on results["qat_vs_ptq_speed"] (the demo's interleaved timing of the PTQ and
+    QAT export at each bit width): whether each pair is the same integer graph, and QAT's
+    latency as a ratio of PTQ's per batch size. None when the results have no such pairs."""
+    pairs = results.get("qat_vs_ptq_speed")
+    if not pairs:
+        return None
+    parts = []
+    for pair in pairs:
+        ratios = ", ".join(
+            f"{pair['ratio_qat_to_ptq'][key]:.2f}x at batch {key[2:]}"
+            for key in sorted(pair["ratio_qat_to_ptq"], key=lambda k: int(k[2:]))
+        )
+        graph = "the same integer graph" if pair["same_graph"] else "DIFFERENT graphs"
+        parts.append(f"{pair['bits']}: {graph}, QAT / PTQ latency {ratios}")
+    return (
+        "QAT costs nothing at inference when its export is the PTQ export's graph with other "
+        f"integers in it; each pair timed interleaved, run by run ({pairs[0]['runs']} runs per "
+        "batch size): " + "; ".join(parts) + "."
+    )
+
+
 def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -> str:
     lines = [
         f"# edgequant report: {results['task']}",
@@ -242,6 +264,9 @@ def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -
         lines += ["## PTQ vs QAT by bits", "", summary, ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
+    speed = same_graph_speed(results)
+    if speed is not None:
+        lines += [speed, ""]
     selection = _selection_lines(results)
     if selection:
         lines += ["QAT epoch kept, chosen on data held out of train_data:", ""]
@@ -412,6 +437,9 @@ def html(
         ]
         if plots and "ptq_vs_qat" in plots:
             parts.append(_html_plots({"ptq_vs_qat": plots["ptq_vs_qat"]}, {})[0])
+    speed = same_graph_speed(results)
+    if speed is not None:
+        parts.append(f"<p>{escape(speed)}</p>")
     selection = _selection_lines(results)
     if selection:
         parts += [

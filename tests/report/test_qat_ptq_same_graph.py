@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from edgequant.report.compare import Run, compare
+from edgequant.report.demo import graph_signature, qat_vs_ptq_speed
 from edgequant.spec import Recipe
 
 
@@ -61,3 +62,15 @@ def test_qat_and_ptq_of_one_recipe_export_the_same_integer_graph(
     assert qat_init == ptq_init
     assert "QuantizeLinear" in ptq_ops and "DequantizeLinear" in ptq_ops
     assert rows["qat"]["size_bytes"] == rows["ptq"]["size_bytes"]
+    # The demo's check of the same: the signature it compares, and the pair timed interleaved.
+    assert graph_signature(rows["qat"]["onnx"]) == graph_signature(rows["ptq"]["onnx"])
+    assert graph_signature(rows["ptq"]["onnx"]) != graph_signature(
+        report.results["baseline"]["onnx"]
+    )
+    (pair,) = qat_vs_ptq_speed(report.results, runs=3, threads=1)
+    assert pair["bits"] == preset.upper() and pair["same_graph"] is True
+    assert (pair["ptq"], pair["qat"]) == ("ptq", "qat")
+    for key in ("bs1", "bs64"):
+        ptq_ms, qat_ms = pair["latency_ms"]["ptq"][key], pair["latency_ms"]["qat"][key]
+        assert ptq_ms > 0 and qat_ms > 0
+        assert pair["ratio_qat_to_ptq"][key] == pytest.approx(qat_ms / ptq_ms)

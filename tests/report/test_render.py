@@ -372,3 +372,40 @@ def test_sweep_section_names_where_ptq_stops_and_what_qat_recovers(tmp_path: Pat
     assert "&lt;val&gt; chooses" in page
     # Without a bit width that has both, no section.
     assert "PTQ vs QAT by bits" not in markdown(results())
+    # No speed sentence without the demo's interleaved timing.
+    assert "QAT / PTQ latency" not in text
+
+
+def test_sweep_section_says_whether_qat_and_ptq_are_one_graph_and_their_speed_ratio() -> None:
+    data = _sweep_results()
+    data["qat_vs_ptq_speed"] = [
+        {
+            "bits": "W8A8",
+            "ptq": "ptq-static-w8a8",
+            "qat": "qat-w8a8",
+            "same_graph": True,
+            "latency_ms": {"ptq": {"bs1": 0.05, "bs64": 0.9}, "qat": {"bs1": 0.051, "bs64": 0.88}},
+            "ratio_qat_to_ptq": {"bs64": 0.88 / 0.9, "bs1": 0.051 / 0.05},
+            "runs": 200,
+        },
+        {
+            "bits": "W2A2",
+            "ptq": "ptq-static-w2a2",
+            "qat": "qat-w2a2",
+            "same_graph": False,
+            "latency_ms": {"ptq": {"bs1": 0.06, "bs64": 1.0}, "qat": {"bs1": 0.15, "bs64": 2.5}},
+            "ratio_qat_to_ptq": {"bs1": 2.5, "bs64": 2.5},
+            "runs": 200,
+        },
+    ]
+    sentence = (
+        "each pair timed interleaved, run by run (200 runs per batch size): W8A8: the same "
+        "integer graph, QAT / PTQ latency 1.02x at batch 1, 0.98x at batch 64; W2A2: DIFFERENT "
+        "graphs, QAT / PTQ latency 2.50x at batch 1, 2.50x at batch 64."
+    )
+    text = markdown(data)
+    assert sentence in text
+    assert text.index("## PTQ vs QAT by bits") < text.index(sentence)
+    page = html(data)
+    _parse(page)
+    assert sentence in page
