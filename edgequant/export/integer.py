@@ -509,8 +509,13 @@ class _Runner:
 
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        env: dict[str, Any] = dict(self.consts)
+    def run(
+        self, feeds: dict[str, np.ndarray], trace: dict[str, Any] | None = None
+    ) -> list[np.ndarray]:
+        """The graph's outputs; `trace`, when given, receives every tensor by name (the
+        quantized ones as _Quantized), for locating where another runtime first differs."""
+        env: dict[str, Any] = trace if trace is not None else {}
+        env.update(self.consts)
         env.update(feeds)
         for node in self.graph.node:
             if node.op_type == "Constant":
