@@ -3,6 +3,7 @@
 from edgequant.check import check
 from edgequant.export.integer import run_integer
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
+from edgequant.export.tflite import EdgeExportInfo, export_tflite
 from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
 from edgequant.qat import fit_qat, prepare_qat
@@ -11,6 +12,7 @@ from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
 __all__ = [
     "Budget",
+    "EdgeExportInfo",
     "ExportError",
     "ExportInfo",
     "LayerOverride",
@@ -20,6 +22,7 @@ __all__ = [
     "check",
     "compare",
     "export_onnx",
+    "export_tflite",
     "fit_qat",
     "load",
     "mixed_precision",

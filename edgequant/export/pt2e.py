@@ -47,8 +47,9 @@ def _decomposed() -> Any:
 class Pt2eQDQ(nn.Module):
     """An activation quantizer as quantize_per_tensor -> dequantize_per_tensor on int8."""
 
-    def __init__(self, q: LoweredQDQ, name: str) -> None:
+    def __init__(self, lowered: LoweredQDQ, name: str) -> None:
         super().__init__()
+        q: Any = lowered  # its buffers, typed as Tensor | Module by nn.Module
         if q.axis != -1:
             raise ExportError(f"{name}: per-channel activation quantization has no edge form")
         if q.container != 8 or q.qmax - q.qmin != 255:
@@ -82,8 +83,9 @@ class Pt2eLayer(nn.Module):
     weight_zero_point: Tensor
     bias: Tensor | None
 
-    def __init__(self, layer: LoweredLayer) -> None:
+    def __init__(self, lowered: LoweredLayer) -> None:
         super().__init__()
+        layer: Any = lowered  # its buffers, typed as Tensor | Module by nn.Module
         name = layer.name
         if layer.dynamic:
             raise ExportError(f"layer {name!r}: dynamic quantization has no integer edge form")
@@ -119,9 +121,7 @@ class Pt2eLayer(nn.Module):
             "weight", w_q.float() * (scale.reshape(shape) if self.per_channel else scale)
         )
         self.register_buffer("weight_scale", scale.reshape(-1).clone())
-        self.register_buffer(
-            "weight_zero_point", torch.zeros(scale.numel(), dtype=torch.int64)
-        )
+        self.register_buffer("weight_zero_point", torch.zeros(scale.numel(), dtype=torch.int64))
         bias: Tensor | None = None
         if layer.integer_pattern and layer.bias_int is not None:
             bias = layer.bias_int.reshape(-1)
@@ -192,9 +192,7 @@ def node_layer(node: Any) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
-def unsupported_nodes(
-    program: torch.export.ExportedProgram, supported: Iterable[str]
-) -> list[str]:
+def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable[str]) -> list[str]:
     """'op (layer)' for every call in the program whose op is not in `supported` (names like
     'aten.conv2d'), in graph order."""
     allowed = set(supported)

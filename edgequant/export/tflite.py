@@ -159,8 +159,11 @@ def _silenced() -> Iterator[None]:
                 os.close(fd)
 
 
-def convert_program(program: torch.export.ExportedProgram, args: tuple[Any, ...]) -> bytes:
-    """The .tflite bytes of a PT2E program (litert-torch in static quantization mode)."""
+def convert_program(
+    program: torch.export.ExportedProgram, args: tuple[Any, ...], quantized: bool = True
+) -> bytes:
+    """The .tflite bytes of a PT2E program (litert-torch in static quantization mode), or of a
+    float program (quantized=False: the FP32 baseline)."""
     import litert_torch
     from litert_torch import _config
     from litert_torch.quantize import pt2e_quantizer, quant_config
@@ -175,7 +178,9 @@ def convert_program(program: torch.export.ExportedProgram, args: tuple[Any, ...]
     try:
         with _silenced():
             edge = litert_torch.convert(
-                program.module(), args, quant_config=quant_config.QuantConfig(quantizer)
+                program.module(),
+                args,
+                quant_config=quant_config.QuantConfig(quantizer) if quantized else None,
             )
             return bytes(edge.model_content())
     except Exception as err:  # the converter raises many types; say which stage failed
@@ -413,24 +418,20 @@ def first_difference(model: bytes, onnx_path: Path, sample: list[np.ndarray]) ->
             if d["dtype"] != np.int8 or scale == 0:
                 continue
             got = it.get_tensor(d["index"]).astype(np.int64)
-            cands = []
-            for layout in (got, got.transpose(0, 3, 1, 2) if got.ndim == 4 else None):
-                if layout is None:
-                    continue
-                cands += [
-                    (name, q)
-                    for name, q in by_grid.get((float(np.float32(scale)), int(zp)), [])
-                    if q.shape == layout.shape
-                ]
-                matched = [(n, int(np.abs(q - layout).max())) for n, q in cands]
-                if matched and all(diff for _, diff in matched):
-                    name, diff = min(matched, key=lambda m: m[1])
-                    return (
-                        f"op {op['op_name']} writing {d['name']!r} differs from the reference's "
-                        f"{name!r} by up to {diff} steps"
-                    )
-                if matched:
-                    break
+            layouts = [got] + ([got.transpose(0, 3, 1, 2)] if got.ndim == 4 else [])
+            grid = by_grid.get((float(np.float32(scale)), int(zp)), [])
+            matched = [
+                (name, int(np.abs(q - layout).max()))
+                for layout in layouts
+                for name, q in grid
+                if q.shape == layout.shape
+            ]
+            if matched and all(diff for _, diff in matched):
+                name, diff = min(matched, key=lambda m: m[1])
+                return (
+                    f"op {op['op_name']} writing {d['name']!r} differs from the reference's "
+                    f"{name!r} by up to {diff} steps"
+                )
     return "no single intermediate tensor could be matched to the reference"
 
 
@@ -555,7 +556,10 @@ def _export_tflite(
         reference_onnx = Path(tmpdir) / "reference.onnx"
         export_onnx(qmodel, reference_onnx, example_inputs)
         arena = tflm_arena_bytes(flatbuffer)
-        runners = [TFLiteRunner(flatbuffer, "tflite-micro", arena), TFLiteRunner(flatbuffer, "litert-ref")]
+        runners = [
+            TFLiteRunner(flatbuffer, "tflite-micro", arena),
+            TFLiteRunner(flatbuffer, "litert-ref"),
+        ]
         equal = total = agree = counted = 0
         max_diff = 0
         for batch in batches:
@@ -584,9 +588,7 @@ def _export_tflite(
                         )
                     if runner is runners[0]:
                         _, _, scale, zp = runner.outputs[k]
-                        top = _top1(
-                            sim_list[k].float().numpy(), dequantize_output(got, scale, zp)
-                        )
+                        top = _top1(sim_list[k].float().numpy(), dequantize_output(got, scale, zp))
                         if top is not None:
                             agree += top[0]
                             counted += top[1]
