@@ -1,6 +1,7 @@
 """edgequant: quantize a PyTorch model, export it as an integer ONNX model, prove it in ONNX Runtime."""
 
 from edgequant.check import check
+from edgequant.export.executorch import export_executorch
 from edgequant.export.integer import run_integer
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
 from edgequant.export.tflite import EdgeExportInfo, export_tflite
@@ -21,6 +22,7 @@ __all__ = [
     "Report",
     "check",
     "compare",
+    "export_executorch",
     "export_onnx",
     "export_tflite",
     "fit_qat",

@@ -83,8 +83,9 @@ class Pt2eLayer(nn.Module):
     weight_zero_point: Tensor
     bias: Tensor | None
 
-    def __init__(self, lowered: LoweredLayer) -> None:
+    def __init__(self, lowered: LoweredLayer, int8_weight: bool = False) -> None:
         super().__init__()
+        self.int8_weight = int8_weight
         layer: Any = lowered  # its buffers, typed as Tensor | Module by nn.Module
         name = layer.name
         if layer.dynamic:
@@ -116,9 +117,14 @@ class Pt2eLayer(nn.Module):
         self.per_channel = layer.w_axis == 0
         scale = layer.weight_scale.detach().float()
         shape = [-1] + [1] * (w_q.dim() - 1)
-        # quantize_per_channel of these floats gives w_q back exactly: (q * s) / s rounds to q.
+        # int8_weight: the int8 tensor itself, dequantized (convert_pt2e's form: ExecuTorch reads
+        # it); else floats that the graph quantizes (litert-torch folds that into an int8
+        # tensor): quantize_per_channel of q * s gives q back exactly, (q * s) / s rounds to q.
         self.register_buffer(
-            "weight", w_q.float() * (scale.reshape(shape) if self.per_channel else scale)
+            "weight",
+            w_q.clone()
+            if int8_weight
+            else w_q.float() * (scale.reshape(shape) if self.per_channel else scale),
         )
         self.register_buffer("weight_scale", scale.reshape(-1).clone())
         self.register_buffer("weight_zero_point", torch.zeros(scale.numel(), dtype=torch.int64))
@@ -136,15 +142,19 @@ class Pt2eLayer(nn.Module):
         if not self.shared_input:
             x = self.input_quantizer(x)
         if self.per_channel:
-            w = qd.quantize_per_channel.default(
-                self.weight, self.weight_scale, self.weight_zero_point, 0, -127, 127, torch.int8
-            )
+            w = self.weight
+            if not self.int8_weight:
+                w = qd.quantize_per_channel.default(
+                    w, self.weight_scale, self.weight_zero_point, 0, -127, 127, torch.int8
+                )
             w = qd.dequantize_per_channel.default(
                 w, self.weight_scale, self.weight_zero_point, 0, -127, 127, torch.int8
             )
         else:
             s = float(self.weight_scale.item())
-            w = qd.quantize_per_tensor.default(self.weight, s, 0, -127, 127, torch.int8)
+            w = self.weight
+            if not self.int8_weight:
+                w = qd.quantize_per_tensor.default(w, s, 0, -127, 127, torch.int8)
             w = qd.dequantize_per_tensor.default(w, s, 0, -127, 127, torch.int8)
         if self.kind == "linear":
             return torch_F.linear(x, w, self.bias)
@@ -155,15 +165,18 @@ class Pt2eLayer(nn.Module):
         return conv(x, w, self.bias, **self.conv_args)
 
 
-def pt2e_model(qmodel: nn.Module) -> nn.Module:
+def pt2e_model(qmodel: nn.Module, int8_weights: bool = False) -> nn.Module:
     """A copy of qmodel whose quantizers and quantized layers are PT2E quantize/dequantize pairs
-    on edgequant's own grids (ExportError naming the layer whose grid has no edge form)."""
+    on edgequant's own grids (ExportError naming the layer whose grid has no edge form).
+
+    int8_weights: weights stored as int8 tensors (ExecuTorch) instead of floats on the grid that
+    the graph quantizes (litert-torch, which folds them into int8 tensors itself)."""
     lowered = lower(qmodel, weight_storage="int8")
     for name, m in list(lowered.named_modules()):
         if isinstance(m, LoweredEmbedding):
             raise ExportError(f"layer {name!r}: quantized embedding tables have no edge form")
         if isinstance(m, LoweredLayer):
-            _set_submodule(lowered, name, Pt2eLayer(m))
+            _set_submodule(lowered, name, Pt2eLayer(m, int8_weights))
     for name, m in list(lowered.named_modules()):
         if isinstance(m, LoweredQDQ):
             _set_submodule(lowered, name, Pt2eQDQ(m, f"quantizer {name!r}"))
