@@ -11,8 +11,10 @@ simulation reaches the file unchanged.
 
 Grids the edge runtimes cannot run are converted exactly or refused, naming the layer:
 - uint8 activations (zero point z in 0..255) become int8 with zero point z - 128: the same grid;
-- activations below 8 bits, asymmetric weights, per-group weights, dynamic quantization,
-  SmoothQuant input scaling and embedding tables have no form there and are refused.
+- outlier channel splitting and SmoothQuant scaling stay a gather and a per-channel multiply
+  before the input quantizer, as simulated (a float multiply: fully integer formats refuse it);
+- activations below 8 bits, asymmetric weights, per-group weights, dynamic quantization and
+  embedding tables have no form there and are refused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from edgequant.export.onnx import (
     lower,
     split_inputs,
 )
+from edgequant.modules import transform_input
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -82,6 +85,8 @@ class Pt2eLayer(nn.Module):
     weight_scale: Tensor
     weight_zero_point: Tensor
     bias: Tensor | None
+    channel_index: Tensor | None
+    smooth_inv: Tensor | None
 
     def __init__(self, lowered: LoweredLayer, int8_weight: bool = False) -> None:
         super().__init__()
@@ -94,10 +99,6 @@ class Pt2eLayer(nn.Module):
             raise ExportError(
                 f"layer {name!r}: its weight is not quantized (a float island in an integer "
                 "model); quantize it or leave the layer out of the model"
-            )
-        if layer.input_smooth_inv is not None or layer.input_channel_index is not None:
-            raise ExportError(
-                f"layer {name!r}: SmoothQuant / channel-reordered inputs have no edge form"
             )
         if layer.w_block or layer.w_axis not in (-1, 0) or not layer.w_zero:
             raise ExportError(
@@ -136,9 +137,16 @@ class Pt2eLayer(nn.Module):
         elif layer.has_bias:
             bias = layer.bias
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+        # Outlier channel splitting and SmoothQuant scaling before the input quantizer, as in the
+        # simulation: a gather and a per-channel multiply (float: fully integer formats refuse
+        # the multiply when they find it in the converted file).
+        index, smooth = layer.input_channel_index, layer.input_smooth_inv
+        self.register_buffer("channel_index", index.clone() if index is not None else None)
+        self.register_buffer("smooth_inv", smooth.clone() if smooth is not None else None)
 
     def forward(self, x: Tensor) -> Tensor:
         qd = _decomposed()
+        x = transform_input(x, self.channel_index, self.smooth_inv)
         if not self.shared_input:
             x = self.input_quantizer(x)
         if self.per_channel:

@@ -79,6 +79,7 @@ TFLITE_OPS = frozenset(
         "aten.pad",
         "aten.constant_pad_nd",
         "aten.sym_size",
+        "aten.index_select",
         "getitem",
         "quantized_decomposed.quantize_per_tensor",
         "quantized_decomposed.dequantize_per_tensor",
