@@ -770,8 +770,13 @@ class _Runner:
                     pooled = x.like(np.clip(y, lo_x, hi_x))
                     return _requantize(pooled, so, zo, lo, hi, self.mbqm)
             else:
-                mult, shift = quantize_multiplier(sx / (np.float64(so) * count))
-                y = self.mbqm(centered, mult, shift) + zo
+                # TFLite's integer MEAN (QuantizedMeanOrSum): the multiplier of input scale /
+                # output scale, shifted left by floor(log2(count)) bits and divided by count in
+                # integers (truncated), not the multiplier of the exact quotient.
+                mult, shift = quantize_multiplier(sx / np.float64(so))
+                bits = min(count.bit_length() - 1, 32, 31 + int(shift))
+                mult = (mult.astype(np.int64) << bits) // count
+                y = self.mbqm(centered, mult, shift - bits) + zo
             return np.clip(y, lo, hi)
 
         return _Pending(finish, self._name(node))

@@ -157,3 +157,39 @@ def test_uint8_activation_grid_becomes_int8_with_zero_point_minus_128() -> None:
     x = torch.linspace(-1.5, 3.5, 1001)
     with torch.no_grad():
         assert torch.equal(pt2e(x), q(x))
+
+
+def _mnist1d_config(tmp_path: Path, target: str) -> Path:
+    import yaml
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "mnist1d_cnn.yaml"
+    config = yaml.safe_load(example.read_text())
+    config["model"] = {
+        "function": "edgequant.examples.mnist1d:trained_cnn",
+        "kwargs": {"epochs": 2, "cache_dir": str(tmp_path / "cache")},
+    }
+    config["calib_data"]["kwargs"]["n"] = 128
+    del config["eval_data"]
+    config["target"] = target
+    config["recipes"] = ["w8a8"]
+    path = tmp_path / f"{target}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_cli_quantize_writes_tflite_for_a_fully_integer_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgequant.cli import main
+
+    out = tmp_path / "cnn.tflite"
+    wrong = _mnist1d_config(tmp_path, "onnxruntime")
+    assert main(["quantize", "--config", str(wrong), "--out", str(out), "--quiet"]) == 2
+    assert "use a fully integer target (target: mcu-int8)" in capsys.readouterr().err
+    assert not out.exists()
+    config = _mnist1d_config(tmp_path, "mcu-int8")
+    assert main(["quantize", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote {out}") and "TFLite Micro arena" in line
+    assert "1.0000 of TFLite Micro's outputs bit-exact" in line
+    assert litert_interpreter(out.read_bytes()).get_input_details()[0]["dtype"] == np.int8
