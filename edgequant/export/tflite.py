@@ -88,6 +88,7 @@ TFLITE_OPS = frozenset(
     }
 )
 LITERT_REFERENCE_MAX_STEPS = 1
+IO_TYPES = ("int8", "float")
 ROUNDING = "double"  # TFLite's and TFLite Micro's default builds (no TFLITE_SINGLE_ROUNDING)
 
 
@@ -385,6 +386,61 @@ class TFLiteRunner:
         return outs
 
 
+def float_io(model: bytes) -> bytes:
+    """The same model with float32 input and output: a QUANTIZE before each int8 input and a
+    DEQUANTIZE after each int8 output (the grids stay in the file, on those two ops), written
+    with the TFLite schema's object API that ai_edge_litert ships."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(model, 0)
+    graph = m.subgraphs[0]
+
+    def opcode(builtin: int) -> int:
+        for i, code in enumerate(m.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, builtin, 1
+        m.operatorCodes.append(code)
+        return len(m.operatorCodes) - 1
+
+    def float_twin(index: int) -> int:
+        t = graph.tensors[index]
+        twin = schema.TensorT()
+        twin.shape = list(t.shape)
+        if t.shapeSignature is not None:
+            twin.shapeSignature = list(t.shapeSignature)
+        twin.type = schema.TensorType.FLOAT32
+        m.buffers.append(schema.BufferT())
+        twin.buffer = len(m.buffers) - 1
+        name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        twin.name = f"{name}_float"
+        graph.tensors.append(twin)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], outputs: list[int]) -> Any:
+        o = schema.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, inputs, outputs
+        return o
+
+    quantize = opcode(schema.BuiltinOperator.QUANTIZE)
+    dequantize = opcode(schema.BuiltinOperator.DEQUANTIZE)
+    inputs, outputs = [int(i) for i in graph.inputs], [int(i) for i in graph.outputs]
+    twins = {i: float_twin(i) for i in inputs + outputs}
+    front = [op(quantize, [twins[i]], [i]) for i in inputs]
+    back = [op(dequantize, [i], [twins[i]]) for i in outputs]
+    graph.operators = front + list(graph.operators) + back
+    graph.inputs = [twins[i] for i in inputs]
+    graph.outputs = [twins[i] for i in outputs]
+    for signature in m.signatureDefs or []:
+        for entry in list(signature.inputs or []) + list(signature.outputs or []):
+            entry.tensorIndex = twins.get(entry.tensorIndex, entry.tensorIndex)
+    builder = flatbuffers.Builder(len(model) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 # --- verification ---------------------------------------------------------------------------
 
 
@@ -509,9 +565,12 @@ def export_tflite(
     path: str | os.PathLike[str],
     example_inputs: Any,
     verify_data: Iterable[Any] | None = None,
+    io: str = "int8",
 ) -> EdgeExportInfo:
     """Write qmodel as a fully integer .tflite at `path` (int8 input and output, their scale and
-    zero point in the file; batch size 1, the shape of example_inputs' first sample), after
+    zero point in the file, as microcontroller code expects; io="float": float32 input and
+    output through a QUANTIZE and a DEQUANTIZE op; batch size 1, the shape of example_inputs'
+    first sample), after
     proving in TFLite Micro and LiteRT's reference kernels that every output integer equals the
     integer reference's (TFLite's arithmetic on the simulation's grids) on example_inputs and
     verify_data.
@@ -523,6 +582,8 @@ def export_tflite(
     from edgequant.spec import TARGETS
 
     path, verify = _check_args(qmodel, path, example_inputs, verify_data, ".tflite")
+    if io not in IO_TYPES:
+        raise ValueError(f"io must be one of {', '.join(map(repr, IO_TYPES))}, got {io!r}")
     target = _target(qmodel)
     if target not in TARGETS or not TARGETS[target].fully_integer:
         raise ExportError(
@@ -534,14 +595,14 @@ def export_tflite(
     try:
         qmodel.eval()
         run_checked(qmodel, example_inputs, "example_inputs")
-        return _export_tflite(qmodel, path, example_inputs, verify)
+        return _export_tflite(qmodel, path, example_inputs, verify, io)
     finally:
         for m, flag in training.items():
             m.training = flag
 
 
 def _export_tflite(
-    qmodel: nn.Module, path: Path, example_inputs: Any, verify: list[Any]
+    qmodel: nn.Module, path: Path, example_inputs: Any, verify: list[Any], io: str
 ) -> EdgeExportInfo:
     from edgequant.export.integer import run_integer
 
@@ -562,6 +623,11 @@ def _export_tflite(
             f"the converted model is not fully integer ({len(floats)} ops read or write float "
             "tensors): " + "; ".join(floats[:5])
         )
+    integer_model = flatbuffer
+    grids = TFLiteRunner(integer_model, "litert-ref")  # the int8 input and output grids
+    if io == "float":
+        flatbuffer = float_io(integer_model)
+        ops = tensor_ops(flatbuffer)[0]
     batches = [example_inputs] + verify
     v = EdgeVerification(
         runtimes=["TFLite Micro", "LiteRT (reference kernels)"],
@@ -583,7 +649,7 @@ def _export_tflite(
             n = xs[0].shape[0]
             ref = run_integer(reference_onnx, xs, rounding=ROUNDING)
             ref_list = ref if isinstance(ref, list) else [ref]
-            ref_int = _output_integers(ref_list, runners[0].outputs)
+            ref_int = _output_integers(ref_list, grids.outputs)
             with torch.no_grad():
                 sim = qmodel(*[torch.from_numpy(x) for x in xs])
             sim_list = [sim] if isinstance(sim, Tensor) else list(sim)
@@ -591,7 +657,11 @@ def _export_tflite(
                 per_sample = [runner.run_int([x[i : i + 1] for x in xs]) for i in range(n)]
                 counts = tally[runner.runtime]
                 for k, r in enumerate(ref_int):
-                    got = np.concatenate([p[k] for p in per_sample], axis=0).astype(np.int64)
+                    got = np.concatenate([p[k] for p in per_sample], axis=0)
+                    _, _, scale, zp = grids.outputs[k]
+                    if np.issubdtype(got.dtype, np.floating):  # io="float": DEQUANTIZE's output
+                        got = np.rint(got / np.float32(scale)) + zp
+                    got = got.astype(np.int64)
                     diff = np.abs(got - r)
                     counts[0] += int((diff == 0).sum())
                     counts[1] += diff.size
@@ -599,10 +669,11 @@ def _export_tflite(
                     if diff.any() and runner is runners[0] and not v.first_difference:
                         bad_sample = int(np.nonzero(diff.reshape(n, -1).any(1))[0][0])
                         v.first_difference = first_difference(
-                            flatbuffer, reference_onnx, [x[bad_sample : bad_sample + 1] for x in xs]
+                            integer_model,
+                            reference_onnx,
+                            [x[bad_sample : bad_sample + 1] for x in xs],
                         )
                     if runner is runners[0]:
-                        _, _, scale, zp = runner.outputs[k]
                         top = _top1(sim_list[k].float().numpy(), dequantize_output(got, scale, zp))
                         if top is not None:
                             agree += top[0]
@@ -644,8 +715,8 @@ def _export_tflite(
         size_ratio=len(flatbuffer) / max(float_bytes, 1),
         quantized_layers=len(list(quant_layers(qmodel))),
         arena_bytes=arena,
-        input_quantization=[(float(s), int(z)) for *_, s, z in runners[0].inputs],
-        output_quantization=[(float(s), int(z)) for *_, s, z in runners[0].outputs],
+        input_quantization=[(float(s), int(z)) for *_, s, z in grids.inputs],
+        output_quantization=[(float(s), int(z)) for *_, s, z in grids.outputs],
         ops=ops,
         verification=v,
         wall_s=time.perf_counter() - start,

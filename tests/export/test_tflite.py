@@ -83,6 +83,23 @@ def test_file_carries_the_simulation_grids(depthwise: tuple) -> None:
 
 
 @pytest.mark.slow
+def test_float_input_and_output_option(depthwise: tuple, tmp_path: Path) -> None:
+    """io="float": a QUANTIZE and a DEQUANTIZE around the same integer model, still bit-exact."""
+    qmodel, calib, int8_path, int8_info = depthwise
+    path = tmp_path / "kws_float.tflite"
+    info = eq.export_tflite(qmodel, path, calib[0][:2], verify_data=calib[:1], io="float")
+    assert info.verification.bit_exact == 1.0
+    assert info.input_quantization == int8_info.input_quantization
+    assert info.ops[0] == "QUANTIZE" and info.ops[-1] == "DEQUANTIZE"
+    it = litert_interpreter(path.read_bytes())
+    assert it.get_input_details()[0]["dtype"] == np.float32
+    assert it.get_output_details()[0]["dtype"] == np.float32
+    x = calib[1][:4].numpy()
+    as_float = TFLiteRunner(path.read_bytes(), "tflite-micro").run([x])[0]
+    as_int8 = TFLiteRunner(int8_path.read_bytes(), "tflite-micro").run([x])[0]
+    assert np.array_equal(as_float, as_int8)
+
+
 def test_resnet_style_shortcut_and_conv1d_export() -> None:
     for name in ("option_a_shortcut", "conv1d"):
         _, qmodel, calib = _mcu(name)
@@ -139,6 +156,8 @@ def test_non_fully_integer_target_and_bad_arguments_are_refused(tmp_path: Path) 
     qmodel = eq.quantize(model, eq.Recipe.preset("w8a8"), calib)
     with pytest.raises(eq.ExportError, match=r"target 'onnxruntime'.*mcu-int8"):
         eq.export_tflite(qmodel, tmp_path / "m.tflite", calib[0][:1])
+    with pytest.raises(ValueError, match=r"io must be one of 'int8', 'float'"):
+        eq.export_tflite(qmodel, tmp_path / "m.tflite", calib[0][:1], io="uint8")
     with pytest.raises(ValueError, match=r"must end in \.tflite"):
         eq.export_tflite(qmodel, tmp_path / "m.onnx", calib[0][:1])
     with pytest.raises(ValueError, match="no quantized layer"):
