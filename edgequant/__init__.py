@@ -1,8 +1,10 @@
 """edgequant: quantize a PyTorch model, export it as an integer ONNX model, prove it in ONNX Runtime."""
 
 from edgequant.check import check
+from edgequant.export.executorch import export_executorch
 from edgequant.export.integer import run_integer
 from edgequant.export.onnx import ExportError, ExportInfo, export_onnx
+from edgequant.export.tflite import EdgeExportInfo, export_tflite
 from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
 from edgequant.qat import FitConfig, fit_qat, prepare_qat
@@ -11,6 +13,7 @@ from edgequant.spec import LayerOverride, QuantSpec, Recipe
 
 __all__ = [
     "Budget",
+    "EdgeExportInfo",
     "ExportError",
     "ExportInfo",
     "FitConfig",
@@ -20,7 +23,9 @@ __all__ = [
     "Report",
     "check",
     "compare",
+    "export_executorch",
     "export_onnx",
+    "export_tflite",
     "fit_qat",
     "load",
     "mixed_precision",

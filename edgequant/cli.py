@@ -109,7 +109,13 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default="static", help="static (default), dynamic or weight_only"
     )
-    parser.add_argument("--out", required=True, metavar="MODEL.onnx", help="the file to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="MODEL.onnx",
+        help="the file to write; its suffix picks the format: .onnx (ONNX Runtime), .tflite "
+        "(LiteRT and TFLite Micro: a fully integer target such as mcu-int8) or .pte (ExecuTorch)",
+    )
     parser.add_argument(
         "--num-samples", type=int, metavar="N", help="calibration samples (default: the config's)"
     )
@@ -149,11 +155,19 @@ def _quantize_run(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
     out = Path(args.out)
-    if out.suffix != ".onnx":
-        raise UserError(f"--out must end in .onnx, got {args.out!r}")
+    if out.suffix not in (".onnx", ".tflite", ".pte"):
+        raise UserError(f"--out must end in .onnx, .tflite or .pte, got {args.out!r}")
     if not out.parent.is_dir():
         raise UserError(f"--out: the folder {str(out.parent)!r} does not exist")
     recipe = config.recipe(args.recipe)
+    if out.suffix == ".tflite":
+        from edgequant.spec import TARGETS
+
+        if not TARGETS[recipe.target].fully_integer:
+            raise UserError(
+                f"--out {args.out!r}: a .tflite is fully integer, and recipe {recipe.name!r} has "
+                f"target {recipe.target!r}; use a fully integer target (target: mcu-int8)"
+            )
 
     model = config.build_model()
     qmodel = eq.quantize(
@@ -179,13 +193,19 @@ def _quantize_run(args: argparse.Namespace) -> int:
     # With eval data, verification covers the task's own inputs, not only one example batch.
     verify = [inputs for inputs, _ in eval_batches] if eval_batches is not None else None
     try:
-        export = eq.export_onnx(
-            qmodel,
-            out,
-            config.example_inputs(),
-            verify_data=verify,
-            weight_storage=args.weight_storage,
-        )
+        export: Any
+        if out.suffix == ".tflite":
+            export = eq.export_tflite(qmodel, out, config.example_inputs(), verify_data=verify)
+        elif out.suffix == ".pte":
+            export = eq.export_executorch(qmodel, out, config.example_inputs(), verify_data=verify)
+        else:
+            export = eq.export_onnx(
+                qmodel,
+                out,
+                config.example_inputs(),
+                verify_data=verify,
+                weight_storage=args.weight_storage,
+            )
     except eq.ExportError as error:
         raise UserError(f"export failed: {error}") from error
     print(export)

@@ -330,6 +330,31 @@ class McuInt8Target(TFLiteInt8Target):
     fully_integer: bool = True
 
 
+@dataclass(frozen=True)
+class ExecuTorchTarget(Target):
+    """ExecuTorch's XNNPACK backend: the grids its own XNNPACKQuantizer writes."""
+
+    name: str = "executorch"
+    description: str = (
+        "ExecuTorch (XNNPACK backend): symmetric signed per-channel weights in "
+        "-(2^(b-1)-1)..2^(b-1)-1 (narrow range), asymmetric signed (int8) per-tensor activations; "
+        "eq.export_executorch writes the .pte and verifies it in ExecuTorch's runtime"
+    )
+
+    def weight(self, spec: QuantSpec) -> QuantSpec:
+        return _per_channel(spec).replace(signed=True, symmetric=True, narrow_range=True)
+
+    def activation(self, spec: QuantSpec) -> QuantSpec:
+        return spec.replace(
+            signed=True,
+            symmetric=False,
+            narrow_range=False,
+            granularity="tensor",
+            axis=0,
+            group_size=None,
+        )
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -338,6 +363,7 @@ TARGETS: dict[str, Target] = {
         TensorRTTarget(),
         DspPow2Target(),
         McuInt8Target(),
+        ExecuTorchTarget(),
     )
 }
 

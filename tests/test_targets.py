@@ -17,13 +17,13 @@ from toys import SmallResNet  # tests/toys.py
 import edgequant as eq
 from edgequant.spec import TARGETS, LayerOverride, QuantSpec, Recipe, Target
 
-ALL_TARGETS = ("onnxruntime", "tflite-int8", "tensorrt", "dsp-pow2", "mcu-int8")
+ALL_TARGETS = ("onnxruntime", "tflite-int8", "tensorrt", "dsp-pow2", "mcu-int8", "executorch")
 
 
 # --------------------------------------------------------------------------- the rules, as data
 
 
-def test_registry_holds_the_five_targets_as_frozen_dataclasses() -> None:
+def test_registry_holds_the_six_targets_as_frozen_dataclasses() -> None:
     assert tuple(TARGETS) == ALL_TARGETS
     for name, target in TARGETS.items():
         assert isinstance(target, Target) and target.name == name
@@ -184,7 +184,7 @@ def test_w8a8_quantizes_exports_and_verifies(name: str, residual: tuple, tmp_pat
     if name in ("tensorrt", "dsp-pow2"):
         # symmetric everywhere: every zero point of the graph is 0
         assert all((zp == 0).all() for zp in zero_points)
-    if name in ("tflite-int8", "mcu-int8", "tensorrt", "dsp-pow2"):
+    if name in ("tflite-int8", "mcu-int8", "tensorrt", "dsp-pow2", "executorch"):
         # signed activations: no UINT8 tensor anywhere
         assert all(zp.dtype != np.uint8 for zp in zero_points)
     if name == "dsp-pow2":

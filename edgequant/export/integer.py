@@ -509,8 +509,13 @@ class _Runner:
 
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        env: dict[str, Any] = dict(self.consts)
+    def run(
+        self, feeds: dict[str, np.ndarray], trace: dict[str, Any] | None = None
+    ) -> list[np.ndarray]:
+        """The graph's outputs; `trace`, when given, receives every tensor by name (the
+        quantized ones as _Quantized), for locating where another runtime first differs."""
+        env: dict[str, Any] = trace if trace is not None else {}
+        env.update(self.consts)
         env.update(feeds)
         for node in self.graph.node:
             if node.op_type == "Constant":
@@ -743,20 +748,35 @@ class _Runner:
         hi = float(np.asarray(args[2])) if len(args) > 2 and args[2] is not None else None
         return [self._fuse(node, args[0], lo, hi)]
 
-    def _average(self, node: Any, x: _Quantized, total: np.ndarray, count: int) -> _Pending:
-        """total: window sums of the stored integers (zero point included), count per window."""
+    def _average(
+        self, node: Any, x: _Quantized, total: np.ndarray, count: int, pool: bool = False
+    ) -> _Pending:
+        """total: window sums of the stored integers (zero point included), count per window.
+        pool: an AveragePool, which TFLite runs on its input's grid only (AVERAGE_POOL_2D keeps
+        the grid), followed by a QUANTIZE to another output grid; a mean (MEAN) rescales
+        once."""
         sx, zx = np.float64(_scalar(x.scale)), int(x.zp.reshape(()))
         centered = total - zx * count
 
         def finish(so: float, zo: int, lo: int, hi: int) -> np.ndarray:
-            if np.float32(so) == np.float32(sx) and zo == zx:
+            same_grid = np.float32(so) == np.float32(sx) and zo == zx
+            if same_grid or pool:
                 # TFLite's AveragePool: same grid in and out, divide rounding half away from 0.
                 half = count // 2
                 t = total
                 y = np.where(t > 0, (t + half) // count, -((-t + half) // count))
+                if not same_grid:
+                    lo_x, hi_x = _dtype_range(x.dtype)
+                    pooled = x.like(np.clip(y, lo_x, hi_x))
+                    return _requantize(pooled, so, zo, lo, hi, self.mbqm)
             else:
-                mult, shift = quantize_multiplier(sx / (np.float64(so) * count))
-                y = self.mbqm(centered, mult, shift) + zo
+                # TFLite's integer MEAN (QuantizedMeanOrSum): the multiplier of input scale /
+                # output scale, shifted left by floor(log2(count)) bits and divided by count in
+                # integers (truncated), not the multiplier of the exact quotient.
+                mult, shift = quantize_multiplier(sx / np.float64(so))
+                bits = min(count.bit_length() - 1, 32, 31 + int(shift))
+                mult = (mult.astype(np.int64) << bits) // count
+                y = self.mbqm(centered, mult, shift - bits) + zo
             return np.clip(y, lo, hi)
 
         return _Pending(finish, self._name(node))
@@ -789,7 +809,8 @@ class _Runner:
             raise self.error(node, "only 2-d AveragePool without padding or ceil_mode")
         strides = list(at.get("strides", [1, 1]))
         windows = _windows(x.q, kernel, strides, [1, 1])
-        return [self._average(node, x, windows.sum(axis=(-2, -1)), kernel[0] * kernel[1])]
+        total = windows.sum(axis=(-2, -1))
+        return [self._average(node, x, total, kernel[0] * kernel[1], pool=True)]
 
     def op_Concat(self, node: Any, args: list[Any]) -> list[Any]:
         axis = int(self.attrs(node)["axis"])

@@ -1,0 +1,233 @@
+"""A quantized model as a PT2E-style `torch.export` program that carries edgequant's own grids.
+
+PyTorch's edge converters (litert-torch for LiteRT / TFLite Micro, ExecuTorch's XNNPACK backend)
+read a `torch.export` graph in which every quantized tensor passes through
+`quantized_decomposed.quantize_per_tensor` -> `dequantize_per_tensor` (activations) or
+`quantize_per_channel` -> `dequantize_per_channel` (weights): the form `convert_pt2e` writes.
+Instead of letting a PT2E quantizer calibrate its own scales, this module writes that form from
+the runtime-neutral lowering the ONNX exporter uses (`lower`: integer weights, INT32-grid
+biases, calibrated activation scales), so every scale, zero point and integer weight of the
+simulation reaches the file unchanged.
+
+Grids the edge runtimes cannot run are converted exactly or refused, naming the layer:
+- uint8 activations (zero point z in 0..255) become int8 with zero point z - 128: the same grid;
+- outlier channel splitting and SmoothQuant scaling stay a gather and a per-channel multiply
+  before the input quantizer, as simulated (a float multiply: fully integer formats refuse it);
+- activations below 8 bits, asymmetric weights, per-group weights, dynamic quantization and
+  embedding tables have no form there and are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor, nn
+
+from edgequant.batches import split_inputs
+from edgequant.export.onnx import (
+    ExportError,
+    LoweredEmbedding,
+    LoweredLayer,
+    LoweredQDQ,
+    _set_submodule,
+    lower,
+)
+from edgequant.modules import transform_input
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def _decomposed() -> Any:
+    """torch.ops.quantized_decomposed, registered on first use (the import is not light)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+
+    return torch.ops.quantized_decomposed
+
+
+class Pt2eQDQ(nn.Module):
+    """An activation quantizer as quantize_per_tensor -> dequantize_per_tensor on int8."""
+
+    def __init__(self, lowered: LoweredQDQ, name: str) -> None:
+        super().__init__()
+        q: Any = lowered  # its buffers, typed as Tensor | Module by nn.Module
+        if q.axis != -1:
+            raise ExportError(f"{name}: per-channel activation quantization has no edge form")
+        if q.container != 8 or q.qmax - q.qmin != 255:
+            raise ExportError(
+                f"{name}: {q.qmax - q.qmin + 1}-level activations; edge int8 runtimes run "
+                "8-bit activations only (use 8-bit activations, e.g. the w4a8 or w8a8 preset)"
+            )
+        zero_point = int(q.zero_point.reshape(()).item())
+        if q.zero_point.dtype == torch.uint8:
+            zero_point -= 128  # the same grid, shifted: TFLite and XNNPACK take int8 only
+        self.scale = float(q.scale.reshape(()).item())
+        self.zero_point = zero_point
+
+    def forward(self, x: Tensor) -> Tensor:
+        qd = _decomposed()
+        q = qd.quantize_per_tensor.default(
+            x, self.scale, self.zero_point, INT8_MIN, INT8_MAX, torch.int8
+        )
+        return qd.dequantize_per_tensor.default(
+            q, self.scale, self.zero_point, INT8_MIN, INT8_MAX, torch.int8
+        )
+
+
+class Pt2eLayer(nn.Module):
+    """A quantized Conv1d/Conv2d/Linear: int8 input, int8 symmetric weights (per tensor or per
+    output channel), the bias on the INT32 grid of input scale x weight scale (as a float the
+    converters quantize back to the same integers)."""
+
+    weight: Tensor
+    weight_scale: Tensor
+    weight_zero_point: Tensor
+    bias: Tensor | None
+    channel_index: Tensor | None
+    smooth_inv: Tensor | None
+
+    def __init__(self, lowered: LoweredLayer, int8_weight: bool = False) -> None:
+        super().__init__()
+        self.int8_weight = int8_weight
+        layer: Any = lowered  # its buffers, typed as Tensor | Module by nn.Module
+        name = layer.name
+        if layer.dynamic:
+            raise ExportError(f"layer {name!r}: dynamic quantization has no integer edge form")
+        if layer.weight_float:
+            raise ExportError(
+                f"layer {name!r}: its weight is not quantized (a float island in an integer "
+                "model); quantize it or leave the layer out of the model"
+            )
+        if layer.w_block or layer.w_axis not in (-1, 0) or not layer.w_zero:
+            raise ExportError(
+                f"layer {name!r}: edge runtimes take symmetric per-tensor or per-output-channel "
+                "weights (use the mcu-int8 or executorch target)"
+            )
+        if layer.input_quantizer is None:
+            raise ExportError(f"layer {name!r}: its input is not quantized (a float island)")
+        self.name = name
+        self.kind = layer.kind
+        self.conv_args = getattr(layer, "conv_args", None)
+        self.pad = getattr(layer, "pad", None)
+        self.shared_input = layer.shared_input
+        # Named as in the quantized layer: a traced graph may call `<layer>.input_quantizer`.
+        self.input_quantizer = Pt2eQDQ(layer.input_quantizer, f"layer {name!r} input")
+        w_q = layer.weight_q.to(torch.int8)  # 4-bit weights travel in int8 containers
+        self.per_channel = layer.w_axis == 0
+        scale = layer.weight_scale.detach().float()
+        shape = [-1] + [1] * (w_q.dim() - 1)
+        # int8_weight: the int8 tensor itself, dequantized (convert_pt2e's form: ExecuTorch reads
+        # it); else floats that the graph quantizes (litert-torch folds that into an int8
+        # tensor): quantize_per_channel of q * s gives q back exactly, (q * s) / s rounds to q.
+        self.register_buffer(
+            "weight",
+            w_q.clone()
+            if int8_weight
+            else w_q.float() * (scale.reshape(shape) if self.per_channel else scale),
+        )
+        self.register_buffer("weight_scale", scale.reshape(-1).clone())
+        self.register_buffer("weight_zero_point", torch.zeros(scale.numel(), dtype=torch.int64))
+        bias: Tensor | None = None
+        if layer.integer_pattern and layer.bias_int is not None:
+            bias = layer.bias_int.reshape(-1)
+        elif layer.bias_quantized:
+            bias = layer.bias_q.double() * layer.bias_scale.double()
+        elif layer.has_bias:
+            bias = layer.bias
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+        # Outlier channel splitting and SmoothQuant scaling before the input quantizer, as in the
+        # simulation: a gather and a per-channel multiply (float: fully integer formats refuse
+        # the multiply when they find it in the converted file).
+        index, smooth = layer.input_channel_index, layer.input_smooth_inv
+        self.register_buffer("channel_index", index.clone() if index is not None else None)
+        self.register_buffer("smooth_inv", smooth.clone() if smooth is not None else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        qd = _decomposed()
+        x = transform_input(x, self.channel_index, self.smooth_inv)
+        if not self.shared_input:
+            x = self.input_quantizer(x)
+        if self.per_channel:
+            w = self.weight
+            if not self.int8_weight:
+                w = qd.quantize_per_channel.default(
+                    w, self.weight_scale, self.weight_zero_point, 0, -127, 127, torch.int8
+                )
+            w = qd.dequantize_per_channel.default(
+                w, self.weight_scale, self.weight_zero_point, 0, -127, 127, torch.int8
+            )
+        else:
+            s = float(self.weight_scale.item())
+            w = self.weight
+            if not self.int8_weight:
+                w = qd.quantize_per_tensor.default(w, s, 0, -127, 127, torch.int8)
+            w = qd.dequantize_per_tensor.default(w, s, 0, -127, 127, torch.int8)
+        if self.kind == "linear":
+            return torch_F.linear(x, w, self.bias)
+        if self.pad is not None:
+            x = torch_F.pad(x, self.pad[0], mode=self.pad[1])
+        conv = torch_F.conv1d if self.kind == "conv1d" else torch_F.conv2d
+        assert self.conv_args is not None
+        return conv(x, w, self.bias, **self.conv_args)
+
+
+def pt2e_model(qmodel: nn.Module, int8_weights: bool = False) -> nn.Module:
+    """A copy of qmodel whose quantizers and quantized layers are PT2E quantize/dequantize pairs
+    on edgequant's own grids (ExportError naming the layer whose grid has no edge form).
+
+    int8_weights: weights stored as int8 tensors (ExecuTorch) instead of floats on the grid that
+    the graph quantizes (litert-torch, which folds them into int8 tensors itself)."""
+    lowered = lower(qmodel, weight_storage="int8")
+    for name, m in list(lowered.named_modules()):
+        if isinstance(m, LoweredEmbedding):
+            raise ExportError(f"layer {name!r}: quantized embedding tables have no edge form")
+        if isinstance(m, LoweredLayer):
+            _set_submodule(lowered, name, Pt2eLayer(m, int8_weights))
+    for name, m in list(lowered.named_modules()):
+        if isinstance(m, LoweredQDQ):
+            _set_submodule(lowered, name, Pt2eQDQ(m, f"quantizer {name!r}"))
+    return lowered.eval()
+
+
+def export_program(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """torch.export of the PT2E model (static shapes: edge runtimes plan memory for one)."""
+    import warnings
+
+    args, kwargs = split_inputs(example_inputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(model, args, kwargs=kwargs or None)
+        except Exception as err:  # torch.export raises many types; say which stage failed
+            raise ExportError(f"torch.export failed: {type(err).__name__}: {err}") from err
+
+
+def node_layer(node: Any) -> str:
+    """The module path a node of an exported graph came from ('' at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").replace("L__self___", "")
+
+
+def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable[str]) -> list[str]:
+    """'op (layer)' for every call in the program whose op is not in `supported` (names like
+    'aten.conv2d'), in graph order."""
+    allowed = set(supported)
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        name = getattr(target, "__name__", str(target))
+        op = getattr(target, "_opname", None)
+        ns = getattr(target, "namespace", None)
+        key = f"{ns}.{op}" if ns and op else name
+        if key in allowed or name in allowed:
+            continue
+        layer = node_layer(node)
+        found.append(f"{key} ({'layer ' + repr(layer) if layer else 'the top level'})")
+    return found

@@ -1,0 +1,723 @@
+"""Export a quantized model as a fully integer `.tflite` (LiteRT, TFLite Micro), verified bit for
+bit in TFLite Micro and LiteRT's reference kernels against the integer reference.
+
+Route: the PT2E form of the model on edgequant's own grids (export/pt2e.py) -> litert-torch's
+converter in static quantization mode (without its quant_config it silently writes a float
+model with quantize/dequantize pairs) -> a `.tflite` whose every op is int8 (INT32 biases), int8
+input and output with their scale and zero point in the file. Verification runs the file in
+TFLite Micro (its Python interpreter: the kernels a microcontroller runs, CMSIS-NN's reference)
+and in LiteRT with BUILTIN_REF kernels, and compares every output integer with `run_integer` on
+the same model's ONNX export: TFLite's integer arithmetic (fixed-point multipliers with
+TFLite's default double rounding, int8 ADD with a 20-bit left shift, INT32 biases). Only a file
+whose TFLite Micro outputs equal the reference on every sample (and whose LiteRT reference
+outputs are within one step: its FULLY_CONNECTED rescales differently) is moved into place;
+otherwise the first tensor that differs is named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from edgequant._io import atomic_path
+from edgequant.batches import split_inputs
+from edgequant.export.onnx import (
+    ExportError,
+    batch_list,
+    check_batch_values,
+    export_onnx,
+    run_checked,
+)
+from edgequant.export.pt2e import export_program, pt2e_model, unsupported_nodes
+from edgequant.instrument import quant_layers
+from edgequant.quantizer import TensorQuantizer
+
+# The ATen ops of a PT2E graph that litert-torch turns into int8 TFLite builtins, and that TFLite
+# Micro runs: conv 1-D/2-D (depthwise included), fully connected, residual add, concatenation,
+# average / max pooling, mean, reshapes, transposes, slices, padding, ReLU / ReLU6.
+TFLITE_OPS = frozenset(
+    {
+        "aten.conv1d",
+        "aten.conv2d",
+        "aten.linear",
+        "aten.add",
+        "aten.relu",
+        "aten.relu_",
+        "aten.relu6",
+        "aten.hardtanh",
+        "aten.clamp",
+        "aten.cat",
+        "aten.concat",
+        "aten.max_pool1d",
+        "aten.max_pool2d",
+        "aten.avg_pool1d",
+        "aten.avg_pool2d",
+        "aten.adaptive_avg_pool1d",
+        "aten.adaptive_avg_pool2d",
+        "aten.mean",
+        "aten.view",
+        "aten.reshape",
+        "aten.flatten",
+        "aten.permute",
+        "aten.transpose",
+        "aten.squeeze",
+        "aten.unsqueeze",
+        "aten.contiguous",
+        "aten.slice",
+        "aten.pad",
+        "aten.constant_pad_nd",
+        "aten.sym_size",
+        "aten.index_select",
+        "getitem",
+        "quantized_decomposed.quantize_per_tensor",
+        "quantized_decomposed.dequantize_per_tensor",
+        "quantized_decomposed.quantize_per_channel",
+        "quantized_decomposed.dequantize_per_channel",
+    }
+)
+LITERT_REFERENCE_MAX_STEPS = 1
+IO_TYPES = ("int8", "float")
+ROUNDING = "double"  # TFLite's and TFLite Micro's default builds (no TFLITE_SINGLE_ROUNDING)
+
+
+@dataclass
+class EdgeVerification:
+    """The file run in its runtime(s) against the reference, sample by sample."""
+
+    runtimes: list[str] = field(default_factory=list)
+    reference: str = ""
+    samples: int = 0
+    # TFLite Micro: the share of output integers equal to the reference's (must be 1), and the
+    # largest |runtime - reference| in output steps.
+    bit_exact: float = 0.0
+    max_step_difference: int = 0
+    # LiteRT's reference kernels: the same two figures. Its FULLY_CONNECTED rescales its int32
+    # sums otherwise than TFLite Micro's (on ResNet-20 a few logits in a thousand land one step
+    # apart), so it must stay within LITERT_REFERENCE_MAX_STEPS, not be bit-exact.
+    litert_reference_bit_exact: float | None = None
+    litert_reference_max_step_difference: int | None = None
+    top1_agreement: float | None = None  # with the simulation (the fake-quantized model)
+    sqnr_db: float | None = None  # executorch: runtime output vs the simulation
+    first_difference: str = ""
+    passed: bool = False
+    reason: str = ""
+
+
+@dataclass
+class EdgeExportInfo:
+    path: str
+    format: str
+    size_bytes: int  # the file: flash on a microcontroller
+    float_params_bytes: int
+    size_ratio: float
+    quantized_layers: int
+    arena_bytes: int | None = None  # TFLite Micro's smallest tensor arena for the file (RAM)
+    input_quantization: list[tuple[float, int]] = field(default_factory=list)
+    output_quantization: list[tuple[float, int]] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    verification: EdgeVerification = field(default_factory=EdgeVerification)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        v = self.verification
+        arena = f", TFLite Micro arena {self.arena_bytes} bytes" if self.arena_bytes else ""
+        agree = f", top-1 agreement {v.top1_agreement:.4f}" if v.top1_agreement is not None else ""
+        match = (
+            f"SQNR {v.sqnr_db:.1f} dB"
+            if v.sqnr_db is not None
+            else f"{v.bit_exact:.4f} of TFLite Micro's outputs bit-exact"
+        )
+        return (
+            f"wrote {self.path}: {self.size_bytes} bytes ({self.size_ratio:.3f}x the float "
+            f"parameters){arena}; verified in {' and '.join(v.runtimes)} on {v.samples} samples "
+            f"against {v.reference}: {match}{agree}"
+        )
+
+
+# --- runtimes -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """The converter and TFLite Micro print from C++ straight to file descriptors 1 and 2."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            _flush_c_stdio()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def convert_program(
+    program: torch.export.ExportedProgram, args: tuple[Any, ...], quantized: bool = True
+) -> bytes:
+    """The .tflite bytes of a PT2E program (litert-torch in static quantization mode), or of a
+    float program (quantized=False: the FP32 baseline)."""
+    import litert_torch
+    from litert_torch import _config
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+
+    # The quantizer only switches the converter to static Q/DQ lowering: the graph already
+    # holds every scale, so nothing is calibrated.
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+    )
+    show = _config.config.show_progress
+    _config.config.show_progress = False
+    try:
+        with _silenced():
+            edge = litert_torch.convert(
+                program.module(),
+                args,
+                quant_config=quant_config.QuantConfig(quantizer) if quantized else None,
+            )
+            return bytes(edge.model_content())
+    except Exception as err:  # the converter raises many types; say which stage failed
+        raise ExportError(f"litert-torch could not convert: {type(err).__name__}: {err}") from err
+    finally:
+        _config.config.show_progress = show
+
+
+def litert_interpreter(model: bytes | str, reference: bool = True, keep_all: bool = False) -> Any:
+    """LiteRT's interpreter on the file: reference kernels (BUILTIN_REF, what TFLite Micro
+    computes) or the default optimized ones (XNNPACK)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kind = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
+    it = Interpreter(
+        **source,
+        experimental_op_resolver_type=kind,
+        experimental_preserve_all_tensors=keep_all,
+        num_threads=1,
+    )
+    it.allocate_tensors()
+    return it
+
+
+def tflm_interpreter(model: bytes, arena_bytes: int | None = None) -> Any:
+    from tflite_micro.python.tflite_micro import runtime
+
+    with _silenced():
+        return runtime.Interpreter.from_bytes(model, arena_size=arena_bytes)
+
+
+def _flush_c_stdio() -> None:
+    """C's stdio buffers what TFLite Micro prints; flush it before the descriptor moves back."""
+    import ctypes
+
+    ctypes.CDLL(None).fflush(None)
+
+
+_ARENA_SEARCH = """
+import re, sys
+from tflite_micro.python.tflite_micro import runtime
+
+def fits(size):
+    try:
+        runtime.Interpreter.from_file(sys.argv[1], arena_size=size)
+        return True
+    except RuntimeError:
+        return False
+
+interpreter = runtime.Interpreter.from_file(sys.argv[1])
+sys.stdout.flush()
+interpreter.print_allocations()
+"""
+
+_ARENA_REFINE = """
+import sys
+from tflite_micro.python.tflite_micro import runtime
+
+def fits(size):
+    try:
+        runtime.Interpreter.from_file(sys.argv[1], arena_size=size)
+        return True
+    except RuntimeError:
+        return False
+
+low = int(sys.argv[2])  # the allocator's own total: never enough with less
+step, high = 16, None
+while high is None:
+    if fits(low + step):
+        high = low + step
+    else:
+        low, step = low + step, step * 2
+while high - low > 16:
+    mid = (low + high) // 32 * 16
+    if mid <= low:
+        break
+    if fits(mid):
+        high = mid
+    else:
+        low = mid
+print("fits", high, flush=True)
+"""
+
+
+def _child(code: str, *args: str) -> str:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
+    )
+    return done.stdout + done.stderr
+
+
+def tflm_arena_bytes(model: bytes) -> int:
+    """The smallest tensor arena (bytes, to 16) TFLite Micro runs this model in.
+
+    Its RecordingMicroAllocator reports the arena it used after planning (head + tail) but not
+    the scratch that kernels' Prepare borrows on the way, so the search starts there and grows.
+    Both run in a child process: the report stays buffered inside the library until the process
+    ends, and an arena below that total can crash TFLite Micro."""
+    import re
+
+    with tempfile.TemporaryDirectory(prefix="edgequant-tflm-") as tmpdir:
+        file = Path(tmpdir) / "model.tflite"
+        file.write_bytes(model)
+        report = _child(_ARENA_SEARCH, str(file))
+        found = re.search(r"Arena allocation total (\d+) bytes", report)
+        if found is None:
+            raise ExportError(f"TFLite Micro could not allocate the model: {report[-500:]}")
+        refined = re.search(r"fits (\d+)", _child(_ARENA_REFINE, str(file), found.group(1)))
+    if refined is None:
+        raise ExportError("TFLite Micro found no arena size that runs the model")
+    return int(refined.group(1))
+
+
+def tensor_ops(model: bytes) -> tuple[list[str], list[str]]:
+    """(op names in execution order, 'OP (tensor)' for every op that reads or writes a float
+    tensor): the second list is empty for a fully integer model."""
+    it = litert_interpreter(model)
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    names, floats = [], []
+    for op in it._get_ops_details():
+        names.append(op["op_name"])
+        for t in list(op["inputs"]) + list(op["outputs"]):
+            d = details.get(int(t))
+            if d is not None and np.issubdtype(d["dtype"], np.floating):
+                floats.append(f"{op['op_name']} ({d['name']})")
+                break
+    return names, floats
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """A float input on the model's int8 input grid, as the reference's QuantizeLinear does it
+    (float32 division, round half to even)."""
+    q = np.rint(x.astype(np.float32) / np.float32(scale)).astype(np.int64) + zero_point
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def dequantize_output(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return (q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+class TFLiteRunner:
+    """Runs a fully integer .tflite sample by sample in one runtime: "tflite-micro",
+    "litert-ref" (BUILTIN_REF kernels) or "litert" (the default XNNPACK path)."""
+
+    def __init__(self, model: bytes, runtime: str, arena_bytes: int | None = None) -> None:
+        self.runtime = runtime
+        probe = litert_interpreter(model)
+        self.inputs = [
+            (d["index"], d["dtype"], *d["quantization"]) for d in probe.get_input_details()
+        ]
+        self.outputs = [
+            (d["index"], d["dtype"], *d["quantization"]) for d in probe.get_output_details()
+        ]
+        if runtime == "tflite-micro":
+            self.tflm = tflm_interpreter(model, arena_bytes)
+        elif runtime in ("litert-ref", "litert"):
+            self.it = probe if runtime == "litert-ref" else litert_interpreter(model, False)
+        else:
+            raise ValueError(f"unknown runtime {runtime!r}")
+
+    def run_int(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """Integer outputs for one sample (float inputs, batch dimension 1)."""
+        feeds = []
+        for x, (_, dtype, scale, zp) in zip(xs, self.inputs, strict=True):
+            feeds.append(quantize_input(x, scale, zp) if dtype == np.int8 else x.astype(dtype))
+        if self.runtime == "tflite-micro":
+            for i, f in enumerate(feeds):
+                self.tflm.set_input(f, i)
+            self.tflm.invoke()
+            return [self.tflm.get_output(i).copy() for i in range(len(self.outputs))]
+        for f, (index, *_) in zip(feeds, self.inputs, strict=True):
+            self.it.set_tensor(index, f)
+        self.it.invoke()
+        return [self.it.get_tensor(index).copy() for index, *_ in self.outputs]
+
+    def run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """Dequantized float outputs for a batch of samples."""
+        n = xs[0].shape[0]
+        per_sample = [self.run_int([x[i : i + 1] for x in xs]) for i in range(n)]
+        outs = []
+        for k, (_, dtype, scale, zp) in enumerate(self.outputs):
+            q = np.concatenate([p[k] for p in per_sample], axis=0)
+            outs.append(dequantize_output(q, scale, zp) if dtype == np.int8 else q)
+        return outs
+
+
+def float_io(model: bytes) -> bytes:
+    """The same model with float32 input and output: a QUANTIZE before each int8 input and a
+    DEQUANTIZE after each int8 output (the grids stay in the file, on those two ops), written
+    with the TFLite schema's object API that ai_edge_litert ships."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(model, 0)
+    graph = m.subgraphs[0]
+
+    def opcode(builtin: int) -> int:
+        for i, code in enumerate(m.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, builtin, 1
+        m.operatorCodes.append(code)
+        return len(m.operatorCodes) - 1
+
+    def float_twin(index: int) -> int:
+        t = graph.tensors[index]
+        twin = schema.TensorT()
+        twin.shape = list(t.shape)
+        if t.shapeSignature is not None:
+            twin.shapeSignature = list(t.shapeSignature)
+        twin.type = schema.TensorType.FLOAT32
+        m.buffers.append(schema.BufferT())
+        twin.buffer = len(m.buffers) - 1
+        name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        twin.name = f"{name}_float"
+        graph.tensors.append(twin)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], outputs: list[int]) -> Any:
+        o = schema.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, inputs, outputs
+        return o
+
+    quantize = opcode(schema.BuiltinOperator.QUANTIZE)
+    dequantize = opcode(schema.BuiltinOperator.DEQUANTIZE)
+    inputs, outputs = [int(i) for i in graph.inputs], [int(i) for i in graph.outputs]
+    twins = {i: float_twin(i) for i in inputs + outputs}
+    front = [op(quantize, [twins[i]], [i]) for i in inputs]
+    back = [op(dequantize, [i], [twins[i]]) for i in outputs]
+    graph.operators = front + list(graph.operators) + back
+    graph.inputs = [twins[i] for i in inputs]
+    graph.outputs = [twins[i] for i in outputs]
+    for signature in m.signatureDefs or []:
+        for entry in list(signature.inputs or []) + list(signature.outputs or []):
+            entry.tensorIndex = twins.get(entry.tensorIndex, entry.tensorIndex)
+    builder = flatbuffers.Builder(len(model) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+# --- verification ---------------------------------------------------------------------------
+
+
+def _as_arrays(batch: Any) -> list[np.ndarray]:
+    args, kwargs = split_inputs(batch)
+    if kwargs:
+        raise ValueError("TFLite export takes positional tensor inputs, not a dict")
+    return [a.detach().cpu().float().numpy() for a in args]
+
+
+def _output_integers(ref: list[np.ndarray], quant: list[tuple[Any, ...]]) -> list[np.ndarray]:
+    """The reference's dequantized outputs back on the file's output grids (exact: they are
+    integers times the same float32 scale)."""
+    out = []
+    for r, (_, _, scale, zp) in zip(ref, quant, strict=True):
+        out.append(np.rint(r / np.float32(scale)).astype(np.int64) + zp)
+    return out
+
+
+def first_difference(model: bytes, onnx_path: Path, sample: list[np.ndarray]) -> str:
+    """The first tensor, in TFLite execution order, where LiteRT's reference kernels (which
+    TFLite Micro matches bit for bit) differ from the integer reference on one sample: tensors
+    are matched by grid (scale, zero point) and shape, NHWC read as NCHW."""
+    import onnx
+
+    from edgequant.export.integer import _Quantized, _Runner
+
+    it = litert_interpreter(model, keep_all=True)
+    inputs = it.get_input_details()
+    for x, d in zip(sample, inputs, strict=True):
+        it.set_tensor(d["index"], quantize_input(x, *d["quantization"]))
+    it.invoke()
+    runner = _Runner(onnx.load(str(onnx_path)), "float64", ROUNDING)
+    trace: dict[str, Any] = {}
+    runner.run(dict(zip(runner.input_names, sample, strict=True)), trace)
+    by_grid: dict[tuple[float, int], list[tuple[str, np.ndarray]]] = {}
+    for name, v in trace.items():
+        if isinstance(v, _Quantized) and v.per_tensor:
+            key = (float(np.float32(np.asarray(v.scale).reshape(-1)[0])), int(v.zp.reshape(())))
+            by_grid.setdefault(key, []).append((name, v.q))
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    for op in it._get_ops_details():
+        for t in op["outputs"]:
+            d = details[int(t)]
+            scale, zp = d["quantization"]
+            if d["dtype"] != np.int8 or scale == 0:
+                continue
+            got = it.get_tensor(d["index"]).astype(np.int64)
+            layouts = [got] + ([got.transpose(0, 3, 1, 2)] if got.ndim == 4 else [])
+            grid = by_grid.get((float(np.float32(scale)), int(zp)), [])
+            matched = [
+                (name, int(np.abs(q - layout).max()))
+                for layout in layouts
+                for name, q in grid
+                if q.shape == layout.shape
+            ]
+            if matched and all(diff for _, diff in matched):
+                name, diff = min(matched, key=lambda m: m[1])
+                return (
+                    f"op {op['op_name']} writing {d['name']!r} differs from the reference's "
+                    f"{name!r} by up to {diff} steps"
+                )
+    return "no single intermediate tensor could be matched to the reference"
+
+
+# --- the entry point ------------------------------------------------------------------------
+
+
+def _check_args(
+    qmodel: Any, path: Any, example_inputs: Any, verify_data: Any, suffix: str
+) -> tuple[Path, list[Any]]:
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    if not list(quant_layers(qmodel)):
+        raise ValueError(
+            "qmodel has no quantized layer: run edgequant.quantize (or prepare_qat) first"
+        )
+    modes = [q.mode for q in qmodel.modules() if isinstance(q, TensorQuantizer)]
+    if "observe" in modes or not any(m == "quantize" for m in modes):
+        raise ValueError(
+            "qmodel is not calibrated (quantizers observing, or none active): quantize it with "
+            "edgequant.quantize first"
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"path must end in {suffix}, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder {str(path.parent)!r} does not exist")
+    args, kwargs = split_inputs(example_inputs)
+    if kwargs or not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError(
+            "example_inputs must be a tensor or a tuple of tensors (edge runtimes take "
+            f"positional tensor inputs), got {type(example_inputs).__name__}"
+        )
+    for i, a in enumerate(args):
+        if not a.is_floating_point() or a.dtype != torch.float32:
+            raise TypeError(f"example_inputs[{i}] must be float32, got {a.dtype}")
+    check_batch_values(example_inputs, "example_inputs")
+    verify = batch_list(verify_data, "verify_data") if verify_data is not None else []
+    for i, batch in enumerate(verify):
+        check_batch_values(batch, f"verify_data[{i}]")
+    return path, verify
+
+
+def _target(qmodel: nn.Module) -> str:
+    summary = getattr(qmodel, "quant_summary", None)
+    return str(getattr(summary, "target", "") or "")
+
+
+def _top1(ref: np.ndarray, test: np.ndarray) -> tuple[int, int] | None:
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        return None
+    return int((ref.argmax(1) == test.argmax(1)).sum()), ref.shape[0]
+
+
+def export_tflite(
+    qmodel: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Any,
+    verify_data: Iterable[Any] | None = None,
+    io: str = "int8",
+) -> EdgeExportInfo:
+    """Write qmodel as a fully integer .tflite at `path` (int8 input and output, their scale and
+    zero point in the file, as microcontroller code expects; io="float": float32 input and
+    output through a QUANTIZE and a DEQUANTIZE op; batch size 1, the shape of example_inputs'
+    first sample), after
+    proving in TFLite Micro and LiteRT's reference kernels that every output integer equals the
+    integer reference's (TFLite's arithmetic on the simulation's grids) on example_inputs and
+    verify_data.
+
+    The model must be quantized for a fully integer target (`mcu-int8`: every activation edge
+    on an int8 grid); ops TFLite has no integer kernel for are refused before any work, with the
+    op and layer named. Nothing is written unless verification passes (ExportError).
+    """
+    from edgequant.spec import TARGETS
+
+    path, verify = _check_args(qmodel, path, example_inputs, verify_data, ".tflite")
+    if io not in IO_TYPES:
+        raise ValueError(f"io must be one of {', '.join(map(repr, IO_TYPES))}, got {io!r}")
+    target = _target(qmodel)
+    if target not in TARGETS or not TARGETS[target].fully_integer:
+        raise ExportError(
+            f"qmodel was quantized for target {target or 'onnxruntime'!r}, which leaves float "
+            "ops between its quantized layers; a .tflite for LiteRT and TFLite Micro is fully "
+            "integer: quantize with recipe.for_target('mcu-int8')"
+        )
+    training = {m: m.training for m in qmodel.modules()}
+    try:
+        qmodel.eval()
+        run_checked(qmodel, example_inputs, "example_inputs")
+        return _export_tflite(qmodel, path, example_inputs, verify, io)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _export_tflite(
+    qmodel: nn.Module, path: Path, example_inputs: Any, verify: list[Any], io: str
+) -> EdgeExportInfo:
+    from edgequant.export.integer import run_integer
+
+    start = time.perf_counter()
+    args, _ = split_inputs(example_inputs)
+    one = tuple(a[:1] for a in args)
+    model = pt2e_model(qmodel)
+    program = export_program(model, one)
+    bad = unsupported_nodes(program, TFLITE_OPS)
+    if bad:
+        raise ExportError(
+            f"{len(bad)} ops have no integer TFLite kernel here: " + "; ".join(bad[:5])
+        )
+    flatbuffer = convert_program(program, one)
+    ops, floats = tensor_ops(flatbuffer)
+    if floats:
+        raise ExportError(
+            f"the converted model is not fully integer ({len(floats)} ops read or write float "
+            "tensors): " + "; ".join(floats[:5])
+        )
+    integer_model = flatbuffer
+    grids = TFLiteRunner(integer_model, "litert-ref")  # the int8 input and output grids
+    if io == "float":
+        flatbuffer = float_io(integer_model)
+        ops = tensor_ops(flatbuffer)[0]
+    batches = [example_inputs] + verify
+    v = EdgeVerification(
+        runtimes=["TFLite Micro", "LiteRT (reference kernels)"],
+        reference=f"the integer reference (TFLite arithmetic, {ROUNDING} rounding)",
+    )
+    with tempfile.TemporaryDirectory(prefix="edgequant-tflite-") as tmpdir:
+        reference_onnx = Path(tmpdir) / "reference.onnx"
+        export_onnx(qmodel, reference_onnx, example_inputs)
+        arena = tflm_arena_bytes(flatbuffer)
+        runners = [
+            TFLiteRunner(flatbuffer, "tflite-micro", arena),
+            TFLiteRunner(flatbuffer, "litert-ref"),
+        ]
+        # Per runtime: [equal output integers, all output integers, largest step difference].
+        tally = {r.runtime: [0, 0, 0] for r in runners}
+        agree = counted = 0
+        for batch in batches:
+            xs = _as_arrays(batch)
+            n = xs[0].shape[0]
+            ref = run_integer(reference_onnx, xs, rounding=ROUNDING)
+            ref_list = ref if isinstance(ref, list) else [ref]
+            ref_int = _output_integers(ref_list, grids.outputs)
+            with torch.no_grad():
+                sim = qmodel(*[torch.from_numpy(x) for x in xs])
+            sim_list = [sim] if isinstance(sim, Tensor) else list(sim)
+            for runner in runners:
+                per_sample = [runner.run_int([x[i : i + 1] for x in xs]) for i in range(n)]
+                counts = tally[runner.runtime]
+                for k, r in enumerate(ref_int):
+                    got = np.concatenate([p[k] for p in per_sample], axis=0)
+                    _, _, scale, zp = grids.outputs[k]
+                    if np.issubdtype(got.dtype, np.floating):  # io="float": DEQUANTIZE's output
+                        got = np.rint(got / np.float32(scale)) + zp
+                    got = got.astype(np.int64)
+                    diff = np.abs(got - r)
+                    counts[0] += int((diff == 0).sum())
+                    counts[1] += diff.size
+                    counts[2] = max(counts[2], int(diff.max()))
+                    if diff.any() and runner is runners[0] and not v.first_difference:
+                        bad_sample = int(np.nonzero(diff.reshape(n, -1).any(1))[0][0])
+                        v.first_difference = first_difference(
+                            integer_model,
+                            reference_onnx,
+                            [x[bad_sample : bad_sample + 1] for x in xs],
+                        )
+                    if runner is runners[0]:
+                        top = _top1(sim_list[k].float().numpy(), dequantize_output(got, scale, zp))
+                        if top is not None:
+                            agree += top[0]
+                            counted += top[1]
+            v.samples += n
+        equal, total, max_diff = tally["tflite-micro"]
+        v.bit_exact = equal / max(total, 1)
+        v.max_step_difference = max_diff
+        v.top1_agreement = agree / counted if counted else None
+        ref_equal, ref_total, ref_max = tally["litert-ref"]
+        v.litert_reference_bit_exact = ref_equal / max(ref_total, 1)
+        v.litert_reference_max_step_difference = ref_max
+        problems = []
+        if equal != total:
+            problems.append(
+                f"in TFLite Micro {total - equal} of {total} output integers differ from the "
+                f"integer reference (up to {max_diff} steps); first: {v.first_difference}"
+            )
+        if ref_max > LITERT_REFERENCE_MAX_STEPS:
+            problems.append(
+                f"in LiteRT's reference kernels outputs differ by up to {ref_max} steps "
+                f"(allowed: {LITERT_REFERENCE_MAX_STEPS})"
+            )
+        v.passed = not problems
+        v.reason = "; ".join(problems)
+        if not v.passed:
+            raise ExportError(
+                f"the .tflite does not compute what the simulation computes: {v.reason}; "
+                "nothing was written"
+            )
+        with atomic_path(path, suffix=".tflite.tmp") as tmp:
+            tmp.write_bytes(flatbuffer)
+    float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
+    return EdgeExportInfo(
+        path=str(path),
+        format="tflite",
+        size_bytes=len(flatbuffer),
+        float_params_bytes=float_bytes,
+        size_ratio=len(flatbuffer) / max(float_bytes, 1),
+        quantized_layers=len(list(quant_layers(qmodel))),
+        arena_bytes=arena,
+        input_quantization=[(float(s), int(z)) for *_, s, z in grids.inputs],
+        output_quantization=[(float(s), int(z)) for *_, s, z in grids.outputs],
+        ops=ops,
+        verification=v,
+        wall_s=time.perf_counter() - start,
+    )
