@@ -12,10 +12,10 @@ from edgequant.observers import (
     AutoObserver,
     EMAObserver,
     EntropyObserver,
+    Histogram,
     MinMaxObserver,
     MSEObserver,
     PercentileObserver,
-    _Histogram,
 )
 from edgequant.spec import QuantSpec
 
@@ -395,7 +395,7 @@ def test_deterministic(name: str) -> None:
 def test_histogram_regrowth_is_exact() -> None:
     """Growing by doubling merges bins pairwise: the counts equal a histogram of all the data on
     the final range (integers on dyadic edges, so no value sits on a rounding boundary)."""
-    hist = _Histogram(16)
+    hist = Histogram(16)
     batches = [
         torch.arange(0, 16, dtype=torch.float32),  # 15 * 16/15: range [0, 16)
         torch.tensor([40.0, 3.0, 16.0, 32.0]),  # grows up twice: [0, 64)
