@@ -331,8 +331,9 @@ class McuInt8Target(TFLiteInt8Target):
 
 
 @dataclass(frozen=True)
-class ExecuTorchTarget(Target):
-    """ExecuTorch's XNNPACK backend: the grids its own XNNPACKQuantizer writes."""
+class ExecuTorchTarget(TFLiteInt8Target):
+    """ExecuTorch's XNNPACK backend: the grids its own XNNPACKQuantizer writes, which are
+    TFLite's int8 grids."""
 
     name: str = "executorch"
     description: str = (
@@ -340,19 +341,6 @@ class ExecuTorchTarget(Target):
         "-(2^(b-1)-1)..2^(b-1)-1 (narrow range), asymmetric signed (int8) per-tensor activations; "
         "eq.export_executorch writes the .pte and verifies it in ExecuTorch's runtime"
     )
-
-    def weight(self, spec: QuantSpec) -> QuantSpec:
-        return _per_channel(spec).replace(signed=True, symmetric=True, narrow_range=True)
-
-    def activation(self, spec: QuantSpec) -> QuantSpec:
-        return spec.replace(
-            signed=True,
-            symmetric=False,
-            narrow_range=False,
-            granularity="tensor",
-            axis=0,
-            group_size=None,
-        )
 
 
 TARGETS: dict[str, Target] = {
