@@ -137,13 +137,7 @@ def export_executorch(
             problems.append(f"SQNR {v.sqnr_db:.1f} dB < {min_sqnr_db:.1f} dB")
         if v.top1_agreement is not None and v.top1_agreement < min_top1_agreement:
             problems.append(f"top-1 agreement {v.top1_agreement:.4f} < {min_top1_agreement:.4f}")
-        v.passed = not problems
-        v.reason = "; ".join(problems)
-        if not v.passed:
-            raise ExportError(
-                f"the .pte does not compute what the simulation computes: {v.reason}; "
-                "nothing was written"
-            )
+        v.conclude(problems, ".pte")
         with atomic_path(path, suffix=".pte.tmp") as tmp:
             tmp.write_bytes(pte)
     finally:

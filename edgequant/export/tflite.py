@@ -114,6 +114,17 @@ class EdgeVerification:
     passed: bool = False
     reason: str = ""
 
+    def conclude(self, problems: list[str], file_kind: str) -> None:
+        """Record the verdict; ExportError naming every problem where there is one (the caller
+        has written nothing yet)."""
+        self.passed = not problems
+        self.reason = "; ".join(problems)
+        if not self.passed:
+            raise ExportError(
+                f"the {file_kind} does not compute what the simulation computes: {self.reason}; "
+                "nothing was written"
+            )
+
 
 @dataclass
 class EdgeExportInfo:
@@ -237,15 +248,8 @@ def _flush_c_stdio() -> None:
 
 
 _ARENA_SEARCH = """
-import re, sys
+import sys
 from tflite_micro.python.tflite_micro import runtime
-
-def fits(size):
-    try:
-        runtime.Interpreter.from_file(sys.argv[1], arena_size=size)
-        return True
-    except RuntimeError:
-        return False
 
 interpreter = runtime.Interpreter.from_file(sys.argv[1])
 sys.stdout.flush()
@@ -697,13 +701,7 @@ def _export_tflite(
                 f"in LiteRT's reference kernels outputs differ by up to {ref_max} steps "
                 f"(allowed: {LITERT_REFERENCE_MAX_STEPS})"
             )
-        v.passed = not problems
-        v.reason = "; ".join(problems)
-        if not v.passed:
-            raise ExportError(
-                f"the .tflite does not compute what the simulation computes: {v.reason}; "
-                "nothing was written"
-            )
+        v.conclude(problems, ".tflite")
         with atomic_path(path, suffix=".tflite.tmp") as tmp:
             tmp.write_bytes(flatbuffer)
     float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
