@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 from edge_resnet20 import latency_ms, predictions
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.examples.shared import shared_dir
 from edgequant.export.tflite import TFLiteRunner, tensor_ops, tflm_arena_bytes
 from edgequant.spec import Recipe
 
@@ -61,11 +59,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/edge_peers_resnet20.json")
     parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
     args = parser.parse_args()
-    if shared_dir() is None:
-        print(
-            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
-            file=sys.stderr,
-        )
+    if cifar_missing():
         return 0
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.examples.shared import shared_dir
 from edgequant.export.integer import fully_integer_violations
 from edgequant.spec import Recipe
 
@@ -57,11 +56,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/integer_resnet20.json")
     parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
     args = parser.parse_args()
-    if shared_dir() is None:
-        print(
-            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
-            file=sys.stderr,
-        )
+    if cifar_missing():
         return 0
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant import bench
 from edgequant.examples import cifar10 as C
-from edgequant.examples.shared import shared_dir
 from edgequant.export.onnx import INT8_CPU_FLAGS, cpu_int8_flags
 from edgequant.functional import sqnr_db
 
@@ -120,11 +118,7 @@ def main() -> int:
         "--quick", action="store_true", help="skip the JPEG test set and use fewer latency runs"
     )
     args = parser.parse_args()
-    if shared_dir() is None:
-        print(
-            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
-            file=sys.stderr,
-        )
+    if cifar_missing():
         return 0
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +35,10 @@ from _qat import (  # benchmarks/_qat.py (sys.path[0] here)
     parse_configs,
     qat_from_ptq,
 )
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.examples.shared import shared_dir
 from edgequant.export.onnx import export_float_onnx
 
 
@@ -72,11 +70,7 @@ def main() -> int:
         raise SystemExit(
             f"--seeds: expected integers separated by ',', got {args.seeds!r}"
         ) from None
-    if shared_dir() is None:
-        print(
-            "skipped: ../shared (CIFAR-10, ResNet-20 weights) is absent; set EDGEQUANT_SHARED",
-            file=sys.stderr,
-        )
+    if cifar_missing():
         return 0
     configs = parse_configs(args.configs or "lr=1e-4")
     torch.set_num_threads(2)
