@@ -238,6 +238,17 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
     assert not any(n.op_type == "MatMul" and n.input[1].startswith("w__") for n in graph.node)
     names = {i.name for i in graph.initializer}
     assert "lm_head.qweight" in names and "embed.qweight" not in names  # one table
+    # 8-bit layers run ONNX Runtime's int8 kernel (its only fast 8-bit one); 4-bit layers keep
+    # float inputs.
+    levels = {
+        n.name: {a.name: a.i for a in n.attribute}
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    assert levels["lm_head/MatMulNBits"]["bits"] == 8
+    assert levels["lm_head/MatMulNBits"]["accuracy_level"] == 4
+    assert all("accuracy_level" not in a for a in levels.values() if a["bits"] == 4)
+    assert any("accuracy_level 4" in note for note in info.notes)
     # The kernel ONNX Runtime runs after its own graph optimisations is still MatMulNBits.
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")

@@ -5,7 +5,8 @@ decoder (`DecoderGraph`: RMSNorm, rotary embeddings, grouped-query attention ove
 values, SwiGLU MLP) is exported with each quantized Linear as a MatMul on its dequantized weight,
 then every such MatMul is rewritten to ONNX Runtime's `MatMulNBits` (com.microsoft) on the
 integer codes and scales of the weight quantizer: 4-bit containers for <= 4 bits (INT3/INT2
-codes sit in INT4 containers), 8 bits for 8-bit layers (lm_head). A per-output-channel grid is
+codes sit in INT4 containers), 8 bits for 8-bit layers (lm_head; these run ONNX Runtime's int8
+kernel, the only fast one it has for 8-bit weights). A per-output-channel grid is
 written as blocks whose scales repeat the channel's scale (MatMulNBits takes power-of-two blocks;
 576 is not one). An 8-bit per-row embedding is a Gather of the integer table and its scales; a
 tied lm_head reads the same initializers (one table in the file).
@@ -43,6 +44,12 @@ __all__ = ["DecoderGraph", "LMExportError", "LMExportInfo", "export_lm_onnx", "l
 # of positions, and its perplexity is within PPL_TOLERANCE (relative).
 MIN_AGREEMENT = 0.99
 PPL_TOLERANCE = 0.01
+
+# ONNX Runtime's CPU MatMulNBits has no fast kernel for 8-bit weights with float inputs: at the
+# default accuracy level it unpacks the whole weight on every call, which made an 8-bit lm_head
+# slower than the FP32 MatMul it replaces by two orders of magnitude. Level 4 runs its int8
+# kernel, which rounds the input to int8 per block (one symmetric scale per block of inputs).
+INT8_ACCURACY_LEVEL = 4
 
 
 class LMExportError(RuntimeError):
@@ -281,50 +288,11 @@ def _rewrite(
 ) -> tuple[int, bool, bool]:
     """MatMul on a quantized weight -> MatMulNBits; the quantized embedding's Gather -> a Gather
     of codes and scales. Returns (MatMulNBits count, embedding quantized, one shared table)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     graph = onnx_model.graph
-    inits = {i.name: i for i in graph.initializer}
-    key_of = {n: k for k, n in graph_module.linear_names.items()}
-    packed: dict[str, _Packed] = {}
-    for key, name in graph_module.linear_names.items():
-        layer = qmodel.get_submodule(name)
-        wq = getattr(layer, "weight_quantizer", None)
-        if wq is not None and wq.mode == "quantize":
-            packed[key] = pack_linear(cast(QuantMixin, layer), name)
-    new_nodes = []
-    replaced: set[str] = set()
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in packed:
-            key = node.input[1]
-            p = packed[key]
-            name = graph_module.linear_names[key]
-            data_name, scale_name = f"{name}.qweight", f"{name}.scales"
-            if data_name not in inits:
-                graph.initializer.append(numpy_helper.from_array(p.data, data_name))
-                graph.initializer.append(numpy_helper.from_array(p.scales.reshape(-1), scale_name))
-                inits[data_name] = graph.initializer[-1]
-            inputs = [node.input[0], data_name, scale_name]
-            if p.zero_points is not None:
-                zp_name = f"{name}.zero_points"
-                graph.initializer.append(numpy_helper.from_array(p.zero_points, zp_name))
-                inputs.append(zp_name)
-            new_nodes.append(
-                helper.make_node(
-                    "MatMulNBits",
-                    inputs,
-                    list(node.output),
-                    name=f"{name}/MatMulNBits",
-                    domain="com.microsoft",
-                    K=p.k,
-                    N=p.n,
-                    bits=p.bits,
-                    block_size=p.block,
-                )
-            )
-            replaced.add(key)
-        else:
-            new_nodes.append(node)
+    packed = _packed_layers(graph_module, qmodel)
+    new_nodes, replaced = _matmuls_to_nbits(graph, graph_module, packed, notes)
     missing = set(packed) - replaced
     if missing:
         raise LMExportError(
@@ -332,87 +300,9 @@ def _rewrite(
             + ", ".join(sorted(graph_module.linear_names[k] for k in missing))
             + " in the exported graph (the exporter changed their form)"
         )
-    # The embedding: an 8-bit per-row table becomes a Gather of codes (and of the row scales).
-    embed_layer = qmodel.get_submodule("model.embed_tokens")
-    ewq = getattr(embed_layer, "weight_quantizer", None)
-    quant_embed = ewq is not None and ewq.mode == "quantize"
-    shared = False
-    if quant_embed:
-        assert ewq is not None
-        spec = ewq.spec
-        if not (
-            spec.granularity == "channel" and ewq.axis == 0 and spec.bits == 8 and spec.symmetric
-        ):
-            raise ValueError(
-                f"model.embed_tokens: {spec.short()} has no export here (8-bit symmetric per-row "
-                "embeddings only)"
-            )
-        w = cast(Tensor, embed_layer.weight).detach()
-        head = qmodel.get_submodule("lm_head")
-        head_key = key_of["lm_head"]
-        shared = (
-            getattr(head, "weight", None) is embed_layer.weight
-            and head_key in packed
-            and packed[head_key].bits == 8
-            and bool(torch.equal(cast(Any, head).weight_quantizer.scale, ewq.scale))
-        )
-        if shared:
-            table, scales = "lm_head.qweight", "lm_head.scales"
-            p = packed[head_key]
-            blocks, block = p.data.shape[1], p.data.shape[2]
-            graph.initializer.append(
-                numpy_helper.from_array(
-                    np.array([p.n, blocks], dtype=np.int64), "embed.scale_shape"
-                )
-            )
-            scale_rows = "embed.scale_rows"
-            new_nodes.insert(
-                0, helper.make_node("Reshape", [scales, "embed.scale_shape"], [scale_rows])
-            )
-            notes.append("lm_head and model.embed_tokens are tied: one 8-bit table in the file")
-        else:
-            q = F.quantize(w, ewq.scale, ewq.zero_point, spec.qmin, spec.qmax, 0, None)
-            v, d = w.shape
-            block = _block_size(d, None, "model.embed_tokens")
-            blocks = d // block
-            table, scale_rows = "embed.qweight", "embed.scales"
-            graph.initializer.append(
-                numpy_helper.from_array(
-                    (q + 128).to(torch.uint8).reshape(v, blocks, block).numpy(), table
-                )
-            )
-            graph.initializer.append(
-                numpy_helper.from_array(
-                    ewq.scale.float().reshape(v, 1).expand(v, blocks).contiguous().numpy(),
-                    scale_rows,
-                )
-            )
-        embed_key = "embed"
-        gathers = [n for n in new_nodes if n.op_type == "Gather" and n.input[0] == embed_key]
-        if len(gathers) != 1:
-            raise LMExportError(f"expected one Gather on the embedding table, found {len(gathers)}")
-        gather = gathers[0]
-        ids, out = gather.input[1], gather.output[0]
-        graph.initializer.append(
-            numpy_helper.from_array(np.array([128.0], np.float32), "embed.offset")
-        )
-        graph.initializer.append(
-            numpy_helper.from_array(np.array([-1], np.int64), "embed.last_axis")
-        )
-        graph.initializer.append(
-            numpy_helper.from_array(np.array([0, 0, -1], np.int64), "embed.flat_shape")
-        )
-        replacement = [
-            helper.make_node("Gather", [table, ids], ["embed.codes"], axis=0),
-            helper.make_node("Cast", ["embed.codes"], ["embed.codes_f"], to=TensorProto.FLOAT),
-            helper.make_node("Sub", ["embed.codes_f", "embed.offset"], ["embed.centered"]),
-            helper.make_node("Gather", [scale_rows, ids], ["embed.row_scales"], axis=0),
-            helper.make_node("Unsqueeze", ["embed.row_scales", "embed.last_axis"], ["embed.s4"]),
-            helper.make_node("Mul", ["embed.centered", "embed.s4"], ["embed.blocks"]),
-            helper.make_node("Reshape", ["embed.blocks", "embed.flat_shape"], [out]),
-        ]
-        index = new_nodes.index(gather)
-        new_nodes[index : index + 1] = replacement
+    quant_embed, shared = _quantized_embedding(
+        graph, graph_module, qmodel, packed, new_nodes, notes
+    )
     del graph.node[:]
     graph.node.extend(new_nodes)
     keep = {i for n in graph.node for i in n.input}
@@ -422,6 +312,154 @@ def _rewrite(
     if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
         onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replaced), quant_embed, shared
+
+
+def _packed_layers(graph_module: DecoderGraph, qmodel: nn.Module) -> dict[str, _Packed]:
+    """The packed weights of every quantized Linear, by the name of its weight in the graph."""
+    packed: dict[str, _Packed] = {}
+    for key, name in graph_module.linear_names.items():
+        layer = qmodel.get_submodule(name)
+        wq = getattr(layer, "weight_quantizer", None)
+        if wq is not None and wq.mode == "quantize":
+            packed[key] = pack_linear(cast(QuantMixin, layer), name)
+    return packed
+
+
+def _matmuls_to_nbits(
+    graph: Any, graph_module: DecoderGraph, packed: dict[str, _Packed], notes: list[str]
+) -> tuple[list[Any], set[str]]:
+    """The graph's nodes with each MatMul on a packed weight replaced by MatMulNBits (its codes,
+    scales and zero points added as initializers); and the weights replaced."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name for i in graph.initializer}
+    new_nodes = []
+    replaced: set[str] = set()
+    for node in graph.node:
+        if not (node.op_type == "MatMul" and node.input[1] in packed):
+            new_nodes.append(node)
+            continue
+        key = node.input[1]
+        p = packed[key]
+        name = graph_module.linear_names[key]
+        data_name, scale_name = f"{name}.qweight", f"{name}.scales"
+        if data_name not in inits:
+            graph.initializer.append(numpy_helper.from_array(p.data, data_name))
+            graph.initializer.append(numpy_helper.from_array(p.scales.reshape(-1), scale_name))
+            inits.add(data_name)
+        inputs = [node.input[0], data_name, scale_name]
+        if p.zero_points is not None:
+            zp_name = f"{name}.zero_points"
+            graph.initializer.append(numpy_helper.from_array(p.zero_points, zp_name))
+            inputs.append(zp_name)
+        extra: dict[str, Any] = {}
+        if p.bits == 8:
+            extra["accuracy_level"] = INT8_ACCURACY_LEVEL
+            notes.append(
+                f"{name}: 8-bit MatMulNBits runs ONNX Runtime's int8 kernel (accuracy_level "
+                f"{INT8_ACCURACY_LEVEL}: its input is rounded to int8 per block of {p.block}); "
+                "the verification measures the difference"
+            )
+        new_nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                list(node.output),
+                name=f"{name}/MatMulNBits",
+                domain="com.microsoft",
+                K=p.k,
+                N=p.n,
+                bits=p.bits,
+                block_size=p.block,
+                **extra,
+            )
+        )
+        replaced.add(key)
+    return new_nodes, replaced
+
+
+def _quantized_embedding(
+    graph: Any,
+    graph_module: DecoderGraph,
+    qmodel: nn.Module,
+    packed: dict[str, _Packed],
+    new_nodes: list[Any],
+    notes: list[str],
+) -> tuple[bool, bool]:
+    """An 8-bit per-row embedding becomes, in `new_nodes`, a Gather of its codes and of its row
+    scales (the tied lm_head's table when it is the same). Returns (quantized, shared)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    embed_layer = qmodel.get_submodule("model.embed_tokens")
+    ewq = getattr(embed_layer, "weight_quantizer", None)
+    if ewq is None or ewq.mode != "quantize":
+        return False, False
+    spec = ewq.spec
+    if not (spec.granularity == "channel" and ewq.axis == 0 and spec.bits == 8 and spec.symmetric):
+        raise ValueError(
+            f"model.embed_tokens: {spec.short()} has no export here (8-bit symmetric per-row "
+            "embeddings only)"
+        )
+    w = cast(Tensor, embed_layer.weight).detach()
+    head = qmodel.get_submodule("lm_head")
+    head_key = {n: k for k, n in graph_module.linear_names.items()}["lm_head"]
+    shared = (
+        getattr(head, "weight", None) is embed_layer.weight
+        and head_key in packed
+        and packed[head_key].bits == 8
+        and bool(torch.equal(cast(Any, head).weight_quantizer.scale, ewq.scale))
+    )
+    if shared:
+        table, scales = "lm_head.qweight", "lm_head.scales"
+        p = packed[head_key]
+        blocks = p.data.shape[1]
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([p.n, blocks], dtype=np.int64), "embed.scale_shape")
+        )
+        scale_rows = "embed.scale_rows"
+        new_nodes.insert(
+            0, helper.make_node("Reshape", [scales, "embed.scale_shape"], [scale_rows])
+        )
+        notes.append("lm_head and model.embed_tokens are tied: one 8-bit table in the file")
+    else:
+        q = F.quantize(w, ewq.scale, ewq.zero_point, spec.qmin, spec.qmax, 0, None)
+        v, d = w.shape
+        block = _block_size(d, None, "model.embed_tokens")
+        blocks = d // block
+        table, scale_rows = "embed.qweight", "embed.scales"
+        graph.initializer.append(
+            numpy_helper.from_array(
+                (q + 128).to(torch.uint8).reshape(v, blocks, block).numpy(), table
+            )
+        )
+        graph.initializer.append(
+            numpy_helper.from_array(
+                ewq.scale.float().reshape(v, 1).expand(v, blocks).contiguous().numpy(), scale_rows
+            )
+        )
+    gathers = [n for n in new_nodes if n.op_type == "Gather" and n.input[0] == "embed"]
+    if len(gathers) != 1:
+        raise LMExportError(f"expected one Gather on the embedding table, found {len(gathers)}")
+    gather = gathers[0]
+    ids, out = gather.input[1], gather.output[0]
+    for value, name in (
+        (np.array([128.0], np.float32), "embed.offset"),
+        (np.array([-1], np.int64), "embed.last_axis"),
+        (np.array([0, 0, -1], np.int64), "embed.flat_shape"),
+    ):
+        graph.initializer.append(numpy_helper.from_array(value, name))
+    replacement = [
+        helper.make_node("Gather", [table, ids], ["embed.codes"], axis=0),
+        helper.make_node("Cast", ["embed.codes"], ["embed.codes_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["embed.codes_f", "embed.offset"], ["embed.centered"]),
+        helper.make_node("Gather", [scale_rows, ids], ["embed.row_scales"], axis=0),
+        helper.make_node("Unsqueeze", ["embed.row_scales", "embed.last_axis"], ["embed.s4"]),
+        helper.make_node("Mul", ["embed.centered", "embed.s4"], ["embed.blocks"]),
+        helper.make_node("Reshape", ["embed.blocks", "embed.flat_shape"], [out]),
+    ]
+    index = new_nodes.index(gather)
+    new_nodes[index : index + 1] = replacement
+    return True, shared
 
 
 def lm_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
