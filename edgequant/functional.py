@@ -204,11 +204,18 @@ def dequantize(
     return (q.to(torch.int32) - zp).float() * broadcast_param(scale.float(), q, axis, group_size)
 
 
-def dynamic_qparams(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, Tensor]:
-    """Per-tensor parameters computed from the tensor itself, exactly as ONNX
-    DynamicQuantizeLinear (and ONNX Runtime's kernel) compute them."""
-    x_min = torch.clamp(x.detach().min().float(), max=0.0)
-    x_max = torch.clamp(x.detach().max().float(), min=0.0)
+def dynamic_qparams(
+    x: Tensor, qmin: int = 0, qmax: int = 255, per_token: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Parameters computed from the tensor itself, exactly as ONNX DynamicQuantizeLinear (and
+    ONNX Runtime's kernel) compute them: over the whole tensor, or with `per_token` over each row
+    (the last dimension; one scale and zero point per token, shaped (..., 1))."""
+    if per_token:
+        x_min = torch.clamp(x.detach().amin(-1, keepdim=True).float(), max=0.0)
+        x_max = torch.clamp(x.detach().amax(-1, keepdim=True).float(), min=0.0)
+    else:
+        x_min = torch.clamp(x.detach().min().float(), max=0.0)
+        x_max = torch.clamp(x.detach().max().float(), min=0.0)
     scale = torch.where(
         x_max == x_min, torch.ones_like(x_max), (x_max - x_min) / float(qmax - qmin)
     )
@@ -218,21 +225,24 @@ def dynamic_qparams(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, 
 
 class _DynamicFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, qmin: int, qmax: int) -> Tensor:
-        scale, zero_point = dynamic_qparams(x, qmin, qmax)
+    def forward(ctx, x: Tensor, qmin: int, qmax: int, per_token: bool) -> Tensor:
+        scale, zero_point = dynamic_qparams(x, qmin, qmax, per_token)
         # ONNX Runtime divides by the scale here (not multiply by its reciprocal).
         q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
         return (q - zero_point) * scale
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         # The range covers the whole tensor, so nothing is clipped: the STE passes everything.
-        return grad, None, None
+        return grad, None, None, None
 
 
-def dynamic_fake_quantize(x: Tensor, qmin: int = 0, qmax: int = 255) -> Tensor:
-    """Fake-quantize with parameters computed at run time (dynamic quantization)."""
-    out: Tensor = _DynamicFakeQuant.apply(x, qmin, qmax)
+def dynamic_fake_quantize(
+    x: Tensor, qmin: int = 0, qmax: int = 255, per_token: bool = False
+) -> Tensor:
+    """Fake-quantize with parameters computed at run time (dynamic quantization), per tensor or
+    per token (dynamic_qparams)."""
+    out: Tensor = _DynamicFakeQuant.apply(x, qmin, qmax, per_token)
     return out
 
 
@@ -243,16 +253,18 @@ def dynamic_quantized_linear(
     bias: Tensor | None = None,
     qmin: int = 0,
     qmax: int = 255,
+    per_token: bool = False,
 ) -> Tensor:
     """y = x @ W^T + bias with x quantized at run time, exactly as ONNX Runtime computes
-    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias).
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias)
+    (per_token: the same with a scale and zero point per row of x, export/ops.py).
 
     weight_q_t: integer weights laid out (in_features, out_features); weight_scale: per output
     channel or scalar (symmetric weights, zero point 0). The integer product is exact (float64
     holds every int32 sum) and the scaling is float32, so this matches the runtime bit for bit
     rather than to within float rounding, which a deep network would amplify into flipped steps.
     """
-    scale, zero_point = dynamic_qparams(x, qmin, qmax)
+    scale, zero_point = dynamic_qparams(x, qmin, qmax, per_token)
     xq = torch.clamp(torch.round(x.detach() / scale) + zero_point, qmin, qmax) - zero_point
     acc = torch.matmul(xq.double(), weight_q_t.double())
     y = acc.float() * (scale * weight_scale.float().reshape(-1))

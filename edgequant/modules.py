@@ -226,7 +226,7 @@ class QuantLinear(QuantMixin, nn.Linear):
                 self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis
             )
             return F.dynamic_quantized_linear(
-                x, w_q.t(), wq.scale, self.bias, iq.spec.qmin, iq.spec.qmax
+                x, w_q.t(), wq.scale, self.bias, iq.spec.qmin, iq.spec.qmax, iq.per_token
             )
         if self.integer_form():
             return self.integer_forward(x, torch_F.linear)

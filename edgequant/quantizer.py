@@ -20,8 +20,9 @@ class TensorQuantizer(nn.Module):
     """Fake-quantizes a tensor on the grid of `spec`.
 
     Modes: "observe" records statistics and passes x through unchanged (calibration);
-    "quantize" fake-quantizes with the stored scale/zero point; "dynamic" computes per-tensor
-    parameters from each tensor at run time; "disabled" passes x through.
+    "quantize" fake-quantizes with the stored scale/zero point; "dynamic" computes the
+    parameters from each tensor at run time (per tensor, or per token where `per_token`: one
+    scale and zero point for each row of the last dimension); "disabled" passes x through.
     """
 
     # Buffers, registered in __init__.
@@ -41,6 +42,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.mode = "disabled"
+        self.per_token = False
 
     @property
     def axis(self) -> int | None:
@@ -76,7 +78,7 @@ class TensorQuantizer(nn.Module):
                 ) from err
             return x
         if self.mode == "dynamic":
-            return F.dynamic_fake_quantize(x, self.spec.qmin, self.spec.qmax)
+            return F.dynamic_fake_quantize(x, self.spec.qmin, self.spec.qmax, self.per_token)
         return F.fake_quantize(
             x,
             self.scale,
@@ -131,7 +133,7 @@ class TensorQuantizer(nn.Module):
 
     # The mode travels with the state dict, so a loaded model computes what the saved one did.
     def get_extra_state(self) -> dict[str, Any]:
-        return {"mode": self.mode}
+        return {"mode": self.mode, "per_token": self.per_token}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         mode = state.get("mode", "disabled") if isinstance(state, dict) else "disabled"
@@ -140,9 +142,11 @@ class TensorQuantizer(nn.Module):
                 f"{self.name}: saved mode {mode!r} is unknown; valid: {', '.join(MODES)}"
             )
         self.mode = mode
+        self.per_token = bool(state.get("per_token", False)) if isinstance(state, dict) else False
 
     def extra_repr(self) -> str:
-        return f"{self.spec.short()}, mode={self.mode}"
+        rows = ", per token" if self.per_token else ""
+        return f"{self.spec.short()}, mode={self.mode}{rows}"
 
 
 def quantizers(model: nn.Module) -> Iterator[TensorQuantizer]:

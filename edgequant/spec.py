@@ -364,6 +364,9 @@ _WEIGHT_ONLY_RE = re.compile(r"^w(\d+)-weight-only$")
 PRESET_FORMS = "'w{B}a{B}' (e.g. 'w8a8', 'w4a8', 'w4a4') or 'w{B}-weight-only' (e.g. 'w4-weight-only'), B in 2..16"
 
 
+DYNAMIC_ACTIVATIONS = ("token", "tensor")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to quantize a model: default weight and activation specs, per-layer overrides, skips.
@@ -422,6 +425,11 @@ class Recipe:
     clip_search: bool | None = None
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"
+    # Dynamic PTQ: the activation grid computed at run time for each Linear input: "token", one
+    # scale and zero point per row (per token of a transformer; an outlier token no longer
+    # coarsens every other token's grid), or "tensor", one for the whole input (ONNX Runtime's
+    # DynamicQuantizeLinear, one fused op).
+    dynamic_activation: str = "token"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -445,6 +453,11 @@ class Recipe:
         if not isinstance(self.target, str) or self.target not in TARGETS:
             raise ValueError(
                 f"Recipe.target={self.target!r} is unknown; known targets: {', '.join(TARGETS)}"
+            )
+        if self.dynamic_activation not in DYNAMIC_ACTIVATIONS:
+            raise ValueError(
+                f"Recipe.dynamic_activation={self.dynamic_activation!r} is unknown; valid: "
+                f"{', '.join(DYNAMIC_ACTIVATIONS)}"
             )
         if self.smooth_alpha is not None and not (
             self.smooth_alpha == "auto"
@@ -654,6 +667,7 @@ class Recipe:
             "awq": self.awq,
             "clip_search": self.clip_search,
             "range_learning": self.range_learning,
+            "dynamic_activation": self.dynamic_activation,
         }
 
     @classmethod

@@ -552,10 +552,12 @@ def _activation(graph: _Graph, node: onnx.NodeProto, index: int) -> tuple[str, s
         return "float", None
     reached, producer = graph.trace(node.input[index])
     if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
-        # The operand is already integer; what produced it says static or dynamic.
+        # The operand is already integer; what produced it says static or dynamic: a
+        # QuantizeLinear with stored parameters, or DynamicQuantizeLinear, or (per token) the
+        # Clip of the input rounded on its rows' own grids, then cast (export/ops.py).
         kind = (
             "dynamic"
-            if producer is not None and producer.op_type == "DynamicQuantizeLinear"
+            if producer is not None and producer.op_type in ("DynamicQuantizeLinear", "Clip")
             else "static"
         )
         return kind, _maybe_dtype(graph, reached) or (

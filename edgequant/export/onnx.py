@@ -221,6 +221,7 @@ class LoweredLayer(nn.Module):
             "input_channel_index", index.detach().clone() if index is not None else None
         )
         self.dynamic = self.act_mode == "dynamic"
+        self.per_token = self.dynamic and iq is not None and iq.per_token
         if self.dynamic and not isinstance(layer, QuantLinear):
             raise ExportError(
                 f"layer {self.name!r}: dynamic quantization exports Linear layers only"
@@ -307,6 +308,7 @@ class LoweredLayer(nn.Module):
                 self.weight_scale,
                 self.bias,
                 self.has_bias,
+                self.per_token,
             )
         if self.integer_pattern:
             return self._integer_forward(x)

@@ -18,6 +18,7 @@ from edgequant import functional as F
 # ONNX TensorProto data types, by (bits container, signed)
 ONNX_INT4, ONNX_UINT4 = 22, 21
 ONNX_FLOAT = 1
+ONNX_UINT8, ONNX_INT32 = 2, 6
 
 
 def _axis(axis: int) -> int | None:
@@ -130,12 +131,16 @@ def dynamic_linear(
     weight_scale: Tensor,
     bias: Tensor,
     has_bias: bool,
+    per_token: bool,
 ) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
-    MatMulInteger + scale multiply compute it. weight_t_q: (in, out) integers, uint8 with
-    weight_zero_point 128 for symmetric int8 weights (export.onnx.as_uint8)."""
+    MatMulInteger + scale multiply compute it (per_token: the row-wise form written out in
+    ONNX ops, translation_table). weight_t_q: (in, out) integers, uint8 with weight_zero_point
+    128 for symmetric int8 weights (export.onnx.as_uint8)."""
     w = weight_t_q.to(torch.int32) - weight_zero_point.to(torch.int32)
-    return F.dynamic_quantized_linear(x, w, weight_scale, bias if has_bias else None)
+    return F.dynamic_quantized_linear(
+        x, w, weight_scale, bias if has_bias else None, per_token=per_token
+    )
 
 
 @dynamic_linear.register_fake
@@ -146,13 +151,18 @@ def _(
     weight_scale: Tensor,
     bias: Tensor,
     has_bias: bool,
+    per_token: bool,
 ) -> Tensor:
     return torch.empty(x.shape[:-1] + (weight_t_q.shape[1],), dtype=x.dtype, device=x.device)
 
 
 def translation_table() -> dict[object, object]:
     """onnxscript translations of the ops above, for torch.onnx.export(custom_translation_table=)."""
+    import numpy as np
+    from onnx import numpy_helper
     from onnxscript import opset21 as op
+
+    _U8_ZERO = numpy_helper.from_array(np.array(0, dtype=np.uint8))
 
     # Any: onnxscript's opsets constrain their inputs by type variables (T1_Cast, ...), which
     # the untyped symbolic values passed through here cannot be checked against.
@@ -233,9 +243,42 @@ def translation_table() -> dict[object, object]:
             x = op.Clip(x, clip_lo, clip_hi)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
 
-    def dynamic_linear_onnx(x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool):
-        xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
-        acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
+    def per_token_quantize(x):
+        # functional.dynamic_qparams(per_token=True), op for op: UINT8, a scale and zero point
+        # for each row of the last dimension.
+        last = op.Constant(value_ints=[-1])
+        zero = op.Constant(value_float=0.0)
+        x_min = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
+        x_max = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
+        scale = op.Where(
+            op.Equal(x_max, x_min),
+            op.Constant(value_float=1.0),
+            op.Div(op.Sub(x_max, x_min), op.Constant(value_float=255.0)),
+        )
+        top = op.Constant(value_float=255.0)
+        x_zp = op.Round(op.Clip(op.Sub(zero, op.Div(x_min, scale)), zero, top))
+        xq = op.Cast(op.Clip(op.Add(op.Round(op.Div(x, scale)), x_zp), zero, top), to=ONNX_UINT8)
+        return xq, scale, x_zp
+
+    def per_token_matmul(x, weight_t_q, weight_zero_point):
+        # MatMulInteger takes one zero point for its first input: the rows' zero points come
+        # off afterwards, as zero point x (column sums of the weight), in INT32.
+        xq, x_scale, x_zp = per_token_quantize(x)
+        acc = op.MatMulInteger(xq, weight_t_q, op.Constant(value=_U8_ZERO), weight_zero_point)
+        w_int = op.Sub(
+            op.Cast(weight_t_q, to=ONNX_INT32), op.Cast(weight_zero_point, to=ONNX_INT32)
+        )
+        w_sum = op.ReduceSum(w_int, op.Constant(value_ints=[0]), keepdims=0)
+        return op.Sub(acc, op.Mul(op.Cast(x_zp, to=ONNX_INT32), w_sum)), x_scale
+
+    def dynamic_linear_onnx(
+        x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool, per_token: bool
+    ):
+        if per_token:
+            acc, x_scale = per_token_matmul(x, weight_t_q, weight_zero_point)
+        else:
+            xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
+            acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
         y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
         if has_bias:
             y = op.Add(y, bias)

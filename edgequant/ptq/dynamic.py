@@ -34,7 +34,8 @@ def build_dynamic(
         raise ValueError(
             "dynamic quantization supports per-tensor or per-channel weights, not per-group"
         )
-    # Activations: per-tensor UINT8 computed from each tensor; first/last-layer rule does not apply.
+    # Activations: UINT8 computed from each input at run time (per token or per tensor, as
+    # Recipe.dynamic_activation says); the first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
     qmodel, summary = instrument(
         model, recipe, example_batch, method="dynamic", layer_types=(nn.Linear, nn.Embedding)
@@ -71,7 +72,7 @@ def quantize_dynamic(
                 "split_outliers": "no calib_data: off (splitting needs activation ranges)",
             },
         }
-        steps = ["weights rounded to nearest; activation ranges computed at run time"]
+        steps = [f"weights rounded to nearest; {_ranges(recipe)}"]
         summary.notes.append(
             "no calib_data: outlier splitting and SmoothQuant off (they need activation ranges)"
         )
@@ -87,11 +88,12 @@ def quantize_dynamic(
             samples_used = sum(batch_size(b) for b in data)
             pipeline, steps, _ = apply_outlier_steps(qmodel, recipe, data, samples_used, summary)
             summary.notes.extend(steps)  # dynamic models print their steps in the summary
-        steps.append("weights rounded to nearest; activation ranges computed at run time")
+        steps.append(f"weights rounded to nearest; {_ranges(recipe)}")
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":
             q.set_mode("dynamic")
+            q.per_token = recipe.dynamic_activation == "token"
     attach_info(
         qmodel,
         summary,
@@ -104,3 +106,8 @@ def quantize_dynamic(
         },
     )
     return qmodel
+
+
+def _ranges(recipe: Recipe) -> str:
+    per = "each token" if recipe.dynamic_activation == "token" else "each input tensor"
+    return f"activation ranges computed at run time for {per}"
