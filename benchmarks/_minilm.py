@@ -77,3 +77,31 @@ def reuse(previous: dict[str, Any], out: dict[str, Any], keys: tuple[str, ...]) 
     for key in keys:
         if key in previous:
             out[key] = previous[key]
+
+
+def interleaved_ms(
+    paths: dict[str, Any], batches: dict[str, dict[str, torch.Tensor]], rounds: int = 21
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds of one ONNX Runtime run (2 threads) of each exported encoder on each
+    batch ({label: tokenized batch}), measured side by side: every round runs every file once,
+    in a rotating order, so a slow spell of the shared machine falls on all alike."""
+    import statistics
+    import time
+
+    from edgequant.examples import minilm as M
+
+    fns = {name: M.ort_encoder_fn(path) for name, path in paths.items()}
+    names = list(fns)
+    result: dict[str, dict[str, float]] = {name: {} for name in names}
+    for label, batch in batches.items():
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for name in names:  # warm-up
+            fns[name](**batch)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                fns[name](**batch)
+                times[name].append(time.perf_counter() - start)
+        for name in names:
+            result[name][label] = statistics.median(times[name]) * 1000.0
+    return result

@@ -30,6 +30,7 @@ from typing import Any, cast
 import torch
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
+    interleaved_ms,
     load_or_skip,
     results_header,
     sentence_data,
@@ -118,6 +119,11 @@ def main() -> int:
         [
             ("edgequant dynamic w8a8, defaults, no calib_data", "w8a8", None),
             ("edgequant dynamic w8a8, defaults, 128 calibration sentences", "w8a8", calib),
+            (
+                "edgequant dynamic w8a8, per tensor (dynamic_activation='tensor'), no calib_data",
+                eq.Recipe.preset("w8a8").replace(dynamic_activation="tensor"),
+                None,
+            ),
         ]
         if args.defaults
         else [
@@ -129,12 +135,14 @@ def main() -> int:
             ),
         ]
     )
+    files = {"fp32 (ONNX Runtime)": fp32}
     for index, (label, recipe, data) in enumerate(runs):
         start = time.perf_counter()
         qmodel = eq.quantize(model, recipe, data, method="dynamic")
         wall = time.perf_counter() - start
         path = work / f"edgequant_{index}.onnx"
         info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:4])
+        files[label] = path
         sim = M.cosine_report(ref, M.embed(qmodel, evals))
         record(
             label,
@@ -161,8 +169,18 @@ def main() -> int:
             path,
             {"wall_s": time.perf_counter() - start},
         )
+        files[f"onnxruntime quantize_dynamic (per_channel={per_channel})"] = path
 
     if args.defaults:
+        one = {k: v[:1] for k, v in evals[0].items()}
+        out["latency"] = {
+            "how": "median ms of one ONNX Runtime run (2 threads), every file once per round, "
+            "21 interleaved rounds; batch 1 (one sentence) and batch 32 (the first evaluation "
+            "batch, padded to its longest sentence)",
+            "ms": interleaved_ms(files, {"bs1": one, "bs32": evals[0]}),
+        }
+        for name, row in out["latency"]["ms"].items():
+            print("latency", name, json.dumps(row), flush=True)
         write_json(args.out, out)
         return 0
     tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -86,6 +86,63 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
     return out
 
 
+def _minilm_speed(data: dict[str, Any], key: str) -> str:
+    """'bs1 a ms (x FP32, y best ORT), bs32 ...' from a run's interleaved latencies."""
+    ms = data.get("latency", {}).get("ms", {})
+    if key not in ms:
+        return "not measured in this run"
+    fp32 = ms.get("fp32 (ONNX Runtime)", {})
+    peers = [row for name, row in ms.items() if name.startswith("onnxruntime")]
+    parts = []
+    for batch, value in ms[key].items():
+        ratios = []
+        if batch in fp32:
+            ratios.append(f"{fp32[batch] / value:.2f}x FP32")
+        if peers:
+            best = min(p[batch] for p in peers if batch in p)
+            ratios.append(f"{best / value:.2f}x ORT")
+        parts.append(f"{batch} {value:.1f} ms ({', '.join(ratios)})")
+    return "; ".join(parts) + " (speed: higher is faster)"
+
+
+def smollm2(data: dict[str, Any], name: str) -> list[Row]:
+    rows = {r["name"]: r for r in data["rows"]}
+    fp32 = rows.get("fp32")
+    peers = {k: r for k, r in rows.items() if k.startswith("ort-") and "perplexity_deployed" in r}
+    out = []
+    for key, row in rows.items():
+        if not key.startswith("edgequant-") or "rtn" in key or fp32 is None:
+            continue
+        peer_text = "; ".join(
+            f"{k} {r['perplexity_deployed']:.2f}"
+            for k, r in peers.items()
+            if r.get("grid") == row["grid"]
+        )
+        speed = "not measured in this run"
+        if "decode_vs_fp32" in row:
+            speed = f"decode {row['tokens_per_s']:.1f} tokens/s ({row['decode_vs_fp32']:.2f}x FP32"
+            same = [
+                r for r in peers.values() if r.get("grid") == row["grid"] and "tokens_per_s" in r
+            ]
+            if same:
+                speed += f", {row['tokens_per_s'] / same[0]['tokens_per_s']:.2f}x {same[0]['name']}"
+            speed += ")"
+        out.append(
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "method": f"weight-only {row['grid']} ({', '.join(row.get('steps', [])[1:])}), "
+                f"{data['calibration']}",
+                "deployed": f"perplexity {row['perplexity_deployed']:.2f} ({data['test_windows']})",
+                "reference": f"FP32 {fp32['perplexity_deployed']:.2f}"
+                + (f"; {peer_text}" if peer_text else ""),
+                "size": f"{row['size_bytes'] / 2**20:,.1f} MiB ({row['size_ratio']:.3f}x)",
+                "speed": speed,
+                "source": name,
+            }
+        )
+    return out
+
+
 def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
     out = []
     peers = [
@@ -106,7 +163,7 @@ def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
                 f"nearest-neighbour {r['nn_agreement']:.3f}",
                 "reference": "; ".join(peers) or "FP32 embeddings (cosine 1)",
                 "size": _kb(r.get("size_bytes")),
-                "speed": "not measured in this run",
+                "speed": _minilm_speed(data, key),
                 "source": name,
             }
         )
@@ -119,6 +176,7 @@ SOURCES: dict[str, Callable[[dict[str, Any], str], list[Row]]] = {
     "plain_resnet20_qat.json": plain_resnet20,
     "static_minilm_defaults.json": static_minilm,
     "dynamic_minilm_defaults.json": static_minilm,
+    "smollm2_lm.json": smollm2,
 }
 
 

@@ -233,28 +233,26 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
     path = tmp_path / "lm.onnx"
     info = export_lm_onnx(q, path, verify_windows=held_out)
     assert info.agreement is not None and info.agreement >= 0.99
-    assert info.matmul_nbits == 2 * 7 + 1 and info.tied_table
+    assert info.matmul_nbits == 2 * 7 and info.tied_table
     graph = onnx.load(str(path)).graph
     assert not any(n.op_type == "MatMul" and n.input[1].startswith("w__") for n in graph.node)
     names = {i.name for i in graph.initializer}
     assert "lm_head.qweight" in names and "embed.qweight" not in names  # one table
-    # 8-bit layers run ONNX Runtime's int8 kernel (its only fast 8-bit one); 4-bit layers keep
-    # float inputs.
-    levels = {
-        n.name: {a.name: a.i for a in n.attribute}
-        for n in graph.node
-        if n.op_type == "MatMulNBits"
-    }
-    assert levels["lm_head/MatMulNBits"]["bits"] == 8
-    assert levels["lm_head/MatMulNBits"]["accuracy_level"] == 4
-    assert all("accuracy_level" not in a for a in levels.values() if a["bits"] == 4)
-    assert any("accuracy_level 4" in note for note in info.notes)
+    # The 8-bit lm_head keeps its codes in the file (the tied table) and runs as a float MatMul
+    # on them: ONNX Runtime folds the dequantization into one weight when it loads the file.
+    assert not any(n.op_type == "MatMulNBits" and n.name.startswith("lm_head") for n in graph.node)
+    assert any("lm_head: 8-bit codes" in note for note in info.notes)
     # The kernel ONNX Runtime runs after its own graph optimisations is still MatMulNBits.
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
-    assert sum(n.op_type == "MatMulNBits" for n in optimized.node) == 15
+    assert sum(n.op_type == "MatMulNBits" for n in optimized.node) == 14
+    folded = [n for n in optimized.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")]
+    assert any(n.name.startswith("lm_head") for n in folded)
+    assert not any(
+        n.op_type in ("Cast", "Transpose") and "lm_head" in n.name for n in optimized.node
+    )
     # Token-by-token decoding with the KV cache gives the logits of the full pass.
     session = lm_session(path)
     empty = np.zeros((1, 2, 0, 16), np.float32)

@@ -5,8 +5,11 @@ decoder (`DecoderGraph`: RMSNorm, rotary embeddings, grouped-query attention ove
 values, SwiGLU MLP) is exported with each quantized Linear as a MatMul on its dequantized weight,
 then every such MatMul is rewritten to ONNX Runtime's `MatMulNBits` (com.microsoft) on the
 integer codes and scales of the weight quantizer: 4-bit containers for <= 4 bits (INT3/INT2
-codes sit in INT4 containers), 8 bits for 8-bit layers (lm_head; these run ONNX Runtime's int8
-kernel, the only fast one it has for 8-bit weights). A per-output-channel grid is
+codes sit in INT4 containers). An 8-bit layer (lm_head) keeps its 8-bit codes in the file but is
+written as a float MatMul on them, dequantized by constant ops that ONNX Runtime folds when it
+loads the file: its CPU MatMulNBits has no fast 8-bit kernel for float inputs (it unpacks the
+whole weight on every call), and its int8 one rounds the inputs to int8, which the simulation
+does not. A per-output-channel grid is
 written as blocks whose scales repeat the channel's scale (MatMulNBits takes power-of-two blocks;
 576 is not one). An 8-bit per-row embedding is a Gather of the integer table and its scales; a
 tied lm_head reads the same initializers (one table in the file).
@@ -44,12 +47,6 @@ __all__ = ["DecoderGraph", "LMExportError", "LMExportInfo", "export_lm_onnx", "l
 # of positions, and its perplexity is within PPL_TOLERANCE (relative).
 MIN_AGREEMENT = 0.99
 PPL_TOLERANCE = 0.01
-
-# ONNX Runtime's CPU MatMulNBits has no fast kernel for 8-bit weights with float inputs: at the
-# default accuracy level it unpacks the whole weight on every call, which made an 8-bit lm_head
-# slower than the FP32 MatMul it replaces by two orders of magnitude. Level 4 runs its int8
-# kernel, which rounds the input to int8 per block (one symmetric scale per block of inputs).
-INT8_ACCURACY_LEVEL = 4
 
 
 class LMExportError(RuntimeError):
@@ -311,7 +308,7 @@ def _rewrite(
     graph.initializer.extend(kept)
     if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
         onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return len(replaced), quant_embed, shared
+    return sum(n.op_type == "MatMulNBits" for n in new_nodes), quant_embed, shared
 
 
 def _packed_layers(graph_module: DecoderGraph, qmodel: nn.Module) -> dict[str, _Packed]:
@@ -352,14 +349,16 @@ def _matmuls_to_nbits(
             zp_name = f"{name}.zero_points"
             graph.initializer.append(numpy_helper.from_array(p.zero_points, zp_name))
             inputs.append(zp_name)
-        extra: dict[str, Any] = {}
         if p.bits == 8:
-            extra["accuracy_level"] = INT8_ACCURACY_LEVEL
-            notes.append(
-                f"{name}: 8-bit MatMulNBits runs ONNX Runtime's int8 kernel (accuracy_level "
-                f"{INT8_ACCURACY_LEVEL}: its input is rounded to int8 per block of {p.block}); "
-                "the verification measures the difference"
+            new_nodes.extend(
+                _dequantized_matmul(graph, node, p, name, data_name, scale_name, inputs)
             )
+            notes.append(
+                f"{name}: 8-bit codes in the file, run as a float MatMul on them (ONNX Runtime "
+                "folds the dequantization when it loads the file)"
+            )
+            replaced.add(key)
+            continue
         new_nodes.append(
             helper.make_node(
                 "MatMulNBits",
@@ -371,11 +370,45 @@ def _matmuls_to_nbits(
                 N=p.n,
                 bits=p.bits,
                 block_size=p.block,
-                **extra,
             )
         )
         replaced.add(key)
     return new_nodes, replaced
+
+
+def _dequantized_matmul(
+    graph: Any, node: Any, p: _Packed, name: str, data: str, scales: str, inputs: list[str]
+) -> list[Any]:
+    """MatMul(x, W^T) with W = (codes - zero point) x scale computed from the 8-bit codes and
+    scales in MatMulNBits' layout (N, blocks, block): constant ops only, so ONNX Runtime folds
+    them into one float weight when it loads the file; the file keeps the 8-bit codes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    blocks = p.data.shape[1]
+    centre = (
+        p.zero_points.astype(np.float32).reshape(p.n, blocks, 1)
+        if p.zero_points is not None
+        else np.array([128.0], np.float32)
+    )
+    graph.initializer.append(numpy_helper.from_array(centre, f"{name}.centre"))
+    graph.initializer.append(
+        numpy_helper.from_array(np.array([p.n, blocks, 1], np.int64), f"{name}.scale_blocks")
+    )
+    graph.initializer.append(
+        numpy_helper.from_array(np.array([p.n, p.k], np.int64), f"{name}.weight_shape")
+    )
+    t = f"{name}/dequantized"
+    return [
+        helper.make_node("Cast", [data], [f"{t}.codes"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{t}.codes", f"{name}.centre"], [f"{t}.centred"]),
+        helper.make_node("Reshape", [scales, f"{name}.scale_blocks"], [f"{t}.scales"]),
+        helper.make_node("Mul", [f"{t}.centred", f"{t}.scales"], [f"{t}.blocks"]),
+        helper.make_node("Reshape", [f"{t}.blocks", f"{name}.weight_shape"], [f"{t}.weight"]),
+        helper.make_node("Transpose", [f"{t}.weight"], [f"{t}.weight_t"], perm=[1, 0]),
+        helper.make_node(
+            "MatMul", [inputs[0], f"{t}.weight_t"], list(node.output), name=f"{name}/MatMul"
+        ),
+    ]
 
 
 def _quantized_embedding(
