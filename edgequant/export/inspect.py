@@ -553,13 +553,18 @@ def _activation(graph: _Graph, node: onnx.NodeProto, index: int) -> tuple[str, s
     reached, producer = graph.trace(node.input[index])
     if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
         # The operand is already integer; what produced it says static or dynamic: a
-        # QuantizeLinear with stored parameters, or DynamicQuantizeLinear, or (per token) the
-        # Clip of the input rounded on its rows' own grids, then cast (export/ops.py).
-        kind = (
-            "dynamic"
-            if producer is not None and producer.op_type in ("DynamicQuantizeLinear", "Clip")
-            else "static"
-        )
+        # QuantizeLinear with stored parameters, or DynamicQuantizeLinear, or (per token) a
+        # QuantizeLinear whose scales the graph computes from the input (export/ops.py).
+        kind = "static"
+        if producer is not None and (
+            producer.op_type == "DynamicQuantizeLinear"
+            or (
+                producer.op_type == "QuantizeLinear"
+                and len(producer.input) > 1
+                and not graph.is_constant(producer.input[1])
+            )
+        ):
+            kind = "dynamic"
         return kind, _maybe_dtype(graph, reached) or (
             "UINT8" if kind == "dynamic" else _quantize_dtype(graph, producer)
         )

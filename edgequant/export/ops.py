@@ -245,11 +245,15 @@ def translation_table() -> dict[object, object]:
 
     def per_token_quantize(x):
         # functional.dynamic_qparams(per_token=True), op for op: UINT8, a scale and zero point
-        # for each row of the last dimension.
-        last = op.Constant(value_ints=[-1])
+        # for each row of the last dimension. The rows are quantized by one QuantizeLinear on
+        # the input seen as (rows, features), per axis 0; scale and zero point come back
+        # shaped (..., 1).
+        minus_one = op.Constant(value_ints=[-1])
+        rows = op.Reshape(x, op.Concat(minus_one, op.Shape(x, start=-1), axis=0))
         zero = op.Constant(value_float=0.0)
-        x_min = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
-        x_max = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
+        axis = op.Constant(value_ints=[1])
+        x_min = op.Min(op.ReduceMin(rows, axis, keepdims=0), zero)
+        x_max = op.Max(op.ReduceMax(rows, axis, keepdims=0), zero)
         scale = op.Where(
             op.Equal(x_max, x_min),
             op.Constant(value_float=1.0),
@@ -257,8 +261,10 @@ def translation_table() -> dict[object, object]:
         )
         top = op.Constant(value_float=255.0)
         x_zp = op.Round(op.Clip(op.Sub(zero, op.Div(x_min, scale)), zero, top))
-        xq = op.Cast(op.Clip(op.Add(op.Round(op.Div(x, scale)), x_zp), zero, top), to=ONNX_UINT8)
-        return xq, scale, x_zp
+        q = op.QuantizeLinear(rows, scale, op.Cast(x_zp, to=ONNX_UINT8), axis=0)
+        xq = op.Reshape(q, op.Shape(x))
+        per_row = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[1]), axis=0)
+        return xq, op.Reshape(scale, per_row), op.Reshape(x_zp, per_row)
 
     def per_token_matmul(x, weight_t_q, weight_zero_point):
         # MatMulInteger takes one zero point for its first input: the rows' zero points come
