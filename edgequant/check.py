@@ -21,7 +21,7 @@ import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import nn
 
-from edgequant.spec import TARGETS
+from edgequant.targets import TARGETS
 
 # What a row asks the user to do.
 KEEP_FLOAT = "keep-float"  # the target's runtime runs it in float between DQ and Q

@@ -161,7 +161,7 @@ def _quantize_run(args: argparse.Namespace) -> int:
         raise UserError(f"--out: the folder {str(out.parent)!r} does not exist")
     recipe = config.recipe(args.recipe)
     if out.suffix == ".tflite":
-        from edgequant.spec import TARGETS
+        from edgequant.targets import TARGETS
 
         if not TARGETS[recipe.target].fully_integer:
             raise UserError(
@@ -252,6 +252,7 @@ def _compare_run(args: argparse.Namespace) -> int:
     import torch
 
     from edgequant.config import load_config
+    from edgequant.recipe import Recipe
     from edgequant.report.compare import (
         Predict,
         Run,
@@ -261,7 +262,6 @@ def _compare_run(args: argparse.Namespace) -> int:
         stderr_progress,
     )
     from edgequant.report.render import table
-    from edgequant.spec import Recipe
 
     # Everything that can be checked before the slow part is checked first.
     config = load_config(args.config)

@@ -13,8 +13,9 @@ from torch import nn
 
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
-from edgequant.spec import TARGETS, QuantSpec
+from edgequant.spec import QuantSpec
 from edgequant.summary import Summary
+from edgequant.targets import TARGETS
 
 
 class _QuantTracer(torch.fx.Tracer):

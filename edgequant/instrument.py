@@ -21,8 +21,9 @@ from edgequant.batches import (
 )
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
+from edgequant.recipe import Recipe
 from edgequant.slow_paths import take_slow_paths
-from edgequant.spec import QuantSpec, Recipe
+from edgequant.spec import QuantSpec
 from edgequant.summary import LayerRecord, Summary, attach_info
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

@@ -1,4 +1,4 @@
-"""spec.py: presets resolve as DESIGN §1 says, bad specs fail at the boundary naming the valid
+"""spec.py and recipe.py: presets resolve as DESIGN §1 says, bad specs fail at the boundary naming the valid
 choices, recipes round-trip through YAML, and specs_for applies overrides and skips in order."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import edgequant as eq
-from edgequant.spec import LayerOverride, QuantSpec, Recipe, activation_spec, weight_spec
+from edgequant.recipe import Recipe
+from edgequant.spec import LayerOverride, QuantSpec, activation_spec, weight_spec
 
 # --- presets ------------------------------------------------------------------------------------
 

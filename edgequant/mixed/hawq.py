@@ -38,7 +38,7 @@ from edgequant.mixed.sensitivity import (
 )
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -30,7 +30,7 @@ from edgequant.mixed.sensitivity import (
     sensitivity,
     with_layer_bits,
 )
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 METHODS = ("perturbation", "hessian")
 

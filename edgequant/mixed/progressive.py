@@ -33,7 +33,7 @@ from edgequant.mixed.sensitivity import (
     uniform_recipe,
 )
 from edgequant.qat import FitConfig, fit_qat, prepare_qat
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 
 def _length(data: Any) -> int | None:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from edgequant.batches import batch_size, call_model, metric_number
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
-from edgequant.spec import LayerOverride, QuantSpec, Recipe, activation_spec, weight_spec
+from edgequant.recipe import Recipe
+from edgequant.spec import LayerOverride, QuantSpec, activation_spec, weight_spec
 
 EvalFn = Callable[[nn.Module], float]
 

@@ -22,8 +22,9 @@ from edgequant.ptq.outlier_split import resize_input
 from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.quantizer import quantizers
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
 from edgequant.summary import attach_info
+from edgequant.targets import TARGETS
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "static": quantize_static,

@@ -25,8 +25,9 @@ from edgequant.ptq.outliers import plan_outliers_
 from edgequant.ptq.rounding import supports as rounding_support
 from edgequant.ptq.smoothquant import describe_smoothing
 from edgequant.quantizer import quantizers
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
 from edgequant.summary import Summary, attach_info
+from edgequant.targets import TARGETS
 
 # The learned rounding methods by Recipe.rounding name ("block" rounds with AdaRound inside
 # BRECQ's blocks).

@@ -18,7 +18,7 @@ from edgequant.ptq.static import (
     pipeline_notes,
     resolve_pipeline,
 )
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 from edgequant.summary import Summary, attach_info
 
 

@@ -35,7 +35,7 @@ from edgequant.qat.ema import EMAQuantizer
 from edgequant.qat.lsq import LSQQuantizer
 from edgequant.qat.pact import PACTQuantizer
 from edgequant.quantizer import TensorQuantizer, quantizers
-from edgequant.spec import RANGE_LEARNING, Recipe
+from edgequant.recipe import RANGE_LEARNING, Recipe
 from edgequant.summary import Summary, attach_info
 
 

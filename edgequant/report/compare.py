@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from edgequant.batches import call_model, metric_number
+from edgequant.recipe import Recipe
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder
 from edgequant.report.runs import Run, batch_len, default_runs, mixed_model, qat_model, runs_for
-from edgequant.spec import Recipe
 from edgequant.summary import Summary
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
