@@ -26,7 +26,7 @@ class Target:
     name: str = "onnxruntime"
     description: str = ""
     # Fully integer targets (no float op between the input's QuantizeLinear and the output's
-    # DequantizeLinear): instrument.place_graph_quantizers quantizes every activation edge
+    # DequantizeLinear): graph_quantizers.place_graph_quantizers quantizes every activation edge
     # (adds, pooling, concatenation, data movement, the model's outputs), and the export drops
     # activations that the following quantizer's range already applies.
     fully_integer: bool = False
