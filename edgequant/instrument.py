@@ -148,16 +148,7 @@ def instrument(
             summary.layers.append(LayerRecord(name, mtype, False, reason=reason))
             continue
         bn_name = trace.bn_of.get(name) if fold_bn else None
-        bn = qmodel.get_submodule(bn_name) if bn_name else None
-        if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
-            bn, bn_name = None, None
-        weight = module.weight
-        new_layer = from_float(module, weight_spec, act_spec, name, bn=bn)
-        if bn is None:
-            _keep_tied(qmodel, summary, tied, name, weight, weight_spec, new_layer)
-        _set_submodule(qmodel, name, new_layer)
-        if bn_name:
-            _set_submodule(qmodel, bn_name, nn.Identity())
+        bn_name = _swap(qmodel, summary, tied, name, module, weight_spec, act_spec, bn_name)
         summary.layers.append(
             LayerRecord(
                 name,
@@ -188,6 +179,31 @@ def instrument(
             + (f" ({why})" if why else "")
         )
     return qmodel, summary
+
+
+def _swap(
+    qmodel: nn.Module,
+    summary: Summary,
+    tied: dict[int, tuple[str, QuantSpec | None, Tensor]],
+    name: str,
+    module: nn.Module,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
+    bn_name: str | None,
+) -> str | None:
+    """Replace layer `name` by its quantized version, folding the BatchNorm `bn_name` (in eval
+    mode with running statistics; it becomes an Identity). Returns the BatchNorm folded."""
+    bn = qmodel.get_submodule(bn_name) if bn_name else None
+    if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
+        bn, bn_name = None, None
+    weight = module.weight
+    new_layer = from_float(module, weight_spec, act_spec, name, bn=bn)
+    if bn is None:
+        _keep_tied(qmodel, summary, tied, name, cast(Tensor, weight), weight_spec, new_layer)
+    _set_submodule(qmodel, name, new_layer)
+    if bn_name:
+        _set_submodule(qmodel, bn_name, nn.Identity())
+    return bn_name
 
 
 def _why_not_swapped(
