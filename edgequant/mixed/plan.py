@@ -221,7 +221,7 @@ def plan(
     result (plan.sensitivity of an earlier plan) instead of measuring again.
     """
     start = time.perf_counter()
-    _check_plan_args(model, method, budget, max_drop, eval_fn, search_steps, sensitivities)
+    _check_plan_args(model, method, budget, max_drop, eval_fn, search_steps)
     fixed, cands = fixed_and_candidates(fixed, candidates, sensitivities)
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
@@ -314,7 +314,6 @@ def _check_plan_args(
     max_drop: float | None,
     eval_fn: EvalFn | None,
     search_steps: int,
-    sensitivities: Sensitivity | None,
 ) -> None:
     """plan's arguments, each named in its error."""
     from edgequant.qat.prepare import check_float_model
@@ -344,11 +343,6 @@ def _check_plan_args(
         raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
         raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
-    if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
-        raise TypeError(
-            f"sensitivities must be an edgequant.mixed.Sensitivity, got "
-            f"{type(sensitivities).__name__}"
-        )
 
 
 def fixed_and_candidates(
@@ -357,9 +351,14 @@ def fixed_and_candidates(
     sensitivities: Sensitivity | None,
 ) -> tuple[dict[str, int], tuple[int, ...]]:
     """The caller's pinned layers and the candidate widths, checked (those of `sensitivities`
-    by default, which must cover any given)."""
+    by default, which must be a Sensitivity and cover any given)."""
     from edgequant.mixed.allocate import _check_candidates, _check_fixed
 
+    if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
+        raise TypeError(
+            f"sensitivities must be an edgequant.mixed.Sensitivity, got "
+            f"{type(sensitivities).__name__}"
+        )
     checked = _check_fixed(fixed)
     if candidates is None:
         candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES

@@ -120,7 +120,7 @@ def progressive(
     from edgequant.ptq import quantize
 
     start = time.perf_counter()
-    _check_progressive_args(model, eval_fn, max_drop, max_steps, qat_epochs, sensitivities)
+    _check_progressive_args(model, eval_fn, max_drop, max_steps, qat_epochs)
     _check_qat_arguments(qat_epochs, train_data, qat_kwargs)  # before the search, not after it
     fixed, cands = fixed_and_candidates(fixed, candidates, sensitivities)
     base = base_recipe(recipe, act_bits)
@@ -207,9 +207,9 @@ def _check_progressive_args(
     max_drop: float,
     max_steps: int | None,
     qat_epochs: int,
-    sensitivities: Sensitivity | None,
 ) -> None:
-    """progressive's arguments (those of the final QAT: _check_qat_arguments), each named."""
+    """progressive's arguments (those of the final QAT: _check_qat_arguments; sensitivities:
+    plan.fixed_and_candidates), each named."""
     from edgequant.qat.prepare import check_float_model
 
     if not isinstance(model, nn.Module):
@@ -226,11 +226,6 @@ def _check_progressive_args(
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
         raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}")
-    if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
-        raise TypeError(
-            f"sensitivities must be an edgequant.mixed.Sensitivity, got "
-            f"{type(sensitivities).__name__}"
-        )
 
 
 def _descend(
