@@ -30,7 +30,7 @@ from edge_resnet20 import latency_ms, predictions
 import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.export.tflite import TFLiteRunner, tensor_ops, tflm_arena_bytes
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 
 def peer_tflite(model: torch.nn.Module, calib: torch.Tensor, example: torch.Tensor) -> bytes:

@@ -30,7 +30,7 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.export.tflite import TFLiteRunner, convert_program
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 
 def latency_ms(runner: TFLiteRunner, x: np.ndarray, repeats: int = 200) -> float:

@@ -32,7 +32,7 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.export.integer import fully_integer_violations
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from targets_resnet20 import count_not_pow2, qdq_scales  # noqa: E402

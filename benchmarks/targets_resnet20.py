@@ -1,5 +1,5 @@
 """Issue 6 (part): the pretrained ResNet-20, static W8A8 under each hardware target of
-spec.TARGETS, exported and run in ONNX Runtime.
+targets.TARGETS, exported and run in ONNX Runtime.
 
 Per target: accuracy on test_932 (exact pixels) and on the 10,000 JPEG test images, ONNX file
 size, and the count of QDQ scales (weights, activations, INT32 biases) that are not exact powers
@@ -24,7 +24,8 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
+from edgequant.targets import TARGETS
 
 
 def qdq_scales(path: Path) -> list[np.ndarray]:

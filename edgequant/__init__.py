@@ -8,8 +8,9 @@ from edgequant.export.tflite import EdgeExportInfo, export_tflite
 from edgequant.mixed import Budget, mixed_precision
 from edgequant.ptq import load, quantize
 from edgequant.qat import FitConfig, fit_qat, prepare_qat
+from edgequant.recipe import Recipe
 from edgequant.report.compare import Report, compare
-from edgequant.spec import LayerOverride, QuantSpec, Recipe
+from edgequant.spec import LayerOverride, QuantSpec
 
 __all__ = [
     "Budget",

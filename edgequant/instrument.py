@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,9 @@ from edgequant.batches import (
 )
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
+from edgequant.recipe import Recipe
 from edgequant.slow_paths import take_slow_paths
-from edgequant.spec import QuantSpec, Recipe
+from edgequant.spec import QuantSpec
 from edgequant.summary import LayerRecord, Summary, attach_info
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -133,81 +134,21 @@ def instrument(
             continue
         mtype = type(module).__name__
         if type(module) not in supported:
-            if type(module) in QUANT_MODULES:
-                summary.layers.append(
-                    LayerRecord(
-                        name,
-                        mtype,
-                        False,
-                        reason=f"{method} quantization covers "
-                        + ", ".join(t.__name__ for t in supported)
-                        + " only",
-                    )
-                )
-            elif isinstance(module, tuple(QUANT_MODULES)):
-                summary.layers.append(
-                    LayerRecord(
-                        name,
-                        mtype,
-                        False,
-                        reason=f"subclass of {module.__class__.__mro__[1].__name__} with its own forward: not swapped",
-                    )
-                )
-            elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
-                module, _NORMS_AND_SUCH
-            ):
-                summary.layers.append(
-                    LayerRecord(
-                        name, mtype, False, reason="no quantized version of this layer type"
-                    )
-                )
+            unswapped = _why_not_swapped(module, supported, method)
+            if unswapped is not None:
+                summary.layers.append(LayerRecord(name, mtype, False, reason=unswapped))
             continue
         if name not in trace.order:
             summary.layers.append(
                 LayerRecord(name, mtype, False, reason="never ran on the calibration batch")
             )
             continue
-        weight_spec, act_spec, reason = recipe.specs_for(name, mtype)
+        weight_spec, act_spec, reason = _layer_specs(recipe, name, module, name in first_last)
         if reason is not None:
             summary.layers.append(LayerRecord(name, mtype, False, reason=reason))
             continue
-        if isinstance(module, nn.Embedding):
-            act_spec = None  # its inputs are indices
-        if name in first_last and recipe.first_last_bits is not None:
-            weight_spec = _with_bits(weight_spec, recipe.first_last_bits)
-            act_spec = _with_bits(act_spec, recipe.first_last_bits)
-        if weight_spec is not None and weight_spec.granularity == "group":
-            size = module.weight.shape[weight_spec.axis]
-            if size % weight_spec.group_size:
-                raise ValueError(
-                    f"layer {name!r}: weight dim {weight_spec.axis} has {size} elements, "
-                    f"not divisible by group_size {weight_spec.group_size}"
-                )
         bn_name = trace.bn_of.get(name) if fold_bn else None
-        bn = qmodel.get_submodule(bn_name) if bn_name else None
-        if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
-            bn, bn_name = None, None
-        weight_id = id(module.weight)
-        new_layer = from_float(module, weight_spec, act_spec, name, bn=bn)
-        if bn is None and weight_id in tied:
-            owner, owner_spec, _ = tied[weight_id]
-            if owner_spec == weight_spec:
-                # One Parameter on one grid: the export stores one table for both.
-                new_layer.weight = qmodel.get_submodule(owner).weight
-                summary.notes.append(
-                    f"{name} shares its weight with {owner} (tied): kept tied, one quantized table"
-                )
-            else:
-                summary.notes.append(
-                    f"{name} shares its weight with {owner} (tied), but the recipe gives them "
-                    f"different grids ({weight_spec.short() if weight_spec else 'float'} vs "
-                    f"{owner_spec.short() if owner_spec else 'float'}): quantized as two tables"
-                )
-        elif bn is None:
-            tied[weight_id] = (name, weight_spec, module.weight)  # kept alive: ids stay unique
-        _set_submodule(qmodel, name, new_layer)
-        if bn_name:
-            _set_submodule(qmodel, bn_name, nn.Identity())
+        bn_name = _swap(qmodel, summary, tied, name, module, weight_spec, act_spec, bn_name)
         summary.layers.append(
             LayerRecord(
                 name,
@@ -238,6 +179,101 @@ def instrument(
             + (f" ({why})" if why else "")
         )
     return qmodel, summary
+
+
+def _swap(
+    qmodel: nn.Module,
+    summary: Summary,
+    tied: dict[int, tuple[str, QuantSpec | None, Tensor]],
+    name: str,
+    module: nn.Module,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
+    bn_name: str | None,
+) -> str | None:
+    """Replace layer `name` by its quantized version, folding the BatchNorm `bn_name` (in eval
+    mode with running statistics; it becomes an Identity). Returns the BatchNorm folded."""
+    bn = qmodel.get_submodule(bn_name) if bn_name else None
+    if bn is not None and (bn.training or not getattr(bn, "track_running_stats", False)):
+        bn, bn_name = None, None
+    weight = module.weight
+    new_layer = from_float(module, weight_spec, act_spec, name, bn=bn)
+    if bn is None:
+        _keep_tied(qmodel, summary, tied, name, cast(Tensor, weight), weight_spec, new_layer)
+    _set_submodule(qmodel, name, new_layer)
+    if bn_name:
+        _set_submodule(qmodel, bn_name, nn.Identity())
+    return bn_name
+
+
+def _why_not_swapped(
+    module: nn.Module, supported: tuple[type[nn.Module], ...], method: str
+) -> str | None:
+    """Why a module of a type this method does not swap stays float, where the summary should
+    say so (a layer type with parameters); None for containers and norms."""
+    if type(module) in QUANT_MODULES:
+        return f"{method} quantization covers " + ", ".join(t.__name__ for t in supported) + " only"
+    if isinstance(module, tuple(QUANT_MODULES)):
+        return (
+            f"subclass of {module.__class__.__mro__[1].__name__} with its own forward: not swapped"
+        )
+    if any(True for _ in module.parameters(recurse=False)) and not isinstance(
+        module, _NORMS_AND_SUCH
+    ):
+        return "no quantized version of this layer type"
+    return None
+
+
+def _layer_specs(
+    recipe: Recipe, name: str, module: nn.Module, first_or_last: bool
+) -> tuple[QuantSpec | None, QuantSpec | None, str | None]:
+    """(weight spec, activation spec, skip reason) of one layer: the recipe's, none for an
+    embedding's index inputs, first_last_bits at the ends; a group size must divide the dim."""
+    weight_spec, act_spec, reason = recipe.specs_for(name, type(module).__name__)
+    if reason is not None:
+        return None, None, reason
+    if isinstance(module, nn.Embedding):
+        act_spec = None  # its inputs are indices
+    if first_or_last and recipe.first_last_bits is not None:
+        weight_spec = _with_bits(weight_spec, recipe.first_last_bits)
+        act_spec = _with_bits(act_spec, recipe.first_last_bits)
+    if weight_spec is not None and weight_spec.granularity == "group":
+        size = cast(Tensor, module.weight).shape[weight_spec.axis]
+        if size % cast(int, weight_spec.group_size):
+            raise ValueError(
+                f"layer {name!r}: weight dim {weight_spec.axis} has {size} elements, "
+                f"not divisible by group_size {weight_spec.group_size}"
+            )
+    return weight_spec, act_spec, None
+
+
+def _keep_tied(
+    qmodel: nn.Module,
+    summary: Summary,
+    tied: dict[int, tuple[str, QuantSpec | None, Tensor]],
+    name: str,
+    weight: Tensor,
+    weight_spec: QuantSpec | None,
+    new_layer: nn.Module,
+) -> None:
+    """A weight Parameter already quantized by another layer (tied) stays one Parameter when
+    both layers put it on the same grid; the first holder of each Parameter is recorded."""
+    if id(weight) not in tied:
+        tied[id(weight)] = (name, weight_spec, weight)  # kept alive: ids stay unique
+        return
+    owner, owner_spec, _ = tied[id(weight)]
+    if owner_spec == weight_spec:
+        # One Parameter on one grid: the export stores one table for both.
+        new_layer.weight = qmodel.get_submodule(owner).weight
+        summary.notes.append(
+            f"{name} shares its weight with {owner} (tied): kept tied, one quantized table"
+        )
+    else:
+        summary.notes.append(
+            f"{name} shares its weight with {owner} (tied), but the recipe gives them "
+            f"different grids ({weight_spec.short() if weight_spec else 'float'} vs "
+            f"{owner_spec.short() if owner_spec else 'float'}): quantized as two tables"
+        )
 
 
 def _same_outputs(

@@ -29,7 +29,7 @@ class Summary:
     method: str
     layers: list[LayerRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # The recipe's hardware target (spec.TARGETS): place_graph_quantizers reads its rules.
+    # The recipe's hardware target (targets.TARGETS): place_graph_quantizers reads its rules.
     target: str = "onnxruntime"
 
     @property

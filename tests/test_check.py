@@ -17,7 +17,7 @@ from edgequant.cli import main
 from edgequant.examples.cifar10 import resnet20
 from edgequant.export.check_onnx import check_onnx
 from edgequant.export.onnx import export_float_onnx
-from edgequant.spec import TARGETS
+from edgequant.targets import TARGETS
 
 
 class Block(nn.Module):

@@ -19,6 +19,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgequant"
 LAYERS: list[set[str]] = [
     {"_yaml", "_io", "batches", "summary", "slow_paths"},
     {"spec"},
+    {"targets"},
+    {"recipe"},
     {"functional", "metrics"},
     {"observers", "quantizer"},
     {"modules"},

@@ -275,17 +275,17 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
 
 
 def test_export_refuses_a_model_that_does_not_match_the_simulation(tmp_path, monkeypatch) -> None:
-    from edgequant.export import lm
+    from edgequant.export import lm, matmul_nbits
 
     q = eq.quantize(tiny_llama(), recipe(), calib_data=token_batches(), method="weight_only")
-    real = lm.pack_linear
+    real = matmul_nbits.pack_linear
 
     def wrong_scales(layer, name):  # a broken writer: every scale doubled
         packed = real(layer, name)
         packed.scales = packed.scales * 2.0
         return packed
 
-    monkeypatch.setattr(lm, "pack_linear", wrong_scales)
+    monkeypatch.setattr(matmul_nbits, "pack_linear", wrong_scales)
     path = tmp_path / "bad.onnx"
     with pytest.raises(lm.LMExportError, match="nothing written"):
         lm.export_lm_onnx(q, path, verify_windows=token_batches(2, 32)[0]["input_ids"])
@@ -293,7 +293,7 @@ def test_export_refuses_a_model_that_does_not_match_the_simulation(tmp_path, mon
 
 
 def test_export_names_a_group_size_matmulnbits_cannot_take() -> None:
-    from edgequant.export.lm import pack_linear
+    from edgequant.export.matmul_nbits import pack_linear
 
     q = eq.quantize(tiny_llama(), recipe(4, 8), method="weight_only")
     with pytest.raises(ValueError, match=r"q_proj.*power of two"):

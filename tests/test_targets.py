@@ -1,4 +1,4 @@
-"""Hardware targets (spec.TARGETS): the grid rules each target applies to a recipe, and the end to
+"""Hardware targets (targets.TARGETS): the grid rules each target applies to a recipe, and the end to
 end check that each target's W8A8 recipe quantizes, exports and verifies in ONNX Runtime."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from torch import nn
 from toys import SmallResNet  # tests/toys.py
 
 import edgequant as eq
-from edgequant.spec import TARGETS, LayerOverride, QuantSpec, Recipe, Target
+from edgequant.recipe import Recipe
+from edgequant.spec import LayerOverride, QuantSpec
+from edgequant.targets import TARGETS, Target
 
 ALL_TARGETS = ("onnxruntime", "tflite-int8", "tensorrt", "dsp-pow2", "mcu-int8", "executorch")
 

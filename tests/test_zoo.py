@@ -20,7 +20,7 @@ import torch
 from zoo import ZOO  # tests/zoo.py
 
 import edgequant as eq
-from edgequant.spec import TARGETS
+from edgequant.targets import TARGETS
 
 pytest.importorskip("onnxruntime")
 

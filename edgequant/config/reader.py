@@ -17,7 +17,8 @@ from edgequant.config.schema import (
     ConfigError,
     Factory,
 )
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
+from edgequant.targets import TARGETS
 
 # --------------------------------------------------------------------------------------- loading
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
+from edgequant.targets import TARGETS
 
 # Every key a config may hold, with a one-line description (errors list them).
 KEYS: dict[str, str] = {

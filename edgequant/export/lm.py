@@ -3,16 +3,9 @@
 The graph is written from the quantized model's own tensors: a plain PyTorch re-statement of the
 decoder (`DecoderGraph`: RMSNorm, rotary embeddings, grouped-query attention over past keys and
 values, SwiGLU MLP) is exported with each quantized Linear as a MatMul on its dequantized weight,
-then every such MatMul is rewritten to ONNX Runtime's `MatMulNBits` (com.microsoft) on the
-integer codes and scales of the weight quantizer: 4-bit containers for <= 4 bits (INT3/INT2
-codes sit in INT4 containers). An 8-bit layer (lm_head) keeps its 8-bit codes in the file but is
-written as a float MatMul on them, dequantized by constant ops that ONNX Runtime folds when it
-loads the file: its CPU MatMulNBits has no fast 8-bit kernel for float inputs (it unpacks the
-whole weight on every call), and its int8 one rounds the inputs to int8, which the simulation
-does not. A per-output-channel grid is
-written as blocks whose scales repeat the channel's scale (MatMulNBits takes power-of-two blocks;
-576 is not one). An 8-bit per-row embedding is a Gather of the integer table and its scales; a
-tied lm_head reads the same initializers (one table in the file).
+then every such MatMul is rewritten to ONNX Runtime's `MatMulNBits` on the integer codes and
+scales of the weight quantizer, and the quantized embedding to a Gather of its codes
+(export/matmul_nbits.py).
 
 Inputs: input_ids (batch, tokens) and past_key_i / past_value_i (batch, kv_heads, past, head_dim)
 for each block (zero-length past for the first step); outputs: logits and present_key_i /
@@ -37,9 +30,8 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
-from edgequant import functional as F
+from edgequant.export.matmul_nbits import LMExportError, rewrite_decoder
 from edgequant.metrics import logits_of, next_token_nll
-from edgequant.modules import QuantMixin
 
 __all__ = ["DecoderGraph", "LMExportError", "LMExportInfo", "export_lm_onnx", "lm_session"]
 
@@ -47,10 +39,6 @@ __all__ = ["DecoderGraph", "LMExportError", "LMExportInfo", "export_lm_onnx", "l
 # of positions, and its perplexity is within PPL_TOLERANCE (relative).
 MIN_AGREEMENT = 0.99
 PPL_TOLERANCE = 0.01
-
-
-class LMExportError(RuntimeError):
-    """The exported language model does not compute what the simulation computes."""
 
 
 @dataclass
@@ -203,298 +191,6 @@ class DecoderGraph(nn.Module):
         ]
 
 
-# --- the rewrite to MatMulNBits ----------------------------------------------------------------
-
-
-def _block_size(k: int, group: int | None, name: str) -> int:
-    if group is not None:
-        if group < 16 or group & (group - 1):
-            raise ValueError(
-                f"layer {name!r}: group size {group} is not a power of two >= 16, which "
-                "ONNX Runtime's MatMulNBits needs"
-            )
-        return group
-    for size in (128, 64, 32, 16):
-        if k % size == 0:
-            return size
-    raise ValueError(f"layer {name!r}: input size {k} is not a multiple of 16 (MatMulNBits blocks)")
-
-
-@dataclass
-class _Packed:
-    data: np.ndarray  # uint8 (N, blocks, blob)
-    scales: np.ndarray  # float32 (N, blocks)
-    zero_points: np.ndarray | None  # uint8, packed as MatMulNBits reads them
-    bits: int
-    block: int
-    k: int
-    n: int
-
-
-def pack_linear(layer: QuantMixin, name: str) -> _Packed:
-    """A quantized Linear's integer codes and scales in MatMulNBits' layout."""
-    wq = layer.weight_quantizer
-    assert wq is not None
-    spec = wq.spec
-    w = cast(Tensor, layer.weight).detach()
-    n, k = w.shape
-    if spec.granularity == "group" and wq.axis == 1:
-        group: int | None = spec.group_size
-    elif spec.granularity == "channel" and wq.axis == 0:
-        group = None
-    else:
-        raise ValueError(
-            f"layer {name!r}: {spec.short()} has no MatMulNBits form (per output channel or "
-            "per group of inputs only)"
-        )
-    if spec.bits > 8 or spec.bits in (5, 6, 7):
-        raise ValueError(f"layer {name!r}: {spec.bits}-bit weights have no MatMulNBits container")
-    block = _block_size(k, group, name)
-    q = F.quantize(w, wq.scale, wq.zero_point, spec.qmin, spec.qmax, wq.axis, spec.group_size)
-    container = 4 if spec.bits <= 4 else 8
-    offset = 2 ** (container - 1) if spec.signed else 0
-    blocks = k // block
-    if group is None:
-        scales = wq.scale.float().reshape(n, 1).expand(n, blocks)
-        zps = wq.zero_point.reshape(n, 1).expand(n, blocks)
-    else:
-        scales = wq.scale.float().reshape(n, blocks)
-        zps = wq.zero_point.reshape(n, blocks)
-    codes = (q + offset).to(torch.uint8).reshape(n, blocks, block).numpy()
-    zp_u = (zps.to(torch.int32) + offset).to(torch.uint8).numpy()
-    default = 2 ** (container - 1)
-    if container == 4:
-        data = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    else:
-        data = codes.astype(np.uint8)
-    zero_points = None
-    if (zp_u != default).any():
-        if container == 4:
-            padded = np.full((n, blocks + blocks % 2), default, dtype=np.uint8)
-            padded[:, :blocks] = zp_u
-            zero_points = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
-        else:
-            zero_points = zp_u.copy()
-    return _Packed(
-        data, scales.contiguous().numpy().astype(np.float32), zero_points, container, block, k, n
-    )
-
-
-def _rewrite(
-    onnx_model: Any, graph_module: DecoderGraph, qmodel: nn.Module, notes: list[str]
-) -> tuple[int, bool, bool]:
-    """MatMul on a quantized weight -> MatMulNBits; the quantized embedding's Gather -> a Gather
-    of codes and scales. Returns (MatMulNBits count, embedding quantized, one shared table)."""
-    from onnx import helper
-
-    graph = onnx_model.graph
-    packed = _packed_layers(graph_module, qmodel)
-    new_nodes, replaced = _matmuls_to_nbits(graph, graph_module, packed, notes)
-    missing = set(packed) - replaced
-    if missing:
-        raise LMExportError(
-            "no MatMul on the weights of "
-            + ", ".join(sorted(graph_module.linear_names[k] for k in missing))
-            + " in the exported graph (the exporter changed their form)"
-        )
-    quant_embed, shared = _quantized_embedding(
-        graph, graph_module, qmodel, packed, new_nodes, notes
-    )
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    keep = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in keep]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
-        onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return sum(n.op_type == "MatMulNBits" for n in new_nodes), quant_embed, shared
-
-
-def _packed_layers(graph_module: DecoderGraph, qmodel: nn.Module) -> dict[str, _Packed]:
-    """The packed weights of every quantized Linear, by the name of its weight in the graph."""
-    packed: dict[str, _Packed] = {}
-    for key, name in graph_module.linear_names.items():
-        layer = qmodel.get_submodule(name)
-        wq = getattr(layer, "weight_quantizer", None)
-        if wq is not None and wq.mode == "quantize":
-            packed[key] = pack_linear(cast(QuantMixin, layer), name)
-    return packed
-
-
-def _matmuls_to_nbits(
-    graph: Any, graph_module: DecoderGraph, packed: dict[str, _Packed], notes: list[str]
-) -> tuple[list[Any], set[str]]:
-    """The graph's nodes with each MatMul on a packed weight replaced by MatMulNBits (its codes,
-    scales and zero points added as initializers); and the weights replaced."""
-    from onnx import helper, numpy_helper
-
-    inits = {i.name for i in graph.initializer}
-    new_nodes = []
-    replaced: set[str] = set()
-    for node in graph.node:
-        if not (node.op_type == "MatMul" and node.input[1] in packed):
-            new_nodes.append(node)
-            continue
-        key = node.input[1]
-        p = packed[key]
-        name = graph_module.linear_names[key]
-        data_name, scale_name = f"{name}.qweight", f"{name}.scales"
-        if data_name not in inits:
-            graph.initializer.append(numpy_helper.from_array(p.data, data_name))
-            graph.initializer.append(numpy_helper.from_array(p.scales.reshape(-1), scale_name))
-            inits.add(data_name)
-        inputs = [node.input[0], data_name, scale_name]
-        if p.zero_points is not None:
-            zp_name = f"{name}.zero_points"
-            graph.initializer.append(numpy_helper.from_array(p.zero_points, zp_name))
-            inputs.append(zp_name)
-        if p.bits == 8:
-            new_nodes.extend(
-                _dequantized_matmul(graph, node, p, name, data_name, scale_name, inputs)
-            )
-            notes.append(
-                f"{name}: 8-bit codes in the file, run as a float MatMul on them (ONNX Runtime "
-                "folds the dequantization when it loads the file)"
-            )
-            replaced.add(key)
-            continue
-        new_nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                inputs,
-                list(node.output),
-                name=f"{name}/MatMulNBits",
-                domain="com.microsoft",
-                K=p.k,
-                N=p.n,
-                bits=p.bits,
-                block_size=p.block,
-            )
-        )
-        replaced.add(key)
-    return new_nodes, replaced
-
-
-def _dequantized_matmul(
-    graph: Any, node: Any, p: _Packed, name: str, data: str, scales: str, inputs: list[str]
-) -> list[Any]:
-    """MatMul(x, W^T) with W = (codes - zero point) x scale computed from the 8-bit codes and
-    scales in MatMulNBits' layout (N, blocks, block): constant ops only, so ONNX Runtime folds
-    them into one float weight when it loads the file; the file keeps the 8-bit codes."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    blocks = p.data.shape[1]
-    centre = (
-        p.zero_points.astype(np.float32).reshape(p.n, blocks, 1)
-        if p.zero_points is not None
-        else np.array([128.0], np.float32)
-    )
-    graph.initializer.append(numpy_helper.from_array(centre, f"{name}.centre"))
-    graph.initializer.append(
-        numpy_helper.from_array(np.array([p.n, blocks, 1], np.int64), f"{name}.scale_blocks")
-    )
-    graph.initializer.append(
-        numpy_helper.from_array(np.array([p.n, p.k], np.int64), f"{name}.weight_shape")
-    )
-    t = f"{name}/dequantized"
-    return [
-        helper.make_node("Cast", [data], [f"{t}.codes"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", [f"{t}.codes", f"{name}.centre"], [f"{t}.centred"]),
-        helper.make_node("Reshape", [scales, f"{name}.scale_blocks"], [f"{t}.scales"]),
-        helper.make_node("Mul", [f"{t}.centred", f"{t}.scales"], [f"{t}.blocks"]),
-        helper.make_node("Reshape", [f"{t}.blocks", f"{name}.weight_shape"], [f"{t}.weight"]),
-        helper.make_node("Transpose", [f"{t}.weight"], [f"{t}.weight_t"], perm=[1, 0]),
-        helper.make_node(
-            "MatMul", [inputs[0], f"{t}.weight_t"], list(node.output), name=f"{name}/MatMul"
-        ),
-    ]
-
-
-def _quantized_embedding(
-    graph: Any,
-    graph_module: DecoderGraph,
-    qmodel: nn.Module,
-    packed: dict[str, _Packed],
-    new_nodes: list[Any],
-    notes: list[str],
-) -> tuple[bool, bool]:
-    """An 8-bit per-row embedding becomes, in `new_nodes`, a Gather of its codes and of its row
-    scales (the tied lm_head's table when it is the same). Returns (quantized, shared)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    embed_layer = qmodel.get_submodule("model.embed_tokens")
-    ewq = getattr(embed_layer, "weight_quantizer", None)
-    if ewq is None or ewq.mode != "quantize":
-        return False, False
-    spec = ewq.spec
-    if not (spec.granularity == "channel" and ewq.axis == 0 and spec.bits == 8 and spec.symmetric):
-        raise ValueError(
-            f"model.embed_tokens: {spec.short()} has no export here (8-bit symmetric per-row "
-            "embeddings only)"
-        )
-    w = cast(Tensor, embed_layer.weight).detach()
-    head = qmodel.get_submodule("lm_head")
-    head_key = {n: k for k, n in graph_module.linear_names.items()}["lm_head"]
-    shared = (
-        getattr(head, "weight", None) is embed_layer.weight
-        and head_key in packed
-        and packed[head_key].bits == 8
-        and bool(torch.equal(cast(Any, head).weight_quantizer.scale, ewq.scale))
-    )
-    if shared:
-        table, scales = "lm_head.qweight", "lm_head.scales"
-        p = packed[head_key]
-        blocks = p.data.shape[1]
-        graph.initializer.append(
-            numpy_helper.from_array(np.array([p.n, blocks], dtype=np.int64), "embed.scale_shape")
-        )
-        scale_rows = "embed.scale_rows"
-        new_nodes.insert(
-            0, helper.make_node("Reshape", [scales, "embed.scale_shape"], [scale_rows])
-        )
-        notes.append("lm_head and model.embed_tokens are tied: one 8-bit table in the file")
-    else:
-        q = F.quantize(w, ewq.scale, ewq.zero_point, spec.qmin, spec.qmax, 0, None)
-        v, d = w.shape
-        block = _block_size(d, None, "model.embed_tokens")
-        blocks = d // block
-        table, scale_rows = "embed.qweight", "embed.scales"
-        graph.initializer.append(
-            numpy_helper.from_array(
-                (q + 128).to(torch.uint8).reshape(v, blocks, block).numpy(), table
-            )
-        )
-        graph.initializer.append(
-            numpy_helper.from_array(
-                ewq.scale.float().reshape(v, 1).expand(v, blocks).contiguous().numpy(), scale_rows
-            )
-        )
-    gathers = [n for n in new_nodes if n.op_type == "Gather" and n.input[0] == "embed"]
-    if len(gathers) != 1:
-        raise LMExportError(f"expected one Gather on the embedding table, found {len(gathers)}")
-    gather = gathers[0]
-    ids, out = gather.input[1], gather.output[0]
-    for value, name in (
-        (np.array([128.0], np.float32), "embed.offset"),
-        (np.array([-1], np.int64), "embed.last_axis"),
-        (np.array([0, 0, -1], np.int64), "embed.flat_shape"),
-    ):
-        graph.initializer.append(numpy_helper.from_array(value, name))
-    replacement = [
-        helper.make_node("Gather", [table, ids], ["embed.codes"], axis=0),
-        helper.make_node("Cast", ["embed.codes"], ["embed.codes_f"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", ["embed.codes_f", "embed.offset"], ["embed.centered"]),
-        helper.make_node("Gather", [scale_rows, ids], ["embed.row_scales"], axis=0),
-        helper.make_node("Unsqueeze", ["embed.row_scales", "embed.last_axis"], ["embed.s4"]),
-        helper.make_node("Mul", ["embed.centered", "embed.s4"], ["embed.blocks"]),
-        helper.make_node("Reshape", ["embed.blocks", "embed.flat_shape"], [out]),
-    ]
-    index = new_nodes.index(gather)
-    new_nodes[index : index + 1] = replacement
-    return True, shared
-
-
 def lm_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
     import onnxruntime as ort
 
@@ -585,7 +281,9 @@ def export_lm_onnx(
         model = onnx.load(str(raw))
         count, quant_embed, shared = 0, False, False
         if quantized:
-            count, quant_embed, shared = _rewrite(model, graph_module, qmodel, notes)
+            count, quant_embed, shared = rewrite_decoder(
+                model, graph_module.linear_names, qmodel, notes
+            )
         out_tmp = Path(tmp) / "model.onnx"
         onnx.save(model, str(out_tmp))
         info = LMExportInfo(

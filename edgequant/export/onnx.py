@@ -1379,7 +1379,7 @@ def _check_integer_inputs(model: Any) -> None:
 
 def _fully_integer_target(qmodel: nn.Module) -> str | None:
     """The name of qmodel's target when that target is fully integer (mcu-int8), else None."""
-    from edgequant.spec import TARGETS
+    from edgequant.targets import TARGETS
 
     summary = getattr(qmodel, "quant_summary", None)
     target = TARGETS.get(getattr(summary, "target", ""))

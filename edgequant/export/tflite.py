@@ -583,7 +583,7 @@ def export_tflite(
     on an int8 grid); ops TFLite has no integer kernel for are refused before any work, with the
     op and layer named. Nothing is written unless verification passes (ExportError).
     """
-    from edgequant.spec import TARGETS
+    from edgequant.targets import TARGETS
 
     path, verify = _check_args(qmodel, path, example_inputs, verify_data, ".tflite")
     if io not in IO_TYPES:

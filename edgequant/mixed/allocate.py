@@ -150,6 +150,68 @@ def allocate(
     if not layers:
         raise ValueError("sensitivities is empty: no layer to allocate bits to")
     fixed = _check_fixed(fixed)
+    _check_tables(sensitivities, sizes, budget, cands, layers, fixed, macs, latency_table)
+    nl, nb = len(layers), len(cands)
+    cost = np.array([float(sensitivities[n][b]) for n in layers for b in cands])
+    params = np.array([sizes[n] for n in layers], dtype=np.float64)
+    size_row = np.array([sizes[n] * b / 8 for n in layers for b in cands])
+    fp32_bytes = float(params.sum() * FP32_BITS / 8)
+
+    bops_row = None
+    if macs is not None:
+        bops_row = np.array([macs[n] * b * act_bits for n in layers for b in cands], float)
+    lat_row = None
+    if latency_table is not None:
+        lat_row = np.array([latency_table[n][b] for n in layers for b in cands], float)
+    limits = _limits(budget, size_row, fp32_bytes, bops_row, lat_row)
+
+    lb = np.zeros(nl * nb)
+    ub = _fixed_bounds(layers, cands, fixed)
+    rows, lower, upper = _constraints(limits, ub, nl, nb, cands, fixed, fp32_bytes)
+
+    start = time.perf_counter()
+    result = milp(
+        c=cost,
+        constraints=LinearConstraint(np.vstack(rows), np.array(lower), np.array(upper)),
+        integrality=np.ones(nl * nb),
+        bounds=Bounds(lb, ub),
+    )
+    solver_s = time.perf_counter() - start
+    if result.status != 0 or result.x is None:
+        # Each bound alone is feasible (checked above); together they may not be.
+        raise ValueError(
+            f"no bit allocation meets {budget} with candidates {list(cands)} "
+            f"(scipy milp status {result.status}: {result.message})"
+        )
+    x = np.round(result.x).reshape(nl, nb)
+    bits = {n: cands[int(np.argmax(x[li]))] for li, n in enumerate(layers)}
+    chosen = np.round(result.x)
+    packed = float(size_row @ chosen)
+    constraints: dict[str, Any] = {label: limit for label, _, limit in limits}
+    return Allocation(
+        bits=bits,
+        objective=float(cost @ chosen),
+        packed_bytes=packed,
+        fp32_bytes=fp32_bytes,
+        bops=float(bops_row @ chosen) if bops_row is not None else None,
+        latency_ms=float(lat_row @ chosen) if lat_row is not None else None,
+        solver_s=solver_s,
+        constraints=constraints,
+    )
+
+
+def _check_tables(
+    sensitivities: Mapping[str, Mapping[int, float]],
+    sizes: Mapping[str, int],
+    budget: Budget,
+    cands: tuple[int, ...],
+    layers: list[str],
+    fixed: Mapping[str, int],
+    macs: Mapping[str, int] | None,
+    latency_table: Mapping[str, Mapping[int, float]] | None,
+) -> None:
+    """Every layer has a finite sensitivity at every candidate and a size; fixed layers and
+    widths exist; a bops or latency budget has its table for every layer."""
     for name in layers:
         row = sensitivities[name]
         missing = [b for b in cands if b not in row]
@@ -185,13 +247,58 @@ def allocate(
             if lat is None or any(b not in lat for b in cands):
                 raise ValueError(f"latency_table has no entry for layer {n!r} at every candidate")
 
-    nl, nb = len(layers), len(cands)
-    index = {(li, bi): li * nb + bi for li in range(nl) for bi in range(nb)}
-    cost = np.array([float(sensitivities[n][b]) for n in layers for b in cands])
-    params = np.array([sizes[n] for n in layers], dtype=np.float64)
-    size_row = np.array([sizes[n] * b / 8 for n in layers for b in cands])
-    fp32_bytes = float(params.sum() * FP32_BITS / 8)
 
+def _limits(
+    budget: Budget,
+    size_row: Any,
+    fp32_bytes: float,
+    bops_row: Any | None,
+    lat_row: Any | None,
+) -> list[tuple[str, Any, float]]:
+    """Each bounded resource of the budget: (label, its row over the (layer, width) choices,
+    its limit)."""
+    limits: list[tuple[str, Any, float]] = []
+    if budget.size_bytes is not None:
+        limits.append(("size_bytes", size_row, float(budget.size_bytes)))
+    if budget.size_ratio is not None:
+        limits.append(("size_ratio", size_row, float(budget.size_ratio) * fp32_bytes))
+    if budget.bops is not None:
+        assert bops_row is not None
+        limits.append(("bops", bops_row, float(budget.bops)))
+    if budget.latency_ms is not None:
+        assert lat_row is not None
+        limits.append(("latency_ms", lat_row, float(budget.latency_ms)))
+    return limits
+
+
+def _fixed_bounds(layers: list[str], cands: tuple[int, ...], fixed: Mapping[str, int]) -> Any:
+    """Upper bounds of the (layer, width) choices: 1, but 0 for every width of a fixed layer
+    other than its own."""
+    import numpy as np
+
+    nb = len(cands)
+    ub = np.ones(len(layers) * nb)
+    for name, b in fixed.items():
+        li, bi = layers.index(name), cands.index(b)
+        for bj in range(nb):
+            ub[li * nb + bj] = 1.0 if bj == bi else 0.0
+    return ub
+
+
+def _constraints(
+    limits: list[tuple[str, Any, float]],
+    ub: Any,
+    nl: int,
+    nb: int,
+    cands: tuple[int, ...],
+    fixed: Mapping[str, int],
+    fp32_bytes: float,
+) -> tuple[list[Any], list[float], list[float]]:
+    """The program's rows with their lower and upper bounds: exactly one width per layer, then
+    each resource under its limit (each checked feasible on its own first)."""
+    import numpy as np
+
+    index = {(li, bi): li * nb + bi for li in range(nl) for bi in range(nb)}
     rows: list[np.ndarray] = []
     upper: list[float] = []
     lower: list[float] = []
@@ -201,82 +308,39 @@ def allocate(
         rows.append(one_hot)
         lower.append(1)
         upper.append(1)
-
-    # Each resource: (label, row, limit, smallest achievable, unit).
-    limits: list[tuple[str, np.ndarray, float]] = []
-    if budget.size_bytes is not None:
-        limits.append(("size_bytes", size_row, float(budget.size_bytes)))
-    if budget.size_ratio is not None:
-        limits.append(("size_ratio", size_row, float(budget.size_ratio) * fp32_bytes))
-    bops_row = None
-    if macs is not None:
-        bops_row = np.array([macs[n] * b * act_bits for n in layers for b in cands], float)
-    if budget.bops is not None:
-        assert bops_row is not None
-        limits.append(("bops", bops_row, float(budget.bops)))
-    lat_row = None
-    if latency_table is not None:
-        lat_row = np.array([latency_table[n][b] for n in layers for b in cands], float)
-    if budget.latency_ms is not None:
-        assert lat_row is not None
-        limits.append(("latency_ms", lat_row, float(budget.latency_ms)))
-
-    lb = np.zeros(nl * nb)
-    ub = np.ones(nl * nb)
-    for name, b in fixed.items():
-        li, bi = layers.index(name), cands.index(b)
-        for bj in range(nb):
-            ub[index[(li, bj)]] = 1.0 if bj == bi else 0.0
-
     for label, resource, limit in limits:
         # The smallest value the resource can take (each layer at its cheapest allowed width).
         least = sum(
             min(resource[index[(li, bi)]] for bi in range(nb) if ub[index[(li, bi)]] > 0)
             for li in range(nl)
         )
-        if least > limit * (1 + 1e-12):
-            if label in ("size_bytes", "size_ratio"):
-                raise ValueError(
-                    f"Budget {label} is infeasible: it allows {limit:,.0f} packed bytes, but the "
-                    f"smallest achievable size with candidates {list(cands)}"
-                    f"{' and fixed ' + str(fixed) if fixed else ''} is {least:,.0f} bytes "
-                    f"(size_ratio {least / fp32_bytes:.4f}, "
-                    f"{FP32_BITS * least / fp32_bytes:.2f} bits per weight)"
-                )
-            raise ValueError(
-                f"Budget {label}={limit:g} is infeasible: the smallest achievable value with "
-                f"candidates {list(cands)} is {least:g}"
-            )
+        _check_feasible(label, limit, least, cands, fixed, fp32_bytes)
         rows.append(resource)
         lower.append(-np.inf)
         upper.append(limit)
+    return rows, lower, upper
 
-    start = time.perf_counter()
-    result = milp(
-        c=cost,
-        constraints=LinearConstraint(np.vstack(rows), np.array(lower), np.array(upper)),
-        integrality=np.ones(nl * nb),
-        bounds=Bounds(lb, ub),
-    )
-    solver_s = time.perf_counter() - start
-    if result.status != 0 or result.x is None:
-        # Each bound alone is feasible (checked above); together they may not be.
+
+def _check_feasible(
+    label: str,
+    limit: float,
+    least: float,
+    cands: tuple[int, ...],
+    fixed: Mapping[str, int],
+    fp32_bytes: float,
+) -> None:
+    """ValueError naming the bound when even the cheapest allowed plan is over it."""
+    if least <= limit * (1 + 1e-12):
+        return
+    if label in ("size_bytes", "size_ratio"):
         raise ValueError(
-            f"no bit allocation meets {budget} with candidates {list(cands)} "
-            f"(scipy milp status {result.status}: {result.message})"
+            f"Budget {label} is infeasible: it allows {limit:,.0f} packed bytes, but the "
+            f"smallest achievable size with candidates {list(cands)}"
+            f"{' and fixed ' + str(fixed) if fixed else ''} is {least:,.0f} bytes "
+            f"(size_ratio {least / fp32_bytes:.4f}, "
+            f"{FP32_BITS * least / fp32_bytes:.2f} bits per weight)"
         )
-    x = np.round(result.x).reshape(nl, nb)
-    bits = {n: cands[int(np.argmax(x[li]))] for li, n in enumerate(layers)}
-    chosen = np.round(result.x)
-    packed = float(size_row @ chosen)
-    constraints: dict[str, Any] = {label: limit for label, _, limit in limits}
-    return Allocation(
-        bits=bits,
-        objective=float(cost @ chosen),
-        packed_bytes=packed,
-        fp32_bytes=fp32_bytes,
-        bops=float(bops_row @ chosen) if bops_row is not None else None,
-        latency_ms=float(lat_row @ chosen) if lat_row is not None else None,
-        solver_s=solver_s,
-        constraints=constraints,
+    raise ValueError(
+        f"Budget {label}={limit:g} is infeasible: the smallest achievable value with "
+        f"candidates {list(cands)} is {least:g}"
     )

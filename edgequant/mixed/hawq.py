@@ -38,7 +38,7 @@ from edgequant.mixed.sensitivity import (
 )
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -86,15 +86,7 @@ def hessian_trace(
     the last half of the vectors. Uses `num_samples` calibration samples per vector.
     loss_fn(outputs, reference_log_probs) -> scalar; default KL to the FP32 predictions (see module).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for label, value in (("samples", samples), ("num_samples", num_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-    if not max_seconds > 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_trace_args(model, loss_fn, samples, max_seconds, num_samples)
     start = time.perf_counter()
     batches = collect_batches(calib_data, num_samples, "calib_data")
     base = uniform_recipe(base_recipe(recipe, 8), 8)
@@ -129,14 +121,7 @@ def hessian_trace(
             torch.randint(0, 2, w.shape, generator=gen, dtype=torch.int8).to(w.dtype) * 2 - 1
             for w in weights
         ]
-        vhv = [0.0] * len(weights)
-        for batch, ref in zip(batches, refs, strict=True):
-            out = _first_float_tensor(call_model(fmodel, batch))
-            loss = loss_of(out, ref) * (batch_size(batch) / total)
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            hvs = torch.autograd.grad(grads, weights, grad_outputs=vs)
-            for k, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
-                vhv[k] += float((hv * v).sum())
+        vhv = _vhv(fmodel, batches, refs, weights, vs, loss_of, total)
         for k, n in enumerate(layers):
             sums[n] += vhv[k]
         done = i + 1
@@ -161,6 +146,42 @@ def hessian_trace(
         relative_change=rel,
         stopped_by=stopped_by,
     )
+
+
+def _check_trace_args(
+    model: nn.Module, loss_fn: LossFn | None, samples: int, max_seconds: float, num_samples: int
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for label, value in (("samples", samples), ("num_samples", num_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    if not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+
+def _vhv(
+    fmodel: nn.Module,
+    batches: list[Any],
+    refs: list[Tensor],
+    weights: list[Tensor],
+    vs: list[Tensor],
+    loss_of: LossFn,
+    total: int,
+) -> list[float]:
+    """v^T H v per weight tensor for one Rademacher vector v (Hessian-vector products by double
+    backpropagation), the loss weighted by each batch's share of the samples."""
+    vhv = [0.0] * len(weights)
+    for batch, ref in zip(batches, refs, strict=True):
+        out = _first_float_tensor(call_model(fmodel, batch))
+        loss = loss_of(out, ref) * (batch_size(batch) / total)
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        hvs = torch.autograd.grad(grads, weights, grad_outputs=vs)
+        for k, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
+            vhv[k] += float((hv * v).sum())
+    return vhv
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from edgequant.mixed.allocate import (
     allocate,
     packed_bytes,
 )
+from edgequant.mixed.search import Trial, measure_drop, recipe_for, search
 from edgequant.mixed.sensitivity import (
     EvalFn,
     LayerCosts,
@@ -25,27 +26,12 @@ from edgequant.mixed.sensitivity import (
     collect_batches,
     eval_metric,
     layer_costs,
-    method_for,
     quantize_uniform,
     sensitivity,
-    with_layer_bits,
 )
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 METHODS = ("perturbation", "hessian")
-
-
-@dataclass
-class Trial:
-    """One measured plan of a search: its bits, packed size and metric drop (eval_fn)."""
-
-    bits: dict[str, int]
-    packed_bytes: float
-    drop: float
-    accepted: bool
-    # "bisection": the integer program's plan at a size budget; "uniform": every layer (but the
-    # caller's fixed ones) at one candidate width; "progressive": a step of mixed.progressive.
-    source: str = "bisection"
 
 
 @dataclass
@@ -146,13 +132,6 @@ class MixedPlan:
         }
 
 
-def recipe_for(base: Recipe, bits: Mapping[str, int], params: Mapping[str, int]) -> Recipe:
-    """The mixed recipe: one exact-name override per layer, named after its average bits."""
-    avg = FP32_BITS * packed_bytes(params, bits) / (sum(params[n] for n in bits) * FP32_BITS / 8)
-    act = f"a{base.activation.bits}" if base.activation is not None else "-weight-only"
-    return with_layer_bits(base, bits, f"mixed-w{avg:.2f}{act}")
-
-
 def _sensitivities(
     model: nn.Module,
     batches: list[Any],
@@ -207,22 +186,6 @@ def _sensitivities(
     return chosen, other, rhos, ptq_s
 
 
-def _measure(
-    model: nn.Module,
-    base: Recipe,
-    bits: Mapping[str, int],
-    params: Mapping[str, int],
-    batches: list[Any],
-    eval_fn: EvalFn,
-    reference: float,
-) -> float:
-    from edgequant.ptq import quantize
-
-    qmodel = quantize(model, recipe_for(base, bits, params), batches, method=method_for(base))
-    average = packed_bytes(params, bits) * 8 / max(sum(params.values()), 1)
-    return reference - eval_metric(eval_fn, qmodel, f"the plan at {average:.2f} bits per weight")
-
-
 def plan(
     model: nn.Module,
     calib_data: Iterable[Any],
@@ -257,10 +220,104 @@ def plan(
     (2, 3, 4, 8), or those of `sensitivities` when given. `sensitivities` reuses a
     result (plan.sensitivity of an earlier plan) instead of measuring again.
     """
-    from edgequant.mixed.allocate import _check_candidates, _check_fixed
+    start = time.perf_counter()
+    _check_plan_args(model, method, budget, max_drop, eval_fn, search_steps)
+    fixed, cands = fixed_and_candidates(fixed, candidates, sensitivities)
+    base = base_recipe(recipe, act_bits)
+    batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
+    from edgequant.mixed.hawq import float_instrumented
+    from edgequant.mixed.sensitivity import uniform_recipe
+
+    costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
+    # Layers are scored by the output KL; eval_fn measures plans (one evaluation each), not every
+    # (layer, width) pair: that would cost layers x widths evaluations of a coarser metric.
+    other: Sensitivity | None = None
+    rhos: dict[int, float] = {}
+    ptq_s = 0.0
+    if sensitivities is not None:
+        sens, method = sensitivities, sensitivities.method
+    else:
+        sens, other, rhos, ptq_s = _sensitivities(
+            model, batches, cands, base, method, num_samples, compare, hessian_samples,
+            hessian_seconds, progress,
+        )  # fmt: skip
+    missing = [n for n in costs.params if n not in sens.scores]
+    if missing:
+        raise RuntimeError(f"no sensitivity for layers {missing[:5]}")
+    solve = _solver(sens, costs, cands, act_bits or 8, latency_table, fixed)
+    alloc, drop, trials = _choose(
+        model, base, costs, batches, eval_fn, max_drop, budget, solve, cands, search_steps
+    )
+    return MixedPlan(
+        recipe=recipe_for(base, alloc.bits, costs.params),
+        bits=alloc.bits,
+        costs=costs,
+        sensitivity=sens,
+        method=method,
+        budget=budget,
+        candidates=cands,
+        solver_s=alloc.solver_s,
+        objective=alloc.objective,
+        other=other,
+        spearman=rhos,
+        trials=trials,
+        max_drop=max_drop,
+        drop=drop,
+        wall_s=time.perf_counter() - start,
+        ptq_s=ptq_s,
+    )
+
+
+def _choose(
+    model: nn.Module,
+    base: Recipe,
+    costs: LayerCosts,
+    batches: list[Any],
+    eval_fn: EvalFn | None,
+    max_drop: float | None,
+    budget: Budget | None,
+    solve: Callable[..., Allocation],
+    cands: tuple[int, ...],
+    search_steps: int,
+) -> tuple[Allocation, float | None, list[Trial]]:
+    """The allocation under the budget (its drop measured when eval_fn is given), or with
+    max_drop the search's smallest plan within it: (allocation, drop, trials)."""
+    if max_drop is None:
+        assert budget is not None
+        alloc = solve(budget)
+        drop = None
+        if eval_fn is not None:
+            drop = measure_drop(
+                model,
+                base,
+                alloc.bits,
+                costs.params,
+                batches,
+                eval_fn,
+                eval_metric(eval_fn, model, "the FP32 model"),
+            )
+        return alloc, drop, []
+    assert eval_fn is not None
+    if budget is not None:
+        # The search re-states the size bounds in bytes; an infeasible budget is named here
+        # as the caller gave it (size_ratio stays size_ratio), before any plan is measured.
+        solve(budget)
+    return search(
+        model, base, costs, batches, eval_fn, float(max_drop), budget, solve, cands, search_steps
+    )
+
+
+def _check_plan_args(
+    model: nn.Module,
+    method: str,
+    budget: Budget | None,
+    max_drop: float | None,
+    eval_fn: EvalFn | None,
+    search_steps: int,
+) -> None:
+    """plan's arguments, each named in its error."""
     from edgequant.qat.prepare import check_float_model
 
-    start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_float_model(model)
@@ -286,12 +343,23 @@ def plan(
         raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
         raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
+
+
+def fixed_and_candidates(
+    fixed: Mapping[str, int] | None,
+    candidates: Sequence[int] | None,
+    sensitivities: Sensitivity | None,
+) -> tuple[dict[str, int], tuple[int, ...]]:
+    """The caller's pinned layers and the candidate widths, checked (those of `sensitivities`
+    by default, which must be a Sensitivity and cover any given)."""
+    from edgequant.mixed.allocate import _check_candidates, _check_fixed
+
     if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
         raise TypeError(
             f"sensitivities must be an edgequant.mixed.Sensitivity, got "
             f"{type(sensitivities).__name__}"
         )
-    fixed = _check_fixed(fixed)
+    checked = _check_fixed(fixed)
     if candidates is None:
         candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES
     cands = _check_candidates(candidates)
@@ -302,39 +370,21 @@ def plan(
                 f"sensitivities were measured at {list(sensitivities.candidates)} bits, "
                 f"not at {not_measured}: pass candidates within those, or measure again"
             )
-    base = base_recipe(recipe, act_bits)
-    batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
-    from edgequant.mixed.hawq import float_instrumented
-    from edgequant.mixed.sensitivity import uniform_recipe
+    return checked, cands
 
-    costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
-    # Layers are scored by the output KL; eval_fn measures plans (one evaluation each), not every
-    # (layer, width) pair: that would cost layers x widths evaluations of a coarser metric.
-    other: Sensitivity | None = None
-    rhos: dict[int, float] = {}
-    ptq_s = 0.0
-    if sensitivities is not None:
-        sens = sensitivities
-        method = sens.method
-    else:
-        sens, other, rhos, ptq_s = _sensitivities(
-            model,
-            batches,
-            cands,
-            base,
-            method,
-            num_samples,
-            compare,
-            hessian_samples,
-            hessian_seconds,
-            progress,
-        )
-    missing = [n for n in costs.params if n not in sens.scores]
-    if missing:
-        raise RuntimeError(f"no sensitivity for layers {missing[:5]}")
+
+def _solver(
+    sens: Sensitivity,
+    costs: LayerCosts,
+    cands: tuple[int, ...],
+    act_bits: int,
+    latency_table: Mapping[str, Mapping[int, float]] | None,
+    fixed: Mapping[str, int] | None,
+) -> Callable[..., Allocation]:
+    """solve(budget, uniform=None): the integer program's allocation under a budget; uniform:
+    every layer at that width, except the caller's fixed layers."""
 
     def solve(b: Budget, uniform: int | None = None) -> Allocation:
-        # uniform: every layer at that width, except the caller's fixed layers.
         pinned = dict(fixed or {})
         if uniform is not None:
             pinned = {name: uniform for name in costs.params} | pinned
@@ -344,129 +394,12 @@ def plan(
             b,
             cands,
             macs=costs.macs,
-            act_bits=act_bits or 8,
+            act_bits=act_bits,
             latency_table=latency_table,
             fixed=pinned,
         )
 
-    trials: list[Trial] = []
-    drop: float | None = None
-    if max_drop is None:
-        assert budget is not None
-        alloc = solve(budget)
-        if eval_fn is not None:
-            drop = _measure(
-                model,
-                base,
-                alloc.bits,
-                costs.params,
-                batches,
-                eval_fn,
-                eval_metric(eval_fn, model, "the FP32 model"),
-            )
-    else:
-        assert eval_fn is not None
-        if budget is not None:
-            # The search re-states the size bounds in bytes; an infeasible budget is named here
-            # as the caller gave it (size_ratio stays size_ratio), before any plan is measured.
-            solve(budget)
-        alloc, drop, trials = _search(
-            model, base, costs, batches, eval_fn, float(max_drop), budget, solve, cands,
-            search_steps,
-        )  # fmt: skip
-    return MixedPlan(
-        recipe=recipe_for(base, alloc.bits, costs.params),
-        bits=alloc.bits,
-        costs=costs,
-        sensitivity=sens,
-        method=method,
-        budget=budget,
-        candidates=cands,
-        solver_s=alloc.solver_s,
-        objective=alloc.objective,
-        other=other,
-        spearman=rhos,
-        trials=trials,
-        max_drop=max_drop,
-        drop=drop,
-        wall_s=time.perf_counter() - start,
-        ptq_s=ptq_s,
-    )
-
-
-def _search(
-    model: nn.Module,
-    base: Recipe,
-    costs: LayerCosts,
-    batches: list[Any],
-    eval_fn: EvalFn,
-    max_drop: float,
-    budget: Budget | None,
-    solve: Any,
-    cands: tuple[int, ...],
-    steps: int,
-) -> tuple[Allocation, float, list[Trial]]:
-    """The smallest plan whose measured drop <= max_drop.
-
-    Trials: the largest plan allowed, then the smallest; then each intermediate candidate width as
-    a uniform plan, smallest first, up to the first accepted one, so that the search never returns
-    a plan larger than a uniform width that meets the tolerance (per-layer sensitivities do not add
-    up exactly, so a uniform plan the integer program would not choose can measure better); then
-    `steps - 2` bisections of the packed size below the smallest accepted plan.
-    """
-    reference = eval_metric(eval_fn, model, "the FP32 model")
-    total = sum(costs.params.values())
-    trials: list[Trial] = []
-    cap = float("inf")
-    if budget is not None and budget.size_bytes is not None:
-        cap = float(budget.size_bytes)
-    if budget is not None and budget.size_ratio is not None:
-        cap = min(cap, budget.size_ratio * total * FP32_BITS / 8)
-
-    def bounded(size: float) -> Budget:
-        if budget is None:
-            return Budget(size_bytes=size)
-        return Budget(size_bytes=size, bops=budget.bops, latency_ms=budget.latency_ms)
-
-    def measured(alloc: Allocation, source: str) -> float:
-        d = _measure(model, base, alloc.bits, costs.params, batches, eval_fn, reference)
-        trials.append(Trial(dict(alloc.bits), alloc.packed_bytes, d, d <= max_drop, source))
-        return d
-
-    lo, hi = total * cands[0] / 8, min(total * cands[-1] / 8, cap)
-    best = solve(bounded(hi))
-    best_drop = measured(best, "bisection")
-    if best_drop > max_drop:
-        raise ValueError(
-            f"max_drop={max_drop} is unreachable: the largest plan allowed "
-            f"({best.average_bits:.2f} bits per weight) drops the metric by {best_drop:.4f}"
-        )
-    alloc = solve(bounded(lo))
-    d = measured(alloc, "bisection")
-    if d <= max_drop:
-        return alloc, d, trials
-    for width in cands[1:-1]:
-        try:
-            alloc = solve(bounded(best.packed_bytes), uniform=width)
-        except ValueError:  # over the size, bops or latency budget: not a candidate
-            continue
-        if alloc.packed_bytes >= best.packed_bytes:
-            continue
-        d = measured(alloc, "uniform")
-        if d <= max_drop:
-            best, best_drop, hi = alloc, d, alloc.packed_bytes
-            break
-    for _ in range(max(steps - 2, 0)):
-        mid = (lo + hi) / 2
-        alloc = solve(bounded(mid))
-        d = measured(alloc, "bisection")
-        if d <= max_drop:
-            hi = min(mid, alloc.packed_bytes)
-            if alloc.packed_bytes <= best.packed_bytes:
-                best, best_drop = alloc, d
-        else:
-            lo = mid
-    return best, best_drop, trials
+    return solve
 
 
 def mixed_precision(

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 from torch import nn
 
-from edgequant.mixed.allocate import DEFAULT_CANDIDATES, packed_bytes
-from edgequant.mixed.plan import MixedPlan, Trial, recipe_for
+from edgequant.mixed.allocate import packed_bytes
+from edgequant.mixed.plan import MixedPlan, fixed_and_candidates
+from edgequant.mixed.search import Trial, recipe_for
 from edgequant.mixed.sensitivity import (
     EvalFn,
+    LayerCosts,
     Sensitivity,
     base_recipe,
     collect_batches,
@@ -33,7 +35,7 @@ from edgequant.mixed.sensitivity import (
     uniform_recipe,
 )
 from edgequant.qat import FitConfig, fit_qat, prepare_qat
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 
 def _length(data: Any) -> int | None:
@@ -114,61 +116,20 @@ def progressive(
     train_data (with the FP32 model as teacher); the plan's qmodel is the trained model and
     plan.drop its measured drop.
     """
-    from edgequant.mixed.allocate import _check_candidates, _check_fixed
     from edgequant.mixed.hawq import float_instrumented
     from edgequant.ptq import quantize
-    from edgequant.qat.prepare import check_float_model
 
     start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_float_model(model)
-    if not callable(eval_fn):
-        raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
-    # `not >= 0` refuses NaN too: every move compared false with it (8 bits everywhere came back).
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
-        raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
-    if max_steps is not None and (
-        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
-    ):
-        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
-    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
-        raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}")
+    _check_progressive_args(model, eval_fn, max_drop, max_steps, qat_epochs)
     _check_qat_arguments(qat_epochs, train_data, qat_kwargs)  # before the search, not after it
-    if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
-        raise TypeError(
-            f"sensitivities must be an edgequant.mixed.Sensitivity, got "
-            f"{type(sensitivities).__name__}"
-        )
-    fixed = _check_fixed(fixed)
-    if candidates is None:
-        candidates = sensitivities.candidates if sensitivities is not None else DEFAULT_CANDIDATES
-    cands = _check_candidates(candidates)
-    if sensitivities is not None:
-        not_measured = sorted(set(cands) - set(sensitivities.candidates))
-        if not_measured:
-            raise ValueError(
-                f"sensitivities were measured at {list(sensitivities.candidates)} bits, "
-                f"not at {not_measured}: pass candidates within those, or measure again"
-            )
+    fixed, cands = fixed_and_candidates(fixed, candidates, sensitivities)
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
     costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
-    for name, b in fixed.items():
-        if name not in costs.params:
-            raise ValueError(f"fixed names layer {name!r}, which is not a quantized layer")
-        if b not in cands:
-            raise ValueError(f"fixed[{name!r}]={b} is not a candidate ({list(cands)})")
-    if sensitivities is None:
-        quantized = quantize_uniform(model, batches, cands, base)
-        sensitivities = sensitivity(
-            model, batches, cands, act_bits, recipe=base, num_samples=num_samples,
-            quantized=quantized, progress=progress,
-        )  # fmt: skip
+    sensitivities = _scored(
+        model, batches, cands, base, act_bits, costs, fixed, sensitivities, num_samples, progress
+    )
     scores = sensitivities.scores
-    absent = [n for n in costs.params if n not in scores or any(b not in scores[n] for b in cands)]
-    if absent:
-        raise ValueError(f"sensitivities lack layers or widths for {absent[:5]}")
 
     reference = eval_metric(eval_fn, model, "the FP32 model")
 
@@ -180,40 +141,9 @@ def progressive(
         what = f"the plan at {average:.2f} bits per weight"
         return reference - eval_metric(eval_fn, qmodel, what), qmodel
 
-    def trial(bits: Mapping[str, int], drop: float) -> Trial:
-        return Trial(
-            dict(bits), packed_bytes(costs.params, bits), drop, drop <= max_drop, "progressive"
-        )
-
-    bits = {n: fixed.get(n, cands[-1]) for n in costs.params}
-    drop, qmodel = measure(bits)
-    trials = [trial(bits, drop)]
-    if drop > max_drop:
-        raise ValueError(
-            f"max_drop={max_drop} is unreachable: with every layer at {cands[-1]} bits the metric "
-            f"drops by {drop:.4f}"
-        )
-    frozen = set(fixed)
-    steps = 0
-    while max_steps is None or steps < max_steps:
-        moves = []
-        for n, b in bits.items():
-            if n in frozen or b == cands[0]:
-                continue
-            lower = cands[cands.index(b) - 1]
-            saved = costs.params[n] * (b - lower) / 8
-            moves.append(((scores[n][lower] - scores[n][b]) / saved, n, lower))
-        if not moves:
-            break
-        _, name, lower = min(moves)
-        trial_bits = {**bits, name: lower}
-        d, q = measure(trial_bits)
-        steps += 1
-        trials.append(trial(trial_bits, d))
-        if d <= max_drop:
-            bits, drop, qmodel = trial_bits, d, q
-        else:
-            frozen.add(name)
+    bits, drop, qmodel, trials = _descend(
+        measure, scores, costs.params, cands, fixed, float(max_drop), max_steps
+    )
     final_recipe = recipe_for(base, bits, costs.params)
     if qat_epochs > 0:
         assert train_data is not None  # _check_qat_arguments refused None
@@ -237,3 +167,110 @@ def progressive(
         wall_s=time.perf_counter() - start,
         qmodel=qmodel,
     )
+
+
+def _scored(
+    model: nn.Module,
+    batches: list[Any],
+    cands: tuple[int, ...],
+    base: Recipe,
+    act_bits: int | None,
+    costs: LayerCosts,
+    fixed: Mapping[str, int],
+    sensitivities: Sensitivity | None,
+    num_samples: int,
+    progress: bool,
+) -> Sensitivity:
+    """The given sensitivities, or the perturbation KL measured now; checked against the
+    quantized layers, the fixed ones and the candidates."""
+    for name, b in fixed.items():
+        if name not in costs.params:
+            raise ValueError(f"fixed names layer {name!r}, which is not a quantized layer")
+        if b not in cands:
+            raise ValueError(f"fixed[{name!r}]={b} is not a candidate ({list(cands)})")
+    if sensitivities is None:
+        quantized = quantize_uniform(model, batches, cands, base)
+        sensitivities = sensitivity(
+            model, batches, cands, act_bits, recipe=base, num_samples=num_samples,
+            quantized=quantized, progress=progress,
+        )  # fmt: skip
+    scores = sensitivities.scores
+    absent = [n for n in costs.params if n not in scores or any(b not in scores[n] for b in cands)]
+    if absent:
+        raise ValueError(f"sensitivities lack layers or widths for {absent[:5]}")
+    return sensitivities
+
+
+def _check_progressive_args(
+    model: nn.Module,
+    eval_fn: EvalFn,
+    max_drop: float,
+    max_steps: int | None,
+    qat_epochs: int,
+) -> None:
+    """progressive's arguments (those of the final QAT: _check_qat_arguments; sensitivities:
+    plan.fixed_and_candidates), each named."""
+    from edgequant.qat.prepare import check_float_model
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_float_model(model)
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable (model -> float), got {type(eval_fn).__name__}")
+    # `not >= 0` refuses NaN too: every move compared false with it (8 bits everywhere came back).
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
+        raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}")
+
+
+def _descend(
+    measure: Callable[[Mapping[str, int]], tuple[float, nn.Module]],
+    scores: Mapping[str, Mapping[int, float]],
+    params: Mapping[str, int],
+    cands: tuple[int, ...],
+    fixed: Mapping[str, int],
+    max_drop: float,
+    max_steps: int | None,
+) -> tuple[dict[str, int], float, nn.Module, list[Trial]]:
+    """From every layer at the widest candidate, one layer one width down per step (the least
+    sensitivity per byte saved), kept while measure(bits)'s drop <= max_drop, else that layer
+    stays: (bits, drop, quantized model, trials)."""
+
+    def trial(bits: Mapping[str, int], drop: float) -> Trial:
+        return Trial(dict(bits), packed_bytes(params, bits), drop, drop <= max_drop, "progressive")
+
+    bits = {n: fixed.get(n, cands[-1]) for n in params}
+    drop, qmodel = measure(bits)
+    trials = [trial(bits, drop)]
+    if drop > max_drop:
+        raise ValueError(
+            f"max_drop={max_drop} is unreachable: with every layer at {cands[-1]} bits the metric "
+            f"drops by {drop:.4f}"
+        )
+    frozen = set(fixed)
+    steps = 0
+    while max_steps is None or steps < max_steps:
+        moves = []
+        for n, b in bits.items():
+            if n in frozen or b == cands[0]:
+                continue
+            lower = cands[cands.index(b) - 1]
+            saved = params[n] * (b - lower) / 8
+            moves.append(((scores[n][lower] - scores[n][b]) / saved, n, lower))
+        if not moves:
+            break
+        _, name, lower = min(moves)
+        trial_bits = {**bits, name: lower}
+        d, q = measure(trial_bits)
+        steps += 1
+        trials.append(trial(trial_bits, d))
+        if d <= max_drop:
+            bits, drop, qmodel = trial_bits, d, q
+        else:
+            frozen.add(name)
+    return bits, drop, qmodel, trials

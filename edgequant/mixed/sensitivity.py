@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from edgequant.batches import batch_size, call_model, metric_number
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
-from edgequant.spec import LayerOverride, QuantSpec, Recipe, activation_spec, weight_spec
+from edgequant.recipe import Recipe
+from edgequant.spec import LayerOverride, QuantSpec, activation_spec, weight_spec
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -356,7 +357,6 @@ def sensitivity(
     `recipe` or per-channel weights, per-tensor activations at act_bits, calibrated on
     calib_data); `quantized` passes those models in when they already exist.
     """
-    from tqdm import tqdm
 
     from edgequant.mixed.allocate import _check_candidates
 
@@ -375,7 +375,32 @@ def sensitivity(
     if missing:
         raise ValueError(f"quantized has no model for bit widths {missing}")
 
-    reference: float | None = None
+    measure, metric = _metric(model, measure_batches, eval_fn)
+    scores, baseline = _scores(quantized, cands, measure, progress)
+    notes = []
+    worst = max(baseline.values())
+    if worst > 1e-6 and eval_fn is None:
+        notes.append(
+            f"baseline (float weights, quantizers off) differs from FP32 by KL up to "
+            f"{worst:.3g}; scores are increases over it"
+        )
+    return Sensitivity(
+        scores=scores,
+        method="perturbation",
+        metric=metric,
+        candidates=cands,
+        baseline=baseline,
+        samples=sum(batch_size(b) for b in measure_batches),
+        wall_s=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+def _metric(
+    model: nn.Module, measure_batches: list[Any], eval_fn: EvalFn | None
+) -> tuple[Callable[[nn.Module], float], str]:
+    """measure(model) -> the score of a perturbed model (mean KL of its softmax outputs from
+    the FP32 model's, or eval_fn's drop from FP32), and what it measures."""
     refs: list[Tensor] = []
     if eval_fn is None:
         refs = reference_outputs(model, measure_batches)
@@ -392,6 +417,18 @@ def sensitivity(
             return reference - eval_metric(user_fn, m, "a model with one layer quantized")
 
         metric = "drop of eval_fn (FP32 minus quantized)"
+    return measure, metric
+
+
+def _scores(
+    quantized: UniformModels,
+    cands: tuple[int, ...],
+    measure: Callable[[nn.Module], float],
+    progress: bool,
+) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
+    """(layer -> {bits: score over the baseline}, bits -> baseline): at each width, every layer
+    alone quantized as the pipeline quantized it, the rest float."""
+    from tqdm import tqdm
 
     scores: dict[str, dict[int, float]] = {}
     baseline: dict[int, float] = {}
@@ -422,20 +459,4 @@ def sensitivity(
                         finally:
                             wq.set_mode("disabled")
                     bar.update(1)
-    notes = []
-    worst = max(baseline.values())
-    if worst > 1e-6 and eval_fn is None:
-        notes.append(
-            f"baseline (float weights, quantizers off) differs from FP32 by KL up to "
-            f"{worst:.3g}; scores are increases over it"
-        )
-    return Sensitivity(
-        scores=scores,
-        method="perturbation",
-        metric=metric,
-        candidates=cands,
-        baseline=baseline,
-        samples=sum(batch_size(b) for b in measure_batches),
-        wall_s=time.perf_counter() - start,
-        notes=notes,
-    )
+    return scores, baseline

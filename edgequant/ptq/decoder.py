@@ -343,20 +343,7 @@ def quantize_blocks_(
         _set_weight_modes(layer_list, "quantize")
         for name, layer in layer_list:
             st = stats[owner[name]]
-            h = st.h / max(st.count, 1)
-            if clip_on and clip_search.supports(layer) is None:
-                ratios = clip_search.search_clipping(layer, h)
-                clip_ratios.append(float(ratios.mean()))
-            else:
-                _recalibrate(layer)
-            if gptq_on:
-                wq = layer.weight_quantizer
-                assert wq is not None
-                scale = _expand(wq.scale, layer.weight, wq.axis, wq.spec.group_size)
-                zp = _expand(wq.zero_point.float(), layer.weight, wq.axis, wq.spec.group_size)
-                new = gptq_weight(layer.weight, h, scale, zp, wq.spec.qmin, wq.spec.qmax, damp=damp)
-                with torch.no_grad():
-                    layer.weight.copy_(new)
+            _clip_and_round(layer, st.h / max(st.count, 1), clip_on, gptq_on, damp, clip_ratios)
         with torch.no_grad():
             inputs = [
                 _with_hidden(args, kwargs, _run(block, args, kwargs)) for args, kwargs in inputs
@@ -367,6 +354,31 @@ def quantize_blocks_(
         record["clip_mean_ratio"] = sum(clip_ratios) / len(clip_ratios)
     record["wall_s"] = time.perf_counter() - start
     return notes, record
+
+
+def _clip_and_round(
+    layer: QuantMixin,
+    h: Tensor,
+    clip_on: bool,
+    gptq_on: bool,
+    damp: float,
+    clip_ratios: list[float],
+) -> None:
+    """One Linear of a block, with its input's second moment h: the clipping search (its mean
+    ratio appended to clip_ratios) or a plain recalibration, then GPTQ rounding when on."""
+    if clip_on and clip_search.supports(layer) is None:
+        ratios = clip_search.search_clipping(layer, h)
+        clip_ratios.append(float(ratios.mean()))
+    else:
+        _recalibrate(layer)
+    if gptq_on:
+        wq = layer.weight_quantizer
+        assert wq is not None
+        scale = _expand(wq.scale, layer.weight, wq.axis, wq.spec.group_size)
+        zp = _expand(wq.zero_point.float(), layer.weight, wq.axis, wq.spec.group_size)
+        new = gptq_weight(layer.weight, h, scale, zp, wq.spec.qmin, wq.spec.qmax, damp=damp)
+        with torch.no_grad():
+            layer.weight.copy_(new)
 
 
 def _expand(t: Tensor, w: Tensor, axis: int | None, group_size: int | None) -> Tensor:

@@ -13,7 +13,8 @@ from edgequant.instrument import instrument
 from edgequant.ptq.calibrate import collect, peek
 from edgequant.ptq.static import apply_outlier_steps, calibrate_weights
 from edgequant.quantizer import quantizers
-from edgequant.spec import Recipe, activation_spec
+from edgequant.recipe import Recipe
+from edgequant.spec import activation_spec
 from edgequant.summary import Summary, attach_info
 
 

@@ -22,8 +22,9 @@ from edgequant.ptq.outlier_split import resize_input
 from edgequant.ptq.static import build_static, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, quantize_weight_only
 from edgequant.quantizer import quantizers
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
 from edgequant.summary import attach_info
+from edgequant.targets import TARGETS
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "static": quantize_static,
@@ -130,31 +131,10 @@ def load(
     Pass the float model, recipe and method it was quantized with, and one batch of inputs
     (to trace the layers as quantize did); no calibration runs. `model` is not modified.
     """
-    import torch
 
     recipe = _check_arguments(model, recipe, method)
     if isinstance(state, (str, os.PathLike)):
-        path = Path(state)
-        if path.is_dir():
-            raise IsADirectoryError(
-                f"state: {path} is a folder; pass the file that "
-                "torch.save(qmodel.state_dict(), path) wrote"
-            )
-        if not path.is_file():
-            raise FileNotFoundError(f"no saved state at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for a file it cannot read
-            detail = (
-                "it holds objects other than tensors, a pickled model perhaps, which loading "
-                "with weights_only=True refuses"
-                if isinstance(err, pickle.UnpicklingError)
-                else f"{type(err).__name__}: {str(err).strip()[:200]}"
-            )
-            raise ValueError(
-                f"{path} is not a saved state_dict that torch.load can read safely ({detail}); "
-                "save the quantized model with torch.save(qmodel.state_dict(), path)"
-            ) from err
+        state = _read_state(Path(state))
     if not isinstance(state, dict):
         raise TypeError(f"state must be a state_dict or a path to one, got {type(state).__name__}")
     if example_inputs is None:
@@ -164,8 +144,60 @@ def load(
         )
     with naming_the_batch(example_inputs, "example_inputs"):
         qmodel, summary, recipe = BUILDERS[method](model, recipe, example_inputs)
-    # Buffers that exist only once a pass has run (SmoothQuant, outlier splitting) are created
-    # before loading; a split layer's weight takes the split width.
+    _create_pass_buffers(qmodel, state, recipe)
+    try:
+        qmodel.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the saved state does not fit this model quantized with recipe {recipe.name!r} and method "
+            f"{method!r} (was it saved from another recipe, method or model?): {err}"
+        ) from err
+    _check_saved_method(qmodel, method)
+    attach_info(
+        qmodel,
+        summary,
+        {
+            "method": method,
+            "recipe": recipe.to_dict(),
+            "samples_used": 0,
+            "labels_used": False,
+            "loaded": True,
+        },
+    )
+    return qmodel.eval()
+
+
+def _read_state(path: Path) -> Any:
+    """What torch.save wrote at path (a state_dict, checked by the caller), read with
+    weights_only=True."""
+    import torch
+
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"state: {path} is a folder; pass the file that "
+            "torch.save(qmodel.state_dict(), path) wrote"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file it cannot read
+        detail = (
+            "it holds objects other than tensors, a pickled model perhaps, which loading "
+            "with weights_only=True refuses"
+            if isinstance(err, pickle.UnpicklingError)
+            else f"{type(err).__name__}: {str(err).strip()[:200]}"
+        )
+        raise ValueError(
+            f"{path} is not a saved state_dict that torch.load can read safely ({detail}); "
+            "save the quantized model with torch.save(qmodel.state_dict(), path)"
+        ) from err
+    return state
+
+
+def _create_pass_buffers(qmodel: nn.Module, state: dict[str, Any], recipe: Recipe) -> None:
+    """Buffers that exist only once a pass has run (SmoothQuant, outlier splitting) are created
+    before loading; a split layer's weight takes the split width."""
     for key, value in state.items():
         if key.endswith((".input_smooth_inv", ".input_channel_index")):
             layer_name, buffer = key.rsplit(".", 1)
@@ -184,15 +216,11 @@ def load(
                         "is not a quantized Linear here (saved from another model?)"
                     )
                 resize_input(layer, value.numel())
-    try:
-        qmodel.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(
-            f"the saved state does not fit this model quantized with recipe {recipe.name!r} and method "
-            f"{method!r} (was it saved from another recipe, method or model?): {err}"
-        ) from err
-    # Static and dynamic models of a plain stack of layers hold the same keys; the quantizers'
-    # saved modes tell them apart (and would otherwise override the method asked for).
+
+
+def _check_saved_method(qmodel: nn.Module, method: str) -> None:
+    """Static and dynamic models of a plain stack of layers hold the same keys; the quantizers'
+    saved modes tell them apart (and would otherwise override the method asked for)."""
     modes = {q.mode for q in quantizers(qmodel) if q.role == "activation"}
     saved = "dynamic" if "dynamic" in modes else "static" if "quantize" in modes else None
     if saved is not None and method in ("static", "dynamic") and saved != method:
@@ -201,15 +229,3 @@ def load(
             f"{'computed at run time' if saved == 'dynamic' else 'fixed'}), not method={method!r}; "
             f"pass method={saved!r}"
         )
-    attach_info(
-        qmodel,
-        summary,
-        {
-            "method": method,
-            "recipe": recipe.to_dict(),
-            "samples_used": 0,
-            "labels_used": False,
-            "loaded": True,
-        },
-    )
-    return qmodel.eval()

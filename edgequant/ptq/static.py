@@ -25,8 +25,9 @@ from edgequant.ptq.outliers import plan_outliers_
 from edgequant.ptq.rounding import supports as rounding_support
 from edgequant.ptq.smoothquant import describe_smoothing
 from edgequant.quantizer import quantizers
-from edgequant.spec import TARGETS, Recipe
+from edgequant.recipe import Recipe
 from edgequant.summary import Summary, attach_info
+from edgequant.targets import TARGETS
 
 # The learned rounding methods by Recipe.rounding name ("block" rounds with AdaRound inside
 # BRECQ's blocks).
@@ -79,10 +80,8 @@ def resolve_pipeline(
     ResNet-20's held-out images (BENCHMARKS.md). The rounding target ("auto"): the layer's
     float weight on its own inputs only where every grid is fine (weights >= 4 bits, activations
     > 4 bits); elsewhere the float model's output of the layer, so that each layer absorbs the
-    error its inputs bring. Chosen on held-out data (KL to FP32): all-MiniLM-L6-v2 weight-only
-    INT4 g128, mean cosine 0.9838 own vs 0.9789 float; ResNet-20 W4A8 (GPTQ) 0.00324 own vs
-    0.00341 float; but ResNet-20 W3A8 0.039 own vs 0.013 float and W2A8 2.09 own (19 % top-1: the
-    errors compound through the layers) vs 0.44 float.
+    error its inputs bring (chosen on held-out data, KL to FP32, on all-MiniLM-L6-v2 weight-only
+    INT4 and ResNet-20 W2A8-W4A8: benchmarks/notes).
 
     outliers: the Linear inputs calibration found with outlier channels (ptq/outliers.py). At 8
     weight bits they turn on GPTQ (own target) and bias correction too (all-MiniLM-L6-v2 static
@@ -98,44 +97,11 @@ def resolve_pipeline(
     coarse_inputs = bool(act_bits) and min(act_bits) <= 4
     coarse_weights = weight_bits <= 3
     if not has_data:
-        for label, value, off in (
-            ("rounding", recipe.rounding, "nearest"),
-            ("bias_correction", recipe.bias_correction, False),
-            ("equalize", recipe.equalize, False),
-        ):
-            if value not in ("auto", None, off):
-                raise ValueError(
-                    f"recipe {recipe.name!r}: {label}={value!r} needs calibration data (it "
-                    f"reads the layers' inputs); pass calib_data or set {label}={off!r}"
-                )
-        return {
-            "equalize": False,
-            "rounding": "nearest",
-            "rounding_target": "quantized",
-            "bias_correction": False,
-            "reasons": {
-                "rounding": "no calib_data: round to nearest, the rounding that needs none",
-                "bias_correction": "no calib_data: off (it needs the layers' outputs)",
-            },
-        }
+        return _pipeline_without_data(recipe)
     reasons: dict[str, str] = {}
-    if recipe.rounding != "auto":
-        rounding = recipe.rounding
-        reasons["rounding"] = "recipe"
-    elif low and not coarse_inputs:
-        rounding = "gptq"
-        reasons["rounding"] = f"{weight_bits}-bit weights"
-    elif low:
-        # Coarse inputs: the block's layers learn their rounding together (needs the fx graph),
-        # else AdaRound layer by layer.
-        rounding = "block" if isinstance(qmodel, fx.GraphModule) else "adaround"
-        reasons["rounding"] = f"{weight_bits}-bit weights, <= 4-bit activations"
-    elif outliers:
-        rounding = "gptq"
-        reasons["rounding"] = f"{len(outliers)} Linear inputs with outlier channels"
-    else:
-        rounding = "nearest"
-        reasons["rounding"] = f"{weight_bits}-bit weights, no Linear input with outliers"
+    rounding, reasons["rounding"] = _auto_rounding(
+        recipe, qmodel, weight_bits, coarse_inputs, outliers
+    )
     target = recipe.rounding_target
     if target == "auto":
         target = "float" if coarse_inputs or coarse_weights else "quantized"
@@ -158,6 +124,90 @@ def resolve_pipeline(
         "bias_correction": bias_correction,
         "reasons": reasons,
     }
+
+
+def _float_reference(qmodel: nn.Module, rounding: str, float_target: bool) -> nn.Module | None:
+    """The float model (original weights, no quantizer) gives each layer's float inputs, the
+    target the rounding reconstructs; for block rounding, the value where each block ends (with
+    target "quantized": the float weights' on the quantized activations). None: not needed."""
+    if not (rounding == "block" or (rounding != "nearest" and float_target)):
+        return None
+    reference = copy.deepcopy(qmodel)
+    for q in quantizers(reference):
+        if float_target or q.role == "weight":
+            q.mode = "disabled"
+    return reference
+
+
+def _round_block(
+    qmodel: nn.Module,
+    reference: nn.Module | None,
+    group: Group,
+    stop: str | None,
+    batches: list[Any],
+    notes: list[str],
+) -> list[str]:
+    """One block's layers learn their rounding together; returns the layers left to AdaRound
+    layer by layer (the graph cannot give the block as one segment), noted in `notes`."""
+    try:
+        reconstruct_group(
+            cast(fx.GraphModule, qmodel), cast(fx.GraphModule, reference), group, stop, batches
+        )
+    except SegmentError as err:
+        notes.append(
+            f"block rounding of {', '.join(n for n, _ in group)} not possible ({err}): "
+            "AdaRound layer by layer"
+        )
+        return [n for n, _ in group]
+    return []
+
+
+def _pipeline_without_data(recipe: Recipe) -> dict[str, Any]:
+    """No calib_data: the steps that need data are off; asking for one of them is an error."""
+    for label, value, off in (
+        ("rounding", recipe.rounding, "nearest"),
+        ("bias_correction", recipe.bias_correction, False),
+        ("equalize", recipe.equalize, False),
+    ):
+        if value not in ("auto", None, off):
+            raise ValueError(
+                f"recipe {recipe.name!r}: {label}={value!r} needs calibration data (it "
+                f"reads the layers' inputs); pass calib_data or set {label}={off!r}"
+            )
+    return {
+        "equalize": False,
+        "rounding": "nearest",
+        "rounding_target": "quantized",
+        "bias_correction": False,
+        "reasons": {
+            "rounding": "no calib_data: round to nearest, the rounding that needs none",
+            "bias_correction": "no calib_data: off (it needs the layers' outputs)",
+        },
+    }
+
+
+def _auto_rounding(
+    recipe: Recipe,
+    qmodel: nn.Module,
+    weight_bits: int,
+    coarse_inputs: bool,
+    outliers: list[str],
+) -> tuple[str, str]:
+    """(rounding, why): the recipe's, else by the weight bits, the activation bits and the
+    Linear inputs with outlier channels."""
+    low = weight_bits <= 4
+    if recipe.rounding != "auto":
+        return recipe.rounding, "recipe"
+    if low and not coarse_inputs:
+        return "gptq", f"{weight_bits}-bit weights"
+    if low:
+        # Coarse inputs: the block's layers learn their rounding together (needs the fx graph),
+        # else AdaRound layer by layer.
+        rounding = "block" if isinstance(qmodel, fx.GraphModule) else "adaround"
+        return rounding, f"{weight_bits}-bit weights, <= 4-bit activations"
+    if outliers:
+        return "gptq", f"{len(outliers)} Linear inputs with outlier channels"
+    return "nearest", f"{weight_bits}-bit weights, no Linear input with outliers"
 
 
 def execution_order(qmodel: nn.Module, batch: Any) -> list[tuple[str, QuantMixin]]:
@@ -212,15 +262,7 @@ def refine_weights(
     )
     skipped: dict[str, str] = {}
     masks = [token_mask(b) if real_tokens_only else None for b in batches]
-    # The float model (original weights, no quantizer) gives each layer's float inputs, the
-    # target the rounding reconstructs; for block rounding, the value where each block ends (with
-    # target "quantized": the float weights' on the quantized activations).
-    reference = None
-    if rounding == "block" or (rounding != "nearest" and float_target):
-        reference = copy.deepcopy(qmodel)
-        for q in quantizers(reference):
-            if float_target or q.role == "weight":
-                q.mode = "disabled"
+    reference = _float_reference(qmodel, rounding, float_target)
     # rounding="block": each block is rounded as a whole when the run reaches its first layer;
     # a block the graph cannot give as one segment falls back to AdaRound layer by layer.
     blocks: dict[str, tuple[Group, str | None]] = {}
@@ -232,21 +274,7 @@ def refine_weights(
         layers, desc=f"weights ({rounding})", disable=not progress, leave=False
     ):
         if name in blocks:
-            group, stop = blocks[name]
-            try:
-                reconstruct_group(
-                    cast(fx.GraphModule, qmodel),
-                    cast(fx.GraphModule, reference),
-                    group,
-                    stop,
-                    batches,
-                )
-            except SegmentError as err:
-                notes.append(
-                    f"block rounding of {', '.join(n for n, _ in group)} not possible ({err}): "
-                    "AdaRound layer by layer"
-                )
-                layerwise.update(n for n, _ in group)
+            layerwise.update(_round_block(qmodel, reference, *blocks[name], batches, notes))
         why = rounding_support(layer) if rounding != "nearest" else "nearest"
         if why is not None and name not in means:
             if rounding != "nearest":

@@ -18,7 +18,7 @@ from edgequant.ptq.static import (
     pipeline_notes,
     resolve_pipeline,
 )
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 from edgequant.summary import Summary, attach_info
 
 
@@ -104,17 +104,7 @@ def quantize_weight_only(
             "weight-only quantization quantizes none (set split_outliers=None)"
         )
     if calib_data is None:
-        qmodel, summary, recipe = build_weight_only(model, recipe, None)
-        pipeline = resolve_pipeline(recipe, qmodel, has_data=False)
-        if recipe.first_last_bits is not None:
-            summary.notes.append(
-                f"no calib_data: the layers kept at {recipe.first_last_bits} bits are the first "
-                "and last the model registers (no run shows the order they execute in)"
-            )
-        if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
-            summary.notes.append(
-                "no calib_data: BatchNorm not folded (a run finds which layer feeds which)"
-            )
+        qmodel, summary, recipe, pipeline = _build_without_data(model, recipe)
         batches: Iterable[Any] = ()
     else:
         first, batches = peek(calib_data, "calib_data (one example batch)")
@@ -167,3 +157,22 @@ def quantize_weight_only(
         },
     )
     return qmodel
+
+
+def _build_without_data(
+    model: nn.Module, recipe: Recipe
+) -> tuple[nn.Module, Summary, Recipe, dict[str, Any]]:
+    """The weight-only model built with no batch to run: registration order stands for
+    execution order, no BatchNorm is folded (the summary says both), the data steps are off."""
+    qmodel, summary, recipe = build_weight_only(model, recipe, None)
+    pipeline = resolve_pipeline(recipe, qmodel, has_data=False)
+    if recipe.first_last_bits is not None:
+        summary.notes.append(
+            f"no calib_data: the layers kept at {recipe.first_last_bits} bits are the first "
+            "and last the model registers (no run shows the order they execute in)"
+        )
+    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
+        summary.notes.append(
+            "no calib_data: BatchNorm not folded (a run finds which layer feeds which)"
+        )
+    return qmodel, summary, recipe, pipeline

@@ -35,7 +35,7 @@ from edgequant.qat.ema import EMAQuantizer
 from edgequant.qat.lsq import LSQQuantizer
 from edgequant.qat.pact import PACTQuantizer
 from edgequant.quantizer import TensorQuantizer, quantizers
-from edgequant.spec import RANGE_LEARNING, Recipe
+from edgequant.recipe import RANGE_LEARNING, Recipe
 from edgequant.summary import Summary, attach_info
 
 
@@ -134,24 +134,7 @@ def prepare_qat(
     eval mode it computes what the PTQ model with its current grids computes; export it with
     eq.export_onnx. `model` is not modified.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_float_model(model)
-    if isinstance(recipe, str):
-        recipe = Recipe.preset(recipe)
-    if not isinstance(recipe, Recipe):
-        raise TypeError(
-            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
-        )
-    if recipe.weight is None:
-        raise ValueError(f"recipe {recipe.name!r} quantizes no weights: QAT needs weight specs")
-    if start not in STARTS:
-        raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
-    check_recipe_fits(model, recipe)
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-    ):
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    recipe = _check_prepare_args(model, recipe, start, num_samples)
     skipped = [
         label
         for label, value in (
@@ -161,24 +144,9 @@ def prepare_qat(
         if value not in (None, "auto")
     ]
     cap = num_samples or recipe.calib_samples
-    pipeline: dict[str, Any] | None = None
-    if start == "ptq":
-        from edgequant.ptq.static import quantize_static
-
-        ptq_recipe = recipe.replace(smooth_alpha=None, split_outliers=None)
-        qmodel = quantize_static(model, ptq_recipe, calib_data, cap, progress)
-        summary = cast(Summary, qmodel.quant_summary)
-        ptq_info = cast("dict[str, Any]", qmodel.quant_info)
-        used = int(ptq_info["samples_used"])
-        pipeline = ptq_info.get("pipeline")
-        steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
-        origin = f"from the static PTQ model of the same recipe ({steps})"
-    else:
-        first, batches = peek(calib_data)
-        qmodel, summary, recipe = build_static(model, recipe, first)
-        calibrate_weights(qmodel)
-        used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
-        origin = "from calibrated ranges, weights rounded to nearest"
+    qmodel, summary, recipe, used, pipeline, origin = _start(
+        model, recipe, calib_data, cap, progress, start
+    )
     count = make_trainable(qmodel, recipe.range_learning)
     if skipped:
         summary.notes.append(
@@ -203,6 +171,62 @@ def prepare_qat(
         },
     )
     return qmodel.train()
+
+
+def _check_prepare_args(
+    model: nn.Module, recipe: Recipe | str, start: str, num_samples: int | None
+) -> Recipe:
+    """prepare_qat's arguments, each named in its error; a preset name becomes its Recipe."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_float_model(model)
+    if isinstance(recipe, str):
+        recipe = Recipe.preset(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be an edgequant.Recipe or a preset name, got {type(recipe).__name__}"
+        )
+    if recipe.weight is None:
+        raise ValueError(f"recipe {recipe.name!r} quantizes no weights: QAT needs weight specs")
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
+    check_recipe_fits(model, recipe)
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    return recipe
+
+
+def _start(
+    model: nn.Module,
+    recipe: Recipe,
+    calib_data: Iterable[Any] | None,
+    cap: int,
+    progress: bool,
+    start: str,
+) -> tuple[nn.Module, Summary, Recipe, int, dict[str, Any] | None, str]:
+    """The model QAT starts from: (model, summary, recipe, samples used, the PTQ pipeline or
+    None, where it started from in words)."""
+    pipeline: dict[str, Any] | None = None
+    if start == "ptq":
+        from edgequant.ptq.static import quantize_static
+
+        ptq_recipe = recipe.replace(smooth_alpha=None, split_outliers=None)
+        qmodel = quantize_static(model, ptq_recipe, calib_data, cap, progress)
+        summary = cast(Summary, qmodel.quant_summary)
+        ptq_info = cast("dict[str, Any]", qmodel.quant_info)
+        used = int(ptq_info["samples_used"])
+        pipeline = ptq_info.get("pipeline")
+        steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
+        origin = f"from the static PTQ model of the same recipe ({steps})"
+    else:
+        first, batches = peek(calib_data)
+        qmodel, summary, recipe = build_static(model, recipe, first)
+        calibrate_weights(qmodel)
+        used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
+        origin = "from calibrated ranges, weights rounded to nearest"
+    return qmodel, summary, recipe, used, pipeline, origin
 
 
 def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:

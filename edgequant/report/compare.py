@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from edgequant.batches import call_model, metric_number
+from edgequant.recipe import Recipe
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder
 from edgequant.report.runs import Run, batch_len, default_runs, mixed_model, qat_model, runs_for
-from edgequant.spec import Recipe
 from edgequant.summary import Summary
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
@@ -331,6 +331,24 @@ def compare(
         progress=progress,
     )
     baseline = _baseline(sess, example_name)
+    report = _run_all(sess, chosen, baseline, task, metric, tolerance, threads)
+    if out_dir is not None:
+        sess.say(f"writing the report to {out_dir}")
+        report.save(out_dir)
+    return report
+
+
+def _run_all(
+    sess: _Session,
+    chosen: Sequence[Run],
+    baseline: dict[str, Any],
+    task: str,
+    metric: str,
+    tolerance: float,
+    threads: int,
+) -> Report:
+    """Each run's row (and its quantization summary) beside the baseline, and the
+    recommendation."""
     results: list[dict[str, Any]] = []
     summaries: dict[str, str] = {}
     for run in chosen:
@@ -338,7 +356,7 @@ def compare(
         results.append(row)
         if summary is not None:
             summaries[run.name] = summary
-    report = Report(
+    return Report(
         results={
             "task": task,
             "metric": metric,
@@ -355,7 +373,3 @@ def compare(
         },
         summaries=summaries,
     )
-    if out_dir is not None:
-        sess.say(f"writing the report to {out_dir}")
-        report.save(out_dir)
-    return report

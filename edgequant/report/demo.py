@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from edgequant.recipe import Recipe
 from edgequant.report.compare import (
     Predict,
     Report,
@@ -26,7 +27,6 @@ from edgequant.report.compare import (
     recommend,
     stderr_progress,
 )
-from edgequant.spec import Recipe
 
 # The bit sweep: PTQ and QAT at each width; below 8 bits the presets keep the first and last
 # layers at 8 bits.

@@ -10,7 +10,7 @@ from typing import Any, cast
 from torch import nn
 
 from edgequant.qat.selection import holdout_split
-from edgequant.spec import Recipe
+from edgequant.recipe import Recipe
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.spec import LayerOverride, QuantSpec, Recipe
+from edgequant.recipe import Recipe
+from edgequant.spec import LayerOverride, QuantSpec
 
 
 def _mlp() -> nn.Module:

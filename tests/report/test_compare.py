@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from edgequant.qat.selection import holdout_split, select_epoch
+from edgequant.recipe import Recipe
 from edgequant.report.compare import Run, compare, recommend, stderr_progress
-from edgequant.spec import Recipe
 
 
 def _toy() -> tuple[nn.Module, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from edgequant.recipe import Recipe
 from edgequant.report.demo import QUICK_SWEEP, SWEEP, demo_runs
-from edgequant.spec import Recipe
 
 
 @pytest.mark.parametrize("quick", [False, True])

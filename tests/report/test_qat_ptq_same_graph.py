@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgequant.recipe import Recipe
 from edgequant.report.compare import Run, compare
 from edgequant.report.demo import graph_signature, qat_vs_ptq_speed
-from edgequant.spec import Recipe
 
 
 def _graph(path: str) -> tuple[list[str], list[tuple[str, int, tuple[int, ...]]]]:

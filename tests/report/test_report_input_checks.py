@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from edgequant.recipe import Recipe
 from edgequant.report.compare import Report, Run, compare
-from edgequant.spec import Recipe
 
 pytest.importorskip("onnxruntime")
 

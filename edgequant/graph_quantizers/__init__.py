@@ -1,0 +1,161 @@
+"""Quantizers placed by the model's graph (torch.fx), for what module swapping cannot see: the
+inputs of residual adds and concatenations, the outputs a hardware target wants quantized, and
+on fully integer targets every activation edge between layers."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from edgequant.graph_quantizers.edges import (
+    quantize_fully_integer,
+    quantize_joins,
+)
+from edgequant.graph_quantizers.ops import (
+    all_but,
+    calls_quantizer,
+    insert_output_quantizer,
+    output_tail,
+    quant_layer,
+)
+from edgequant.modules import QuantMixin
+from edgequant.quantizer import TensorQuantizer
+from edgequant.summary import Summary
+from edgequant.targets import TARGETS
+
+
+class _QuantTracer(torch.fx.Tracer):
+    """Keeps quantized layers and quantizers as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+
+
+def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
+    """Quantize each activation tensor once, where integer runtimes need it, as ONNX Runtime's
+    own quantizer does:
+
+    1. A tensor read by a quantized layer *and* by something else (a residual shortcut, a second
+       layer) is quantized once, by that layer's input quantizer, and every reader takes the
+       quantized tensor; the layers that read it share that quantizer.
+    2. A quantized layer's output (after its ReLU, if one follows) that is not then quantized by
+       a reader gets an output quantizer.
+    3. Residual adds read quantized tensors and their outputs are quantized (quantize_joins).
+    4. Fully integer targets (mcu-int8) only: every activation edge is quantized, so that the
+       export has no float op between the input's QuantizeLinear and the output's
+       DequantizeLinear: the model's outputs; average pooling (output on its own grid); max
+       pooling and data movement (re-quantized with the input's quantizer: the same grid, no
+       value changes); concatenation (own grid, each input rescaled); ReLU/ReLU6/clamp after a
+       layer, add or pool belong to the quantizer that follows them (its range is theirs, and
+       the export drops them where that is exact). A layer reading a quantized tensor shares
+       its quantizer.
+
+    Rules 1-3 let the runtime keep layers in integer kernels: DequantizeLinear -> Conv [-> Relu] ->
+    QuantizeLinear becomes QLinearConv, and an Add of two dequantized tensors whose result is
+    quantized becomes QLinearAdd; without them those layers run in float. Needs a model that
+    torch.fx can trace; otherwise the model is returned unchanged and the summary says so.
+    """
+    try:
+        graph = _QuantTracer().trace(qmodel)
+    except Exception as err:  # tracing fails in many ways on dynamic Python; the model still works
+        summary.notes.append(
+            "activations quantized at layer inputs only: torch.fx could not trace the "
+            f"model ({type(err).__name__}), so outputs and shared tensors are not quantized, "
+            "and the ops between quantized layers (matmuls of two activations such as "
+            "attention's QK^T and attn x V, softmax, normalization, residual adds) run in float"
+        )
+        return qmodel
+    gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)
+    target = TARGETS.get(summary.target)
+    fully_integer = target is not None and target.fully_integer
+    modules = dict(gm.named_modules())
+    # Folded BatchNorms are Identity now: take them out, so a ReLU is seen right after its conv.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    holder = nn.Module()
+    gm.add_module("output_quantizers", holder)
+
+    def is_quantizer(node: torch.fx.Node) -> bool:
+        return calls_quantizer(node, modules)
+
+    shared = _share_input_quantizers(gm, modules)
+    added = _add_output_quantizers(gm, modules, holder, fully_integer)
+    joined = quantize_joins(gm, modules, holder, is_quantizer, fully_integer)
+    edges = 0
+    if fully_integer:
+        edges = quantize_fully_integer(gm, modules, holder, shared, summary)
+    if not added and not shared and not joined and not edges:
+        return qmodel
+    gm.graph.lint()
+    gm.recompile()
+    for record in summary.layers:
+        if record.name in added:
+            record.output = "quantized"
+        if record.name in shared:
+            record.activation += " (input tensor quantized once, shared with its other readers)"
+    return gm
+
+
+def _share_input_quantizers(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> list[str]:
+    """Rule 1: a tensor a quantized layer reads with others is quantized once, by that layer's
+    input quantizer; a layer reading an already quantized tensor shares its quantizer. Returns
+    the layers that now share."""
+    shared: list[str] = []
+    for node in list(gm.graph.nodes):
+        layer = quant_layer(node, modules)
+        if layer is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        source = node.args[0]
+        if calls_quantizer(source, modules):
+            # Another layer's quantizer already quantized this tensor: use its scale.
+            layer.input_quantizer = cast(TensorQuantizer, modules[str(source.target)])
+            layer.shared_input = True
+            shared.append(str(node.target))
+            continue
+        if len(source.users) < 2:
+            continue
+        path = f"{node.target}.input_quantizer"
+        with gm.graph.inserting_after(source):
+            qnode = gm.graph.call_module(path, (source,))
+        source.replace_all_uses_with(qnode, delete_user_cb=all_but(qnode))
+        modules[path] = cast(TensorQuantizer, layer.input_quantizer)
+        layer.shared_input = True
+        shared.append(str(node.target))
+    return shared
+
+
+def _add_output_quantizers(
+    gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module, fully_integer: bool
+) -> list[str]:
+    """Rule 2: a quantized layer's output (after its ReLU) that no reader quantizes gets an
+    output quantizer on the layer's input grid. Returns the layers given one."""
+    added = []
+    for node in list(gm.graph.nodes):
+        layer = quant_layer(node, modules)
+        if layer is None:
+            continue
+        tail = output_tail(node, modules, fully_integer)
+        users = list(tail.users)
+        if all(
+            calls_quantizer(u, modules)
+            or (
+                quant_layer(u, modules) is not None
+                and not getattr(quant_layer(u, modules), "shared_input", False)
+            )
+            for u in users
+        ):
+            continue
+        if not fully_integer and any(u.op == "output" for u in users):
+            continue  # the model's own output (logits) stays float
+        assert layer.input_quantizer is not None  # quant_layer returns no other layers
+        quantizer = TensorQuantizer(
+            layer.input_quantizer.spec, f"{node.target}.output", role="activation"
+        )
+        name = str(node.target).replace(".", "_")
+        insert_output_quantizer(gm, modules, holder, tail, name, quantizer)
+        added.append(str(node.target))
+    return added
