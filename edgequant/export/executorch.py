@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from edgequant._io import atomic_path
-from edgequant.batches import split_inputs
-from edgequant.export.onnx import ExportError, _Compare, run_checked
+from edgequant.batches import run_checked, split_inputs
+from edgequant.export.lower import ExportError
 from edgequant.export.pt2e import export_program, pt2e_model
 from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, _check_args, _silenced
+from edgequant.export.verify import Comparison
 from edgequant.instrument import quant_layers
 
 
@@ -118,7 +119,7 @@ def export_executorch(
             raise ExportError(
                 f"ExecuTorch cannot load the program: {type(err).__name__}: {err}"
             ) from err
-        compare = _Compare()
+        compare = Comparison()
         v = EdgeVerification(runtimes=["ExecuTorch (XNNPACK)"], reference="the simulation")
         for batch in [example_inputs] + verify:
             bargs, _ = split_inputs(batch)

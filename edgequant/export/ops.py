@@ -133,7 +133,7 @@ def dynamic_linear(
 ) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
     MatMulInteger + scale multiply compute it. weight_t_q: (in, out) integers, uint8 with
-    weight_zero_point 128 for symmetric int8 weights (export.onnx.as_uint8)."""
+    weight_zero_point 128 for symmetric int8 weights (export.lower.as_uint8)."""
     w = weight_t_q.to(torch.int32) - weight_zero_point.to(torch.int32)
     return F.dynamic_quantized_linear(x, w, weight_scale, bias if has_bias else None)
 

@@ -32,14 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from edgequant._io import atomic_path
-from edgequant.batches import split_inputs
-from edgequant.export.onnx import (
-    ExportError,
-    batch_list,
-    check_batch_values,
-    export_onnx,
-    run_checked,
-)
+from edgequant.batches import batch_list, check_batch_values, run_checked, split_inputs
+from edgequant.export.lower import ExportError
+from edgequant.export.onnx import export_onnx
 from edgequant.export.pt2e import export_program, pt2e_model, unsupported_nodes
 from edgequant.instrument import quant_layers
 from edgequant.quantizer import TensorQuantizer

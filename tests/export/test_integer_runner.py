@@ -172,7 +172,7 @@ def test_run_integer_refuses_a_graph_that_is_not_fully_integer(
 ) -> None:
     x = data[2]
     path, _ = ort_target
-    # Its first layer's weights are stored as uint8 with zero point 128 (export.onnx.as_uint8),
+    # Its first layer's weights are stored as uint8 with zero point 128 (export.lower.as_uint8),
     # which is what the runner meets first; graphs with other layouts fail on a float edge.
     with pytest.raises(
         IntegerGraphError, match=r"node '\w+' \(\w+\): .*(not fully integer|target 'mcu-int8')"
