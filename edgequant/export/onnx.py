@@ -319,7 +319,7 @@ def _export(
 def _make_fully_integer(model: Any, target: str) -> None:
     """Rewrite the graph so that every edge between compute nodes is integer (ExportError if
     some edge stays float), as the fully integer `target` needs."""
-    from edgequant.export.integer import (
+    from edgequant.export.integer_graph import (
         fold_activations_into_quantizers,
         fully_integer_violations,
         merge_slices,

@@ -465,19 +465,20 @@ def first_difference(model: bytes, onnx_path: Path, sample: list[np.ndarray]) ->
     are matched by grid (scale, zero point) and shape, NHWC read as NCHW."""
     import onnx
 
-    from edgequant.export.integer import _Quantized, _Runner
+    from edgequant.export.integer import IntegerRunner
+    from edgequant.export.integer_values import Quantized
 
     it = litert_interpreter(model, keep_all=True)
     inputs = it.get_input_details()
     for x, d in zip(sample, inputs, strict=True):
         it.set_tensor(d["index"], quantize_input(x, *d["quantization"]))
     it.invoke()
-    runner = _Runner(onnx.load(str(onnx_path)), "float64", ROUNDING)
+    runner = IntegerRunner(onnx.load(str(onnx_path)), "float64", ROUNDING)
     trace: dict[str, Any] = {}
     runner.run(dict(zip(runner.input_names, sample, strict=True)), trace)
     by_grid: dict[tuple[float, int], list[tuple[str, np.ndarray]]] = {}
     for name, v in trace.items():
-        if isinstance(v, _Quantized) and v.per_tensor:
+        if isinstance(v, Quantized) and v.per_tensor:
             key = (float(np.float32(np.asarray(v.scale).reshape(-1)[0])), int(v.zp.reshape(())))
             by_grid.setdefault(key, []).append((name, v.q))
     details = {d["index"]: d for d in it.get_tensor_details()}

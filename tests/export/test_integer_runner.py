@@ -14,13 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import edgequant as eq
-from edgequant.export.integer import (
-    IntegerGraphError,
-    fully_integer_violations,
-    multiply_by_quantized_multiplier,
-    quantize_multiplier,
-    run_integer,
-)
+from edgequant.export.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
+from edgequant.export.integer import run_integer
+from edgequant.export.integer_graph import IntegerGraphError, fully_integer_violations
 
 
 class Net(nn.Module):
