@@ -26,7 +26,8 @@ from edgequant._io import atomic_path
 from edgequant.batches import run_checked, split_inputs
 from edgequant.export.lower import ExportError
 from edgequant.export.pt2e import export_program, pt2e_model
-from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, _check_args, _silenced
+from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, check_edge_args
+from edgequant.export.tflite_runtime import silenced
 from edgequant.export.verify import Comparison
 from edgequant.instrument import quant_layers
 
@@ -61,7 +62,7 @@ class ExecuTorchRunner:
         import executorch.kernels.quantized  # noqa: F401
         from executorch.runtime import Runtime
 
-        with _silenced():
+        with silenced():
             self.method = Runtime.get().load_program(program).load_method("forward")
 
     def run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
@@ -96,7 +97,7 @@ def export_executorch(
     `executorch` target gives XNNPACK's own (int8 asymmetric activations, int8 symmetric
     per-channel weights).
     """
-    path, verify = _check_args(qmodel, path, example_inputs, verify_data, ".pte")
+    path, verify = check_edge_args(qmodel, path, example_inputs, verify_data, ".pte")
     for name, value in (("min_top1_agreement", min_top1_agreement), ("min_sqnr_db", min_sqnr_db)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise TypeError(f"{name} must be a number, got {value!r}")

@@ -152,98 +152,112 @@ def _(
 
 def translation_table() -> dict[object, object]:
     """onnxscript translations of the ops above, for torch.onnx.export(custom_translation_table=)."""
+    return {
+        torch.ops.edgequant.qdq.default: _qdq_onnx,
+        torch.ops.edgequant.dq.default: _dq_onnx,
+        torch.ops.edgequant.quantize_int.default: _quantize_int_onnx,
+        torch.ops.edgequant.dynamic_linear.default: _dynamic_linear_onnx,
+    }
+
+
+# The translations import onnxscript's opset where they run (a light `import edgequant`). Any:
+# onnxscript's opsets constrain their inputs by type variables (T1_Cast, ...), which the
+# untyped symbolic values passed through here cannot be checked against.
+
+
+def _container(t: Any, container_bits: int, signed: bool) -> Any:
+    """Integers below 8 bits travel as int8/uint8 buffers and are cast to INT4/UINT4 here; the
+    exporter folds these casts into packed INT4 initializers."""
     from onnxscript import opset21 as op
 
-    # Any: onnxscript's opsets constrain their inputs by type variables (T1_Cast, ...), which
-    # the untyped symbolic values passed through here cannot be checked against.
-    def _container(t: Any, container_bits: int, signed: bool) -> Any:
-        # Integers below 8 bits travel as int8/uint8 buffers and are cast to INT4/UINT4 here;
-        # the exporter folds these casts into packed INT4 initializers.
-        if container_bits == 4:
-            return op.Cast(t, to=ONNX_INT4 if signed else ONNX_UINT4)
-        return t
+    if container_bits == 4:
+        return op.Cast(t, to=ONNX_INT4 if signed else ONNX_UINT4)
+    return t
 
-    def qdq_onnx(
-        x,
-        scale,
-        zero_point,
-        clip_lo,
-        clip_hi,
-        qmin: int,
-        qmax: int,
-        axis: int,
-        container_bits: int,
-        clip: bool,
-    ):
-        zp = _container(zero_point, container_bits, qmin < 0)
-        if clip:
-            # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
-            # float first, so QuantizeLinear's saturation is the grid's own.
-            x = op.Clip(x, clip_lo, clip_hi)
-        if axis < 0:
-            q = op.QuantizeLinear(x, scale, zp)
-            return op.DequantizeLinear(q, scale, zp)
-        q = op.QuantizeLinear(x, scale, zp, axis=axis)
-        return op.DequantizeLinear(q, scale, zp, axis=axis)
 
-    def dq_onnx(
-        q,
-        scale,
-        zero_point,
-        axis: int,
-        block_size: int,
-        container_bits: int,
-        zero_point_is_zero: bool,
-    ):
-        signed = (
-            True  # 4-bit weights are signed grids (8-bit ones may be stored as uint8: as_uint8)
-        )
-        qc = _container(q, container_bits, signed)
-        if zero_point_is_zero:
-            # An absent zero point is 0 of the input's type: symmetric weights and INT32 biases
-            # need none, and the file is smaller without one per channel.
-            if axis < 0:
-                return op.DequantizeLinear(qc, scale)
-            if block_size > 0:
-                return op.DequantizeLinear(qc, scale, axis=axis, block_size=block_size)
-            return op.DequantizeLinear(qc, scale, axis=axis)
-        zp = _container(zero_point, container_bits, signed)
+def _qdq_onnx(
+    x,
+    scale,
+    zero_point,
+    clip_lo,
+    clip_hi,
+    qmin: int,
+    qmax: int,
+    axis: int,
+    container_bits: int,
+    clip: bool,
+):
+    from onnxscript import opset21 as op
+
+    zp = _container(zero_point, container_bits, qmin < 0)
+    if clip:
+        # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
+        # float first, so QuantizeLinear's saturation is the grid's own.
+        x = op.Clip(x, clip_lo, clip_hi)
+    if axis < 0:
+        q = op.QuantizeLinear(x, scale, zp)
+        return op.DequantizeLinear(q, scale, zp)
+    q = op.QuantizeLinear(x, scale, zp, axis=axis)
+    return op.DequantizeLinear(q, scale, zp, axis=axis)
+
+
+def _dq_onnx(
+    q,
+    scale,
+    zero_point,
+    axis: int,
+    block_size: int,
+    container_bits: int,
+    zero_point_is_zero: bool,
+):
+    from onnxscript import opset21 as op
+
+    signed = True  # 4-bit weights are signed grids (8-bit ones may be stored as uint8: as_uint8)
+    qc = _container(q, container_bits, signed)
+    if zero_point_is_zero:
+        # An absent zero point is 0 of the input's type: symmetric weights and INT32 biases
+        # need none, and the file is smaller without one per channel.
         if axis < 0:
-            return op.DequantizeLinear(qc, scale, zp)
+            return op.DequantizeLinear(qc, scale)
         if block_size > 0:
-            return op.DequantizeLinear(qc, scale, zp, axis=axis, block_size=block_size)
-        return op.DequantizeLinear(qc, scale, zp, axis=axis)
+            return op.DequantizeLinear(qc, scale, axis=axis, block_size=block_size)
+        return op.DequantizeLinear(qc, scale, axis=axis)
+    zp = _container(zero_point, container_bits, signed)
+    if axis < 0:
+        return op.DequantizeLinear(qc, scale, zp)
+    if block_size > 0:
+        return op.DequantizeLinear(qc, scale, zp, axis=axis, block_size=block_size)
+    return op.DequantizeLinear(qc, scale, zp, axis=axis)
 
-    def quantize_int_onnx(
-        x,
-        scale,
-        zero_point,
-        one,
-        clip_lo,
-        clip_hi,
-        qmin: int,
-        qmax: int,
-        container_bits: int,
-        clip: bool,
-    ):
-        # QuantizeLinear, then DequantizeLinear with scale 1: the integers, as floats, which a
-        # float Conv/MatMul sums exactly (every partial sum of such a layer is below 2^24).
-        zp = _container(zero_point, container_bits, qmin < 0)
-        if clip:
-            x = op.Clip(x, clip_lo, clip_hi)
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
 
-    def dynamic_linear_onnx(x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool):
-        xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
-        acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
-        y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
-        if has_bias:
-            y = op.Add(y, bias)
-        return y
+def _quantize_int_onnx(
+    x,
+    scale,
+    zero_point,
+    one,
+    clip_lo,
+    clip_hi,
+    qmin: int,
+    qmax: int,
+    container_bits: int,
+    clip: bool,
+):
+    from onnxscript import opset21 as op
 
-    return {
-        torch.ops.edgequant.qdq.default: qdq_onnx,
-        torch.ops.edgequant.dq.default: dq_onnx,
-        torch.ops.edgequant.quantize_int.default: quantize_int_onnx,
-        torch.ops.edgequant.dynamic_linear.default: dynamic_linear_onnx,
-    }
+    # QuantizeLinear, then DequantizeLinear with scale 1: the integers, as floats, which a
+    # float Conv/MatMul sums exactly (every partial sum of such a layer is below 2^24).
+    zp = _container(zero_point, container_bits, qmin < 0)
+    if clip:
+        x = op.Clip(x, clip_lo, clip_hi)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
+
+
+def _dynamic_linear_onnx(x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool):
+    from onnxscript import opset21 as op
+
+    xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
+    acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
+    y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
+    if has_bias:
+        y = op.Add(y, bias)
+    return y

@@ -15,7 +15,8 @@ from torch import nn
 import edgequant as eq
 from edgequant.export.lower import LoweredQDQ
 from edgequant.export.pt2e import Pt2eQDQ, export_program, unsupported_nodes
-from edgequant.export.tflite import TFLITE_OPS, TFLiteRunner, litert_interpreter
+from edgequant.export.tflite import TFLITE_OPS
+from edgequant.export.tflite_runtime import TFLiteRunner, litert_interpreter
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
 
