@@ -55,6 +55,7 @@ def readers_of(graph: Any) -> dict[str, list[Any]]:
 
 
 def constant_arrays(graph: Any) -> dict[str, np.ndarray]:
+    """Value name -> array of every initializer and Constant node of an ONNX graph."""
     from onnx import numpy_helper
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
