@@ -30,11 +30,9 @@ kernels between DequantizeLinear and QuantizeLinear). So a value can land one st
 (1) at an exact tie (x.5): ORT rounds to even, "single" up, "double" away from zero; (2) within
 about 2^-24 of a tie, where ORT's float32 scale is off and the 31-bit multiplier is not; and,
 with "double" only, (3) within 2^-(right shift + 1) of a tie, where the first of the two
-roundings decides (on ResNet-20 that is ~0.1 % of the first conv's outputs, against ~0.001 %
-with "single"). A one-step difference in one layer can move later layers' values too. Measured
-on the pretrained ResNet-20 mcu-int8 export (benchmarks/results/integer_resnet20.json): top-1
-agreement with ORT on test_932 is 100 % with "single" (932/932; 5 % of the logits differ, by
-at most 2 steps) and 99.36 % with "double" (6 of 932 differ; 54 % of the logits).
+roundings decides, far more often than (1) and (2). A one-step difference in one layer can move
+later layers' values too. How often each happens on the pretrained ResNet-20 mcu-int8 export:
+benchmarks/integer_resnet20.py (results in benchmarks/results/integer_resnet20.json).
 
 The graph property itself and the rewrites that give an export it: export/integer_graph.py;
 the fixed-point arithmetic: export/fixed_point.py.

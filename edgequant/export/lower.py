@@ -150,11 +150,10 @@ def as_uint8(q: Tensor) -> Tensor:
     without VNNI (AVX2, AVX-512 before VNNI) that kernel multiplies with VPMADDUBSW, which sums
     each pair of uint8 x int8 products in int16 and saturates (255 x 127 x 2 > 32767), so the
     deployed model quietly differs from the simulation (ONNX Runtime's and OpenVINO's
-    "saturation issue"; measured: 27 dB SQNR instead of 147 dB on a small CNN). With uint8
-    weights it runs its u8u8 kernel, which widens both to 16 bits first and is exact on every
-    CPU, but runs slower (0.69-0.77x on ResNet-20 here, BENCHMARKS.md). Weights within [-64, 64]
-    cannot saturate (255 x 64 x 2 < 32767) and stay int8 (can_saturate): 7-bit weights, ONNX
-    Runtime's own reduce_range workaround, keep the fast kernel and stay exact.
+    "saturation issue"). With uint8 weights it runs its u8u8 kernel, which widens both to 16
+    bits first and is exact on every CPU, but runs slower (BENCHMARKS.md). Weights within
+    [-64, 64] cannot saturate (255 x 64 x 2 < 32767) and stay int8 (can_saturate): 7-bit
+    weights, ONNX Runtime's own reduce_range workaround, keep the fast kernel and stay exact.
     """
     return (q.to(torch.int16) + 128).to(torch.uint8)
 

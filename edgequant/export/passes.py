@@ -198,8 +198,8 @@ _QDQ_DEFAULTS = {"axis": 1, "block_size": 0, "output_dtype": 0, "saturate": 1}
 
 
 def drop_value_info(model: Any) -> int:
-    """Remove the shape and type annotations of intermediate values (runtimes infer them; about
-    13 KB, 6 %, of a 4-bit ResNet-20 file); return how many were removed."""
+    """Remove the shape and type annotations of intermediate values (runtimes infer them; a few
+    percent of a small file); return how many were removed."""
     count = len(model.graph.value_info)
     del model.graph.value_info[:]
     return count
@@ -274,9 +274,8 @@ def exact_kernel_model(model: Any) -> tuple[Any, list[str]]:
     keeps the weights INT8, so the layer runs in its u8s8 kernel, which saturates on CPUs
     without VNNI (as_uint8); its own remedy, the session option session.x64quantprecision,
     fails on per-channel weights (ONNX Runtime 1.2x: "x_zero_point must be null or 1D tensor").
-    Measured on a small VGG for tflite-int8: 25.8 dB from the file as written, 146 dB from this
-    copy, inf dB from the file with ONNX Runtime's graph optimizations off. Verification on
-    such a CPU runs this copy; the file keeps the target's INT8 weights.
+    Verification on such a CPU runs this copy (tests/export/test_signed_int8_kernels.py checks
+    it against ONNX Runtime's reference kernels); the file keeps the target's INT8 weights.
     """
     import numpy as np
     from onnx import TensorProto, numpy_helper
