@@ -29,7 +29,6 @@ from edgequant.export.pt2e import export_program, pt2e_model
 from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, check_edge_args
 from edgequant.export.tflite_runtime import silenced
 from edgequant.export.verify import Comparison
-from edgequant.instrument import quant_layers
 
 
 def lower_to_executorch(program: torch.export.ExportedProgram, xnnpack: bool = True) -> bytes:
@@ -145,14 +144,11 @@ def export_executorch(
     finally:
         for m, flag in training.items():
             m.training = flag
-    float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
-    return EdgeExportInfo(
-        path=str(path),
-        format="pte",
-        size_bytes=len(pte),
-        float_params_bytes=float_bytes,
-        size_ratio=len(pte) / max(float_bytes, 1),
-        quantized_layers=len(list(quant_layers(qmodel))),
+    return EdgeExportInfo.of_file(
+        qmodel,
+        path,
+        "pte",
+        pte,
         ops=[f"XNNPACK delegate x{delegated_ops(pte)}"],
         verification=v,
         wall_s=time.perf_counter() - start,

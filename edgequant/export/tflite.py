@@ -143,6 +143,23 @@ class EdgeExportInfo:
     verification: EdgeVerification = field(default_factory=EdgeVerification)
     wall_s: float = 0.0
 
+    @classmethod
+    def of_file(
+        cls, qmodel: nn.Module, path: Path, format: str, data: bytes, **fields: Any
+    ) -> EdgeExportInfo:
+        """The record of `data` written at `path` for qmodel: its size against qmodel's float
+        parameters, and `fields` (ops, verification, ...)."""
+        float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
+        return cls(
+            path=str(path),
+            format=format,
+            size_bytes=len(data),
+            float_params_bytes=float_bytes,
+            size_ratio=len(data) / max(float_bytes, 1),
+            quantized_layers=len(list(quant_layers(qmodel))),
+            **fields,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -352,14 +369,11 @@ def _export_tflite(
         comparison.conclude()
         with atomic_path(path, suffix=".tflite.tmp") as tmp:
             tmp.write_bytes(flatbuffer)
-    float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
-    return EdgeExportInfo(
-        path=str(path),
-        format="tflite",
-        size_bytes=len(flatbuffer),
-        float_params_bytes=float_bytes,
-        size_ratio=len(flatbuffer) / max(float_bytes, 1),
-        quantized_layers=len(list(quant_layers(qmodel))),
+    return EdgeExportInfo.of_file(
+        qmodel,
+        path,
+        "tflite",
+        flatbuffer,
         arena_bytes=arena,
         input_quantization=[(float(s), int(z)) for *_, s, z in grids.inputs],
         output_quantization=[(float(s), int(z)) for *_, s, z in grids.outputs],
