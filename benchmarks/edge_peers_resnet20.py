@@ -29,7 +29,7 @@ from edge_resnet20 import latency_ms, predictions
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.export.tflite import TFLiteRunner, tensor_ops, tflm_arena_bytes
+from edgequant.export.tflite_runtime import TFLiteRunner, tensor_ops, tflm_arena_bytes
 from edgequant.recipe import Recipe
 
 

@@ -29,7 +29,7 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.export.tflite import TFLiteRunner, convert_program
+from edgequant.export.tflite_runtime import TFLiteRunner, convert_program
 from edgequant.recipe import Recipe
 
 

@@ -31,7 +31,7 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.export.integer import fully_integer_violations
+from edgequant.export.integer_graph import fully_integer_violations
 from edgequant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).parent))

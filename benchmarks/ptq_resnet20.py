@@ -23,7 +23,7 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 import edgequant as eq
 from edgequant import bench
 from edgequant.examples import cifar10 as C
-from edgequant.export.onnx import INT8_CPU_FLAGS, cpu_int8_flags
+from edgequant.export.int8_kernels import INT8_CPU_FLAGS, cpu_int8_flags
 from edgequant.functional import sqnr_db
 
 

@@ -31,15 +31,11 @@ from edgequant.targets import TARGETS
 def qdq_scales(path: Path) -> list[np.ndarray]:
     """Every scale read by a QuantizeLinear or DequantizeLinear of the graph."""
     import onnx
-    from onnx import numpy_helper
+
+    from edgequant.export.integer_graph import constant_arrays
 
     graph = onnx.load(str(path)).graph
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    values = constant_arrays(graph)
     return [
         values[node.input[1]]
         for node in graph.node

@@ -1,5 +1,6 @@
 """Batches as users pass them (a tensor, a tuple, a dict of tensors): run a model on one, count
-its samples, describe it in an error, and check it and a metric's value for NaN and Inf."""
+its samples, describe it in an error, and check it and a metric's value for NaN and Inf; a
+list of them from what a user passed, and a run that names the layer a batch fails in."""
 
 from __future__ import annotations
 
@@ -154,3 +155,70 @@ def naming_the_batch(batch: Any, what: str) -> Iterator[None]:
             f"the model failed on {what} ({describe_batch(batch)}): {type(err).__name__}: "
             f"{err}; is it what the model's forward takes (shapes, dtypes)?"
         ) from err
+
+
+def batch_list(data: Any, name: str) -> list[Any]:
+    """An iterable of batches (a list, a DataLoader) as a list; a TypeError naming `name` for a
+    bare tensor (iterating it would give single samples, not batches) or a non-iterable."""
+    if isinstance(data, Tensor):
+        raise TypeError(
+            f"{name} must be an iterable of batches (a list or a DataLoader), got a tensor of "
+            f"shape {tuple(data.shape)}: pass [x] for one batch, or list(x.split(64))"
+        )
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{name} must be an iterable of batches (a list or a DataLoader), "
+            f"got {type(data).__name__}"
+        )
+    return list(data)
+
+
+def input_tensors(batch: Any) -> list[tuple[str, Tensor]]:
+    """(position, tensor) of each tensor of a batch: "[0]", "[1]"... or "['input_ids']"."""
+    args, kwargs = split_inputs(batch)
+    found = [(f"[{i}]", a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    return found + [(f"[{k!r}]", v) for k, v in kwargs.items() if isinstance(v, Tensor)]
+
+
+def check_batch_values(batch: Any, what: str) -> None:
+    """ValueError naming `what` for a batch that cannot verify anything: NaN, or no samples."""
+    for pos, t in input_tensors(batch):
+        if t.dim() and t.shape[0] == 0:
+            raise ValueError(f"{what}{pos} has an empty batch (shape {tuple(t.shape)})")
+        if count := nonfinite(t, nan_only=True):
+            raise ValueError(
+                f"{what}{pos} holds NaN ({count} of {t.numel()} values): "
+                "a model cannot be verified on it"
+            )
+
+
+def run_checked(model: nn.Module, batch: Any, what: str) -> Any:
+    """model(batch) without gradients; a ValueError naming `what`, its shapes and the innermost
+    layer that failed when the model cannot run it (a wrong shape, dtype or device)."""
+    names = {m: n for n, m in model.named_modules()}
+    entered: list[nn.Module] = []
+
+    def enter(mod: nn.Module, inputs: Any) -> None:
+        entered.append(mod)
+
+    def leave(mod: nn.Module, inputs: Any, output: Any) -> None:
+        if entered and entered[-1] is mod:
+            entered.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names]
+    hooks += [m.register_forward_hook(leave) for m in names]
+    args, kwargs = split_inputs(batch)
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as err:
+        where = ""
+        if entered and names.get(entered[-1]):
+            where = f"layer {names[entered[-1]]!r} ({type(entered[-1]).__name__}) raised "
+        raise ValueError(
+            f"{what} ({describe_batch(batch)}) do not run through the model: "
+            f"{where}{type(err).__name__}: {err}"
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()

@@ -14,23 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgequant"
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 
-# The export package is being split on its own branch; what it still holds is listed here.
-_EXPORT_SPLIT = "export/ is split along its seams separately (lowering, passes, verification)"
-KNOWN_FILES: dict[str, str] = {
-    "export/onnx.py": _EXPORT_SPLIT,
-    "export/integer.py": _EXPORT_SPLIT,
-    "export/inspect.py": _EXPORT_SPLIT,
-    "export/tflite.py": _EXPORT_SPLIT,
-}
-KNOWN_FUNCTIONS: dict[tuple[str, str], str] = {
-    ("export/onnx.py", "requantize_after_moves"): _EXPORT_SPLIT,
-    ("export/onnx.py", "verify_onnx"): _EXPORT_SPLIT,
-    ("export/onnx.py", "export_onnx"): _EXPORT_SPLIT,
-    ("export/onnx.py", "_export"): _EXPORT_SPLIT,
-    ("export/onnx.py", "__init__"): _EXPORT_SPLIT,
-    ("export/ops.py", "translation_table"): _EXPORT_SPLIT,
-    ("export/tflite.py", "_export_tflite"): _EXPORT_SPLIT,
-}
+# Known exceptions, each with its reason (none at present).
+KNOWN_FILES: dict[str, str] = {}
+KNOWN_FUNCTIONS: dict[tuple[str, str], str] = {}
 
 
 def long_files(package: Path = PACKAGE, limit: int = MAX_FILE_LINES) -> set[str]:

@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as torch_F
-from onnx import numpy_helper
 from torch import nn
 from toys import SmallResNet  # tests/toys.py
 
 import edgequant as eq
+from edgequant.export.integer_graph import constant_arrays
 from edgequant.recipe import Recipe
 from edgequant.spec import LayerOverride, QuantSpec
 from edgequant.targets import TARGETS, Target
@@ -152,13 +152,8 @@ def residual() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
 def qdq_scales(path: Path) -> dict[str, np.ndarray]:
     """Every scale initializer read by a QuantizeLinear or DequantizeLinear, by name."""
     graph = onnx.load(str(path)).graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     # Constant nodes hold scales too when the exporter does not fold them into initializers.
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    inits[node.output[0]] = numpy_helper.to_array(attr.t)
+    inits = constant_arrays(graph)
     scales = {}
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -198,12 +193,7 @@ def test_w8a8_quantizes_exports_and_verifies(name: str, residual: tuple, tmp_pat
 
 def _qdq_zero_points(path: Path) -> list[np.ndarray]:
     graph = onnx.load(str(path)).graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    inits[node.output[0]] = numpy_helper.to_array(attr.t)
+    inits = constant_arrays(graph)
     return [
         inits[node.input[2]]
         for node in graph.node

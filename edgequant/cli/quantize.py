@@ -55,7 +55,7 @@ def quantize_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; valid: {', '.join(METHODS)}")
-    from edgequant.export.onnx import WEIGHT_STORAGE
+    from edgequant.export.lower import WEIGHT_STORAGE
 
     if args.weight_storage not in WEIGHT_STORAGE:
         raise UserError(

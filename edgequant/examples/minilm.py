@@ -212,7 +212,7 @@ def ort_encoder_fn(onnx_path: str | Path, threads: int = 2) -> Callable[..., lis
     """An exported encoder run in ONNX Runtime (CPU), callable as ``fn(**batch)`` on the batches of
     :func:`tokenize_batches` (inputs the model does not take are ignored): for :func:`embed`."""
     from edgequant.bench import ort_session
-    from edgequant.export.onnx import ort_feed
+    from edgequant.export.verify import ort_feed
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")

@@ -13,15 +13,15 @@ from edgequant.check import (
     op_row,
     target_spec,
 )
-from edgequant.export.integer import _float_tensors, _load
+from edgequant.export.integer_graph import float_tensors, load_model
 
 
 def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
     """The same check on an ONNX graph (a float export, or a QDQ one): every node that reads or
     writes float data, by op type."""
     spec = target_spec(target)
-    model = _load(path)
-    floats = _float_tensors(model)
+    model = load_model(path)
+    floats = float_tensors(model)
     result = CheckResult(
         target=spec.name, fully_integer=spec.fully_integer, traced_with="ONNX graph"
     )

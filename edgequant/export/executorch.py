@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from edgequant._io import atomic_path
-from edgequant.batches import split_inputs
-from edgequant.export.onnx import ExportError, _Compare, run_checked
+from edgequant.batches import run_checked, split_inputs
+from edgequant.export.lower import ExportError
 from edgequant.export.pt2e import export_program, pt2e_model
-from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, _check_args, _silenced
-from edgequant.instrument import quant_layers
+from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, check_edge_args
+from edgequant.export.tflite_runtime import silenced
+from edgequant.export.verify import Comparison
 
 
 def lower_to_executorch(program: torch.export.ExportedProgram, xnnpack: bool = True) -> bytes:
@@ -60,7 +61,7 @@ class ExecuTorchRunner:
         import executorch.kernels.quantized  # noqa: F401
         from executorch.runtime import Runtime
 
-        with _silenced():
+        with silenced():
             self.method = Runtime.get().load_program(program).load_method("forward")
 
     def run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
@@ -95,7 +96,7 @@ def export_executorch(
     `executorch` target gives XNNPACK's own (int8 asymmetric activations, int8 symmetric
     per-channel weights).
     """
-    path, verify = _check_args(qmodel, path, example_inputs, verify_data, ".pte")
+    path, verify = check_edge_args(qmodel, path, example_inputs, verify_data, ".pte")
     for name, value in (("min_top1_agreement", min_top1_agreement), ("min_sqnr_db", min_sqnr_db)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise TypeError(f"{name} must be a number, got {value!r}")
@@ -118,7 +119,7 @@ def export_executorch(
             raise ExportError(
                 f"ExecuTorch cannot load the program: {type(err).__name__}: {err}"
             ) from err
-        compare = _Compare()
+        compare = Comparison()
         v = EdgeVerification(runtimes=["ExecuTorch (XNNPACK)"], reference="the simulation")
         for batch in [example_inputs] + verify:
             bargs, _ = split_inputs(batch)
@@ -143,14 +144,11 @@ def export_executorch(
     finally:
         for m, flag in training.items():
             m.training = flag
-    float_bytes = sum(4 * p.numel() for p in qmodel.parameters())
-    return EdgeExportInfo(
-        path=str(path),
-        format="pte",
-        size_bytes=len(pte),
-        float_params_bytes=float_bytes,
-        size_ratio=len(pte) / max(float_bytes, 1),
-        quantized_layers=len(list(quant_layers(qmodel))),
+    return EdgeExportInfo.of_file(
+        qmodel,
+        path,
+        "pte",
+        pte,
         ops=[f"XNNPACK delegate x{delegated_ops(pte)}"],
         verification=v,
         wall_s=time.perf_counter() - start,

@@ -135,8 +135,8 @@ def dynamic_linear(
 ) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
     MatMulInteger + scale multiply compute it (per_token: the row-wise form written out in
-    ONNX ops, translation_table). weight_t_q: (in, out) integers, uint8 with weight_zero_point
-    128 for symmetric int8 weights (export.onnx.as_uint8)."""
+    ONNX ops, _per_token_matmul). weight_t_q: (in, out) integers, uint8 with weight_zero_point
+    128 for symmetric int8 weights (export.int8_kernels.as_uint8)."""
     w = weight_t_q.to(torch.int32) - weight_zero_point.to(torch.int32)
     return F.dynamic_quantized_linear(
         x, w, weight_scale, bias if has_bias else None, per_token=per_token
@@ -158,141 +158,157 @@ def _(
 
 def translation_table() -> dict[object, object]:
     """onnxscript translations of the ops above, for torch.onnx.export(custom_translation_table=)."""
+    return {
+        torch.ops.edgequant.qdq.default: _qdq_onnx,
+        torch.ops.edgequant.dq.default: _dq_onnx,
+        torch.ops.edgequant.quantize_int.default: _quantize_int_onnx,
+        torch.ops.edgequant.dynamic_linear.default: _dynamic_linear_onnx,
+    }
+
+
+# The translations import onnxscript's opset where they run (a light `import edgequant`). Any:
+# onnxscript's opsets constrain their inputs by type variables (T1_Cast, ...), which the
+# untyped symbolic values passed through here cannot be checked against.
+
+
+def _container(t: Any, container_bits: int, signed: bool) -> Any:
+    """Integers below 8 bits travel as int8/uint8 buffers and are cast to INT4/UINT4 here; the
+    exporter folds these casts into packed INT4 initializers."""
+    from onnxscript import opset21 as op
+
+    if container_bits == 4:
+        return op.Cast(t, to=ONNX_INT4 if signed else ONNX_UINT4)
+    return t
+
+
+def _qdq_onnx(
+    x,
+    scale,
+    zero_point,
+    clip_lo,
+    clip_hi,
+    qmin: int,
+    qmax: int,
+    axis: int,
+    container_bits: int,
+    clip: bool,
+):
+    from onnxscript import opset21 as op
+
+    zp = _container(zero_point, container_bits, qmin < 0)
+    if clip:
+        # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
+        # float first, so QuantizeLinear's saturation is the grid's own.
+        x = op.Clip(x, clip_lo, clip_hi)
+    if axis < 0:
+        q = op.QuantizeLinear(x, scale, zp)
+        return op.DequantizeLinear(q, scale, zp)
+    q = op.QuantizeLinear(x, scale, zp, axis=axis)
+    return op.DequantizeLinear(q, scale, zp, axis=axis)
+
+
+def _dq_onnx(
+    q,
+    scale,
+    zero_point,
+    axis: int,
+    block_size: int,
+    container_bits: int,
+    zero_point_is_zero: bool,
+):
+    from onnxscript import opset21 as op
+
+    signed = True  # 4-bit weights are signed grids (8-bit ones may be stored as uint8: as_uint8)
+    qc = _container(q, container_bits, signed)
+    if zero_point_is_zero:
+        # An absent zero point is 0 of the input's type: symmetric weights and INT32 biases
+        # need none, and the file is smaller without one per channel.
+        if axis < 0:
+            return op.DequantizeLinear(qc, scale)
+        if block_size > 0:
+            return op.DequantizeLinear(qc, scale, axis=axis, block_size=block_size)
+        return op.DequantizeLinear(qc, scale, axis=axis)
+    zp = _container(zero_point, container_bits, signed)
+    if axis < 0:
+        return op.DequantizeLinear(qc, scale, zp)
+    if block_size > 0:
+        return op.DequantizeLinear(qc, scale, zp, axis=axis, block_size=block_size)
+    return op.DequantizeLinear(qc, scale, zp, axis=axis)
+
+
+def _quantize_int_onnx(
+    x,
+    scale,
+    zero_point,
+    one,
+    clip_lo,
+    clip_hi,
+    qmin: int,
+    qmax: int,
+    container_bits: int,
+    clip: bool,
+):
+    from onnxscript import opset21 as op
+
+    # QuantizeLinear, then DequantizeLinear with scale 1: the integers, as floats, which a
+    # float Conv/MatMul sums exactly (every partial sum of such a layer is below 2^24).
+    zp = _container(zero_point, container_bits, qmin < 0)
+    if clip:
+        x = op.Clip(x, clip_lo, clip_hi)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
+
+
+def _per_token_quantize(x):
+    # functional.dynamic_qparams(per_token=True), op for op: UINT8, a scale and zero point for
+    # each row of the last dimension. The rows are quantized by one QuantizeLinear on the input
+    # seen as (rows, features), per axis 0; scale and zero point come back shaped (..., 1).
+    from onnxscript import opset21 as op
+
+    minus_one = op.Constant(value_ints=[-1])
+    rows = op.Reshape(x, op.Concat(minus_one, op.Shape(x, start=-1), axis=0))
+    zero = op.Constant(value_float=0.0)
+    axis = op.Constant(value_ints=[1])
+    x_min = op.Min(op.ReduceMin(rows, axis, keepdims=0), zero)
+    x_max = op.Max(op.ReduceMax(rows, axis, keepdims=0), zero)
+    scale = op.Where(
+        op.Equal(x_max, x_min),
+        op.Constant(value_float=1.0),
+        op.Div(op.Sub(x_max, x_min), op.Constant(value_float=255.0)),
+    )
+    top = op.Constant(value_float=255.0)
+    x_zp = op.Round(op.Clip(op.Sub(zero, op.Div(x_min, scale)), zero, top))
+    q = op.QuantizeLinear(rows, scale, op.Cast(x_zp, to=ONNX_UINT8), axis=0)
+    xq = op.Reshape(q, op.Shape(x))
+    per_row = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[1]), axis=0)
+    return xq, op.Reshape(scale, per_row), op.Reshape(x_zp, per_row)
+
+
+def _per_token_matmul(x, weight_t_q, weight_zero_point):
+    # MatMulInteger takes one zero point for its first input: the rows' zero points come off
+    # afterwards, as zero point x (column sums of the weight), in INT32.
     import numpy as np
     from onnx import numpy_helper
     from onnxscript import opset21 as op
 
-    _U8_ZERO = numpy_helper.from_array(np.array(0, dtype=np.uint8))
+    xq, x_scale, x_zp = _per_token_quantize(x)
+    u8_zero = op.Constant(value=numpy_helper.from_array(np.array(0, dtype=np.uint8)))
+    acc = op.MatMulInteger(xq, weight_t_q, u8_zero, weight_zero_point)
+    w_int = op.Sub(op.Cast(weight_t_q, to=ONNX_INT32), op.Cast(weight_zero_point, to=ONNX_INT32))
+    w_sum = op.ReduceSum(w_int, op.Constant(value_ints=[0]), keepdims=0)
+    return op.Sub(acc, op.Mul(op.Cast(x_zp, to=ONNX_INT32), w_sum)), x_scale
 
-    # Any: onnxscript's opsets constrain their inputs by type variables (T1_Cast, ...), which
-    # the untyped symbolic values passed through here cannot be checked against.
-    def _container(t: Any, container_bits: int, signed: bool) -> Any:
-        # Integers below 8 bits travel as int8/uint8 buffers and are cast to INT4/UINT4 here;
-        # the exporter folds these casts into packed INT4 initializers.
-        if container_bits == 4:
-            return op.Cast(t, to=ONNX_INT4 if signed else ONNX_UINT4)
-        return t
 
-    def qdq_onnx(
-        x,
-        scale,
-        zero_point,
-        clip_lo,
-        clip_hi,
-        qmin: int,
-        qmax: int,
-        axis: int,
-        container_bits: int,
-        clip: bool,
-    ):
-        zp = _container(zero_point, container_bits, qmin < 0)
-        if clip:
-            # The grid is narrower than its container (3 bits in INT4, narrow range): clip in
-            # float first, so QuantizeLinear's saturation is the grid's own.
-            x = op.Clip(x, clip_lo, clip_hi)
-        if axis < 0:
-            q = op.QuantizeLinear(x, scale, zp)
-            return op.DequantizeLinear(q, scale, zp)
-        q = op.QuantizeLinear(x, scale, zp, axis=axis)
-        return op.DequantizeLinear(q, scale, zp, axis=axis)
+def _dynamic_linear_onnx(
+    x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool, per_token: bool
+):
+    from onnxscript import opset21 as op
 
-    def dq_onnx(
-        q,
-        scale,
-        zero_point,
-        axis: int,
-        block_size: int,
-        container_bits: int,
-        zero_point_is_zero: bool,
-    ):
-        signed = (
-            True  # 4-bit weights are signed grids (8-bit ones may be stored as uint8: as_uint8)
-        )
-        qc = _container(q, container_bits, signed)
-        if zero_point_is_zero:
-            # An absent zero point is 0 of the input's type: symmetric weights and INT32 biases
-            # need none, and the file is smaller without one per channel.
-            if axis < 0:
-                return op.DequantizeLinear(qc, scale)
-            if block_size > 0:
-                return op.DequantizeLinear(qc, scale, axis=axis, block_size=block_size)
-            return op.DequantizeLinear(qc, scale, axis=axis)
-        zp = _container(zero_point, container_bits, signed)
-        if axis < 0:
-            return op.DequantizeLinear(qc, scale, zp)
-        if block_size > 0:
-            return op.DequantizeLinear(qc, scale, zp, axis=axis, block_size=block_size)
-        return op.DequantizeLinear(qc, scale, zp, axis=axis)
-
-    def quantize_int_onnx(
-        x,
-        scale,
-        zero_point,
-        one,
-        clip_lo,
-        clip_hi,
-        qmin: int,
-        qmax: int,
-        container_bits: int,
-        clip: bool,
-    ):
-        # QuantizeLinear, then DequantizeLinear with scale 1: the integers, as floats, which a
-        # float Conv/MatMul sums exactly (every partial sum of such a layer is below 2^24).
-        zp = _container(zero_point, container_bits, qmin < 0)
-        if clip:
-            x = op.Clip(x, clip_lo, clip_hi)
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
-
-    def per_token_quantize(x):
-        # functional.dynamic_qparams(per_token=True), op for op: UINT8, a scale and zero point
-        # for each row of the last dimension. The rows are quantized by one QuantizeLinear on
-        # the input seen as (rows, features), per axis 0; scale and zero point come back
-        # shaped (..., 1).
-        minus_one = op.Constant(value_ints=[-1])
-        rows = op.Reshape(x, op.Concat(minus_one, op.Shape(x, start=-1), axis=0))
-        zero = op.Constant(value_float=0.0)
-        axis = op.Constant(value_ints=[1])
-        x_min = op.Min(op.ReduceMin(rows, axis, keepdims=0), zero)
-        x_max = op.Max(op.ReduceMax(rows, axis, keepdims=0), zero)
-        scale = op.Where(
-            op.Equal(x_max, x_min),
-            op.Constant(value_float=1.0),
-            op.Div(op.Sub(x_max, x_min), op.Constant(value_float=255.0)),
-        )
-        top = op.Constant(value_float=255.0)
-        x_zp = op.Round(op.Clip(op.Sub(zero, op.Div(x_min, scale)), zero, top))
-        q = op.QuantizeLinear(rows, scale, op.Cast(x_zp, to=ONNX_UINT8), axis=0)
-        xq = op.Reshape(q, op.Shape(x))
-        per_row = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[1]), axis=0)
-        return xq, op.Reshape(scale, per_row), op.Reshape(x_zp, per_row)
-
-    def per_token_matmul(x, weight_t_q, weight_zero_point):
-        # MatMulInteger takes one zero point for its first input: the rows' zero points come
-        # off afterwards, as zero point x (column sums of the weight), in INT32.
-        xq, x_scale, x_zp = per_token_quantize(x)
-        acc = op.MatMulInteger(xq, weight_t_q, op.Constant(value=_U8_ZERO), weight_zero_point)
-        w_int = op.Sub(
-            op.Cast(weight_t_q, to=ONNX_INT32), op.Cast(weight_zero_point, to=ONNX_INT32)
-        )
-        w_sum = op.ReduceSum(w_int, op.Constant(value_ints=[0]), keepdims=0)
-        return op.Sub(acc, op.Mul(op.Cast(x_zp, to=ONNX_INT32), w_sum)), x_scale
-
-    def dynamic_linear_onnx(
-        x, weight_t_q, weight_zero_point, weight_scale, bias, has_bias: bool, per_token: bool
-    ):
-        if per_token:
-            acc, x_scale = per_token_matmul(x, weight_t_q, weight_zero_point)
-        else:
-            xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
-            acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
-        y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
-        if has_bias:
-            y = op.Add(y, bias)
-        return y
-
-    return {
-        torch.ops.edgequant.qdq.default: qdq_onnx,
-        torch.ops.edgequant.dq.default: dq_onnx,
-        torch.ops.edgequant.quantize_int.default: quantize_int_onnx,
-        torch.ops.edgequant.dynamic_linear.default: dynamic_linear_onnx,
-    }
+    if per_token:
+        acc, x_scale = _per_token_matmul(x, weight_t_q, weight_zero_point)
+    else:
+        xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
+    y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
+    if has_bias:
+        y = op.Add(y, bias)
+    return y

@@ -27,13 +27,13 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from edgequant.batches import split_inputs
-from edgequant.export.onnx import (
+from edgequant.export.lower import (
     ExportError,
     LoweredEmbedding,
     LoweredLayer,
     LoweredQDQ,
-    _set_submodule,
     lower,
+    set_submodule,
 )
 from edgequant.modules import transform_input
 
@@ -184,10 +184,10 @@ def pt2e_model(qmodel: nn.Module, int8_weights: bool = False) -> nn.Module:
         if isinstance(m, LoweredEmbedding):
             raise ExportError(f"layer {name!r}: quantized embedding tables have no edge form")
         if isinstance(m, LoweredLayer):
-            _set_submodule(lowered, name, Pt2eLayer(m, int8_weights))
+            set_submodule(lowered, name, Pt2eLayer(m, int8_weights))
     for name, m in list(lowered.named_modules()):
         if isinstance(m, LoweredQDQ):
-            _set_submodule(lowered, name, Pt2eQDQ(m, f"quantizer {name!r}"))
+            set_submodule(lowered, name, Pt2eQDQ(m, f"quantizer {name!r}"))
     return lowered.eval()
 
 

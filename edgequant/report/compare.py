@@ -56,14 +56,14 @@ def torch_predict(model: nn.Module) -> Predict:
 
 
 def ort_predict(path: str | Path, threads: int = 2) -> Predict:
-    """The exported model run in ONNX Runtime, as verification runs it (export.onnx.
+    """The exported model run in ONNX Runtime, as verification runs it (export.verify.
     exact_session): on an x86 CPU without VNNI, a signed-activation target's INT8 weights run as
     the same grid in UINT8, since ONNX Runtime's u8s8 kernel saturates there and a device that
     runs the file (TFLite Micro, a VNNI CPU) would not."""
     import numpy as np
     import onnxruntime as ort
 
-    from edgequant.export.onnx import exact_session, ort_feed
+    from edgequant.export.verify import exact_session, ort_feed
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -184,7 +184,8 @@ def _models_dir(out_dir: str | Path | None) -> Path:
 
 def _baseline(sess: _Session, example_name: str) -> dict[str, Any]:
     """The FP32 model exported, scored in ONNX Runtime and PyTorch, sized and timed."""
-    from edgequant.export.onnx import export_float_onnx, run_checked
+    from edgequant.batches import run_checked
+    from edgequant.export.onnx import export_float_onnx
 
     sess.say("FP32 baseline: export and measure in ONNX Runtime")
     start = time.perf_counter()
@@ -305,7 +306,7 @@ def compare(
     (calibration, learned rounding, sensitivity analysis, QAT epochs) also show tqdm bars on
     stderr. None: silent. stderr_progress() gives the command line's.
     """
-    from edgequant.export.onnx import batch_list
+    from edgequant.batches import batch_list
 
     _check_compare_args(model, eval_fn, tolerance, progress)
     chosen = _resolve_runs(recipes, runs, qat=train_data is not None)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgequant as eq
-from edgequant.export.integer import fully_integer_violations, run_integer
+from edgequant.export.integer import run_integer
+from edgequant.export.integer_graph import fully_integer_violations
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -14,13 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import edgequant as eq
-from edgequant.export.integer import (
-    IntegerGraphError,
-    fully_integer_violations,
-    multiply_by_quantized_multiplier,
-    quantize_multiplier,
-    run_integer,
-)
+from edgequant.export.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
+from edgequant.export.integer import run_integer
+from edgequant.export.integer_graph import IntegerGraphError, fully_integer_violations
 
 
 class Net(nn.Module):
@@ -172,7 +168,7 @@ def test_run_integer_refuses_a_graph_that_is_not_fully_integer(
 ) -> None:
     x = data[2]
     path, _ = ort_target
-    # Its first layer's weights are stored as uint8 with zero point 128 (export.onnx.as_uint8),
+    # Its first layer's weights are stored as uint8 with zero point 128 (export.int8_kernels.as_uint8),
     # which is what the runner meets first; graphs with other layouts fail on a float edge.
     with pytest.raises(
         IntegerGraphError, match=r"node '\w+' \(\w+\): .*(not fully integer|target 'mcu-int8')"

@@ -187,7 +187,7 @@ def test_static_classifier_agrees_with_the_simulation(static_classifier: tuple) 
 def test_static_classifier_stores_8_bit_weights_as_uint8(static_classifier: tuple) -> None:
     """Between uint8 activations, 8-bit weights are stored as uint8 with zero point 128: the same
     values, run by ONNX Runtime's u8u8 kernel, which does not saturate on x86 CPUs without VNNI
-    as its u8s8 one does (export.onnx.as_uint8)."""
+    as its u8s8 one does (export.int8_kernels.as_uint8)."""
     qmodel, path, _ = static_classifier
     report = inspect_onnx(path)
     assert [
@@ -289,7 +289,8 @@ def test_weight_storage_int8_keeps_int8_weights_and_verifies_on_this_cpu(tmp_pat
     """weight_storage="int8" keeps ONNX Runtime's fast u8s8 kernel. Verification runs here: on an
     x86 CPU without VNNI that kernel saturates, and the export is refused with a message that says
     so; elsewhere it deploys exactly."""
-    from edgequant.export.onnx import lower, u8s8_saturates_here
+    from edgequant.export.int8_kernels import u8s8_saturates_here
+    from edgequant.export.lower import lower
 
     model = Saturating().eval()
     x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0

@@ -14,7 +14,7 @@ import torch.nn.functional as torch_F
 from torch import nn
 
 import edgequant as eq
-from edgequant.export.onnx import exact_kernel_model
+from edgequant.export.passes import exact_kernel_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -1,7 +1,7 @@
 """Signed (INT8) activation grids through data movement: ONNX Runtime 1.32 propagates a
 DequantizeLinear across Slice/Reshape/Transpose/Squeeze/Unsqueeze/MaxPool itself when the model
 loads, and for an INT8 zero point the QuantizeLinear it inserts fails type inference. The export
-inserts those pairs itself (export.onnx.requantize_after_moves), changing no value."""
+inserts those pairs itself (export.passes.requantize_after_moves), changing no value."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import edgequant as eq
-from edgequant.export.onnx import requantize_after_moves
+from edgequant.export.passes import requantize_after_moves
 
 
 def _graph(zero_point: np.ndarray, moves: list[str]) -> onnx.ModelProto:

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgequant as eq
-from edgequant.export.onnx import LoweredQDQ
+from edgequant.export.lower import LoweredQDQ
 from edgequant.export.pt2e import Pt2eQDQ, export_program, unsupported_nodes
-from edgequant.export.tflite import TFLITE_OPS, TFLiteRunner, litert_interpreter
+from edgequant.export.tflite import TFLITE_OPS
+from edgequant.export.tflite_runtime import TFLiteRunner, litert_interpreter
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
 

@@ -37,7 +37,7 @@ def test_mixed_model_exports_int8_and_int4_and_verifies(cnn, calib, tmp_path: Pa
     assert info.verification.passed
     report = inspect_onnx(path)
     dtypes = {layer.weight_dtype for layer in report.layers if layer.quantized}
-    assert dtypes == {"UINT8", "INT4"}  # 8-bit weights as uint8 + 128: export.onnx.as_uint8
+    assert dtypes == {"UINT8", "INT4"}  # 8-bit weights as uint8 + 128: export.int8_kernels.as_uint8
     stored = onnx.load(str(path))
     int4 = [i for i in stored.graph.initializer if i.data_type == 22 and len(i.dims) >= 2]
     ranges = sorted(
