@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -187,6 +188,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/smollm2_lm.json")
     parser.add_argument("--models", default="/tmp/smollm2_models")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only re-measure decode speed of the files a previous run left in --models "
+        "(on a quieter machine), updating the rows of --out",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -209,6 +216,9 @@ def main() -> None:
     cfg = model.config
     layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if args.decode_only:
+        decode_again(args, layers, kv, hd)
+        return
     test = text_windows(tok, TEST_TEXT, 512, args.windows)
     verify = text_windows(tok, SHAKESPEARE_TEXT, 256, 2)
     calib = calibration_batches(tok, 512, args.calib, 4)
@@ -323,7 +333,12 @@ def main() -> None:
                 },
             )
 
-    speeds = interleaved_decode(files, layers, kv, hd, args.rounds)
+    record_decode(results, interleaved_decode(files, layers, kv, hd, args.rounds), args.rounds)
+    save()
+
+
+def record_decode(results: dict[str, Any], speeds: dict[str, list[float]], rounds: int) -> None:
+    """Each row's median tokens/s and its ratio to FP32's, from one interleaved measurement."""
     fp32_speed = float(np.median(speeds["fp32"]))
     for r in results["rows"]:
         if r["name"] in speeds:
@@ -332,10 +347,34 @@ def main() -> None:
             r["tokens_per_s_rounds"] = speeds[r["name"]]
     results["decode"] = (
         f"batch 1, 16 tokens after a 32-token prefill, ONNX Runtime 2 threads; median of "
-        f"{args.rounds} interleaved rounds (every file in each round, rotating order)"
+        f"{rounds} interleaved rounds (every file in each round, rotating order); measured "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end"
     )
-    save()
     print({r["name"]: r.get("tokens_per_s") for r in results["rows"]}, flush=True)
+
+
+def decode_again(args: argparse.Namespace, layers: int, kv: int, hd: int) -> None:
+    """--decode-only: the files of a previous run's rows, timed again side by side."""
+    import json
+
+    results = json.loads(Path(args.out).read_text())
+    folder = Path(args.models)
+    files = {}
+    for r in results["rows"]:
+        name = r["name"]
+        # The names main() gave the files: fp32, rtn_{grid}, edgequant_{grid}, ort_{algo}_{grid}.
+        if name.startswith("edgequant-rtn-"):
+            stem = "rtn_" + name.removeprefix("edgequant-rtn-")
+        else:
+            stem = name.replace("edgequant-", "edgequant_").replace("-", "_")
+        path = folder / f"{stem}.onnx"
+        if path.is_file():
+            files[name] = path
+    if "fp32" not in files:
+        raise SystemExit(f"no fp32.onnx in {folder}: run the full benchmark first")
+    record_decode(results, interleaved_decode(files, layers, kv, hd, args.rounds), args.rounds)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
