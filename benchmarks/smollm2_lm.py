@@ -369,8 +369,12 @@ def decode_again(args: argparse.Namespace, layers: int, kv: int, hd: int) -> Non
         else:
             stem = name.replace("edgequant-", "edgequant_").replace("-", "_")
         path = folder / f"{stem}.onnx"
-        if path.is_file():
+        # Only the file this row measured: present, no error recorded, the size it had.
+        if "error" not in r and path.is_file() and path.stat().st_size == r.get("size_bytes"):
             files[name] = path
+        else:
+            for key in ("tokens_per_s", "decode_vs_fp32", "tokens_per_s_rounds"):
+                r.pop(key, None)
     if "fp32" not in files:
         raise SystemExit(f"no fp32.onnx in {folder}: run the full benchmark first")
     record_decode(results, interleaved_decode(files, layers, kv, hd, args.rounds), args.rounds)

@@ -98,8 +98,8 @@ def _minilm_speed(data: dict[str, Any], key: str) -> str:
         ratios = []
         if batch in fp32:
             ratios.append(f"{fp32[batch] / value:.2f}x FP32")
-        if peers:
-            best = min(p[batch] for p in peers if batch in p)
+        best = min((p[batch] for p in peers if batch in p), default=None)
+        if best is not None:
             ratios.append(f"{best / value:.2f}x ORT")
         parts.append(f"{batch} {value:.1f} ms ({', '.join(ratios)})")
     return "; ".join(parts) + " (speed: higher is faster)"

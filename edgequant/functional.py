@@ -216,9 +216,15 @@ def dynamic_qparams(
     else:
         x_min = torch.clamp(x.detach().min().float(), max=0.0)
         x_max = torch.clamp(x.detach().max().float(), min=0.0)
-    scale = torch.where(
-        x_max == x_min, torch.ones_like(x_max), (x_max - x_min) / float(qmax - qmin)
-    )
+    if per_token:
+        # A row whose range underflows the scale to 0 (all zeros, or below ~1e-43) takes scale 1,
+        # as the exported graph does (export/ops.py), instead of dividing by 0.
+        scale = (x_max - x_min) / float(qmax - qmin)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    else:
+        scale = torch.where(
+            x_max == x_min, torch.ones_like(x_max), (x_max - x_min) / float(qmax - qmin)
+        )
     zero_point = torch.round(torch.clamp(qmin - x_min / scale, qmin, qmax)).to(torch.int32)
     return scale, zero_point
 

@@ -328,6 +328,7 @@ class Recipe:
                 "quantile of their channel ranges"
             )
         lines.append(f"  calibration samples: {self.calib_samples}")
+        lines.append(f"  dynamic PTQ activations: per {self.dynamic_activation}")
         if self.activation is not None:
             lines.append(
                 f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}"

@@ -270,12 +270,9 @@ def _per_token_quantize(x):
     axis = op.Constant(value_ints=[1])
     x_min = op.Min(op.ReduceMin(rows, axis, keepdims=0), zero)
     x_max = op.Max(op.ReduceMax(rows, axis, keepdims=0), zero)
-    scale = op.Where(
-        op.Equal(x_max, x_min),
-        op.Constant(value_float=1.0),
-        op.Div(op.Sub(x_max, x_min), op.Constant(value_float=255.0)),
-    )
     top = op.Constant(value_float=255.0)
+    step = op.Div(op.Sub(x_max, x_min), top)
+    scale = op.Where(op.Equal(step, zero), op.Constant(value_float=1.0), step)
     x_zp = op.Round(op.Clip(op.Sub(zero, op.Div(x_min, scale)), zero, top))
     q = op.QuantizeLinear(rows, scale, op.Cast(x_zp, to=ONNX_UINT8), axis=0)
     xq = op.Reshape(q, op.Shape(x))

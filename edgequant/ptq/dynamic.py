@@ -35,6 +35,13 @@ def build_dynamic(
         raise ValueError(
             "dynamic quantization supports per-tensor or per-channel weights, not per-group"
         )
+    for override in recipe.overrides:
+        if override.activation is not None and override.activation.bits != 8:
+            raise ValueError(
+                f"recipe {recipe.name!r}: override {override.pattern!r} asks for "
+                f"{override.activation.bits}-bit activations; dynamic quantization computes "
+                "8-bit ones at run time (UINT8, as MatMulInteger reads them)"
+            )
     # Activations: UINT8 computed from each input at run time (per token or per tensor, as
     # Recipe.dynamic_activation says); the first/last-layer rule does not apply.
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
@@ -90,6 +97,7 @@ def quantize_dynamic(
             pipeline, steps, _ = apply_outlier_steps(qmodel, recipe, data, samples_used, summary)
             summary.notes.extend(steps)  # dynamic models print their steps in the summary
         steps.append(f"weights rounded to nearest; {_ranges(recipe)}")
+    summary.notes.append(_ranges(recipe).capitalize())
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":
@@ -110,5 +118,9 @@ def quantize_dynamic(
 
 
 def _ranges(recipe: Recipe) -> str:
-    per = "each token" if recipe.dynamic_activation == "token" else "each input tensor"
+    per = (
+        "each token (a scale and zero point per row of each Linear input)"
+        if recipe.dynamic_activation == "token"
+        else "each input tensor"
+    )
     return f"activation ranges computed at run time for {per}"

@@ -153,6 +153,7 @@ def load(
             f"{method!r} (was it saved from another recipe, method or model?): {err}"
         ) from err
     _check_saved_method(qmodel, method)
+    _check_saved_granularity(qmodel, recipe)
     attach_info(
         qmodel,
         summary,
@@ -216,6 +217,21 @@ def _create_pass_buffers(qmodel: nn.Module, state: dict[str, Any], recipe: Recip
                         "is not a quantized Linear here (saved from another model?)"
                     )
                 resize_input(layer, value.numel())
+
+
+def _check_saved_granularity(qmodel: nn.Module, recipe: Recipe) -> None:
+    """A dynamic model's saved quantizers say per token or per tensor; the recipe must agree,
+    or quant_info would describe another model than the one loaded."""
+    dynamic = [q for q in quantizers(qmodel) if q.role == "activation" and q.mode == "dynamic"]
+    if not dynamic:
+        return
+    saved = "token" if dynamic[0].per_token else "tensor"
+    if saved != recipe.dynamic_activation:
+        raise ValueError(
+            f"the saved state quantizes activations per {saved} at run time, but recipe "
+            f"{recipe.name!r} says dynamic_activation={recipe.dynamic_activation!r}; pass a "
+            f"recipe with dynamic_activation={saved!r}"
+        )
 
 
 def _check_saved_method(qmodel: nn.Module, method: str) -> None:

@@ -15,6 +15,7 @@ from edgequant import functional as F
 from edgequant.export.inspect import inspect_onnx
 from edgequant.functional import sqnr_db
 from edgequant.quantizer import quantizers
+from edgequant.spec import LayerOverride, activation_spec
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -72,8 +73,12 @@ def test_dynamic_default_is_per_token_and_exports_exactly(tmp_path: Path) -> Non
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" not in ops
     held_out = outlier_tokens(8, seed=3)
+    held_out[0, 3] = 0.0  # a row of zeros
+    held_out[0, 4] = 0.0
+    held_out[0, 4, 5] = -1e-44  # a row whose range underflows the scale
     with torch.no_grad():
         sim = qmodel(held_out)
+    assert torch.isfinite(sim).all()
     assert torch.equal(run_ort(path, held_out), sim)  # the runtime computes the simulation's bits
     layers = inspect_onnx(path).layers
     assert [(layer.op, layer.activation) for layer in layers] == [("MatMulInteger", "dynamic")] * 2
@@ -119,3 +124,29 @@ def test_saved_and_loaded_model_keeps_per_token(tmp_path: Path) -> None:
     x = outlier_tokens(2, seed=6)
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
+
+
+def test_a_per_tensor_model_loads_only_with_a_per_tensor_recipe(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    recipe = eq.Recipe.preset("w8a8").replace(dynamic_activation="tensor")
+    qmodel = eq.quantize(model, recipe, method="dynamic")
+    torch.save(qmodel.state_dict(), tmp_path / "q.pt")
+    loaded = eq.load(model, recipe, tmp_path / "q.pt", outlier_tokens(1), method="dynamic")
+    assert not any(q.per_token for q in quantizers(loaded))
+    with pytest.raises(ValueError, match=r"per tensor at run time.*dynamic_activation='tensor'"):
+        eq.load(model, "w8a8", tmp_path / "q.pt", outlier_tokens(1), method="dynamic")
+
+
+def test_an_override_below_8_activation_bits_is_refused_for_dynamic() -> None:
+    recipe = eq.Recipe.preset("w8a8").replace(
+        overrides=(LayerOverride("down", activation=activation_spec(4)),)
+    )
+    with pytest.raises(ValueError, match=r"override 'down' asks for 4-bit activations"):
+        eq.quantize(TokenMLP().eval(), recipe, method="dynamic")
+
+
+def test_the_summary_and_the_recipe_say_per_token() -> None:
+    qmodel = eq.quantize(TokenMLP().eval(), "w8a8", method="dynamic")
+    assert any("for each token" in note for note in qmodel.quant_summary.notes)
+    assert "dynamic PTQ activations: per token" in str(eq.Recipe.preset("w8a8"))
