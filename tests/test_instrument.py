@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import TinyResidual, gen  # tests/toys.py
+from toys import MLP, Keywords, TinyResidual, gen
 
 import edgequant as eq
 from edgequant.batches import batch_size, call_model
@@ -60,16 +60,6 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -81,18 +71,6 @@ class Conv1dNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch_F.relu(self.bn(self.conv1(x)))
         return self.head(torch_F.relu(self.conv2(x)).mean(-1))
-
-
-class Keywords(nn.Module):
-    """Takes keyword tensors, as a Hugging Face model takes a tokenizer batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.proj(features)) * gain)
 
 
 MODELS = {

@@ -23,6 +23,47 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def tensor_batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
+    """n random batches of one shape, batch i drawn from generator seed + i."""
+    return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]
+
+
+def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.Tensor]]:
+    """n keyword batches for `Keywords`: features (batch, 6) and a positive gain (batch, 1)."""
+    g = gen(seed)
+    return [
+        {
+            "features": torch.randn(batch, 6, generator=g),
+            "gain": torch.rand(batch, 1, generator=g) + 0.5,
+        }
+        for _ in range(n)
+    ]
+
+
+class MLP(nn.Module):
+    """Two Linear layers, 16 -> 32 -> 4, with a ReLU between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Keywords(nn.Module):
+    """Takes keyword tensors, as a Hugging Face model takes a tokenizer batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(features)) * gain)
+
+
 class TinyResidual(nn.Module):
     """A toy residual block on 4 channels: F.relu and an add of the block's input."""
 
