@@ -9,7 +9,6 @@ and on the 10,000 JPEG test images. Latency: median over interleaved runs, 2 thr
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _resnet20 import eval_sets, load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -111,25 +111,18 @@ def ort_quantize_static(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/ptq_resnet20.json")
-    parser.add_argument("--runs", type=int, default=40, help="latency runs per batch size")
-    parser.add_argument(
-        "--quick", action="store_true", help="skip the JPEG test set and use fewer latency runs"
+    parser = resnet20_parser(
+        __doc__,
+        "benchmarks/results/ptq_resnet20.json",
+        quick_help="skip the JPEG test set and use fewer latency runs",
     )
+    parser.add_argument("--runs", type=int, default=40, help="latency runs per batch size")
     args = parser.parse_args()
     if cifar_missing():
         return 0
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    model = C.load_resnet20()
-    x_cal, _ = C.calibration_split(512)
-    x932, y932 = C.load_split("test_932")
-    test_sets = {"test_932": (x932.numpy(), y932.numpy())}
-    if not args.quick:
-        xj, yj = C.load_jpeg_test()
-        test_sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
-    calib = list(x_cal.split(64))
+    data = load_resnet20_cifar()
+    model, x_cal, calib, x932, y932 = data.model, data.x_cal, data.calib, data.x932, data.y932
+    test_sets = eval_sets(data, args.quick)
     work = Path(tempfile.mkdtemp(prefix="eq-bench-"))
     results: dict[str, dict] = {}
 

@@ -1,0 +1,53 @@
+"""The setup the ResNet-20 benchmarks share: their command line, the pretrained ResNet-20 of
+../shared with its 512 calibration images of train_4660, and the two CIFAR-10 test sets."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgequant.examples import cifar10 as C
+
+
+def resnet20_parser(
+    doc: str, out: str, quick_help: str = "skip the JPEG test set"
+) -> argparse.ArgumentParser:
+    """--out (default `out`) and --quick, described by the first line of the script's `doc`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
+
+
+@dataclass(frozen=True)
+class ResNet20Cifar:
+    """The float model, its calibration images (whole and in batches of 64) and test_932."""
+
+    model: torch.nn.Module
+    x_cal: torch.Tensor
+    calib: list[torch.Tensor]
+    x932: torch.Tensor
+    y932: torch.Tensor
+
+
+def load_resnet20_cifar(threads: int | None = 2) -> ResNet20Cifar:
+    """torch on `threads` threads (None: left as it is), seed 0, then the model and the images."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = C.load_resnet20()
+    x_cal, _ = C.calibration_split(512)
+    x932, y932 = C.load_split("test_932")
+    return ResNet20Cifar(model, x_cal, list(x_cal.split(64)), x932, y932)
+
+
+def eval_sets(data: ResNet20Cifar, quick: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """test_932 and, unless `quick`, the 10,000 JPEG images, as numpy (images, labels)."""
+    sets = {"test_932": (data.x932.numpy(), data.y932.numpy())}
+    if not quick:
+        xj, yj = C.load_jpeg_test()
+        sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
+    return sets
