@@ -144,20 +144,15 @@ class ConvCalledTwice(nn.Module):
         return self.fc(self.conv(y).mean((2, 3)))
 
 
-def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
+@pytest.mark.parametrize(
+    ("cls", "shape", "seed"),
+    [(SharedConvOutput, (2, 3, 6, 6), 2), (ConvCalledTwice, (2, 4, 6, 6), 3)],
+    ids=["the conv output has other readers", "a layer that runs twice"],
+)
+def test_bn_not_folded(cls: type[nn.Module], shape: tuple[int, ...], seed: int) -> None:
     torch.manual_seed(0)
-    model = _randomize_bn(SharedConvOutput())
-    x = torch.randn(2, 3, 6, 6, generator=gen(2))
-    qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
-    with torch.no_grad():
-        assert _rel_err(qmodel(x), model(x)) < 1e-5
-    assert summary.layers[0].bn_folded == ""
-
-
-def test_bn_not_folded_into_a_layer_that_runs_twice() -> None:
-    torch.manual_seed(0)
-    model = _randomize_bn(ConvCalledTwice())
-    x = torch.randn(2, 4, 6, 6, generator=gen(3))
+    model = _randomize_bn(cls())
+    x = torch.randn(*shape, generator=gen(seed))
     qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
     with torch.no_grad():
         assert _rel_err(qmodel(x), model(x)) < 1e-5

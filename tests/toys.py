@@ -79,6 +79,20 @@ class TinyResidual(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+def small_resnet_case(n_test: int) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
+    """(SmallResNet in eval mode with non-trivial BN statistics, four calibration batches of 32
+    images of 3x12x12, `n_test` held-out images)."""
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
+    test = torch.randn(n_test, 3, 12, 12, generator=g)
+    return model, calib, test
+
+
 class SmallResNet(nn.Module):
     """conv-bn-relu, a residual block, pooling and a linear head: a small ResNet."""
 
