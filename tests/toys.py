@@ -64,6 +64,20 @@ class Keywords(nn.Module):
         return self.out(torch.relu(self.proj(features)) * gain)
 
 
+class SeededMLP(nn.Module):
+    """Two Linear layers, 32 -> 64 -> 8, with a ReLU between; seeds torch (0) before building,
+    so every instance starts from the same weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 class TinyResidual(nn.Module):
     """A toy residual block on 4 channels: F.relu and an add of the block's input."""
 
