@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from edgequant.examples import cifar10 as C
+
+EvalSets = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def resnet20_parser(
@@ -44,10 +49,22 @@ def load_resnet20_cifar(threads: int | None = 2) -> ResNet20Cifar:
     return ResNet20Cifar(model, x_cal, list(x_cal.split(64)), x932, y932)
 
 
-def eval_sets(data: ResNet20Cifar, quick: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def eval_sets(data: ResNet20Cifar, quick: bool) -> EvalSets:
     """test_932 and, unless `quick`, the 10,000 JPEG images, as numpy (images, labels)."""
-    sets = {"test_932": (data.x932.numpy(), data.y932.numpy())}
+    sets: EvalSets = {"test_932": (data.x932.numpy(), data.y932.numpy())}
     if not quick:
         xj, yj = C.load_jpeg_test()
         sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
     return sets
+
+
+def evaluate_onnx(
+    results: dict[str, Any], name: str, path: Path, test_sets: EvalSets, extra: dict[str, Any]
+) -> None:
+    """results[name]: the ONNX file's accuracy in ONNX Runtime on each test set, its size and
+    `extra`; printed as it lands."""
+    fn = C.ort_predict_fn(path)
+    row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
+    row.update(size_bytes=path.stat().st_size, **extra)
+    results[name] = row
+    print(name, json.dumps(row), flush=True)

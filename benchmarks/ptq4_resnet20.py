@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _resnet20 import evaluate_onnx  # benchmarks/_resnet20.py
+from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.examples.shared import shared_dir
 from edgequant.export.onnx import export_float_onnx
 
 CALIB = 1024
@@ -104,11 +103,7 @@ def main() -> int:
         "--ort", action="store_true", help="ONNX Runtime's quantize_static beside --only's runs"
     )
     args = parser.parse_args()
-    if shared_dir() is None:
-        print(
-            "skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED",
-            file=sys.stderr,
-        )
+    if cifar_missing():
         return 0
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -124,11 +119,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
 
     def evaluate(name: str, path: Path, extra: dict[str, Any]) -> None:
-        fn = C.ort_predict_fn(path)
-        row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
-        row.update(size_bytes=path.stat().st_size, **extra)
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
+        evaluate_onnx(results, name, path, test_sets, extra)
 
     fp32 = work / "fp32.onnx"
     export_float_onnx(model, fp32, x932[:1])

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _resnet20 import eval_sets, load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
+from _resnet20 import (  # benchmarks/_resnet20.py
+    eval_sets,
+    evaluate_onnx,
+    load_resnet20_cifar,
+    resnet20_parser,
+)
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -127,11 +132,7 @@ def main() -> int:
     results: dict[str, dict] = {}
 
     def evaluate(name: str, path: Path, extra: dict) -> None:
-        fn = C.ort_predict_fn(path)
-        row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
-        row.update(size_bytes=path.stat().st_size, **extra)
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
+        evaluate_onnx(results, name, path, test_sets, extra)
 
     fp32 = work / "fp32.onnx"
     torch.onnx.export(
