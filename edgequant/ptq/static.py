@@ -393,6 +393,27 @@ def pipeline_notes(pipeline: dict[str, Any]) -> list[str]:
     ]
 
 
+def attach_ptq_info(
+    qmodel: nn.Module,
+    summary: Summary,
+    method: str,
+    recipe: Recipe,
+    pipeline: dict[str, Any],
+    steps: list[str],
+    samples_used: int,
+) -> None:
+    """The quant_info of a model that PTQ built: method, recipe, the pipeline with the steps it
+    ran, the samples it read; PTQ reads no labels."""
+    info = {
+        "method": method,
+        "recipe": recipe.to_dict(),
+        "pipeline": {**pipeline, "steps": steps},
+        "samples_used": samples_used,
+        "labels_used": False,
+    }
+    attach_info(qmodel, summary, info)
+
+
 def quantize_static(
     model: nn.Module,
     recipe: Recipe,
@@ -436,15 +457,5 @@ def quantize_static(
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     if flagged:  # the steps the outliers turned on, with their reasons
         summary.notes.extend(pipeline_notes(pipeline))
-    attach_info(
-        qmodel,
-        summary,
-        {
-            "method": "static",
-            "recipe": recipe.to_dict(),
-            "pipeline": {**pipeline, "steps": steps},
-            "samples_used": used,
-            "labels_used": False,
-        },
-    )
+    attach_ptq_info(qmodel, summary, "static", recipe, pipeline, steps, used)
     return qmodel
