@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,58 @@ def evaluate_onnx(
     row.update(size_bytes=path.stat().st_size, **extra)
     results[name] = row
     print(name, json.dumps(row), flush=True)
+
+
+def ort_quantize_static(
+    fp32_path: Path,
+    out_path: Path,
+    calib: np.ndarray,
+    weight_type: str = "int8",
+    activation_type: str = "uint8",
+) -> float:
+    """ONNX Runtime's quantize_static (MinMax, per-channel, QDQ) of the float file, calibrated on
+    `calib` in batches of 64; the types by name ("int8", "uint8", "int4", "uint4"). Returns the
+    wall time in seconds, pre-processing included."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    types = {
+        "int8": QuantType.QInt8,
+        "uint8": QuantType.QUInt8,
+        "int4": QuantType.QInt4,
+        "uint4": QuantType.QUInt4,
+    }
+    name = (
+        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .name
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: calib[i : i + 64]} for i in range(0, len(calib), 64)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    start = time.perf_counter()
+    pre = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(
+        str(pre),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=types[activation_type],
+        weight_type=types[weight_type],
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return time.perf_counter() - start

@@ -21,6 +21,7 @@ from _resnet20 import (  # benchmarks/_resnet20.py
     eval_sets,
     evaluate_onnx,
     load_resnet20_cifar,
+    ort_quantize_static,
     resnet20_parser,
 )
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
@@ -70,49 +71,6 @@ def as_int8_weights(src: Path, dst: Path) -> int:
     count = len(weights)
     onnx.save(model, str(dst))
     return count
-
-
-def ort_quantize_static(
-    fp32_path: Path, out_path: Path, calib: np.ndarray, weight_type: str = "int8"
-) -> float:
-    """ONNX Runtime's quantize_static: MinMax, per-channel, QDQ, U8 activations / S8 weights."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name: str) -> None:
-            self.batches = iter([{name: calib[i : i + 64]} for i in range(0, len(calib), 64)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    import onnxruntime as ort
-
-    name = (
-        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-        .get_inputs()[0]
-        .name
-    )
-    start = time.perf_counter()
-    pre = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(
-        str(pre),
-        str(out_path),
-        Reader(name),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
-    return time.perf_counter() - start
 
 
 def main() -> int:
