@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from edgequant.batches import batch_size, naming_the_batch
+from edgequant.batches import batch_size, naming_the_batch, removing_hooks
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
 from edgequant.modules import QuantMixin, fast_simulation
@@ -220,12 +220,8 @@ def execution_order(qmodel: nn.Module, batch: Any) -> list[tuple[str, QuantMixin
         for name, m in qmodel.named_modules()
         if isinstance(m, QuantMixin)
     ]
-    try:
-        with torch.no_grad():
-            call_model(qmodel, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing_hooks(handles), torch.no_grad():
+        call_model(qmodel, batch)
     seen = list(dict.fromkeys(order))
     return [(n, cast(QuantMixin, qmodel.get_submodule(n))) for n in seen]
 
