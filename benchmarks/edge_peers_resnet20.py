@@ -17,18 +17,17 @@ against the other, interleaved.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _resnet20 import eval_sets, load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 from edge_resnet20 import latency_ms, predictions
 
 import edgequant as eq
-from edgequant.examples import cifar10 as C
 from edgequant.export.tflite_runtime import TFLiteRunner, tensor_ops, tflm_arena_bytes
 from edgequant.recipe import Recipe
 
@@ -55,27 +54,16 @@ def peer_tflite(model: torch.nn.Module, calib: torch.Tensor, example: torch.Tens
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/edge_peers_resnet20.json")
-    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
-    args = parser.parse_args()
+    args = resnet20_parser(__doc__, "benchmarks/results/edge_peers_resnet20.json").parse_args()
     if cifar_missing():
         return 0
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = C.load_resnet20()
-    x_cal, _ = C.calibration_split(512)
-    x932, y932 = C.load_split("test_932")
-    sets = {"test_932": (x932.numpy(), y932.numpy())}
-    if not args.quick:
-        xj, yj = C.load_jpeg_test()
-        sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
+    data = load_resnet20_cifar()
+    model, x_cal, x932 = data.model, data.x_cal, data.x932
+    sets = eval_sets(data, args.quick)
     work = Path(tempfile.mkdtemp(prefix="eq-edge-peers-"))
 
     start = time.perf_counter()
-    qmodel = eq.quantize(
-        model, Recipe.preset("w8a8").for_target("mcu-int8"), list(x_cal.split(64)), "static"
-    )
+    qmodel = eq.quantize(model, Recipe.preset("w8a8").for_target("mcu-int8"), data.calib, "static")
     info = eq.export_tflite(qmodel, work / "ours.tflite", x932[:1])
     files = {"edgequant": (work / "ours.tflite").read_bytes()}
     wall = {"edgequant": time.perf_counter() - start}

@@ -16,7 +16,6 @@ TFLite Micro's arena.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _resnet20 import load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -53,23 +53,17 @@ def predictions(runner: TFLiteRunner, x: np.ndarray) -> np.ndarray:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/edge_resnet20.json")
-    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
-    args = parser.parse_args()
+    args = resnet20_parser(__doc__, "benchmarks/results/edge_resnet20.json").parse_args()
     if cifar_missing():
         return 0
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = C.load_resnet20()
-    x_cal, _ = C.calibration_split(512)
-    x932, y932 = C.load_split("test_932")
+    data = load_resnet20_cifar()
+    model, x932, y932 = data.model, data.x932, data.y932
     work = Path(tempfile.mkdtemp(prefix="eq-edge-"))
     bars: dict[str, bool] = {}
 
     start = time.perf_counter()
     recipe = Recipe.preset("w8a8").for_target("mcu-int8")
-    qmodel = eq.quantize(model, recipe, list(x_cal.split(64)), method="static")
+    qmodel = eq.quantize(model, recipe, data.calib, method="static")
     quantize_s = time.perf_counter() - start
     path = work / "resnet20.tflite"
     info = eq.export_tflite(qmodel, path, x932[:1], verify_data=list(x932.split(64)))

@@ -18,63 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _resnet20 import evaluate_onnx, ort_quantize_static  # benchmarks/_resnet20.py
+from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import cifar10 as C
-from edgequant.examples.shared import shared_dir
 from edgequant.export.onnx import export_float_onnx
 
 CALIB = 1024
-
-
-def ort_quantize(fp32_path: Path, out_path: Path, calib: np.ndarray, w4: bool, a4: bool) -> float:
-    """ONNX Runtime's quantize_static: MinMax, per-channel, QDQ; 4-bit types where asked."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    name = (
-        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-        .get_inputs()[0]
-        .name
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{name: calib[i : i + 64]} for i in range(0, len(calib), 64)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    start = time.perf_counter()
-    pre = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(
-        str(pre),
-        str(out_path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt4 if a4 else QuantType.QUInt8,
-        weight_type=QuantType.QInt4 if w4 else QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
-    return time.perf_counter() - start
 
 
 def heldout_scores(model: torch.nn.Module, qmodel: torch.nn.Module) -> dict[str, float]:
@@ -104,11 +61,7 @@ def main() -> int:
         "--ort", action="store_true", help="ONNX Runtime's quantize_static beside --only's runs"
     )
     args = parser.parse_args()
-    if shared_dir() is None:
-        print(
-            "skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED",
-            file=sys.stderr,
-        )
+    if cifar_missing():
         return 0
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -124,11 +77,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
 
     def evaluate(name: str, path: Path, extra: dict[str, Any]) -> None:
-        fn = C.ort_predict_fn(path)
-        row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
-        row.update(size_bytes=path.stat().st_size, **extra)
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
+        evaluate_onnx(results, name, path, test_sets, extra)
 
     fp32 = work / "fp32.onnx"
     export_float_onnx(model, fp32, x932[:1])
@@ -203,7 +152,13 @@ def main() -> int:
             path = work / f"ort_{label}.onnx"
             name = f"onnxruntime quantize_static {label} (MinMax, per-channel, QDQ)"
             try:
-                wall = ort_quantize(fp32, path, x_cal.numpy(), w4, a4)
+                wall = ort_quantize_static(
+                    fp32,
+                    path,
+                    x_cal.numpy(),
+                    weight_type="int4" if w4 else "int8",
+                    activation_type="uint4" if a4 else "uint8",
+                )
                 evaluate(name, path, {"calib_wall_s": round(wall, 1)})
             except Exception as err:  # a peer's failure is a result, reported as such
                 results[name] = {"failed": f"{type(err).__name__}: {err}"[:300]}

@@ -9,7 +9,6 @@ and on the 10,000 JPEG test images. Latency: median over interleaved runs, 2 thr
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -18,6 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _resnet20 import (  # benchmarks/_resnet20.py
+    eval_sets,
+    evaluate_onnx,
+    load_resnet20_cifar,
+    ort_quantize_static,
+    resnet20_parser,
+)
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -67,78 +73,24 @@ def as_int8_weights(src: Path, dst: Path) -> int:
     return count
 
 
-def ort_quantize_static(
-    fp32_path: Path, out_path: Path, calib: np.ndarray, weight_type: str = "int8"
-) -> float:
-    """ONNX Runtime's quantize_static: MinMax, per-channel, QDQ, U8 activations / S8 weights."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name: str) -> None:
-            self.batches = iter([{name: calib[i : i + 64]} for i in range(0, len(calib), 64)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    import onnxruntime as ort
-
-    name = (
-        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-        .get_inputs()[0]
-        .name
-    )
-    start = time.perf_counter()
-    pre = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(
-        str(pre),
-        str(out_path),
-        Reader(name),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
-    return time.perf_counter() - start
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/ptq_resnet20.json")
-    parser.add_argument("--runs", type=int, default=40, help="latency runs per batch size")
-    parser.add_argument(
-        "--quick", action="store_true", help="skip the JPEG test set and use fewer latency runs"
+    parser = resnet20_parser(
+        __doc__,
+        "benchmarks/results/ptq_resnet20.json",
+        quick_help="skip the JPEG test set and use fewer latency runs",
     )
+    parser.add_argument("--runs", type=int, default=40, help="latency runs per batch size")
     args = parser.parse_args()
     if cifar_missing():
         return 0
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    model = C.load_resnet20()
-    x_cal, _ = C.calibration_split(512)
-    x932, y932 = C.load_split("test_932")
-    test_sets = {"test_932": (x932.numpy(), y932.numpy())}
-    if not args.quick:
-        xj, yj = C.load_jpeg_test()
-        test_sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
-    calib = list(x_cal.split(64))
+    data = load_resnet20_cifar()
+    model, x_cal, calib, x932, y932 = data.model, data.x_cal, data.calib, data.x932, data.y932
+    test_sets = eval_sets(data, args.quick)
     work = Path(tempfile.mkdtemp(prefix="eq-bench-"))
     results: dict[str, dict] = {}
 
     def evaluate(name: str, path: Path, extra: dict) -> None:
-        fn = C.ort_predict_fn(path)
-        row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
-        row.update(size_bytes=path.stat().st_size, **extra)
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
+        evaluate_onnx(results, name, path, test_sets, extra)
 
     fp32 = work / "fp32.onnx"
     torch.onnx.export(

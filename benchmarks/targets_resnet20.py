@@ -11,7 +11,6 @@ train_4660 for every target.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _resnet20 import eval_sets, load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -48,21 +48,12 @@ def count_not_pow2(scales: list[np.ndarray]) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/targets_resnet20.json")
-    parser.add_argument("--quick", action="store_true", help="skip the JPEG test set")
-    args = parser.parse_args()
+    args = resnet20_parser(__doc__, "benchmarks/results/targets_resnet20.json").parse_args()
     if cifar_missing():
         return 0
-    torch.manual_seed(0)
-    model = C.load_resnet20()
-    x_cal, _ = C.calibration_split(512)
-    x932, y932 = C.load_split("test_932")
-    test_sets = {"test_932": (x932.numpy(), y932.numpy())}
-    if not args.quick:
-        xj, yj = C.load_jpeg_test()
-        test_sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
-    calib = list(x_cal.split(64))
+    data = load_resnet20_cifar(threads=None)
+    model, calib, x932, y932 = data.model, data.calib, data.x932, data.y932
+    test_sets = eval_sets(data, args.quick)
     work = Path(tempfile.mkdtemp(prefix="eq-targets-"))
     results: dict[str, dict] = {}
     for target in TARGETS:

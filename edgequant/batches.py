@@ -14,6 +14,17 @@ import torch
 from torch import Tensor, nn
 
 
+@contextlib.contextmanager
+def removing_hooks(handles: list[Any]) -> Iterator[None]:
+    """Remove the hook `handles` (torch's RemovableHandle) when the block exits, even on error,
+    so that no hook outlives the run it was registered for."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def call_model(model: nn.Module, batch: Any, index: int = 0) -> Any:
     """Run the model on one calibration item: a tensor, a tuple of positional args, or a dict of
     keyword args (a Hugging Face tokenizer batch)."""

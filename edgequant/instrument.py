@@ -18,6 +18,7 @@ from edgequant.batches import (
     describe_batch,
     metric_number,
     nonfinite,
+    removing_hooks,
 )
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
@@ -70,12 +71,8 @@ def trace_layers(model: nn.Module, batch: Any) -> _Trace:
             hooks.append(m.register_forward_hook(layer_hook))
         elif isinstance(m, _BATCHNORMS):
             hooks.append(m.register_forward_hook(bn_hook))
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing_hooks(hooks), torch.no_grad():
+        call_model(model, batch)
     # A BN that two layers feed, or that runs on a layer's output more than once, is not folded.
     counts: dict[str, int] = {}
     for bn in bn_of.values():

@@ -79,6 +79,10 @@ class TensorQuantizer(nn.Module):
             return x
         if self.mode == "dynamic":
             return F.dynamic_fake_quantize(x, self.spec.qmin, self.spec.qmax, self.per_token)
+        return self.fake_quantize_stored(x)
+
+    def fake_quantize_stored(self, x: Tensor) -> Tensor:
+        """x fake-quantized on the stored grid (self.scale, self.zero_point) of this spec."""
         return F.fake_quantize(
             x,
             self.scale,

@@ -19,6 +19,7 @@ from edgequant.spec import (
     LayerOverride,
     QuantSpec,
     activation_spec,
+    check_dataclass_keys,
     weight_spec,
 )
 from edgequant.targets import TARGETS
@@ -369,12 +370,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        if not isinstance(data, dict):
-            raise TypeError(f"Recipe.from_dict expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"Recipe: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+        check_dataclass_keys(cls, data)
         d = dict(data)
 
         def spec(v: Any) -> QuantSpec | None:

@@ -113,13 +113,19 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        if not isinstance(data, dict):
-            raise TypeError(f"QuantSpec.from_dict expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"QuantSpec: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+        check_dataclass_keys(cls, data)
         return cls(**data)
+
+
+def check_dataclass_keys(cls: type, data: Any) -> None:
+    """What `cls.from_dict(data)` checks first: `data` is a dict whose keys are all fields of the
+    dataclass `cls` (TypeError / ValueError naming the class, the unknown and the valid keys)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
 
 
 def weight_spec(bits: int, group_size: int | None = None) -> QuantSpec:

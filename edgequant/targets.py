@@ -4,6 +4,7 @@ specs, looked up by name in TARGETS."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from edgequant.spec import QuantSpec
 
@@ -17,6 +18,11 @@ def _per_channel(spec: QuantSpec) -> QuantSpec:
     if spec.granularity == "channel":
         return spec
     return spec.replace(granularity="channel", axis=0, group_size=None)
+
+
+def _per_tensor_activation(spec: QuantSpec, **changes: Any) -> QuantSpec:
+    """One activation grid per tensor (what these runtimes' kernels take), with `changes`."""
+    return spec.replace(granularity="tensor", axis=0, group_size=None, **changes)
 
 
 @dataclass(frozen=True)
@@ -65,14 +71,7 @@ class TFLiteInt8Target(Target):
         return _per_channel(spec).replace(signed=True, symmetric=True, narrow_range=True)
 
     def activation(self, spec: QuantSpec) -> QuantSpec:
-        return spec.replace(
-            signed=True,
-            symmetric=False,
-            narrow_range=False,
-            granularity="tensor",
-            axis=0,
-            group_size=None,
-        )
+        return _per_tensor_activation(spec, signed=True, symmetric=False, narrow_range=False)
 
 
 @dataclass(frozen=True)
@@ -89,9 +88,7 @@ class TensorRTTarget(Target):
         return _per_channel(spec).replace(signed=True, symmetric=True)
 
     def activation(self, spec: QuantSpec) -> QuantSpec:
-        return spec.replace(
-            signed=True, symmetric=True, granularity="tensor", axis=0, group_size=None
-        )
+        return _per_tensor_activation(spec, signed=True, symmetric=True)
 
 
 @dataclass(frozen=True)
@@ -109,12 +106,10 @@ class DspPow2Target(Target):
         return _per_channel(spec).replace(signed=True, symmetric=True, scale_type="pow2")
 
     def activation(self, spec: QuantSpec) -> QuantSpec:
-        return spec.replace(
+        return _per_tensor_activation(
+            spec,
             signed=True,
             symmetric=True,
-            granularity="tensor",
-            axis=0,
-            group_size=None,
             scale_type="pow2",
         )
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import Attention  # tests/zoo.py: nn.MultiheadAttention called as `a, _ = attn(h, h, h)`
 
 import edgequant as eq
 from edgequant.check import KEEP_FLOAT, REFUSE, REMOVE, REPLACE, CheckResult
@@ -237,26 +238,11 @@ def test_inputs_that_do_not_fit_give_a_note_and_no_traceback(capsys) -> None:
     )
 
 
-class SelfAttention(nn.Module):
-    """nn.MultiheadAttention, called the usual way: `a, _ = attn(h, h, h)` (a tuple)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        a, _ = self.attn(h, h, h, need_weights=False)
-        return self.head((h + a).mean(1))
-
-
 def test_attention_module_returning_a_tuple_is_listed() -> None:
     x = torch.randn(2, 5, 8)
-    rows = eq.check(SelfAttention().eval(), "mcu-int8", x).rows
+    rows = eq.check(Attention().eval(), "mcu-int8", x).rows
     assert [(r.node, r.op, r.action) for r in rows] == [("attn", "attention", REFUSE)]
-    rows = eq.check(SelfAttention().eval(), "onnxruntime", x).rows
+    rows = eq.check(Attention().eval(), "onnxruntime", x).rows
     assert [(r.node, r.action) for r in rows] == [("attn", KEEP_FLOAT)]
 
 

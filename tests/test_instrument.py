@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import TinyResidual, gen  # tests/toys.py
+from toys import MLP, Keywords, TinyResidual, gen
 
 import edgequant as eq
 from edgequant.batches import batch_size, call_model
@@ -60,16 +60,6 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -81,18 +71,6 @@ class Conv1dNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch_F.relu(self.bn(self.conv1(x)))
         return self.head(torch_F.relu(self.conv2(x)).mean(-1))
-
-
-class Keywords(nn.Module):
-    """Takes keyword tensors, as a Hugging Face model takes a tokenizer batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.proj(features)) * gain)
 
 
 MODELS = {
@@ -166,20 +144,15 @@ class ConvCalledTwice(nn.Module):
         return self.fc(self.conv(y).mean((2, 3)))
 
 
-def test_bn_not_folded_when_the_conv_output_has_other_readers() -> None:
+@pytest.mark.parametrize(
+    ("cls", "shape", "seed"),
+    [(SharedConvOutput, (2, 3, 6, 6), 2), (ConvCalledTwice, (2, 4, 6, 6), 3)],
+    ids=["the conv output has other readers", "a layer that runs twice"],
+)
+def test_bn_not_folded(cls: type[nn.Module], shape: tuple[int, ...], seed: int) -> None:
     torch.manual_seed(0)
-    model = _randomize_bn(SharedConvOutput())
-    x = torch.randn(2, 3, 6, 6, generator=gen(2))
-    qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
-    with torch.no_grad():
-        assert _rel_err(qmodel(x), model(x)) < 1e-5
-    assert summary.layers[0].bn_folded == ""
-
-
-def test_bn_not_folded_into_a_layer_that_runs_twice() -> None:
-    torch.manual_seed(0)
-    model = _randomize_bn(ConvCalledTwice())
-    x = torch.randn(2, 4, 6, 6, generator=gen(3))
+    model = _randomize_bn(cls())
+    x = torch.randn(*shape, generator=gen(seed))
     qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
     with torch.no_grad():
         assert _rel_err(qmodel(x), model(x)) < 1e-5

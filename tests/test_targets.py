@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import SmallResNet  # tests/toys.py
+from toys import small_resnet_case  # tests/toys.py
 
 import edgequant as eq
 from edgequant.export.integer_graph import constant_arrays
@@ -138,15 +138,7 @@ def test_retargeting_is_idempotent() -> None:
 
 @pytest.fixture(scope="module")
 def residual() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
-    torch.manual_seed(0)
-    model = SmallResNet().eval()
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
-    test = torch.randn(64, 3, 12, 12, generator=g)
-    return model, calib, test
+    return small_resnet_case(64)
 
 
 def qdq_scales(path: Path) -> dict[str, np.ndarray]:

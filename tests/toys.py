@@ -23,6 +23,61 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def tensor_batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
+    """n random batches of one shape, batch i drawn from generator seed + i."""
+    return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]
+
+
+def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.Tensor]]:
+    """n keyword batches for `Keywords`: features (batch, 6) and a positive gain (batch, 1)."""
+    g = gen(seed)
+    return [
+        {
+            "features": torch.randn(batch, 6, generator=g),
+            "gain": torch.rand(batch, 1, generator=g) + 0.5,
+        }
+        for _ in range(n)
+    ]
+
+
+class MLP(nn.Module):
+    """Two Linear layers, 16 -> 32 -> 4, with a ReLU between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Keywords(nn.Module):
+    """Takes keyword tensors, as a Hugging Face model takes a tokenizer batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(features)) * gain)
+
+
+class SeededMLP(nn.Module):
+    """Two Linear layers, 32 -> 64 -> 8, with a ReLU between; seeds torch (0) before building,
+    so every instance starts from the same weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 class TinyResidual(nn.Module):
     """A toy residual block on 4 channels: F.relu and an add of the block's input."""
 
@@ -36,6 +91,20 @@ class TinyResidual(nn.Module):
         y = torch_F.relu(self.conv1(x))
         y = torch_F.relu(self.conv2(y) + x)
         return self.fc(y.mean((2, 3)))
+
+
+def small_resnet_case(n_test: int) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
+    """(SmallResNet in eval mode with non-trivial BN statistics, four calibration batches of 32
+    images of 3x12x12, `n_test` held-out images)."""
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
+    test = torch.randn(n_test, 3, 12, 12, generator=g)
+    return model, calib, test
 
 
 class SmallResNet(nn.Module):

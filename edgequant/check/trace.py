@@ -149,7 +149,7 @@ def check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None
 
 
 def check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
-    from edgequant.batches import call_model, naming_the_batch
+    from edgequant.batches import call_model, naming_the_batch, removing_hooks
 
     seen: list[tuple[str, nn.Module]] = []
     hooks = []
@@ -172,12 +172,12 @@ def check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> N
             continue
         if name in opaque or not list(m.children()):
             hooks.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad(), naming_the_batch(example_inputs, "example_inputs"):
-            call_model(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    with (
+        removing_hooks(hooks),
+        torch.no_grad(),
+        naming_the_batch(example_inputs, "example_inputs"),
+    ):
+        call_model(model, example_inputs)
     last = seen[-1][0] if seen else None
     for name, m in dict(seen).items():
         kind = "upsample (nearest)" if nearest_upsample(m) else INTEGER_MODULES.get(type(m))

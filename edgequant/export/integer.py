@@ -234,11 +234,7 @@ class IntegerRunner(RunnerBase):
     # -- compute ops
     def op_Conv(self, node: Any, args: list[Any]) -> list[Any]:
         x, w = self.quantized_inputs(node, args, 2)
-        bias = (
-            self.quantized_inputs(node, args[2:], 1)[0]
-            if len(args) > 2 and args[2] is not None
-            else None
-        )
+        bias = self.optional_bias(node, args)
         self._activation_input(node, x)
         at = self.attrs(node)
         if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -263,11 +259,7 @@ class IntegerRunner(RunnerBase):
 
     def op_Gemm(self, node: Any, args: list[Any]) -> list[Any]:
         a, b = self.quantized_inputs(node, args, 2)
-        bias = (
-            self.quantized_inputs(node, args[2:], 1)[0]
-            if len(args) > 2 and args[2] is not None
-            else None
-        )
+        bias = self.optional_bias(node, args)
         self._activation_input(node, a)
         at = self.attrs(node)
         if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0:

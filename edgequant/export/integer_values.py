@@ -147,6 +147,13 @@ class RunnerBase:
             out.append(a)
         return out
 
+    def optional_bias(self, node: Any, args: list[Any]) -> Quantized | None:
+        """The third input (Conv's or Gemm's bias) where the node has one, checked as
+        quantized_inputs checks an input."""
+        if len(args) > 2 and args[2] is not None:
+            return self.quantized_inputs(node, args[2:], 1)[0]
+        return None
+
     # -- data movement on the integers
     def op_MaxPool(self, node: Any, args: list[Any]) -> list[Any]:
         (x,) = self.quantized_inputs(node, args, 1)

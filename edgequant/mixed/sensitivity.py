@@ -28,7 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from edgequant.batches import batch_size, call_model, metric_number
+from edgequant.batches import batch_size, call_model, metric_number, removing_hooks
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
 from edgequant.recipe import Recipe
@@ -182,12 +182,8 @@ def layer_costs(qmodel: nn.Module, example_batch: Any) -> LayerCosts:
         if isinstance(m, QuantMixin) and m.weight_quantizer is not None:
             params[name] = int(m.weight.numel())
             hooks.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad(), _all_quantizers("disabled", qmodel):
-            call_model(qmodel, example_batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing_hooks(hooks), torch.no_grad(), _all_quantizers("disabled", qmodel):
+        call_model(qmodel, example_batch)
     for name in params:
         macs.setdefault(name, 0)
     return LayerCosts(params, macs)

@@ -70,14 +70,17 @@ class Observer(nn.Module):
         return x
 
 
-class MinMaxObserver(Observer):
-    """The running min and max of everything seen."""
+class _RunningRange(Observer):
+    """Keeps min_val and max_val buffers; `_merge` says how a batch's range updates them."""
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__(spec)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
+    def _merge(self, mn: Tensor, mx: Tensor) -> None:
+        raise NotImplementedError
+
     @torch.no_grad()
     def forward(self, x: Tensor) -> None:
         x = self._check_batch(x)
@@ -85,10 +88,7 @@ class MinMaxObserver(Observer):
         if self.batches == 0:
             self.min_val, self.max_val = mn, mx
         else:
-            self.min_val, self.max_val = (
-                torch.minimum(self.min_val, mn),
-                torch.maximum(self.max_val, mx),
-            )
+            self._merge(mn, mx)
         self.batches += 1
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
@@ -96,29 +96,26 @@ class MinMaxObserver(Observer):
         return self.min_val.clone(), self.max_val.clone()
 
 
-class EMAObserver(Observer):
+class MinMaxObserver(_RunningRange):
+    """The running min and max of everything seen."""
+
+    def _merge(self, mn: Tensor, mx: Tensor) -> None:
+        self.min_val, self.max_val = (
+            torch.minimum(self.min_val, mn),
+            torch.maximum(self.max_val, mx),
+        )
+
+
+class EMAObserver(_RunningRange):
     """Exponential moving average of each batch's min and max (the first batch initialises):
     range <- range + momentum * (batch range - range)."""
 
     def __init__(self, spec: QuantSpec, momentum: float = 0.01) -> None:
-        super().__init__(spec)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"EMAObserver: momentum={momentum!r} must be in (0, 1]")
+        super().__init__(spec)
         self.momentum = float(momentum)
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> None:
-        x = self._check_batch(x)
-        mn, mx = F.reduce_min_max(x, self.axis, self.group_size)
-        if self.batches == 0:
-            self.min_val, self.max_val = mn, mx
-        else:
-            self.min_val = self.min_val + self.momentum * (mn - self.min_val)
-            self.max_val = self.max_val + self.momentum * (mx - self.max_val)
-        self.batches += 1
-
-    def compute_range(self) -> tuple[Tensor, Tensor]:
-        self._need_data()
-        return self.min_val.clone(), self.max_val.clone()
+    def _merge(self, mn: Tensor, mx: Tensor) -> None:
+        self.min_val = self.min_val + self.momentum * (mn - self.min_val)
+        self.max_val = self.max_val + self.momentum * (mx - self.max_val)

@@ -11,11 +11,11 @@ from torch import nn
 from edgequant.batches import batch_size, naming_the_batch
 from edgequant.instrument import instrument
 from edgequant.ptq.calibrate import collect, peek
-from edgequant.ptq.static import apply_outlier_steps, calibrate_weights
+from edgequant.ptq.static import apply_outlier_steps, attach_ptq_info, calibrate_weights
 from edgequant.quantizer import quantizers
 from edgequant.recipe import Recipe
 from edgequant.spec import activation_spec
-from edgequant.summary import Summary, attach_info
+from edgequant.summary import Summary
 
 
 def build_dynamic(
@@ -103,17 +103,7 @@ def quantize_dynamic(
         if q.role == "activation":
             q.set_mode("dynamic")
             q.per_token = recipe.dynamic_activation == "token"
-    attach_info(
-        qmodel,
-        summary,
-        {
-            "method": "dynamic",
-            "recipe": recipe.to_dict(),
-            "pipeline": {**pipeline, "steps": steps},
-            "samples_used": samples_used,
-            "labels_used": False,
-        },
-    )
+    attach_ptq_info(qmodel, summary, "dynamic", recipe, pipeline, steps, samples_used)
     return qmodel
 
 

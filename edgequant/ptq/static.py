@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from edgequant.batches import batch_size, naming_the_batch
+from edgequant.batches import batch_size, naming_the_batch, removing_hooks
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
 from edgequant.modules import QuantMixin, fast_simulation
@@ -220,12 +220,8 @@ def execution_order(qmodel: nn.Module, batch: Any) -> list[tuple[str, QuantMixin
         for name, m in qmodel.named_modules()
         if isinstance(m, QuantMixin)
     ]
-    try:
-        with torch.no_grad():
-            call_model(qmodel, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing_hooks(handles), torch.no_grad():
+        call_model(qmodel, batch)
     seen = list(dict.fromkeys(order))
     return [(n, cast(QuantMixin, qmodel.get_submodule(n))) for n in seen]
 
@@ -393,6 +389,27 @@ def pipeline_notes(pipeline: dict[str, Any]) -> list[str]:
     ]
 
 
+def attach_ptq_info(
+    qmodel: nn.Module,
+    summary: Summary,
+    method: str,
+    recipe: Recipe,
+    pipeline: dict[str, Any],
+    steps: list[str],
+    samples_used: int,
+) -> None:
+    """The quant_info of a model that PTQ built: method, recipe, the pipeline with the steps it
+    ran, the samples it read; PTQ reads no labels."""
+    info = {
+        "method": method,
+        "recipe": recipe.to_dict(),
+        "pipeline": {**pipeline, "steps": steps},
+        "samples_used": samples_used,
+        "labels_used": False,
+    }
+    attach_info(qmodel, summary, info)
+
+
 def quantize_static(
     model: nn.Module,
     recipe: Recipe,
@@ -436,15 +453,5 @@ def quantize_static(
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     if flagged:  # the steps the outliers turned on, with their reasons
         summary.notes.extend(pipeline_notes(pipeline))
-    attach_info(
-        qmodel,
-        summary,
-        {
-            "method": "static",
-            "recipe": recipe.to_dict(),
-            "pipeline": {**pipeline, "steps": steps},
-            "samples_used": used,
-            "labels_used": False,
-        },
-    )
+    attach_ptq_info(qmodel, summary, "static", recipe, pipeline, steps, used)
     return qmodel

@@ -14,12 +14,13 @@ from edgequant.ptq.calibrate import collect, peek
 from edgequant.ptq.decoder import find_blocks, is_decoder_stack, quantize_blocks_
 from edgequant.ptq.static import (
     apply_refinement,
+    attach_ptq_info,
     calibrate_weights,
     pipeline_notes,
     resolve_pipeline,
 )
 from edgequant.recipe import Recipe
-from edgequant.summary import Summary, attach_info
+from edgequant.summary import Summary
 
 
 def decoder_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) -> bool:
@@ -145,16 +146,8 @@ def quantize_weight_only(
         steps += apply_refinement(qmodel, data, pipeline, summary, progress, real_tokens_only=False)
     if calib_data is None:
         summary.notes.extend(pipeline_notes(pipeline))
-    attach_info(
-        qmodel,
-        summary,
-        {
-            "method": "weight_only",
-            "recipe": recipe.to_dict(),
-            "pipeline": {**pipeline, "equalize": False, "steps": steps},
-            "samples_used": used,
-            "labels_used": False,
-        },
+    attach_ptq_info(
+        qmodel, summary, "weight_only", recipe, {**pipeline, "equalize": False}, steps, used
     )
     return qmodel
 

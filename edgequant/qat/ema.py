@@ -83,15 +83,7 @@ class EMAQuantizer(QATQuantizer):
     def train_forward(self, x: Tensor) -> Tensor:
         if not self.frozen:
             self._update(x)
-        return F.fake_quantize(
-            x,
-            self.scale,
-            self.zero_point,
-            self.spec.qmin,
-            self.spec.qmax,
-            self.axis,
-            self.spec.group_size,
-        )
+        return self.fake_quantize_stored(x)
 
     def sync_(self) -> None:
         """The buffers are the grid already: nothing to derive."""

@@ -10,22 +10,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from toys import SmallResNet  # tests/toys.py
+from toys import small_resnet_case  # tests/toys.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
 
 
 def _model_and_data() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
-    torch.manual_seed(0)
-    model = SmallResNet().eval()
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
-    test = torch.randn(128, 3, 12, 12, generator=g)
-    return model, calib, test
+    return small_resnet_case(128)
 
 
 @pytest.mark.parametrize("preset", ["w4a8", "w4a4", "w8a8"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import gen  # tests/toys.py
+from toys import Keywords, gen, keyword_batches, tensor_batches
 
 import edgequant as eq
 from edgequant.export.inspect import inspect_onnx
@@ -83,31 +83,6 @@ def mlp(*widths: int) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
-class Keywords(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.proj(features)) * gain)
-
-
-def _batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
-    return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]
-
-
-def _keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.Tensor]]:
-    g = gen(seed)
-    return [
-        {
-            "features": torch.randn(batch, 6, generator=g),
-            "gain": torch.rand(batch, 1, generator=g) + 0.5,
-        }
-        for _ in range(n)
-    ]
-
-
 def _case(name: str) -> tuple[nn.Module, list, object]:
     """(float model, calibration items, held-out item)."""
     torch.manual_seed(0)
@@ -118,23 +93,23 @@ def _case(name: str) -> tuple[nn.Module, list, object]:
             model.bn1.running_var.uniform_(0.5, 1.5, generator=gen(2))
         return (
             model.eval(),
-            _batches((8, 3, 8, 8), 4, 10),
+            tensor_batches((8, 3, 8, 8), 4, 10),
             torch.randn(64, 3, 8, 8, generator=gen(99)),
         )
     if name == "conv1d":
         return (
             Conv1dNet().eval(),
-            _batches((8, 2, 16), 4, 10),
+            tensor_batches((8, 2, 16), 4, 10),
             torch.randn(32, 2, 16, generator=gen(99)),
         )
     if name == "mlp3":
         return (
             mlp(16, 32, 32, 4).eval(),
-            _batches((8, 16), 4, 10),
+            tensor_batches((8, 16), 4, 10),
             torch.randn(32, 16, generator=gen(99)),
         )
     if name == "keywords":
-        return Keywords().eval(), _keyword_batches(4, 10), _keyword_batches(1, 99, batch=32)[0]
+        return Keywords().eval(), keyword_batches(4, 10), keyword_batches(1, 99, batch=32)[0]
     raise KeyError(name)
 
 

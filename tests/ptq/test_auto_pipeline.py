@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import SeededMLP  # tests/toys.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -17,21 +18,10 @@ from edgequant.ptq import outliers
 OUTLIER = 3  # the input channel with the injected outlier
 
 
-class Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def outlier_mlp() -> Mlp:
+def outlier_mlp() -> SeededMLP:
     """fc1 reads an input whose channel OUTLIER is 60x the others with a small weight (it
     carries range, not signal, as in trained transformers)."""
-    model = Mlp().eval()
+    model = SeededMLP().eval()
     with torch.no_grad():
         model.fc1.weight[:, OUTLIER] /= 60.0
     return model
@@ -86,7 +76,7 @@ def test_outliers_are_a_few_channels_not_an_even_spread() -> None:
 
 @pytest.mark.parametrize("method", ["dynamic", "weight_only"])
 def test_no_calibration_data_needed(method: str) -> None:
-    model = Mlp().eval()
+    model = SeededMLP().eval()
     q = eq.quantize(model, "w8a8", method=method)
     info = q.quant_info
     assert info["samples_used"] == 0
@@ -118,12 +108,12 @@ def test_no_data_needed_for_a_cnn_weight_only() -> None:
 def test_a_step_that_needs_data_says_so(method: str, change: dict, name: str) -> None:
     recipe = eq.Recipe.preset("w8a8").replace(**change)
     with pytest.raises(ValueError, match=rf"{name}=.*needs calib"):
-        eq.quantize(Mlp().eval(), recipe, method=method)
+        eq.quantize(SeededMLP().eval(), recipe, method=method)
 
 
 def test_static_still_needs_data() -> None:
     with pytest.raises(ValueError, match="calib_data is required.*activation ranges"):
-        eq.quantize(Mlp().eval(), "w8a8", method="static")
+        eq.quantize(SeededMLP().eval(), "w8a8", method="static")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +175,7 @@ def test_dynamic_with_data_splits_and_smooths_the_outlier_input() -> None:
 
 @pytest.mark.parametrize("method", ["static", "dynamic"])
 def test_a_model_without_outliers_is_unaffected(method: str) -> None:
-    model = Mlp().eval()
+    model = SeededMLP().eval()
     calib = data(0, outlier=False)
     auto = eq.quantize(model, "w8a8", calib, method=method)
     plain = eq.quantize(model, PLAIN, calib, method=method)

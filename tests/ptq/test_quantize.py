@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from toys import TinyResidual, bitwise_equal, gen  # tests/toys.py
+from toys import MLP, Keywords, TinyResidual, bitwise_equal, gen, keyword_batches, tensor_batches
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -35,16 +35,6 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -55,31 +45,6 @@ class Conv1dNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch_F.relu(self.conv2(torch_F.relu(self.conv1(x))))
         return self.head(x.mean(-1))
-
-
-class Keywords(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.proj(features)) * gain)
-
-
-def _tensor_data(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
-    return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]
-
-
-def _keyword_data(n: int, seed: int, batch: int = 4) -> list[dict[str, torch.Tensor]]:
-    g = gen(seed)
-    return [
-        {
-            "features": torch.randn(batch, 6, generator=g),
-            "gain": torch.rand(batch, 1, generator=g) + 0.5,
-        }
-        for _ in range(n)
-    ]
 
 
 MODELS = {
@@ -103,8 +68,8 @@ def _setup(name: str) -> tuple[nn.Module, list, object]:
                 m.running_var.uniform_(0.5, 1.5, generator=gen(2))
     if shape is None:
         # Six input features: a few more samples than the tensor models for the ranges to settle.
-        return model, _keyword_data(8, seed=10, batch=8), _keyword_data(1, seed=99, batch=16)[0]
-    return model, _tensor_data(shape, 4, seed=10), torch.randn(16, *shape[1:], generator=gen(99))
+        return model, keyword_batches(8, seed=10, batch=8), keyword_batches(1, seed=99, batch=16)[0]
+    return model, tensor_batches(shape, 4, seed=10), torch.randn(16, *shape[1:], generator=gen(99))
 
 
 def _run(model: nn.Module, item: object) -> torch.Tensor:
@@ -444,7 +409,7 @@ class DataDependent(nn.Module):
 def test_untraceable_model_still_quantizes_with_a_note() -> None:
     torch.manual_seed(0)
     model = DataDependent().eval()
-    calib = _tensor_data((8, 4), 4, seed=5)
+    calib = tensor_batches((8, 4), 4, seed=5)
     test = torch.randn(16, 4, generator=gen(6))
     qmodel = eq.quantize(model, "w8a8", calib)
     assert not isinstance(qmodel, torch.fx.GraphModule)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from toys import SeededMLP  # tests/toys.py
 
 import edgequant as eq
 from edgequant.ptq.gptq import input_error_target
@@ -42,17 +42,6 @@ def test_input_error_target_corrects_a_known_input_error() -> None:
     torch.testing.assert_close(target, w / 0.9, rtol=1e-3, atol=1e-3)
 
 
-class _Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return [torch.randn(32, 32, generator=g) for _ in range(2)]
@@ -81,7 +70,7 @@ def test_rounding_target_resolves_and_is_recorded(
         rounding="gptq",
         rounding_target=rounding_target,
     )
-    q = eq.quantize(_Mlp(), recipe, _batches(), method=method.split("-")[0])
+    q = eq.quantize(SeededMLP(), recipe, _batches(), method=method.split("-")[0])
     pipeline = q.quant_info["pipeline"]
     assert pipeline["rounding_target"] == resolved
     assert "gptq weight rounding" in pipeline["steps"]
@@ -98,7 +87,7 @@ def test_rounding_targets_give_different_weights_in_weight_only() -> None:
             rounding_target=target,
             bias_correction=False,
         )
-        q = eq.quantize(_Mlp(), recipe, _batches(), method="weight_only")
+        q = eq.quantize(SeededMLP(), recipe, _batches(), method="weight_only")
         weights[target] = q.get_submodule("fc2").weight.detach().clone()
     # fc2's input differs between the float and the quantized model (fc1 is rounded), so the
     # two targets must round fc2 differently.

@@ -1,0 +1,126 @@
+"""The setup the ResNet-20 benchmarks share: their command line, the pretrained ResNet-20 of
+../shared with its 512 calibration images of train_4660, and the two CIFAR-10 test sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgequant.examples import cifar10 as C
+
+EvalSets = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def resnet20_parser(
+    doc: str, out: str, quick_help: str = "skip the JPEG test set"
+) -> argparse.ArgumentParser:
+    """--out (default `out`) and --quick, described by the first line of the script's `doc`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
+
+
+@dataclass(frozen=True)
+class ResNet20Cifar:
+    """The float model, its calibration images (whole and in batches of 64) and test_932."""
+
+    model: torch.nn.Module
+    x_cal: torch.Tensor
+    calib: list[torch.Tensor]
+    x932: torch.Tensor
+    y932: torch.Tensor
+
+
+def load_resnet20_cifar(threads: int | None = 2) -> ResNet20Cifar:
+    """torch on `threads` threads (None: left as it is), seed 0, then the model and the images."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = C.load_resnet20()
+    x_cal, _ = C.calibration_split(512)
+    x932, y932 = C.load_split("test_932")
+    return ResNet20Cifar(model, x_cal, list(x_cal.split(64)), x932, y932)
+
+
+def eval_sets(data: ResNet20Cifar, quick: bool) -> EvalSets:
+    """test_932 and, unless `quick`, the 10,000 JPEG images, as numpy (images, labels)."""
+    sets: EvalSets = {"test_932": (data.x932.numpy(), data.y932.numpy())}
+    if not quick:
+        xj, yj = C.load_jpeg_test()
+        sets["jpeg_10000"] = (xj.numpy(), yj.numpy())
+    return sets
+
+
+def evaluate_onnx(
+    results: dict[str, Any], name: str, path: Path, test_sets: EvalSets, extra: dict[str, Any]
+) -> None:
+    """results[name]: the ONNX file's accuracy in ONNX Runtime on each test set, its size and
+    `extra`; printed as it lands."""
+    fn = C.ort_predict_fn(path)
+    row = {f"acc_{k}": C.accuracy(fn, x, y) for k, (x, y) in test_sets.items()}
+    row.update(size_bytes=path.stat().st_size, **extra)
+    results[name] = row
+    print(name, json.dumps(row), flush=True)
+
+
+def ort_quantize_static(
+    fp32_path: Path,
+    out_path: Path,
+    calib: np.ndarray,
+    weight_type: str = "int8",
+    activation_type: str = "uint8",
+) -> float:
+    """ONNX Runtime's quantize_static (MinMax, per-channel, QDQ) of the float file, calibrated on
+    `calib` in batches of 64; the types by name ("int8", "uint8", "int4", "uint4"). Returns the
+    wall time in seconds, pre-processing included."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    types = {
+        "int8": QuantType.QInt8,
+        "uint8": QuantType.QUInt8,
+        "int4": QuantType.QInt4,
+        "uint4": QuantType.QUInt4,
+    }
+    name = (
+        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .name
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: calib[i : i + 64]} for i in range(0, len(calib), 64)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    start = time.perf_counter()
+    pre = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(
+        str(pre),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=types[activation_type],
+        weight_type=types[weight_type],
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return time.perf_counter() - start
