@@ -102,7 +102,7 @@ def _minilm_speed(data: dict[str, Any], key: str) -> str:
         if best is not None:
             ratios.append(f"{best / value:.2f}x ORT")
         parts.append(f"{batch} {value:.1f} ms ({', '.join(ratios)})")
-    return "; ".join(parts) + " (speed: higher is faster)"
+    return "; ".join(parts) + " (speed ratios: above 1 is faster)"
 
 
 def smollm2(data: dict[str, Any], name: str) -> list[Row]:
