@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB, HIDDEN, CONTEXT = 256, 64, 64
 
 
-def tiny_llama(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+def tiny_llama(layers: int = 2, seed: int = 0, tied: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -32,7 +32,7 @@ def tiny_llama(layers: int = 2, seed: int = 0) -> torch.nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=CONTEXT,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     # Outlier input channels, as trained LMs have: AWQ's scaling has something to find.
@@ -272,6 +272,26 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
     assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-4
     fp32 = export_lm_onnx(model, tmp_path / "fp32.onnx", quantized=False)
     assert info.size_bytes < 0.4 * fp32.size_bytes
+
+
+def test_export_of_an_untied_asymmetric_8_bit_lm_head_verifies(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from edgequant.export.lm import export_lm_onnx
+    from edgequant.spec import LayerOverride, QuantSpec
+
+    head = QuantSpec(bits=8, signed=False, symmetric=False, granularity="channel", axis=0)
+    r = recipe(overrides=(LayerOverride("lm_head", weight=head),))
+    q = eq.quantize(tiny_llama(tied=False), r, method="weight_only")
+    held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
+    info = export_lm_onnx(q, tmp_path / "lm.onnx", verify_windows=held_out)
+    assert info.agreement is not None and info.agreement >= 0.99
+    assert not info.tied_table and info.matmul_nbits == 2 * 7
+    inits = {i.name: i for i in onnx.load(str(tmp_path / "lm.onnx")).graph.initializer}
+    assert {"lm_head.qweight", "embed.qweight"} <= set(inits)  # two tables
+    assert list(inits["lm_head.centre"].dims)[0] == VOCAB  # its zero points, row by row
+    assert any("lm_head: 8-bit codes" in note for note in info.notes)
 
 
 def test_export_refuses_a_model_that_does_not_match_the_simulation(tmp_path, monkeypatch) -> None:
