@@ -55,9 +55,9 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
     fp32 = rows.get("fp32")
     out = []
     descriptions = {
-        "ptq-w8a8": "PTQ static W8A8, 1,024 calibration images",
-        "ptq-w4a8": "PTQ static W4A8, 1,024 calibration images",
-        "ptq-w4a4": "PTQ static W4A4, 1,024 calibration images",
+        "ptq-w8a8": "PTQ static W8A8, 1,024 calibration images passed (the preset reads 512)",
+        "ptq-w4a8": "PTQ static W4A8, 1,024 calibration images passed (the preset reads 512)",
+        "ptq-w4a4": "PTQ static W4A4, 1,024 calibration images passed (the preset reads 512)",
         "ptq-w4a4-512": "PTQ static W4A4, 512 calibration images",
         "qat-w4a4": "QAT W4A4: prepare_qat (512 images), fit_qat 10 epochs, teacher",
     }
