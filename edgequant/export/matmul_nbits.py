@@ -167,21 +167,19 @@ def _matmuls_to_nbits(
             graph.initializer.append(numpy_helper.from_array(p.data, data_name))
             graph.initializer.append(numpy_helper.from_array(p.scales.reshape(-1), scale_name))
             inits.add(data_name)
+        replaced.add(key)
+        if p.bits == 8:
+            new_nodes.extend(_dequantized_matmul(graph, node, p, name, data_name, scale_name))
+            notes.append(
+                f"{name}: 8-bit codes in the file, run as a float MatMul on them (ONNX Runtime "
+                "folds the dequantization when it loads the file)"
+            )
+            continue
         inputs = [node.input[0], data_name, scale_name]
         if p.zero_points is not None:
             zp_name = f"{name}.zero_points"
             graph.initializer.append(numpy_helper.from_array(p.zero_points, zp_name))
             inputs.append(zp_name)
-        if p.bits == 8:
-            new_nodes.extend(
-                _dequantized_matmul(graph, node, p, name, data_name, scale_name, inputs)
-            )
-            notes.append(
-                f"{name}: 8-bit codes in the file, run as a float MatMul on them (ONNX Runtime "
-                "folds the dequantization when it loads the file)"
-            )
-            replaced.add(key)
-            continue
         new_nodes.append(
             helper.make_node(
                 "MatMulNBits",
@@ -195,12 +193,11 @@ def _matmuls_to_nbits(
                 block_size=p.block,
             )
         )
-        replaced.add(key)
     return new_nodes, replaced
 
 
 def _dequantized_matmul(
-    graph: Any, node: Any, p: _Packed, name: str, data: str, scales: str, inputs: list[str]
+    graph: Any, node: Any, p: _Packed, name: str, data: str, scales: str
 ) -> list[Any]:
     """MatMul(x, W^T) with W = (codes - zero point) x scale computed from the 8-bit codes and
     scales in MatMulNBits' layout (N, blocks, block): constant ops only, so ONNX Runtime folds
@@ -229,7 +226,7 @@ def _dequantized_matmul(
         helper.make_node("Reshape", [f"{t}.blocks", f"{name}.weight_shape"], [f"{t}.weight"]),
         helper.make_node("Transpose", [f"{t}.weight"], [f"{t}.weight_t"], perm=[1, 0]),
         helper.make_node(
-            "MatMul", [inputs[0], f"{t}.weight_t"], list(node.output), name=f"{name}/MatMul"
+            "MatMul", [node.input[0], f"{t}.weight_t"], list(node.output), name=f"{name}/MatMul"
         ),
     ]
 
