@@ -97,7 +97,8 @@ def quantize_dynamic(
             pipeline, steps, _ = apply_outlier_steps(qmodel, recipe, data, samples_used, summary)
             summary.notes.extend(steps)  # dynamic models print their steps in the summary
         steps.append(f"weights rounded to nearest; {_ranges(recipe)}")
-    summary.notes.append(_ranges(recipe).capitalize())
+    ranges = _ranges(recipe)
+    summary.notes.append(ranges[0].upper() + ranges[1:])
     calibrate_weights(qmodel)
     for q in quantizers(qmodel):
         if q.role == "activation":
