@@ -86,22 +86,19 @@ def interleaved_ms(
     batch ({label: tokenized batch}), measured side by side: every round runs every file once,
     in a rotating order, so a slow spell of the shared machine falls on all alike."""
     import statistics
-    import time
+    from functools import partial
+
+    from _results import interleaved_rounds, timed
 
     from edgequant.examples import minilm as M
 
     fns = {name: M.ort_encoder_fn(path) for name, path in paths.items()}
-    names = list(fns)
-    result: dict[str, dict[str, float]] = {name: {} for name in names}
+    result: dict[str, dict[str, float]] = {name: {} for name in fns}
     for label, batch in batches.items():
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for name in names:  # warm-up
-            fns[name](**batch)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                fns[name](**batch)
-                times[name].append(time.perf_counter() - start)
-        for name in names:
+        runs = {name: partial(fn, **batch) for name, fn in fns.items()}
+        for run in runs.values():  # warm-up
+            run()
+        times = interleaved_rounds({name: timed(run) for name, run in runs.items()}, rounds)
+        for name in fns:
             result[name][label] = statistics.median(times[name]) * 1000.0
     return result

@@ -1,12 +1,13 @@
 """Shared by the ResNet-20 QAT benchmarks (qat_resnet20.py, mixed_resnet20.py): augmented
-training batches and QAT started from the PTQ model with the epoch kept by held-out KL."""
+training batches and QAT started from the PTQ model with the epoch kept by held-out KL; and the
+plain training step the step-cost benchmarks (qat_speed.py, qat_step_plain.py) time."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -242,3 +243,23 @@ def qat_from_ptq(
         "kept": best,
         "train_wall_s": train_s,
     }
+
+
+def train_step(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    make_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+) -> Callable[[], None]:
+    """One step of a plain training loop (zero_grad, forward, cross-entropy, backward, step) on
+    a fixed batch, the optimizer built once over the trainable parameters; the model in train
+    mode."""
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,29 @@ def cifar_missing() -> bool:
         file=sys.stderr,
     )
     return True
+
+
+def timed(fn: Callable[[], Any], calls: int = 1) -> Callable[[], float]:
+    """A measure for interleaved_rounds: the seconds one call of `fn` takes, averaged over
+    `calls` calls."""
+
+    def measure() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+
+    return measure
+
+
+def interleaved_rounds(
+    measures: dict[str, Callable[[], float]], rounds: int
+) -> dict[str, list[float]]:
+    """Every measure once a round for `rounds` rounds, in a rotating order, so that a slow spell
+    of the shared machine falls on all alike; each name's values in round order."""
+    names = list(measures)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            values[name].append(measures[name]())
+    return values

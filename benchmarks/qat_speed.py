@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from _qat import train_step  # benchmarks/_qat.py
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 from torch import nn
 
@@ -46,15 +46,7 @@ def torch_ao_qat(model: nn.Module) -> nn.Module:
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
+    return train_step(model, x, y, lambda params: torch.optim.SGD(params, lr=1e-4, momentum=0.9))
 
 
 def main() -> int:

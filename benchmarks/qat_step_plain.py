@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _qat import train_step  # benchmarks/_qat.py
+from _results import interleaved_rounds, timed, write_json  # benchmarks/_results.py
 from torch import nn
 
 import edgequant as eq
@@ -71,15 +72,7 @@ class OtherResNet20(nn.Module):
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
+    return train_step(model, x, y, lambda params: torch.optim.Adam(params, lr=1e-4))
 
 
 def main() -> int:
@@ -108,13 +101,9 @@ def main() -> int:
         for _ in range(3):
             step()
     names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                steps[name]()
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = interleaved_rounds(
+        {name: timed(step, args.steps) for name, step in steps.items()}, args.rounds
+    )
     rows = {}
     for name in names:
         net = name.split(" / ")[0]

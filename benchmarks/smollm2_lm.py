@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_json  # noqa: E402
+from _results import interleaved_rounds, write_json  # noqa: E402
 
 import edgequant as eq  # noqa: E402
 from edgequant.spec import weight_spec  # noqa: E402
@@ -133,14 +134,11 @@ def interleaved_decode(
     from edgequant.export.lm import lm_session
 
     sessions = {name: lm_session(path, threads=2) for name, path in files.items()}
-    names = list(sessions)
-    speeds: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:  # warm-up
-        decode_speed(sessions[name], layers, kv, hd, new=4)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            speeds[name].append(decode_speed(sessions[name], layers, kv, hd))
-    return speeds
+    for session in sessions.values():  # warm-up
+        decode_speed(session, layers, kv, hd, new=4)
+    return interleaved_rounds(
+        {name: partial(decode_speed, s, layers, kv, hd) for name, s in sessions.items()}, rounds
+    )
 
 
 def kernels(path: Path) -> dict[str, int]:
