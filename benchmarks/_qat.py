@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "bs": 128,
     "sgd": 0,
     "damp": 0.0,
+    "grid": 0,
 }
 
 
@@ -50,7 +51,8 @@ def parse_configs(text: str) -> list[dict[str, Any]]:
     every quantized layer's input (0 = off); bs: the batch size (an epoch is still one pass over
     the images, so a smaller batch takes more steps in the same epochs); sgd=1: SGD with momentum
     0.9 instead of Adam (lr is then SGD's); damp: fit_qat's dampen_weight, oscillation dampening
-    (Nagel et al. 2022; 0 = off)."""
+    (Nagel et al. 2022; 0 = off); grid=1: fit_qat's lr_scaling="grid" (lr in grid steps), 0:
+    "none", one absolute lr for every tensor, as every run recorded before the grid rule."""
     configs = []
     for item in filter(None, (c.strip() for c in text.split(";"))):
         config = dict(DEFAULTS)
@@ -226,6 +228,7 @@ def qat_from_ptq(
         temperature=config["t"],
         kd_weight=config["kd"],
         range_lr_scale=config["slr"],
+        lr_scaling="grid" if config["grid"] else "none",
         warmup_epochs=config["warm"],
         weight_average=config["avg"],
         feature_weight=config["feat"],

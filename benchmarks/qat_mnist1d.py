@@ -87,6 +87,7 @@ def main() -> int:
                 train,
                 epochs=args.epochs,
                 lr=lr,
+                lr_scaling="none",  # --lrs are absolute rates, as recorded
                 teacher=model,
                 kd_weight=0.5,
                 temperature=2.0,

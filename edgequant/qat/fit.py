@@ -423,7 +423,7 @@ def fit_qat(
             f"config must be a FitConfig or None, got {type(config).__name__} {config!r} (pass "
             "single settings by name: fit_qat(qmodel, data, epochs=10))"
         )
-    cfg = (config if config is not None else FitConfig()).replace(**settings)
+    cfg = (config if config is not None else FitConfig()).replace(**settings).resolved()
     model = _check_call(qmodel, train_data, cfg, teacher, val_fn, val_data, on_epoch_end)
     chooser: EpochChooser | None = None
     if cfg.select == "best":

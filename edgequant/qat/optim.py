@@ -1,5 +1,16 @@
 """The optimizer side of eq.fit_qat: parameter groups (learned ranges at their own rate, without
-weight decay), the warm-up + cosine schedule, and the moving average of the trained weights."""
+weight decay; with lr_scaling="grid" every tensor's rate in steps of its grid), the warm-up +
+cosine schedule, and the moving average of the trained weights.
+
+Why the grid: Adam normalises each gradient by its running magnitude, so it moves every
+parameter by about its learning rate per step, whatever the parameter's size. One absolute rate
+therefore means different things on different grids: 1e-4 is a ten-thousandth of a step of a
+2-bit weight grid (step ~1) and cannot move a single weight across a rounding boundary in a
+fine-tuning run, while it moves an 8-bit activation range (step ~0.01) by 1 % per step. Scaling
+each tensor's rate by its step, like the layer-wise rates of LARS (You et al., "Large Batch
+Training of Convolutional Networks", 2017) scale by the weight norm, makes lr the fraction of a
+grid step a parameter moves per step, at every bit width and layer.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgequant.functional import SCALE_EPS
 from edgequant.qat.config import FitConfig
 from edgequant.qat.prepare import qat_quantizers
+from edgequant.quantizer import TensorQuantizer
 
 
 def steps_per_epoch(train_data: Iterable[Any]) -> int:
@@ -22,27 +35,88 @@ def steps_per_epoch(train_data: Iterable[Any]) -> int:
         return 0
 
 
+# 8-bit per-tensor grid on which a parameter without a grid of its own (a bias, a norm's scale)
+# measures its step under lr_scaling="grid".
+OWN_GRID_LEVELS = 127.0
+
+
+def _grid_step(p: torch.Tensor) -> float:
+    """The step of an 8-bit per-tensor symmetric grid over p's own range (at least SCALE_EPS)."""
+    return max(float(p.detach().abs().max()) / OWN_GRID_LEVELS, SCALE_EPS) if p.numel() else 1.0
+
+
+def _weight_steps(model: nn.Module) -> dict[int, float]:
+    """id(weight) -> the mean step of its quantizer's grid, for every quantized, trained weight."""
+    steps: dict[int, float] = {}
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(quantizer, TensorQuantizer)
+            and quantizer.mode == "quantize"
+            and isinstance(weight, nn.Parameter)
+        ):
+            steps[id(weight)] = float(quantizer.scale.detach().abs().float().mean())
+    return steps
+
+
+def _range_step(name: str, p: torch.Tensor) -> float:
+    """A learned range's own size: its mean magnitude (a step size, a clip), or one grid step
+    for a zero point, which is counted in steps."""
+    if "zero_point" in name:
+        return 1.0
+    return max(float(p.detach().abs().float().mean()), SCALE_EPS)
+
+
+def param_groups(model: nn.Module, cfg: FitConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups. Learned ranges get no weight decay and lr *
+    range_lr_scale. With lr_scaling="grid" every tensor's rate is also multiplied by the size of
+    a step on its grid, one group per tensor: its quantizer's mean step (quantized weights), its
+    own size (learned ranges), or the step of an 8-bit grid over its own range (the rest)."""
+    ranges = {
+        id(p): (name, p)
+        for q in qat_quantizers(model)
+        for name, p in q.named_parameters(recurse=False)
+        if p.requires_grad
+    }
+    trained = [p for p in model.parameters() if p.requires_grad]
+    scaling, lr, range_lr_scale = cfg.rates()
+    if scaling == "none":
+        return [
+            {"params": [p for p in trained if id(p) not in ranges]},
+            {
+                "params": [p for p in trained if id(p) in ranges],
+                "lr": lr * range_lr_scale,
+                "weight_decay": 0.0,
+            },
+        ]
+    weights = _weight_steps(model)
+    groups: list[dict[str, Any]] = []
+    for p in trained:
+        if id(p) in ranges:
+            name = ranges[id(p)][0]
+            rate = lr * range_lr_scale * _range_step(name, p)
+            groups.append({"params": [p], "lr": rate, "weight_decay": 0.0})
+        else:
+            step = weights.get(id(p), None)
+            groups.append({"params": [p], "lr": lr * (step if step else _grid_step(p))})
+    return groups
+
+
 def build_optimizer(
     model: nn.Module, cfg: FitConfig
 ) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """(the optimizer, the trained parameters in order): the learned ranges (LSQ step sizes and
-    offsets, PACT clips) train at lr * range_lr_scale and get no weight decay."""
-    ranges = {id(p) for q in qat_quantizers(model) for p in q.parameters() if p.requires_grad}
+    """(the optimizer, the trained parameters in order), from a resolved cfg
+    (FitConfig.resolved): its groups are param_groups'."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in trained if id(p) not in ranges]},
-        {
-            "params": [p for p in trained if id(p) in ranges],
-            "lr": cfg.lr * cfg.range_lr_scale,
-            "weight_decay": 0.0,
-        },
-    ]
+    groups = param_groups(model, cfg)
+    lr = cfg.rates()[1]
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     else:
-        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
     return opt, trained
 
 
@@ -57,6 +131,7 @@ class Schedule:
         self.warm = (
             round(cfg.warmup_epochs * per_epoch) if self.per_step else math.ceil(cfg.warmup_epochs)
         )
+        self.base_lr = cfg.rates()[1]
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
 
     def factor(self, step: int) -> float:
@@ -78,7 +153,9 @@ class Schedule:
         return (epoch - 1) * self.per_epoch + index + 1 if self.per_step else epoch
 
     def last_lr(self) -> float:
-        return float(self.sched.get_last_lr()[0])
+        """The current lr setting (cfg.lr times the schedule's factor; a group's own rate is
+        this times its grid step under lr_scaling="grid")."""
+        return float(self.base_lr * self.factor(self.sched.last_epoch))
 
 
 class WeightAverage:
@@ -116,4 +193,4 @@ class WeightAverage:
                 p.copy_(value)
 
 
-__all__ = ["Schedule", "WeightAverage", "build_optimizer", "steps_per_epoch"]
+__all__ = ["Schedule", "WeightAverage", "build_optimizer", "param_groups", "steps_per_epoch"]
