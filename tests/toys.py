@@ -4,6 +4,8 @@ is tests/zoo.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
@@ -123,3 +125,48 @@ class SmallResNet(nn.Module):
         y = self.conv2(torch_F.relu(self.conv1(x)))
         x = torch_F.relu(x + y)
         return self.head(torch_F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+BERT_HIDDEN, BERT_LAYERS, BERT_VOCAB, BERT_FFN = 32, 2, 64, 64
+
+
+def random_bert() -> torch.nn.Module:
+    """A tiny random BERT for the transformer PTQ tests (they plant their own outliers in it): a
+    2-layer BertModel with seeded random weights, in eval mode."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=BERT_VOCAB,
+        hidden_size=BERT_HIDDEN,
+        num_hidden_layers=BERT_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=BERT_FFN,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def bert_batches(
+    lengths: list[int], batch: int = 4, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenizer-like batches, padded per batch (the last sentence of each is shorter)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for length in lengths:
+        ids = torch.randint(1, BERT_VOCAB, (batch, length), generator=gen)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[-1, length // 2 :] = 0
+        ids[-1, length // 2 :] = 0
+        out.append(
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        )
+    return out
+
+
+def bert_hidden(model: Any, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Every token's last hidden state, (tokens, BERT_HIDDEN)."""
+    with torch.no_grad():
+        return torch.cat([model(**b).last_hidden_state.flatten(0, 1) for b in data])
