@@ -225,7 +225,7 @@ def test_empty_calibration_data_raises(method: str) -> None:
         eq.quantize(model, "w8a8", [], method=method)
     with pytest.raises(ValueError, match="empty"):
         eq.quantize(model, "w8a8", iter(()), method=method)
-    if method == "static":  # dynamic and weight-only need none (tests/ptq/test_auto_pipeline.py)
+    if method == "static":  # dynamic and weight-only need none (tests/ptq/test_auto.py)
         with pytest.raises(ValueError, match="calib_data"):
             eq.quantize(model, "w8a8", None, method=method)
 

@@ -16,7 +16,7 @@ import yaml
 from edgequant.cli import main
 from edgequant.examples import mnist1d
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "mnist1d_cnn.yaml"
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "mnist1d_cnn.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 import edgequant as eq
 from edgequant.config import KEYS, Config, ConfigError, Factory, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A data module next to the config: the config's folder is searched first for modules.
 HELPERS = """
