@@ -42,6 +42,18 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
     ]
 
 
+def relu_mlp(*widths: int) -> nn.Sequential:
+    """Linear layers of the given widths with a ReLU between each two, built after seeding torch
+    (0) so every call gives the same weights, in eval mode: relu_mlp(8, 16, 4)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers).eval()
+
+
 class MLP(nn.Module):
     """Two Linear layers, 16 -> 32 -> 4, with a ReLU between."""
 
