@@ -42,6 +42,33 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
     ]
 
 
+def never_called(model: nn.Module) -> float:
+    """An eval_fn that fails the test if it runs: for arguments that must be refused first."""
+    raise AssertionError("eval_fn ran: the bad argument was not refused before the search")
+
+
+def weight_bits(qmodel: nn.Module) -> dict[str, int]:
+    """Each quantized layer's weight bit width, by layer name."""
+    from edgequant.modules import QuantMixin
+
+    return {
+        n: m.weight_quantizer.spec.bits
+        for n, m in qmodel.named_modules()
+        if isinstance(m, QuantMixin) and m.weight_quantizer is not None
+    }
+
+
+def nearest_recipe(calib_samples: int) -> Any:
+    """The mixed-precision base recipe at 8 bits with round-to-nearest and no bias correction,
+    which keeps the mixed-precision tests quick (tests/mixed/test_sensitivity.py covers the GPTQ
+    and bias-correction pipeline that the default recipe runs at <= 4 bits)."""
+    from edgequant.mixed.sensitivity import base_recipe
+
+    return base_recipe(None, 8).replace(
+        calib_samples=calib_samples, rounding="nearest", bias_correction=False
+    )
+
+
 def relu_mlp(*widths: int) -> nn.Sequential:
     """Linear layers of the given widths with a ReLU between each two, built after seeding torch
     (0) so every call gives the same weights, in eval mode: relu_mlp(8, 16, 4)."""

@@ -1,17 +1,20 @@
-"""eq.compare and the demo: isolation of failures, deployed metrics, the recommendation rule."""
+"""eq.compare and the demo: isolation of failures, deployed metrics, the recommendation rule; bad
+arguments to compare refused before any export work, naming the argument and the value."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from toys import relu_mlp  # tests/toys.py
 
 from edgequant.qat.selection import holdout_split, select_epoch
 from edgequant.recipe import Recipe
-from edgequant.report.compare import Run, compare, recommend, stderr_progress
+from edgequant.report.compare import Report, Run, compare, recommend, stderr_progress
 
 
 def _toy() -> tuple[nn.Module, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -297,3 +300,78 @@ def test_demo_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert qat["metric_deployed"] >= ptq["metric_deployed"] - 0.002
     assert qat["selection"]["held_out_samples"] == 500  # every 7th of 35 batches of 100
     assert rows["mixed-w3avg-a8"]["status"] == "ok"
+
+
+def _mlp_and_calib() -> tuple[nn.Module, list[torch.Tensor]]:
+    model = relu_mlp(16, 32, 4)
+    return model, list(torch.randn(64, 16).split(16))
+
+
+def _const(value: Any):  # type: ignore[no-untyped-def]
+    return lambda predict: value
+
+
+RUNS = [Run("static-w8a8", "static", Recipe.preset("w8a8"))]
+
+
+def test_example_inputs_the_model_cannot_run(no_export: None) -> None:
+    # Was: torch.export's TorchExportError from the FP32 baseline export.
+    model, calib = _mlp_and_calib()
+    with pytest.raises(
+        ValueError,
+        match=r"calib_data\[0\] \(the default example_inputs\) \(a Tensor \(8, 15\) float32\) "
+        r"do not run through the model: layer '0' \(Linear\)",
+    ):
+        compare(model, [torch.randn(8, 15)], _const(1.0), runs=RUNS)
+    with pytest.raises(ValueError, match=r"^example_inputs \(a Tensor \(4, 15\) float32\)"):
+        compare(model, calib, _const(1.0), example_inputs=torch.randn(4, 15), runs=RUNS)
+
+
+def test_data_given_as_a_tensor_or_none(no_export: None) -> None:
+    # Was: rows taken as batches (ONNX Runtime's "Invalid rank"); "'NoneType' is not iterable".
+    model, calib = _mlp_and_calib()
+    with pytest.raises(TypeError, match=r"calib_data must be an iterable of batches.*\(64, 16\)"):
+        compare(model, torch.randn(64, 16), _const(1.0), runs=RUNS)
+    with pytest.raises(TypeError, match="calib_data must be an iterable of batches.*NoneType"):
+        compare(model, None, _const(1.0), runs=RUNS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"train_data must be an iterable .*\(32, 16\)"):
+        compare(model, calib, _const(1.0), runs=RUNS, train_data=torch.randn(32, 16))
+
+
+def test_eval_fn_returning_nan_or_none(tmp_path: Path) -> None:
+    # Was: NaN recorded as the baseline ("the best was ... at nan"); None: float()'s TypeError.
+    model, calib = _mlp_and_calib()
+    with pytest.raises(ValueError, match="eval_fn returned nan for the FP32 baseline"):
+        compare(model, calib, _const(float("nan")), runs=RUNS)
+    with pytest.raises(TypeError, match="eval_fn must return a number .* NoneType None"):
+        compare(model, calib, _const(None), runs=RUNS)
+
+
+def test_recipes_as_one_string_and_runs_of_names(no_export: None) -> None:
+    # Was: "unknown preset 'w'" (the string iterated); AttributeError "'str' ... 'name'".
+    model, calib = _mlp_and_calib()
+    with pytest.raises(TypeError, match=r"got the single 'w8a8': pass \['w8a8'\]"):
+        compare(model, calib, _const(1.0), recipes="w8a8")
+    with pytest.raises(TypeError, match="runs must hold Run objects, got str 'w8a8'"):
+        compare(model, calib, _const(1.0), runs=["w8a8"])  # type: ignore[list-item]
+
+
+def test_tolerance_text_and_progress_flag(no_export: None) -> None:
+    # Was: "'<=' not supported between 'int' and 'str'"; "'bool' object is not callable".
+    model, calib = _mlp_and_calib()
+    with pytest.raises(TypeError, match=r"tolerance must be a number in \[0, 1\), got '0.01'"):
+        compare(model, calib, _const(1.0), runs=RUNS, tolerance="0.01")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="progress must be a callable .* got True"):
+        compare(model, calib, _const(1.0), runs=RUNS, progress=True)  # type: ignore[arg-type]
+
+
+def test_out_dir_that_is_a_file(tmp_path: Path, no_export: None) -> None:
+    # Was: NotADirectoryError on out_dir/models (compare), FileExistsError (Report.save).
+    model, calib = _mlp_and_calib()
+    afile = tmp_path / "report.html"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir '.*report.html' is a file, not a folder"):
+        compare(model, calib, _const(1.0), runs=RUNS, out_dir=afile)
+    with pytest.raises(ValueError, match=r"out_dir '.*report.html' is a file, not a folder"):
+        Report({"runs": []}).save(afile)
+    assert afile.read_text() == "x"
