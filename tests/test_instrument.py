@@ -1,6 +1,7 @@
 """instrument.py: the quantized copy computes the float model while its quantizers are disabled
 (BN folding included), the summary says what was quantized and what was skipped and why, first
-and last layers follow execution order, and graph-level quantizers go where DESIGN §2 says."""
+and last layers follow execution order, and graph-level quantizers go where DESIGN §2 says.
+Also covers graph_quantizers/ops.py, graph_quantizers/edges.py and summary.py."""
 
 from __future__ import annotations
 

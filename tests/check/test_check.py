@@ -1,5 +1,6 @@
 """eq.check and `edgequant check`: the ops a target cannot run in integer, before calibration; bad
-arguments refused with their names."""
+arguments refused with their names.
+Also covers check/ops.py, check/result.py, check/trace.py and export/check_onnx.py."""
 
 from __future__ import annotations
 

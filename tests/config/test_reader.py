@@ -1,4 +1,5 @@
-"""The YAML config: validation with file, line and key in every error; lazy factories."""
+"""The YAML config: validation with file, line and key in every error; lazy factories.
+Also covers config/schema.py and _yaml.py (a key given twice)."""
 
 from __future__ import annotations
 

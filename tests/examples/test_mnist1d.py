@@ -1,5 +1,6 @@
 """MNIST-1D: data generated locally, the 1-D CNN, training, the config factories, and
-`edgequant quantize` end to end on the example config."""
+`edgequant quantize` end to end on the example config.
+Also covers cli/quantize.py (`edgequant quantize` on the example config)."""
 
 from __future__ import annotations
 

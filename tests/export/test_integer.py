@@ -1,5 +1,6 @@
 """The fully integer target (mcu-int8): the graph property of its exports, and run_integer, the
-integer-only reference runner, against ONNX Runtime, and its input checks."""
+integer-only reference runner, against ONNX Runtime, and its input checks.
+Also covers export/integer_values.py and export/fixed_point.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 the summary, calibration errors that say where, sample counts, determinism, keyword inputs, and
 graph-level quantizers with the fallback for models torch.fx cannot trace; bad input to eq.quantize
 and eq.load refused at the boundary with an error naming the argument, the value and the valid
-choices; eq.load of a saved state_dict computing the same."""
+choices; eq.load of a saved state_dict computing the same.
+Also covers ptq/weight_only.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""fit_qat: the loop, distillation, checkpoints that resume to identical weights, NaN, refusal."""
+"""fit_qat: the loop, distillation, checkpoints that resume to identical weights, NaN, refusal.
+Also covers qat/config.py, qat/optim.py, qat/checkpoint.py, qat/distill.py and
+qat/oscillation.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """eq.compare and the demo: isolation of failures, deployed metrics, the recommendation rule; bad
-arguments to compare refused before any export work, naming the argument and the value."""
+arguments to compare refused before any export work, naming the argument and the value.
+Also covers report/runs.py, report/recommend.py and qat/selection.py."""
 
 from __future__ import annotations
 
