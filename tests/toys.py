@@ -4,8 +4,10 @@ is tests/zoo.py."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
@@ -91,6 +93,53 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class SmallCNN(nn.Module):
+    """Conv + BN + ReLU, depthwise conv, pooling, Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.dw(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class EmbedNorm(nn.Module):
+    """An embedding table, LayerNorm and a Linear head over the mean of the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.emb(ids)).mean(1))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent Python control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if float(h.sum()) > -1.0:
+            h = h * 2
+        return self.b(h)
 
 
 class Keywords(nn.Module):
@@ -209,3 +258,22 @@ def bert_hidden(model: Any, data: list[dict[str, torch.Tensor]]) -> torch.Tensor
     """Every token's last hidden state, (tokens, BERT_HIDDEN)."""
     with torch.no_grad():
         return torch.cat([model(**b).last_hidden_state.flatten(0, 1) for b in data])
+
+
+def run_ort(
+    path: str | os.PathLike[str], item: torch.Tensor | dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The first output of the ONNX model in ONNX Runtime; a dict item feeds inputs by name."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(item, dict):
+        assert sorted(names) == sorted(item)
+        feeds = {k: v.numpy() for k, v in item.items()}
+    else:
+        assert len(names) == 1
+        feeds = {names[0]: item.numpy()}
+    return torch.from_numpy(np.asarray(session.run(None, feeds)[0]))

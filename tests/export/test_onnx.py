@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import Keywords, gen, keyword_batches, relu_mlp, tensor_batches
+from toys import Keywords, gen, keyword_batches, relu_mlp, run_ort, tensor_batches
+from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.export.inspect import inspect_onnx
@@ -24,21 +25,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 INT4, UINT8, INT8 = 22, 2, 3  # onnx.TensorProto data types
-
-
-def run_ort(path: Path, item: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    """The first output of the ONNX model in ONNX Runtime; a dict item feeds inputs by name."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    if isinstance(item, dict):
-        assert sorted(names) == sorted(item)
-        feeds = {k: v.numpy() for k, v in item.items()}
-    else:
-        assert len(names) == 1
-        feeds = {names[0]: item.numpy()}
-    return torch.from_numpy(np.asarray(session.run(None, feeds)[0]))
 
 
 def weight_initializers(path: Path) -> dict[str, int]:
@@ -64,18 +50,6 @@ class Classifier(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.dw(x))
         return self.fc(x.mean((2, 3)))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(2, 8, 5, padding=2)
-        self.conv2 = nn.Conv1d(8, 8, 3, stride=2)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch_F.relu(self.conv2(torch_F.relu(self.conv1(x))))
-        return self.head(x.mean(-1))
 
 
 def mlp(*widths: int) -> nn.Module:

@@ -17,14 +17,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from toys import (
     MLP,
+    EmbedNorm,
     Keywords,
+    SmallCNN,
     TinyResidual,
+    Untraceable,
     bitwise_equal,
     gen,
     keyword_batches,
     relu_mlp,
     tensor_batches,
 )
+from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -34,34 +38,6 @@ from edgequant.recipe import Recipe
 from edgequant.spec import LayerOverride, QuantSpec
 
 # --- toy models ---------------------------------------------------------------------------------
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.dw(x))
-        return self.fc(self.pool(x).flatten(1))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(2, 6, 5, padding=2)
-        self.conv2 = nn.Conv1d(6, 6, 3, stride=2)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch_F.relu(self.conv2(torch_F.relu(self.conv1(x))))
-        return self.head(x.mean(-1))
 
 
 MODELS = {
@@ -150,17 +126,6 @@ def test_dynamic_keeps_convs_in_float_with_a_reason() -> None:
         "conv1" in summary.format()
         and "float: dynamic quantization covers Linear, Embedding only" in summary.format()
     )
-
-
-class EmbedNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.norm = nn.LayerNorm(8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.emb(ids)).mean(1))
 
 
 @pytest.mark.parametrize("method", ["static", "dynamic", "weight_only"])
@@ -408,29 +373,14 @@ def test_quantize_outputs_off_keeps_a_plain_module() -> None:
     assert all(r.output == "float" for r in qmodel.quant_summary.layers)
 
 
-class DataDependent(nn.Module):
-    """Python control flow on a tensor's value: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        if float(h.mean()) > 10.0:
-            h = h / 10
-        return self.b(h)
-
-
 def test_untraceable_model_still_quantizes_with_a_note() -> None:
     torch.manual_seed(0)
-    model = DataDependent().eval()
+    model = Untraceable().eval()
     calib = tensor_batches((8, 4), 4, seed=5)
     test = torch.randn(16, 4, generator=gen(6))
     qmodel = eq.quantize(model, "w8a8", calib)
     assert not isinstance(qmodel, torch.fx.GraphModule)
-    assert isinstance(qmodel, DataDependent)
+    assert isinstance(qmodel, Untraceable)
     notes = qmodel.quant_summary.notes
     assert len(notes) == 1 and "torch.fx could not trace" in notes[0]
     assert {r.name for r in qmodel.quant_summary.quantized} == {"a", "b"}
