@@ -83,8 +83,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
     "qat/optim.py": ("qat/test_fit.py", "range_lr_scale and warm-up of fit_qat"),
     "qat/oscillation.py": ("qat/test_fit.py", "dampening inside fit_qat"),
-    "qat/selection.py": ("report/test_compare.py", "epoch selection of compare's QAT runs"),
-    "report/recommend.py": ("report/test_compare.py", "the recommendation of a compare"),
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
 
