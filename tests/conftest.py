@@ -45,3 +45,13 @@ def resnet20(shared: Path) -> torch.nn.Module:
 def cifar_test_932(shared: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The first 932 CIFAR-10 test images, preprocessed (N, 3, 32, 32), and int64 labels."""
     return cifar10.load_split("test_932")
+
+
+@pytest.fixture
+def no_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For checks that belong before any export work: reaching torch.onnx.export fails the test."""
+
+    def exporter_reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.onnx.export was reached: the input was not refused first")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_reached)

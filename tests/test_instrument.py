@@ -1,6 +1,7 @@
 """instrument.py: the quantized copy computes the float model while its quantizers are disabled
 (BN folding included), the summary says what was quantized and what was skipped and why, first
-and last layers follow execution order, and graph-level quantizers go where DESIGN §2 says."""
+and last layers follow execution order, and graph-level quantizers go where DESIGN §2 says.
+Also covers graph_quantizers/ops.py, graph_quantizers/edges.py and summary.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import MLP, Keywords, TinyResidual, gen
+from toys import MLP, EmbedNorm, Keywords, SmallCNN, TinyResidual, Untraceable, gen
 
 import edgequant as eq
 from edgequant.batches import batch_size, call_model
@@ -41,26 +42,9 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 # --- toy models ---------------------------------------------------------------------------------
 
 
-class SmallCNN(nn.Module):
-    """Conv + BN + ReLU, depthwise conv, pooling, Linear head."""
+class Conv1dBN(nn.Module):
+    """1-D convolutions with a BatchNorm1d to fold."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.dw(x)))
-        return self.fc(self.pool(x).flatten(1))
-
-
-class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv1d(2, 6, 5, padding=2)
@@ -76,7 +60,7 @@ class Conv1dNet(nn.Module):
 MODELS = {
     "cnn": (SmallCNN, (4, 3, 8, 8)),
     "mlp": (MLP, (4, 16)),
-    "conv1d": (Conv1dNet, (4, 2, 16)),
+    "conv1d": (Conv1dBN, (4, 2, 16)),
     "residual": (TinyResidual, (4, 4, 6, 6)),
 }
 
@@ -176,17 +160,6 @@ def test_original_model_is_untouched_and_not_aliased() -> None:
 
 
 # --- what the summary says ----------------------------------------------------------------------
-
-
-class EmbedNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.norm = nn.LayerNorm(8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.emb(ids)).mean(1))
 
 
 class OwnForward(nn.Linear):
@@ -351,21 +324,6 @@ def test_residual_block_gets_graph_quantizers() -> None:
     holder = dict(gm.named_children())["output_quantizers"]
     assert sorted(dict(holder.named_children())) == ["conv2", "join_add"]
     assert summary.notes == []
-
-
-class Untraceable(nn.Module):
-    """Data-dependent Python control flow: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        if float(h.sum()) > -1.0:
-            h = h * 2
-        return self.b(h)
 
 
 def test_untraceable_model_is_returned_unchanged_with_a_note() -> None:

@@ -4,6 +4,10 @@ is tests/zoo.py."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
@@ -40,6 +44,45 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
     ]
 
 
+def never_called(model: nn.Module) -> float:
+    """An eval_fn that fails the test if it runs: for arguments that must be refused first."""
+    raise AssertionError("eval_fn ran: the bad argument was not refused before the search")
+
+
+def weight_bits(qmodel: nn.Module) -> dict[str, int]:
+    """Each quantized layer's weight bit width, by layer name."""
+    from edgequant.modules import QuantMixin
+
+    return {
+        n: m.weight_quantizer.spec.bits
+        for n, m in qmodel.named_modules()
+        if isinstance(m, QuantMixin) and m.weight_quantizer is not None
+    }
+
+
+def nearest_recipe(calib_samples: int) -> Any:
+    """The mixed-precision base recipe at 8 bits with round-to-nearest and no bias correction,
+    which keeps the mixed-precision tests quick (tests/mixed/test_sensitivity.py covers the GPTQ
+    and bias-correction pipeline that the default recipe runs at <= 4 bits)."""
+    from edgequant.mixed.sensitivity import base_recipe
+
+    return base_recipe(None, 8).replace(
+        calib_samples=calib_samples, rounding="nearest", bias_correction=False
+    )
+
+
+def relu_mlp(*widths: int) -> nn.Sequential:
+    """Linear layers of the given widths with a ReLU between each two, built after seeding torch
+    (0) so every call gives the same weights, in eval mode: relu_mlp(8, 16, 4)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers).eval()
+
+
 class MLP(nn.Module):
     """Two Linear layers, 16 -> 32 -> 4, with a ReLU between."""
 
@@ -50,6 +93,53 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class SmallCNN(nn.Module):
+    """Conv + BN + ReLU, depthwise conv, pooling, Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.dw(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class EmbedNorm(nn.Module):
+    """An embedding table, LayerNorm and a Linear head over the mean of the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.emb(ids)).mean(1))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent Python control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if float(h.sum()) > -1.0:
+            h = h * 2
+        return self.b(h)
 
 
 class Keywords(nn.Module):
@@ -123,3 +213,67 @@ class SmallResNet(nn.Module):
         y = self.conv2(torch_F.relu(self.conv1(x)))
         x = torch_F.relu(x + y)
         return self.head(torch_F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+BERT_HIDDEN, BERT_LAYERS, BERT_VOCAB, BERT_FFN = 32, 2, 64, 64
+
+
+def random_bert() -> torch.nn.Module:
+    """A tiny random BERT for the transformer PTQ tests (they plant their own outliers in it): a
+    2-layer BertModel with seeded random weights, in eval mode."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=BERT_VOCAB,
+        hidden_size=BERT_HIDDEN,
+        num_hidden_layers=BERT_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=BERT_FFN,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def bert_batches(
+    lengths: list[int], batch: int = 4, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenizer-like batches, padded per batch (the last sentence of each is shorter)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for length in lengths:
+        ids = torch.randint(1, BERT_VOCAB, (batch, length), generator=gen)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[-1, length // 2 :] = 0
+        ids[-1, length // 2 :] = 0
+        out.append(
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        )
+    return out
+
+
+def bert_hidden(model: Any, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Every token's last hidden state, (tokens, BERT_HIDDEN)."""
+    with torch.no_grad():
+        return torch.cat([model(**b).last_hidden_state.flatten(0, 1) for b in data])
+
+
+def run_ort(
+    path: str | os.PathLike[str], item: torch.Tensor | dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The first output of the ONNX model in ONNX Runtime; a dict item feeds inputs by name."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(item, dict):
+        assert sorted(names) == sorted(item)
+        feeds = {k: v.numpy() for k, v in item.items()}
+    else:
+        assert len(names) == 1
+        feeds = {names[0]: item.numpy()}
+    return torch.from_numpy(np.asarray(session.run(None, feeds)[0]))

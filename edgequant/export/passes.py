@@ -275,7 +275,7 @@ def exact_kernel_model(model: Any) -> tuple[Any, list[str]]:
     keeps the weights INT8, so the layer runs in its u8s8 kernel, which saturates on CPUs
     without VNNI (as_uint8); its own remedy, the session option session.x64quantprecision,
     fails on per-channel weights (ONNX Runtime 1.2x: "x_zero_point must be null or 1D tensor").
-    Verification on such a CPU runs this copy (tests/export/test_signed_int8_kernels.py checks
+    Verification on such a CPU runs this copy (tests/export/test_int8_kernels.py checks
     it against ONNX Runtime's reference kernels); the file keeps the target's INT8 weights.
     """
     import numpy as np

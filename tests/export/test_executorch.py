@@ -3,17 +3,14 @@ ExecuTorch's runtime before it is written."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from zoo import ZOO  # noqa: E402
 
 import edgequant as eq
 from edgequant.export.executorch import ExecuTorchRunner, delegated_ops
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import ZOO  # noqa: E402
 
 
 @pytest.fixture(scope="module")

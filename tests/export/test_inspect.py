@@ -1,4 +1,5 @@
-"""inspect_onnx on tiny hand-built ONNX models, each checked to run in ONNX Runtime first."""
+"""inspect_onnx on tiny hand-built ONNX models, each checked to run in ONNX Runtime first.
+Also covers export/weight_trace.py."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ run bit for bit like the integer reference, with the simulation's grids carried 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import ZOO  # noqa: E402
 
 import edgequant as eq
 from edgequant.export.lower import LoweredQDQ
@@ -19,9 +19,6 @@ from edgequant.export.tflite import TFLITE_OPS
 from edgequant.export.tflite_runtime import TFLiteRunner, litert_interpreter
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import ZOO  # noqa: E402
 
 
 def _mcu(name: str) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toys import nearest_recipe, relu_mlp  # tests/toys.py
 
+import edgequant as eq
 from edgequant.examples import mnist1d
+from edgequant.mixed import MixedPlan, plan
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +34,25 @@ def val_acc():
         return right / sum(len(y) for _, y in batches)
 
     return accuracy
+
+
+@pytest.fixture(scope="session")
+def plan3(cnn, calib) -> MixedPlan:
+    """A 3-bit average plan of the CNN (round-to-nearest base recipe), shared read-only."""
+    return plan(
+        cnn, calib, budget=eq.Budget.average_bits(3.0), recipe=nearest_recipe(64), num_samples=128
+    )
+
+
+@pytest.fixture
+def mlp() -> torch.nn.Module:
+    """A small untrained MLP (8 -> 16 -> 4) for argument checks that fail before any work."""
+    return relu_mlp(8, 16, 4)
+
+
+@pytest.fixture
+def batches() -> list[torch.Tensor]:
+    return list(torch.randn(64, 8, generator=torch.Generator().manual_seed(1)).split(16))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,36 +1,22 @@
-"""eq.mixed_precision / eq.mixed.plan / progressive on the MNIST-1D CNN: the recipe, its YAML round
-trip, eq.quantize of it, the accuracy-target search, the hybrid workflow and an ONNX export that
-mixes INT8 and INT4 (2- and 3-bit weights in INT4 containers)."""
+"""eq.mixed_precision / eq.mixed.plan on the MNIST-1D CNN: the recipe, its YAML round trip,
+eq.quantize of it, the accuracy-target search (mixed/search.py); and bad arguments to plan,
+progressive and mixed_precision refused where they enter, with the argument and the value named,
+before any slow work (a two-layer MLP keeps those quick)."""
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from toys import nearest_recipe, never_called, weight_bits  # tests/toys.py
 
 import edgequant as eq
 from edgequant.mixed import MixedPlan, plan, progressive
-from edgequant.mixed.sensitivity import base_recipe
-from edgequant.modules import QuantMixin
 
-# Round-to-nearest keeps these tests quick (test_sensitivity covers the GPTQ + bias-correction
-# pipeline that the default recipe runs at <= 4 bits).
-RECIPE = base_recipe(None, 8).replace(calib_samples=64, rounding="nearest", bias_correction=False)
-
-
-def weight_bits(qmodel: torch.nn.Module) -> dict[str, int]:
-    return {
-        n: m.weight_quantizer.spec.bits
-        for n, m in qmodel.named_modules()
-        if isinstance(m, QuantMixin) and m.weight_quantizer is not None
-    }
-
-
-@pytest.fixture(scope="module")
-def plan3(cnn, calib) -> MixedPlan:
-    return plan(cnn, calib, budget=eq.Budget.average_bits(3.0), recipe=RECIPE, num_samples=128)
+RECIPE = nearest_recipe(64)
 
 
 def test_plan_meets_the_budget_and_names_every_layer(plan3: MixedPlan) -> None:
@@ -166,33 +152,6 @@ def test_a_metric_that_is_not_a_finite_number_is_refused(plan3: MixedPlan, cnn, 
                     sensitivities=plan3.sensitivity)  # fmt: skip
 
 
-def test_progressive_lowers_layers_while_the_metric_holds(plan3: MixedPlan, cnn, calib, val_acc):
-    p = progressive(cnn, calib, val_acc, max_drop=0.01, recipe=RECIPE,
-                    sensitivities=plan3.sensitivity, max_steps=4)  # fmt: skip
-    assert p.drop is not None and p.drop <= 0.01
-    assert len(p.trials) == 5  # the all-8-bit start and four moves
-    assert p.average_bits < 8
-    assert p.qmodel is not None and weight_bits(p.qmodel) == p.bits
-    assert val_acc(cnn) - val_acc(p.qmodel) == pytest.approx(p.drop)
-
-
-def test_progressive_qat_needs_training_data(cnn, calib, val_acc) -> None:
-    with pytest.raises(ValueError, match="needs train_data"):
-        progressive(cnn, calib, val_acc, max_drop=0.01, qat_epochs=1)
-
-
-def test_progressive_then_a_short_qat(plan3: MixedPlan, cnn, calib, val_acc) -> None:
-    from edgequant.examples import mnist1d
-
-    p = progressive(cnn, calib, val_acc, max_drop=0.02, recipe=RECIPE,
-                    sensitivities=plan3.sensitivity, max_steps=2, qat_epochs=1,
-                    train_data=mnist1d.train_batches()[:4])  # fmt: skip
-    assert p.method == "progressive+qat1"
-    assert p.qmodel is not None and not p.qmodel.training
-    # The drop reported is that of the trained model, measured.
-    assert val_acc(cnn) - val_acc(p.qmodel) == pytest.approx(p.drop)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -206,3 +165,77 @@ def test_progressive_then_a_short_qat(plan3: MixedPlan, cnn, calib, val_acc) -> 
 def test_plan_argument_errors(cnn, calib, kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         plan(cnn, calib, **kwargs)
+
+
+CHECK_RECIPE = nearest_recipe(32)
+
+
+def test_candidates_of_mixed_types_name_the_bad_one(mlp, batches) -> None:
+    # Before: sorted() raised "'<' not supported between instances of 'int' and 'str'".
+    with pytest.raises(ValueError, match=r"candidate bit width '8' is invalid: ints in 2\.\.16"):
+        bad: Any = [4, "8"]
+        plan(mlp, batches, budget=eq.Budget(size_ratio=0.2), candidates=bad)
+
+
+@pytest.mark.parametrize("workflow", ["plan", "progressive"])
+def test_fixed_must_be_a_mapping(mlp, batches, workflow: str) -> None:
+    # Before: dict(["0"]) raised "dictionary update sequence element #0 has length 1".
+    bad: Any = ["0"]
+    with pytest.raises(
+        TypeError, match=r"fixed must be a mapping of layer name -> bits.*list \['0'\]"
+    ):
+        if workflow == "plan":
+            plan(mlp, batches, budget=eq.Budget(size_ratio=0.2), fixed=bad)
+        else:
+            progressive(mlp, batches, never_called, 0.01, fixed=bad)
+
+
+@pytest.mark.parametrize("workflow", ["plan", "progressive"])
+def test_a_nan_tolerance_is_refused(mlp, batches, workflow: str) -> None:
+    # Before: every drop compared false with NaN, and the all-8-bit plan came back as the answer.
+    with pytest.raises(ValueError, match="max_drop must be a number >= 0, got nan"):
+        if workflow == "plan":
+            plan(mlp, batches, eval_fn=never_called, max_drop=float("nan"))
+        else:
+            progressive(mlp, batches, never_called, float("nan"))
+
+
+@pytest.mark.parametrize("workflow", ["plan", "progressive"])
+def test_sensitivities_of_another_type_are_named(mlp, batches, workflow: str) -> None:
+    # Before: AttributeError: 'dict' object has no attribute 'candidates'.
+    scores: Any = {"0": {8: 0.0}, "2": {8: 0.0}}
+    with pytest.raises(
+        TypeError, match="sensitivities must be an edgequant.mixed.Sensitivity, got dict"
+    ):
+        if workflow == "plan":
+            plan(mlp, batches, budget=eq.Budget(size_ratio=0.2), sensitivities=scores)
+        else:
+            progressive(mlp, batches, never_called, 0.01, sensitivities=scores)
+
+
+@pytest.mark.parametrize("workflow", ["plan", "progressive", "mixed_precision"])
+@pytest.mark.parametrize("made_by", ["eq.quantize", "eq.prepare_qat"])
+def test_an_already_quantized_model_is_refused(mlp, batches, workflow: str, made_by: str) -> None:
+    # Before: "the model has no quantizable layer (Conv1d, Conv2d, Linear, Embedding) ...".
+    if made_by == "eq.quantize":
+        qmodel = eq.quantize(mlp, "w8a8", batches)
+    else:
+        qmodel = eq.prepare_qat(mlp, "w8a8", batches)
+    match = f"model is already quantized by {made_by} .*'0.weight_quantizer'.*pass the FP32 model"
+    with pytest.raises(ValueError, match=match):
+        if workflow == "plan":
+            plan(qmodel, batches, budget=eq.Budget(size_ratio=0.2))
+        elif workflow == "mixed_precision":
+            eq.mixed_precision(qmodel, batches, budget=eq.Budget(size_ratio=0.2))
+        else:
+            progressive(qmodel, batches, never_called, 0.01)
+
+
+def test_an_infeasible_budget_in_accuracy_target_mode_keeps_its_name(mlp, batches) -> None:
+    # Before: "Budget size_bytes is infeasible" for a size_ratio the caller gave (the search
+    # re-states size bounds in bytes), and after the FP32 model had been measured.
+    smallest = (8 * 16 + 16 * 4) * 2 / 8
+    match = f"Budget size_ratio is infeasible: .* smallest achievable size .* {smallest:,.0f} bytes"
+    with pytest.raises(ValueError, match=match):
+        plan(mlp, batches, budget=eq.Budget(size_ratio=0.01), eval_fn=never_called,
+             max_drop=0.01, recipe=CHECK_RECIPE, num_samples=32)  # fmt: skip

@@ -1,50 +1,43 @@
 """eq.quantize end to end on tiny models: every method, the caller's model left bit-identical,
 the summary, calibration errors that say where, sample counts, determinism, keyword inputs, and
-graph-level quantizers with the fallback for models torch.fx cannot trace."""
+graph-level quantizers with the fallback for models torch.fx cannot trace; bad input to eq.quantize
+and eq.load refused at the boundary with an error naming the argument, the value and the valid
+choices; eq.load of a saved state_dict computing the same.
+Also covers ptq/weight_only.py."""
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from toys import MLP, Keywords, TinyResidual, bitwise_equal, gen, keyword_batches, tensor_batches
+from toys import (
+    MLP,
+    EmbedNorm,
+    Keywords,
+    SmallCNN,
+    TinyResidual,
+    Untraceable,
+    bitwise_equal,
+    gen,
+    keyword_batches,
+    relu_mlp,
+    tensor_batches,
+)
+from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
 from edgequant.instrument import quant_layers
 from edgequant.quantizer import quantizers
+from edgequant.recipe import Recipe
+from edgequant.spec import LayerOverride, QuantSpec
 
 # --- toy models ---------------------------------------------------------------------------------
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.dw(x))
-        return self.fc(self.pool(x).flatten(1))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(2, 6, 5, padding=2)
-        self.conv2 = nn.Conv1d(6, 6, 3, stride=2)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch_F.relu(self.conv2(torch_F.relu(self.conv1(x))))
-        return self.head(x.mean(-1))
 
 
 MODELS = {
@@ -135,17 +128,6 @@ def test_dynamic_keeps_convs_in_float_with_a_reason() -> None:
     )
 
 
-class EmbedNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.norm = nn.LayerNorm(8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.emb(ids)).mean(1))
-
-
 @pytest.mark.parametrize("method", ["static", "dynamic", "weight_only"])
 def test_summary_quantizes_embeddings_and_lists_layernorm_as_float(method: str) -> None:
     torch.manual_seed(0)
@@ -225,7 +207,7 @@ def test_empty_calibration_data_raises(method: str) -> None:
         eq.quantize(model, "w8a8", [], method=method)
     with pytest.raises(ValueError, match="empty"):
         eq.quantize(model, "w8a8", iter(()), method=method)
-    if method == "static":  # dynamic and weight-only need none (tests/ptq/test_auto_pipeline.py)
+    if method == "static":  # dynamic and weight-only need none (tests/ptq/test_auto.py)
         with pytest.raises(ValueError, match="calib_data"):
             eq.quantize(model, "w8a8", None, method=method)
 
@@ -391,31 +373,223 @@ def test_quantize_outputs_off_keeps_a_plain_module() -> None:
     assert all(r.output == "float" for r in qmodel.quant_summary.layers)
 
 
-class DataDependent(nn.Module):
-    """Python control flow on a tensor's value: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        if float(h.mean()) > 10.0:
-            h = h / 10
-        return self.b(h)
-
-
 def test_untraceable_model_still_quantizes_with_a_note() -> None:
     torch.manual_seed(0)
-    model = DataDependent().eval()
+    model = Untraceable().eval()
     calib = tensor_batches((8, 4), 4, seed=5)
     test = torch.randn(16, 4, generator=gen(6))
     qmodel = eq.quantize(model, "w8a8", calib)
     assert not isinstance(qmodel, torch.fx.GraphModule)
-    assert isinstance(qmodel, DataDependent)
+    assert isinstance(qmodel, Untraceable)
     notes = qmodel.quant_summary.notes
     assert len(notes) == 1 and "torch.fx could not trace" in notes[0]
     assert {r.name for r in qmodel.quant_summary.quantized} == {"a", "b"}
     assert qmodel.quant_info["samples_used"] == 32
     assert sqnr_db(_run(model, test), _run(qmodel, test)) > 35.0
+
+
+def _x(rows: int = 16, features: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["static", "dynamic", "weight_only"])
+def test_first_batch_of_the_wrong_shape_names_the_item_and_its_shape(method: str) -> None:
+    recipe = "w8-weight-only" if method == "weight_only" else "w8a8"
+    with pytest.raises(ValueError, match=r"calib_data item 0 \(a Tensor \(4, 7\) float32\)"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), recipe, [_x(4, 7)], method=method)
+
+
+def test_first_batch_of_the_wrong_dtype_names_it() -> None:
+    batch = torch.randint(0, 3, (4, 8))
+    with pytest.raises(ValueError, match=r"calib_data item 0 \(a Tensor \(4, 8\) int64\)"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), "w8a8", [batch])
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [Recipe.preset("w8a8"), Recipe.preset("w8a8").replace(smooth_alpha=0.5), "w4a8"],
+    ids=["calibration", "smoothquant", "gptq"],
+)
+def test_later_batch_of_the_wrong_shape_names_its_index(recipe: Recipe | str) -> None:
+    with pytest.raises(ValueError, match=r"calib_data item 2 \(a Tensor \(3, 5\) float32\)"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), recipe, [_x(), _x(seed=1), _x(3, 5)])
+
+
+def test_non_finite_batch_is_named_before_dynamic_smoothquant_reads_it() -> None:
+    recipe = Recipe.preset("w8a8").replace(smooth_alpha=0.5)
+    bad = _x(seed=1)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration item 1 holds NaN or Inf"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), recipe, [_x(), bad], method="dynamic")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "kind"),
+    [
+        (Recipe.preset("w8a8").replace(skip=("fc9",)), "skip"),
+        (Recipe.preset("w8a8").replace(overrides=(LayerOverride("fc9", skip=True),)), "override"),
+    ],
+)
+def test_pattern_that_matches_no_layer_is_refused(recipe: Recipe, kind: str) -> None:
+    model = relu_mlp(8, 12, 12, 4)
+    with pytest.raises(ValueError) as info:
+        eq.quantize(model, recipe, [_x()])
+    message = str(info.value)
+    assert f"{kind} pattern 'fc9' matches no module" in message
+    assert "module names: 0, 1, 2, 3, 4" in message and "Linear" in message
+    # Names, globs and type names that exist are accepted.
+    for pattern in ("2", "[24]", "ReLU"):
+        eq.quantize(model, Recipe.preset("w8a8").replace(skip=(pattern,)), [_x()])
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_weight_axis_that_is_not_a_dim_names_the_layer(granularity: str) -> None:
+    spec = QuantSpec(
+        bits=8, granularity=granularity, axis=3, group_size=4 if granularity == "group" else None
+    )
+    recipe = Recipe.preset("w8a8").replace(weight=spec)
+    with pytest.raises(ValueError, match=r"layer '0'.*axis 3.*shape \(12, 8\); valid axes: 0\.\.1"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), recipe, [_x()])
+
+
+def test_method_that_is_not_a_string_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown method \['static'\]; valid: static, dynamic"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), "w8a8", [_x()], method=["static"])  # type: ignore[arg-type]
+
+
+def test_num_samples_true_is_not_one_sample() -> None:
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got True"):
+        eq.quantize(relu_mlp(8, 12, 12, 4), "w8a8", [_x()], num_samples=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    model = relu_mlp(8, 12, 12, 4)
+    path = tmp_path_factory.mktemp("load") / "q.pt"
+    torch.save(eq.quantize(model, "w8a8", [_x()]).state_dict(), path)
+    return model, path
+
+
+def test_load_of_a_file_that_is_not_a_state_dict_names_the_file(
+    saved: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    model, _ = saved
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a torch file")
+    with pytest.raises(ValueError, match=r"notes\.pt is not a saved state_dict"):
+        eq.load(model, "w8a8", junk, _x())
+    pickled = tmp_path / "model.pt"
+    with pickled.open("wb") as f:
+        pickle.dump({"a": object()}, f)
+    with pytest.raises(ValueError, match=r"model\.pt is not a saved state_dict.*objects other"):
+        eq.load(model, "w8a8", pickled, _x())
+
+
+def test_load_of_a_folder_says_it_is_a_folder(saved: tuple[nn.Module, Path]) -> None:
+    model, path = saved
+    with pytest.raises(IsADirectoryError, match=f"{path.parent} is a folder"):
+        eq.load(model, "w8a8", path.parent, _x())
+
+
+def test_load_without_example_inputs_says_they_are_required(
+    saved: tuple[nn.Module, Path],
+) -> None:
+    model, path = saved
+    with pytest.raises(ValueError, match="example_inputs is required"):
+        eq.load(model, "w8a8", path, None)
+
+
+def test_load_with_example_inputs_of_the_wrong_shape_names_them(
+    saved: tuple[nn.Module, Path],
+) -> None:
+    model, path = saved
+    with pytest.raises(ValueError, match=r"failed on example_inputs \(a Tensor \(2, 7\) float32\)"):
+        eq.load(model, "w8a8", path, _x(2, 7))
+
+
+def test_load_of_a_smoothing_buffer_for_a_missing_layer_names_the_key(
+    saved: tuple[nn.Module, Path],
+) -> None:
+    model, path = saved
+    state = torch.load(path, weights_only=True)
+    state["9.input_smooth_inv"] = torch.ones(8)
+    with pytest.raises(ValueError, match=r"holds '9\.input_smooth_inv'.*no layer '9'"):
+        eq.load(model, "w8a8", state, _x())
+
+
+@pytest.mark.parametrize(("saved_with", "asked"), [("static", "dynamic"), ("dynamic", "static")])
+def test_load_with_the_other_of_static_and_dynamic_is_refused(saved_with: str, asked: str) -> None:
+    model = relu_mlp(8, 12, 12, 4)
+    state = eq.quantize(model, "w8a8", [_x()], method=saved_with).state_dict()
+    with pytest.raises(ValueError, match=f"quantized with method '{saved_with}'.*method='{asked}'"):
+        eq.load(model, "w8a8", state, _x(), method=asked)
+    eq.load(model, "w8a8", state, _x(), method=saved_with)
+
+
+def test_an_activation_axis_out_of_range_names_the_quantizer_and_its_spec() -> None:
+    # Before: "axis 5 out of range for a tensor of shape (16, 8)" from functional.py, no layer.
+    spec = QuantSpec(bits=8, symmetric=False, granularity="channel", axis=5)
+    recipe = Recipe.preset("w8a8").replace(activation=spec)
+    with pytest.raises(
+        ValueError,
+        match=r"'0.input' \(activation quantizer, .*per-channel\(5\).*\): axis 5 out of range "
+        r"for a tensor of shape \(16, 8\)",
+    ):
+        eq.quantize(relu_mlp(8, 12, 12, 4), recipe, [_x()])
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch_F.relu(self.bn(self.conv(x)))
+        x = torch_F.relu(x + self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _data() -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return (
+        Block().eval(),
+        [torch.randn(8, 3, 8, 8, generator=g) for _ in range(3)],
+        torch.randn(16, 3, 8, 8, generator=g),
+    )
+
+
+@pytest.mark.parametrize(
+    ("preset", "method"),
+    [
+        ("w8a8", "static"),
+        ("w4a4", "static"),
+        ("w4-weight-only", "weight_only"),
+        ("w8a8", "dynamic"),
+    ],
+)
+def test_saved_and_loaded_model_computes_the_same(tmp_path: Path, preset: str, method: str) -> None:
+    model, calib, test = _data()
+    recipe = eq.Recipe.preset(preset)
+    if method == "dynamic":
+        recipe = recipe.replace(smooth_alpha=0.5)  # a buffer that exists only after smoothing
+    qmodel = eq.quantize(model, recipe, calib, method=method)
+    path = tmp_path / "q.pt"
+    torch.save(qmodel.state_dict(), path)
+    loaded = eq.load(model, recipe, path, calib[0], method=method)
+    with torch.no_grad():
+        assert torch.equal(qmodel(test), loaded(test))
+
+
+def test_load_refuses_a_state_from_another_recipe(tmp_path: Path) -> None:
+    model, calib, _ = _data()
+    state = eq.quantize(model, "w8a8", calib, method="dynamic").state_dict()
+    with pytest.raises(ValueError, match="does not fit"):
+        eq.load(model, "w8a8", state, calib[0], method="static")
+    with pytest.raises(FileNotFoundError, match="no saved state"):
+        eq.load(model, "w8a8", tmp_path / "missing.pt", calib[0])
+    with pytest.raises(ValueError, match="unknown method"):
+        eq.load(model, "w8a8", state, calib[0], method="qat")

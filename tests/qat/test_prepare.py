@@ -272,3 +272,22 @@ def test_the_default_start_is_the_ptq_pipelines_model(tiny_model, calib):
     assert "pipeline" not in plain.quant_info
     with pytest.raises(ValueError, match="unknown start 'best'; valid: ptq, calibrated"):
         prepare_qat(tiny_model, "w4a8", calib, start="best")
+
+
+@pytest.mark.parametrize("made_by", ["eq.quantize", "eq.prepare_qat"])
+def test_prepare_qat_refuses_a_quantized_model(tiny_model, calib, made_by: str) -> None:
+    # Before: "the model has no quantizable layer ... (conv1.weight_quantizer: no quantized
+    # version of this layer type; ...)".
+    if made_by == "eq.quantize":
+        quantized = eq.quantize(tiny_model, "w8a8", calib)
+    else:
+        quantized = prepare_qat(tiny_model, "w8a8", calib)
+    with pytest.raises(ValueError, match=f"model is already quantized by {made_by} .*FP32 model"):
+        prepare_qat(quantized, "w8a8", calib)
+
+
+def test_prepare_qat_refuses_a_pattern_that_matches_no_layer(tiny_model, calib) -> None:
+    # Before: eq.quantize refused it, prepare_qat trained with the typo'd layer at the defaults.
+    recipe = eq.Recipe.preset("w4a4").replace(skip=("conv9",))
+    with pytest.raises(ValueError, match="skip pattern 'conv9' matches no module of the model"):
+        prepare_qat(tiny_model, recipe, calib)

@@ -1,17 +1,20 @@
-"""eq.compare and the demo: isolation of failures, deployed metrics, the recommendation rule."""
+"""eq.compare and the demo: isolation of failures, deployed metrics; bad
+arguments to compare refused before any export work, naming the argument and the value.
+Also covers report/runs.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from toys import relu_mlp  # tests/toys.py
 
-from edgequant.qat.selection import holdout_split, select_epoch
 from edgequant.recipe import Recipe
-from edgequant.report.compare import Run, compare, recommend, stderr_progress
+from edgequant.report.compare import Report, Run, compare, stderr_progress
 
 
 def _toy() -> tuple[nn.Module, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -134,130 +137,6 @@ def test_qat_and_mixed_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         Run("m", "static", Recipe.preset("w8a8"), family="mixed")
 
 
-def test_select_epoch_keeps_the_ptq_start_unless_an_epoch_wins_beyond_noise() -> None:
-    def hits(*right: int, n: int = 100) -> torch.Tensor:
-        out = torch.zeros(n, dtype=torch.bool)
-        out[list(right)] = True
-        return out
-
-    start = hits(*range(90))
-    # 2 more right and none worse: b - c = 2 <= 2 * sqrt(2), noise: the start stays.
-    kept, why = select_epoch([start, hits(*range(92))])
-    assert kept == 0 and "PTQ start" in why and "within 2 standard errors" in why
-    # 6 more right: 6 > 2 * sqrt(6) = 4.9, kept; the best epoch is the candidate.
-    kept, why = select_epoch([start, hits(*range(92)), hits(*range(96)), hits(*range(94))])
-    assert kept == 2 and why.startswith("kept epoch 2") and "gets 6 right" in why
-    # Paired, not marginal: 8 gained and 8 lost is no gain at all.
-    kept, _ = select_epoch([start, hits(*range(8, 98))])
-    assert kept == 0
-    # An epoch worse than the start is never kept; no change at all is said so.
-    kept, why = select_epoch([start, hits(*range(50))])
-    assert kept == 0 and "no epoch gained" in why
-    assert "no epoch changed a held-out answer" in select_epoch([start, start.clone()])[1]
-    assert select_epoch([start])[0] == 0
-
-
-def test_holdout_split_is_strided_and_needs_two_batches() -> None:
-    batches = list(range(15))
-    fit, held = holdout_split(batches)  # type: ignore[arg-type]
-    assert held == [6, 13] and fit == [b for b in batches if b not in (6, 13)]
-    assert holdout_split([0, 1, 2]) == ([0, 1], [2])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="at least 2 batches"):
-        holdout_split([0])  # type: ignore[arg-type]
-    for every in (1, 0, True, 2.0):
-        with pytest.raises(ValueError, match="every must be an int >= 2"):
-            holdout_split(batches, every)  # type: ignore[arg-type]
-
-
-def test_select_epoch_names_bad_hits() -> None:
-    start = torch.zeros(10, dtype=torch.bool)
-    with pytest.raises(ValueError, match="hits is empty"):
-        select_epoch([])
-    with pytest.raises(ValueError, match=r"hits\[1\] must be a bool tensor"):
-        select_epoch([start, torch.zeros(10)])
-    with pytest.raises(ValueError, match=r"hits\[1\] must be a bool tensor"):
-        select_epoch([start, torch.zeros(9, dtype=torch.bool)])
-    with pytest.raises(ValueError, match="z must be a number >= 0"):
-        select_epoch([start, start], z=-1.0)
-
-
-def _row(
-    name: str,
-    metric: float,
-    size: int,
-    family: str = "ptq",
-    labels: bool = False,
-    bs1: float | None = None,
-    bs64: float | None = None,
-) -> dict:
-    row = {
-        "name": name,
-        "status": "ok",
-        "metric_deployed": metric,
-        "size_bytes": size,
-        "size_ratio": size / 1000,
-        "family": family,
-        "labels_used": labels,
-    }
-    if bs1 is not None:
-        row["latency_ms"] = {"bs1": bs1, "bs64": bs64}
-    return row
-
-
-def test_recommendation_is_accuracy_first_then_size_then_cost_then_speed() -> None:
-    runs = [
-        _row("qat-w4a4", 0.95, 100, family="qat", labels=True),
-        _row("ptq-w8a8", 0.945, 300),
-        _row("ptq-w4", 0.90, 90),  # the smallest, but outside the tolerance
-        _row("ptq-w4a8", 0.942, 200),
-    ]
-    rec = recommend(0.95, runs, tolerance=0.01)
-    # Within tolerance, the smallest file wins even when only QAT gets there.
-    assert rec["choice"] == "qat-w4a4" and "trained with labels" in rec["why"]
-    assert rec["within_tolerance"] == ["qat-w4a4", "ptq-w4a8", "ptq-w8a8"]
-    assert recommend(0.95, runs[1:], tolerance=0.01)["choice"] == "ptq-w4a8"
-    # At equal size the cheaper to make wins (PTQ, no labels), whatever the timing says ...
-    tied = [
-        _row("qat-w2a2", 0.95, 100, family="qat", labels=True, bs1=0.01, bs64=1.0),
-        _row("ptq-w4a4", 0.945, 100, bs1=0.02, bs64=1.0),
-        _row("ptq-w3a3", 0.945, 100, bs1=0.015, bs64=1.0),
-    ]
-    rec = recommend(0.95, tied, tolerance=0.01)
-    # ... and then the faster.
-    assert rec["choice"] == "ptq-w3a3" and "tied with ptq-w4a4, qat-w2a2" in rec["why"]
-    none = recommend(0.99, runs, tolerance=0.01)
-    assert none["choice"] is None and "qat-w4a4" in none["why"]
-
-
-def test_recommendation_says_plainly_when_the_integer_model_is_slower_than_fp32() -> None:
-    fp32 = {"bs1": 0.031, "bs64": 0.9}
-    runs = [
-        _row("ptq-static-w8a8", 0.95, 300, bs1=0.079, bs64=1.5),
-        _row("ptq-dynamic-w8a8", 0.95, 900, bs1=0.030, bs64=0.95),
-    ]
-    rec = recommend(0.95, runs, tolerance=0.01, baseline_latency_ms=fp32)
-    assert rec["choice"] == "ptq-static-w8a8"
-    why = rec["why"]
-    assert "SLOWER than FP32" in why and "batch 1: 0.079 ms vs FP32 0.031 ms (2.5x)" in why
-    assert "quantize" in why.lower() and "overhead" in why  # why it is slower
-    # and what would be faster, at each batch size where it is slower
-    assert (
-        "the faster choice on this CPU is ptq-dynamic-w8a8 at batch 1 and FP32 at batch 64" in why
-    )
-    assert rec["speed"]["slower_than_fp32"] == ["bs1", "bs64"]
-    assert rec["speed"]["fastest"] == {"bs1": "ptq-dynamic-w8a8", "bs64": "fp32"}
-    # Within timing noise (10 %) or faster, it is not called slower.
-    runs[0]["latency_ms"] = {"bs1": 0.033, "bs64": 0.45}
-    why = recommend(0.95, runs, tolerance=0.01, baseline_latency_ms=fp32)["why"]
-    assert "SLOWER" not in why and "as fast as FP32 within timing noise (batch 1" in why
-    assert "faster than FP32 (batch 64: 0.45 ms vs FP32 0.9 ms (2.0x faster))" in why
-    # Without FP32's timings nothing is said about speed.
-    assert "Speed" not in recommend(0.95, runs, tolerance=0.01)["why"]
-    runs[0]["latency_ms"] = {"bs1": 0.079, "bs64": 1.5}
-    why = recommend(0.95, runs[:1], tolerance=0.01, baseline_latency_ms=fp32)["why"]
-    assert "the faster choice on this CPU is FP32 (" in why
-
-
 def test_bad_arguments_are_named() -> None:
     model, calib, test = _toy()
     with pytest.raises(TypeError, match="model"):
@@ -297,3 +176,78 @@ def test_demo_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert qat["metric_deployed"] >= ptq["metric_deployed"] - 0.002
     assert qat["selection"]["held_out_samples"] == 500  # every 7th of 35 batches of 100
     assert rows["mixed-w3avg-a8"]["status"] == "ok"
+
+
+def _mlp_and_calib() -> tuple[nn.Module, list[torch.Tensor]]:
+    model = relu_mlp(16, 32, 4)
+    return model, list(torch.randn(64, 16).split(16))
+
+
+def _const(value: Any):  # type: ignore[no-untyped-def]
+    return lambda predict: value
+
+
+RUNS = [Run("static-w8a8", "static", Recipe.preset("w8a8"))]
+
+
+def test_example_inputs_the_model_cannot_run(no_export: None) -> None:
+    # Was: torch.export's TorchExportError from the FP32 baseline export.
+    model, calib = _mlp_and_calib()
+    with pytest.raises(
+        ValueError,
+        match=r"calib_data\[0\] \(the default example_inputs\) \(a Tensor \(8, 15\) float32\) "
+        r"do not run through the model: layer '0' \(Linear\)",
+    ):
+        compare(model, [torch.randn(8, 15)], _const(1.0), runs=RUNS)
+    with pytest.raises(ValueError, match=r"^example_inputs \(a Tensor \(4, 15\) float32\)"):
+        compare(model, calib, _const(1.0), example_inputs=torch.randn(4, 15), runs=RUNS)
+
+
+def test_data_given_as_a_tensor_or_none(no_export: None) -> None:
+    # Was: rows taken as batches (ONNX Runtime's "Invalid rank"); "'NoneType' is not iterable".
+    model, calib = _mlp_and_calib()
+    with pytest.raises(TypeError, match=r"calib_data must be an iterable of batches.*\(64, 16\)"):
+        compare(model, torch.randn(64, 16), _const(1.0), runs=RUNS)
+    with pytest.raises(TypeError, match="calib_data must be an iterable of batches.*NoneType"):
+        compare(model, None, _const(1.0), runs=RUNS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"train_data must be an iterable .*\(32, 16\)"):
+        compare(model, calib, _const(1.0), runs=RUNS, train_data=torch.randn(32, 16))
+
+
+def test_eval_fn_returning_nan_or_none(tmp_path: Path) -> None:
+    # Was: NaN recorded as the baseline ("the best was ... at nan"); None: float()'s TypeError.
+    model, calib = _mlp_and_calib()
+    with pytest.raises(ValueError, match="eval_fn returned nan for the FP32 baseline"):
+        compare(model, calib, _const(float("nan")), runs=RUNS)
+    with pytest.raises(TypeError, match="eval_fn must return a number .* NoneType None"):
+        compare(model, calib, _const(None), runs=RUNS)
+
+
+def test_recipes_as_one_string_and_runs_of_names(no_export: None) -> None:
+    # Was: "unknown preset 'w'" (the string iterated); AttributeError "'str' ... 'name'".
+    model, calib = _mlp_and_calib()
+    with pytest.raises(TypeError, match=r"got the single 'w8a8': pass \['w8a8'\]"):
+        compare(model, calib, _const(1.0), recipes="w8a8")
+    with pytest.raises(TypeError, match="runs must hold Run objects, got str 'w8a8'"):
+        compare(model, calib, _const(1.0), runs=["w8a8"])  # type: ignore[list-item]
+
+
+def test_tolerance_text_and_progress_flag(no_export: None) -> None:
+    # Was: "'<=' not supported between 'int' and 'str'"; "'bool' object is not callable".
+    model, calib = _mlp_and_calib()
+    with pytest.raises(TypeError, match=r"tolerance must be a number in \[0, 1\), got '0.01'"):
+        compare(model, calib, _const(1.0), runs=RUNS, tolerance="0.01")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="progress must be a callable .* got True"):
+        compare(model, calib, _const(1.0), runs=RUNS, progress=True)  # type: ignore[arg-type]
+
+
+def test_out_dir_that_is_a_file(tmp_path: Path, no_export: None) -> None:
+    # Was: NotADirectoryError on out_dir/models (compare), FileExistsError (Report.save).
+    model, calib = _mlp_and_calib()
+    afile = tmp_path / "report.html"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir '.*report.html' is a file, not a folder"):
+        compare(model, calib, _const(1.0), runs=RUNS, out_dir=afile)
+    with pytest.raises(ValueError, match=r"out_dir '.*report.html' is a file, not a folder"):
+        Report({"runs": []}).save(afile)
+    assert afile.read_text() == "x"

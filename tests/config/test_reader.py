@@ -1,4 +1,5 @@
-"""The YAML config: validation with file, line and key in every error; lazy factories."""
+"""The YAML config: validation with file, line and key in every error; lazy factories.
+Also covers config/schema.py and _yaml.py (a key given twice)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import edgequant as eq
 from edgequant.config import KEYS, Config, ConfigError, Factory, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A data module next to the config: the config's folder is searched first for modules.
 HELPERS = """

@@ -1,5 +1,6 @@
 """MNIST-1D: data generated locally, the 1-D CNN, training, the config factories, and
-`edgequant quantize` end to end on the example config."""
+`edgequant quantize` end to end on the example config.
+Also covers cli/quantize.py (`edgequant quantize` on the example config)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 from edgequant.cli import main
 from edgequant.examples import mnist1d
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "mnist1d_cnn.yaml"
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "mnist1d_cnn.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from _bert import FFN, HIDDEN, LAYERS, batches, hidden, random_bert  # tests/ptq/_bert.py
+from toys import (
+    BERT_FFN,
+    BERT_HIDDEN,
+    BERT_LAYERS,
+    bert_batches,
+    bert_hidden,
+    random_bert,
+)  # tests/toys.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -27,7 +34,7 @@ OUTLIER = 3  # the FFN channel with the planted outlier
 def outlier_bert() -> torch.nn.Module:
     model = random_bert()
     with torch.no_grad():
-        for i in range(LAYERS):
+        for i in range(BERT_LAYERS):
             layer: Any = model.encoder.layer[i]
             # GELU output channel OUTLIER ~40x the others; the next Linear reads it with a
             # small weight (it carries range, not signal), as in trained models.
@@ -37,9 +44,9 @@ def outlier_bert() -> torch.nn.Module:
     return model
 
 
-CALIB = batches([7, 12, 9, 16])
-EVAL = batches([20, 5], seed=1)
-FFN_OUT = [f"encoder.layer.{i}.output.dense" for i in range(LAYERS)]
+CALIB = bert_batches([7, 12, 9, 16])
+EVAL = bert_batches([20, 5], seed=1)
+FFN_OUT = [f"encoder.layer.{i}.output.dense" for i in range(BERT_LAYERS)]
 
 
 def recipe(split: float | None, alpha: float | None = None) -> eq.Recipe:
@@ -80,20 +87,28 @@ def test_splitting_keeps_the_float_model() -> None:
     for name in FFN_OUT:
         layer: Any = qmodel.get_submodule(name)
         assert added[name] >= 1
-        assert layer.weight.shape == (HIDDEN, FFN + added[name]) == (HIDDEN, layer.in_features)
+        assert (
+            layer.weight.shape
+            == (BERT_HIDDEN, BERT_FFN + added[name])
+            == (BERT_HIDDEN, layer.in_features)
+        )
         # The planted channel is the one most repeated.
-        counts = torch.bincount(layer.input_channel_index, minlength=FFN)
+        counts = torch.bincount(layer.input_channel_index, minlength=BERT_FFN)
         assert int(counts.argmax()) == OUTLIER and int(counts[OUTLIER]) > 10
-    torch.testing.assert_close(hidden(qmodel, EVAL), hidden(model, EVAL), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        bert_hidden(qmodel, EVAL), bert_hidden(model, EVAL), rtol=1e-4, atol=1e-4
+    )
     with pytest.raises(ValueError, match="already split"):
         outliers.split_outliers_(qmodel, CALIB, 0.9, 10**6)
 
 
 def test_splitting_recovers_the_outlier_input(split_model: torch.nn.Module) -> None:
     model = outlier_bert()
-    ref = hidden(model, EVAL)
-    plain = sqnr_db(ref, hidden(eq.quantize(model, recipe(None), CALIB, method="static"), EVAL))
-    split = sqnr_db(ref, hidden(split_model, EVAL))
+    ref = bert_hidden(model, EVAL)
+    plain = sqnr_db(
+        ref, bert_hidden(eq.quantize(model, recipe(None), CALIB, method="static"), EVAL)
+    )
+    split = sqnr_db(ref, bert_hidden(split_model, EVAL))
     assert split > plain + 3.0, (plain, split)
     steps = split_model.quant_info["pipeline"]["steps"]
     assert any(s.startswith("outlier channel splitting:") for s in steps)
@@ -113,7 +128,7 @@ def test_split_with_smoothing_exports_and_matches_onnx_runtime(tmp_path: Path) -
     info = eq.export_onnx(qmodel, path, CALIB[0], verify_data=EVAL)
     assert info.verification.passed
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert ops.count("Gather") >= LAYERS + 1  # the embeddings' Gathers and one per split input
+    assert ops.count("Gather") >= BERT_LAYERS + 1  # the embeddings' Gathers and one per split input
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     dep = torch.cat(
@@ -122,23 +137,23 @@ def test_split_with_smoothing_exports_and_matches_onnx_runtime(tmp_path: Path) -
             for b in EVAL
         ]
     )
-    assert sqnr_db(hidden(qmodel, EVAL), dep) > 30.0
+    assert sqnr_db(bert_hidden(qmodel, EVAL), dep) > 30.0
 
 
 def test_saved_split_model_loads(tmp_path: Path, split_model: torch.nn.Module) -> None:
     path = tmp_path / "q.pt"
     torch.save(split_model.state_dict(), path)
     loaded = eq.load(outlier_bert(), recipe(0.9), path, CALIB[0], method="static")
-    assert torch.equal(hidden(split_model, EVAL), hidden(loaded, EVAL))
+    assert torch.equal(bert_hidden(split_model, EVAL), bert_hidden(loaded, EVAL))
 
 
 def test_dynamic_quantization_splits_too() -> None:
     model = outlier_bert()
-    ref = hidden(model, EVAL)
+    ref = bert_hidden(model, EVAL)
     plain = eq.quantize(model, recipe(None), CALIB, method="dynamic")
     split = eq.quantize(model, recipe(0.9), CALIB, method="dynamic")
     assert any(n.startswith("outlier channel splitting") for n in split.quant_summary.notes)
-    assert sqnr_db(ref, hidden(split, EVAL)) > sqnr_db(ref, hidden(plain, EVAL))
+    assert sqnr_db(ref, bert_hidden(split, EVAL)) > sqnr_db(ref, bert_hidden(plain, EVAL))
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2, True, "0.9"])

@@ -121,7 +121,7 @@ def test_explicit_checkpoint_path_must_exist(tmp_path):
 
 
 def test_tests_skip_cleanly_without_the_shared_folder(tmp_path):
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     python_path = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, ENV_VAR: str(tmp_path / "nowhere"), "PYTHONPATH": python_path}
     # Only tests that need the folder: each must be skipped, none may fail or error.

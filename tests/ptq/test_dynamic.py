@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from toys import gen  # tests/toys.py
+from toys import gen, run_ort  # tests/toys.py
 
 import edgequant as eq
 from edgequant import functional as F
@@ -38,11 +38,6 @@ def outlier_tokens(batch: int = 4, seed: int = 0) -> torch.Tensor:
     x = torch.randn(batch, 12, 32, generator=gen(seed))
     x[:, 0] *= 40.0
     return x
-
-
-def run_ort(path: Path, x: torch.Tensor) -> torch.Tensor:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
 def test_per_token_parameters_are_each_rows_own() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from _bert import LAYERS, batches, hidden, random_bert  # tests/ptq/_bert.py
+from toys import BERT_LAYERS, bert_batches, bert_hidden, random_bert  # tests/toys.py
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
@@ -37,8 +37,8 @@ def tiny_bert() -> torch.nn.Module:
     return model
 
 
-CALIB = batches([7, 12, 9, 16])  # sequence lengths vary from batch to batch
-EVAL = batches([20, 5], seed=1)  # longer and shorter than any calibration batch
+CALIB = bert_batches([7, 12, 9, 16])  # sequence lengths vary from batch to batch
+EVAL = bert_batches([20, 5], seed=1)  # longer and shorter than any calibration batch
 
 
 def quantize(alpha: float | str | None) -> torch.nn.Module:
@@ -58,12 +58,12 @@ def test_every_encoder_linear_static_per_tensor_and_alphas_recorded(
     qmodel = auto_model
     linear = [r for r in qmodel.quant_summary.quantized if r.type == "Linear"]
     encoder = [r for r in linear if r.name.startswith("encoder.")]
-    assert len(encoder) == 6 * LAYERS
+    assert len(encoder) == 6 * BERT_LAYERS
     assert all("per-tensor" in r.activation and r.weight.startswith("int8") for r in encoder)
     alphas = qmodel.quant_info["pipeline"]["smooth_alphas"]
     assert set(alphas) == {r.name for r in linear}
     # The LayerNorm outliers are what SmoothQuant is for: those inputs are smoothed.
-    for i in range(LAYERS):
+    for i in range(BERT_LAYERS):
         assert alphas[f"encoder.layer.{i}.attention.self.query"] is not None
         assert alphas[f"encoder.layer.{i}.intermediate.dense"] is not None
     assert any("SmoothQuant" in s for s in qmodel.quant_info["pipeline"]["steps"])
@@ -73,10 +73,10 @@ def test_every_encoder_linear_static_per_tensor_and_alphas_recorded(
 
 
 def test_smoothing_recovers_the_outlier_model(auto_model: torch.nn.Module) -> None:
-    ref = hidden(tiny_bert(), EVAL)
-    plain = sqnr_db(ref, hidden(quantize(None), EVAL))
-    global_alpha = sqnr_db(ref, hidden(quantize(0.5), EVAL))
-    auto = sqnr_db(ref, hidden(auto_model, EVAL))
+    ref = bert_hidden(tiny_bert(), EVAL)
+    plain = sqnr_db(ref, bert_hidden(quantize(None), EVAL))
+    global_alpha = sqnr_db(ref, bert_hidden(quantize(0.5), EVAL))
+    auto = sqnr_db(ref, bert_hidden(auto_model, EVAL))
     # Measured: 28.2 dB without smoothing, 41.1 dB at 0.5, 40.1 dB with alphas per layer (each
     # layer's own error is what "auto" minimises, not the model's).
     assert global_alpha > plain + 8.0
@@ -107,10 +107,10 @@ def test_export_runs_in_onnx_runtime_on_unseen_lengths(
     qmodel = auto_model
     path = tmp_path / "bert.onnx"
     info = eq.export_onnx(qmodel, path, CALIB[0], verify_data=EVAL)
-    assert info.verification.passed and info.integer_weights >= 6 * LAYERS
+    assert info.verification.passed and info.integer_weights >= 6 * BERT_LAYERS
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    sim = hidden(qmodel, EVAL)
+    sim = bert_hidden(qmodel, EVAL)
     dep = torch.cat(
         [
             torch.from_numpy(sess.run(None, {k: b[k].numpy() for k in names})[0]).flatten(0, 1)

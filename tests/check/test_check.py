@@ -1,4 +1,6 @@
-"""eq.check and `edgequant check`: the ops a target cannot run in integer, before calibration."""
+"""eq.check and `edgequant check`: the ops a target cannot run in integer, before calibration; bad
+arguments refused with their names.
+Also covers check/ops.py, check/result.py, check/trace.py and export/check_onnx.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import relu_mlp  # tests/toys.py
 from zoo import Attention  # tests/zoo.py: nn.MultiheadAttention called as `a, _ = attn(h, h, h)`
 
 import edgequant as eq
@@ -18,6 +21,7 @@ from edgequant.cli import main
 from edgequant.examples.cifar10 import resnet20
 from edgequant.export.check_onnx import check_onnx
 from edgequant.export.onnx import export_float_onnx
+from edgequant.recipe import Recipe
 from edgequant.targets import TARGETS
 
 
@@ -291,3 +295,28 @@ def test_check_onnx_shape_reads_and_resize_modes(tmp_path: Path) -> None:
     assert nearest.rows == [] and nearest.integer_ops == {"upsample (nearest)": 1}
     linear = check_onnx(graph_with("linear"), "mcu-int8")
     assert [(r.op, r.action) for r in linear.rows] == [("Resize", REFUSE)]
+
+
+def _x(rows: int = 16, features: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+
+def test_check_with_a_recipe_as_target_says_a_name_is_needed() -> None:
+    with pytest.raises(TypeError, match=r"target must be a target name.*'onnxruntime'.*got Recipe"):
+        eq.check(relu_mlp(8, 12, 12, 4), Recipe.preset("w8a8"))  # type: ignore[arg-type]
+
+
+def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
+    with pytest.raises(ValueError, match=r"failed on example_inputs \(a Tensor \(2, 7\) float32\)"):
+        eq.check(_Untraceable(), "mcu-int8", _x(2, 7))
+    result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", _x(2, 7))
+    assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)

@@ -1,5 +1,6 @@
 """The fully integer target (mcu-int8): the graph property of its exports, and run_integer, the
-integer-only reference runner, against ONNX Runtime."""
+integer-only reference runner, against ONNX Runtime, and its input checks.
+Also covers export/integer_values.py and export/fixed_point.py."""
 
 from __future__ import annotations
 
@@ -176,8 +177,8 @@ def test_run_integer_refuses_a_graph_that_is_not_fully_integer(
         run_integer(path, x[:4])
 
 
-def _tiny_graph(op: str, path: Path) -> None:
-    """x -> Q -> DQ -> op -> Q -> DQ -> y."""
+def _tiny_graph(op: str, path: Path, batch: int | str = 2) -> None:
+    """x (batch, 4) -> Q -> DQ -> op -> Q -> DQ -> y."""
     s = numpy_helper.from_array(np.array(0.05, np.float32), "s")
     z = numpy_helper.from_array(np.array(0, np.int8), "z")
     nodes = [
@@ -190,8 +191,8 @@ def _tiny_graph(op: str, path: Path) -> None:
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
         [s, z],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
@@ -312,3 +313,45 @@ def test_shape_of_the_float_input_is_no_float_edge(
     x = data[2][:8].numpy()
     expected = run_integer(path, x)
     np.testing.assert_array_equal(run_integer(grafted, x), expected)
+
+
+def test_run_integer_on_a_file_that_is_not_onnx(tmp_path: Path) -> None:
+    # Was: protobuf's DecodeError; for an empty file "the model takes 0 inputs [], got 1".
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("not a model")
+    with pytest.raises(ValueError, match="notes.onnx is not an ONNX model"):
+        eq.run_integer(notes, np.zeros((2, 4), np.float32))
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.onnx is not an ONNX model"):
+        eq.run_integer(empty, np.zeros((2, 4), np.float32))
+
+
+def test_run_integer_refuses_inputs_of_the_wrong_shape(tmp_path: Path) -> None:
+    # Was: run silently on a (2, 5) input (a wrong-sized conv input gives wrong numbers too).
+    path = tmp_path / "relu.onnx"
+    _tiny_graph("Relu", path, batch="N")
+    assert eq.run_integer(path, np.ones((3, 4), np.float32)).shape == (3, 4)
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(2, 5\); the model takes \(N, 4\)"):
+        eq.run_integer(path, np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(4,\); the model takes \(N, 4\)"):
+        eq.run_integer(path, np.zeros(4, np.float32))
+
+
+def test_run_integer_refuses_an_empty_batch(tmp_path: Path) -> None:
+    # Was: IndexError "list index out of range".
+    path = tmp_path / "relu.onnx"
+    _tiny_graph("Relu", path, batch="N")
+    with pytest.raises(ValueError, match=r"inputs hold an empty batch: \[\(0, 4\)\]"):
+        eq.run_integer(path, np.zeros((0, 4), np.float32))
+
+
+def test_run_integer_names_the_keys_given(tmp_path: Path) -> None:
+    # Was: "no value for the model's inputs ['x']; it takes ['x']" (not the keys given), and
+    # batch_size=True taken as 1.
+    path = tmp_path / "relu.onnx"
+    _tiny_graph("Relu", path, batch="N")
+    with pytest.raises(ValueError, match=r"it takes \['x'\], got \['input'\]"):
+        eq.run_integer(path, {"input": np.zeros((2, 4), np.float32)})
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got True"):
+        eq.run_integer(path, np.zeros((2, 4), np.float32), batch_size=True)

@@ -1,8 +1,9 @@
 """The causal-LM path on a tiny randomly initialised LlamaForCausalLM (no file needed): dict
 batches of token ids through eq.quantize(method="weight_only"), the decoder pipeline (AWQ,
-clipping search, GPTQ) and its rule, tied embeddings, perplexity, the ONNX export with
+clipping search, GPTQ) and its rule, tied embeddings, the ONNX export with
 MatMulNBits and a KV cache, and the errors for bad input. The real SmolLM2 runs in the slow
-test at the end (skipped without ../shared)."""
+test at the end (skipped without ../shared). Also covers ptq/awq.py, ptq/clip_search.py,
+export/lm.py, export/matmul_nbits.py and examples/smollm2.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import edgequant as eq
-from edgequant.metrics import next_token_nll, perplexity
+from edgequant.metrics import perplexity
 from edgequant.ptq import awq, clip_search
 from edgequant.spec import QuantSpec, weight_spec
 
@@ -61,25 +62,6 @@ def recipe(bits: int = 4, group: int | None = 32, **kw: object) -> eq.Recipe:
 def logits_error(model: torch.nn.Module, ref: torch.nn.Module, ids: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(input_ids=ids).logits - ref(input_ids=ids).logits).pow(2).mean())
-
-
-# --- metrics ------------------------------------------------------------------------------------
-
-
-def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
-    ids = torch.randint(0, 50, (3, 9))
-    assert perplexity(lambda x: torch.zeros(*x.shape, 50), ids) == pytest.approx(50.0, rel=1e-5)
-
-
-def test_next_token_nll_scores_each_window_without_its_first_token() -> None:
-    ids = torch.tensor([[1, 2, 3]])
-    logits = torch.full((1, 3, 4), -1e4)
-    logits[0, 0, 2] = logits[0, 1, 3] = 0.0  # certain and right for both predictions
-    logits[0, 2, 0] = 0.0
-    nll, count = next_token_nll(logits, ids)
-    assert count == 2 and nll == pytest.approx(0.0, abs=1e-3)
-    with pytest.raises(ValueError, match="logits must be"):
-        next_token_nll(logits[0], ids)
 
 
 # --- quantize -----------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """eq.export_onnx on tiny models: ONNX Runtime computes what the simulation computes (DESIGN §3.1),
 weights are stored as integers, INT4 as INT4 (§3.3), the file is small beside an FP32 export,
-a failed export leaves the target untouched (§3.4), and bad arguments fail before any work."""
+a failed export leaves the target untouched (§3.4), and bad arguments fail before any work:
+example_inputs and verify_data that do not fit are named.
+Also covers export/lower.py, export/ops.py, export/verify.py and _io.py (atomic writes)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import Keywords, gen, keyword_batches, tensor_batches
+from toys import Keywords, gen, keyword_batches, relu_mlp, run_ort, tensor_batches
+from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.export.inspect import inspect_onnx
@@ -22,21 +25,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 INT4, UINT8, INT8 = 22, 2, 3  # onnx.TensorProto data types
-
-
-def run_ort(path: Path, item: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    """The first output of the ONNX model in ONNX Runtime; a dict item feeds inputs by name."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    if isinstance(item, dict):
-        assert sorted(names) == sorted(item)
-        feeds = {k: v.numpy() for k, v in item.items()}
-    else:
-        assert len(names) == 1
-        feeds = {names[0]: item.numpy()}
-    return torch.from_numpy(np.asarray(session.run(None, feeds)[0]))
 
 
 def weight_initializers(path: Path) -> dict[str, int]:
@@ -62,18 +50,6 @@ class Classifier(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.dw(x))
         return self.fc(x.mean((2, 3)))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(2, 8, 5, padding=2)
-        self.conv2 = nn.Conv1d(8, 8, 3, stride=2)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch_F.relu(self.conv2(torch_F.relu(self.conv1(x))))
-        return self.head(x.mean(-1))
 
 
 def mlp(*widths: int) -> nn.Module:
@@ -498,3 +474,135 @@ def test_dynamic_w4a8_is_refused_at_quantize_time() -> None:
     model, calib, _ = _case("mlp3")
     with pytest.raises(ValueError, match="8-bit weights"):
         eq.quantize(model, "w4a8", calib, method="dynamic")
+
+
+@pytest.fixture(scope="module")
+def qmlp() -> tuple[nn.Module, torch.Tensor]:
+    model = relu_mlp(16, 32, 4)
+    calib = list(torch.randn(64, 16).split(16))
+    return eq.quantize(model, "w8a8", calib), calib[0]
+
+
+def test_example_inputs_of_the_wrong_shape_name_the_layer(
+    tmp_path: Path, qmlp: tuple, no_export: None
+) -> None:
+    # Was: ExportError wrapping torch.export's multi-screen TorchExportError.
+    qmodel, _ = qmlp
+    with pytest.raises(
+        ValueError,
+        match=r"example_inputs \(a Tensor \(4, 15\) float32\) do not run through the model: "
+        r"layer '0' \(QuantLinear\) raised RuntimeError: mat1 and mat2",
+    ):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", torch.randn(4, 15))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_in_example_inputs_is_named(tmp_path: Path, qmlp: tuple, no_export: None) -> None:
+    # Was: "the exported model does not compute what the simulation computes: top-1 agreement".
+    qmodel, x = qmlp
+    x = x.clone()
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] holds NaN \(1 of 256 values\)"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x)
+
+
+def test_empty_example_batch_is_refused(tmp_path: Path, qmlp: tuple, no_export: None) -> None:
+    # Was: a file written, "verified in ONNX Runtime on 0 samples".
+    qmodel, _ = qmlp
+    with pytest.raises(
+        ValueError, match=r"example_inputs\[0\] has an empty batch \(shape \(0, 16\)\)"
+    ):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", torch.randn(0, 16))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float64_example_inputs_are_a_type_error(
+    tmp_path: Path, qmlp: tuple, no_export: None
+) -> None:
+    # Was: "ONNX Runtime cannot load the exported model: ... Type 'tensor(double)' ...".
+    qmodel, x = qmlp
+    with pytest.raises(
+        TypeError, match=r"example_inputs\[0\] has dtype torch.float64.*\.float\(\)"
+    ):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x.double())
+
+
+def test_integer_example_inputs_to_a_float_layer(tmp_path: Path, qmlp: tuple) -> None:
+    # Was: "ONNX Runtime cannot load the exported model: ... Type 'tensor(int64)' ...".
+    qmodel, _ = qmlp
+    with pytest.raises(ValueError, match=r"example_inputs: the model's input '\w+' is int64"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", torch.randint(0, 3, (4, 16)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_data_must_be_batches(tmp_path: Path, qmlp: tuple, no_export: None) -> None:
+    # Was: TypeError "'int' object is not iterable"; for a tensor, ONNX Runtime's "Invalid rank".
+    qmodel, x = qmlp
+    with pytest.raises(TypeError, match="verify_data must be an iterable of batches.*got int"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, verify_data=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"verify_data .* got a tensor of shape \(8, 16\)"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, verify_data=torch.randn(8, 16))
+
+
+def test_verify_data_batch_with_nan_is_named(tmp_path: Path, qmlp: tuple, no_export: None) -> None:
+    qmodel, x = qmlp
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"verify_data\[1\]\[0\] holds NaN"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, verify_data=[x, bad])
+
+
+def test_verify_data_batch_of_the_wrong_shape_is_named(tmp_path: Path, qmlp: tuple) -> None:
+    # Was: a bare RuntimeError "mat1 and mat2 shapes cannot be multiplied" from the simulation.
+    qmodel, x = qmlp
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"an earlier model")
+    with pytest.raises(
+        ValueError, match=r"verify_data\[0\] \(a Tensor \(4, 15\) float32\) .*layer '0'"
+    ):
+        eq.export_onnx(qmodel, path, x, verify_data=[torch.randn(4, 15)])
+    assert path.read_bytes() == b"an earlier model"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_agreement_in_percent_is_refused(tmp_path: Path, qmlp: tuple, no_export: None) -> None:
+    # Was: accepted silently (99.5 demands 100 % agreement).
+    qmodel, x = qmlp
+    with pytest.raises(
+        ValueError, match=r"min_top1_agreement must be a fraction in \[0, 1\], got 99.5"
+    ):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, min_top1_agreement=99.5)
+
+
+def test_nan_or_text_sqnr_threshold_is_refused(
+    tmp_path: Path, qmlp: tuple, no_export: None
+) -> None:
+    # Was: NaN switched the SQNR check off silently; '30' failed deep inside with a bare TypeError.
+    qmodel, x = qmlp
+    with pytest.raises(ValueError, match="min_sqnr_db must be a finite number, got nan"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, min_sqnr_db=float("nan"))
+    with pytest.raises(TypeError, match="min_sqnr_db must be a number, got str '30'"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x, min_sqnr_db="30")  # type: ignore[arg-type]
+
+
+def test_path_of_the_wrong_type_or_under_a_file(
+    tmp_path: Path, qmlp: tuple, no_export: None
+) -> None:
+    # Was: "expected str, bytes or os.PathLike object, not NoneType"; "the folder ... does not exist".
+    qmodel, x = qmlp
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        eq.export_onnx(qmodel, None, x)  # type: ignore[arg-type]
+    (tmp_path / "notes").write_text("x")
+    with pytest.raises(ValueError, match=r"notes', the folder of path, is a file, not a folder"):
+        eq.export_onnx(qmodel, tmp_path / "notes" / "m.onnx", x)
+
+
+def test_export_keeps_the_callers_training_flags(tmp_path: Path, qmlp: tuple) -> None:
+    # Was: export_onnx left the caller's model in eval mode (STYLE §9).
+    qmodel, x = qmlp
+    qmodel.train()
+    try:
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x)
+        assert all(m.training for m in qmodel.modules())
+    finally:
+        qmodel.eval()

@@ -1,0 +1,148 @@
+"""The tests mirror the package: edgequant/<package>/<module>.py is tested in
+tests/<package>/test_<module>.py (a top-level module in tests/test_<module>.py), so a newcomer
+finds a module's tests by its name.
+
+A module whose tests live elsewhere is listed in COVERED_ELSEWHERE with the test file that covers
+it and why that file is the better home. The test fails on a module with neither (a new module
+without tests), on an entry whose module has gone or has gained its mirror (so the list only
+shrinks), and on an entry whose test file does not exist or never names the module or anything
+it defines.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+PACKAGE = TESTS.parent / "edgequant"
+
+# Not modules with behaviour of their own: package markers and the `python -m` entry point.
+NOT_MODULES = {"__init__.py", "__main__.py"}
+
+# module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
+COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
+    # Private helpers of the package, tested through the public call that uses them.
+    "_io.py": ("export/test_onnx.py", "atomic writes: a failed export leaves the old file"),
+    "_yaml.py": ("config/test_reader.py", "a key given twice is refused where a config is read"),
+    "summary.py": ("test_instrument.py", "the summary is what instrumentation records"),
+    # The check: one entry point (check/__init__.py) over its tables, trace and result.
+    "check/ops.py": ("check/test_check.py", "the op tables are read only through eq.check"),
+    "check/result.py": ("check/test_check.py", "CheckResult is what eq.check returns"),
+    "check/trace.py": ("check/test_check.py", "tracing is eq.check's first step"),
+    "export/check_onnx.py": ("check/test_check.py", "the same check, on an ONNX graph"),
+    # The CLI's subcommands run end to end on the example config of the built-in task.
+    "cli/quantize.py": ("examples/test_mnist1d.py", "`edgequant quantize` on the MNIST-1D config"),
+    "config/schema.py": ("config/test_reader.py", "a Config is only ever made by reading one"),
+    # Real models and data, exercised where they are used.
+    "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
+    "examples/smollm2.py": ("ptq/test_decoder.py", "the slow SmolLM2 test of the decoder path"),
+    # Export internals, tested through the exporters that call them.
+    "export/fixed_point.py": ("export/test_integer.py", "the integer runner's arithmetic"),
+    "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
+    "export/lm.py": ("ptq/test_decoder.py", "the LM export of the decoder pipeline's models"),
+    "export/matmul_nbits.py": ("ptq/test_decoder.py", "MatMulNBits of the LM export"),
+    "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
+    "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
+    "export/verify.py": ("export/test_onnx.py", "every export verifies; failures are tested there"),
+    "export/pt2e.py": (
+        "export/test_tflite.py",
+        "the PT2E program is what the TFLite path converts",
+    ),
+    "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
+    "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
+    "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
+    "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
+    "mixed/hawq.py": ("mixed/test_sensitivity.py", "HAWQ is one sensitivity measure beside others"),
+    "mixed/search.py": ("mixed/test_plan.py", "the accuracy-target mode of mixed.plan"),
+    # The observers share one test module of properties every observer must have.
+    "observers/base.py": ("test_observers.py", "properties every observer shares"),
+    "observers/entropy.py": ("test_observers.py", "properties every observer shares"),
+    "observers/sampled.py": ("test_observers.py", "properties every observer shares"),
+    "observers/stats.py": ("test_observers.py", "properties every observer shares"),
+    # PTQ steps, tested as the steps of the pipeline the recipe switches.
+    "ptq/adaround.py": ("ptq/test_pipeline.py", "a rounding step of the 4-bit pipeline"),
+    "ptq/gptq.py": ("ptq/test_pipeline.py", "a rounding step of the 4-bit pipeline"),
+    "ptq/equalize.py": ("ptq/test_pipeline.py", "a step of the 4-bit pipeline"),
+    "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
+    "ptq/awq.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
+    "ptq/clip_search.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
+    "ptq/outliers.py": ("ptq/test_outlier_split.py", "the rule that turns splitting on"),
+    "ptq/smoothquant.py": ("ptq/test_static.py", "SmoothQuant on the outliers of a tiny BERT"),
+    "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),
+    # QAT pieces, tested through prepare_qat and fit_qat.
+    "qat/base.py": ("qat/test_prepare.py", "the base of the quantizers prepare_qat builds"),
+    "qat/lsq.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
+    "qat/pact.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
+    "qat/ema.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
+    "qat/checkpoint.py": ("qat/test_fit.py", "resume and refusal of fit_qat's checkpoints"),
+    "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),
+    "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
+    "qat/optim.py": ("qat/test_fit.py", "range_lr_scale and warm-up of fit_qat"),
+    "qat/oscillation.py": ("qat/test_fit.py", "dampening inside fit_qat"),
+    "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
+}
+
+
+def modules() -> list[str]:
+    """Every module of the package, as a path relative to edgequant/."""
+    return sorted(
+        p.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("*.py")
+        if p.name not in NOT_MODULES and "__pycache__" not in p.parts
+    )
+
+
+def mirror(module: str) -> Path:
+    """tests/<package>/test_<module>.py for edgequant/<package>/<module>.py."""
+    path = Path(module)
+    return TESTS / path.parent / f"test_{path.name}"
+
+
+def defined_names(module: str) -> set[str]:
+    """The top-level functions, classes and constants a module defines."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return {n for n in names if len(n.lstrip("_")) > 3}
+
+
+def test_the_package_has_modules() -> None:
+    assert len(modules()) > 50 and "functional.py" in modules()
+
+
+@pytest.mark.parametrize("module", modules())
+def test_every_module_has_its_mirrored_test_module_or_says_where_it_is_tested(
+    module: str,
+) -> None:
+    if mirror(module).is_file():
+        assert module not in COVERED_ELSEWHERE, (
+            f"edgequant/{module} now has {mirror(module).relative_to(TESTS.parent)}: "
+            "remove it from COVERED_ELSEWHERE"
+        )
+        return
+    assert module in COVERED_ELSEWHERE, (
+        f"edgequant/{module} has no tests/{mirror(module).relative_to(TESTS)}: write it, or list "
+        "the module in COVERED_ELSEWHERE with the test file that covers it and why"
+    )
+
+
+@pytest.mark.parametrize("module", sorted(COVERED_ELSEWHERE))
+def test_each_listed_module_exists_and_its_test_file_names_it(module: str) -> None:
+    assert (PACKAGE / module).is_file(), f"edgequant/{module} is gone: remove its entry"
+    test_file, reason = COVERED_ELSEWHERE[module]
+    assert reason, f"edgequant/{module}: say why it is tested in {test_file}"
+    path = TESTS / test_file
+    assert path.is_file(), f"edgequant/{module} is said to be covered by {test_file}: no such file"
+    text = path.read_text()
+    dotted = "edgequant." + module.removesuffix(".py").replace("/", ".")
+    words = set(re.findall(r"\w+", text))
+    named = dotted in text or module in text or bool(defined_names(module) & words)
+    assert named, f"tests/{test_file} names neither edgequant/{module} nor anything it defines"
