@@ -81,7 +81,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "qat/checkpoint.py": ("qat/test_fit.py", "resume and refusal of fit_qat's checkpoints"),
     "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),
     "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
-    "qat/optim.py": ("qat/test_fit.py", "range_lr_scale and warm-up of fit_qat"),
     "qat/oscillation.py": ("qat/test_fit.py", "dampening inside fit_qat"),
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }

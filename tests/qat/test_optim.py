@@ -1,5 +1,6 @@
 """qat/optim.py and FitConfig's learning-rate settings: with lr_scaling="grid" every tensor's
-rate is lr times one step of its grid, so one Adam step moves each parameter by that much."""
+rate is lr times one step of its grid, so one Adam step moves each parameter by that much.
+(range_lr_scale, warm-up and the schedule inside fit_qat: qat/test_fit.py.)"""
 
 from __future__ import annotations
 
