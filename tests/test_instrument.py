@@ -326,6 +326,40 @@ def test_residual_block_gets_graph_quantizers() -> None:
     assert summary.notes == []
 
 
+class _FunctionalHead(nn.Module):
+    """SmallCNN's layers with a functional pool and torch.flatten, as models are often written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = SmallCNN()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.body
+        x = b.relu(b.bn1(b.conv1(x)))
+        x = torch_F.relu(b.bn2(b.dw(x)))
+        return b.fc(torch.flatten(torch_F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("style", ["modules", "functional"])
+def test_an_output_read_through_pooling_takes_its_readers_wider_grid(style: str) -> None:
+    torch.manual_seed(0)
+    model = (SmallCNN() if style == "modules" else _FunctionalHead()).eval()
+    x = torch.randn(16, 3, 8, 8, generator=gen(4))
+    qmodel = eq.quantize(model, "w4a4", [x], method="static")
+    found = dict(qmodel.output_quantizers.named_children())
+    layers = {
+        n.rsplit(".", 1)[-1]: m for n, m in qmodel.named_modules() if isinstance(m, QuantMixin)
+    }
+    # The preset keeps the first and last layers at 8 bits; the 4-bit depthwise conv's output
+    # reaches the classifier through pooling and flattening alone, so it takes the classifier's
+    # 8-bit input grid instead of its own 4-bit one.
+    assert (
+        layers["dw"].input_quantizer.spec.bits == 4 and layers["fc"].input_quantizer.spec.bits == 8
+    )
+    ((name, quantizer),) = found.items()
+    assert name.endswith("dw") and quantizer.spec == layers["fc"].input_quantizer.spec
+
+
 def test_untraceable_model_is_returned_unchanged_with_a_note() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 4, generator=gen(10))

@@ -16,12 +16,14 @@ from edgequant.graph_quantizers.edges import (
 from edgequant.graph_quantizers.ops import (
     all_but,
     calls_quantizer,
+    edge_kind,
     insert_output_quantizer,
     output_tail,
     quant_layer,
 )
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
+from edgequant.spec import QuantSpec
 from edgequant.summary import Summary
 from edgequant.targets import TARGETS
 
@@ -128,6 +130,29 @@ def _share_input_quantizers(gm: torch.fx.GraphModule, modules: dict[str, nn.Modu
     return shared
 
 
+def _output_spec(
+    tail: torch.fx.Node, modules: dict[str, nn.Module], own: QuantSpec
+) -> QuantSpec:
+    """The grid of a layer's output quantizer: the layer's input grid, or that of the quantized
+    layer that reads the output through pooling and data movement alone (a CNN's last conv ->
+    pool -> flatten -> classifier) where that one has more bits. The reader re-quantizes the
+    tensor on its own grid anyway; a coarser grid before it would only throw away what the
+    reader keeps (the first and last layers at 8 bits keep the classifier's input at 8 bits),
+    and an integer runtime holds either in the same 8-bit container."""
+    node = tail
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        reader = quant_layer(user, modules)
+        if reader is not None:
+            assert reader.input_quantizer is not None
+            wider = reader.input_quantizer.spec
+            return wider if wider.bits > own.bits else own
+        if edge_kind(user, modules) not in ("avg", "pass"):
+            break
+        node = user
+    return own
+
+
 def _add_output_quantizers(
     gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module, fully_integer: bool
 ) -> list[str]:
@@ -152,9 +177,8 @@ def _add_output_quantizers(
         if not fully_integer and any(u.op == "output" for u in users):
             continue  # the model's own output (logits) stays float
         assert layer.input_quantizer is not None  # quant_layer returns no other layers
-        quantizer = TensorQuantizer(
-            layer.input_quantizer.spec, f"{node.target}.output", role="activation"
-        )
+        spec = _output_spec(tail, modules, layer.input_quantizer.spec)
+        quantizer = TensorQuantizer(spec, f"{node.target}.output", role="activation")
         name = str(node.target).replace(".", "_")
         insert_output_quantizer(gm, modules, holder, tail, name, quantizer)
         added.append(str(node.target))

@@ -107,8 +107,9 @@ def heldout_hits(
 def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[int, str]:
     """(epoch to keep, why) from per-sample hits on held-out data, hits[0] being the start.
 
-    The candidate is the epoch with the most hits (the earliest on a tie). It replaces the start
-    only if, of the samples on which the two disagree, it gets b right that the start gets
+    The candidate is the epoch with the most hits, the latest on a tie (under a cosine schedule
+    a later epoch has settled at a lower rate; the rule below guards the start). It replaces the
+    start only if, of the samples on which the two disagree, it gets b right that the start gets
     wrong and c the other way with b - c > z * sqrt(b + c): a gain of more than z standard
     errors of the paired difference (McNemar's statistic). Otherwise QAT keeps the start, so it
     is never worse than PTQ by a difference that the held-out data cannot tell from noise.
@@ -129,7 +130,7 @@ def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[
     if len(hits) < 2:
         return 0, "no QAT epoch ran: the PTQ start is kept"
     counts = [int(h.sum()) for h in hits]
-    best = max(range(1, len(hits)), key=lambda e: (counts[e], -e))
+    best = max(range(1, len(hits)), key=lambda e: (counts[e], e))
     b = int((hits[best] & ~hits[0]).sum())
     c = int((~hits[best] & hits[0]).sum())
     margin = z * (b + c) ** 0.5
@@ -300,7 +301,10 @@ class EpochChooser:
             record["heldout_top1"] = value / max(found.numel(), 1)
         else:
             return
-        if value == value and (self.best is None or value > self.best[1]):
+        # val_fn: the earliest best (select_by_value); held-out hits: the latest (select_epoch).
+        better = self.best is None or value > self.best[1]
+        tied = self.best is not None and value == self.best[1] and self.val_fn is None
+        if value == value and (better or tied):
             self.best = (epoch, value, copy.deepcopy(model.state_dict()))
 
     def _decide(self, stopped: str) -> tuple[int, str, str, dict[str, Any]]:

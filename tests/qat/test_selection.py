@@ -30,6 +30,26 @@ def test_select_epoch_keeps_the_ptq_start_unless_an_epoch_wins_beyond_noise() ->
     assert kept == 0 and "no epoch gained" in why
     assert "no epoch changed a held-out answer" in select_epoch([start, start.clone()])[1]
     assert select_epoch([start])[0] == 0
+    # Tied epochs: the latest is the candidate (it trained longest, at the lowest rate).
+    kept, why = select_epoch([start, hits(*range(96)), hits(*range(94)), hits(*range(96))])
+    assert kept == 3 and why.startswith("kept epoch 3")
+
+
+def test_epoch_chooser_holds_the_state_of_the_epoch_select_epoch_names() -> None:
+    from edgequant.qat.selection import EpochChooser
+
+    model = torch.nn.Linear(1, 1)
+    answers = [torch.arange(20) < k for k in (5, 15, 10, 15)]  # epochs 0..3; 1 and 3 tie
+    seen = iter(answers)
+    chooser = EpochChooser(None, lambda m: next(seen), "labels")
+    chooser.start(model)
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        chooser.score(epoch, model, {})
+    assert chooser.best is not None and chooser.best[0] == 3
+    assert float(chooser.best[2]["weight"]) == 3.0
+    assert select_epoch(answers)[0] == 3
 
 
 def test_holdout_split_is_strided_and_needs_two_batches() -> None:
