@@ -130,9 +130,7 @@ def _share_input_quantizers(gm: torch.fx.GraphModule, modules: dict[str, nn.Modu
     return shared
 
 
-def _output_spec(
-    tail: torch.fx.Node, modules: dict[str, nn.Module], own: QuantSpec
-) -> QuantSpec:
+def _output_spec(tail: torch.fx.Node, modules: dict[str, nn.Module], own: QuantSpec) -> QuantSpec:
     """The grid of a layer's output quantizer: the layer's input grid, or that of the quantized
     layer that reads the output through pooling and data movement alone (a CNN's last conv ->
     pool -> flatten -> classifier) where that one has more bits. The reader re-quantizes the
