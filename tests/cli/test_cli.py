@@ -126,3 +126,18 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "m.onnx", "--runs", "many"]) == 2
     assert main(["--help"]) == 0
     assert "inspect" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    """`python -m edgequant.cli` is the command without its console script (benchmarks use it)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "edgequant.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: edgequant" in done.stdout
