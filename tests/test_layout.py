@@ -58,15 +58,7 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
     "mixed/hawq.py": ("mixed/test_sensitivity.py", "HAWQ is one sensitivity measure beside others"),
     "mixed/search.py": ("mixed/test_plan.py", "the accuracy-target mode of mixed.plan"),
-    # The observers share one test module of properties every observer must have.
-    "observers/base.py": ("test_observers.py", "properties every observer shares"),
-    "observers/entropy.py": ("test_observers.py", "properties every observer shares"),
-    "observers/sampled.py": ("test_observers.py", "properties every observer shares"),
-    "observers/stats.py": ("test_observers.py", "properties every observer shares"),
     # PTQ steps, tested as the steps of the pipeline the recipe switches.
-    "ptq/adaround.py": ("ptq/test_pipeline.py", "a rounding step of the 4-bit pipeline"),
-    "ptq/gptq.py": ("ptq/test_pipeline.py", "a rounding step of the 4-bit pipeline"),
-    "ptq/equalize.py": ("ptq/test_pipeline.py", "a step of the 4-bit pipeline"),
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
     "ptq/awq.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
     "ptq/clip_search.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),

@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as torch_F
 from torch import nn
 
+from edgequant import functional as F
+from edgequant.observers import OBSERVERS
+from edgequant.spec import QuantSpec
+
 
 def gen(seed: int = 0) -> torch.Generator:
     """A seeded CPU generator, so a test's random data does not depend on the tests before it."""
@@ -42,6 +46,42 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
         }
         for _ in range(n)
     ]
+
+
+# --- observers ----------------------------------------------------------------------------------
+
+
+def per_tensor(bits: int = 8, signed: bool = True, observer: str = "minmax") -> QuantSpec:
+    """A per-tensor spec for an observer test: symmetric when signed."""
+    return QuantSpec(bits=bits, signed=signed, symmetric=signed, observer=observer)
+
+
+def per_channel(axis: int = 0, bits: int = 8, observer: str = "minmax") -> QuantSpec:
+    """A per-channel spec for an observer test."""
+    return QuantSpec(bits=bits, granularity="channel", axis=axis, observer=observer)
+
+
+def per_group(group_size: int, axis: int = 1, bits: int = 4, observer: str = "minmax") -> QuantSpec:
+    """A per-group spec for an observer test."""
+    return QuantSpec(
+        bits=bits, granularity="group", axis=axis, group_size=group_size, observer=observer
+    )
+
+
+def observe(spec: QuantSpec, *batches: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor, ...]:
+    """The range the spec's observer gives after seeing the batches in order."""
+    obs = OBSERVERS[spec.observer](spec, **kwargs)  # type: ignore[arg-type]
+    for batch in batches:
+        obs(batch)
+    return obs.compute_range()
+
+
+def quant_mse(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> float:
+    """Mean squared error of fake-quantizing x on the grid the range gives."""
+    scale, zero_point = F.calc_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    axis = None if spec.per_tensor else spec.axis
+    fq = F.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, axis, spec.group_size)
+    return float((fq - x).double().pow(2).mean())
 
 
 def never_called(model: nn.Module) -> float:
@@ -152,6 +192,41 @@ class Keywords(nn.Module):
 
     def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.proj(features)) * gain)
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU -> conv -> ReLU -> pool -> linear, with badly balanced channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv1.weight.mul_(torch.logspace(-1, 1, 8).reshape(-1, 1, 1, 1))
+            self.bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            self.bn.running_var.uniform_(0.5, 2.0, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def chain_batches(n: int = 64, seed: int = 1) -> list[torch.Tensor]:
+    """n random images (3, 8, 8) for `Chain`, in batches of 16."""
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randn(n, 3, 8, 8, generator=g).split(16))
+
+
+def quantize_chain(model: nn.Module, preset: str = "w4a8", **changes: object) -> nn.Module:
+    """eq.quantize(method="static") of a `Chain` on `chain_batches()`, with the preset changed."""
+    import edgequant as eq
+
+    recipe = eq.Recipe.preset(preset).replace(**changes)
+    return eq.quantize(model, recipe, chain_batches(), method="static")
 
 
 class SeededMLP(nn.Module):
