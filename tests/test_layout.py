@@ -39,12 +39,9 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "config/schema.py": ("config/test_reader.py", "a Config is only ever made by reading one"),
     # Real models and data, exercised where they are used.
     "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
-    "examples/smollm2.py": ("ptq/test_decoder.py", "the slow SmolLM2 test of the decoder path"),
     # Export internals, tested through the exporters that call them.
     "export/fixed_point.py": ("export/test_integer.py", "the integer runner's arithmetic"),
     "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
-    "export/lm.py": ("ptq/test_decoder.py", "the LM export of the decoder pipeline's models"),
-    "export/matmul_nbits.py": ("ptq/test_decoder.py", "MatMulNBits of the LM export"),
     "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
     "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
     "export/verify.py": ("export/test_onnx.py", "every export verifies; failures are tested there"),
@@ -60,8 +57,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "mixed/search.py": ("mixed/test_plan.py", "the accuracy-target mode of mixed.plan"),
     # PTQ steps, tested as the steps of the pipeline the recipe switches.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
-    "ptq/awq.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
-    "ptq/clip_search.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
     "ptq/outliers.py": ("ptq/test_outlier_split.py", "the rule that turns splitting on"),
     "ptq/smoothquant.py": ("ptq/test_static.py", "SmoothQuant on the outliers of a tiny BERT"),
     "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),

@@ -8,13 +8,15 @@ import os
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
 
+import edgequant as eq
 from edgequant import functional as F
 from edgequant.observers import OBSERVERS
-from edgequant.spec import QuantSpec
+from edgequant.spec import QuantSpec, weight_spec
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -223,8 +225,6 @@ def chain_batches(n: int = 64, seed: int = 1) -> list[torch.Tensor]:
 
 def quantize_chain(model: nn.Module, preset: str = "w4a8", **changes: object) -> nn.Module:
     """eq.quantize(method="static") of a `Chain` on `chain_batches()`, with the preset changed."""
-    import edgequant as eq
-
     recipe = eq.Recipe.preset(preset).replace(**changes)
     return eq.quantize(model, recipe, chain_batches(), method="static")
 
@@ -352,3 +352,50 @@ def run_ort(
         assert len(names) == 1
         feeds = {names[0]: item.numpy()}
     return torch.from_numpy(np.asarray(session.run(None, feeds)[0]))
+
+
+# --- a tiny causal LM -------------------------------------------------------------------------
+
+LLAMA_VOCAB, LLAMA_HIDDEN, LLAMA_CONTEXT = 256, 64, 64
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, tied: bool = True) -> torch.nn.Module:
+    """A tiny random LlamaForCausalLM (skips the test without transformers), with outlier input
+    channels planted in its norms as trained LMs have them."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=LLAMA_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=LLAMA_CONTEXT,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Outlier input channels, as trained LMs have: AWQ's scaling has something to find.
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[:4] = 8.0
+            block.post_attention_layernorm.weight[5:8] = 6.0
+    return model
+
+
+def token_batches(count: int = 4, tokens: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Random token ids for `tiny_llama` as tokenizer batches of two sequences each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LLAMA_VOCAB, (count, tokens), generator=g)
+    return [
+        {"input_ids": ids[i : i + 2], "attention_mask": torch.ones_like(ids[i : i + 2])}
+        for i in range(0, count, 2)
+    ]
+
+
+def lm_recipe(bits: int = 4, group: int | None = 32, **kw: object) -> eq.Recipe:
+    """A weight-only integer recipe (no activations) with 8-bit first and last layers."""
+    return eq.Recipe(
+        name=f"int{bits}", weight=weight_spec(bits, group), activation=None, first_last_bits=8, **kw
+    )
