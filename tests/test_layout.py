@@ -40,7 +40,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # Real models and data, exercised where they are used.
     "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
     # Export internals, tested through the exporters that call them.
-    "export/fixed_point.py": ("export/test_integer.py", "the integer runner's arithmetic"),
     "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
     "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
     "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
