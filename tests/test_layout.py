@@ -52,7 +52,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
     "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
-    "mixed/search.py": ("mixed/test_plan.py", "the accuracy-target mode of mixed.plan"),
     # PTQ steps, tested as the steps of the pipeline the recipe switches.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
     "ptq/outliers.py": ("ptq/test_outlier_split.py", "the rule that turns splitting on"),
