@@ -1,4 +1,5 @@
-"""Static W8A8 on BERT encoders with SmoothQuant (one alpha, or chosen per layer: "auto").
+"""SmoothQuant (ptq/smoothquant.py) in static W8A8 on BERT encoders: one alpha, or chosen per
+layer ("auto").
 
 The fast tests use a tiny random BERT (transformers.BertConfig) with planted outlier channels in
 its LayerNorms, the way trained transformers have them; the all-MiniLM-L6-v2 check is slow and
