@@ -53,7 +53,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
     # PTQ steps, tested as the steps of the pipeline the recipe switches.
-    "ptq/static.py": ("ptq/test_pipeline.py", "the 4-bit pipeline the recipe switches"),
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
     "ptq/outliers.py": ("ptq/test_outlier_split.py", "the rule that turns splitting on"),
     "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),

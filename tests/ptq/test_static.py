@@ -1,7 +1,7 @@
-"""The 4-bit PTQ pipeline as the recipe switches its steps (ptq/static.py runs them): what it
-records, each step switched off, and learned rounding that improves the model and exports. Each
-step's own algorithm is tested beside its module (test_gptq, test_adaround, test_equalize,
-test_bias_correction)."""
+"""The static PTQ pipeline (ptq/static.py) as the recipe switches its steps: what it records,
+each step switched off, and learned rounding that improves the model and exports. Each step's
+own algorithm is tested beside its module (test_gptq, test_adaround, test_equalize,
+test_bias_correction, test_smoothquant)."""
 
 from __future__ import annotations
 
