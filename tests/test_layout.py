@@ -54,7 +54,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
     # PTQ steps, tested as the steps of the pipeline the recipe switches.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
-    "ptq/outliers.py": ("ptq/test_outlier_split.py", "the rule that turns splitting on"),
     "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),
     # QAT pieces, tested through prepare_qat and fit_qat.
     "qat/base.py": ("qat/test_prepare.py", "the base of the quantizers prepare_qat builds"),
