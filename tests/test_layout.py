@@ -50,9 +50,10 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     ),
     "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
     "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
+    # Graph placement, tested through the fx placement that instrumentation runs.
     "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
-    # PTQ steps, tested as the steps of the pipeline the recipe switches.
+    # PTQ internals, tested through the eq.quantize calls that run them.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
     "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),
     # QAT pieces, tested through prepare_qat and fit_qat.
@@ -64,6 +65,7 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),
     "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
     "qat/oscillation.py": ("qat/test_fit.py", "dampening inside fit_qat"),
+    # The report's runs, tested as compare makes them.
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
 
