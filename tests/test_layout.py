@@ -56,11 +56,7 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # PTQ internals, tested through the eq.quantize calls that run them.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
     "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),
-    # QAT pieces, tested through prepare_qat and fit_qat.
-    "qat/base.py": ("qat/test_prepare.py", "the base of the quantizers prepare_qat builds"),
-    "qat/lsq.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
-    "qat/pact.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
-    "qat/ema.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
+    # QAT pieces, tested through fit_qat.
     "qat/checkpoint.py": ("qat/test_fit.py", "resume and refusal of fit_qat's checkpoints"),
     "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),
     "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
