@@ -55,7 +55,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
     # PTQ internals, tested through the eq.quantize calls that run them.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
-    "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),
     # QAT pieces, tested through fit_qat.
     "qat/checkpoint.py": ("qat/test_fit.py", "resume and refusal of fit_qat's checkpoints"),
     "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),

@@ -1,8 +1,9 @@
 """The decoder pipeline (ptq/decoder.py) on a tiny randomly initialised LlamaForCausalLM (no file
 needed): dict batches of token ids through eq.quantize(method="weight_only"), the pipeline (AWQ,
-clipping search, GPTQ) and its rule, tied embeddings, and the errors for bad input. AWQ, the
-clipping search, the LM export and the real SmolLM2 are tested beside their modules (test_awq,
-test_clip_search, tests/export/test_lm.py, tests/examples/test_smollm2.py)."""
+clipping search, GPTQ), tied embeddings, and the errors for bad input. AWQ, the clipping search,
+the rule that turns the pipeline on, the LM export and the real SmolLM2 are tested beside their
+modules (test_awq, test_clip_search, test_weight_only, tests/export/test_lm.py,
+tests/examples/test_smollm2.py)."""
 
 from __future__ import annotations
 
@@ -65,19 +66,6 @@ def test_each_step_switches_off_in_the_recipe() -> None:
     with torch.no_grad():  # all three off: round to nearest on min/max ranges again
         assert torch.allclose(
             q(input_ids=held_out).logits, rtn(input_ids=held_out).logits, atol=1e-5
-        )
-
-
-def test_the_rule_leaves_8_bit_and_non_decoder_models_alone() -> None:
-    model = tiny_llama()
-    q = eq.quantize(model, lm_recipe(8), calib_data=token_batches(), method="weight_only")
-    assert "decoder" not in q.quant_info["pipeline"]
-    with pytest.raises(ValueError, match="decoder pipeline"):
-        eq.quantize(
-            torch.nn.Sequential(torch.nn.Linear(8, 8)),
-            lm_recipe(4, None, awq=True),
-            calib_data=[torch.randn(2, 8)],
-            method="weight_only",
         )
 
 
