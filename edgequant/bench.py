@@ -10,9 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgequant.export.inspect import file_size_bytes as onnx_file_size_bytes
-from edgequant.export.inspect import inspect_onnx
-
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -40,12 +37,17 @@ def file_size_bytes(path: str | os.PathLike[str]) -> int:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     if path.endswith(".onnx"):
+        # export/inspect.py imports onnx: imported on use, so that importing edgequant does not.
+        from edgequant.export.inspect import file_size_bytes as onnx_file_size_bytes
+
         return onnx_file_size_bytes(path)
     return os.path.getsize(path)
 
 
 def model_weight_report(onnx_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What `edgequant inspect` prints, as a dict (see `InspectReport.to_dict`)."""
+    from edgequant.export.inspect import inspect_onnx  # imports onnx: on use
+
     return inspect_onnx(onnx_path).to_dict()
 
 

@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from edgequant.export.inspect import load_onnx_model
-
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 # Float constants a node may read besides dequantized tensors: the pad value and clip bounds
 # are parameters of an integer kernel (the zero point, the clamp), not data.
@@ -36,6 +34,8 @@ def load_model(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"no such ONNX file: {os.fspath(model)}")
+        # export/inspect.py imports onnx: loaded here, so that importing edgequant does not.
+        from edgequant.export.inspect import load_onnx_model
 
         # A ValueError naming the file for a text file, an empty file or another protobuf.
         return load_onnx_model(model)
