@@ -37,6 +37,7 @@ def file_size_bytes(path: str | os.PathLike[str]) -> int:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     if path.endswith(".onnx"):
+        # export/inspect.py imports onnx: imported on use, so that importing edgequant does not.
         from edgequant.export.inspect import file_size_bytes as onnx_file_size_bytes
 
         return onnx_file_size_bytes(path)
@@ -45,7 +46,7 @@ def file_size_bytes(path: str | os.PathLike[str]) -> int:
 
 def model_weight_report(onnx_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What `edgequant inspect` prints, as a dict (see `InspectReport.to_dict`)."""
-    from edgequant.export.inspect import inspect_onnx
+    from edgequant.export.inspect import inspect_onnx  # imports onnx: on use
 
     return inspect_onnx(onnx_path).to_dict()
 

@@ -20,6 +20,7 @@ from edgequant.batches import (
     nonfinite,
     removing_hooks,
 )
+from edgequant.functional import sqnr_db
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.modules import QUANT_MODULES, QuantMixin, from_float
 from edgequant.recipe import Recipe
@@ -277,8 +278,6 @@ def _same_outputs(
     model: nn.Module, qmodel: nn.Module, batch: Any, min_sqnr_db: float = 60.0
 ) -> bool:
     """Does the instrumented model (quantizers not yet active) compute what the float model does?"""
-    from edgequant.functional import sqnr_db
-
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:

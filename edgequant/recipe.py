@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from edgequant import _yaml
+from edgequant._io import atomic_write_text
 from edgequant.spec import (
     MAX_BITS,
     MIN_BITS,
@@ -413,12 +417,8 @@ class Recipe:
         return cls(**d)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        import yaml
-
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            from edgequant._io import atomic_write_text
-
             if Path(path).is_dir():
                 raise IsADirectoryError(
                     f"Recipe.to_yaml: {path} is a folder; give a file path, e.g. "
@@ -431,10 +431,6 @@ class Recipe:
     def from_yaml(cls, source: str | Path) -> Recipe:
         """From a YAML file path, or a YAML string (one with a newline). A key given twice in
         one mapping is refused (PyYAML would keep the last silently)."""
-        import yaml
-
-        from edgequant import _yaml
-
         if isinstance(source, str) and "\n" in source:
             text, where = source, "the YAML text"
         elif not isinstance(source, (str, os.PathLike)):

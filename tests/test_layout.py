@@ -39,12 +39,8 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "config/schema.py": ("config/test_reader.py", "a Config is only ever made by reading one"),
     # Real models and data, exercised where they are used.
     "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
-    "examples/smollm2.py": ("ptq/test_decoder.py", "the slow SmolLM2 test of the decoder path"),
     # Export internals, tested through the exporters that call them.
-    "export/fixed_point.py": ("export/test_integer.py", "the integer runner's arithmetic"),
     "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
-    "export/lm.py": ("ptq/test_decoder.py", "the LM export of the decoder pipeline's models"),
-    "export/matmul_nbits.py": ("ptq/test_decoder.py", "MatMulNBits of the LM export"),
     "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
     "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
     "export/verify.py": ("export/test_onnx.py", "every export verifies; failures are tested there"),
@@ -54,34 +50,17 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     ),
     "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
     "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
+    # Graph placement, tested through the fx placement that instrumentation runs.
     "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
-    "mixed/hawq.py": ("mixed/test_sensitivity.py", "HAWQ is one sensitivity measure beside others"),
-    "mixed/search.py": ("mixed/test_plan.py", "the accuracy-target mode of mixed.plan"),
-    # The observers share one test module of properties every observer must have.
-    "observers/base.py": ("test_observers.py", "properties every observer shares"),
-    "observers/entropy.py": ("test_observers.py", "properties every observer shares"),
-    "observers/sampled.py": ("test_observers.py", "properties every observer shares"),
-    "observers/stats.py": ("test_observers.py", "properties every observer shares"),
-    # PTQ steps, tested as the steps of the pipeline the recipe switches.
-    "ptq/adaround.py": ("ptq/test_pipeline.py", "a rounding step of the 4-bit pipeline"),
-    "ptq/gptq.py": ("ptq/test_pipeline.py", "a rounding step of the 4-bit pipeline"),
-    "ptq/equalize.py": ("ptq/test_pipeline.py", "a step of the 4-bit pipeline"),
+    # PTQ internals, tested through the eq.quantize calls that run them.
     "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
-    "ptq/awq.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
-    "ptq/clip_search.py": ("ptq/test_decoder.py", "a step of the decoder pipeline"),
-    "ptq/outliers.py": ("ptq/test_outlier_split.py", "the rule that turns splitting on"),
-    "ptq/smoothquant.py": ("ptq/test_static.py", "SmoothQuant on the outliers of a tiny BERT"),
-    "ptq/weight_only.py": ("ptq/test_quantize.py", "each method of eq.quantize on each toy"),
-    # QAT pieces, tested through prepare_qat and fit_qat.
-    "qat/base.py": ("qat/test_prepare.py", "the base of the quantizers prepare_qat builds"),
-    "qat/lsq.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
-    "qat/pact.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
-    "qat/ema.py": ("qat/test_prepare.py", "a quantizer kind of prepare_qat"),
+    # QAT pieces, tested through fit_qat.
     "qat/checkpoint.py": ("qat/test_fit.py", "resume and refusal of fit_qat's checkpoints"),
     "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),
     "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
     "qat/oscillation.py": ("qat/test_fit.py", "dampening inside fit_qat"),
+    # The report's runs, tested as compare makes them.
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
 

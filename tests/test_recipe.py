@@ -340,3 +340,12 @@ def test_to_yaml_into_a_folder_names_it_and_writes_nothing(tmp_path: Path) -> No
     with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; give a file path"):
         Recipe.preset("w8a8").to_yaml(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_fields_validate_and_round_trip() -> None:
+    r = eq.Recipe.preset("w4a8").replace(rounding="adaround", equalize=True, bias_correction=False)
+    assert eq.Recipe.from_yaml(r.to_yaml()) == r
+    with pytest.raises(ValueError, match="rounding"):
+        eq.Recipe(rounding="stochastic")
+    with pytest.raises(ValueError, match="equalize"):
+        eq.Recipe(equalize="yes")  # type: ignore[arg-type]

@@ -8,9 +8,15 @@ import os
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
+
+import edgequant as eq
+from edgequant import functional as F
+from edgequant.observers import OBSERVERS
+from edgequant.spec import QuantSpec, weight_spec
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -42,6 +48,42 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
         }
         for _ in range(n)
     ]
+
+
+# --- observers ----------------------------------------------------------------------------------
+
+
+def per_tensor(bits: int = 8, signed: bool = True, observer: str = "minmax") -> QuantSpec:
+    """A per-tensor spec for an observer test: symmetric when signed."""
+    return QuantSpec(bits=bits, signed=signed, symmetric=signed, observer=observer)
+
+
+def per_channel(axis: int = 0, bits: int = 8, observer: str = "minmax") -> QuantSpec:
+    """A per-channel spec for an observer test."""
+    return QuantSpec(bits=bits, granularity="channel", axis=axis, observer=observer)
+
+
+def per_group(group_size: int, axis: int = 1, bits: int = 4, observer: str = "minmax") -> QuantSpec:
+    """A per-group spec for an observer test."""
+    return QuantSpec(
+        bits=bits, granularity="group", axis=axis, group_size=group_size, observer=observer
+    )
+
+
+def observe(spec: QuantSpec, *batches: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor, ...]:
+    """The range the spec's observer gives after seeing the batches in order."""
+    obs = OBSERVERS[spec.observer](spec, **kwargs)  # type: ignore[arg-type]
+    for batch in batches:
+        obs(batch)
+    return obs.compute_range()
+
+
+def quant_mse(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> float:
+    """Mean squared error of fake-quantizing x on the grid the range gives."""
+    scale, zero_point = F.calc_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    axis = None if spec.per_tensor else spec.axis
+    fq = F.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, axis, spec.group_size)
+    return float((fq - x).double().pow(2).mean())
 
 
 def never_called(model: nn.Module) -> float:
@@ -152,6 +194,39 @@ class Keywords(nn.Module):
 
     def forward(self, features: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.proj(features)) * gain)
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU -> conv -> ReLU -> pool -> linear, with badly balanced channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv1.weight.mul_(torch.logspace(-1, 1, 8).reshape(-1, 1, 1, 1))
+            self.bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            self.bn.running_var.uniform_(0.5, 2.0, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def chain_batches(n: int = 64, seed: int = 1) -> list[torch.Tensor]:
+    """n random images (3, 8, 8) for `Chain`, in batches of 16."""
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randn(n, 3, 8, 8, generator=g).split(16))
+
+
+def quantize_chain(model: nn.Module, preset: str = "w4a8", **changes: object) -> nn.Module:
+    """eq.quantize(method="static") of a `Chain` on `chain_batches()`, with the preset changed."""
+    recipe = eq.Recipe.preset(preset).replace(**changes)
+    return eq.quantize(model, recipe, chain_batches(), method="static")
 
 
 class SeededMLP(nn.Module):
@@ -277,3 +352,50 @@ def run_ort(
         assert len(names) == 1
         feeds = {names[0]: item.numpy()}
     return torch.from_numpy(np.asarray(session.run(None, feeds)[0]))
+
+
+# --- a tiny causal LM -------------------------------------------------------------------------
+
+LLAMA_VOCAB, LLAMA_HIDDEN, LLAMA_CONTEXT = 256, 64, 64
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, tied: bool = True) -> torch.nn.Module:
+    """A tiny random LlamaForCausalLM (skips the test without transformers), with outlier input
+    channels planted in its norms as trained LMs have them."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=LLAMA_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=LLAMA_CONTEXT,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Outlier input channels, as trained LMs have: AWQ's scaling has something to find.
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[:4] = 8.0
+            block.post_attention_layernorm.weight[5:8] = 6.0
+    return model
+
+
+def token_batches(count: int = 4, tokens: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Random token ids for `tiny_llama` as tokenizer batches of two sequences each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LLAMA_VOCAB, (count, tokens), generator=g)
+    return [
+        {"input_ids": ids[i : i + 2], "attention_mask": torch.ones_like(ids[i : i + 2])}
+        for i in range(0, count, 2)
+    ]
+
+
+def lm_recipe(bits: int = 4, group: int | None = 32, **kw: object) -> eq.Recipe:
+    """A weight-only integer recipe (no activations) with 8-bit first and last layers."""
+    return eq.Recipe(
+        name=f"int{bits}", weight=weight_spec(bits, group), activation=None, first_last_bits=8, **kw
+    )

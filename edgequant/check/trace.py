@@ -13,6 +13,7 @@ import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant.batches import call_model, naming_the_batch, removing_hooks, split_inputs
 from edgequant.check.ops import (
     BLOCKS,
     INTEGER_FUNCTIONS,
@@ -100,8 +101,6 @@ def is_tensor_node(node: torch.fx.Node, memo: dict[torch.fx.Node, bool]) -> bool
 def check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
     gm = torch.fx.symbolic_trace(model)
     if example_inputs is not None:
-        from edgequant.batches import split_inputs
-
         args, kwargs = split_inputs(example_inputs)
         if not kwargs:
             try:
@@ -149,8 +148,6 @@ def check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None
 
 
 def check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
-    from edgequant.batches import call_model, naming_the_batch, removing_hooks
-
     seen: list[tuple[str, nn.Module]] = []
     hooks = []
 

@@ -7,6 +7,8 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from edgequant.bench import compare_latency, file_size_bytes, latency_ms
+from edgequant.check import check
 from edgequant.cli.common import (
     USAGE_ERROR,
     Command,
@@ -18,6 +20,10 @@ from edgequant.cli.common import (
 )
 from edgequant.cli.compare import compare_arguments, compare_run
 from edgequant.cli.quantize import quantize_arguments, quantize_run
+from edgequant.config import load_config
+from edgequant.export.check_onnx import check_onnx
+from edgequant.export.inspect import inspect_onnx
+from edgequant.report import demo
 
 __all__ = ["COMMANDS", "main"]
 
@@ -32,8 +38,6 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect_run(args: argparse.Namespace) -> int:
-    from edgequant.export.inspect import inspect_onnx
-
     report = inspect_onnx(args.model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0
@@ -57,8 +61,6 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from edgequant.bench import compare_latency, file_size_bytes, latency_ms
-
     timing = (tuple(args.batch_sizes), args.warmup, args.runs, args.threads)
     size = file_size_bytes(args.model)
     rows: list[tuple[str, ...]]
@@ -108,14 +110,9 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_run(args: argparse.Namespace) -> int:
     """Exit status 0 when the model can go to the target as it is, 1 when it must change."""
-    from edgequant.check import check
-    from edgequant.export.check_onnx import check_onnx
-
     if (args.model is None) == (args.config is None):
         raise UserError("give either MODEL.onnx or --config FILE.yaml")
     if args.config is not None:
-        from edgequant.config import load_config
-
         config = load_config(args.config)
         result = check(config.build_model(), args.target or config.target, config.example_inputs())
     else:
@@ -141,10 +138,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from edgequant.report.demo import run_demo
-
     check_out_folder(args.out)
-    report = run_demo(args.out, quick=args.quick, quiet=args.quiet)
+    report = demo.run_demo(args.out, quick=args.quick, quiet=args.quiet)
     if args.quiet:
         rec = report.recommendation
         print(f"recommendation: {rec['choice']}: {rec['why']}")

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 # Exit status for a user error (missing file, not an ONNX model, bad argument): argparse's too.
 USAGE_ERROR = 2
@@ -26,8 +27,6 @@ class Command:
 def check_out_folder(out: str) -> None:
     """--out names a folder to create or fill: refused before any work when it, or a folder it
     would be created in, is a file (the report's mkdir came after minutes of quantizing)."""
-    from pathlib import Path
-
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out: {out!r} exists and is not a folder")

@@ -4,14 +4,23 @@ measure each, recommend; the report's files."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from edgequant.cli.common import check_out_folder
+from edgequant.config import load_config
+from edgequant.recipe import Recipe
+from edgequant.report import compare as report_compare
+from edgequant.report.compare import Run, default_runs, runs_for, stderr_progress
+from edgequant.report.render import table
 
 if TYPE_CHECKING:
     from edgequant.config import Config
-    from edgequant.report.compare import Predict, Run
+    from edgequant.report.compare import Predict
 
 
 def compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +53,6 @@ def compare_run(args: argparse.Namespace) -> int:
     method weight_only, any other static (calibrated activations). A config without recipes
     runs compare's default set (PTQ, a mixed-precision plan, and QAT when the config has
     train_data). The metric is the config's, on its eval_data."""
-    from pathlib import Path
-
-    from edgequant.config import load_config
-    from edgequant.report.compare import compare, stderr_progress
-    from edgequant.report.render import table
-
     # Everything that can be checked before the slow part is checked first.
     config = load_config(args.config)
     if config.eval_data is None:
@@ -67,7 +70,7 @@ def compare_run(args: argparse.Namespace) -> int:
     model = config.build_model()
     calib = list(config.calib_batches())
     pairs, eval_fn = _eval_pairs(config)
-    report = compare(
+    report = report_compare.compare(
         model,
         calib,
         eval_fn,
@@ -95,10 +98,6 @@ def compare_run(args: argparse.Namespace) -> int:
 def _compare_runs(config: Config, args: argparse.Namespace) -> list[Run]:
     """The config's recipes as runs (or compare's default set, its QAT when the config has
     train_data), each calibrated on the config's num_samples (capped under --quick)."""
-    import dataclasses
-
-    from edgequant.recipe import Recipe
-    from edgequant.report.compare import Run, default_runs, runs_for
 
     def for_run(recipe: Recipe) -> Recipe:
         samples = config.num_samples or recipe.calib_samples
@@ -117,8 +116,6 @@ def _compare_runs(config: Config, args: argparse.Namespace) -> list[Run]:
 def _eval_pairs(config: Config) -> tuple[list[Any], Callable[[Predict], float]]:
     """The config's eval_data as (inputs, labels) pairs, and eval_fn(predict): the config's
     metric of predict's outputs on them."""
-    import torch
-
     pairs: list[Any] = list(config.eval_batches())
     for item in pairs:
         if not isinstance(item, (tuple, list)) or len(item) != 2:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+import edgequant as eq
 from edgequant.cli.common import UserError
+from edgequant.config import load_config
+from edgequant.export.lower import WEIGHT_STORAGE
+from edgequant.ptq.quantize import METHODS
+from edgequant.targets import TARGETS
 
 
 def quantize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,17 +51,10 @@ def quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quantize_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import edgequant as eq
-    from edgequant.config import load_config
-    from edgequant.ptq.quantize import METHODS
-
     # Everything that can be checked before the slow part is checked first.
     config = load_config(args.config)
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; valid: {', '.join(METHODS)}")
-    from edgequant.export.lower import WEIGHT_STORAGE
 
     if args.weight_storage not in WEIGHT_STORAGE:
         raise UserError(
@@ -69,14 +68,11 @@ def quantize_run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out: the folder {str(out.parent)!r} does not exist")
     recipe = config.recipe(args.recipe)
-    if out.suffix == ".tflite":
-        from edgequant.targets import TARGETS
-
-        if not TARGETS[recipe.target].fully_integer:
-            raise UserError(
-                f"--out {args.out!r}: a .tflite is fully integer, and recipe {recipe.name!r} has "
-                f"target {recipe.target!r}; use a fully integer target (target: mcu-int8)"
-            )
+    if out.suffix == ".tflite" and not TARGETS[recipe.target].fully_integer:
+        raise UserError(
+            f"--out {args.out!r}: a .tflite is fully integer, and recipe {recipe.name!r} has "
+            f"target {recipe.target!r}; use a fully integer target (target: mcu-int8)"
+        )
 
     model = config.build_model()
     qmodel = eq.quantize(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import yaml
+
+from edgequant import _yaml
 from edgequant.config.schema import (
     CHECKPOINT_KEYS,
     FACTORY_KEYS,
@@ -26,10 +30,6 @@ from edgequant.targets import TARGETS
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config. FileNotFoundError for a missing file; ConfigError (a
     ValueError) naming the file, the line and the key for anything wrong inside it."""
-    import yaml
-
-    from edgequant import _yaml
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "No such file or directory", str(path))
@@ -83,8 +83,6 @@ class _Reader:
 
     def sub_lines(self, key: str) -> dict[str, int]:
         """Lines of the keys of a nested mapping (or the items of a list) under ``key``."""
-        import yaml
-
         node = self.nodes.get(key)
         if isinstance(node, yaml.MappingNode):
             return {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
@@ -255,7 +253,5 @@ class _Reader:
 
 
 def _close_matches(word: str, choices: Iterable[str]) -> str | None:
-    import difflib
-
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
     return matches[0] if matches else None

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant._io import atomic_path
 from edgequant.examples.shared import require_shared
 
 MEAN = (0.485, 0.456, 0.406)
@@ -302,8 +303,6 @@ def _decode_jpeg_zip(zip_path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _save_npz_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write (images, labels) to ``path`` via a temp file in the same folder and a rename."""
-    from edgequant._io import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels)

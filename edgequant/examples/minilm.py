@@ -41,6 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edgequant.bench import ort_session
+from edgequant.export.verify import ort_feed
+
 __all__ = [
     "MODEL_PACKAGE",
     "N_CALIBRATION",
@@ -211,9 +214,6 @@ def _hidden_state(out: Any) -> torch.Tensor:
 def ort_encoder_fn(onnx_path: str | Path, threads: int = 2) -> Callable[..., list[Any]]:
     """An exported encoder run in ONNX Runtime (CPU), callable as ``fn(**batch)`` on the batches of
     :func:`tokenize_batches` (inputs the model does not take are ignored): for :func:`embed`."""
-    from edgequant.bench import ort_session
-    from edgequant.export.verify import ort_feed
-
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     session = ort_session(onnx_path, threads)

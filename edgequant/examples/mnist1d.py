@@ -22,6 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant._io import atomic_path
+from edgequant.examples.cifar10 import accuracy as top1
 from edgequant.qat.selection import HOLDOUT_EVERY, holdout_split
 
 LENGTH = 40
@@ -107,8 +110,6 @@ _DATA_KEYS = ("x", "y", "x_test", "y_test")
 
 
 def _data_cache_path(args: dict[str, Any]) -> Path:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         package = version("mnist1d")
     except PackageNotFoundError:
@@ -136,8 +137,6 @@ def _valid_arrays(arrays: tuple[np.ndarray, ...], num_samples: int) -> bool:
 
 def _save_npz_atomic(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
     """The arrays under _DATA_KEYS' names, in a temp file beside `path`, then a rename."""
-    from edgequant._io import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     x, y, x_test, y_test = arrays
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -285,8 +284,6 @@ def accuracy(
 
     A module runs in eval mode without gradients; its training flags are restored afterwards.
     """
-    from edgequant.examples.cifar10 import accuracy as top1  # shape-agnostic; one implementation
-
     return top1(model_or_fn, x, y, batch_size)
 
 
@@ -362,8 +359,6 @@ def trained_cnn(
 
 def _save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file in the same folder, then a rename: readers never see half."""
-    from edgequant._io import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -34,6 +34,7 @@ def load_model(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"no such ONNX file: {os.fspath(model)}")
+        # export/inspect.py imports onnx: loaded here, so that importing edgequant does not.
         from edgequant.export.inspect import load_onnx_model
 
         # A ValueError naming the file for a text file, an empty file or another protobuf.

@@ -31,6 +31,12 @@ from edgequant.batches import (
 )
 from edgequant.export import ops
 from edgequant.export.int8_kernels import u8s8_saturates_here
+from edgequant.export.integer_graph import (
+    fold_activations_into_quantizers,
+    fully_integer_violations,
+    merge_slices,
+    quantize_inputs_first,
+)
 from edgequant.export.lower import WEIGHT_STORAGE, ExportError, lower, quiet_exporter
 from edgequant.export.passes import (
     drop_default_attributes,
@@ -43,6 +49,7 @@ from edgequant.export.passes import (
 from edgequant.export.verify import Verification, verify_onnx
 from edgequant.instrument import quant_layers
 from edgequant.quantizer import TensorQuantizer
+from edgequant.targets import TARGETS
 
 __all__ = ["OPSET", "ExportError", "ExportInfo", "export_float_onnx", "export_onnx"]
 
@@ -314,13 +321,6 @@ def _export(
 def _make_fully_integer(model: Any, target: str) -> None:
     """Rewrite the graph so that every edge between compute nodes is integer (ExportError if
     some edge stays float), as the fully integer `target` needs."""
-    from edgequant.export.integer_graph import (
-        fold_activations_into_quantizers,
-        fully_integer_violations,
-        merge_slices,
-        quantize_inputs_first,
-    )
-
     merge_slices(model)
     quantize_inputs_first(model)
     fold_activations_into_quantizers(model)
@@ -385,8 +385,6 @@ def _check_integer_inputs(model: Any) -> None:
 
 def _fully_integer_target(qmodel: nn.Module) -> str | None:
     """The name of qmodel's target when that target is fully integer (mcu-int8), else None."""
-    from edgequant.targets import TARGETS
-
     summary = getattr(qmodel, "quant_summary", None)
     target = TARGETS.get(getattr(summary, "target", ""))
     return target.name if target is not None and target.fully_integer else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -283,7 +284,6 @@ def _per_token_quantize(x):
 def _per_token_matmul(x, weight_t_q, weight_zero_point):
     # MatMulInteger takes one zero point for its first input: the rows' zero points come off
     # afterwards, as zero point x (column sums of the weight), in INT32.
-    import numpy as np
     from onnx import numpy_helper
     from onnxscript import opset21 as op
 

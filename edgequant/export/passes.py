@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgequant.export import ops
@@ -29,7 +30,6 @@ def _constants(graph: Any) -> dict[str, Any]:
 
 def fold_integer_casts(model: Any) -> int:
     """Replace Cast(constant int) -> INT4/UINT4 with packed INT4 initializers; drop what is unused."""
-    import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
@@ -278,7 +278,6 @@ def exact_kernel_model(model: Any) -> tuple[Any, list[str]]:
     Verification on such a CPU runs this copy (tests/export/test_int8_kernels.py checks
     it against ONNX Runtime's reference kernels); the file keeps the target's INT8 weights.
     """
-    import numpy as np
     from onnx import TensorProto, numpy_helper
 
     copy_ = type(model)()

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -159,7 +160,6 @@ def verify_onnx(
     and, for classifiers, on min_top1_agreement of top-1 predictions (or the floor's agreement,
     if lower). batch_names: what to call each batch in an error (default "inputs[i]").
     """
-    import numpy as np
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

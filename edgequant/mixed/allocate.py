@@ -16,6 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from edgequant.spec import MAX_BITS, MIN_BITS
+
 FP32_BITS = 32
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
 
@@ -98,8 +102,6 @@ def packed_bytes(params: Mapping[str, int], bits: Mapping[str, int]) -> float:
 
 
 def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
-    from edgequant.spec import MAX_BITS, MIN_BITS
-
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
         raise TypeError(f"candidates must be a sequence of ints, got {candidates!r}")
     if not candidates:
@@ -140,7 +142,6 @@ def allocate(
     latency_table: layer -> {bits: ms} (needed for a latency budget); fixed: layer -> bits
     that the solver must keep (e.g. {"conv1": 8}).
     """
-    import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if not isinstance(budget, Budget):
@@ -274,8 +275,6 @@ def _limits(
 def _fixed_bounds(layers: list[str], cands: tuple[int, ...], fixed: Mapping[str, int]) -> Any:
     """Upper bounds of the (layer, width) choices: 1, but 0 for every width of a fixed layer
     other than its own."""
-    import numpy as np
-
     nb = len(cands)
     ub = np.ones(len(layers) * nb)
     for name, b in fixed.items():
@@ -296,8 +295,6 @@ def _constraints(
 ) -> tuple[list[Any], list[float], list[float]]:
     """The program's rows with their lower and upper bounds: exactly one width per layer, then
     each resource under its limit (each checked feasible on its own first)."""
-    import numpy as np
-
     index = {(li, bi): li * nb + bi for li in range(nl) for bi in range(nb)}
     rows: list[np.ndarray] = []
     upper: list[float] = []

@@ -14,8 +14,17 @@ from edgequant.mixed.allocate import (
     FP32_BITS,
     Allocation,
     Budget,
+    _check_candidates,
+    _check_fixed,
     allocate,
     packed_bytes,
+)
+from edgequant.mixed.hawq import (
+    float_instrumented,
+    hessian_sensitivity,
+    hessian_trace,
+    pipeline_weight_error,
+    spearman,
 )
 from edgequant.mixed.search import Trial, measure_drop, recipe_for, search
 from edgequant.mixed.sensitivity import (
@@ -28,7 +37,9 @@ from edgequant.mixed.sensitivity import (
     layer_costs,
     quantize_uniform,
     sensitivity,
+    uniform_recipe,
 )
+from edgequant.qat.prepare import check_float_model
 from edgequant.recipe import Recipe
 
 METHODS = ("perturbation", "hessian")
@@ -144,13 +155,6 @@ def _sensitivities(
     hessian_seconds: float,
     progress: bool,
 ) -> tuple[Sensitivity, Sensitivity | None, dict[int, float], float]:
-    from edgequant.mixed.hawq import (
-        hessian_sensitivity,
-        hessian_trace,
-        pipeline_weight_error,
-        spearman,
-    )
-
     act_bits = base.activation.bits if base.activation is not None else None
     pert = hess = None
     start = time.perf_counter()
@@ -225,8 +229,6 @@ def plan(
     fixed, cands = fixed_and_candidates(fixed, candidates, sensitivities)
     base = base_recipe(recipe, act_bits)
     batches = collect_batches(calib_data, max(num_samples, base.calib_samples), "calib_data")
-    from edgequant.mixed.hawq import float_instrumented
-    from edgequant.mixed.sensitivity import uniform_recipe
 
     costs = layer_costs(float_instrumented(model, uniform_recipe(base, 8), batches[0]), batches[0])
     # Layers are scored by the output KL; eval_fn measures plans (one evaluation each), not every
@@ -316,8 +318,6 @@ def _check_plan_args(
     search_steps: int,
 ) -> None:
     """plan's arguments, each named in its error."""
-    from edgequant.qat.prepare import check_float_model
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_float_model(model)
@@ -352,8 +352,6 @@ def fixed_and_candidates(
 ) -> tuple[dict[str, int], tuple[int, ...]]:
     """The caller's pinned layers and the candidate widths, checked (those of `sensitivities`
     by default, which must be a Sensitivity and cover any given)."""
-    from edgequant.mixed.allocate import _check_candidates, _check_fixed
-
     if sensitivities is not None and not isinstance(sensitivities, Sensitivity):
         raise TypeError(
             f"sensitivities must be an edgequant.mixed.Sensitivity, got "

@@ -12,6 +12,7 @@ plan meets the tolerance on the data eval_fn reads, not only by prediction.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from edgequant.mixed.allocate import packed_bytes
+from edgequant.mixed.hawq import float_instrumented
 from edgequant.mixed.plan import MixedPlan, fixed_and_candidates
 from edgequant.mixed.search import Trial, recipe_for
 from edgequant.mixed.sensitivity import (
@@ -34,7 +36,9 @@ from edgequant.mixed.sensitivity import (
     sensitivity,
     uniform_recipe,
 )
+from edgequant.ptq import quantize
 from edgequant.qat import FitConfig, fit_qat, prepare_qat
+from edgequant.qat.prepare import check_float_model
 from edgequant.recipe import Recipe
 
 
@@ -50,8 +54,6 @@ def _check_qat_arguments(
     qat_epochs: int, train_data: Iterable[Any] | None, qat_kwargs: Mapping[str, Any] | None
 ) -> None:
     """The final QAT's arguments, checked before the search (minutes) rather than after it."""
-    import inspect
-
     if qat_epochs == 0:
         given = ["train_data"] if train_data is not None else []
         given += ["qat_kwargs"] if qat_kwargs else []
@@ -116,9 +118,6 @@ def progressive(
     train_data (with the FP32 model as teacher); the plan's qmodel is the trained model and
     plan.drop its measured drop.
     """
-    from edgequant.mixed.hawq import float_instrumented
-    from edgequant.ptq import quantize
-
     start = time.perf_counter()
     _check_progressive_args(model, eval_fn, max_drop, max_steps, qat_epochs)
     _check_qat_arguments(qat_epochs, train_data, qat_kwargs)  # before the search, not after it
@@ -210,8 +209,6 @@ def _check_progressive_args(
 ) -> None:
     """progressive's arguments (those of the final QAT: _check_qat_arguments; sensitivities:
     plan.fixed_and_candidates), each named."""
-    from edgequant.qat.prepare import check_float_model
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_float_model(model)

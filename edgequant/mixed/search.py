@@ -17,6 +17,7 @@ from edgequant.mixed.sensitivity import (
     method_for,
     with_layer_bits,
 )
+from edgequant.ptq import quantize
 from edgequant.recipe import Recipe
 
 
@@ -49,8 +50,6 @@ def measure_drop(
     eval_fn: EvalFn,
     reference: float,
 ) -> float:
-    from edgequant.ptq import quantize
-
     qmodel = quantize(model, recipe_for(base, bits, params), batches, method=method_for(base))
     average = packed_bytes(params, bits) * 8 / max(sum(params.values()), 1)
     return reference - eval_metric(eval_fn, qmodel, f"the plan at {average:.2f} bits per weight")

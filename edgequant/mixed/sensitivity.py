@@ -27,9 +27,13 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from edgequant.batches import batch_size, call_model, metric_number, removing_hooks
+from edgequant.mixed.allocate import _check_candidates
 from edgequant.modules import QuantMixin
+from edgequant.ptq import quantize
+from edgequant.ptq.calibrate import peek, take_samples
 from edgequant.quantizer import quantizers
 from edgequant.recipe import Recipe
 from edgequant.spec import LayerOverride, QuantSpec, activation_spec, weight_spec
@@ -141,8 +145,6 @@ def method_for(recipe: Recipe) -> str:
 
 def collect_batches(calib_data: Iterable[Any], num_samples: int, what: str) -> list[Any]:
     """Up to num_samples samples of calib_data, as a list of batches (it is read many times)."""
-    from edgequant.ptq.calibrate import peek, take_samples
-
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     _, items = peek(calib_data, what)
@@ -232,8 +234,6 @@ def quantize_uniform(
     num_calib: int | None = None,
 ) -> UniformModels:
     """`eq.quantize` of `model` at each candidate width, every layer at that width."""
-    from edgequant.ptq import quantize
-
     models: dict[int, nn.Module] = {}
     floats: dict[int, dict[str, tuple[Tensor, Tensor | None]]] = {}
     method = method_for(base)
@@ -354,8 +354,6 @@ def sensitivity(
     calib_data); `quantized` passes those models in when they already exist.
     """
 
-    from edgequant.mixed.allocate import _check_candidates
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if eval_fn is not None and not callable(eval_fn):
@@ -424,8 +422,6 @@ def _scores(
 ) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
     """(layer -> {bits: score over the baseline}, bits -> baseline): at each width, every layer
     alone quantized as the pipeline quantized it, the rest float."""
-    from tqdm import tqdm
-
     scores: dict[str, dict[int, float]] = {}
     baseline: dict[int, float] = {}
     layers: list[str] = []

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from edgequant.batches import batch_size, call_model, check_finite, naming_the_batch
 from edgequant.quantizer import calibration_mode, quantizers
@@ -89,8 +90,6 @@ def run_calibration(
 ) -> int:
     """Observe activations on up to num_samples samples; fix every activation quantizer's
     scale and zero point; return the number of samples used."""
-    from tqdm import tqdm
-
     seen = 0
     with (
         calibration_mode(model),

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from edgequant.batches import call_model
 from edgequant.modules import QuantLinear, QuantMixin
@@ -290,8 +291,6 @@ def quantize_blocks_(
 ) -> tuple[list[str], dict[str, Any]]:
     """Run the block-by-block pipeline in place on `qmodel` (weight quantizers calibrated).
     Returns (notes for the summary, a record for quant_info)."""
-    from tqdm import tqdm
-
     found = find_blocks(qmodel)
     if found is None:
         raise ValueError("the model has no stack of repeated blocks holding quantized Linears")

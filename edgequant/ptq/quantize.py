@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from edgequant.batches import naming_the_batch
@@ -171,8 +172,6 @@ def load(
 def _read_state(path: Path) -> Any:
     """What torch.save wrote at path (a state_dict, checked by the caller), read with
     weights_only=True."""
-    import torch
-
     if path.is_dir():
         raise IsADirectoryError(
             f"state: {path} is a folder; pass the file that "

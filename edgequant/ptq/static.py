@@ -8,8 +8,9 @@ from typing import Any, cast
 
 import torch
 from torch import fx, nn
+from tqdm import tqdm
 
-from edgequant.batches import batch_size, naming_the_batch, removing_hooks
+from edgequant.batches import batch_size, call_model, naming_the_batch, removing_hooks
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
 from edgequant.modules import QuantMixin, fast_simulation
@@ -212,8 +213,6 @@ def _auto_rounding(
 
 def execution_order(qmodel: nn.Module, batch: Any) -> list[tuple[str, QuantMixin]]:
     """Quantized layers in the order the model runs them (each once)."""
-    from edgequant.batches import call_model
-
     order: list[str] = []
     handles = [
         m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n))
@@ -240,8 +239,6 @@ def refine_weights(
     the float model's output of the layer (else the layer's float weight on its own inputs).
     real_tokens_only: bias correction leaves out the positions a tokenizer batch's attention mask
     marks as padding. Returns notes for the summary."""
-    from tqdm import tqdm
-
     if rounding == "block" and not isinstance(qmodel, fx.GraphModule):
         raise ValueError(
             "rounding='block' needs a model torch.fx can trace (block reconstruction cuts the "

@@ -9,6 +9,7 @@ Runtime, never from the simulation.
 import copy
 import dataclasses
 import platform
+import sys
 import tempfile
 import time
 import traceback
@@ -16,10 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
-from edgequant.batches import call_model, metric_number
+from edgequant.batches import batch_list, call_model, metric_number, run_checked
+from edgequant.bench import latency_ms
+from edgequant.export.onnx import export_float_onnx, export_onnx
+from edgequant.export.verify import exact_session, ort_feed
+from edgequant.ptq import quantize
 from edgequant.recipe import Recipe
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder
@@ -34,8 +40,6 @@ EvalFn = Callable[[Predict], float]
 def stderr_progress(quiet: bool = False) -> Callable[[str], None] | None:
     """compare's `progress` for a command line: timestamped one-line messages on stderr (and,
     since it is not None, the steps' tqdm bars), or None when quiet (nothing at all)."""
-    import sys
-
     if quiet:
         return None
 
@@ -60,10 +64,7 @@ def ort_predict(path: str | Path, threads: int = 2) -> Predict:
     exact_session): on an x86 CPU without VNNI, a signed-activation target's INT8 weights run as
     the same grid in UINT8, since ONNX Runtime's u8s8 kernel saturates there and a device that
     runs the file (TFLite Micro, a VNNI CPU) would not."""
-    import numpy as np
     import onnxruntime as ort
-
-    from edgequant.export.verify import exact_session, ort_feed
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -159,8 +160,6 @@ class _Session:
             self.progress(msg)
 
     def latency(self, path: Path) -> dict[str, float]:
-        from edgequant.bench import latency_ms
-
         return latency_ms(
             path, batch_sizes=self.latency_batch_sizes, runs=self.latency_runs, threads=self.threads
         )
@@ -184,9 +183,6 @@ def _models_dir(out_dir: str | Path | None) -> Path:
 
 def _baseline(sess: _Session, example_name: str) -> dict[str, Any]:
     """The FP32 model exported, scored in ONNX Runtime and PyTorch, sized and timed."""
-    from edgequant.batches import run_checked
-    from edgequant.export.onnx import export_float_onnx
-
     sess.say("FP32 baseline: export and measure in ONNX Runtime")
     start = time.perf_counter()
     fp32_path = sess.models_dir / "fp32.onnx"
@@ -207,8 +203,6 @@ def _baseline(sess: _Session, example_name: str) -> dict[str, Any]:
 
 def _quantized_model(sess: _Session, run: Run) -> tuple[nn.Module, dict[str, Any]]:
     """The run's quantized model and what its method adds to its row."""
-    from edgequant.ptq import quantize
-
     if run.family == "qat":
         if sess.train is None:
             raise ValueError("a QAT run needs train_data (compare(..., train_data=...))")
@@ -223,8 +217,6 @@ def _quantized_model(sess: _Session, run: Run) -> tuple[nn.Module, dict[str, Any
 def _run_row(sess: _Session, run: Run, fp32_size: int) -> tuple[dict[str, Any], str | None]:
     """One run, quantized, exported, verified, scored and timed: (its row, its summary). A
     failure is recorded in the row, so one failing method does not take down the others."""
-    from edgequant.export.onnx import export_onnx
-
     sess.say(f"{run.name}: {run.family} {run.method}, recipe {run.recipe.name}")
     start = time.perf_counter()
     act_bits = run.recipe.activation.bits if run.recipe.activation else None
@@ -306,8 +298,6 @@ def compare(
     (calibration, learned rounding, sensitivity analysis, QAT epochs) also show tqdm bars on
     stderr. None: silent. stderr_progress() gives the command line's.
     """
-    from edgequant.batches import batch_list
-
     _check_compare_args(model, eval_fn, tolerance, progress)
     chosen = _resolve_runs(recipes, runs, qat=train_data is not None)
     calib = batch_list(calib_data, "calib_data")

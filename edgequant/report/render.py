@@ -9,6 +9,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from edgequant.report.plots import TITLES, bit_sweep, crossover
+
 # The runs table's columns, in the markdown and the HTML report alike.
 COLUMNS = (
     "run",
@@ -147,8 +149,6 @@ def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | N
     unseen test split; the gap to FP32 and the share of it QAT recovers, on the test split
     where there is one; and a sentence naming where PTQ stops (plots.crossover). None when no
     bit width has both."""
-    from edgequant.report.plots import bit_sweep, crossover
-
     seen = bit_sweep(results)
     if not seen:
         return None
@@ -341,8 +341,6 @@ def _data_uri(path: str | Path) -> str:
 
 
 def _html_plots(plots: Mapping[str, str | Path], errors: Mapping[str, str]) -> list[str]:
-    from edgequant.report.plots import TITLES
-
     parts = []
     for name, path in plots.items():
         title = escape(TITLES.get(name, name))

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgequant._io import atomic_write_text
+from edgequant.report.plots import PLOTS
+from edgequant.report.render import html, markdown
 
 
 @dataclass
@@ -38,16 +43,12 @@ class Report:
             )
 
     def to_markdown(self) -> str:
-        from edgequant.report.render import markdown
-
         self._check()
         return markdown(self.results, self.summaries)
 
     def plots(self, out_dir: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
         """Draw each plot of report.plots.PLOTS as out_dir/<name>.png: (name -> path, name ->
         error). Plots are isolated like runs: one that fails is reported, the others are drawn."""
-        from edgequant.report.plots import PLOTS
-
         folder = out_folder(out_dir, "out_dir")
         folder.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
@@ -67,11 +68,6 @@ class Report:
         """results.json, report.md, plots/*.png and report.html in out_dir, each written
         atomically; returns the folder. The measurements are written first, so a plot that
         fails (named in report.html and warned about) cannot lose them."""
-        import warnings
-
-        from edgequant._io import atomic_write_text
-        from edgequant.report.render import html
-
         out = out_folder(out_dir, "out_dir")
         out_folder(out / "plots", "out_dir/plots")
         # Rendered before anything is written: results that cannot be rendered leave an

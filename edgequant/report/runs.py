@@ -9,6 +9,10 @@ from typing import Any, cast
 
 from torch import nn
 
+from edgequant.batches import batch_size
+from edgequant.mixed import Budget, plan
+from edgequant.ptq import quantize
+from edgequant.qat import finalize, fit_qat, prepare_qat
 from edgequant.qat.selection import holdout_split
 from edgequant.recipe import Recipe
 
@@ -74,8 +78,6 @@ def default_runs(qat: bool = True, qat_epochs: int = 3) -> list[Run]:
 
 
 def batch_len(batch: Any) -> int:
-    from edgequant.batches import batch_size
-
     return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
@@ -89,8 +91,6 @@ def qat_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prepare from the PTQ model, fine-tune with distillation from `model` on train_data less
     a held-out slice, and keep the epoch that fit_qat's selection picks on that slice."""
-    from edgequant.qat import finalize, fit_qat, prepare_qat
-
     fit, held = holdout_split(train_data)
     bars = progress is not None
     # prepare_qat starts from the PTQ model at the same bits, its whole pipeline included
@@ -132,9 +132,6 @@ def qat_model(
 def mixed_model(
     model: nn.Module, run: Run, calib: list[Any], progress: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
-    from edgequant.mixed import Budget, plan
-    from edgequant.ptq import quantize
-
     assert run.budget_ratio is not None
     act = run.recipe.activation.bits if run.recipe.activation is not None else None
     p = plan(

@@ -8,7 +8,9 @@ from toys import nearest_recipe, relu_mlp  # tests/toys.py
 
 import edgequant as eq
 from edgequant.examples import mnist1d
-from edgequant.mixed import MixedPlan, plan
+from edgequant.mixed import MixedPlan, plan, sensitivity
+from edgequant.mixed.sensitivity import Sensitivity, UniformModels, base_recipe, quantize_uniform
+from edgequant.recipe import Recipe
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,25 @@ def plan3(cnn, calib) -> MixedPlan:
     return plan(
         cnn, calib, budget=eq.Budget.average_bits(3.0), recipe=nearest_recipe(64), num_samples=128
     )
+
+
+@pytest.fixture(scope="session")
+def gptq_recipe() -> Recipe:
+    """The 8-bit base recipe on 64 calibration samples, which keep GPTQ (the pipeline's rounding
+    at <= 4 bits) quick."""
+    return base_recipe(None, 8).replace(calib_samples=64)
+
+
+@pytest.fixture(scope="session")
+def uniform(cnn, calib, gptq_recipe: Recipe) -> UniformModels:
+    """The CNN quantized uniformly at 2, 3, 4 and 8 bits, shared read-only."""
+    return quantize_uniform(cnn, calib, (2, 3, 4, 8), gptq_recipe)
+
+
+@pytest.fixture(scope="session")
+def pert(cnn, calib, uniform: UniformModels, gptq_recipe: Recipe) -> Sensitivity:
+    """The perturbation sensitivity of the CNN's layers at those widths, shared read-only."""
+    return sensitivity(cnn, calib, num_samples=128, quantized=uniform, recipe=gptq_recipe)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Perturbation sensitivity and the Hutchinson Hessian trace on small models."""
+"""Perturbation sensitivity (mixed/sensitivity.py) on small models; the Hessian trace is tested in
+test_hawq.py."""
 
 from __future__ import annotations
 
@@ -6,35 +7,18 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from edgequant.mixed import hessian_trace, sensitivity, spearman
-from edgequant.mixed.hawq import hessian_sensitivity, pipeline_weight_error
+from edgequant.mixed import sensitivity
 from edgequant.mixed.sensitivity import (
     Sensitivity,
     base_recipe,
     exact_pattern,
-    quantize_uniform,
     uniform_recipe,
     with_layer_bits,
 )
 from edgequant.quantizer import quantizers
 
 LAYERS = ["conv1", "conv2", "conv3", "linear"]
-
-
-# 64 calibration samples keep GPTQ (the pipeline's rounding at <= 4 bits) quick.
-RECIPE = base_recipe(None, 8).replace(calib_samples=64)
-
-
-@pytest.fixture(scope="module")
-def uniform(cnn, calib):
-    return quantize_uniform(cnn, calib, (2, 3, 4, 8), RECIPE)
-
-
-@pytest.fixture(scope="module")
-def pert(cnn, calib, uniform) -> Sensitivity:
-    return sensitivity(cnn, calib, num_samples=128, quantized=uniform, recipe=RECIPE)
 
 
 def test_every_layer_scored_at_every_width(pert: Sensitivity) -> None:
@@ -53,12 +37,16 @@ def test_fewer_bits_hurt_more(pert: Sensitivity) -> None:
     assert pert.scores["conv2"][2] > pert.scores["linear"][2]
 
 
-def test_quantized_models_and_the_caller_model_are_left_as_they_were(cnn, calib, uniform) -> None:
+def test_quantized_models_and_the_caller_model_are_left_as_they_were(
+    cnn, calib, uniform, gptq_recipe
+) -> None:
     before = copy.deepcopy(cnn.state_dict())
     q2 = uniform.models[2]
     modes = [q.mode for q in quantizers(q2)]
     weights = {k: v.clone() for k, v in q2.state_dict().items() if k.endswith(("weight", "bias"))}
-    sensitivity(cnn, calib, candidates=(2, 8), num_samples=64, quantized=uniform, recipe=RECIPE)
+    sensitivity(
+        cnn, calib, candidates=(2, 8), num_samples=64, quantized=uniform, recipe=gptq_recipe
+    )
     assert [q.mode for q in quantizers(q2)] == modes
     for k, v in q2.state_dict().items():
         if k in weights:
@@ -67,9 +55,9 @@ def test_quantized_models_and_the_caller_model_are_left_as_they_were(cnn, calib,
         assert torch.equal(v, before[k]), k
 
 
-def test_eval_fn_scores_the_metric_drop(cnn, calib, uniform, val_acc) -> None:
+def test_eval_fn_scores_the_metric_drop(cnn, calib, uniform, val_acc, gptq_recipe) -> None:
     s = sensitivity(
-        cnn, calib, candidates=(2, 8), eval_fn=val_acc, quantized=uniform, recipe=RECIPE
+        cnn, calib, candidates=(2, 8), eval_fn=val_acc, quantized=uniform, recipe=gptq_recipe
     )
     assert "eval_fn" in s.metric
     for row in s.scores.values():
@@ -113,57 +101,3 @@ def test_plan_layers_get_the_presets_range_observer_at_their_width() -> None:
     custom = base.replace(weight=base.weight.replace(observer="percentile"))
     kept = with_layer_bits(custom, {"a": 2}, "plan").overrides[0].weight
     assert kept is not None and (kept.bits, kept.observer) == (2, "percentile")
-
-
-# --- Hessian ----------------------------------------------------------------------------------
-
-
-def test_hutchinson_matches_the_exact_trace_of_a_linear_classifier() -> None:
-    """On a softmax regression the Hessian of KL(p_FP32 || p(W)) at W_FP32 is computable
-    exactly; the Hutchinson mean must land within 4 standard errors of its trace (Rademacher
-    variance per vector: 2 x the squared off-diagonal entries)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5)).eval()
-    x = torch.randn(40, 6)
-    n = 150
-    trace = hessian_trace(model, [x], samples=n, max_seconds=60, num_samples=40, tol=0.0)
-    assert trace.samples == n and trace.stopped_by == "samples"
-    w0 = model[0].weight.detach().clone()
-    b0 = model[0].bias.detach()
-    ref = torch.log_softmax(x @ w0.T + b0, -1)
-
-    def loss(w_flat: torch.Tensor) -> torch.Tensor:
-        logq = torch.log_softmax(x @ w_flat.reshape(5, 6).T + b0, -1)
-        return (ref.exp() * (ref - logq)).sum(-1).mean()
-
-    h = torch.autograd.functional.hessian(loss, w0.flatten()).double()
-    exact = float(h.diagonal().sum())
-    off = float((h**2).sum() - (h.diagonal() ** 2).sum())
-    stderr = (2 * off / n) ** 0.5
-    assert exact > 0 and stderr < 0.2 * exact  # the check can fail: the bound is tight enough
-    assert abs(trace.traces["0"] - exact) <= 4 * stderr
-
-
-def test_hessian_trace_stops_on_time_and_counts(cnn, calib) -> None:
-    t = hessian_trace(cnn, calib, samples=3, num_samples=64, tol=0.0)
-    assert t.samples == 3 and t.images == 64
-    assert set(t.traces) == set(LAYERS) and all(v > 0 for v in t.traces.values())
-    t = hessian_trace(cnn, calib, samples=1000, max_seconds=1e-6, num_samples=64, tol=0.0)
-    assert t.samples == 2 and t.stopped_by == "time"
-    with pytest.raises(ValueError, match="samples must be a positive int"):
-        hessian_trace(cnn, calib, samples=0)
-    with pytest.raises(ValueError, match="max_seconds"):
-        hessian_trace(cnn, calib, max_seconds=0)
-
-
-def test_both_rankings_and_their_agreement(cnn, calib, uniform, pert) -> None:
-    t = hessian_trace(cnn, calib, samples=8, num_samples=128, tol=0.0)
-    hess = hessian_sensitivity(t, pipeline_weight_error(uniform), (2, 3, 4, 8))
-    assert hess.method == "hessian" and list(hess.scores) == LAYERS
-    for row in hess.scores.values():
-        assert row[2] > row[4] > row[8] > 0
-    rho = spearman(pert, hess, 2)
-    assert -1.0 <= rho <= 1.0
-    assert spearman(pert, pert, 2) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="not a candidate of both"):
-        spearman(pert, hess, 5)

@@ -1,9 +1,11 @@
-"""Bias correction leaves padded tokens out of its output means."""
+"""Bias correction (ptq/bias_correction.py) restores the output means rounding moved, and leaves
+padded tokens out of them."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from toys import Chain, chain_batches, quantize_chain  # tests/toys.py
 
 from edgequant.ptq.bias_correction import channel_mean, token_mask
 
@@ -50,3 +52,16 @@ def test_static_bias_correction_reads_the_mask_and_weight_only_does_not(monkeypa
     recipe = eq.Recipe.preset("w4a8").replace(rounding="nearest", bias_correction=True)
     eq.quantize(model, recipe, data, method="static")
     assert calls  # static: padded tokens left out
+
+
+def test_bias_correction_restores_output_means() -> None:
+    model = Chain().eval()
+    data = chain_batches()
+    off = quantize_chain(model, "w3a8", rounding="nearest", bias_correction=False)
+    on = quantize_chain(model, "w3a8", rounding="nearest", bias_correction=True)
+    x = torch.cat(data)
+    with torch.no_grad():
+        ref = model(x).mean(0)
+        err_off = float((off(x).mean(0) - ref).abs().mean())
+        err_on = float((on(x).mean(0) - ref).abs().mean())
+    assert err_on < err_off

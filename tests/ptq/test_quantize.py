@@ -2,8 +2,7 @@
 the summary, calibration errors that say where, sample counts, determinism, keyword inputs, and
 graph-level quantizers with the fallback for models torch.fx cannot trace; bad input to eq.quantize
 and eq.load refused at the boundary with an error naming the argument, the value and the valid
-choices; eq.load of a saved state_dict computing the same.
-Also covers ptq/weight_only.py."""
+choices; eq.load of a saved state_dict computing the same."""
 
 from __future__ import annotations
 
@@ -266,13 +265,6 @@ def test_methods_refuse_recipes_they_cannot_run() -> None:
         eq.quantize(model, "w4-weight-only", calib, method="static")
     with pytest.raises(ValueError, match="8-bit activations"):
         eq.quantize(model, "w4a4", calib, method="dynamic")
-
-
-def test_weight_only_drops_activation_quantizers_from_any_recipe() -> None:
-    model, calib, _ = _setup("cnn")
-    qmodel = eq.quantize(model, "w4a4", calib, method="weight_only")
-    assert all(m.input_quantizer is None for _, m in quant_layers(qmodel))
-    assert qmodel.quant_info["recipe"]["activation"] is None
 
 
 # --- sample counts and determinism --------------------------------------------------------------

@@ -1,19 +1,17 @@
-"""prepare_qat: a PTQ start, trainable quantizers of each kind, their gradients, finalize."""
+"""prepare_qat: a PTQ start, trainable quantizers of each kind, finalize. Each kind's gradient and
+ranges are tested beside its module (test_lsq, test_pact, test_ema, test_base)."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.qat import finalize, freeze_observers, prepare_qat
+from edgequant.qat import finalize, prepare_qat
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.ema import EMAQuantizer
-from edgequant.qat.lsq import LSQQuantizer, lsq_grad_scale
+from edgequant.qat.lsq import LSQQuantizer
 from edgequant.qat.pact import PACTQuantizer
 from edgequant.quantizer import TensorQuantizer, quantizers
 
@@ -90,125 +88,6 @@ def test_shared_quantizers_stay_shared(tiny_model, calib):
     layer = qat.get_submodule("conv2")
     assert layer.shared_input and isinstance(layer.input_quantizer, QATQuantizer)
     assert len(ids) == len(set(ids))  # modules() dedups: each quantizer once
-
-
-def test_lsq_gradient_is_esser_et_al(tiny_model, calib):
-    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    q = qat.get_submodule("conv2").weight_quantizer
-    assert isinstance(q, LSQQuantizer)
-    w = qat.get_submodule("conv2").weight.detach().clone().requires_grad_(True)
-    out = q(w)
-    upstream = torch.randn_like(out)
-    (out * upstream).sum().backward()
-    s = q.learned_scale.detach().reshape(-1, 1, 1, 1)
-    v = w.detach() / s
-    qmin, qmax = q.spec.qmin, q.spec.qmax
-    # Clipped where round(v) leaves the grid, as PyTorch's learnable fake-quantize decides it
-    # (with MSE ranges some weights sit in (qmax, qmax + 0.5), where v > qmax but round(v) = qmax).
-    r = torch.round(v)
-    d_scale = torch.where(r < qmin, float(qmin), torch.where(r > qmax, float(qmax), r - v))
-    g = 1.0 / math.sqrt(w[0].numel() * qmax)
-    assert g == pytest.approx(lsq_grad_scale(w, "weight", 0, None, qmax))
-    expected = (upstream * d_scale).sum(dim=(1, 2, 3)) * g
-    torch.testing.assert_close(q.learned_scale.grad, expected, rtol=1e-4, atol=1e-6)
-    # Straight-through estimator: gradient 1 inside the grid, 0 where clipped.
-    inside = (torch.round(v) >= qmin) & (torch.round(v) <= qmax)
-    torch.testing.assert_close(w.grad, upstream * inside)
-
-
-def test_pact_gradient_counts_clipped_values(tiny_model, calib):
-    qat = prepare_qat(
-        tiny_model,
-        eq.Recipe.preset("w4a4").replace(range_learning="pact"),
-        calib,
-        start="calibrated",
-    )
-    q = next(
-        q for q in quantizers(qat) if isinstance(q, PACTQuantizer) and q.zero_point.item() == 0
-    )
-    alpha = float(q.alpha.detach())
-    x = torch.linspace(-0.5 * alpha, 2 * alpha, 101, requires_grad=True)
-    q(x).sum().backward()
-    high = x.detach() / q.scale > q.spec.qmax + 0.5
-    assert int(high.sum()) > 0
-    assert float(q.alpha.grad) == pytest.approx(int(high.sum()), rel=1e-5)
-    # Straight-through inside the grid, nothing where clipped.
-    assert x.grad is not None
-    low = x.detach() / q.scale < q.spec.qmin - 0.5
-    assert torch.equal(x.grad, (~high & ~low).float())
-
-
-def test_scales_stay_positive(tiny_model, calib):
-    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    q = qat.get_submodule("conv2").weight_quantizer
-    with torch.no_grad():
-        q.learned_scale.fill_(-1.0)
-    w = qat.get_submodule("conv2").weight
-    out = q(w)
-    assert bool((q.scale == 1.0).all()) and torch.isfinite(out).all()
-    with torch.no_grad():
-        q.learned_scale.fill_(0.0)
-    assert bool((q.scale > 0).all()) and torch.isfinite(q(w)).all()
-
-
-def test_ema_ranges_follow_the_data_until_frozen(tiny_model, calib):
-    qat = prepare_qat(tiny_model, eq.Recipe.preset("w8a8").replace(range_learning="ema"), calib)
-    q = qat.get_submodule("conv1").input_quantizer
-    assert isinstance(q, EMAQuantizer)
-    before = q.scale.clone()
-    qat(calib[0] * 4)  # a wider range
-    after = q.scale.clone()
-    assert float(after) > float(before)
-    assert freeze_observers(qat) > 0
-    qat(calib[0] * 16)
-    assert torch.equal(q.scale, after)
-
-
-def test_pow2_scales_from_the_first_step_and_export_unchanged(
-    tiny_model, calib, train_data, tmp_path, sgd_steps
-):
-    """Issue 6: QAT under the dsp-pow2 target trains on power-of-two grids and exports them,
-    through ResNet-20's option-A join (strided slice, zero padding, add) on signed INT8 grids."""
-    recipe = eq.Recipe.preset("w8a8").for_target("dsp-pow2")
-    assert tiny_model.slice_join
-    qat = prepare_qat(tiny_model, recipe, calib, start="calibrated")
-
-    def grids_are_powers_of_two() -> None:
-        for q in quantizers(qat):  # the grid every training step used
-            assert torch.equal(torch.exp2(torch.round(torch.log2(q.scale))), q.scale), q.name
-
-    sgd_steps(qat, train_data, after_step=grids_are_powers_of_two)
-    moved = [
-        q
-        for q in quantizers(qat)
-        if isinstance(q, LSQQuantizer) and not torch.equal(q.learned_scale.detach(), q.scale)
-    ]
-    assert moved  # the learned (float) step sizes trained; their grids stayed powers of two
-    qat.eval()
-    for q in quantizers(qat):
-        assert torch.equal(torch.exp2(torch.round(torch.log2(q.scale))), q.scale), q.name
-    info = eq.export_onnx(qat, tmp_path / "pow2.onnx", calib[0][:2], verify_data=calib)
-    assert info.verification.passed
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(tmp_path / "pow2.onnx")).graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    scale_names = {
-        n.input[1] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-    }
-    scales = [v for name in scale_names if name in inits for v in inits[name].reshape(-1).tolist()]
-    assert len(scales) >= 5
-    assert all(math.log2(v) == round(math.log2(v)) for v in scales)
-    # The join stays on the signed grid: the slices and the pad each feed a QuantizeLinear with
-    # an INT8 zero point (ONNX Runtime runs them on integers and propagates nothing itself).
-    readers = {i: n for n in graph.node for i in n.input}
-    moves = [n for n in graph.node if n.op_type in ("Slice", "Pad")]
-    assert {n.op_type for n in moves} == {"Slice", "Pad"}
-    for node in moves:
-        reader = readers[node.output[0]]
-        assert reader.op_type == "QuantizeLinear", node.name
-        assert inits[reader.input[2]].dtype == np.int8, node.name
 
 
 def test_finalize_gives_plain_quantizers_computing_the_same(tiny_model, calib, train_data):

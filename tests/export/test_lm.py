@@ -1,0 +1,106 @@
+"""The causal-LM ONNX export (export/lm.py) of a tiny random Llama: MatMulNBits, the tied table, a
+KV cache that decodes token by token as the full pass does, and refusal of a file that does not
+match the simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from toys import LLAMA_VOCAB, lm_recipe, tiny_llama, token_batches  # tests/toys.py
+
+import edgequant as eq
+from edgequant.export import lm, matmul_nbits
+from edgequant.export.lm import DecoderGraph, export_lm_onnx, lm_session
+from edgequant.spec import LayerOverride, QuantSpec
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    model = tiny_llama()
+    held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
+    with torch.no_grad():  # the restated graph computes what the Hugging Face model computes
+        g = DecoderGraph(model)
+        ref = model(input_ids=held_out[:1]).logits
+        assert torch.allclose(g(held_out[:1], *g.empty_past())[0], ref, atol=1e-4)
+    q = eq.quantize(model, lm_recipe(), calib_data=token_batches(), method="weight_only")
+    path = tmp_path / "lm.onnx"
+    info = export_lm_onnx(q, path, verify_windows=held_out)
+    assert info.agreement is not None and info.agreement >= 0.99
+    assert info.matmul_nbits == 2 * 7 and info.tied_table
+    graph = onnx.load(str(path)).graph
+    assert not any(n.op_type == "MatMul" and n.input[1].startswith("w__") for n in graph.node)
+    names = {i.name for i in graph.initializer}
+    assert "lm_head.qweight" in names and "embed.qweight" not in names  # one table
+    # The 8-bit lm_head keeps its codes in the file (the tied table) and runs as a float MatMul
+    # on them: ONNX Runtime folds the dequantization into one weight when it loads the file.
+    assert not any(n.op_type == "MatMulNBits" and n.name.startswith("lm_head") for n in graph.node)
+    assert any("lm_head: 8-bit codes" in note for note in info.notes)
+    # The kernel ONNX Runtime runs after its own graph optimisations is still MatMulNBits.
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in optimized.node) == 14
+    folded = [n for n in optimized.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")]
+    assert any(n.name.startswith("lm_head") for n in folded)
+    assert not any(
+        n.op_type in ("Cast", "Transpose") and "lm_head" in n.name for n in optimized.node
+    )
+    # Token-by-token decoding with the KV cache gives the logits of the full pass.
+    session = lm_session(path)
+    empty = np.zeros((1, 2, 0, 16), np.float32)
+    past = {f"past_{k}_{i}": empty for i in range(2) for k in ("key", "value")}
+    outputs = ["logits"] + [f"present_{k}_{i}" for i in range(2) for k in ("key", "value")]
+    ids = held_out[:1].numpy()
+    full = session.run(["logits"], {"input_ids": ids, **past})[0]
+    steps = []
+    for t in range(ids.shape[1]):
+        out = session.run(outputs, {"input_ids": ids[:, t : t + 1], **past})
+        steps.append(out[0])
+        past = {
+            f"past_{k}_{i}": out[1 + 2 * i + (k == "value")]
+            for i in range(2)
+            for k in ("key", "value")
+        }
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-4
+    fp32 = export_lm_onnx(model, tmp_path / "fp32.onnx", quantized=False)
+    assert info.size_bytes < 0.4 * fp32.size_bytes
+
+
+def test_export_of_an_untied_asymmetric_8_bit_lm_head_verifies(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    head = QuantSpec(bits=8, signed=False, symmetric=False, granularity="channel", axis=0)
+    r = lm_recipe(overrides=(LayerOverride("lm_head", weight=head),))
+    q = eq.quantize(tiny_llama(tied=False), r, method="weight_only")
+    held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
+    info = export_lm_onnx(q, tmp_path / "lm.onnx", verify_windows=held_out)
+    assert info.agreement is not None and info.agreement >= 0.99
+    assert not info.tied_table and info.matmul_nbits == 2 * 7
+    inits = {i.name: i for i in onnx.load(str(tmp_path / "lm.onnx")).graph.initializer}
+    assert {"lm_head.qweight", "embed.qweight"} <= set(inits)  # two tables
+    assert list(inits["lm_head.centre"].dims)[0] == LLAMA_VOCAB  # its zero points, row by row
+    assert any("lm_head: 8-bit codes" in note for note in info.notes)
+
+
+def test_export_refuses_a_model_that_does_not_match_the_simulation(tmp_path, monkeypatch) -> None:
+    q = eq.quantize(tiny_llama(), lm_recipe(), calib_data=token_batches(), method="weight_only")
+    real = matmul_nbits.pack_linear
+
+    def wrong_scales(layer, name):  # a broken writer: every scale doubled
+        packed = real(layer, name)
+        packed.scales = packed.scales * 2.0
+        return packed
+
+    monkeypatch.setattr(matmul_nbits, "pack_linear", wrong_scales)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(lm.LMExportError, match="nothing written"):
+        lm.export_lm_onnx(q, path, verify_windows=token_batches(2, 32)[0]["input_ids"])
+    assert not path.exists()
