@@ -20,7 +20,7 @@ subsamples at least one spatial dimension. Anything else is left as it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,7 +100,6 @@ class Selection:
     channels: list[int | None]
     sizes: list[int]  # the current spatial sizes
     end: fx.Node
-    ops: list[str] = field(default_factory=list)
 
     def step(self, node: fx.Node, source_grid: tuple[Any, ...]) -> fx.Node | None:
         """Extend the chain by `node` (its input is the chain's end); the new end, or None
@@ -216,10 +215,9 @@ def _chain(first: fx.Node, source: fx.Node) -> Selection | None:
         if nxt is None:
             break
         sel.end = nxt
-        sel.ops.append(_op(node))
         expected = (shape[0], len(sel.channels), *sel.sizes)
         if _shape(nxt) != expected:
-            return None  # ceil_mode or something this walk did not model: leave it alone
+            break  # ceil_mode or something this walk did not model: stop before it
         if any(s > 1 for s in sel.strides):
             best = (nxt, list(sel.strides), list(sel.channels), list(sel.sizes))
         users = [u for u in nxt.users if not _reads_shape_only(u)]
@@ -229,7 +227,7 @@ def _chain(first: fx.Node, source: fx.Node) -> Selection | None:
     if best is None:
         return None
     end, strides, channels, sizes = best
-    return Selection(strides=strides, channels=channels, sizes=sizes, end=end, ops=sel.ops)
+    return Selection(strides=strides, channels=channels, sizes=sizes, end=end)
 
 
 def _weight(channels: list[int | None], in_channels: int, spatial: int) -> torch.Tensor:
@@ -252,7 +250,7 @@ def selection_convs(gm: fx.GraphModule, int8_weights: bool) -> int:
     graph = gm.graph
     count = 0
     for source in list(graph.nodes):
-        if _op(source) != "dequantize_per_tensor" or source.args[5] != torch.int8:
+        if _op(source) != "dequantize_per_tensor" or _grid(source)[-1:] != (torch.int8,):
             continue
         for first in list(source.users):
             sel = _chain(first, source)
