@@ -7,7 +7,9 @@ flow (benchmarks/edge_peers_resnet20.py's `peer_tflite`). Measured side by side 
 one thread: whole-model batch-1 latency (interleaved, best of 3 medians of 200 runs), then per op
 by truncation (LiteRT's Python API has no op profiler): the file cut after its first k ops runs
 in t(k), and op k is charged t(k) - t(k-1) (best of 3 medians of 100 runs each; XNNPACK fuses
-and plans each cut anew, so the split is approximate and small ops may read slightly negative).
+and plans each cut anew, so the split is approximate: an op fused into the next one, like a PAD
+into its conv, is charged to itself when it ends a cut, and its successor reads low). Last, one
+3x3 conv of each stage's shape alone, int8 against FP32.
 
     flock /tmp/edgequant-bench.lock python benchmarks/edge_profile_resnet20.py \
         [--out benchmarks/results/edge_profile_resnet20.json]
@@ -82,6 +84,26 @@ def per_op(model: bytes) -> dict:
     }
 
 
+def one_conv_ms(channels: int, size: int, work: Path) -> dict[str, float]:
+    """Batch-1 XNNPACK latency of one 3x3 conv (channels -> channels, stride 1, padding 1, ReLU)
+    on a size x size input, as int8 (eq.quantize mcu-int8 + eq.export_tflite) and as FP32, the
+    shape of ResNet-20's convs in one stage; interleaved, best of 3 medians."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU())
+    conv = conv.eval()
+    calib = [torch.randn(8, channels, size, size) for _ in range(2)]
+    qconv = eq.quantize(conv, Recipe.preset("w8a8").for_target("mcu-int8"), calib, "static")
+    path = work / f"conv{channels}x{size}.tflite"
+    one = calib[0][:1]
+    eq.export_tflite(qconv, path, one)
+    files = {
+        "int8": path.read_bytes(),
+        "fp32": convert_program(torch.export.export(conv, (one,)), (one,), False),
+    }
+    best = {name: min(invoke_ms(f, 200) for _ in range(3)) for name, f in files.items()}
+    return {**best, "fp32_over_int8": best["fp32"] / best["int8"]}
+
+
 def main() -> int:
     args = resnet20_parser(__doc__, "benchmarks/results/edge_profile_resnet20.json").parse_args()
     if cifar_missing():
@@ -111,12 +133,16 @@ def main() -> int:
     for name, f in files.items():
         rows[name]["per_op"] = per_op(f)
         print(name, json.dumps(rows[name]["per_op"]["by_op_type_ms"]), flush=True)
+    # ResNet-20's three stages: 16 channels at 32x32, 32 at 16x16, 64 at 8x8.
+    convs = {f"{c}ch_{n}x{n}": one_conv_ms(c, n, work) for c, n in ((16, 32), (32, 16), (64, 8))}
+    print(json.dumps(convs), flush=True)
     fp32 = rows["fp32"]["latency_ms_bs1"]
     out = {
         "benchmark": "edge_profile_resnet20",
         "command": "python benchmarks/edge_profile_resnet20.py",
         "results": rows,
         "speedup_vs_fp32_bs1": {n: fp32 / r["latency_ms_bs1"] for n, r in rows.items()},
+        "one_conv_ms_bs1": convs,
         "environment": {"torch": torch.__version__, "threads": 1},
     }
     write_json(args.out, out)
