@@ -152,8 +152,9 @@ def test_what_is_not_a_selection_from_index_zero_is_left_as_written() -> None:
 
 
 def test_resnet_option_a_block_exports_to_executorch(tmp_path: Path) -> None:
-    """ExecuTorch 1.5.1's XNNPACK program computed this block wrongly (SQNR 8 dB) with the
-    shortcut as a slice outside the delegate; as a selection conv it verifies."""
+    """ExecuTorch 1.5.1's XNNPACK program computes this block wrongly with the shortcut as a
+    slice outside the delegate (its own verification refuses it); as a selection conv it
+    verifies."""
     qmodel, calib = STYLES["slice_and_pad"]("executorch")
     program = export_program(pt2e_model(qmodel, int8_weights=True), (calib[0][:1],), True)
     assert _selection_convs(program) == [[2, 2]]
