@@ -61,8 +61,12 @@ class ExecuTorchRunner:
         import executorch.kernels.quantized  # noqa: F401
         from executorch.runtime import Runtime
 
+        # ExecuTorch reads the program from this buffer without holding a reference to it:
+        # freed, the method runs on whatever reuses the memory (wrong shapes, then a crash).
+        self.program_bytes = program
         with silenced():
-            self.method = Runtime.get().load_program(program).load_method("forward")
+            self.program = Runtime.get().load_program(program)
+            self.method = self.program.load_method("forward")
 
     def run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         n = xs[0].shape[0]
@@ -109,7 +113,7 @@ def export_executorch(
         start = time.perf_counter()
         args, _ = split_inputs(example_inputs)
         one = tuple(a[:1] for a in args)
-        program = export_program(pt2e_model(qmodel, int8_weights=True), one)
+        program = export_program(pt2e_model(qmodel, int8_weights=True), one, int8_weights=True)
         pte = lower_to_executorch(program)
         if not delegated_ops(pte):
             raise ExportError("XNNPACK took no op of the model: the program would run in float")

@@ -35,6 +35,7 @@ from edgequant.export.lower import (
     lower,
     set_submodule,
 )
+from edgequant.export.selection_conv import selection_convs
 from edgequant.modules import transform_input
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -191,15 +192,23 @@ def pt2e_model(qmodel: nn.Module, int8_weights: bool = False) -> nn.Module:
     return lowered.eval()
 
 
-def export_program(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """torch.export of the PT2E model (static shapes: edge runtimes plan memory for one)."""
+def export_program(
+    model: nn.Module, example_inputs: Any, int8_weights: bool = False
+) -> torch.export.ExportedProgram:
+    """torch.export of the PT2E model (static shapes: edge runtimes plan memory for one), its
+    strided subsampling / zero channel padding of quantized tensors written as exact 1x1
+    convolutions (export/selection_conv.py; int8_weights as in pt2e_model)."""
     import warnings
 
     args, kwargs = split_inputs(example_inputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(model, args, kwargs=kwargs or None)
+            program = torch.export.export(model, args, kwargs=kwargs or None)
+            module = program.module()
+            if isinstance(module, torch.fx.GraphModule) and selection_convs(module, int8_weights):
+                program = torch.export.export(module, args, kwargs=kwargs or None)
+            return program
         except Exception as err:  # torch.export raises many types; say which stage failed
             raise ExportError(f"torch.export failed: {type(err).__name__}: {err}") from err
 

@@ -3,11 +3,12 @@ ExecuTorch's runtime before it is written."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 import torch
-from zoo import ZOO  # noqa: E402
+from zoo import ZOO
 
 import edgequant as eq
 from edgequant.export.executorch import ExecuTorchRunner, delegated_ops
@@ -40,13 +41,17 @@ def test_depthwise_separable_runs_in_executorch_as_simulated(
     assert v.samples == 2 + sum(len(b) for b in calib)
     pte = path.read_bytes()
     assert info.size_bytes == len(pte) and delegated_ops(pte) >= 1
-    runner = ExecuTorchRunner(pte)
+    # A runner made from a temporary buffer keeps it: ExecuTorch reads the program from it.
+    runner = ExecuTorchRunner(path.read_bytes())
+    gc.collect()
+    overwritten = [bytes([i]) * len(pte) for i in range(8)]  # reuse freed memory, if any
     x = calib[1][:5]
     with torch.no_grad():
         sim = qmodel(x)
     got = torch.from_numpy(runner.run([x.numpy()])[0])
     assert torch.equal(got.argmax(1), sim.argmax(1))
     assert (got - sim).abs().max() < 1e-4 * sim.abs().max()
+    assert len(overwritten) == 8
 
 
 def test_a_program_that_does_not_verify_is_not_written(depthwise: tuple, tmp_path: Path) -> None:

@@ -105,6 +105,8 @@ def test_resnet_style_shortcut_and_conv1d_export() -> None:
         info = eq.export_tflite(qmodel, path, calib[0][:1], verify_data=calib[:1])
         assert info.verification.bit_exact == 1.0, name
         assert path.is_file()
+        # The shortcut runs as a convolution (export/selection_conv.py), not STRIDED_SLICE + PAD.
+        assert "STRIDED_SLICE" not in info.ops, name
 
 
 class Concat(nn.Module):
