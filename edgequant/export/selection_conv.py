@@ -105,93 +105,114 @@ class Selection:
         """Extend the chain by `node` (its input is the chain's end); the new end, or None
         where the node is not a selection of this chain."""
         op = _op(node)
-        rank = len(self.sizes) + 2
         if op in _TRANSPARENT:
             return node
         if op == "quantize_per_tensor":
-            users = list(node.users)
-            if _grid(node) != source_grid or len(users) != 1:
-                return None
-            dq = users[0]
-            if _op(dq) != "dequantize_per_tensor" or _grid(dq) != source_grid:
-                return None
-            return dq
+            return self._requantize(node, source_grid)
         if op == "slice":
-            dim = int(_arg(node, 1, "dim", 0)) % rank
-            start = _arg(node, 2, "start", None) or 0
-            end = _arg(node, 3, "end", None)
-            step = int(_arg(node, 4, "step", 1))
-            if not isinstance(start, int) or (end is not None and not isinstance(end, int)):
-                return None
-            if dim == 1:
-                size = len(self.channels)
-                stop = size if end is None else min(end, size)
-                self.channels = self.channels[slice(start, stop, step)]
-                return node
-            if dim < 2 or start != 0 or step < 1:
-                return None
-            size = self.sizes[dim - 2]
-            if end is not None and end < size:
-                return None
-            self.strides[dim - 2] *= step
-            self.sizes[dim - 2] = -(-size // step)
-            return node
+            return self._slice(node)
         if op in ("pad", "constant_pad_nd"):
-            pads = list(_arg(node, 1, "pad", []))
-            value = _arg(node, 3 if op == "pad" else 2, "value", None)
-            if op == "pad" and _arg(node, 2, "mode", "constant") != "constant":
-                return None
-            if value not in (None, 0, 0.0) or len(pads) % 2 or any(p < 0 for p in pads):
-                return None
-            pairs = [pads[i : i + 2] for i in range(0, len(pads), 2)]  # last dimension first
-            channel_pair = rank - 2  # the pair index of dimension 1
-            for i, pair in enumerate(pairs):
-                if i != channel_pair and any(pair):
-                    return None
-            if len(pairs) > channel_pair:
-                left, right = pairs[channel_pair]
-                self.channels = [None] * left + self.channels + [None] * right
-            return node
+            return self._pad(node, op)
         if op in ("cat", "concat"):
-            tensors: list[Any] = list(_arg(node, 0, "tensors", []))
-            dim = int(_arg(node, 1, "dim", 0)) % rank
-            if dim != 1 or tensors.count(self.end) != 1:
-                return None
-            channels: list[int | None] = []
-            for t in tensors:
-                if t is self.end:
-                    channels += self.channels
-                    continue
-                shape = _shape(t)
-                if not _is_zero(t) or shape is None or len(shape) != rank:
-                    return None
-                channels += [None] * shape[1]
-            self.channels = channels
-            return node
+            return self._cat(node)
         if op in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
-            n = len(self.sizes)
-            if op[-2:] != f"{n}d":
-                return None
-            kernel = _arg(node, 1, "kernel_size", None)
-            stride = _arg(node, 2, "stride", None) or kernel
-            padding = _arg(node, 3, "padding", 0)
-            kernel, stride, padding = (
-                list(v) * (n // len(v)) if isinstance(v, (list, tuple)) else [v] * n
-                for v in (kernel, stride, padding)
-            )
-            if any(k != 1 for k in kernel) or any(p != 0 for p in padding):
-                return None
-            if op.startswith("max"):
-                dilation = _arg(node, 4, "dilation", 1)
-                if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [1])):
-                    return None
-            elif _arg(node, 6, "divisor_override", None) not in (None, 1):
-                return None
-            for i, s in enumerate(stride):
-                self.strides[i] *= int(s)
-                self.sizes[i] = -(-self.sizes[i] // int(s))
-            return node
+            return self._pool(node, op)
         return None
+
+    def _requantize(self, node: fx.Node, source_grid: tuple[Any, ...]) -> fx.Node | None:
+        """A quantize/dequantize pair on the source's own grid: no value changes."""
+        users = list(node.users)
+        if _grid(node) != source_grid or len(users) != 1:
+            return None
+        dq = users[0]
+        if _op(dq) != "dequantize_per_tensor" or _grid(dq) != source_grid:
+            return None
+        return dq
+
+    def _slice(self, node: fx.Node) -> fx.Node | None:
+        rank = len(self.sizes) + 2
+        dim = int(_arg(node, 1, "dim", 0)) % rank
+        start = _arg(node, 2, "start", None) or 0
+        end = _arg(node, 3, "end", None)
+        step = int(_arg(node, 4, "step", 1))
+        if not isinstance(start, int) or (end is not None and not isinstance(end, int)):
+            return None
+        if dim == 1:
+            size = len(self.channels)
+            stop = size if end is None else min(end, size)
+            self.channels = self.channels[slice(start, stop, step)]
+            return node
+        if dim < 2 or start != 0 or step < 1:
+            return None
+        size = self.sizes[dim - 2]
+        if end is not None and end < size:
+            return None
+        self.strides[dim - 2] *= step
+        self.sizes[dim - 2] = -(-size // step)
+        return node
+
+    def _pad(self, node: fx.Node, op: str) -> fx.Node | None:
+        """Zero padding of the channels only."""
+        rank = len(self.sizes) + 2
+        pads = list(_arg(node, 1, "pad", []))
+        value = _arg(node, 3 if op == "pad" else 2, "value", None)
+        if op == "pad" and _arg(node, 2, "mode", "constant") != "constant":
+            return None
+        if value not in (None, 0, 0.0) or len(pads) % 2 or any(p < 0 for p in pads):
+            return None
+        pairs = [pads[i : i + 2] for i in range(0, len(pads), 2)]  # last dimension first
+        channel_pair = rank - 2  # the pair index of dimension 1
+        for i, pair in enumerate(pairs):
+            if i != channel_pair and any(pair):
+                return None
+        if len(pairs) > channel_pair:
+            left, right = pairs[channel_pair]
+            self.channels = [None] * left + self.channels + [None] * right
+        return node
+
+    def _cat(self, node: fx.Node) -> fx.Node | None:
+        """Concatenation with tensors of zeros along the channels."""
+        rank = len(self.sizes) + 2
+        tensors: list[Any] = list(_arg(node, 0, "tensors", []))
+        dim = int(_arg(node, 1, "dim", 0)) % rank
+        if dim != 1 or tensors.count(self.end) != 1:
+            return None
+        channels: list[int | None] = []
+        for t in tensors:
+            if t is self.end:
+                channels += self.channels
+                continue
+            shape = _shape(t)
+            if not _is_zero(t) or shape is None or len(shape) != rank:
+                return None
+            channels += [None] * shape[1]
+        self.channels = channels
+        return node
+
+    def _pool(self, node: fx.Node, op: str) -> fx.Node | None:
+        """A kernel-1 pool without padding: a strided subsampling."""
+        n = len(self.sizes)
+        if op[-2:] != f"{n}d":
+            return None
+        kernel = _arg(node, 1, "kernel_size", None)
+        stride = _arg(node, 2, "stride", None) or kernel
+        padding = _arg(node, 3, "padding", 0)
+        kernel, stride, padding = (
+            list(v) * (n // len(v)) if isinstance(v, (list, tuple)) else [v] * n
+            for v in (kernel, stride, padding)
+        )
+        if any(k != 1 for k in kernel) or any(p != 0 for p in padding):
+            return None
+        if op.startswith("max"):
+            dilation = _arg(node, 4, "dilation", 1)
+            if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [1])):
+                return None
+        elif _arg(node, 6, "divisor_override", None) not in (None, 1):
+            return None
+        for i, s in enumerate(stride):
+            self.strides[i] *= int(s)
+            self.sizes[i] = -(-self.sizes[i] // int(s))
+        return node
 
 
 def _chain(first: fx.Node, source: fx.Node) -> Selection | None:
