@@ -32,7 +32,7 @@ from tqdm import tqdm
 from edgequant.batches import batch_size, call_model, metric_number, removing_hooks
 from edgequant.mixed.allocate import _check_candidates
 from edgequant.modules import QuantMixin
-from edgequant.ptq import quantize
+from edgequant.ptq.quantize import quantize
 from edgequant.ptq.calibrate import peek, take_samples
 from edgequant.quantizer import quantizers
 from edgequant.recipe import Recipe
