@@ -36,7 +36,7 @@ from edgequant.mixed.sensitivity import (
     sensitivity,
     uniform_recipe,
 )
-from edgequant.ptq import quantize
+from edgequant.ptq.quantize import quantize
 from edgequant.qat import FitConfig, fit_qat, prepare_qat
 from edgequant.qat.prepare import check_float_model
 from edgequant.recipe import Recipe

@@ -17,7 +17,7 @@ from edgequant.mixed.sensitivity import (
     method_for,
     with_layer_bits,
 )
-from edgequant.ptq import quantize
+from edgequant.ptq.quantize import quantize
 from edgequant.recipe import Recipe
 
 

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from edgequant.batches import batch_size, call_model, metric_number, removing_hooks
 from edgequant.mixed.allocate import _check_candidates
 from edgequant.modules import QuantMixin
-from edgequant.ptq.quantize import quantize
 from edgequant.ptq.calibrate import peek, take_samples
+from edgequant.ptq.quantize import quantize
 from edgequant.quantizer import quantizers
 from edgequant.recipe import Recipe
 from edgequant.spec import LayerOverride, QuantSpec, activation_spec, weight_spec

@@ -25,7 +25,7 @@ from edgequant.batches import batch_list, call_model, metric_number, run_checked
 from edgequant.bench import latency_ms
 from edgequant.export.onnx import export_float_onnx, export_onnx
 from edgequant.export.verify import exact_session, ort_feed
-from edgequant.ptq import quantize
+from edgequant.ptq.quantize import quantize
 from edgequant.recipe import Recipe
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgequant.batches import batch_size
 from edgequant.mixed import Budget, plan
-from edgequant.ptq import quantize
+from edgequant.ptq.quantize import quantize
 from edgequant.qat import finalize, fit_qat, prepare_qat
 from edgequant.qat.selection import holdout_split
 from edgequant.recipe import Recipe
