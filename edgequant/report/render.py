@@ -238,10 +238,12 @@ def same_graph_speed(results: dict[str, Any]) -> str | None:
         )
         graph = "the same integer graph" if pair["same_graph"] else "DIFFERENT graphs"
         parts.append(f"{pair['bits']}: {graph}, QAT / PTQ latency {ratios}")
+    count = pairs[0].get("rounds", 1)
+    rounds = f"; the median of {count} rounds" if count > 1 else ""
     return (
         "QAT costs nothing at inference when its export is the PTQ export's graph with other "
         f"integers in it; each pair timed interleaved, run by run ({pairs[0]['runs']} runs per "
-        "batch size): " + "; ".join(parts) + "."
+        f"batch size{rounds}): " + "; ".join(parts) + "."
     )
 
 
