@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,27 @@ import torch
 from edgequant.examples import cifar10 as C
 
 EvalSets = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def batch1_median_ms(run_one: Callable[[], Any], repeats: int = 200, warmup: int = 20) -> float:
+    """Median wall time of `run_one()` in milliseconds, after `warmup` calls: the batch-1
+    latency of an edge runtime's interpreter, whatever its call."""
+    for _ in range(warmup):
+        run_one()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_one()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def predictions(runner: Any, x: np.ndarray) -> np.ndarray:
+    """Top-1 classes of an edge runner (`runner.run([batch])[0]` gives its logits), 256 at a
+    time."""
+    return np.concatenate(
+        [runner.run([x[i : i + 256]])[0] for i in range(0, x.shape[0], 256)]
+    ).argmax(1)
 
 
 def resnet20_parser(

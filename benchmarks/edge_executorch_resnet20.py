@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _resnet20 import eval_sets, load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
+from _resnet20 import (  # benchmarks/_resnet20.py
+    batch1_median_ms,
+    eval_sets,
+    load_resnet20_cifar,
+    predictions,
+    resnet20_parser,
+)
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -35,20 +41,7 @@ from edgequant.recipe import Recipe
 def latency_ms(runner: ExecuTorchRunner, x: np.ndarray, repeats: int = 200) -> float:
     """Median batch-1 latency of the program's forward on one image (after 20 warm-up runs)."""
     sample = [torch.from_numpy(x[:1])]
-    for _ in range(20):
-        runner.method.execute(sample)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.method.execute(sample)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
-def predictions(runner: ExecuTorchRunner, x: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [runner.run([x[i : i + 256]])[0] for i in range(0, x.shape[0], 256)]
-    ).argmax(1)
+    return batch1_median_ms(lambda: runner.method.execute(sample), repeats)
 
 
 def main() -> int:

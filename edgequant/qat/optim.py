@@ -98,7 +98,7 @@ def param_groups(model: nn.Module, cfg: FitConfig) -> list[dict[str, Any]]:
             rate = lr * range_lr_scale * _range_step(name, p)
             groups.append({"params": [p], "lr": rate, "weight_decay": 0.0})
         else:
-            step = weights.get(id(p), None)
+            step = weights.get(id(p))
             groups.append({"params": [p], "lr": lr * (step if step else _grid_step(p))})
     return groups
 
@@ -106,8 +106,8 @@ def param_groups(model: nn.Module, cfg: FitConfig) -> list[dict[str, Any]]:
 def build_optimizer(
     model: nn.Module, cfg: FitConfig
 ) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """(the optimizer, the trained parameters in order), from a resolved cfg
-    (FitConfig.resolved): its groups are param_groups'."""
+    """(the optimizer, the trained parameters in order); its groups are param_groups', its
+    base rate cfg's lr as FitConfig.rates resolves it."""
     trained = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, cfg)
     lr = cfg.rates()[1]
