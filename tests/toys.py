@@ -5,6 +5,7 @@ is tests/zoo.py."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,77 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
 
 
 # --- observers ----------------------------------------------------------------------------------
+
+
+class Shuffled:
+    """Batches in a new order every epoch, drawn from the global generator (as a DataLoader
+    with shuffle=True does): resuming must restore that generator too."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> None:
+        self.x, self.y, self.batch = x, y, batch
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch - 1) // self.batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            yield self.x[idx], self.y[idx]
+
+
+def fit_fixed_adam(
+    qat: nn.Module, data: Any, teacher: nn.Module, **settings: Any
+) -> list[dict[str, Any]]:
+    """Three epochs of Adam at a fixed rate (3e-3, not scaled by the grid), distilling from
+    `teacher` and keeping the last epoch: the training in which a QAT loss term's effect is
+    measured, with `settings` switching the term on."""
+    return eq.fit_qat(
+        qat,
+        data,
+        epochs=3,
+        lr=3e-3,
+        lr_scaling="none",
+        optimizer="adam",
+        teacher=teacher,
+        progress=False,
+        select="last",
+        **settings,
+    )
+
+
+def result_row(
+    name: str,
+    family: str,
+    method: str,
+    weight_bits: int,
+    act_bits: int | None,
+    metric: float,
+    size_bytes: int,
+    bs1_ms: float,
+    bs64_ms: float,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One run of a results file (DESIGN §1) that succeeded, as compare writes it, against a
+    baseline of 120,000 bytes; `fields` change or add keys."""
+    row = {
+        "name": name,
+        "family": family,
+        "method": method,
+        "weight_bits": weight_bits,
+        "act_bits": act_bits,
+        "metric_simulated": metric,
+        "metric_deployed": metric,
+        "top1_agreement": 0.99,
+        "size_bytes": size_bytes,
+        "size_ratio": size_bytes / 120_000,
+        "latency_ms": {"bs1": bs1_ms, "bs64": bs64_ms},
+        "wall_s": 1.0,
+        "labels_used": family == "qat",
+        "samples_used": 512,
+        "status": "ok",
+    }
+    return {**row, **fields}
 
 
 def per_tensor(bits: int = 8, signed: bool = True, observer: str = "minmax") -> QuantSpec:
