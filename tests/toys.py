@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
+from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant import functional as F
@@ -471,3 +472,37 @@ def lm_recipe(bits: int = 4, group: int | None = 32, **kw: object) -> eq.Recipe:
     return eq.Recipe(
         name=f"int{bits}", weight=weight_spec(bits, group), activation=None, first_last_bits=8, **kw
     )
+
+
+# The toy models the eq.quantize tests run on: (class, shape of one calibration batch; None for
+# keyword batches).
+QUANTIZE_MODELS = {
+    "cnn": (SmallCNN, (4, 3, 8, 8)),
+    "mlp": (MLP, (4, 16)),
+    "conv1d": (Conv1dNet, (4, 2, 16)),
+    "residual": (TinyResidual, (4, 4, 6, 6)),
+    "keywords": (Keywords, None),
+}
+
+
+def quantize_case(name: str) -> tuple[nn.Module, list, object]:
+    """The toy model QUANTIZE_MODELS[name] in eval mode with non-trivial BN statistics, its
+    calibration items and one test item (the eq.quantize tests')."""
+    cls, shape = QUANTIZE_MODELS[name]
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen(1))
+                m.running_var.uniform_(0.5, 1.5, generator=gen(2))
+    if shape is None:
+        # Six input features: a few more samples than the tensor models for the ranges to settle.
+        return model, keyword_batches(8, seed=10, batch=8), keyword_batches(1, seed=99, batch=16)[0]
+    return model, tensor_batches(shape, 4, seed=10), torch.randn(16, *shape[1:], generator=gen(99))
+
+
+def run_item(model: nn.Module, item: object) -> torch.Tensor:
+    """model's output on a test item of quantize_case, without gradients."""
+    with torch.no_grad():
+        return model(**item) if isinstance(item, dict) else model(item)
