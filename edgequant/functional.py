@@ -252,6 +252,50 @@ def dynamic_fake_quantize(
     return out
 
 
+def nbits_block_size(in_features: int, group_size: int | None) -> int | None:
+    """The block along the input of a Linear in ONNX Runtime's MatMulNBits form: the weight's
+    group size (a power of two >= 16), or for per-output-channel weights the largest of 128, 64,
+    32, 16 dividing `in_features`; None where there is no such block."""
+    if group_size is not None:
+        ok = group_size >= 16 and not group_size & (group_size - 1)
+        return group_size if ok and in_features % group_size == 0 else None
+    for size in (128, 64, 32, 16):
+        if in_features % size == 0:
+            return size
+    return None
+
+
+def block_int8_fake_quantize(x: Tensor, block: int) -> Tensor:
+    """x rounded to int8 at run time per row of the last dim and per block of `block` elements
+    along it, symmetric, as ONNX Runtime's MatMulNBits computes its input at accuracy_level=4
+    (MLAS' int8 compute type): scale = amax / 127, codes = round-half-to-even(x * (127 / amax)),
+    0 for an all-zero block; then dequantized (codes x scale). The straight-through estimator
+    passes the gradient."""
+    k = x.shape[-1]
+    if block < 1 or k % block:
+        raise ValueError(
+            f"block_int8_fake_quantize: the last dim ({k}) is not a multiple of block {block}"
+        )
+    out: Tensor = _BlockInt8FakeQuant.apply(x, block)
+    return out
+
+
+class _BlockInt8FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, block: int) -> Tensor:
+        rows = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+        amax = rows.abs().amax(dim=-1, keepdim=True)
+        scale = amax / 127.0
+        # A multiply by the reciprocal (as MLAS does), not a division by the scale.
+        inverse = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+        q = torch.clamp(torch.round(rows * inverse), -127, 127)
+        return (q * scale).reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def dynamic_quantized_linear(
     x: Tensor,
     weight_q_t: Tensor,

@@ -64,6 +64,7 @@ class QuantMixin(_MixinBase):
     bias: Tensor | None
     input_smooth_inv: Tensor | None
     input_channel_index: Tensor | None
+    input_block_int8: Tensor | None
 
     def _init_quant(
         self, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str
@@ -79,6 +80,10 @@ class QuantMixin(_MixinBase):
         # Outlier channel splitting (Linear only): the input's channels gathered by this index
         # (an outlier channel repeated), before the smoothing multiply; see ptq/smoothquant.py.
         self.register_buffer("input_channel_index", None)
+        # Int8 inputs per token and per block of this many input elements, computed at run time
+        # (a 0-dim int64 tensor, or None): how ONNX Runtime's MatMulNBits at accuracy_level=4
+        # rounds its input (functional.block_int8_fake_quantize); set by ptq/weight_only.py.
+        self.register_buffer("input_block_int8", None)
         self.weight_quantizer = (
             TensorQuantizer(weight_spec, f"{name}.weight", role="weight")
             if weight_spec is not None
@@ -167,6 +172,8 @@ class QuantMixin(_MixinBase):
         x = self.transform_input(x)
         if self.input_quantizer is not None and not self.shared_input:
             x = self.input_quantizer(x)
+        if self.input_block_int8 is not None:
+            x = F.block_int8_fake_quantize(x, int(self.input_block_int8))
         w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
         b: Tensor | None = self.bias
         bias_scale = self.bias_scale()

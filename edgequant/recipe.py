@@ -101,6 +101,12 @@ class Recipe:
     # ("auto": on there, off elsewhere).
     awq: bool | None = None
     clip_search: bool | None = None
+    # Weight-only PTQ: each quantized Linear's input rounded to int8 at run time, per token and
+    # per block of the input (symmetric, scale amax / 127), as ONNX Runtime's MatMulNBits
+    # computes it at accuracy_level=4, its fast int8 path on CPUs; the LM export then writes
+    # that level. None ("auto"): on for a decoder stack at <= 4 weight bits under the
+    # onnxruntime target (ptq/weight_only.py block_int8_rule); True / False: on / off.
+    block_int8_inputs: bool | None = None
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"
     # Dynamic PTQ: the activation grid computed at run time for each Linear input: "token", one
@@ -184,7 +190,14 @@ class Recipe:
                 f"Recipe.dynamic_activation={self.dynamic_activation!r} is unknown; valid: "
                 f"{', '.join(DYNAMIC_ACTIVATIONS)}"
             )
-        for label in ("equalize", "bias_correction", "reduce_range", "awq", "clip_search"):
+        for label in (
+            "equalize",
+            "bias_correction",
+            "reduce_range",
+            "awq",
+            "clip_search",
+            "block_int8_inputs",
+        ):
             if getattr(self, label) not in (None, True, False):
                 raise ValueError(
                     f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
@@ -376,6 +389,7 @@ class Recipe:
             "reduce_range": self.reduce_range,
             "awq": self.awq,
             "clip_search": self.clip_search,
+            "block_int8_inputs": self.block_int8_inputs,
             "range_learning": self.range_learning,
             "dynamic_activation": self.dynamic_activation,
         }

@@ -453,3 +453,31 @@ def test_sqnr_db() -> None:
     assert F.sqnr_db(ref, ref) == math.inf
     # signal 14, noise 3 * 0.01
     assert F.sqnr_db(ref, ref + 0.1) == pytest.approx(10 * math.log10(14 / 0.03))
+
+
+def test_block_int8_fake_quantize_rounds_each_block_of_each_row() -> None:
+    """Per row and per block of the last dim: scale amax / 127, codes rounded half to even from
+    x * (127 / amax); an all-zero block stays zero; the gradient passes straight through."""
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 1.5, 0.0, 1.0] * 2])
+    x.requires_grad_(True)
+    y = F.block_int8_fake_quantize(x, 4)
+    assert torch.equal(y[0, 4:], torch.zeros(4))
+    for row in range(2):
+        for b in range(2):
+            part = x[row, 4 * b : 4 * b + 4].detach()
+            amax = part.abs().max()
+            if amax == 0:
+                continue
+            codes = torch.round(part * (127.0 / amax))
+            assert torch.equal(y[row, 4 * b : 4 * b + 4].detach(), codes * (amax / 127.0))
+    assert y[0, 0] == 1.0 and y[0, 1] != -0.5  # amax exact; -63.5 rounds to -64 (half to even)
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.ones_like(x))
+    with pytest.raises(ValueError, match="not a multiple of block 3"):
+        F.block_int8_fake_quantize(x, 3)
+
+
+def test_nbits_block_size() -> None:
+    assert F.nbits_block_size(576, 64) == 64
+    assert F.nbits_block_size(576, None) == 64 and F.nbits_block_size(1536, None) == 128
+    assert F.nbits_block_size(576, 48) is None and F.nbits_block_size(40, None) is None

@@ -1,10 +1,11 @@
 """A quantized decoder's Linear layers as ONNX Runtime's MatMulNBits (com.microsoft), written
 from the quantizers' own integer codes and scales: 4-bit containers for <= 4 bits (INT3/INT2 codes
-sit in INT4 containers). An 8-bit layer (lm_head) keeps its 8-bit codes in the file but is
-written as a float MatMul on them, dequantized by constant ops that ONNX Runtime folds when it
-loads the file: its CPU MatMulNBits has no fast 8-bit kernel for float inputs (it unpacks the
-whole weight on every call), and its int8 one rounds the inputs to int8, which the simulation
-does not. A per-output-channel grid is written as blocks whose scales repeat the channel's scale
+sit in INT4 containers). A layer whose simulation rounds its input to int8 per block
+(QuantMixin.input_block_int8, ptq/weight_only.py block_int8_rule) is written with
+accuracy_level=4, ONNX Runtime's int8 path, which computes that rounding. Without it, an 8-bit
+layer (lm_head) keeps its 8-bit codes in the file but is written as a float MatMul on them,
+dequantized by constant ops that ONNX Runtime folds when it loads the file: its CPU MatMulNBits
+has no fast 8-bit kernel for float inputs (it unpacks the whole weight on every call). A per-output-channel grid is written as blocks whose scales repeat the channel's scale
 (MatMulNBits takes power-of-two blocks; 576 is not one). An 8-bit per-row embedding is a Gather of
 the integer table and its scales; a tied lm_head reads the same initializers (one table in the
 file). Used by export/lm.py.
@@ -30,16 +31,14 @@ class LMExportError(RuntimeError):
 
 
 def _block_size(k: int, group: int | None, name: str) -> int:
+    block = F.nbits_block_size(k, group)
+    if block is not None:
+        return block
     if group is not None:
-        if group < 16 or group & (group - 1):
-            raise ValueError(
-                f"layer {name!r}: group size {group} is not a power of two >= 16, which "
-                "ONNX Runtime's MatMulNBits needs"
-            )
-        return group
-    for size in (128, 64, 32, 16):
-        if k % size == 0:
-            return size
+        raise ValueError(
+            f"layer {name!r}: group size {group} is not a power of two >= 16 dividing the "
+            f"input size {k}, which ONNX Runtime's MatMulNBits needs"
+        )
     raise ValueError(f"layer {name!r}: input size {k} is not a multiple of 16 (MatMulNBits blocks)")
 
 
@@ -52,6 +51,9 @@ class _Packed:
     block: int
     k: int
     n: int
+    # accuracy_level=4: the simulation rounds the layer's input to int8 per block as ONNX
+    # Runtime's int8 path does (QuantMixin.input_block_int8).
+    int8_inputs: bool = False
 
 
 def pack_linear(layer: QuantMixin, name: str) -> _Packed:
@@ -98,8 +100,22 @@ def pack_linear(layer: QuantMixin, name: str) -> _Packed:
             zero_points = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
         else:
             zero_points = zp_u.copy()
+    int8_block = getattr(layer, "input_block_int8", None)
+    if int8_block is not None and int(int8_block) != block:
+        raise ValueError(
+            f"layer {name!r}: its input is rounded to int8 in blocks of {int(int8_block)}, but "
+            f"its MatMulNBits blocks are {block}: ONNX Runtime's accuracy_level=4 rounds the "
+            "input in the weight's blocks"
+        )
     return _Packed(
-        data, scales.contiguous().numpy().astype(np.float32), zero_points, container, block, k, n
+        data,
+        scales.contiguous().numpy().astype(np.float32),
+        zero_points,
+        container,
+        block,
+        k,
+        n,
+        int8_block is not None,
     )
 
 
@@ -168,7 +184,7 @@ def _matmuls_to_nbits(
             graph.initializer.append(numpy_helper.from_array(p.scales.reshape(-1), scale_name))
             inits.add(data_name)
         replaced.add(key)
-        if p.bits == 8:
+        if p.bits == 8 and not p.int8_inputs:
             new_nodes.extend(_dequantized_matmul(graph, node, p, name, data_name, scale_name))
             notes.append(
                 f"{name}: 8-bit codes in the file, run as a float MatMul on them (ONNX Runtime "
@@ -180,6 +196,7 @@ def _matmuls_to_nbits(
             zp_name = f"{name}.zero_points"
             graph.initializer.append(numpy_helper.from_array(p.zero_points, zp_name))
             inputs.append(zp_name)
+        level: dict[str, Any] = {"accuracy_level": 4} if p.int8_inputs else {}
         new_nodes.append(
             helper.make_node(
                 "MatMulNBits",
@@ -191,6 +208,7 @@ def _matmuls_to_nbits(
                 N=p.n,
                 bits=p.bits,
                 block_size=p.block,
+                **level,
             )
         )
     return new_nodes, replaced

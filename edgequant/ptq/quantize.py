@@ -199,7 +199,7 @@ def _create_pass_buffers(qmodel: nn.Module, state: dict[str, Any], recipe: Recip
     """Buffers that exist only once a pass has run (SmoothQuant, outlier splitting) are created
     before loading; a split layer's weight takes the split width."""
     for key, value in state.items():
-        if key.endswith((".input_smooth_inv", ".input_channel_index")):
+        if key.endswith((".input_smooth_inv", ".input_channel_index", ".input_block_int8")):
             layer_name, buffer = key.rsplit(".", 1)
             try:
                 layer = qmodel.get_submodule(layer_name)

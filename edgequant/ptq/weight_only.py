@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from edgequant.batches import batch_size, naming_the_batch
+from edgequant.functional import nbits_block_size
 from edgequant.instrument import instrument
 from edgequant.modules import QuantLinear
 from edgequant.ptq.calibrate import collect, peek
@@ -57,6 +59,73 @@ def decoder_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) ->
     pipeline["bias_correction"] = False
     reasons["bias_correction"] = "off in the decoder pipeline"
     pipeline["rounding_target"] = "quantized"
+    return True
+
+
+def is_llama_style(model: nn.Module) -> bool:
+    """A LLaMA-style causal LM as the LM export takes it: .config, .model.embed_tokens /
+    .layers / .norm and .lm_head."""
+    inner = getattr(model, "model", None)
+    return (
+        getattr(model, "config", None) is not None
+        and isinstance(getattr(model, "lm_head", None), nn.Linear)
+        and inner is not None
+        and all(hasattr(inner, r) for r in ("embed_tokens", "layers", "norm"))
+    )
+
+
+def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) -> bool:
+    """Whether every quantized Linear's input is rounded to int8 per token and per block at run
+    time (Recipe.block_int8_inputs; functional.block_int8_fake_quantize), the blocks being
+    those of the layer's MatMulNBits form. Auto: on for a LLaMA-style causal LM with <= 4-bit
+    weights in its stack of blocks under the onnxruntime target, whose MatMulNBits kernels on
+    CPU run that int8 path faster than float inputs at batch 1 (benchmarks/
+    matmul_nbits_levels.py); the LM export then writes accuracy_level=4. Sets the layers'
+    input_block_int8 and records the choice and its reason in `pipeline`."""
+    reasons = pipeline["reasons"]
+    bits = lowest_block_bits(qmodel)
+    lm = is_llama_style(qmodel) and bits is not None and bits <= 4
+    on = recipe.block_int8_inputs
+    if on is None:
+        on = lm and recipe.target == "onnxruntime"
+        reasons["block_int8_inputs"] = (
+            f"{bits}-bit weights in a LLaMA-style causal LM for onnxruntime: MatMulNBits at "
+            "accuracy_level=4 (int8 inputs per block) is its fast CPU path"
+            if on
+            else "not a LLaMA-style causal LM at <= 4 weight bits for onnxruntime"
+        )
+    else:
+        reasons["block_int8_inputs"] = "recipe"
+    pipeline["block_int8_inputs"] = bool(on)
+    if not on:
+        return False
+    if not is_llama_style(qmodel):
+        raise ValueError(
+            f"recipe {recipe.name!r}: block_int8_inputs=True needs a LLaMA-style causal LM (the "
+            f"LM export's MatMulNBits form); got {type(qmodel).__name__}"
+        )
+    blocks: dict[str, tuple[QuantLinear, int]] = {}
+    for name, m in qmodel.named_modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if not isinstance(m, QuantLinear) or wq is None or wq.mode != "quantize":
+            continue
+        grouped = wq.spec.granularity == "group" and wq.spec.axis in (1, -1)
+        block = nbits_block_size(m.in_features, wq.spec.group_size if grouped else None)
+        if block is None or (wq.spec.granularity == "group" and not grouped):
+            why = (
+                f"layer {name!r} ({m.in_features} inputs, {wq.spec.short()}) has no MatMulNBits "
+                "form (a group size along the inputs that is a power of two >= 16, or "
+                "per-channel weights with inputs a multiple of 16)"
+            )
+            if recipe.block_int8_inputs:
+                raise ValueError(f"recipe {recipe.name!r}: block_int8_inputs=True, but {why}")
+            pipeline["block_int8_inputs"] = False
+            reasons["block_int8_inputs"] = f"off: {why}"
+            return False
+        blocks[name] = (m, block)
+    for m, block in blocks.values():
+        m.input_block_int8 = torch.tensor(block, dtype=torch.int64)
+    pipeline["block_int8_layers"] = len(blocks)
     return True
 
 
@@ -144,6 +213,8 @@ def quantize_weight_only(
         # that held-out mean cosine is 0.9835 against 0.9813 over real tokens only (static W8A8
         # goes the other way, 0.99853 against 0.99806: BENCHMARKS.md, issue 10).
         steps += apply_refinement(qmodel, data, pipeline, summary, progress, real_tokens_only=False)
+    if block_int8_rule(recipe, qmodel, pipeline):
+        steps.append("int8 inputs per token and block (MatMulNBits accuracy_level=4)")
     if calib_data is None:
         summary.notes.extend(pipeline_notes(pipeline))
     attach_ptq_info(

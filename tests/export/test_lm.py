@@ -28,11 +28,17 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
         g = DecoderGraph(model)
         ref = model(input_ids=held_out[:1]).logits
         assert torch.allclose(g(held_out[:1], *g.empty_past())[0], ref, atol=1e-4)
-    q = eq.quantize(model, lm_recipe(), calib_data=token_batches(), method="weight_only")
+    # Float inputs (block_int8_inputs off): today's export, MatMulNBits at the default level.
+    r = lm_recipe(block_int8_inputs=False)
+    q = eq.quantize(model, r, calib_data=token_batches(), method="weight_only")
+    assert q.quant_info["pipeline"]["block_int8_inputs"] is False
     path = tmp_path / "lm.onnx"
     info = export_lm_onnx(q, path, verify_windows=held_out)
     assert info.agreement is not None and info.agreement >= 0.99
     assert info.matmul_nbits == 2 * 7 and info.tied_table
+    assert not any(
+        a.name == "accuracy_level" for n in onnx.load(str(path)).graph.node for a in n.attribute
+    )
     graph = onnx.load(str(path)).graph
     assert not any(n.op_type == "MatMul" and n.input[1].startswith("w__") for n in graph.node)
     names = {i.name for i in graph.initializer}
@@ -73,12 +79,61 @@ def test_export_runs_matmulnbits_with_a_kv_cache_and_verifies(tmp_path) -> None:
     assert info.size_bytes < 0.4 * fp32.size_bytes
 
 
+def _levels(path) -> dict[str, int]:
+    """accuracy_level of each MatMulNBits node in the file, by node name (0: the default)."""
+    import onnx
+
+    return {
+        n.name: next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+        for n in onnx.load(str(path)).graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_inputs_by_default_export_accuracy_level_4_and_verify(tmp_path, tied) -> None:
+    """The default for a 4-bit LLaMA-style LM rounds every quantized Linear's input to int8 per
+    block in the simulation; the file runs MatMulNBits at accuracy_level=4 everywhere (the 8-bit
+    lm_head included, still one table with the embedding when tied) and verifies."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    model = tiny_llama(tied=tied)
+    q = eq.quantize(model, lm_recipe(), calib_data=token_batches(), method="weight_only")
+    pipeline = q.quant_info["pipeline"]
+    assert pipeline["block_int8_inputs"] is True and pipeline["block_int8_layers"] == 2 * 7 + 1
+    assert "accuracy_level=4" in pipeline["reasons"]["block_int8_inputs"]
+    held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
+    path = tmp_path / "lm.onnx"
+    info = export_lm_onnx(q, path, verify_windows=held_out)
+    assert info.agreement is not None and info.agreement >= 0.99
+    assert info.tied_table is tied and info.matmul_nbits == 2 * 7 + 1
+    levels = _levels(path)
+    assert len(levels) == 15 and set(levels.values()) == {4}
+    assert "lm_head/MatMulNBits" in levels
+    # ONNX Runtime keeps them as MatMulNBits after its own optimisations.
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    assert len(_levels(tmp_path / "optimized.onnx")) == 15
+    # The same model with float inputs in the simulation does not verify against this file's
+    # arithmetic: the check can fail (int8 inputs change the logits beyond float rounding).
+    with torch.no_grad():
+        ids = held_out[:1]
+        with_int8 = q(input_ids=ids).logits
+        for m in q.modules():
+            if getattr(m, "input_block_int8", None) is not None:
+                m.input_block_int8 = None
+        without = q(input_ids=ids).logits
+    assert (with_int8 - without).abs().max() > 1e-3
+
+
 def test_export_of_an_untied_asymmetric_8_bit_lm_head_verifies(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     import onnx
 
     head = QuantSpec(bits=8, signed=False, symmetric=False, granularity="channel", axis=0)
-    r = lm_recipe(overrides=(LayerOverride("lm_head", weight=head),))
+    r = lm_recipe(overrides=(LayerOverride("lm_head", weight=head),), block_int8_inputs=False)
     q = eq.quantize(tiny_llama(tied=False), r, method="weight_only")
     held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
     info = export_lm_onnx(q, tmp_path / "lm.onnx", verify_windows=held_out)

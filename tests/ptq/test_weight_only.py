@@ -31,3 +31,52 @@ def test_the_rule_leaves_8_bit_and_non_decoder_models_alone() -> None:
             calib_data=[torch.randn(2, 8)],
             method="weight_only",
         )
+
+
+def test_block_int8_rule_is_on_for_a_4_bit_llama_for_onnxruntime_only() -> None:
+    """Recipe.block_int8_inputs (None = auto): on for a LLaMA-style LM at <= 4 bits under the
+    onnxruntime target, each quantized Linear getting the block of its MatMulNBits form; off
+    (with the reason) at 8 bits, under another target, for a group size MatMulNBits cannot
+    take and for other models; True where it cannot apply is an error naming the layer."""
+    model = tiny_llama()
+    q = eq.quantize(model, lm_recipe(), method="weight_only")
+    pipeline = q.quant_info["pipeline"]
+    assert pipeline["block_int8_inputs"] is True
+    assert q.model.layers[0].mlp.up_proj.input_block_int8.item() == 32  # the weight's group
+    assert q.lm_head.input_block_int8.item() == 64  # per row: the largest block dividing 64
+    assert any("int8 inputs" in step for step in pipeline["steps"])
+    off = {
+        "8-bit": lm_recipe(8),
+        "target": lm_recipe().for_target("tflite-int8"),
+        "group 8": lm_recipe(4, 8),
+        "recipe": lm_recipe(block_int8_inputs=False),
+    }
+    for label, recipe in off.items():
+        p = eq.quantize(model, recipe, method="weight_only").quant_info["pipeline"]
+        assert p["block_int8_inputs"] is False, label
+        assert p["reasons"]["block_int8_inputs"], label
+    assert (
+        "MatMulNBits"
+        in eq.quantize(model, off["group 8"], method="weight_only").quant_info["pipeline"][
+            "reasons"
+        ]["block_int8_inputs"]
+    )
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    p = eq.quantize(mlp, lm_recipe(), method="weight_only").quant_info["pipeline"]
+    assert p["block_int8_inputs"] is False
+    with pytest.raises(ValueError, match=r"q_proj.*MatMulNBits"):
+        eq.quantize(model, lm_recipe(4, 8, block_int8_inputs=True), method="weight_only")
+    with pytest.raises(ValueError, match="LLaMA-style"):
+        eq.quantize(mlp, lm_recipe(block_int8_inputs=True), method="weight_only")
+
+
+def test_block_int8_inputs_survive_save_and_load(tmp_path) -> None:
+    model = tiny_llama()
+    q = eq.quantize(model, lm_recipe(), calib_data=token_batches(), method="weight_only")
+    torch.save(q.state_dict(), tmp_path / "q.pt")
+    batch = token_batches(2)[0]
+    loaded = eq.load(model, lm_recipe(), tmp_path / "q.pt", batch, method="weight_only")
+    assert loaded.lm_head.input_block_int8.item() == 64
+    with torch.no_grad():
+        ids = batch["input_ids"]
+        assert torch.equal(loaded(input_ids=ids).logits, q(input_ids=ids).logits)
