@@ -195,6 +195,14 @@ def _check_qmodel(qmodel: Any) -> list[tuple[str, nn.Module]]:
         raise ValueError(
             "qmodel has no quantized layer: run edgequant.quantize (or prepare_qat) first"
         )
+    for name, layer in layers:
+        if getattr(layer, "input_block_int8", None) is not None:
+            raise ValueError(
+                f"layer {name!r}: its input is rounded to int8 per block at run time "
+                "(Recipe.block_int8_inputs), which only the causal-LM export writes "
+                "(edgequant.export.lm.export_lm_onnx: MatMulNBits at accuracy_level=4); quantize "
+                "with block_int8_inputs=False to export it here"
+            )
     modes = [q.mode for q in qmodel.modules() if isinstance(q, TensorQuantizer)]
     if "observe" in modes:
         raise ValueError(

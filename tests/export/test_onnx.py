@@ -611,3 +611,16 @@ def test_export_keeps_the_callers_training_flags(tmp_path: Path, qmlp: tuple) ->
         assert all(m.training for m in qmodel.modules())
     finally:
         qmodel.eval()
+
+
+def test_block_int8_inputs_are_refused_by_the_generic_export(
+    tmp_path: Path, qmlp: tuple, no_export: None
+) -> None:
+    """A layer whose simulation rounds its input to int8 per block (the LM setting) has no form
+    in the generic export: named, nothing written."""
+    qmodel, x = qmlp
+    layer = next(m for m in qmodel.modules() if hasattr(m, "input_block_int8"))
+    layer.input_block_int8 = torch.tensor(16)
+    with pytest.raises(ValueError, match=r"int8 per block.*export_lm_onnx"):
+        eq.export_onnx(qmodel, tmp_path / "m.onnx", x)
+    assert list(tmp_path.iterdir()) == []
