@@ -349,3 +349,7 @@ def test_recipe_fields_validate_and_round_trip() -> None:
         eq.Recipe(rounding="stochastic")
     with pytest.raises(ValueError, match="equalize"):
         eq.Recipe(equalize="yes")  # type: ignore[arg-type]
+    r = eq.Recipe.preset("w4-weight-only").replace(block_int8_inputs=False)
+    assert eq.Recipe.from_yaml(r.to_yaml()).block_int8_inputs is False
+    with pytest.raises(ValueError, match="block_int8_inputs"):
+        eq.Recipe(block_int8_inputs="auto")  # type: ignore[arg-type]
