@@ -101,11 +101,11 @@ class Recipe:
     # ("auto": on there, off elsewhere).
     awq: bool | None = None
     clip_search: bool | None = None
-    # Weight-only PTQ: each quantized Linear's input rounded to int8 at run time, per token and
-    # per block of the input (symmetric, scale amax / 127), as ONNX Runtime's MatMulNBits
+    # Weight-only PTQ of a causal LM: the lm_head's input rounded to int8 at run time, per token
+    # and per block of the input (symmetric, scale amax / 127), as ONNX Runtime's MatMulNBits
     # computes it at accuracy_level=4, its fast int8 path on CPUs; the LM export then writes
-    # that level. None ("auto"): on for a decoder stack at <= 4 weight bits under the
-    # onnxruntime target (ptq/weight_only.py block_int8_rule); True / False: on / off.
+    # that level for it. None ("auto"): on for a LLaMA-style causal LM at <= 4 weight bits
+    # under the onnxruntime target (ptq/weight_only.py block_int8_rule); True / False: on / off.
     block_int8_inputs: bool | None = None
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"

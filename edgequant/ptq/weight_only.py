@@ -75,13 +75,17 @@ def is_llama_style(model: nn.Module) -> bool:
 
 
 def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) -> bool:
-    """Whether every quantized Linear's input is rounded to int8 per token and per block at run
-    time (Recipe.block_int8_inputs; functional.block_int8_fake_quantize), the blocks being
-    those of the layer's MatMulNBits form. Auto: on for a LLaMA-style causal LM with <= 4-bit
-    weights in its stack of blocks under the onnxruntime target, whose MatMulNBits kernels on
-    CPU run that int8 path faster than float inputs at batch 1 (benchmarks/
-    matmul_nbits_levels.py); the LM export then writes accuracy_level=4. Sets the layers'
-    input_block_int8 and records the choice and its reason in `pipeline`."""
+    """Whether the lm_head's input is rounded to int8 per token and per block at run time
+    (Recipe.block_int8_inputs; functional.block_int8_fake_quantize), the blocks being those of
+    its MatMulNBits form, so that the LM export writes it at accuracy_level=4: ONNX Runtime's
+    int8 path, at batch 1 faster than its float path for an 8-bit lm_head and than an FP32
+    MatMul (benchmarks/matmul_nbits_levels.py). Only the lm_head: rounding inputs inside the
+    stack of blocks makes the model chaotic at the size of float rounding (a relative change of
+    the embedding that small flips a share of the next tokens in the simulation itself:
+    BENCHMARKS.md), so no runtime can verify against it token by token; after the lm_head
+    nothing is rounded again. Auto: on for a LLaMA-style causal LM with <= 4-bit
+    weights in its stack of blocks under the onnxruntime target. Records the choice and its
+    reason in `pipeline`."""
     reasons = pipeline["reasons"]
     bits = lowest_block_bits(qmodel)
     lm = is_llama_style(qmodel) and bits is not None and bits <= 4
@@ -89,8 +93,8 @@ def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any])
     if on is None:
         on = lm and recipe.target == "onnxruntime"
         reasons["block_int8_inputs"] = (
-            f"{bits}-bit weights in a LLaMA-style causal LM for onnxruntime: MatMulNBits at "
-            "accuracy_level=4 (int8 inputs per block) is its fast CPU path"
+            f"{bits}-bit weights in a LLaMA-style causal LM for onnxruntime: the lm_head as "
+            "MatMulNBits at accuracy_level=4 (int8 inputs per block), its fast CPU path"
             if on
             else "not a LLaMA-style causal LM at <= 4 weight bits for onnxruntime"
         )
@@ -104,28 +108,32 @@ def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any])
             f"recipe {recipe.name!r}: block_int8_inputs=True needs a LLaMA-style causal LM (the "
             f"LM export's MatMulNBits form); got {type(qmodel).__name__}"
         )
-    blocks: dict[str, tuple[QuantLinear, int]] = {}
-    for name, m in qmodel.named_modules():
-        wq = getattr(m, "weight_quantizer", None)
-        if not isinstance(m, QuantLinear) or wq is None or wq.mode != "quantize":
-            continue
+    head = qmodel.get_submodule("lm_head")
+    wq = getattr(head, "weight_quantizer", None)
+    why = ""
+    block = None
+    if not isinstance(head, QuantLinear) or wq is None or wq.mode != "quantize":
+        why = "lm_head is not quantized"
+    else:
         grouped = wq.spec.granularity == "group" and wq.spec.axis in (1, -1)
-        block = nbits_block_size(m.in_features, wq.spec.group_size if grouped else None)
-        if block is None or (wq.spec.granularity == "group" and not grouped):
+        if wq.spec.granularity == "group" and not grouped:
+            block = None
+        else:
+            block = nbits_block_size(head.in_features, wq.spec.group_size if grouped else None)
+        if block is None:
             why = (
-                f"layer {name!r} ({m.in_features} inputs, {wq.spec.short()}) has no MatMulNBits "
+                f"lm_head ({head.in_features} inputs, {wq.spec.short()}) has no MatMulNBits "
                 "form (a group size along the inputs that is a power of two >= 16, or "
                 "per-channel weights with inputs a multiple of 16)"
             )
-            if recipe.block_int8_inputs:
-                raise ValueError(f"recipe {recipe.name!r}: block_int8_inputs=True, but {why}")
-            pipeline["block_int8_inputs"] = False
-            reasons["block_int8_inputs"] = f"off: {why}"
-            return False
-        blocks[name] = (m, block)
-    for m, block in blocks.values():
-        m.input_block_int8 = torch.tensor(block, dtype=torch.int64)
-    pipeline["block_int8_layers"] = len(blocks)
+    if block is None:
+        if recipe.block_int8_inputs:
+            raise ValueError(f"recipe {recipe.name!r}: block_int8_inputs=True, but {why}")
+        pipeline["block_int8_inputs"] = False
+        reasons["block_int8_inputs"] = f"off: {why}"
+        return False
+    head.input_block_int8 = torch.tensor(block, dtype=torch.int64)
+    pipeline["block_int8_layers"] = ["lm_head"]
     return True
 
 
@@ -214,7 +222,7 @@ def quantize_weight_only(
         # goes the other way, 0.99853 against 0.99806: BENCHMARKS.md, issue 10).
         steps += apply_refinement(qmodel, data, pipeline, summary, progress, real_tokens_only=False)
     if block_int8_rule(recipe, qmodel, pipeline):
-        steps.append("int8 inputs per token and block (MatMulNBits accuracy_level=4)")
+        steps.append("lm_head int8 inputs per token and block (MatMulNBits accuracy_level=4)")
     if calib_data is None:
         summary.notes.extend(pipeline_notes(pipeline))
     attach_ptq_info(

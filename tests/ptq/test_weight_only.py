@@ -10,6 +10,7 @@ from toys import SmallCNN, lm_recipe, tensor_batches, tiny_llama, token_batches 
 
 import edgequant as eq
 from edgequant.instrument import quant_layers
+from edgequant.spec import LayerOverride, weight_spec
 
 
 def test_weight_only_drops_activation_quantizers_from_any_recipe() -> None:
@@ -35,20 +36,23 @@ def test_the_rule_leaves_8_bit_and_non_decoder_models_alone() -> None:
 
 def test_block_int8_rule_is_on_for_a_4_bit_llama_for_onnxruntime_only() -> None:
     """Recipe.block_int8_inputs (None = auto): on for a LLaMA-style LM at <= 4 bits under the
-    onnxruntime target, each quantized Linear getting the block of its MatMulNBits form; off
-    (with the reason) at 8 bits, under another target, for a group size MatMulNBits cannot
-    take and for other models; True where it cannot apply is an error naming the layer."""
+    onnxruntime target, for the lm_head only, with the block of its MatMulNBits form; off (with
+    the reason) at 8 bits, under another target, for a group size MatMulNBits cannot take and
+    for other models; True where it cannot apply is an error naming the layer."""
     model = tiny_llama()
     q = eq.quantize(model, lm_recipe(), method="weight_only")
     pipeline = q.quant_info["pipeline"]
-    assert pipeline["block_int8_inputs"] is True
-    assert q.model.layers[0].mlp.up_proj.input_block_int8.item() == 32  # the weight's group
+    assert pipeline["block_int8_inputs"] is True and pipeline["block_int8_layers"] == ["lm_head"]
     assert q.lm_head.input_block_int8.item() == 64  # per row: the largest block dividing 64
+    inside = [m for n, m in q.named_modules() if n.startswith("model.") and hasattr(m, "weight")]
+    assert all(getattr(m, "input_block_int8", None) is None for m in inside)
     assert any("int8 inputs" in step for step in pipeline["steps"])
     off = {
         "8-bit": lm_recipe(8),
         "target": lm_recipe().for_target("tflite-int8"),
-        "group 8": lm_recipe(4, 8),
+        "group 8": lm_recipe(
+            4, None, overrides=(LayerOverride("lm_head", weight=weight_spec(8, 8)),)
+        ),
         "recipe": lm_recipe(block_int8_inputs=False),
     }
     for label, recipe in off.items():
@@ -64,8 +68,8 @@ def test_block_int8_rule_is_on_for_a_4_bit_llama_for_onnxruntime_only() -> None:
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     p = eq.quantize(mlp, lm_recipe(), method="weight_only").quant_info["pipeline"]
     assert p["block_int8_inputs"] is False
-    with pytest.raises(ValueError, match=r"q_proj.*MatMulNBits"):
-        eq.quantize(model, lm_recipe(4, 8, block_int8_inputs=True), method="weight_only")
+    with pytest.raises(ValueError, match=r"lm_head.*MatMulNBits"):
+        eq.quantize(model, off["group 8"].replace(block_int8_inputs=True), method="weight_only")
     with pytest.raises(ValueError, match="LLaMA-style"):
         eq.quantize(mlp, lm_recipe(block_int8_inputs=True), method="weight_only")
 
