@@ -320,3 +320,34 @@ def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
         eq.check(_Untraceable(), "mcu-int8", _x(2, 7))
     result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", _x(2, 7))
     assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("style", ["ZerosLikeShortcut", "ZerosShortcut", "NewZerosShortcut"])
+def test_tensors_of_zeros_made_from_a_shape_are_not_computation(style: str) -> None:
+    """zeros_like, torch.zeros(x.shape...) and new_zeros are counted as constants (fx traces
+    all three: no fallback to hooks), and mcu-int8 takes the model."""
+    import zoo
+
+    model = getattr(zoo, style)().eval()
+    result = eq.check(model, "mcu-int8", torch.randn(2, 3, 8, 8))
+    assert result.traced_with == "torch.fx"
+    assert result.ok and result.rows == []
+    assert result.integer_ops["zeros (a constant: its zero point)"] == 1
+    assert result.integer_ops["concat"] == 1
+
+
+def test_other_tensor_factories_are_traced_and_refused_by_name() -> None:
+    """torch.ones of a traced shape is followed by fx (before, the whole model fell back to
+    hooks and the op went unseen) and, having no integer meaning here, refused by name."""
+
+    class OnesShortcut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + torch.ones(x.shape[0], 3, x.shape[2], x.shape[3])
+
+    result = eq.check(OnesShortcut(), "mcu-int8", torch.randn(2, 3, 4, 4))
+    assert result.traced_with == "torch.fx"
+    assert _by_op(result) == {"ones": REFUSE}

@@ -15,7 +15,7 @@ import edgequant as eq
 from edgequant.export.pt2e import export_program, pt2e_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import ZOO, _randomize_norms  # noqa: E402
+from zoo import ZOO, NewZerosShortcut, ZerosShortcut, _randomize_norms  # noqa: E402
 
 SELECTION_OPS = {"slice", "pad", "constant_pad_nd", "cat", "max_pool2d", "max_pool1d", "zeros_like"}
 
@@ -106,6 +106,9 @@ STYLES = {
     "slice_and_pad": lambda target: _quantized_zoo("option_a_shortcut", target),
     "pool_and_pad": lambda target: _quantized(PoolPadShortcut, (3, 8, 8), target),
     "conv1d_slice_and_pad": lambda target: _quantized(Conv1dShortcut, (2, 12), target),
+    "cat_zeros_like": lambda target: _quantized_zoo("option_a_zeros_like", target),
+    "cat_zeros_of_shape": lambda target: _quantized(ZerosShortcut, (3, 8, 8), target),
+    "cat_new_zeros": lambda target: _quantized(NewZerosShortcut, (3, 8, 8), target),
 }
 
 
@@ -128,7 +131,12 @@ def test_shortcut_becomes_one_conv_that_computes_the_same(style: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "style", ["pool_and_pad", pytest.param("conv1d_slice_and_pad", marks=pytest.mark.slow)]
+    "style",
+    [
+        "pool_and_pad",
+        pytest.param("cat_zeros_of_shape", marks=pytest.mark.slow),
+        pytest.param("conv1d_slice_and_pad", marks=pytest.mark.slow),
+    ],
 )
 def test_shortcut_conv_runs_bit_exact_in_tflite_micro(style: str, tmp_path: Path) -> None:
     """export_tflite's own check: every output integer of TFLite Micro equals the integer
@@ -151,11 +159,14 @@ def test_what_is_not_a_selection_from_index_zero_is_left_as_written() -> None:
     assert _ops(program).count("slice") == 2
 
 
-def test_resnet_option_a_block_exports_to_executorch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "style", ["slice_and_pad", pytest.param("cat_new_zeros", marks=pytest.mark.slow)]
+)
+def test_resnet_option_a_block_exports_to_executorch(style: str, tmp_path: Path) -> None:
     """ExecuTorch 1.5.1's XNNPACK program computes this block wrongly with the shortcut as a
     slice outside the delegate (its own verification refuses it); as a selection conv it
     verifies."""
-    qmodel, calib = STYLES["slice_and_pad"]("executorch")
+    qmodel, calib = STYLES[style]("executorch")
     program = export_program(pt2e_model(qmodel, int8_weights=True), (calib[0][:1],), True)
     assert _selection_convs(program) == [[2, 2]]
     info = eq.export_executorch(qmodel, tmp_path / "m.pte", calib[0][:1], verify_data=calib)
