@@ -25,12 +25,11 @@ from edgequant.check.ops import (
     SHAPE_QUERIES,
     ZERO_CONSTANT_FUNCTIONS,
     ZERO_CONSTANT_METHODS,
+    ZEROS,
     module_op,
 )
 from edgequant.check.result import CheckResult, op_row
 from edgequant.check.tracer import shape_trace
-
-ZEROS = "zeros (a constant: its zero point)"
 
 
 def nearest_upsample(m: nn.Module) -> bool:
