@@ -253,6 +253,67 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         )
 
 
+class QuantMatMul(nn.Module):
+    """`input @ other` of two activations (attention's Q·Kᵀ and P·V), each operand quantized on
+    its own per-tensor grid by a calibrated activation quantizer, as an integer runtime computes
+    it (ONNX Runtime: DequantizeLinear on both inputs of a MatMul, fused into an integer matmul).
+
+    `op` names the float op it stands for (torch.matmul, torch.bmm): both compute the same."""
+
+    def __init__(self, act_spec: QuantSpec, name: str, op: str = "matmul") -> None:
+        super().__init__()
+        self.layer_name, self.op = name, op
+        self.input_quantizer = TensorQuantizer(act_spec, f"{name}.input", role="activation")
+        self.other_quantizer = TensorQuantizer(act_spec, f"{name}.other", role="activation")
+
+    def forward(self, x: Tensor, other: Tensor) -> Tensor:
+        return torch.matmul(self.input_quantizer(x), self.other_quantizer(other))
+
+
+class QuantScaledDotProductAttention(nn.Module):
+    """F.scaled_dot_product_attention written out, with its two matmuls quantized: scores =
+    (Q·Kᵀ) x scale, the mask, softmax (float), dropout, P·V. Same arguments as the function."""
+
+    def __init__(self, act_spec: QuantSpec, name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+        self.qk = QuantMatMul(act_spec, f"{name}.qk", "scaled_dot_product_attention Q·Kᵀ")
+        self.pv = QuantMatMul(act_spec, f"{name}.pv", "scaled_dot_product_attention P·V")
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        if scale is None:
+            scale = 1.0 / float(query.size(-1)) ** 0.5
+        if enable_gqa and key.size(-3) != query.size(-3):
+            repeat = query.size(-3) // key.size(-3)
+            key = key.repeat_interleave(repeat, -3)
+            value = value.repeat_interleave(repeat, -3)
+        scores = self.qk(query, key.transpose(-2, -1)) * scale
+        if is_causal:
+            keep = torch.ones(
+                query.size(-2), key.size(-2), dtype=torch.bool, device=scores.device
+            ).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        p = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:  # as the function does: dropout whenever dropout_p > 0
+            p = torch_F.dropout(p, dropout_p)
+        return self.pv(p, value)
+
+
 # float type -> quantized type; one line to add a layer type (STYLE §11).
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,

@@ -21,7 +21,7 @@ from edgequant.graph_quantizers.ops import (
     output_tail,
     quant_layer,
 )
-from edgequant.modules import QuantMixin
+from edgequant.modules import QuantMatMul, QuantMixin, QuantScaledDotProductAttention
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
 from edgequant.summary import Summary
@@ -32,7 +32,8 @@ class _QuantTracer(torch.fx.Tracer):
     """Keeps quantized layers and quantizers as single nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+        leaves = (QuantMixin, TensorQuantizer, QuantMatMul, QuantScaledDotProductAttention)
+        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
 
 def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:

@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
+from edgequant.attention import quantize_attention_
 from edgequant.batches import batch_size, call_model, naming_the_batch, removing_hooks
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
@@ -55,6 +56,13 @@ def build_static(
     qmodel, summary = instrument(model, recipe, example_batch, method="static")
     if recipe.quantize_outputs:
         qmodel = place_graph_quantizers(qmodel, summary)
+    if recipe.quantize_attention:
+        qmodel = quantize_attention_(qmodel, recipe.activation, example_batch, summary)
+    else:
+        summary.notes.append(
+            "attention matmuls (ops of two activations) kept in float: "
+            "recipe.quantize_attention is off"
+        )
     return qmodel, summary, recipe
 
 
