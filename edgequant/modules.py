@@ -181,7 +181,7 @@ class QuantMixin(_MixinBase):
 def fast_simulation(model: nn.Module) -> Iterator[None]:
     """Layers compute in the fake-quantized float form (not the exact integer form) inside the
     block: for calibration passes, where float-rounding differences do not matter."""
-    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    layers = [m for m in model.modules() if isinstance(m, (QuantMixin, QuantMatMul))]
     saved = [m.exact_integer for m in layers]
     try:
         for m in layers:
@@ -266,8 +266,40 @@ class QuantMatMul(nn.Module):
         self.input_quantizer = TensorQuantizer(act_spec, f"{name}.input", role="activation")
         self.other_quantizer = TensorQuantizer(act_spec, f"{name}.other", role="activation")
 
+        # As QuantMixin.exact_integer: eval mode sums the integer products exactly.
+        self.exact_integer = True
+
+    def integer_form(self) -> bool:
+        """Eval mode with both operands statically quantized per tensor: the integer form."""
+        quantizers = (self.input_quantizer, self.other_quantizer)
+        return (
+            not self.training
+            and self.exact_integer
+            and all(
+                isinstance(q, TensorQuantizer) and q.mode == "quantize" and q.spec.per_tensor
+                for q in quantizers
+            )
+        )
+
     def forward(self, x: Tensor, other: Tensor) -> Tensor:
+        if self.integer_form():
+            # Integer operands, their products summed exactly (float64 holds every int32 sum),
+            # then one float32 scaling: what the runtime's integer matmul computes. The float
+            # form below differs by float rounding, which the quantizers after it can amplify.
+            x_int, other_int = (
+                _centered_integers(v, q)
+                for v, q in ((x, self.input_quantizer), (other, self.other_quantizer))
+            )
+            scale = (self.input_quantizer.scale * self.other_quantizer.scale).reshape(()).float()
+            return torch.matmul(x_int.double(), other_int.double()).float() * scale
         return torch.matmul(self.input_quantizer(x), self.other_quantizer(other))
+
+
+def _centered_integers(x: Tensor, q: TensorQuantizer) -> Tensor:
+    """x on q's per-tensor grid as integers minus the zero point (division as ONNX Runtime's
+    QuantizeLinear does it)."""
+    zp = q.zero_point.reshape(()).float()
+    return torch.clamp(torch.round(x / q.scale.reshape(())) + zp, q.spec.qmin, q.spec.qmax) - zp
 
 
 class QuantScaledDotProductAttention(nn.Module):

@@ -77,8 +77,14 @@ def test_quant_matmul_is_fake_quant_of_both_operands_then_matmul() -> None:
     for x, q in ((a, mm.input_quantizer), (b, mm.other_quantizer)):
         scale, zp = float(q.scale), int(q.zero_point)
         expected.append(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255))
-    assert torch.equal(mm(a, b), torch.matmul(*expected))
-    assert not torch.equal(mm(a, b), torch.matmul(a, b))  # the operands were rounded
+    reference = torch.matmul(*expected)
+    assert torch.equal(mm.train()(a, b), reference)  # the fake-quantized form (QAT)
+    assert not torch.equal(reference, torch.matmul(a, b))  # the operands were rounded
+    # Eval mode: the same integers summed exactly, as the runtime's integer matmul does, so it
+    # differs from the float form only by float rounding.
+    exact = torch.matmul(expected[0].double(), expected[1].double())
+    torch.testing.assert_close(mm.eval()(a, b), exact.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mm(a, b), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -226,3 +232,14 @@ def test_bert_attention_is_integer_end_to_end(tmp_path: Path) -> None:
     counts = _export_and_count(qmodel, data, tmp_path / "bert.onnx")
     assert counts.get("MatMul", 0) == 0 and counts.get("FusedMatMul", 0) == 0, counts
     assert sum(counts.values()) == 4, counts
+
+
+@pytest.mark.parametrize("name", ["hand_at", "transformer_encoder_layer"])
+def test_saved_state_loads_with_its_attention_grids(name: str) -> None:
+    model, data, _ = CASES[name]
+    qmodel = eq.quantize(model, "w8a8", data, method="static")
+    state = qmodel.state_dict()
+    assert any(".quant_matmuls." in k or k.startswith("quant_matmuls.") for k in state)
+    loaded = eq.load(model, "w8a8", state, data[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(data[1]), qmodel(data[1]))
