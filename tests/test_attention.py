@@ -20,6 +20,7 @@ from zoo import ZOO  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.attention import discover
+from edgequant.export.inspect import inspect_onnx
 from edgequant.modules import QuantMatMul, QuantScaledDotProductAttention
 from edgequant.quantizer import calibration_mode
 from edgequant.spec import activation_spec
@@ -205,6 +206,12 @@ def test_export_runs_attention_as_integer_matmuls(name: str, tmp_path: Path) -> 
     counts = _export_and_count(qmodel, data, tmp_path / "m.onnx")
     assert counts.get("MatMul", 0) == 0 and counts.get("FusedMatMul", 0) == 0, counts
     assert sum(counts.values()) == expected, counts
+    # inspect shows both operands of each as quantized
+    report = inspect_onnx(tmp_path / "m.onnx")
+    pairs = [layer for layer in report.layers if layer.other_activation is not None]
+    assert len(pairs) == expected
+    assert all(p.activation == "static" and p.other_activation == "static UINT8" for p in pairs)
+    assert f"matmuls of two activations: {expected}, {expected} with both" in report.format()
 
 
 @pytest.mark.slow

@@ -106,7 +106,8 @@ class InspectReport:
         rows = [header]
         for layer in self.layers:
             if layer.weight_source == "none":
-                weight = "-"
+                # A matmul of two activations: its second operand in the weight's column.
+                weight = f"({layer.other_activation})" if layer.other_activation else "-"
             elif layer.weight_source == "fake-quant":
                 weight = f"{layer.weight_dtype} (fake-quant)"  # bits: what is simulated
             else:
@@ -151,6 +152,15 @@ class InspectReport:
         if self.n_without_weight:
             counts += f", {self.n_without_weight} without a constant weight"
         lines.append(f"weight layers: {counts}")
+        pairs = [layer for layer in self.layers if layer.other_activation is not None]
+        if pairs:
+            both = sum(
+                layer.activation != "float" and not str(layer.other_activation).startswith("float")
+                for layer in pairs
+            )
+            lines.append(
+                f"matmuls of two activations: {len(pairs)}, {both} with both operands quantized"
+            )
         lines.append(f"integer:       {'yes' if self.is_integer else 'no'}")
         return "\n".join(lines)
 
