@@ -61,6 +61,9 @@ def op_kind(func: Any, args: tuple[Any, ...]) -> str | None:
     (two activations, no quantized form), or None (not an op between two activations)."""
     if func is SDPA:
         return "sdpa" if len(args) >= 3 and all(_activation(a) for a in args[:3]) else None
+    if func is torch.einsum:  # (equation, *operands) or (equation, [operands])
+        tensors = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        return "float" if sum(_activation(t) for t in tensors) >= 2 else None
     operands = args[1:3] if func in BADDBMMS else args[:2]
     if len(operands) < 2 or not all(_activation(a) for a in operands):
         return None

@@ -250,3 +250,24 @@ def test_saved_state_loads_with_its_attention_grids(name: str) -> None:
     loaded = eq.load(model, "w8a8", state, data[0])
     with torch.no_grad():
         assert torch.equal(loaded(data[1]), qmodel(data[1]))
+
+
+class EinsumAttention(HandAttention):
+    """Scores by torch.einsum, which has no quantized form here; P·V by `@`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        q, k, v = self.heads(self.q(h)), self.heads(self.k(h)), self.heads(self.v(h))
+        p = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), dim=-1)
+        a = (p @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], 16)
+        return self.head((h + self.o(a)).mean(1))
+
+
+def test_summary_lists_the_ops_of_two_activations_left_float() -> None:
+    torch.manual_seed(0)
+    model, data = EinsumAttention("at", untraceable=False).eval(), _hand_batches()
+    qmodel = eq.quantize(model, "w8a8", data, method="static")
+    assert len(_attention_ops(qmodel)) == 1  # P·V
+    notes = qmodel.quant_summary.notes
+    assert any("left in float" in n and "einsum (no quantized form)" in n for n in notes), notes
+    assert [kind for _, kind, _ in discover(qmodel, data[0])] == ["float"]
