@@ -115,6 +115,21 @@ def test_written_out_sdpa_equals_the_function(
     torch.testing.assert_close(module(q, k, v, **kw), expected, rtol=1e-5, atol=1e-5)
 
 
+def _bert_sdpa() -> tuple[nn.Module, list[Any]]:
+    """The zoo's tiny BERT on Hugging Face's "sdpa" attention (F.scaled_dot_product_attention),
+    the default where the model does not ask for "eager"."""
+    import transformers
+
+    encoder, batches = ZOO["tiny_bert"]()
+    cfg = transformers.BertConfig(
+        **{**encoder.bert.config.to_dict(), "attn_implementation": "sdpa"}
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    assert model.config._attn_implementation == "sdpa"
+    return model, batches
+
+
 def _models() -> dict[str, tuple[nn.Module, list[Any], int]]:
     """name -> (model, calibration batches, attention matmuls it runs)."""
     cases: dict[str, tuple[nn.Module, list[Any], int]] = {}
@@ -123,6 +138,8 @@ def _models() -> dict[str, tuple[nn.Module, list[Any], int]]:
         cases[f"hand_{style}"] = (HandAttention(style).eval(), _hand_batches(), 2)
     torch.manual_seed(0)
     cases["hand_untraceable"] = (HandAttention("at", untraceable=True).eval(), _hand_batches(), 2)
+    if "tiny_bert" in ZOO:
+        cases["bert_sdpa"] = (*_bert_sdpa(), 2)
     names = ["transformer_encoder_layer", "multihead_attention"]
     names += ["tiny_bert"] if "tiny_bert" in ZOO else []  # transformers installed
     for name in names:
