@@ -130,30 +130,32 @@ def _bert_sdpa() -> tuple[nn.Module, list[Any]]:
     return model, batches
 
 
-def _models() -> dict[str, tuple[nn.Module, list[Any], int]]:
-    """name -> (model, calibration batches, attention matmuls it runs)."""
-    cases: dict[str, tuple[nn.Module, list[Any], int]] = {}
-    for style in ("at", "matmul", "sdpa"):
+_HAND = {
+    "hand_at": ("at", False),
+    "hand_matmul": ("matmul", False),
+    "hand_sdpa": ("sdpa", False),
+    "hand_untraceable": ("at", True),
+}
+_ZOO_CASES = ["transformer_encoder_layer", "multihead_attention"]
+_ZOO_CASES += ["tiny_bert"] if "tiny_bert" in ZOO else []  # transformers installed
+NAMES = sorted([*_HAND, *_ZOO_CASES, *(["bert_sdpa"] if "tiny_bert" in ZOO else [])])
+
+
+def case(name: str) -> tuple[nn.Module, list[Any], int]:
+    """(model, calibration batches, attention matmuls it runs), built when a test asks."""
+    if name in _HAND:
+        style, untraceable = _HAND[name]
         torch.manual_seed(0)
-        cases[f"hand_{style}"] = (HandAttention(style).eval(), _hand_batches(), 2)
-    torch.manual_seed(0)
-    cases["hand_untraceable"] = (HandAttention("at", untraceable=True).eval(), _hand_batches(), 2)
-    if "tiny_bert" in ZOO:
-        cases["bert_sdpa"] = (*_bert_sdpa(), 2)
-    names = ["transformer_encoder_layer", "multihead_attention"]
-    names += ["tiny_bert"] if "tiny_bert" in ZOO else []  # transformers installed
-    for name in names:
-        model, data = ZOO[name]()
-        cases[name] = (model, data, 2)
-    return cases
+        return HandAttention(style, untraceable).eval(), _hand_batches(), 2
+    if name == "bert_sdpa":
+        return (*_bert_sdpa(), 2)
+    model, data = ZOO[name]()
+    return model, data, 2
 
 
-CASES = _models()
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_static_quantize_leaves_no_float_attention_matmul(name: str) -> None:
-    model, data, expected = CASES[name]
+    model, data, expected = case(name)
     assert len(discover(model, data[0])) >= 1  # the float model has matmuls of activations
     qmodel = eq.quantize(model, "w8a8", data, method="static")
     ops = _attention_ops(qmodel)
@@ -177,7 +179,7 @@ def test_static_quantize_leaves_no_float_attention_matmul(name: str) -> None:
 
 
 def test_traced_graph_gets_quantized_matmul_nodes() -> None:
-    model, data, _ = CASES["hand_at"]
+    model, data, _ = case("hand_at")
     qmodel = eq.quantize(model, "w8a8", data, method="static")
     assert isinstance(qmodel, torch.fx.GraphModule)
     targets = [n.target for n in qmodel.graph.nodes if n.op == "call_module"]
@@ -185,7 +187,7 @@ def test_traced_graph_gets_quantized_matmul_nodes() -> None:
 
 
 def test_switch_off_keeps_attention_float() -> None:
-    model, data, _ = CASES["transformer_encoder_layer"]
+    model, data, _ = case("transformer_encoder_layer")
     recipe = eq.Recipe.preset("w8a8").replace(quantize_attention=False)
     qmodel = eq.quantize(model, recipe, data, method="static")
     assert _attention_ops(qmodel) == []
@@ -218,7 +220,7 @@ def _export_and_count(qmodel: nn.Module, data: list[Any], path: Path) -> dict[st
 )
 def test_export_runs_attention_as_integer_matmuls(name: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    model, data, expected = CASES[name]
+    model, data, expected = case(name)
     qmodel = eq.quantize(model, "w8a8", data, method="static")
     counts = _export_and_count(qmodel, data, tmp_path / "m.onnx")
     assert counts.get("MatMul", 0) == 0 and counts.get("FusedMatMul", 0) == 0, counts
@@ -234,7 +236,7 @@ def test_export_runs_attention_as_integer_matmuls(name: str, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_export_with_switch_off_runs_float_matmuls(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    model, data, _ = CASES["hand_matmul"]
+    model, data, _ = case("hand_matmul")
     recipe = eq.Recipe.preset("w8a8").replace(quantize_attention=False)
     qmodel = eq.quantize(model, recipe, data, method="static")
     counts = _export_and_count(qmodel, data, tmp_path / "m.onnx")
@@ -260,7 +262,7 @@ def test_bert_attention_is_integer_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["hand_at", "transformer_encoder_layer"])
 def test_saved_state_loads_with_its_attention_grids(name: str) -> None:
-    model, data, _ = CASES[name]
+    model, data, _ = case(name)
     qmodel = eq.quantize(model, "w8a8", data, method="static")
     state = qmodel.state_dict()
     assert any(".quant_matmuls." in k or k.startswith("quant_matmuls.") for k in state)
