@@ -290,3 +290,18 @@ def test_summary_lists_the_ops_of_two_activations_left_float() -> None:
     notes = qmodel.quant_summary.notes
     assert any("left in float" in n and "einsum (no quantized form)" in n for n in notes), notes
     assert [kind for _, kind, _ in discover(qmodel, data[0])] == ["float"]
+
+
+def test_qat_trains_the_attention_grids() -> None:
+    """prepare_qat builds the same attention quantizers as static PTQ, in their trainable form:
+    a loss's gradient reaches their learned ranges."""
+    model, data, expected = case("hand_untraceable")
+    qmodel = eq.prepare_qat(model, eq.Recipe.preset("w8a8"), calib_data=data)
+    ops = _attention_ops(qmodel)
+    assert len(ops) == expected
+    qmodel.train()
+    qmodel(data[0]).square().mean().backward()
+    for m in ops:
+        for q in (m.input_quantizer, m.other_quantizer):
+            grads = [p.grad for p in q.parameters()]
+            assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), m
