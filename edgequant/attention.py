@@ -256,3 +256,16 @@ def _why_float(qmodel: nn.Module, host: str, hosts: dict[str, Any]) -> str | Non
     if hasattr(qmodel.get_submodule(host), HOLDER):
         return f"it already has an attribute {HOLDER!r}"
     return None
+
+
+def note_float_attention(qmodel: nn.Module, batch: Any, summary: Summary, why: str) -> None:
+    """The summary lists the ops of two activations that one run of `batch` makes, as float for
+    the reason `why` (a method that does not quantize them); no batch: nothing to list."""
+    if batch is None:
+        return
+    calls = discover(qmodel, batch)
+    if calls:
+        summary.notes.append(
+            f"ops of two activations left in float ({why}): "
+            + ", ".join(f"{host or 'the model'}: {func}" for host, _, func in calls)
+        )

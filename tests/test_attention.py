@@ -305,3 +305,11 @@ def test_qat_trains_the_attention_grids() -> None:
         for q in (m.input_quantizer, m.other_quantizer):
             grads = [p.grad for p in q.parameters()]
             assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), m
+
+
+def test_dynamic_quantization_lists_attention_as_float() -> None:
+    model, data, _ = case("transformer_encoder_layer")
+    qmodel = eq.quantize(model, "w8a8", data, method="dynamic")
+    assert _attention_ops(qmodel) == []
+    notes = [n for n in qmodel.quant_summary.notes if "left in float (dynamic" in n]
+    assert notes and "layer.self_attn: scaled_dot_product_attention" in notes[0]
