@@ -66,8 +66,9 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         summary.notes.append(
             "activations quantized at layer inputs only: torch.fx could not trace the "
             f"model ({type(err).__name__}), so outputs and shared tensors are not quantized, "
-            "and the ops between quantized layers (matmuls of two activations such as "
-            "attention's QK^T and attn x V, softmax, normalization, residual adds) run in float"
+            "and the ops between quantized layers (softmax, normalization, residual adds) run "
+            "in float; matmuls of two activations are quantized apart from the graph "
+            "(recipe.quantize_attention)"
         )
         return qmodel
     gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)
