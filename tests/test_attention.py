@@ -21,6 +21,7 @@ from zoo import ZOO  # tests/zoo.py
 import edgequant as eq
 from edgequant.attention import discover
 from edgequant.export.inspect import inspect_onnx
+from edgequant.functional import sqnr_db
 from edgequant.modules import QuantMatMul, QuantScaledDotProductAttention
 from edgequant.quantizer import calibration_mode
 from edgequant.spec import activation_spec
@@ -313,3 +314,31 @@ def test_dynamic_quantization_lists_attention_as_float() -> None:
     assert _attention_ops(qmodel) == []
     notes = [n for n in qmodel.quant_summary.notes if "left in float (dynamic" in n]
     assert notes and "layer.self_attn: scaled_dot_product_attention" in notes[0]
+
+
+class WeightsAttention(nn.Module):
+    """nn.MultiheadAttention asked for its attention weights with a float mask: PyTorch then
+    computes the scores with torch.baddbmm and P·V with torch.bmm, not the fused function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        mask = torch.zeros(x.shape[1], x.shape[1]).triu(1) * -1e4
+        a, weights = self.attn(h, h, h, attn_mask=mask, need_weights=True)
+        return self.head((h + a).mean(1)) + weights.mean()
+
+
+def test_baddbmm_and_bmm_attention_is_quantized() -> None:
+    torch.manual_seed(0)
+    model, data = WeightsAttention().eval(), _hand_batches()
+    assert [op for _, _, op in discover(model, data[0])] == ["baddbmm", "bmm"]
+    qmodel = eq.quantize(model, "w8a8", data, method="static")
+    assert len(_attention_ops(qmodel)) == 2
+    assert discover(qmodel, data[0]) == []
+    with torch.no_grad():
+        assert sqnr_db(model(data[1]), qmodel(data[1])) > 25
