@@ -97,6 +97,10 @@ class _Discovery(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _pop(stack: list[str]) -> None:
+    stack.pop()  # a forward hook that returned the name would replace the module's output
+
+
 def discover(model: nn.Module, batch: Any) -> list[tuple[str, str, str]]:
     """(host, kind, op) of each op between two activations that one run of `batch` makes, in
     order; host is the innermost module running it ("" for the model's own forward)."""
@@ -109,7 +113,7 @@ def discover(model: nn.Module, batch: Any) -> list[tuple[str, str, str]]:
         )
         label = f"{name}#inner" if inner else name
         hooks.append(m.register_forward_pre_hook(lambda *_, n=label: stack.append(n)))
-        hooks.append(m.register_forward_hook(lambda *_: stack.pop() and None, always_call=True))
+        hooks.append(m.register_forward_hook(lambda *_: _pop(stack), always_call=True))
     mode = _Discovery(stack)
     with removing_hooks(hooks), torch.no_grad(), mode:
         call_model(model, batch)
@@ -133,6 +137,8 @@ class _Router(TorchFunctionMode):
         if kind not in ("matmul", "baddbmm", "sdpa") or self.next >= len(self.ops):
             return func(*args, **kwargs)  # an op the calibration run did not make stays float
         op = self.ops[self.next]
+        if (kind == "sdpa") != isinstance(op, QuantScaledDotProductAttention):
+            return func(*args, **kwargs)  # not the op calibration saw here: float
         self.next += 1
         if kind == "sdpa":
             return op(*args, **kwargs)
