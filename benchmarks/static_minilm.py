@@ -40,10 +40,9 @@ from typing import Any, cast
 import torch
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
-    load_or_skip,
+    load_with_sentences,
     results_header,
     reuse,
-    sentence_data,
 )
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
@@ -97,11 +96,10 @@ def main() -> int:
         "--defaults", action="store_true", help="only the plain call with the default recipe"
     )
     args = parser.parse_args()
-    loaded = load_or_skip()
+    loaded = load_with_sentences(args.quick)
     if loaded is None:
         return 0
-    model, tok = loaded
-    cal_sentences, calib, evals, ref = sentence_data(model, tok, args.quick)
+    model, tok, cal_sentences, calib, evals, ref = loaded
     if args.defaults:
         return measure_defaults(model, calib, evals, ref, cal_sentences, args.out)
     observers = CANDIDATE_OBSERVERS[:1] if args.quick else CANDIDATE_OBSERVERS

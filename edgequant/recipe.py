@@ -92,6 +92,13 @@ class Recipe:
     # "quantized" otherwise (held-out choices on ResNet-20 W2A8-W4A8 and all-MiniLM-L6-v2 INT4;
     # edgequant/ptq/static.py resolve_pipeline).
     rounding_target: str = "auto"
+    # 7-bit weights where an 8-bit layer meets 8-bit unsigned activations (the onnxruntime
+    # target): x86 CPUs without VNNI run such a layer in a u8s8 kernel whose int16 pair sums
+    # saturate unless |weight| <= 64, so 8-bit weights are stored as UINT8 for the exact, slower
+    # u8u8 kernel. None ("auto"): each such layer gets 7 bits, GPTQ-rounded, where that output
+    # error is no larger than its 8-bit rounding's (static PTQ with calibration data;
+    # ptq/reduce_range.py); True: every such layer; False: none.
+    reduce_range: bool | None = None
     # Weight-only PTQ of a decoder stack (a causal LM: most quantized Linears in one stack of
     # repeated blocks) at <= 4 weight bits runs block by block (ptq/decoder.py): AWQ scaling
     # (Lin et al. 2023) and the clipping search by output error, each True, False or None
@@ -181,7 +188,7 @@ class Recipe:
                 f"Recipe.dynamic_activation={self.dynamic_activation!r} is unknown; valid: "
                 f"{', '.join(DYNAMIC_ACTIVATIONS)}"
             )
-        for label in ("equalize", "bias_correction", "awq", "clip_search"):
+        for label in ("equalize", "bias_correction", "reduce_range", "awq", "clip_search"):
             if getattr(self, label) not in (None, True, False):
                 raise ValueError(
                     f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
@@ -375,6 +382,7 @@ class Recipe:
             "bias_correction": self.bias_correction,
             "rounding": self.rounding,
             "rounding_target": self.rounding_target,
+            "reduce_range": self.reduce_range,
             "awq": self.awq,
             "clip_search": self.clip_search,
             "range_learning": self.range_learning,

@@ -85,6 +85,7 @@ class InspectReport:
                 if entry[key] is not None:
                     entry[key] = list(entry[key])
             entry["quantized"] = layer.quantized
+            entry["kernel"] = layer.kernel
             layers.append(entry)
         return {
             "path": self.path,
@@ -102,7 +103,17 @@ class InspectReport:
 
     def format(self) -> str:
         """A readable table: one row per weight layer, then totals."""
-        header = ("layer", "op", "weight", "bits", "granularity", "scale", "zp", "activation")
+        header = (
+            "layer",
+            "op",
+            "weight",
+            "bits",
+            "granularity",
+            "scale",
+            "zp",
+            "activation",
+            "kernel",
+        )
         rows = [header]
         for layer in self.layers:
             if layer.weight_source == "none":
@@ -129,6 +140,7 @@ class InspectReport:
                     "" if layer.scale_shape is None else _shape_str(layer.scale_shape),
                     zero_point,
                     activation,
+                    layer.kernel,
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -24,6 +24,7 @@ from edgequant.ptq.equalize import equalize
 from edgequant.ptq.gptq import round_gptq
 from edgequant.ptq.outlier_split import describe_split
 from edgequant.ptq.outliers import plan_outliers_
+from edgequant.ptq.reduce_range import reduce_range_
 from edgequant.ptq.rounding import supports as rounding_support
 from edgequant.ptq.smoothquant import describe_smoothing
 from edgequant.quantizer import quantizers
@@ -334,6 +335,20 @@ def apply_refinement(
     return steps
 
 
+def apply_reduce_range(
+    qmodel: nn.Module, recipe: Recipe, data: list[Any], pipeline: dict[str, Any], summary: Summary
+) -> list[str]:
+    """Recipe.reduce_range (ptq/reduce_range.py) on the calibrated model: records its choice in
+    `pipeline` and the summary; returns the step, if it changed any layer."""
+    entry, notes = reduce_range_(
+        qmodel, execution_order(qmodel, data[0]), data, pipeline["rounding"], recipe.reduce_range
+    )
+    pipeline.update(entry)
+    summary.notes.extend(notes)
+    kept = entry["reduce_range"]["layers"]
+    return [f"7-bit GPTQ weights on {len(kept)} layers (reduce_range)"] if kept else []
+
+
 def apply_outlier_steps(
     qmodel: nn.Module, recipe: Recipe, data: list[Any], used: int, summary: Summary
 ) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -455,6 +470,7 @@ def quantize_static(
         steps.append(
             "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
         )
+    steps += apply_reduce_range(qmodel, recipe, data, pipeline, summary)
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     if flagged:  # the steps the outliers turned on, with their reasons
         summary.notes.extend(pipeline_notes(pipeline))
