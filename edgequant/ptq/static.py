@@ -336,12 +336,22 @@ def apply_refinement(
 
 
 def apply_reduce_range(
-    qmodel: nn.Module, recipe: Recipe, data: list[Any], pipeline: dict[str, Any], summary: Summary
+    qmodel: nn.Module,
+    recipe: Recipe,
+    data: list[Any],
+    pipeline: dict[str, Any],
+    summary: Summary,
+    progress: bool = False,
 ) -> list[str]:
     """Recipe.reduce_range (ptq/reduce_range.py) on the calibrated model: records its choice in
     `pipeline` and the summary; returns the step, if it changed any layer."""
     entry, notes = reduce_range_(
-        qmodel, execution_order(qmodel, data[0]), data, pipeline["rounding"], recipe.reduce_range
+        qmodel,
+        execution_order(qmodel, data[0]),
+        data,
+        pipeline["rounding"],
+        recipe.reduce_range,
+        progress,
     )
     pipeline.update(entry)
     summary.notes.extend(notes)
@@ -470,7 +480,7 @@ def quantize_static(
         steps.append(
             "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
         )
-    steps += apply_reduce_range(qmodel, recipe, data, pipeline, summary)
+    steps += apply_reduce_range(qmodel, recipe, data, pipeline, summary, progress)
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     if flagged:  # the steps the outliers turned on, with their reasons
         summary.notes.extend(pipeline_notes(pipeline))
