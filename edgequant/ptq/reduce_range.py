@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from edgequant.batches import call_model, naming_the_batch
+from edgequant.batches import batch_size, call_model, naming_the_batch
 from edgequant.modules import QuantMixin, fast_simulation
 from edgequant.ptq.gptq import gptq_weight
 from edgequant.ptq.rounding import as_columns, layer_input, supports, weight_grid
@@ -58,6 +58,11 @@ TOLERANCE = 0.05
 # not depend on the batching) scores the rounding that the other samples fit.
 HOLD_OUT = 4
 
+# At most this many rows (samples x positions) per layer enter the Gram matrices: a convolution's
+# positions are taken at a stride that keeps the count under it (GPTQ's Hessian needs many more
+# rows than columns, not every position of every image).
+MAX_ROWS = 1 << 16
+
 
 class Grams:
     """One layer's input statistics, summed in float64 over the calibration samples: X_q^T X_q
@@ -69,6 +74,7 @@ class Grams:
         self.fit, self.qq, self.qf, self.ff = zeros(), zeros(), zeros(), zeros()
         self.n_fit = self.n_score = 0
         self.seen = 0  # samples so far
+        self.stride = 0  # positions taken per sample: every stride-th (0: not yet known)
         self.pending: Tensor | None = None  # the float model's held-out columns, this batch
 
     def held_out(self, n: int) -> Tensor:
@@ -114,11 +120,16 @@ def output_error(weight: Tensor, quantized: Tensor, g: Grams) -> float:
     return float(((q @ g.qq) * q).sum() - 2 * ((q @ g.qf) * w).sum() + ((w @ g.ff) * w).sum())
 
 
-def _columns(layer: QuantMixin, x: Tensor) -> Tensor:
-    """(samples, rows per sample, columns): the layer's input as its weight multiplies it."""
+def _columns(layer: QuantMixin, x: Tensor, g: Grams, samples: int) -> Tensor:
+    """(samples, rows per sample, columns): the layer's input as its weight multiplies it, every
+    g.stride-th row of each sample (the stride fixed at the first call so that `samples` samples
+    give at most MAX_ROWS rows)."""
     with torch.no_grad():
         cols = as_columns(layer, layer_input(layer, x))
-    return cols.reshape(x.shape[0], -1, cols.shape[-1])
+    cols = cols.reshape(x.shape[0], -1, cols.shape[-1])
+    if g.stride == 0:
+        g.stride = max(1, math.ceil(samples * cols.shape[1] / MAX_ROWS))
+    return cols[:, :: g.stride]
 
 
 def collect_grams(
@@ -127,17 +138,20 @@ def collect_grams(
     """Grams of every named layer in one pass of each model per batch: the float model first
     (its held-out columns wait in Grams.pending), then the quantized one."""
     grams = {n: Grams(cast(QuantMixin, qmodel.get_submodule(n)).weight[0].numel()) for n in names}
+    samples = sum(batch_size(b) for b in batches)
 
     def on_float(name: str) -> Any:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            g, cols = grams[name], _columns(cast(QuantMixin, mod), args[0])
+            g = grams[name]
+            cols = _columns(cast(QuantMixin, mod), args[0], g, samples)
             g.add_float(cols[g.held_out(cols.shape[0])])
 
         return hook
 
     def on_quantized(name: str) -> Any:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            g, cols = grams[name], _columns(cast(QuantMixin, mod), args[0])
+            g = grams[name]
+            cols = _columns(cast(QuantMixin, mod), args[0], g, samples)
             g.add_quantized(cols, g.held_out(cols.shape[0]))
 
         return hook
