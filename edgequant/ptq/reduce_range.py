@@ -66,12 +66,14 @@ MAX_ROWS = 1 << 16
 
 class Grams:
     """One layer's input statistics, summed in float64 over the calibration samples: X_q^T X_q
-    of the samples the rounding fits; X_q^T X_q, X_q^T X and X^T X of the held-out ones (X_q:
-    the inputs as the layer quantizes them, X: the float model's inputs to the layer)."""
+    of the samples the rounding fits; X_q^T X_q, X_q^T D and D^T D of the held-out ones (X_q:
+    the inputs as the layer quantizes them, X: the float model's inputs to the layer, D = X_q -
+    X: the input's own quantization error, summed directly so that small errors are not lost
+    in the difference of large sums)."""
 
     def __init__(self, cols: int) -> None:
         zeros = lambda: torch.zeros(cols, cols, dtype=torch.float64)  # noqa: E731
-        self.fit, self.qq, self.qf, self.ff = zeros(), zeros(), zeros(), zeros()
+        self.fit, self.qq, self.qd, self.dd = zeros(), zeros(), zeros(), zeros()
         self.n_fit = self.n_score = 0
         self.seen = 0  # samples so far
         self.stride = 0  # positions taken per sample: every stride-th (0: not yet known)
@@ -86,15 +88,16 @@ class Grams:
 
     def add_quantized(self, cols: Tensor, held: Tensor) -> None:
         """cols: (samples, rows per sample, columns) of the quantized inputs."""
-        fit = cols[~held].reshape(-1, cols.shape[-1])
+        fit = cols[~held].reshape(-1, cols.shape[-1]).double()
         score = cols[held].reshape(-1, cols.shape[-1]).double()
-        self.fit += (fit.T @ fit).double()
+        self.fit += fit.T @ fit
         self.n_fit += fit.shape[0]
         if score.shape[0]:
             assert self.pending is not None and self.pending.shape == score.shape
+            d = score - self.pending
             self.qq += score.T @ score
-            self.qf += score.T @ self.pending
-            self.ff += self.pending.T @ self.pending
+            self.qd += score.T @ d
+            self.dd += d.T @ d
             self.n_score += score.shape[0]
         self.seen += int(held.numel())
         self.pending = None
@@ -114,10 +117,11 @@ class Grams:
 
 def output_error(weight: Tensor, quantized: Tensor, g: Grams) -> float:
     """sum over the held-out samples of ||Q x_q - W x||^2: the quantized layer's squared error
-    against the float layer on float inputs (no bias: it cancels), from the Gram matrices."""
+    against the float layer on float inputs (no bias: it cancels), from the Gram matrices.
+    With E = Q - W and d = x_q - x: Q x_q - W x = E x_q + W d."""
     w = weight.detach().reshape(weight.shape[0], -1).double()
-    q = quantized.detach().reshape(quantized.shape[0], -1).double()
-    return float(((q @ g.qq) * q).sum() - 2 * ((q @ g.qf) * w).sum() + ((w @ g.ff) * w).sum())
+    e = quantized.detach().reshape(quantized.shape[0], -1).double() - w
+    return float(((e @ g.qq) * e).sum() + 2 * ((e @ g.qd) * w).sum() + ((w @ g.dd) * w).sum())
 
 
 def _columns(layer: QuantMixin, x: Tensor, g: Grams, samples: int) -> Tensor:
@@ -136,34 +140,44 @@ def collect_grams(
     qmodel: nn.Module, reference: nn.Module, names: list[str], batches: list[Any]
 ) -> dict[str, Grams]:
     """Grams of every named layer in one pass of each model per batch: the float model first
-    (its held-out columns wait in Grams.pending), then the quantized one."""
-    grams = {n: Grams(cast(QuantMixin, qmodel.get_submodule(n)).weight[0].numel()) for n in names}
+    (its held-out columns wait in Grams.pending), then the quantized one. The hooks only keep
+    each layer's input; the arithmetic runs after the forward, outside any module (a module
+    may route the matmuls run inside it: attention's quantized matmuls do)."""
+    layers = {n: cast(QuantMixin, qmodel.get_submodule(n)) for n in names}
+    grams = {n: Grams(layer.weight[0].numel()) for n, layer in layers.items()}
     samples = sum(batch_size(b) for b in batches)
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}
 
-    def on_float(name: str) -> Any:
+    def keep(name: str) -> Any:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            g = grams[name]
-            cols = _columns(cast(QuantMixin, mod), args[0], g, samples)
-            g.add_float(cols[g.held_out(cols.shape[0])])
+            seen[name].append(args[0].detach())
 
         return hook
 
-    def on_quantized(name: str) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            g = grams[name]
-            cols = _columns(cast(QuantMixin, mod), args[0], g, samples)
-            g.add_quantized(cols, g.held_out(cols.shape[0]))
+    def gather(model: nn.Module, quantized: bool) -> None:
+        for name, inputs in seen.items():
+            g, layer = grams[name], cast(QuantMixin, model.get_submodule(name))
+            for x in inputs:
+                cols = _columns(layer, x, g, samples)
+                if quantized:
+                    g.add_quantized(cols, g.held_out(cols.shape[0]))
+                else:
+                    g.add_float(cols[g.held_out(cols.shape[0])])
+            inputs.clear()
 
-        return hook
-
-    handles = [reference.get_submodule(n).register_forward_pre_hook(on_float(n)) for n in names]
-    handles += [qmodel.get_submodule(n).register_forward_pre_hook(on_quantized(n)) for n in names]
+    handles = []
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 with naming_the_batch(batch, f"calib_data item {index}"):
-                    call_model(reference, batch, index)
-                    call_model(qmodel, batch, index)
+                    for model, quantized in ((reference, False), (qmodel, True)):
+                        handles = [
+                            model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names
+                        ]
+                        call_model(model, batch, index)
+                        for h in handles:
+                            h.remove()
+                        gather(model, quantized)
     finally:
         for h in handles:
             h.remove()
