@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toys import SmallCNN, tensor_batches  # tests/toys.py
+from toys import SmallCNN, bert_batches, random_bert, tensor_batches  # tests/toys.py
 from zoo import FunctionalMLP, ModuleCNN  # tests/zoo.py
 
 import edgequant as eq
@@ -138,3 +138,14 @@ def test_recipe_switch_is_validated_and_round_trips() -> None:
         eq.Recipe(reduce_range="yes")  # type: ignore[arg-type]
     recipe = eq.Recipe.preset("w8a8").replace(reduce_range=False)
     assert eq.Recipe.from_dict(recipe.to_dict()).reduce_range is False
+
+
+def test_transformer_with_quantized_attention_is_judged_layer_by_layer() -> None:
+    """Attention routes the matmuls run inside it to its quantized matmuls: the statistics of the
+    Linear layers inside it must not go through them (they did, and GPTQ's Hessian was not
+    positive definite)."""
+    torch.manual_seed(0)
+    data = bert_batches([12, 16, 9, 14, 12, 10, 16, 8])
+    q = eq.quantize(random_bert(), "w8a8", calib_data=data, method="static")
+    ratios = q.quant_info["pipeline"]["reduce_range"]["output_error_ratio_7_to_8"]
+    assert ratios and all(r is not None and 0.5 < r < 4.0 for r in ratios.values()), ratios
