@@ -41,6 +41,16 @@ def sentence_data(model: Any, tok: Any, quick: bool = False) -> tuple[list[str],
     return sentences, calib, evals, M.embed(model, evals)
 
 
+def load_with_sentences(quick: bool = False) -> tuple[Any, Any, list[str], Any, Any, Any] | None:
+    """load_or_skip, then sentence_data: (model, tokenizer, calibration sentences, their batches,
+    the evaluation batches, their FP32 embeddings); None where load_or_skip skips."""
+    loaded = load_or_skip()
+    if loaded is None:
+        return None
+    model, tok = loaded
+    return (model, tok, *sentence_data(model, tok, quick))
+
+
 def results_header(ref: Any, sentences: list[str], **extra: Any) -> dict[str, Any]:
     """The head of a results file: date, machine, versions, how many sentences; then `extra`
     and an empty "results"."""

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import edgequant as eq
 from edgequant.examples import cifar10 as C
+from edgequant.recipe import Recipe
 
 EvalSets = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -70,6 +72,39 @@ def load_resnet20_cifar(threads: int | None = 2) -> ResNet20Cifar:
     x_cal, _ = C.calibration_split(512)
     x932, y932 = C.load_split("test_932")
     return ResNet20Cifar(model, x_cal, list(x_cal.split(64)), x932, y932)
+
+
+def quantize_mcu_int8(data: ResNet20Cifar) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The plain call the edge benchmarks deploy: static PTQ of the model for the `mcu-int8`
+    target's W8A8, every other setting the default, on the 512 calibration images; with the
+    first fields of the benchmark's row (target, grids, images, wall time)."""
+    start = time.perf_counter()
+    recipe = Recipe.preset("w8a8").for_target("mcu-int8")
+    qmodel = eq.quantize(data.model, recipe, data.calib, method="static")
+    assert recipe.weight is not None and recipe.activation is not None
+    return qmodel, {
+        "target": "mcu-int8",
+        "weights": recipe.weight.short(),
+        "activations": recipe.activation.short(),
+        "calibration_images": len(data.x_cal),
+        "quantize_wall_s": time.perf_counter() - start,
+    }
+
+
+def results_head(machine_note: str = "") -> dict[str, Any]:
+    """The head of a results file of the ONNX Runtime ResNet-20 benchmarks that calibrate with
+    minmax observers: date, machine (then `machine_note`), versions, the calibration."""
+    import platform
+
+    import onnxruntime
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}{machine_note}",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "calibration": "512 images of train_4660 (calibration part), minmax observers",
+    }
 
 
 def eval_sets(data: ResNet20Cifar, quick: bool) -> EvalSets:

@@ -31,9 +31,8 @@ import torch
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
     interleaved_ms,
-    load_or_skip,
+    load_with_sentences,
     results_header,
-    sentence_data,
 )
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
@@ -56,13 +55,12 @@ def main() -> int:
         "--defaults", action="store_true", help="only the plain calls with the default recipe"
     )
     args = parser.parse_args()
-    loaded = load_or_skip()
+    loaded = load_with_sentences()
     if loaded is None:
         return 0
-    model, tok = loaded
+    model, tok, cal_sentences, calib, evals, ref = loaded
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    cal_sentences, calib, evals, ref = sentence_data(model, tok)
     out = results_header(ref, cal_sentences)
     if args.defaults:
         out["calls"] = {

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +28,13 @@ from _resnet20 import (  # benchmarks/_resnet20.py
     eval_sets,
     load_resnet20_cifar,
     predictions,
+    quantize_mcu_int8,
     resnet20_parser,
 )
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.export.executorch import ExecuTorchRunner, lower_to_executorch
-from edgequant.recipe import Recipe
 
 
 def latency_ms(runner: ExecuTorchRunner, x: np.ndarray, repeats: int = 200) -> float:
@@ -57,21 +56,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="eq-edge-et-"))
     bars: dict[str, bool] = {}
 
-    start = time.perf_counter()
-    recipe = Recipe.preset("w8a8").for_target("mcu-int8")
-    qmodel = eq.quantize(model, recipe, data.calib, method="static")
-    quantize_s = time.perf_counter() - start
+    qmodel, head = quantize_mcu_int8(data)
     path = work / "resnet20.pte"
     info = eq.export_executorch(qmodel, path, x932[:1], verify_data=list(x932.split(64)))
     print(info, flush=True)
     v = info.verification
     runner = ExecuTorchRunner(path.read_bytes())
     row: dict = {
-        "target": "mcu-int8",
-        "weights": recipe.weight.short(),
-        "activations": recipe.activation.short(),
-        "calibration_images": 512,
-        "quantize_wall_s": quantize_s,
+        **head,
         "export_wall_s": info.wall_s,
         "verification": v.__dict__,
         "pte_bytes": info.size_bytes,

@@ -28,6 +28,7 @@ from _resnet20 import (  # benchmarks/_resnet20.py
     batch1_median_ms,
     load_resnet20_cifar,
     predictions,
+    quantize_mcu_int8,
     resnet20_parser,
 )
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
@@ -35,7 +36,6 @@ from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.pa
 import edgequant as eq
 from edgequant.examples import cifar10 as C
 from edgequant.export.tflite_runtime import TFLiteRunner, convert_program
-from edgequant.recipe import Recipe
 
 
 def latency_ms(runner: TFLiteRunner, x: np.ndarray, repeats: int = 200) -> float:
@@ -53,10 +53,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="eq-edge-"))
     bars: dict[str, bool] = {}
 
-    start = time.perf_counter()
-    recipe = Recipe.preset("w8a8").for_target("mcu-int8")
-    qmodel = eq.quantize(model, recipe, data.calib, method="static")
-    quantize_s = time.perf_counter() - start
+    qmodel, head = quantize_mcu_int8(data)
     path = work / "resnet20.tflite"
     info = eq.export_tflite(qmodel, path, x932[:1], verify_data=list(x932.split(64)))
     print(info, flush=True)
@@ -71,11 +68,7 @@ def main() -> int:
     tflm_pred = predictions(tflm, x)
     tflm_s = time.perf_counter() - start
     row: dict = {
-        "target": "mcu-int8",
-        "weights": recipe.weight.short(),
-        "activations": recipe.activation.short(),
-        "calibration_images": 512,
-        "quantize_wall_s": quantize_s,
+        **head,
         "export_wall_s": info.wall_s,
         "sim_acc_test_932": float((sim_pred == y).mean()),
         "tflm_acc_test_932": float((tflm_pred == y).mean()),

@@ -18,15 +18,18 @@ Calibration: 512 images of train_4660 (calibration part), as benchmarks/targets_
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from _resnet20 import eval_sets, load_resnet20_cifar, resnet20_parser  # benchmarks/_resnet20.py
+from _resnet20 import (  # benchmarks/_resnet20.py
+    eval_sets,
+    load_resnet20_cifar,
+    resnet20_parser,
+    results_head,
+)
 from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
@@ -120,14 +123,8 @@ def main() -> int:
             }
         results[target] = row
         print(target, json.dumps(row), flush=True)
-    import onnxruntime
-
     out = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, torch threads 2, ORT threads 2",
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "calibration": "512 images of train_4660 (calibration part), minmax observers",
+        **results_head(", torch threads 2, ORT threads 2"),
         "results": results,
         "bars": bars,
     }

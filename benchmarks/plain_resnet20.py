@@ -8,6 +8,11 @@ Runs (names): ptq-w8a8, ptq-w4a8, ptq-w4a4 (eq.quantize, static, 1,024 calibrati
 train_4660's calibration part), ptq-w4a4-512 (the same on 512: the start of qat-w4a4), and
 qat-w4a4: eq.prepare_qat(model, "w4a4", calib_data=512 images) then eq.fit_qat(qmodel,
 train_4660 as (images, labels) batches of 128, epochs=10, teacher=model), nothing else set.
+
+Each PTQ run's file is timed in ONNX Runtime (2 threads, batch 1 and 64, interleaved) against
+the FP32 file and against ONNX Runtime's own quantize_static of it (MinMax, per-channel, QDQ, its
+default INT8 weights, the 512 calibration images the presets read), whose accuracy is recorded
+too.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _resnet20 import ort_quantize_static  # benchmarks/_resnet20.py
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
+from edgequant import bench
 from edgequant.examples import cifar10 as C
 from edgequant.examples.shared import shared_dir
+
+LATENCY_RUNS = 40
 
 RUNS = ("ptq-w8a8", "ptq-w4a8", "ptq-w4a4", "ptq-w4a4-512", "qat-w4a4")
 
@@ -87,6 +96,19 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
+        ort_path = Path(tmp) / "ort_static_w8a8.onnx"
+        if any(n.startswith("ptq") for n in names):
+            ort_quantize_static(fp32_path, ort_path, C.calibration_split(512)[0].numpy())
+            ort = C.ort_predict_fn(ort_path)
+            rows.append(
+                {
+                    "name": "onnxruntime quantize_static w8a8",
+                    "test_932": C.accuracy(ort, test_x, test_y),
+                    "jpeg_10000": C.accuracy(ort, jpeg_x, jpeg_y),
+                    "size_bytes": ort_path.stat().st_size,
+                }
+            )
+            print(rows[-1], flush=True)
         for name in names:
             started = time.perf_counter()
             qmodel, extra = build(name, model)
@@ -107,11 +129,26 @@ def main() -> None:
                     **extra,
                 }
             )
+            if name.startswith("ptq"):
+                rows[-1]["latency"] = latency(path, fp32_path, ort_path)
             shown = {k: v for k, v in rows[-1].items() if k not in ("history", "selection")}
             print(shown, flush=True)
             if "selection" in extra:
                 print("  selection:", extra["selection"]["why"], flush=True)
             save(args.out, names, rows)  # after every run: a long run keeps what it measured
+
+
+def latency(path: Path, fp32_path: Path, ort_path: Path) -> dict[str, Any]:
+    """Batch-1 and batch-64 latency of `path` against the FP32 file and ONNX Runtime's
+    quantize_static model, each pair interleaved; speed ratios above 1: ours is faster."""
+    out: dict[str, Any] = {"runs": LATENCY_RUNS, "threads": 2}
+    for label, other in (("fp32", fp32_path), ("ort", ort_path)):
+        lat = bench.compare_latency(other, path, batch_sizes=(1, 64), runs=LATENCY_RUNS)
+        out[f"{label}_ms"] = lat["a"]
+        out["ms_vs_" + label] = lat["b"]
+        out[f"speed_vs_{label}"] = {k: 1.0 / v for k, v in lat["ratio"].items()}
+    print("  latency:", out, flush=True)
+    return out
 
 
 def save(out: str, names: list[str], rows: list[dict[str, Any]]) -> None:

@@ -61,8 +61,9 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
         "ptq-w4a4-512": "PTQ static W4A4, 512 calibration images",
         "qat-w4a4": "QAT W4A4: prepare_qat (512 images), fit_qat 10 epochs, teacher",
     }
+    peer = rows.get("onnxruntime quantize_static w8a8")
     for key, row in rows.items():
-        if key == "fp32":
+        if key == "fp32" or row is peer:
             continue
         size = row.get("size_bytes")
         ratio = f" ({size / fp32['size_bytes']:.3f}x)" if fp32 and size else ""
@@ -79,11 +80,31 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
                 if fp32
                 else "-",
                 "size": _kb(size) + ratio,
-                "speed": "not measured in this run",
+                "speed": _resnet20_speed(row, peer),
                 "source": name,
             }
         )
     return out
+
+
+def _resnet20_speed(row: dict[str, Any], peer: dict[str, Any] | None) -> str:
+    """'bs1 a ms (x FP32, y ORT quantize_static), bs64 ...' from the run's interleaved pairs."""
+    lat = row.get("latency")
+    if not lat:
+        return "not measured in this run"
+    parts = []
+    for bs in ("bs1", "bs64"):
+        parts.append(
+            f"{bs} {lat['ms_vs_fp32'][bs]:.2f} ms ({lat['speed_vs_fp32'][bs]:.2f}x FP32, "
+            f"{lat['speed_vs_ort'][bs]:.2f}x ORT quantize_static)"
+        )
+    text = "; ".join(parts) + " (speed ratios: above 1 is faster)"
+    if peer:
+        text += (
+            f"; ORT quantize_static itself deploys {_pct(peer['test_932'])} / "
+            f"{_pct(peer['jpeg_10000'])}"
+        )
+    return text
 
 
 def _minilm_speed(data: dict[str, Any], key: str) -> str:
@@ -156,9 +177,16 @@ def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
         out.append(
             {
                 "model": "all-MiniLM-L6-v2",
-                "method": key
-                if "calib" in key or "sentences" in key
-                else f"{key} ({data.get('calibration_sentences', '?')} calibration sentences)",
+                "method": (
+                    key
+                    if "calib" in key or "sentences" in key
+                    else f"{key} ({data.get('calibration_sentences', '?')} calibration sentences)"
+                )
+                + (
+                    f"; its {data['quantized_attention_matmuls']} attention matmuls integer"
+                    if data.get("quantized_attention_matmuls")
+                    else ""
+                ),
                 "deployed": f"mean cosine {r['mean_cosine']:.4f}, worst {r['min_cosine']:.4f}, "
                 f"nearest-neighbour {r['nn_agreement']:.3f}",
                 "reference": "; ".join(peers) or "FP32 embeddings (cosine 1)",

@@ -30,10 +30,9 @@ from typing import Any
 
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
-    load_or_skip,
+    load_with_sentences,
     results_header,
     reuse,
-    sentence_data,
 )
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
@@ -71,11 +70,10 @@ def main() -> int:
     parser.add_argument("--skip-choice", action="store_true", help="reuse the choice in --out")
     parser.add_argument("--quick", action="store_true", help="a smoke run on few sentences")
     args = parser.parse_args()
-    loaded = load_or_skip()
+    loaded = load_with_sentences(args.quick)
     if loaded is None:
         return 0
-    model, tok = loaded
-    cal_sentences, calib, evals, ref = sentence_data(model, tok, args.quick)
+    model, tok, cal_sentences, calib, evals, ref = loaded
     out = results_header(ref, cal_sentences, target_mean_cosine=TARGET_MEAN_COSINE)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
 

@@ -52,6 +52,17 @@ class TensorQuantizer(nn.Module):
     def calibrated(self) -> bool:
         return self.scale.numel() > 0
 
+    def set_spec(self, spec: QuantSpec) -> None:
+        """Move to another grid: a fresh observer for `spec`, uncalibrated (disabled) until it is
+        calibrated again."""
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"{self.name}: set_spec needs a QuantSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.observer = OBSERVERS[spec.observer](spec)
+        self.scale = torch.empty(0, device=self.scale.device)
+        self.zero_point = torch.empty(0, dtype=torch.int32, device=self.zero_point.device)
+        self.mode = "disabled"
+
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"{self.name}: unknown mode {mode!r}; valid: {', '.join(MODES)}")

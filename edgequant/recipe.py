@@ -57,6 +57,10 @@ class Recipe:
     # Quantize layer outputs that do not flow straight into another quantized layer, so that
     # integer runtimes keep those layers in integer kernels (see instrument.add_output_quantizers).
     quantize_outputs: bool = True
+    # Static PTQ (and QAT from it): the matmuls of two activations (attention's Q·Kᵀ and P·V,
+    # F.scaled_dot_product_attention written out) take both operands on the activation grid,
+    # so a transformer runs them as integer matmuls (edgequant/attention.py); False: float.
+    quantize_attention: bool = True
     # SmoothQuant's migration strength for Linear inputs (PTQ, static and dynamic): a number
     # applies to every Linear input; "auto": on each input with outlier channels (calibration
     # data shows a few channels with ranges above ptq.outliers.OUTLIER_RATIO times the median
@@ -88,6 +92,13 @@ class Recipe:
     # "quantized" otherwise (held-out choices on ResNet-20 W2A8-W4A8 and all-MiniLM-L6-v2 INT4;
     # edgequant/ptq/static.py resolve_pipeline).
     rounding_target: str = "auto"
+    # 7-bit weights where an 8-bit layer meets 8-bit unsigned activations (the onnxruntime
+    # target): x86 CPUs without VNNI run such a layer in a u8s8 kernel whose int16 pair sums
+    # saturate unless |weight| <= 64, so 8-bit weights are stored as UINT8 for the exact, slower
+    # u8u8 kernel. None ("auto"): each such layer gets 7 bits, GPTQ-rounded, where that output
+    # error is no larger than its 8-bit rounding's (static PTQ with calibration data;
+    # ptq/reduce_range.py); True: every such layer; False: none.
+    reduce_range: bool | None = None
     # Weight-only PTQ of a decoder stack (a causal LM: most quantized Linears in one stack of
     # repeated blocks) at <= 4 weight bits runs block by block (ptq/decoder.py): AWQ scaling
     # (Lin et al. 2023) and the clipping search by output error, each True, False or None
@@ -177,15 +188,16 @@ class Recipe:
                 f"Recipe.dynamic_activation={self.dynamic_activation!r} is unknown; valid: "
                 f"{', '.join(DYNAMIC_ACTIVATIONS)}"
             )
-        for label in ("equalize", "bias_correction", "awq", "clip_search"):
+        for label in ("equalize", "bias_correction", "reduce_range", "awq", "clip_search"):
             if getattr(self, label) not in (None, True, False):
                 raise ValueError(
                     f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
                 )
-        if not isinstance(self.quantize_outputs, bool):
-            raise TypeError(
-                f"Recipe.quantize_outputs must be true or false, got {self.quantize_outputs!r}"
-            )
+        for label in ("quantize_outputs", "quantize_attention"):
+            if not isinstance(getattr(self, label), bool):
+                raise TypeError(
+                    f"Recipe.{label} must be true or false, got {getattr(self, label)!r}"
+                )
         if (
             not isinstance(self.calib_samples, int)
             or isinstance(self.calib_samples, bool)
@@ -338,6 +350,9 @@ class Recipe:
             lines.append(
                 f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}"
             )
+            lines.append(
+                f"  attention matmuls (two activations) quantized: {self.quantize_attention}"
+            )
         return "\n".join(lines)
 
     # --- YAML round trip -------------------------------------------------------------------
@@ -360,12 +375,14 @@ class Recipe:
             "target": self.target,
             "calib_samples": self.calib_samples,
             "quantize_outputs": self.quantize_outputs,
+            "quantize_attention": self.quantize_attention,
             "smooth_alpha": self.smooth_alpha,
             "split_outliers": self.split_outliers,
             "equalize": self.equalize,
             "bias_correction": self.bias_correction,
             "rounding": self.rounding,
             "rounding_target": self.rounding_target,
+            "reduce_range": self.reduce_range,
             "awq": self.awq,
             "clip_search": self.clip_search,
             "range_learning": self.range_learning,

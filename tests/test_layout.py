@@ -53,13 +53,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # Graph placement, tested through the fx placement that instrumentation runs.
     "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
     "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
-    # PTQ internals, tested through the eq.quantize calls that run them.
-    "ptq/calibrate.py": ("ptq/test_brecq.py", "calibration of the blocks BRECQ reconstructs"),
-    # QAT pieces, tested through fit_qat.
-    "qat/checkpoint.py": ("qat/test_fit.py", "resume and refusal of fit_qat's checkpoints"),
-    "qat/config.py": ("qat/test_fit.py", "fit_qat's argument checks"),
-    "qat/distill.py": ("qat/test_fit.py", "distillation inside fit_qat"),
-    "qat/oscillation.py": ("qat/test_fit.py", "dampening inside fit_qat"),
     # The report's runs, tested as compare makes them.
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }

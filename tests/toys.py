@@ -5,6 +5,7 @@ is tests/zoo.py."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
+from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant import functional as F
@@ -51,6 +53,77 @@ def keyword_batches(n: int, seed: int, batch: int = 8) -> list[dict[str, torch.T
 
 
 # --- observers ----------------------------------------------------------------------------------
+
+
+class Shuffled:
+    """Batches in a new order every epoch, drawn from the global generator (as a DataLoader
+    with shuffle=True does): resuming must restore that generator too."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> None:
+        self.x, self.y, self.batch = x, y, batch
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch - 1) // self.batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            yield self.x[idx], self.y[idx]
+
+
+def fit_fixed_adam(
+    qat: nn.Module, data: Any, teacher: nn.Module, **settings: Any
+) -> list[dict[str, Any]]:
+    """Three epochs of Adam at a fixed rate (3e-3, not scaled by the grid), distilling from
+    `teacher` and keeping the last epoch: the training in which a QAT loss term's effect is
+    measured, with `settings` switching the term on."""
+    return eq.fit_qat(
+        qat,
+        data,
+        epochs=3,
+        lr=3e-3,
+        lr_scaling="none",
+        optimizer="adam",
+        teacher=teacher,
+        progress=False,
+        select="last",
+        **settings,
+    )
+
+
+def result_row(
+    name: str,
+    family: str,
+    method: str,
+    weight_bits: int,
+    act_bits: int | None,
+    metric: float,
+    size_bytes: int,
+    bs1_ms: float,
+    bs64_ms: float,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One run of a results file (DESIGN §1) that succeeded, as compare writes it, against a
+    baseline of 120,000 bytes; `fields` change or add keys."""
+    row = {
+        "name": name,
+        "family": family,
+        "method": method,
+        "weight_bits": weight_bits,
+        "act_bits": act_bits,
+        "metric_simulated": metric,
+        "metric_deployed": metric,
+        "top1_agreement": 0.99,
+        "size_bytes": size_bytes,
+        "size_ratio": size_bytes / 120_000,
+        "latency_ms": {"bs1": bs1_ms, "bs64": bs64_ms},
+        "wall_s": 1.0,
+        "labels_used": family == "qat",
+        "samples_used": 512,
+        "status": "ok",
+    }
+    return {**row, **fields}
 
 
 def per_tensor(bits: int = 8, signed: bool = True, observer: str = "minmax") -> QuantSpec:
@@ -399,3 +472,37 @@ def lm_recipe(bits: int = 4, group: int | None = 32, **kw: object) -> eq.Recipe:
     return eq.Recipe(
         name=f"int{bits}", weight=weight_spec(bits, group), activation=None, first_last_bits=8, **kw
     )
+
+
+# The toy models the eq.quantize tests run on: (class, shape of one calibration batch; None for
+# keyword batches).
+QUANTIZE_MODELS = {
+    "cnn": (SmallCNN, (4, 3, 8, 8)),
+    "mlp": (MLP, (4, 16)),
+    "conv1d": (Conv1dNet, (4, 2, 16)),
+    "residual": (TinyResidual, (4, 4, 6, 6)),
+    "keywords": (Keywords, None),
+}
+
+
+def quantize_case(name: str) -> tuple[nn.Module, list, object]:
+    """The toy model QUANTIZE_MODELS[name] in eval mode with non-trivial BN statistics, its
+    calibration items and one test item (the eq.quantize tests')."""
+    cls, shape = QUANTIZE_MODELS[name]
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen(1))
+                m.running_var.uniform_(0.5, 1.5, generator=gen(2))
+    if shape is None:
+        # Six input features: a few more samples than the tensor models for the ranges to settle.
+        return model, keyword_batches(8, seed=10, batch=8), keyword_batches(1, seed=99, batch=16)[0]
+    return model, tensor_batches(shape, 4, seed=10), torch.randn(16, *shape[1:], generator=gen(99))
+
+
+def run_item(model: nn.Module, item: object) -> torch.Tensor:
+    """model's output on a test item of quantize_case, without gradients."""
+    with torch.no_grad():
+        return model(**item) if isinstance(item, dict) else model(item)

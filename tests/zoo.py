@@ -11,6 +11,7 @@ the whole matrix of models x targets x methods runs in about a minute.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from typing import Any
@@ -281,14 +282,17 @@ def _tiny_bert() -> tuple[nn.Module, list[Any]]:
     return Encoder().eval(), batches
 
 
-def _build(cls: type[nn.Module], shape: tuple[int, ...]) -> Callable[[], tuple[nn.Module, list]]:
-    def build() -> tuple[nn.Module, list[Any]]:
-        torch.manual_seed(0)
-        model = cls()
-        _randomize_norms(model)
-        return model.eval(), _batches(shape, seed=1)
+def seeded_case(cls: type[nn.Module], shape: tuple[int, ...]) -> tuple[nn.Module, list[Any]]:
+    """cls() with seeded weights and BatchNorm statistics as a trained model has them, in eval
+    mode, and its calibration batches of inputs shaped (BATCH, *shape)."""
+    torch.manual_seed(0)
+    model = cls()
+    _randomize_norms(model)
+    return model.eval(), _batches(shape, seed=1)
 
-    return build
+
+def _build(cls: type[nn.Module], shape: tuple[int, ...]) -> Callable[[], tuple[nn.Module, list]]:
+    return functools.partial(seeded_case, cls, shape)
 
 
 ZOO: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {

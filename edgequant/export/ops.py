@@ -47,20 +47,13 @@ def qdq(
     return F.fake_quantize(x, scale, zero_point.to(torch.int32), qmin, qmax, _axis(axis))
 
 
-@qdq.register_fake
-def _(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    clip_lo: Tensor,
-    clip_hi: Tensor,
-    qmin: int,
-    qmax: int,
-    axis: int,
-    container_bits: int,
-    clip: bool,
-) -> Tensor:
+# The fake (meta) kernels give only the output's shape and dtype, for torch.export's tracing; the
+# schema comes from the op itself, so they take the op's arguments as they come.
+def _like_input(x: Tensor, *_: object) -> Tensor:
     return torch.empty_like(x)
+
+
+qdq.register_fake(_like_input)
 
 
 @torch.library.custom_op("edgequant::quantize_int", mutates_args=())
@@ -81,20 +74,7 @@ def quantize_int(
     return torch.clamp(torch.round(x / scale.reshape(())) + zp, qmin, qmax) - zp
 
 
-@quantize_int.register_fake
-def _(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    one: Tensor,
-    clip_lo: Tensor,
-    clip_hi: Tensor,
-    qmin: int,
-    qmax: int,
-    container_bits: int,
-    clip: bool,
-) -> Tensor:
-    return torch.empty_like(x)
+quantize_int.register_fake(_like_input)
 
 
 @torch.library.custom_op("edgequant::dq", mutates_args=())
@@ -112,15 +92,7 @@ def dq(
 
 
 @dq.register_fake
-def _(
-    q: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    axis: int,
-    block_size: int,
-    container_bits: int,
-    zero_point_is_zero: bool,
-) -> Tensor:
+def _(q: Tensor, *_: object) -> Tensor:
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
@@ -145,15 +117,7 @@ def dynamic_linear(
 
 
 @dynamic_linear.register_fake
-def _(
-    x: Tensor,
-    weight_t_q: Tensor,
-    weight_zero_point: Tensor,
-    weight_scale: Tensor,
-    bias: Tensor,
-    has_bias: bool,
-    per_token: bool,
-) -> Tensor:
+def _(x: Tensor, weight_t_q: Tensor, *_: object) -> Tensor:
     return torch.empty(x.shape[:-1] + (weight_t_q.shape[1],), dtype=x.dtype, device=x.device)
 
 

@@ -99,6 +99,27 @@ class LayerInfo:
     zero_point_zero: bool | None = None  # True when absent or all zeros
     activation: str = "float"  # 'float', 'static' (Q->DQ) or 'dynamic' (DynamicQuantizeLinear)
     activation_dtype: str | None = None
+    # A matmul of two activations (attention's Q·Kᵀ, P·V): its second operand, as `activation`.
+    other_activation: str | None = None
+    weight_max_abs: int | None = None  # INT8 weights: the largest |value| stored
+
+    @property
+    def kernel(self) -> str:
+        """The 8-bit integer kernel ONNX Runtime's CPU provider runs this layer with, and whether
+        it is exact: on x86 without VNNI the s8-weight kernels sum pairs of products in int16
+        (activations as uint8) and saturate unless |weight| <= 64. '' where the layer is not
+        an 8-bit x 8-bit integer product."""
+        if self.weight_source != "integer" or self.activation == "float" or self.weight_bits != 8:
+            return ""
+        codes = {"UINT8": "u8", "INT8": "s8"}
+        a, w = codes.get(self.activation_dtype or ""), codes.get(self.weight_dtype or "")
+        if a is None or w is None:
+            return ""
+        if w == "u8":
+            return f"{a}u8 (exact; slower on x86)"
+        if self.weight_max_abs is not None and self.weight_max_abs <= 64:
+            return f"{a}s8 (exact: |w| <= 64)"
+        return f"{a}s8 (saturates on x86 without VNNI: |w| > 64)"
 
     @property
     def quantized(self) -> bool:
@@ -248,6 +269,9 @@ def inspect_node(graph: OnnxGraph, index: int, node: onnx.NodeProto) -> LayerInf
         "activation_dtype": activation_dtype,
     }
     if weight_index is None:
+        if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul") and len(node.input) > 1:
+            kind, dtype = _activation(graph, node, 3 if node.op_type == "QLinearMatMul" else 1)
+            base["other_activation"] = f"{kind} {dtype}" if dtype else kind
         return LayerInfo(weight_source="none", **base)
     weight_name = node.input[weight_index]
     if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
@@ -293,8 +317,18 @@ def _plain_weight(graph: OnnxGraph, initializer: str, base: dict[str, Any]) -> L
         weight_dtype=dtype_name(tensor.data_type),
         weight_bits=dtype_bits(tensor.data_type),
         weight_shape=tuple(tensor.dims),
+        weight_max_abs=_max_abs(graph, initializer),
         **base,
     )
+
+
+def _max_abs(graph: OnnxGraph, name: str) -> int | None:
+    """The largest |value| of an INT8 initializer (None for other types)."""
+    tensor = graph.constants[name]
+    if tensor.data_type != TensorProto.INT8:
+        return None
+    values = graph.array(name)
+    return int(np.abs(values.astype(np.int16)).max()) if values.size else 0
 
 
 def _dq_params(graph: OnnxGraph, dq: onnx.NodeProto, layer: LayerInfo) -> dict[str, Any]:
@@ -349,6 +383,7 @@ def _dequantized_weight(
         weight_dtype=dtype_name(data_type),
         weight_bits=dtype_bits(data_type),
         weight_shape=tuple(tensor.dims),
+        weight_max_abs=_max_abs(graph, stored),
         **base,
     )
     return _replace(layer, **_dq_params(graph, dq, layer))

@@ -23,7 +23,7 @@ from edgequant.graph_quantizers.ops import (
     quant_layer,
 )
 from edgequant.graph_quantizers.zeros import cats_with_zeros_as_pads
-from edgequant.modules import QuantMixin
+from edgequant.modules import QuantMatMul, QuantMixin, QuantScaledDotProductAttention
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
 from edgequant.summary import Summary
@@ -34,7 +34,8 @@ class _QuantTracer(ShapeTracer):
     """Keeps quantized layers and quantizers as single nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+        leaves = (QuantMixin, TensorQuantizer, QuantMatMul, QuantScaledDotProductAttention)
+        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
 
 def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
@@ -67,8 +68,9 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         summary.notes.append(
             "activations quantized at layer inputs only: torch.fx could not trace the "
             f"model ({type(err).__name__}), so outputs and shared tensors are not quantized, "
-            "and the ops between quantized layers (matmuls of two activations such as "
-            "attention's QK^T and attn x V, softmax, normalization, residual adds) run in float"
+            "and the ops between quantized layers (softmax, normalization, residual adds) run "
+            "in float; matmuls of two activations are quantized apart from the graph "
+            "(recipe.quantize_attention)"
         )
         return qmodel
     gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)

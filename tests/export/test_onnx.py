@@ -135,11 +135,15 @@ def test_static_classifier_agrees_with_the_simulation(static_classifier: tuple) 
     assert float(((sim - dep).abs() / step).max()) <= 1.0
 
 
-def test_static_classifier_stores_8_bit_weights_as_uint8(static_classifier: tuple) -> None:
+def test_static_classifier_stores_8_bit_weights_as_uint8(tmp_path: Path) -> None:
     """Between uint8 activations, 8-bit weights are stored as uint8 with zero point 128: the same
     values, run by ONNX Runtime's u8u8 kernel, which does not saturate on x86 CPUs without VNNI
-    as its u8s8 one does (export.int8_kernels.as_uint8)."""
-    qmodel, path, _ = static_classifier
+    as its u8s8 one does (export.int8_kernels.as_uint8). (reduce_range off: every layer keeps
+    8-bit weights; tests/ptq/test_reduce_range.py covers the 7-bit ones, stored INT8.)"""
+    model, calib, _ = _case("classifier")
+    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(reduce_range=False), calib)
+    path = tmp_path / "classifier.onnx"
+    _export(qmodel, path, calib)
     report = inspect_onnx(path)
     assert [
         (layer.weight_dtype, layer.weight_bits, layer.activation) for layer in report.layers
@@ -225,7 +229,7 @@ def test_layers_that_would_saturate_deploy_exactly(preset: str, dtype: int, tmp_
     computes what the simulation computes, on any CPU."""
     model = Saturating().eval()
     x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0
-    recipe = eq.Recipe.preset(preset).replace(first_last_bits=None)
+    recipe = eq.Recipe.preset(preset).replace(first_last_bits=None, reduce_range=False)
     qmodel = eq.quantize(model, recipe, [x])
     path = tmp_path / "model.onnx"
     _export(qmodel, path, [x])
@@ -245,7 +249,8 @@ def test_weight_storage_int8_keeps_int8_weights_and_verifies_on_this_cpu(tmp_pat
 
     model = Saturating().eval()
     x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0
-    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(first_last_bits=None), [x])
+    recipe = eq.Recipe.preset("w8a8").replace(first_last_bits=None, reduce_range=False)
+    qmodel = eq.quantize(model, recipe, [x])
     stored = [m.weight_q.dtype for m in lower(qmodel, "int8").modules() if hasattr(m, "weight_q")]
     assert stored == [torch.int8] * 2
     path = tmp_path / "model.onnx"

@@ -15,26 +15,25 @@ import edgequant as eq
 from edgequant.export.pt2e import export_program, pt2e_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import ZOO, NewZerosShortcut, ZerosShortcut, _randomize_norms  # noqa: E402
+from zoo import (  # noqa: E402
+    NewZerosShortcut,
+    OptionAShortcut,
+    ZerosLikeShortcut,
+    ZerosShortcut,
+    seeded_case,
+)
 
 SELECTION_OPS = {"slice", "pad", "constant_pad_nd", "cat", "max_pool2d", "max_pool1d", "zeros_like"}
 
 
-class PoolPadShortcut(nn.Module):
-    """The option-A shortcut written another way: a 1x1 max pool module of stride 2, then the
-    new channels padded with a negative-dimension torch.nn.functional.pad on a channels-first
-    view."""
+class PoolPadShortcut(OptionAShortcut):
+    """The zoo's option-A shortcut written another way: a 1x1 max pool module of stride 2, then
+    the new channels padded with a negative-dimension torch.nn.functional.pad on a
+    channels-first view."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
         self.pool = nn.MaxPool2d(1, 2)
-        self.fc = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.stem(x)))
@@ -72,13 +71,9 @@ class NotASelection(nn.Module):
 
 
 def _quantized(cls: type[nn.Module], shape: tuple[int, ...], target: str) -> tuple:
-    torch.manual_seed(0)
-    model = cls()
-    _randomize_norms(model)
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randn(4, *shape, generator=gen) for _ in range(2)]
+    model, calib = seeded_case(cls, shape)  # as the zoo builds its models
     recipe = eq.Recipe.preset("w8a8").for_target(target)
-    return eq.quantize(model.eval(), recipe, calib, method="static"), calib
+    return eq.quantize(model, recipe, calib, method="static"), calib
 
 
 def _ops(program: torch.export.ExportedProgram) -> list[str]:
@@ -103,19 +98,13 @@ def _selection_convs(program: torch.export.ExportedProgram) -> list[list[int]]:
 
 
 STYLES = {
-    "slice_and_pad": lambda target: _quantized_zoo("option_a_shortcut", target),
+    "slice_and_pad": lambda target: _quantized(OptionAShortcut, (3, 8, 8), target),
     "pool_and_pad": lambda target: _quantized(PoolPadShortcut, (3, 8, 8), target),
     "conv1d_slice_and_pad": lambda target: _quantized(Conv1dShortcut, (2, 12), target),
-    "cat_zeros_like": lambda target: _quantized_zoo("option_a_zeros_like", target),
+    "cat_zeros_like": lambda target: _quantized(ZerosLikeShortcut, (3, 8, 8), target),
     "cat_zeros_of_shape": lambda target: _quantized(ZerosShortcut, (3, 8, 8), target),
     "cat_new_zeros": lambda target: _quantized(NewZerosShortcut, (3, 8, 8), target),
 }
-
-
-def _quantized_zoo(name: str, target: str) -> tuple:
-    model, calib = ZOO[name]()
-    recipe = eq.Recipe.preset("w8a8").for_target(target)
-    return eq.quantize(model, recipe, calib, method="static"), calib
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))

@@ -31,7 +31,14 @@ def test_default_w4_pipeline_runs_and_is_recorded() -> None:
 
 def test_every_step_can_be_switched_off() -> None:
     model = Chain().eval()
-    q = quantize_chain(model, "w4a8", rounding="nearest", bias_correction=False, equalize=False)
+    q = quantize_chain(
+        model,
+        "w4a8",
+        rounding="nearest",
+        bias_correction=False,
+        equalize=False,
+        reduce_range=False,
+    )
     p = q.quant_info["pipeline"]
     assert p["steps"] == ["weight and activation ranges calibrated"]
     # Weights are then exactly round-to-nearest of the folded float weights.

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant.qat import prepare_qat
+
 
 class TinyNet(nn.Module):
     def __init__(self) -> None:
@@ -110,3 +112,9 @@ def _sgd_steps(
 def sgd_steps() -> Callable[..., None]:
     """_sgd_steps, for tests that need a few plain QAT steps."""
     return _sgd_steps
+
+
+@pytest.fixture
+def qat(tiny_model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+    """tiny_model prepared for W8A8 QAT, for the tests of fit_qat's argument checks."""
+    return prepare_qat(tiny_model, "w8a8", calib)

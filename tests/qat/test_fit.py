@@ -1,100 +1,20 @@
-"""fit_qat: the loop, distillation, checkpoints that resume to identical weights, NaN, refusal.
-Also covers qat/config.py, qat/optim.py, qat/checkpoint.py, qat/distill.py and
-qat/oscillation.py."""
+"""fit_qat: the loop, weight averaging, NaN and divergence, held-out epoch selection, refusal of
+bad arguments and data. Checkpoints, FitConfig's checks, distillation and dampening have their
+own test modules (test_checkpoint, test_config, test_distill, test_oscillation)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from toys import Shuffled  # tests/toys.py
 
-import edgequant as eq
-from edgequant import functional as F
 from edgequant.qat import fit_qat, prepare_qat
-from edgequant.qat.base import QATQuantizer
 from edgequant.qat.checkpoint import FILENAME
-from edgequant.qat.ema import EMAQuantizer
 from edgequant.qat.fit import NaNLossError
 from edgequant.qat.prepare import qat_quantizers
-
-
-class Shuffled:
-    """Batches in a new order every epoch, drawn from the global generator (as a DataLoader
-    with shuffle=True does): resuming must restore that generator too."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> None:
-        self.x, self.y, self.batch = x, y, batch
-
-    def __len__(self) -> int:
-        return (len(self.x) + self.batch - 1) // self.batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.x))
-        for i in range(0, len(order), self.batch):
-            idx = order[i : i + self.batch]
-            yield self.x[idx], self.y[idx]
-
-
-class Stop(Exception):
-    pass
-
-
-def _stop_after_first(epoch: int, record: dict) -> None:
-    if epoch == 1:
-        raise Stop
-
-
-@pytest.mark.parametrize(
-    ("range_learning", "weight_average"), [("lsq", 0.0), ("ema", 0.0), ("lsq", 0.8)]
-)
-def test_resume_after_a_kill_gives_identical_weights(
-    tiny_model, calib, make_data, tmp_path, range_learning, weight_average
-):
-    recipe = eq.Recipe.preset("w4a4").replace(range_learning=range_learning)
-    data = Shuffled(*make_data(96, 5))
-    kwargs = dict(
-        epochs=3,
-        lr=1e-2,
-        optimizer="adam",
-        teacher=tiny_model,
-        kd_weight=0.5,
-        progress=False,
-        seed=7,
-        freeze_observers_epoch=2,
-        weight_average=weight_average,
-    )
-    straight = prepare_qat(tiny_model, recipe, calib, start="calibrated")
-    fit_qat(straight, data, checkpoint_dir=tmp_path / "a", **kwargs)
-
-    interrupted = prepare_qat(tiny_model, recipe, calib, start="calibrated")
-    with pytest.raises(Stop):
-        fit_qat(
-            interrupted,
-            data,
-            checkpoint_dir=tmp_path / "b",
-            on_epoch_end=_stop_after_first,
-            **kwargs,
-        )
-    assert (tmp_path / "b" / FILENAME).is_file()
-    torch.manual_seed(12345)  # whatever happened in between must not matter
-    resumed = prepare_qat(
-        tiny_model, recipe, calib, start="calibrated"
-    )  # a new process would rebuild it
-    history = fit_qat(resumed, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-    if range_learning == "ema":
-        assert all(q.frozen for q in resumed.modules() if isinstance(q, EMAQuantizer))
-    # Training changed something (the comparison above is not between two untouched models).
-    start = prepare_qat(tiny_model, recipe, calib, start="calibrated").state_dict()
-    assert any(not torch.equal(start[k], a[k]) for k in a if k.endswith("weight"))
 
 
 def test_weight_average_is_held_after_each_epoch_and_training_goes_on_from_raw_weights(
@@ -310,33 +230,6 @@ def test_select_best_holds_out_a_list_and_a_dataloader(tiny_model, calib, make_d
         fit_qat(qat, batches, select="first", progress=False)
 
 
-def test_checkpoint_of_another_recipe_is_refused(tiny_model, calib, train_data, tmp_path):
-    qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
-    fit_qat(qat, train_data, epochs=1, checkpoint_dir=tmp_path, progress=False)
-    other = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    with pytest.raises(
-        ValueError,
-        match=r"different recipe or model(.|\n)*recipe field 'name': checkpoint 'w8a8', this model 'w4a4'",
-    ):
-        fit_qat(other, train_data, epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False)
-    lsq_plus = prepare_qat(
-        tiny_model, eq.Recipe.preset("w8a8").replace(range_learning="lsq+"), calib
-    )
-    with pytest.raises(ValueError, match="range_learning"):
-        fit_qat(
-            lsq_plus, train_data, epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False
-        )
-
-
-def test_distillation_without_labels_learns_the_teacher(tiny_model, calib, make_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    x, _ = make_data(128, 9)
-    inputs = list(x.split(32))
-    history = fit_qat(qat, inputs, epochs=3, lr=1e-3, teacher=tiny_model, progress=False)
-    assert history[-1]["loss"] < history[0]["loss"]
-    assert not qat.training
-
-
 def test_bad_arguments_are_named(tiny_model, calib, train_data):
     qat = prepare_qat(tiny_model, "w8a8", calib, start="calibrated")
     with pytest.raises(TypeError, match="re-iterable"):
@@ -411,186 +304,6 @@ def test_warmup_rises_to_lr_then_decays(tiny_model, calib, train_data):
     for bad in (3, -1.0, "1"):
         with pytest.raises(ValueError, match="warmup_epochs"):
             fit_qat(qat, train_data, epochs=3, warmup_epochs=bad)
-
-
-def _feature_mismatch(qat: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
-    from edgequant.qat.distill import FeatureMatch, feature_layer_names
-
-    match = FeatureMatch(qat, teacher, feature_layer_names(qat, teacher, None))
-    match.capturing = True
-    with torch.no_grad():
-        teacher(x), qat.eval()(x)
-    value = float(match.loss())
-    match.remove()
-    return value
-
-
-def test_feature_distillation_ties_each_layer_input_to_the_teacher(tiny_model, calib, make_data):
-    from edgequant.qat.distill import feature_layer_names
-
-    x, _ = make_data(128, 9)
-    inputs = list(x.split(32))
-    probe = make_data(64, 11)[0]
-    runs = {}
-    for weight in (0.0, 10.0):
-        qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-        assert feature_layer_names(qat, tiny_model, None) == ["conv1", "conv2", "conv3", "linear"]
-        fit_qat(
-            qat,
-            inputs,
-            epochs=3,
-            lr=3e-3,
-            lr_scaling="none",
-            optimizer="adam",
-            teacher=tiny_model,
-            feature_weight=weight,
-            progress=False,
-            select="last",
-        )
-        runs[weight] = _feature_mismatch(qat, tiny_model, probe)
-        # The hooks are gone from both models once training ends.
-        for module in (*qat.modules(), *tiny_model.modules()):
-            assert not module._forward_pre_hooks
-    assert runs[10.0] < 0.8 * runs[0.0], runs
-
-
-def test_feature_distillation_arguments_are_checked(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    with pytest.raises(ValueError, match="pass teacher="):
-        fit_qat(qat, train_data, feature_weight=1.0, progress=False)
-    with pytest.raises(ValueError, match="feature_weight must be"):
-        fit_qat(qat, train_data, teacher=tiny_model, feature_weight=-1.0, progress=False)
-    with pytest.raises(ValueError, match="feature_weight is 0"):
-        fit_qat(qat, train_data, teacher=tiny_model, feature_layers=["conv2"], progress=False)
-    with pytest.raises(ValueError, match="'conv9' is not a layer of the qmodel"):
-        fit_qat(
-            qat,
-            train_data,
-            teacher=tiny_model,
-            feature_weight=1.0,
-            feature_layers=["conv2", "conv9"],
-            progress=False,
-        )
-    with pytest.raises(ValueError, match="non-empty list"):
-        fit_qat(qat, train_data, teacher=tiny_model, feature_weight=1.0, feature_layers="conv2")
-    # A teacher of another architecture shares no quantized layer's name.
-    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
-    with pytest.raises(ValueError, match="none of the quantized layers' names"):
-        fit_qat(qat, train_data, teacher=other, feature_weight=1.0, progress=False)
-
-
-def test_dampening_loss_measures_the_distance_from_the_grid_in_steps(tiny_model, calib):
-    from edgequant.qat.oscillation import dampening_loss
-
-    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    layers = [
-        m for m in qat.modules() if isinstance(getattr(m, "weight_quantizer", None), QATQuantizer)
-    ]
-    assert layers
-    with torch.no_grad():
-        for m in layers:
-            q = m.weight_quantizer
-            scale, zp = q.qparams()
-            s = F.broadcast_param(scale.float(), m.weight, q.axis, q.spec.group_size)
-            z = F.broadcast_param(zp.float(), m.weight, q.axis, q.spec.group_size)
-            # Every weight on a grid point inside the range: nothing to dampen.
-            grid = torch.randint_like(m.weight, q.spec.qmin + 1, q.spec.qmax)  # inside the ends
-            m.weight.copy_((grid - z) * s)
-    assert _mean_step_distance(qat) == pytest.approx(0.0, abs=1e-10)
-    with torch.no_grad():
-        for m in layers:
-            q = m.weight_quantizer
-            scale, zp = q.qparams()
-            s = F.broadcast_param(scale.float(), m.weight, q.axis, q.spec.group_size)
-            m.weight.add_(0.25 * s)  # a quarter of a step off its grid point
-    assert _mean_step_distance(qat) == pytest.approx(0.0625, rel=1e-4)
-    # A weight beyond the range is clipped to the end of the grid first: it counts for nothing.
-    first = layers[0]
-    q = first.weight_quantizer
-    scale, zp = q.qparams()
-    s = F.broadcast_param(scale.float(), first.weight, q.axis, q.spec.group_size)
-    z = F.broadcast_param(zp.float(), first.weight, q.axis, q.spec.group_size)
-    with torch.no_grad():
-        first.weight.copy_((q.spec.qmax - z + 7.3) * s)
-    n_first = first.weight.numel()
-    n_all = sum(m.weight.numel() for m in layers)
-    assert _mean_step_distance(qat) == pytest.approx(0.0625 * (n_all - n_first) / n_all, rel=1e-4)
-    # Its gradient pulls each weight towards its grid point; the ranges get none.
-    for m in layers[1:]:
-        m.weight.grad = None
-    dampening_loss(qat).backward()
-    assert all((m.weight.grad > 0).all() for m in layers[1:])
-    assert all(p.grad is None for q in qat_quantizers(qat) for p in q.parameters())
-
-
-def _mean_step_distance(qat: torch.nn.Module) -> float:
-    from edgequant.qat.oscillation import dampening_loss
-
-    with torch.no_grad():
-        return float(dampening_loss(qat))
-
-
-def test_dampening_settles_the_weights_in_their_bins(tiny_model, calib, make_data):
-    x, y = make_data(320, 3)
-    data = list(zip(x.split(32), y.split(32), strict=True))
-    runs = {}
-    for weight in (0.0, 10.0):
-        qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-        history = fit_qat(
-            qat,
-            data,
-            epochs=3,
-            lr=3e-3,
-            lr_scaling="none",
-            optimizer="adam",
-            teacher=tiny_model,
-            dampen_weight=weight,
-            progress=False,
-            seed=3,
-            select="last",
-        )
-        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
-        runs[weight] = _mean_step_distance(qat)
-    # Adam moves every weight by about lr per step, so undampened latent weights end spread over
-    # their bins (a mean squared distance near 1/12 of a step); dampened ones near the centres.
-    assert runs[10.0] < 0.5 * runs[0.0], runs
-
-
-def test_dampening_arguments_are_checked(tiny_model, calib, train_data):
-    qat = prepare_qat(tiny_model, "w4a4", calib, start="calibrated")
-    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
-        with pytest.raises(ValueError, match="dampen_weight must be"):
-            fit_qat(qat, train_data, dampen_weight=bad, progress=False)  # type: ignore[arg-type]
-    for p in qat.parameters():
-        p.requires_grad_(False)
-    for q in qat_quantizers(qat):
-        if q.role != "weight":
-            for p in q.parameters():
-                p.requires_grad_(True)
-    with pytest.raises(ValueError, match="no trained weight behind a QAT weight quantizer"):
-        fit_qat(qat, train_data, dampen_weight=1.0, progress=False)
-
-
-@pytest.fixture
-def qat(tiny_model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
-    return prepare_qat(tiny_model, "w8a8", calib)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        # Before: silently trained (weight_decay NaN: loss in the thousands; momentum 2 accepted)
-        # or failed in torch ("Invalid momentum value: -0.5") or in a comparison with a str.
-        ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
-        ({"momentum": 2.0}, r"momentum must be a number in \[0, 1\), got 2.0"),
-        ({"momentum": -0.5}, r"momentum must be a number in \[0, 1\), got -0.5"),
-        ({"temperature": "4"}, "temperature must be a number > 0, got '4'"),
-        ({"kd_weight": "0.5"}, r"kd_weight must be a number in \[0, 1\], got '0.5'"),
-    ],
-)
-def test_fit_qat_refuses_bad_numbers(qat, train_data, kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        fit_qat(qat, train_data, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["val_fn", "on_epoch_end"])

@@ -1,6 +1,6 @@
-"""qat/optim.py and FitConfig's learning-rate settings: with lr_scaling="grid" every tensor's
-rate is lr times one step of its grid, so one Adam step moves each parameter by that much.
-(range_lr_scale, warm-up and the schedule inside fit_qat: qat/test_fit.py.)"""
+"""qat/optim.py: with lr_scaling="grid" every tensor's rate is lr times one step of its grid, so
+one Adam step moves each parameter by that much. (How FitConfig resolves the rates:
+qat/test_config.py; range_lr_scale, warm-up and the schedule inside fit_qat: qat/test_fit.py.)"""
 
 from __future__ import annotations
 
@@ -73,19 +73,6 @@ def test_lr_scaling_none_gives_every_weight_the_same_absolute_rate(tiny_model, c
     for name, change in moved.items():
         if name.endswith("weight") and change > 0:
             assert change == pytest.approx(1e-4, rel=1e-3), name
-
-
-def test_defaults_resolve_by_optimizer_and_explicit_settings_win():
-    assert FitConfig().rates() == ("grid", 0.01, 0.1)
-    assert FitConfig(optimizer="sgd").rates() == ("none", 1e-4, 1.0)
-    assert FitConfig(optimizer="sgd", lr_scaling="grid").rates() == ("grid", 0.01, 0.1)
-    assert FitConfig(lr=0.5, range_lr_scale=0.0).rates() == ("grid", 0.5, 0.0)
-    # replace() on an unresolved config keeps None meaning "by the rule".
-    assert FitConfig().replace(lr_scaling="none").rates() == ("none", 1e-4, 1.0)
-    with pytest.raises(ValueError, match="unknown lr_scaling 'step'; valid: grid, none"):
-        FitConfig(lr_scaling="step")
-    with pytest.raises(ValueError, match="lr must be a positive number or None"):
-        FitConfig(lr=0.0)
 
 
 def test_fit_qat_history_reports_the_lr_setting_not_a_group_rate(tiny_model, calib, train_data):

@@ -10,41 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from toys import result_row  # tests/toys.py
 
 from edgequant.report import plots
 from edgequant.report.plots import PLOTS, pareto_front
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _run(
-    name: str,
-    family: str,
-    method: str,
-    w: int,
-    a: int | None,
-    metric: float,
-    size: int,
-    bs1: float,
-    bs64: float,
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "family": family,
-        "method": method,
-        "weight_bits": w,
-        "act_bits": a,
-        "metric_simulated": metric,
-        "metric_deployed": metric,
-        "top1_agreement": 0.99,
-        "size_bytes": size,
-        "size_ratio": size / 120_000,
-        "latency_ms": {"bs1": bs1, "bs64": bs64},
-        "wall_s": 1.0,
-        "labels_used": family == "qat",
-        "samples_used": 512,
-        "status": "ok",
-    }
 
 
 def results() -> dict[str, Any]:
@@ -59,11 +30,13 @@ def results() -> dict[str, Any]:
             "latency_ms": {"bs1": 0.12, "bs64": 2.3},
         },
         "runs": [
-            _run("ptq-dynamic-w8a8", "ptq", "dynamic", 8, 8, 0.949, 34_000, 0.10, 2.0),
-            _run("ptq-static-w8a8", "ptq", "static", 8, 8, 0.947, 33_000, 0.05, 0.9),
-            _run("ptq-static-w4a8", "ptq", "static", 4, 8, 0.930, 19_000, 0.07, 1.1),
-            _run("ptq-weight-only-w4", "ptq", "weight_only", 4, None, 0.940, 18_000, 0.11, 2.2),
-            _run("qat-w4a4", "qat", "static", 4, 4, 0.945, 17_500, 0.06, 1.0),
+            result_row("ptq-dynamic-w8a8", "ptq", "dynamic", 8, 8, 0.949, 34_000, 0.10, 2.0),
+            result_row("ptq-static-w8a8", "ptq", "static", 8, 8, 0.947, 33_000, 0.05, 0.9),
+            result_row("ptq-static-w4a8", "ptq", "static", 4, 8, 0.930, 19_000, 0.07, 1.1),
+            result_row(
+                "ptq-weight-only-w4", "ptq", "weight_only", 4, None, 0.940, 18_000, 0.11, 2.2
+            ),
+            result_row("qat-w4a4", "qat", "static", 4, 4, 0.945, 17_500, 0.06, 1.0),
             {
                 "name": "qat-w8a8",
                 "family": "qat",
@@ -92,7 +65,9 @@ def sweep_results(test_split: bool = False) -> dict[str, Any]:
     failed) and falls 5 points at W4A4, where QAT recovers 4 of them. test_split: every run
     also has "metric_test", 0.01 lower."""
     data = results()
-    data["runs"].insert(3, _run("ptq-static-w4a4", "ptq", "static", 4, 4, 0.90, 17_500, 0.06, 1.0))
+    data["runs"].insert(
+        3, result_row("ptq-static-w4a4", "ptq", "static", 4, 4, 0.90, 17_500, 0.06, 1.0)
+    )
     if test_split:
         data["baseline"]["metric_test"] = data["baseline"]["metric"] - 0.01
         for run in data["runs"]:
@@ -260,7 +235,7 @@ def test_ptq_vs_qat_draws_both_curves_fp32_the_band_and_the_crossover(
 ) -> None:
     data = sweep_results(test_split=True)
     qat_w8 = next(r for r in data["runs"] if r["name"] == "qat-w8a8")
-    qat_w8.update(_run("qat-w8a8", "qat", "static", 8, 8, 0.948, 33_000, 0.05, 0.9))
+    qat_w8.update(result_row("qat-w8a8", "qat", "static", 8, 8, 0.948, 33_000, 0.05, 0.9))
     qat_w8["metric_test"] = 0.938
     figures = _captured(monkeypatch)
     plots.ptq_vs_qat(data, tmp_path)

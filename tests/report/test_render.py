@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from toys import result_row  # tests/toys.py
 
 from edgequant.report import plots
 from edgequant.report.compare import Report
@@ -24,35 +25,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ERROR = 'RuntimeError: <script>alert("x")</script> & <b>diverged</b> ' + "y" * 80
 
 
-def _run(
-    name: str,
-    family: str,
-    method: str,
-    w: int,
-    a: int | None,
-    metric: float,
-    size: int,
-    bs1: float,
-    bs64: float,
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "family": family,
-        "method": method,
-        "recipe": f"w{w}",
-        "weight_bits": w,
-        "act_bits": a,
-        "metric_simulated": metric + 0.001,
-        "metric_deployed": metric,
-        "top1_agreement": 0.995,
-        "size_bytes": size,
-        "size_ratio": size / 120_000,
-        "latency_ms": {"bs1": bs1, "bs64": bs64},
-        "wall_s": 2.5,
-        "labels_used": False,
-        "samples_used": 512,
-        "status": "ok",
-    }
+def _run(name: str, family: str, method: str, w: int, *rest: Any) -> dict[str, Any]:
+    """A run with a recipe name, a simulated metric above the deployed one and no labels."""
+    row = result_row(name, family, method, w, *rest, recipe=f"w{w}", top1_agreement=0.995)
+    row.update(metric_simulated=row["metric_deployed"] + 0.001, wall_s=2.5, labels_used=False)
+    return row
 
 
 def results() -> dict[str, Any]:
