@@ -40,6 +40,7 @@ from typing import Any, cast
 import torch
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
+    interleaved_ms,
     load_with_sentences,
     results_header,
     reuse,
@@ -48,7 +49,9 @@ from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant.examples import minilm as M
+from edgequant.export.inspect import runtime_activation_matmuls
 from edgequant.export.onnx import export_float_onnx
+from edgequant.modules import QuantMatMul
 from edgequant.observers import OBSERVERS
 from edgequant.spec import LayerOverride, activation_spec
 
@@ -202,16 +205,7 @@ def main() -> int:
 
     # --- ONNX Runtime quantize_static --------------------------------------------------------
     if not args.skip_ort:
-        from onnxruntime.quantization import CalibrationDataReader, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.it = iter(calib)
-
-            def get_next(self) -> dict[str, Any] | None:
-                b = next(self.it, None)
-                return None if b is None else {k: v.numpy() for k, v in b.items()}
 
         pre = work / "fp32_pre.onnx"
         try:
@@ -239,7 +233,7 @@ def main() -> int:
             path = work / f"ort_static_{len(out['results'])}.onnx"
             start = time.perf_counter()
             try:
-                quantize_static(str(source), str(path), Reader(), **options)
+                ort_quantize_static(source, path, calib, **options)
             except Exception as err:  # a peer failing is a result, not a crash of the benchmark
                 record(f"onnxruntime quantize_static ({label})", {"error": repr(err)[:300]})
                 continue
@@ -269,13 +263,19 @@ def measure_defaults(
         cal_sentences,
         targets=TARGETS,
         call='eq.quantize(model, "w8a8", calib, method="static")',
-        float_ops="attention matmuls (QK^T, attn x V), softmax, GELU, LayerNorm, residual adds",
     )
     start = time.perf_counter()
     qmodel = eq.quantize(model, "w8a8", calib, method="static")
     wall = time.perf_counter() - start
+    attention = [n for n, m in qmodel.named_modules() if isinstance(m, QuantMatMul)]
+    out["float_ops"] = ("" if attention else "attention matmuls (QK^T, attn x V), ") + (
+        "softmax, GELU, LayerNorm, residual adds"
+    )
     path = Path(tempfile.mkdtemp(prefix="eq-static-minilm-defaults-")) / "model.onnx"
     info = eq.export_onnx(qmodel, path, calib[0], verify_data=evals[:2])
+    # Which op ONNX Runtime runs for each matmul of two activations (a float MatMul: not integer).
+    out["quantized_attention_matmuls"] = len(attention)
+    out["runtime_activation_matmuls"] = runtime_activation_matmuls(path)
     row: dict[str, Any] = M.cosine_report(ref, M.embed(M.ort_encoder_fn(path), evals))
     for key in list(TARGETS):
         row[f"meets_{key}"] = row[key] >= TARGETS[key]
@@ -287,8 +287,45 @@ def measure_defaults(
     row["summary_notes"] = cast("Any", qmodel.quant_summary).notes
     out["results"]["edgequant static w8a8, defaults"] = row
     print(json.dumps({k: v for k, v in row.items() if k != "pipeline"}, indent=1), flush=True)
+    # Speed beside FP32 and ONNX Runtime's quantize_static (its best variant here: only MatMul and
+    # Gemm quantized), side by side.
+    fp32 = path.with_name("fp32.onnx")
+    export_float_onnx(model, fp32, calib[0])
+    ort_path = path.with_name("ort_static.onnx")
+    peer = "onnxruntime quantize_static (op_types_to_quantize MatMul, Gemm)"
+    ort_quantize_static(fp32, ort_path, calib, op_types_to_quantize=["MatMul", "Gemm"])
+    out["results"][peer] = {
+        **M.cosine_report(ref, M.embed(M.ort_encoder_fn(ort_path), evals)),
+        "size_bytes": ort_path.stat().st_size,
+    }
+    length = int(evals[0]["attention_mask"][0].sum())  # one sentence at its own length
+    one = {k: v[:1, :length] for k, v in evals[0].items()}
+    files = {"fp32 (ONNX Runtime)": fp32, "edgequant static w8a8, defaults": path, peer: ort_path}
+    out["latency"] = {
+        "how": "median ms of one ONNX Runtime run (2 threads), every file once per round, 21 "
+        "interleaved rounds; batch 1 (the first evaluation sentence, unpadded) and batch 32 (the "
+        "first evaluation batch, padded to its longest sentence)",
+        "ms": interleaved_ms(files, {"bs1": one, "bs32": evals[0]}),
+    }
+    for name, ms in out["latency"]["ms"].items():
+        print("latency", name, json.dumps(ms), flush=True)
     write_json(out_path, out)
     return 0
+
+
+def ort_quantize_static(fp32: Path, path: Path, calib: Any, **options: Any) -> None:
+    """ONNX Runtime's quantize_static of the FP32 file on the calibration batches."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self) -> dict[str, Any] | None:
+            b = next(self.it, None)
+            return None if b is None else {k: v.numpy() for k, v in b.items()}
+
+    quantize_static(str(fp32), str(path), Reader(), **options)
 
 
 def _alphas(qmodel: torch.nn.Module) -> dict[str, float | None] | None:

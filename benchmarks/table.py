@@ -177,9 +177,16 @@ def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
         out.append(
             {
                 "model": "all-MiniLM-L6-v2",
-                "method": key
-                if "calib" in key or "sentences" in key
-                else f"{key} ({data.get('calibration_sentences', '?')} calibration sentences)",
+                "method": (
+                    key
+                    if "calib" in key or "sentences" in key
+                    else f"{key} ({data.get('calibration_sentences', '?')} calibration sentences)"
+                )
+                + (
+                    f"; its {data['quantized_attention_matmuls']} attention matmuls integer"
+                    if data.get("quantized_attention_matmuls")
+                    else ""
+                ),
                 "deployed": f"mean cosine {r['mean_cosine']:.4f}, worst {r['min_cosine']:.4f}, "
                 f"nearest-neighbour {r['nn_agreement']:.3f}",
                 "reference": "; ".join(peers) or "FP32 embeddings (cosine 1)",

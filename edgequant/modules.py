@@ -188,7 +188,7 @@ class QuantMixin(_MixinBase):
 def fast_simulation(model: nn.Module) -> Iterator[None]:
     """Layers compute in the fake-quantized float form (not the exact integer form) inside the
     block: for calibration passes, where float-rounding differences do not matter."""
-    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    layers = [m for m in model.modules() if isinstance(m, (QuantMixin, QuantMatMul))]
     saved = [m.exact_integer for m in layers]
     try:
         for m in layers:
@@ -258,6 +258,99 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
             self.scale_grad_by_freq,
             self.sparse,
         )
+
+
+class QuantMatMul(nn.Module):
+    """`input @ other` of two activations (attention's Q·Kᵀ and P·V), each operand quantized on
+    its own per-tensor grid by a calibrated activation quantizer, as an integer runtime computes
+    it (ONNX Runtime: DequantizeLinear on both inputs of a MatMul, fused into an integer matmul).
+
+    `op` names the float op it stands for (torch.matmul, torch.bmm): both compute the same."""
+
+    def __init__(self, act_spec: QuantSpec, name: str, op: str = "matmul") -> None:
+        super().__init__()
+        self.layer_name, self.op = name, op
+        self.input_quantizer = TensorQuantizer(act_spec, f"{name}.input", role="activation")
+        self.other_quantizer = TensorQuantizer(act_spec, f"{name}.other", role="activation")
+
+        # As QuantMixin.exact_integer: eval mode sums the integer products exactly.
+        self.exact_integer = True
+
+    def integer_form(self) -> bool:
+        """Eval mode with both operands statically quantized per tensor: the integer form."""
+        quantizers = (self.input_quantizer, self.other_quantizer)
+        return (
+            not self.training
+            and self.exact_integer
+            and all(
+                isinstance(q, TensorQuantizer) and q.mode == "quantize" and q.spec.per_tensor
+                for q in quantizers
+            )
+        )
+
+    def forward(self, x: Tensor, other: Tensor) -> Tensor:
+        if self.integer_form():
+            # Integer operands, their products summed exactly (float64 holds every int32 sum),
+            # then one float32 scaling: what the runtime's integer matmul computes. The float
+            # form below differs by float rounding, which the quantizers after it can amplify.
+            x_int, other_int = (
+                _centered_integers(v, q)
+                for v, q in ((x, self.input_quantizer), (other, self.other_quantizer))
+            )
+            scale = (self.input_quantizer.scale * self.other_quantizer.scale).reshape(()).float()
+            return torch.matmul(x_int.double(), other_int.double()).float() * scale
+        return torch.matmul(self.input_quantizer(x), self.other_quantizer(other))
+
+
+def _centered_integers(x: Tensor, q: TensorQuantizer) -> Tensor:
+    """x on q's per-tensor grid as integers minus the zero point (division as ONNX Runtime's
+    QuantizeLinear does it)."""
+    zp = q.zero_point.reshape(()).float()
+    return torch.clamp(torch.round(x / q.scale.reshape(())) + zp, q.spec.qmin, q.spec.qmax) - zp
+
+
+class QuantScaledDotProductAttention(nn.Module):
+    """F.scaled_dot_product_attention written out, with its two matmuls quantized: scores =
+    (Q·Kᵀ) x scale, the mask, softmax (float), dropout, P·V. Same arguments as the function."""
+
+    def __init__(self, act_spec: QuantSpec, name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+        self.qk = QuantMatMul(act_spec, f"{name}.qk", "scaled_dot_product_attention Q·Kᵀ")
+        self.pv = QuantMatMul(act_spec, f"{name}.pv", "scaled_dot_product_attention P·V")
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        if scale is None:
+            scale = 1.0 / float(query.size(-1)) ** 0.5
+        if enable_gqa and key.size(-3) != query.size(-3):
+            repeat = query.size(-3) // key.size(-3)
+            key = key.repeat_interleave(repeat, -3)
+            value = value.repeat_interleave(repeat, -3)
+        scores = self.qk(query, key.transpose(-2, -1)) * scale
+        if is_causal:
+            keep = torch.ones(
+                query.size(-2), key.size(-2), dtype=torch.bool, device=scores.device
+            ).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        p = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:  # as the function does: dropout whenever dropout_p > 0
+            p = torch_F.dropout(p, dropout_p)
+        return self.pv(p, value)
 
 
 # float type -> quantized type; one line to add a layer type (STYLE §11).

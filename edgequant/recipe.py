@@ -57,6 +57,10 @@ class Recipe:
     # Quantize layer outputs that do not flow straight into another quantized layer, so that
     # integer runtimes keep those layers in integer kernels (see instrument.add_output_quantizers).
     quantize_outputs: bool = True
+    # Static PTQ (and QAT from it): the matmuls of two activations (attention's Q·Kᵀ and P·V,
+    # F.scaled_dot_product_attention written out) take both operands on the activation grid,
+    # so a transformer runs them as integer matmuls (edgequant/attention.py); False: float.
+    quantize_attention: bool = True
     # SmoothQuant's migration strength for Linear inputs (PTQ, static and dynamic): a number
     # applies to every Linear input; "auto": on each input with outlier channels (calibration
     # data shows a few channels with ranges above ptq.outliers.OUTLIER_RATIO times the median
@@ -202,10 +206,11 @@ class Recipe:
                 raise ValueError(
                     f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
                 )
-        if not isinstance(self.quantize_outputs, bool):
-            raise TypeError(
-                f"Recipe.quantize_outputs must be true or false, got {self.quantize_outputs!r}"
-            )
+        for label in ("quantize_outputs", "quantize_attention"):
+            if not isinstance(getattr(self, label), bool):
+                raise TypeError(
+                    f"Recipe.{label} must be true or false, got {getattr(self, label)!r}"
+                )
         if (
             not isinstance(self.calib_samples, int)
             or isinstance(self.calib_samples, bool)
@@ -358,6 +363,9 @@ class Recipe:
             lines.append(
                 f"  layer outputs quantized where no quantized layer reads them: {self.quantize_outputs}"
             )
+            lines.append(
+                f"  attention matmuls (two activations) quantized: {self.quantize_attention}"
+            )
         return "\n".join(lines)
 
     # --- YAML round trip -------------------------------------------------------------------
@@ -380,6 +388,7 @@ class Recipe:
             "target": self.target,
             "calib_samples": self.calib_samples,
             "quantize_outputs": self.quantize_outputs,
+            "quantize_attention": self.quantize_attention,
             "smooth_alpha": self.smooth_alpha,
             "split_outliers": self.split_outliers,
             "equalize": self.equalize,

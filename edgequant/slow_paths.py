@@ -61,9 +61,10 @@ def take_slow_paths(model: nn.Module) -> list[str]:
     """Switch (in place) every PyTorch module with a fused eval-mode fast path to the class that
     always takes the reference path; return notes for the summary.
 
-    Same parameters, buffers and state-dict keys; only the fast path is gone. Attention itself
-    stays float: F.multi_head_attention_forward reads in_proj_weight (a raw parameter) and
-    out_proj's weight and bias directly, never calling out_proj as a module.
+    Same parameters, buffers and state-dict keys; only the fast path is gone. The projections
+    stay float: F.multi_head_attention_forward reads in_proj_weight (a raw parameter) and
+    out_proj's weight and bias directly, never calling out_proj as a module (its two matmuls of
+    activations are quantized by edgequant/attention.py).
     """
     notes = []
     for name, module in model.named_modules():
@@ -73,9 +74,10 @@ def take_slow_paths(model: nn.Module) -> list[str]:
         module.__class__ = slow
         if isinstance(module, nn.MultiheadAttention):
             notes.append(
-                f"{name} (MultiheadAttention): attention kept in float: its fused fast path is "
-                "off, and PyTorch's attention reads in_proj_weight and out_proj's weight as "
-                "parameters, never calling a layer edgequant could quantize"
+                f"{name} (MultiheadAttention): its fused fast path is off; its in- and output "
+                "projections stay float (PyTorch's attention reads in_proj_weight and "
+                "out_proj's weight as parameters, never calling a layer edgequant could "
+                "quantize); its attention matmuls are quantized where the method does so"
             )
         elif isinstance(module, nn.TransformerEncoderLayer):
             notes.append(

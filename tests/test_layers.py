@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"functional", "metrics"},
     {"observers", "quantizer"},
     {"modules"},
-    {"instrument", "graph_quantizers", "check"},
+    {"instrument", "graph_quantizers", "check", "attention"},
     {"ptq", "qat", "mixed"},
     {"export"},
     {"bench"},

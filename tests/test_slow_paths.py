@@ -1,6 +1,7 @@
 """nn.TransformerEncoderLayer and nn.MultiheadAttention take a fused fast path in eval mode that
 never calls their submodules: the quantized copy takes the reference path instead, so linear1
-and linear2 see calibration data and the export verifies; attention stays float, with a note."""
+and linear2 see calibration data and the export verifies; the projections stay float, with a
+note."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def test_encoder_layer_quantizes_its_linears_and_exports(method: str, tmp_path: 
     quantized = {r.name for r in qmodel.quant_summary.quantized}
     assert {"layer.linear1", "layer.linear2"} <= quantized
     notes = " ".join(qmodel.quant_summary.notes)
-    assert "layer.self_attn (MultiheadAttention): attention kept in float" in notes
+    assert "layer.self_attn (MultiheadAttention): its fused fast path is off" in notes
     assert "in_proj_weight" in notes
+    # Static quantization also quantizes its attention matmuls (tests/test_attention.py).
+    assert ("layer.self_attn.quant_matmuls.0" in notes) == (method == "static")
     # The caller's model keeps its class and its fast path.
     assert type(model.layer) is nn.TransformerEncoderLayer
     assert type(qmodel.layer) is SlowPathTransformerEncoderLayer

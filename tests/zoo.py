@@ -1,8 +1,9 @@
 """Small models written the ways people write them, with seeded random weights, for the zoo test
 (tests/test_zoo.py): functional and module activations, view/reshape/flatten, depthwise and
 grouped convolutions, 1-D convolutions, concatenation skips, upsampling, squeeze-excitation
-gating, LayerNorm/GELU MLPs, nn.TransformerEncoderLayer, nn.MultiheadAttention, a ResNet option-A
-shortcut, and a tiny Hugging Face BERT encoder (when transformers is importable).
+gating, LayerNorm/GELU MLPs, nn.TransformerEncoderLayer, nn.MultiheadAttention, ResNet option-A
+shortcuts (zero padding, concatenation with zeros), and a tiny Hugging Face BERT encoder (when
+transformers is importable).
 
 Each entry of ZOO builds (model in eval mode, calibration batches); inputs are tiny so that
 the whole matrix of models x targets x methods runs in about a minute.
@@ -198,8 +199,36 @@ class OptionAShortcut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.stem(x)))
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        out = F.relu(out + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)))
+        out = F.relu(out + self.shortcut(x))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+
+
+class ZerosLikeShortcut(OptionAShortcut):
+    """The option-A shortcut as a concatenation with torch.zeros_like (new channels last)."""
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, :, ::2, ::2]
+        return torch.cat([s, torch.zeros_like(s)], 1)
+
+
+class ZerosShortcut(OptionAShortcut):
+    """The option-A shortcut with torch.zeros of a shape computed from x.shape, on both sides."""
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        z = torch.zeros(n, c // 2, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device)
+        return torch.cat([z, x[:, :, ::2, ::2], z], dim=1)
+
+
+class NewZerosShortcut(OptionAShortcut):
+    """The option-A shortcut with Tensor.new_zeros, the zeros first."""
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, :, ::2, ::2]
+        return torch.cat((s.new_zeros(s.shape), s), dim=-3)
 
 
 def _randomize_norms(model: nn.Module) -> None:
@@ -278,6 +307,7 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {
     "transformer_encoder_layer": _build(EncoderLayer, (5, 8)),
     "multihead_attention": _build(Attention, (5, 8)),
     "option_a_shortcut": _build(OptionAShortcut, (3, 8, 8)),
+    "option_a_zeros_like": _build(ZerosLikeShortcut, (3, 8, 8)),
 }
 if importlib.util.find_spec("transformers") is not None:
     ZOO["tiny_bert"] = _tiny_bert

@@ -21,6 +21,7 @@ from edgequant.check.ops import (
     REMOVE,
     REPLACE,
     SHAPE_ONLY_ONNX,
+    ZEROS,
 )
 from edgequant.check.result import CheckResult, OpRow, op_row, target_spec
 from edgequant.check.trace import check_fx, check_hooks
@@ -33,6 +34,7 @@ __all__ = [
     "REMOVE",
     "REPLACE",
     "SHAPE_ONLY_ONNX",
+    "ZEROS",
     "CheckResult",
     "OpRow",
     "check",

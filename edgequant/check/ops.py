@@ -89,6 +89,12 @@ INTEGER_METHODS = {
     "__getitem__": "slice",
 }
 SHAPE_QUERIES = {"size", "dim", "numel", "shape"}
+# Tensors of zeros made from a shape (a zero-padding shortcut's new channels, written as a
+# concatenation with zeros): no computation on any value; 0 is exact on every integer grid, so
+# the export carries them as the zero point.
+ZEROS = "zeros (a constant: its zero point)"
+ZERO_CONSTANT_FUNCTIONS: set[Any] = {torch.zeros_like, torch.zeros}
+ZERO_CONSTANT_METHODS = {"new_zeros"}
 
 # --- ops with no integer kernel in edgequant's export, and what a fully integer target offers --
 # (op name, the replacement or None, why)

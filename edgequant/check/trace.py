@@ -23,9 +23,13 @@ from edgequant.check.ops import (
     NAMED_METHODS,
     NAMED_MODULES,
     SHAPE_QUERIES,
+    ZERO_CONSTANT_FUNCTIONS,
+    ZERO_CONSTANT_METHODS,
+    ZEROS,
     module_op,
 )
 from edgequant.check.result import CheckResult, op_row
+from edgequant.check.tracer import shape_trace
 
 
 def nearest_upsample(m: nn.Module) -> bool:
@@ -51,6 +55,8 @@ def classify_fx(
                 return kind, name
         return None, module_op(m)
     if node.op == "call_function":
+        if node.target in ZERO_CONSTANT_FUNCTIONS:
+            return ZEROS, None
         if node.target in INTEGER_FUNCTIONS:
             return INTEGER_FUNCTIONS[node.target], None
         if node.target in NAMED_FUNCTIONS:
@@ -62,6 +68,8 @@ def classify_fx(
         target = str(node.target)
         if target in SHAPE_QUERIES:
             return None, None
+        if target in ZERO_CONSTANT_METHODS:
+            return ZEROS, None
         if target in INTEGER_METHODS:
             return INTEGER_METHODS[target], None
         if target in NAMED_METHODS:
@@ -99,7 +107,7 @@ def is_tensor_node(node: torch.fx.Node, memo: dict[torch.fx.Node, bool]) -> bool
 
 
 def check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
-    gm = torch.fx.symbolic_trace(model)
+    gm = shape_trace(model)
     if example_inputs is not None:
         args, kwargs = split_inputs(example_inputs)
         if not kwargs:

@@ -4,16 +4,31 @@ node that reads or writes float data, by op type, against the target's integer o
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from edgequant.check import (
     ONNX_INTEGER,
     ONNX_NAMED,
     SHAPE_ONLY_ONNX,
+    ZEROS,
     CheckResult,
     op_row,
     target_spec,
 )
-from edgequant.export.integer_graph import float_tensors, load_model
+from edgequant.export.integer_graph import constant_arrays, float_tensors, load_model
+
+
+def makes_zeros(node: Any, constants: dict[str, Any]) -> bool:
+    """Whether a node makes a tensor of zeros from a shape, as exporters write zeros_like and
+    new_zeros: ConstantOfShape of 0, or Expand of a constant 0."""
+    if node.op_type == "ConstantOfShape":
+        from onnx import numpy_helper
+
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        return value is None or not numpy_helper.to_array(value).any()
+    if node.op_type == "Expand" and node.input[0] in constants:
+        return not constants[node.input[0]].any()
+    return False
 
 
 def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
@@ -26,6 +41,7 @@ def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
         target=spec.name, fully_integer=spec.fully_integer, traced_with="ONNX graph"
     )
     outputs = {o.name for o in model.graph.output}
+    constants = constant_arrays(model.graph)
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
             continue
@@ -37,6 +53,8 @@ def check_onnx(path: str | os.PathLike[str], target: str) -> CheckResult:
             kind = kind if mode == "nearest" else None
         if node.op_type in SHAPE_ONLY_ONNX:
             continue
+        if makes_zeros(node, constants):
+            kind = ZEROS
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue

@@ -117,7 +117,8 @@ class InspectReport:
         rows = [header]
         for layer in self.layers:
             if layer.weight_source == "none":
-                weight = "-"
+                # A matmul of two activations: its second operand in the weight's column.
+                weight = f"({layer.other_activation})" if layer.other_activation else "-"
             elif layer.weight_source == "fake-quant":
                 weight = f"{layer.weight_dtype} (fake-quant)"  # bits: what is simulated
             else:
@@ -163,6 +164,15 @@ class InspectReport:
         if self.n_without_weight:
             counts += f", {self.n_without_weight} without a constant weight"
         lines.append(f"weight layers: {counts}")
+        pairs = [layer for layer in self.layers if layer.other_activation is not None]
+        if pairs:
+            both = sum(
+                layer.activation != "float" and not str(layer.other_activation).startswith("float")
+                for layer in pairs
+            )
+            lines.append(
+                f"matmuls of two activations: {len(pairs)}, {both} with both operands quantized"
+            )
         lines.append(f"integer:       {'yes' if self.is_integer else 'no'}")
         return "\n".join(lines)
 
@@ -235,3 +245,36 @@ def _human_bytes(size: int) -> str:
             return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} B"
+
+
+MATMUL_OPS = ("MatMul", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "FusedMatMul")
+
+
+def runtime_activation_matmuls(path: str | os.PathLike[str]) -> dict[str, int]:
+    """The op ONNX Runtime (CPU, all graph optimizations) actually runs for each matmul of two
+    activations (no constant operand: attention's Q·Kᵀ and P·V), counted by op type: a float
+    "MatMul" or "FusedMatMul" there is a matmul left in float."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    load_onnx_model(path, load_external_data=False)  # a clear error for a missing or bad file
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(options.optimized_model_filepath)
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    # QLinearMatMul's operands are inputs 0 and 3 (scales and zero points between them).
+    operands = {"QLinearMatMul": (0, 3)}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in MATMUL_OPS:
+            continue
+        a, b = operands.get(node.op_type, (0, 1))
+        if node.input[a] in constants or node.input[b] in constants:
+            continue
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

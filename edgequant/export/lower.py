@@ -31,6 +31,7 @@ from edgequant.modules import (
     transform_input,
 )
 from edgequant.quantizer import TensorQuantizer
+from edgequant.targets import TARGETS
 
 
 class ExportError(RuntimeError):
@@ -132,7 +133,9 @@ class LoweredLayer(nn.Module):
     bias_int: Tensor | None
     _integer_forward: ClassVar[Callable[[LoweredLayer, Tensor], Tensor]]
 
-    def __init__(self, layer: QuantMixin, weight_storage: str = "exact") -> None:
+    def __init__(
+        self, layer: QuantMixin, weight_storage: str = "exact", int8_containers: bool = False
+    ) -> None:
         super().__init__()
         self.name = layer.layer_name
         self._set_geometry(layer)
@@ -142,7 +145,7 @@ class LoweredLayer(nn.Module):
         if self.weight_float:
             self.register_buffer("weight", layer.weight.detach().clone())
         else:
-            self._store_weight(layer, weight_storage)
+            self._store_weight(layer, weight_storage, int8_containers)
         # Layers ONNX Runtime has no integer kernel for (4-bit weights or activations) run as a
         # float op on integer-valued tensors, which sums exactly, then one scaling: the same bits
         # as the simulation's integer form (QuantMixin.integer_forward).
@@ -203,10 +206,15 @@ class LoweredLayer(nn.Module):
             and _activation_container_bits(iq.spec.bits) == 8
         )
 
-    def _store_weight(self, layer: QuantMixin, weight_storage: str) -> None:
-        """The weight as integers, scale and zero point (uint8 + 128 where int8 could saturate)."""
+    def _store_weight(self, layer: QuantMixin, weight_storage: str, int8_containers: bool) -> None:
+        """The weight as integers, scale and zero point (uint8 + 128 where int8 could saturate;
+        int8_containers: fewer bits than 8 in an 8-bit container, unless grouped)."""
         iq = layer.input_quantizer
         w_q, w_scale, w_zp, self.w_axis, self.w_block, self.w_container = _stored_weight(layer)
+        if int8_containers and self.w_container < 8 and not self.w_block:
+            # Integer runtimes (TFLite Micro / CMSIS-NN, XNNPACK) have no 4-bit conv kernel: the
+            # same integers in int8, so the layer is the usual integer pattern.
+            self.w_container = 8
         if self.dynamic:
             if self.w_container != 8 or self.w_axis not in (-1, 0):
                 raise ExportError(
@@ -433,7 +441,11 @@ def lower(qmodel: nn.Module, weight_storage: str = "exact") -> nn.Module:
 
     weight_storage "exact" stores 8-bit weights that meet uint8 activations as uint8 + 128 where
     int8 could saturate ONNX Runtime's u8s8 kernel (as_uint8); "int8" keeps every one int8.
+    For a fully integer target (mcu-int8), weights of fewer bits are stored in 8-bit containers
+    (per-tensor or per-channel): the graph stays integer from input to output.
     """
+    target = TARGETS.get(str(getattr(getattr(qmodel, "quant_summary", None), "target", "")))
+    int8_containers = target is not None and target.fully_integer
     with quiet_exporter():  # deep-copying a traced GraphModule trips torch's pytree deprecation
         lowered = copy.deepcopy(qmodel).eval()
     for name, layer in list(quant_layers(lowered)):
@@ -444,7 +456,7 @@ def lower(qmodel: nn.Module, weight_storage: str = "exact") -> nn.Module:
         set_submodule(
             lowered,
             name,
-            LoweredLayer(layer, weight_storage),  # type: ignore[arg-type]
+            LoweredLayer(layer, weight_storage, int8_containers),  # type: ignore[arg-type]
         )
     for name, m in list(lowered.named_modules()):
         if isinstance(m, TensorQuantizer):

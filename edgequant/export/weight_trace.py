@@ -99,6 +99,8 @@ class LayerInfo:
     zero_point_zero: bool | None = None  # True when absent or all zeros
     activation: str = "float"  # 'float', 'static' (Q->DQ) or 'dynamic' (DynamicQuantizeLinear)
     activation_dtype: str | None = None
+    # A matmul of two activations (attention's Q·Kᵀ, P·V): its second operand, as `activation`.
+    other_activation: str | None = None
     weight_max_abs: int | None = None  # INT8 weights: the largest |value| stored
 
     @property
@@ -267,6 +269,9 @@ def inspect_node(graph: OnnxGraph, index: int, node: onnx.NodeProto) -> LayerInf
         "activation_dtype": activation_dtype,
     }
     if weight_index is None:
+        if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul") and len(node.input) > 1:
+            kind, dtype = _activation(graph, node, 3 if node.op_type == "QLinearMatMul" else 1)
+            base["other_activation"] = f"{kind} {dtype}" if dtype else kind
         return LayerInfo(weight_source="none", **base)
     weight_name = node.input[weight_index]
     if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):

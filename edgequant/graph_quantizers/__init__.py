@@ -9,6 +9,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from edgequant.check.tracer import ShapeTracer
 from edgequant.graph_quantizers.edges import (
     quantize_fully_integer,
     quantize_joins,
@@ -21,18 +22,20 @@ from edgequant.graph_quantizers.ops import (
     output_tail,
     quant_layer,
 )
-from edgequant.modules import QuantMixin
+from edgequant.graph_quantizers.zeros import cats_with_zeros_as_pads
+from edgequant.modules import QuantMatMul, QuantMixin, QuantScaledDotProductAttention
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
 from edgequant.summary import Summary
 from edgequant.targets import TARGETS
 
 
-class _QuantTracer(torch.fx.Tracer):
+class _QuantTracer(ShapeTracer):
     """Keeps quantized layers and quantizers as single nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+        leaves = (QuantMixin, TensorQuantizer, QuantMatMul, QuantScaledDotProductAttention)
+        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
 
 def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
@@ -65,8 +68,9 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         summary.notes.append(
             "activations quantized at layer inputs only: torch.fx could not trace the "
             f"model ({type(err).__name__}), so outputs and shared tensors are not quantized, "
-            "and the ops between quantized layers (matmuls of two activations such as "
-            "attention's QK^T and attn x V, softmax, normalization, residual adds) run in float"
+            "and the ops between quantized layers (softmax, normalization, residual adds) run "
+            "in float; matmuls of two activations are quantized apart from the graph "
+            "(recipe.quantize_attention)"
         )
         return qmodel
     gm = torch.fx.GraphModule(qmodel, graph, class_name=type(qmodel).__name__)
@@ -78,6 +82,7 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+    padded = cats_with_zeros_as_pads(gm)
     holder = nn.Module()
     gm.add_module("output_quantizers", holder)
 
@@ -90,7 +95,7 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
     edges = 0
     if fully_integer:
         edges = quantize_fully_integer(gm, modules, holder, shared, summary)
-    if not added and not shared and not joined and not edges:
+    if not added and not shared and not joined and not edges and not padded:
         return qmodel
     gm.graph.lint()
     gm.recompile()

@@ -22,6 +22,7 @@ from edgequant.graph_quantizers.ops import (
     quant_layer,
     zero_pad,
 )
+from edgequant.graph_quantizers.zeros import is_zeros, zero_pads
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
@@ -119,6 +120,8 @@ def _left_float(
         if node.op == "call_module" and isinstance(modules.get(str(node.target)), QuantMixin):
             continue
         if edge_kind(node, modules) is not None or node.target in SHAPE_QUERIES:
+            continue
+        if is_zeros(node) or node.target is zero_pads:  # shapes read, no value computed
             continue
         if any(isinstance(a, torch.fx.Node) and is_quantizer(a) for a in node.args):
             if node.op == "call_module":

@@ -101,7 +101,8 @@ def with_layer_bits(base: Recipe, bits: Mapping[str, int], name: str) -> Recipe:
     """`base` with every layer's weight bits set by one exact-name override each.
 
     Overrides of `base` keep their activation and skip settings; their weight specs are dropped,
-    so the bits asked here are the bits used. first_last_bits is cleared: the plan decides."""
+    so the bits asked here are the bits used. first_last_bits is cleared and reduce_range is off
+    (it would move 8-bit layers to 7 bits): the plan decides."""
     assert base.weight is not None
     kept = tuple(
         LayerOverride(o.pattern, None, o.activation, o.skip)
@@ -111,7 +112,9 @@ def with_layer_bits(base: Recipe, bits: Mapping[str, int], name: str) -> Recipe:
     per_layer = tuple(
         LayerOverride(exact_pattern(layer), weight_at(base.weight, b)) for layer, b in bits.items()
     )
-    return base.replace(name=name, overrides=kept + per_layer, first_last_bits=None)
+    return base.replace(
+        name=name, overrides=kept + per_layer, first_last_bits=None, reduce_range=False
+    )
 
 
 def weight_at(spec: QuantSpec, bits: int) -> QuantSpec:

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from edgequant.attention import note_float_attention
 from edgequant.batches import batch_size, naming_the_batch
 from edgequant.instrument import instrument
 from edgequant.ptq.calibrate import collect, peek
@@ -47,6 +48,9 @@ def build_dynamic(
     recipe = recipe.replace(activation=activation_spec(8), first_last_bits=None)
     qmodel, summary = instrument(
         model, recipe, example_batch, method="dynamic", layer_types=(nn.Linear, nn.Embedding)
+    )
+    note_float_attention(
+        qmodel, example_batch, summary, "dynamic quantization covers Linear and Embedding layers"
     )
     return qmodel, summary, recipe
 

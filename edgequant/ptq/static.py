@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
+from edgequant.attention import quantize_attention_
 from edgequant.batches import batch_size, call_model, naming_the_batch, removing_hooks
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
@@ -56,6 +57,13 @@ def build_static(
     qmodel, summary = instrument(model, recipe, example_batch, method="static")
     if recipe.quantize_outputs:
         qmodel = place_graph_quantizers(qmodel, summary)
+    if recipe.quantize_attention:
+        qmodel = quantize_attention_(qmodel, recipe.activation, example_batch, summary)
+    else:
+        summary.notes.append(
+            "attention matmuls (ops of two activations) kept in float: "
+            "recipe.quantize_attention is off"
+        )
     return qmodel, summary, recipe
 
 
@@ -328,12 +336,22 @@ def apply_refinement(
 
 
 def apply_reduce_range(
-    qmodel: nn.Module, recipe: Recipe, data: list[Any], pipeline: dict[str, Any], summary: Summary
+    qmodel: nn.Module,
+    recipe: Recipe,
+    data: list[Any],
+    pipeline: dict[str, Any],
+    summary: Summary,
+    progress: bool = False,
 ) -> list[str]:
     """Recipe.reduce_range (ptq/reduce_range.py) on the calibrated model: records its choice in
     `pipeline` and the summary; returns the step, if it changed any layer."""
     entry, notes = reduce_range_(
-        qmodel, execution_order(qmodel, data[0]), data, pipeline["rounding"], recipe.reduce_range
+        qmodel,
+        execution_order(qmodel, data[0]),
+        data,
+        pipeline["rounding"],
+        recipe.reduce_range,
+        progress,
     )
     pipeline.update(entry)
     summary.notes.extend(notes)
@@ -462,7 +480,7 @@ def quantize_static(
         steps.append(
             "auto calibrator picked " + ", ".join(f"{c} for {n}" for c, n in counts.items())
         )
-    steps += apply_reduce_range(qmodel, recipe, data, pipeline, summary)
+    steps += apply_reduce_range(qmodel, recipe, data, pipeline, summary, progress)
     steps += apply_refinement(qmodel, data, pipeline, summary, progress)
     if flagged:  # the steps the outliers turned on, with their reasons
         summary.notes.extend(pipeline_notes(pipeline))

@@ -320,3 +320,71 @@ def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
         eq.check(_Untraceable(), "mcu-int8", _x(2, 7))
     result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", _x(2, 7))
     assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("style", ["ZerosLikeShortcut", "ZerosShortcut", "NewZerosShortcut"])
+def test_tensors_of_zeros_made_from_a_shape_are_not_computation(style: str) -> None:
+    """zeros_like, torch.zeros(x.shape...) and new_zeros are counted as constants (fx traces
+    all three: no fallback to hooks), and mcu-int8 takes the model."""
+    import zoo
+
+    model = getattr(zoo, style)().eval()
+    result = eq.check(model, "mcu-int8", torch.randn(2, 3, 8, 8))
+    assert result.traced_with == "torch.fx"
+    assert result.ok and result.rows == []
+    assert result.integer_ops["zeros (a constant: its zero point)"] == 1
+    assert result.integer_ops["concat"] == 1
+
+
+def test_other_tensor_factories_are_traced_and_refused_by_name() -> None:
+    """torch.ones of a traced shape is followed by fx (before, the whole model fell back to
+    hooks and the op went unseen) and, having no integer meaning here, refused by name."""
+
+    class OnesShortcut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + torch.ones(x.shape[0], 3, x.shape[2], x.shape[3])
+
+    result = eq.check(OnesShortcut(), "mcu-int8", torch.randn(2, 3, 4, 4))
+    assert result.traced_with == "torch.fx"
+    assert _by_op(result) == {"ones": REFUSE}
+
+
+def test_check_onnx_takes_zeros_made_from_a_shape(tmp_path: Path) -> None:
+    """ConstantOfShape of 0 and Expand of a constant 0 (how exporters write zeros_like and
+    new_zeros) are constants; of another value they are refused by name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph_with(value: float) -> Path:
+        fill = helper.make_tensor("v", TensorProto.FLOAT, [1], [value])
+        nodes = [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("ConstantOfShape", ["s"], ["z"], value=fill),
+            helper.make_node("Expand", ["zero", "s"], ["e"]),
+            helper.make_node("Concat", ["x", "z", "e"], ["y"], axis=1),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 2, 2])],
+            [helper.make_tensor("zero", TensorProto.FLOAT, [], [value])],
+        )
+        path = tmp_path / f"{value}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    zeros = check_onnx(graph_with(0.0), "mcu-int8")
+    assert zeros.rows == [] and zeros.integer_ops == {
+        "zeros (a constant: its zero point)": 2,
+        "concat": 1,
+    }
+    ones = check_onnx(graph_with(1.0), "mcu-int8")
+    assert sorted((r.op, r.action) for r in ones.rows) == [
+        ("ConstantOfShape", REFUSE),
+        ("Expand", REFUSE),
+    ]

@@ -15,7 +15,13 @@ import edgequant as eq
 from edgequant.export.pt2e import export_program, pt2e_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import OptionAShortcut, seeded_case  # noqa: E402
+from zoo import (  # noqa: E402
+    NewZerosShortcut,
+    OptionAShortcut,
+    ZerosLikeShortcut,
+    ZerosShortcut,
+    seeded_case,
+)
 
 SELECTION_OPS = {"slice", "pad", "constant_pad_nd", "cat", "max_pool2d", "max_pool1d", "zeros_like"}
 
@@ -95,6 +101,9 @@ STYLES = {
     "slice_and_pad": lambda target: _quantized(OptionAShortcut, (3, 8, 8), target),
     "pool_and_pad": lambda target: _quantized(PoolPadShortcut, (3, 8, 8), target),
     "conv1d_slice_and_pad": lambda target: _quantized(Conv1dShortcut, (2, 12), target),
+    "cat_zeros_like": lambda target: _quantized(ZerosLikeShortcut, (3, 8, 8), target),
+    "cat_zeros_of_shape": lambda target: _quantized(ZerosShortcut, (3, 8, 8), target),
+    "cat_new_zeros": lambda target: _quantized(NewZerosShortcut, (3, 8, 8), target),
 }
 
 
@@ -111,7 +120,12 @@ def test_shortcut_becomes_one_conv_that_computes_the_same(style: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "style", ["pool_and_pad", pytest.param("conv1d_slice_and_pad", marks=pytest.mark.slow)]
+    "style",
+    [
+        "pool_and_pad",
+        pytest.param("cat_zeros_of_shape", marks=pytest.mark.slow),
+        pytest.param("conv1d_slice_and_pad", marks=pytest.mark.slow),
+    ],
 )
 def test_shortcut_conv_runs_bit_exact_in_tflite_micro(style: str, tmp_path: Path) -> None:
     """export_tflite's own check: every output integer of TFLite Micro equals the integer
@@ -134,11 +148,14 @@ def test_what_is_not_a_selection_from_index_zero_is_left_as_written() -> None:
     assert _ops(program).count("slice") == 2
 
 
-def test_resnet_option_a_block_exports_to_executorch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "style", ["slice_and_pad", pytest.param("cat_new_zeros", marks=pytest.mark.slow)]
+)
+def test_resnet_option_a_block_exports_to_executorch(style: str, tmp_path: Path) -> None:
     """ExecuTorch 1.5.1's XNNPACK program computes this block wrongly with the shortcut as a
     slice outside the delegate (its own verification refuses it); as a selection conv it
     verifies."""
-    qmodel, calib = STYLES["slice_and_pad"]("executorch")
+    qmodel, calib = STYLES[style]("executorch")
     program = export_program(pt2e_model(qmodel, int8_weights=True), (calib[0][:1],), True)
     assert _selection_convs(program) == [[2, 2]]
     info = eq.export_executorch(qmodel, tmp_path / "m.pte", calib[0][:1], verify_data=calib)

@@ -212,3 +212,24 @@ def test_cli_quantize_writes_tflite_for_a_fully_integer_target(
     assert line.startswith(f"wrote {out}") and "TFLite Micro arena" in line
     assert "1.0000 of TFLite Micro's outputs bit-exact" in line
     assert litert_interpreter(out.read_bytes()).get_input_details()[0]["dtype"] == np.int8
+
+
+def test_four_bit_weights_run_bit_exact_in_int8_containers(tmp_path: Path) -> None:
+    """W4A8 for mcu-int8: the 4-bit weights travel in int8 tensors (no TFLite conv takes int4),
+    every value on the 4-bit grid, and TFLite Micro still matches the integer reference bit for
+    bit; the ONNX file of the same model is fully integer too."""
+    model, calib = ZOO["depthwise_separable"]()
+    recipe = eq.Recipe.preset("w4a8").for_target("mcu-int8")
+    qmodel = eq.quantize(model, recipe, calib, method="static")
+    info = eq.export_tflite(qmodel, tmp_path / "w4.tflite", calib[0][:1], verify_data=calib)
+    v = info.verification
+    assert v.passed and v.bit_exact == 1.0 and v.max_step_difference == 0
+    it = litert_interpreter((tmp_path / "w4.tflite").read_bytes())
+    weights = [
+        it.get_tensor(d["index"])
+        for d in it.get_tensor_details()
+        if d["dtype"] == np.int8 and len(d["shape"]) == 4 and d["shape"][0] > 1
+    ]
+    assert weights and all(np.abs(w).max() <= 7 for w in weights)
+    onnx_info = eq.export_onnx(qmodel, tmp_path / "w4.onnx", calib[0], verify_data=calib[1:])
+    assert onnx_info.fully_integer is True and onnx_info.verification.passed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toys import SmallCNN, tensor_batches  # tests/toys.py
+from toys import SmallCNN, bert_batches, random_bert, tensor_batches  # tests/toys.py
 from zoo import FunctionalMLP, ModuleCNN  # tests/zoo.py
 
 import edgequant as eq
@@ -96,26 +96,31 @@ def test_other_learned_rounding_keeps_8_bits_and_says_why() -> None:
     assert any("reduce_range: not compared with adaround" in n for n in q.quant_summary.notes)
 
 
-def test_output_errors_is_the_squared_error_of_the_layer() -> None:
+def test_output_error_from_grams_is_the_squared_error_of_the_layer() -> None:
     torch.manual_seed(0)
-    w = torch.randn(3, 6)
-    xq, xf = [torch.randn(5, 6)], [torch.randn(5, 6)]
-    (err,) = RR.output_errors(w, [w + 0.1], xq, xf)
+    w, q = torch.randn(3, 6), torch.randn(3, 6)
+    xq, xf = torch.randn(12, 6), torch.randn(12, 6)
+    g = RR.Grams(6)
+    held = g.held_out(12)  # samples 3, 7, 11
+    g.add_float(xf[held].unsqueeze(1))
+    g.add_quantized(xq.unsqueeze(1), held)
     expected = float(
-        ((xq[0].double() @ (w + 0.1).double().T - xf[0].double() @ w.double().T) ** 2).sum()
+        ((xq[held].double() @ q.double().T - xf[held].double() @ w.double().T) ** 2).sum()
     )
-    assert err == pytest.approx(expected, rel=1e-12)
-    assert RR.output_errors(w, [w], xf, xf) == [0.0]
+    assert RR.output_error(w, q, g) == pytest.approx(expected, rel=1e-9)
+    assert g.n_fit == 9 and g.n_score == 3 and g.seen == 12
+    fit = xq[~held].double()
+    assert torch.allclose(g.fit_hessian(), fit.T @ fit * (2.0 / 9))
 
 
-def test_split_holds_out_every_fourth_sample_whatever_the_batching() -> None:
-    samples = torch.arange(10.0).reshape(10, 1)
+def test_every_fourth_sample_is_held_out_whatever_the_batching() -> None:
     for size in (1, 3, 10):
-        fit, score = RR.split_batches(list(samples.split(size)))
-        assert torch.cat(score).flatten().tolist() == [3.0, 7.0]
-        assert torch.cat(fit).flatten().tolist() == [0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 8.0, 9.0]
-    one = [torch.zeros(1, 2)]
-    assert RR.split_batches(one) == (one, one)
+        g, held = RR.Grams(1), []
+        for start in range(0, 10, size):
+            n = min(size, 10 - start)
+            held += g.held_out(n).tolist()
+            g.seen += n
+        assert [i for i, h in enumerate(held) if h] == [3, 7]
 
 
 def test_reloaded_model_computes_the_same() -> None:
@@ -133,3 +138,14 @@ def test_recipe_switch_is_validated_and_round_trips() -> None:
         eq.Recipe(reduce_range="yes")  # type: ignore[arg-type]
     recipe = eq.Recipe.preset("w8a8").replace(reduce_range=False)
     assert eq.Recipe.from_dict(recipe.to_dict()).reduce_range is False
+
+
+def test_transformer_with_quantized_attention_is_judged_layer_by_layer() -> None:
+    """Attention routes the matmuls run inside it to its quantized matmuls: the statistics of the
+    Linear layers inside it must not go through them (they did, and GPTQ's Hessian was not
+    positive definite)."""
+    torch.manual_seed(0)
+    data = bert_batches([12, 16, 9, 14, 12, 10, 16, 8])
+    q = eq.quantize(random_bert(), "w8a8", calib_data=data, method="static")
+    ratios = q.quant_info["pipeline"]["reduce_range"]["output_error_ratio_7_to_8"]
+    assert ratios and all(r is not None and 0.5 < r < 4.0 for r in ratios.values()), ratios
