@@ -10,9 +10,11 @@ weights as UINT8 + 128 (export/int8_kernels.py: the u8u8 kernel, exact and slowe
 rounds to nearest. Here each candidate layer gets its 7-bit weights by GPTQ (Frantar et al. 2023,
 ptq/gptq.py) and keeps them where the layer's quantized output error against the float layer on
 float inputs, ||Q(W) X_q - W X||^2 (X_q: its quantized inputs), measured on every HOLD_OUT-th
-calibration sample (the rounding does not see them), grows by at most TOLERANCE over the 8-bit weights the pipeline
-would give it. The input's own quantization error is part of that error, so a layer whose
-inputs are coarser than its weights loses nothing measurable at 7 bits.
+calibration sample (the rounding does not see them), grows by at most TOLERANCE over the 8-bit
+weights the pipeline would give it (round to nearest). The input's own quantization error is
+part of that error, so a layer whose inputs are coarser than its weights loses nothing
+measurable at 7 bits. Where the pipeline rounds 8-bit weights with GPTQ (it found Linear inputs with outlier channels, as in
+transformers) the layers keep 8 bits: there the 5 % per layer added up over the network.
 """
 
 from __future__ import annotations
@@ -249,11 +251,12 @@ def reduce_range_(
     if setting is False or not names:
         why = "off in the recipe" if setting is False else "no 8-bit layer reads uint8 inputs"
         return {"reduce_range": {"layers": [], "why": why}}, []
-    if rounding not in ("nearest", "gptq"):
+    if rounding not in ("nearest", "gptq") or (rounding == "gptq" and setting is None):
         why = (
-            f"not compared with {rounding} rounding: {len(names)} layers keep 8 bits (UINT8 "
-            "in the ONNX file, the exact u8u8 kernel)"
-        )
+            f"8-bit weights get {rounding} rounding here (the pipeline found them sensitive), "
+            if rounding == "gptq"
+            else f"not compared with {rounding} rounding: "
+        ) + f"{len(names)} layers keep 8 bits (UINT8 in the ONNX file, the exact u8u8 kernel)"
         return {"reduce_range": {"layers": [], "why": why}}, [f"reduce_range: {why}"]
     reference = _float_model(qmodel)
     kept: list[str] = []
