@@ -112,3 +112,21 @@ def interleaved_ms(
         for name in fns:
             result[name][label] = statistics.median(times[name]) * 1000.0
     return result
+
+
+def sentence_latency(files: dict[str, Any], evals: Any) -> dict[str, Any]:
+    """interleaved_ms of the exported encoders at batch 1 (the first evaluation sentence,
+    unpadded) and batch 32 (the first evaluation batch), with how it was measured; printed."""
+    import json
+
+    length = int(evals[0]["attention_mask"][0].sum())  # one sentence at its own length
+    one = {k: v[:1, :length] for k, v in evals[0].items()}
+    latency = {
+        "how": "median ms of one ONNX Runtime run (2 threads), every file once per round, 21 "
+        "interleaved rounds; batch 1 (the first evaluation sentence, unpadded) and batch 32 (the "
+        "first evaluation batch, padded to its longest sentence)",
+        "ms": interleaved_ms(files, {"bs1": one, "bs32": evals[0]}),
+    }
+    for name, ms in latency["ms"].items():
+        print("latency", name, json.dumps(ms), flush=True)
+    return latency

@@ -30,9 +30,9 @@ from typing import Any, cast
 import torch
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
-    interleaved_ms,
     load_with_sentences,
     results_header,
+    sentence_latency,
 )
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
@@ -170,16 +170,7 @@ def main() -> int:
         files[f"onnxruntime quantize_dynamic (per_channel={per_channel})"] = path
 
     if args.defaults:
-        length = int(evals[0]["attention_mask"][0].sum())  # one sentence at its own length
-        one = {k: v[:1, :length] for k, v in evals[0].items()}
-        out["latency"] = {
-            "how": "median ms of one ONNX Runtime run (2 threads), every file once per round, "
-            "21 interleaved rounds; batch 1 (the first evaluation sentence, unpadded) and batch 32 (the first evaluation "
-            "batch, padded to its longest sentence)",
-            "ms": interleaved_ms(files, {"bs1": one, "bs32": evals[0]}),
-        }
-        for name, row in out["latency"]["ms"].items():
-            print("latency", name, json.dumps(row), flush=True)
+        out["latency"] = sentence_latency(files, evals)
         write_json(args.out, out)
         return 0
     tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

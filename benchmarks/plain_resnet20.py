@@ -86,29 +86,25 @@ def main() -> None:
         from edgequant.export.onnx import export_float_onnx
 
         export_float_onnx(model, fp32_path, test_x[:1])
-        fp32 = C.ort_predict_fn(fp32_path)
-        rows.append(
-            {
-                "name": "fp32",
-                "test_932": C.accuracy(fp32, test_x, test_y),
-                "jpeg_10000": C.accuracy(fp32, jpeg_x, jpeg_y),
-                "size_bytes": fp32_path.stat().st_size,
-            }
-        )
-        print(rows[-1], flush=True)
-        ort_path = Path(tmp) / "ort_static_w8a8.onnx"
-        if any(n.startswith("ptq") for n in names):
-            ort_quantize_static(fp32_path, ort_path, C.calibration_split(512)[0].numpy())
-            ort = C.ort_predict_fn(ort_path)
+
+        def file_row(name: str, path: Path) -> None:
+            """An ONNX file's accuracy in ONNX Runtime on both test sets, and its size."""
+            predict = C.ort_predict_fn(path)
             rows.append(
                 {
-                    "name": "onnxruntime quantize_static w8a8",
-                    "test_932": C.accuracy(ort, test_x, test_y),
-                    "jpeg_10000": C.accuracy(ort, jpeg_x, jpeg_y),
-                    "size_bytes": ort_path.stat().st_size,
+                    "name": name,
+                    "test_932": C.accuracy(predict, test_x, test_y),
+                    "jpeg_10000": C.accuracy(predict, jpeg_x, jpeg_y),
+                    "size_bytes": path.stat().st_size,
                 }
             )
             print(rows[-1], flush=True)
+
+        file_row("fp32", fp32_path)
+        ort_path = Path(tmp) / "ort_static_w8a8.onnx"
+        if any(n.startswith("ptq") for n in names):
+            ort_quantize_static(fp32_path, ort_path, C.calibration_split(512)[0].numpy())
+            file_row("onnxruntime quantize_static w8a8", ort_path)
         for name in names:
             started = time.perf_counter()
             qmodel, extra = build(name, model)

@@ -40,10 +40,10 @@ from typing import Any, cast
 import torch
 from _minilm import (  # benchmarks/_minilm.py
     fit_and_heldout,
-    interleaved_ms,
     load_with_sentences,
     results_header,
     reuse,
+    sentence_latency,
 )
 from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
 
@@ -298,17 +298,8 @@ def measure_defaults(
         **M.cosine_report(ref, M.embed(M.ort_encoder_fn(ort_path), evals)),
         "size_bytes": ort_path.stat().st_size,
     }
-    length = int(evals[0]["attention_mask"][0].sum())  # one sentence at its own length
-    one = {k: v[:1, :length] for k, v in evals[0].items()}
     files = {"fp32 (ONNX Runtime)": fp32, "edgequant static w8a8, defaults": path, peer: ort_path}
-    out["latency"] = {
-        "how": "median ms of one ONNX Runtime run (2 threads), every file once per round, 21 "
-        "interleaved rounds; batch 1 (the first evaluation sentence, unpadded) and batch 32 (the "
-        "first evaluation batch, padded to its longest sentence)",
-        "ms": interleaved_ms(files, {"bs1": one, "bs32": evals[0]}),
-    }
-    for name, ms in out["latency"]["ms"].items():
-        print("latency", name, json.dumps(ms), flush=True)
+    out["latency"] = sentence_latency(files, evals)
     write_json(out_path, out)
     return 0
 

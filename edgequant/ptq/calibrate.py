@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -179,3 +180,15 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any]) -> li
             f"{len(captured)} of {len(batches)} calibration batches"
         )
     return captured
+
+
+def without_quantizers(
+    qmodel: nn.Module, roles: tuple[str, ...] = ("activation", "weight")
+) -> nn.Module:
+    """A copy of the quantized model with its quantizers of `roles` off: all of them gives the
+    float model's values at every layer (the target learned rounding reconstructs)."""
+    reference = copy.deepcopy(qmodel)
+    for q in quantizers(reference):
+        if q.role in roles:
+            q.mode = "disabled"
+    return reference

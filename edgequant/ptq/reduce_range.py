@@ -19,7 +19,6 @@ transformers) the layers keep 8 bits: there the 5 % per layer added up over the 
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, cast
 
@@ -29,9 +28,10 @@ from tqdm import tqdm
 
 from edgequant.batches import batch_size, call_model, naming_the_batch
 from edgequant.modules import QuantMixin, fast_simulation
+from edgequant.ptq.calibrate import without_quantizers
 from edgequant.ptq.gptq import gptq_weight
 from edgequant.ptq.rounding import as_columns, layer_input, supports, weight_grid
-from edgequant.quantizer import TensorQuantizer, quantizers
+from edgequant.quantizer import TensorQuantizer
 from edgequant.spec import QuantSpec
 
 REDUCED_BITS = 7
@@ -227,14 +227,6 @@ def reduce_layer_(layer: QuantMixin, g: Grams, rounding: str, force: bool) -> tu
     return False, ratio
 
 
-def _float_model(qmodel: nn.Module) -> nn.Module:
-    """A copy of the model with every quantizer off: the float inputs of each layer."""
-    reference = copy.deepcopy(qmodel)
-    for q in quantizers(reference):
-        q.mode = "disabled"
-    return reference
-
-
 def reduce_range_(
     qmodel: nn.Module,
     layers: list[tuple[str, QuantMixin]],
@@ -258,7 +250,7 @@ def reduce_range_(
             else f"not compared with {rounding} rounding: "
         ) + f"{len(names)} layers keep 8 bits (UINT8 in the ONNX file, the exact u8u8 kernel)"
         return {"reduce_range": {"layers": [], "why": why}}, [f"reduce_range: {why}"]
-    reference = _float_model(qmodel)
+    reference = without_quantizers(qmodel)
     kept: list[str] = []
     ratios: dict[str, float] = {}
     notes: list[str] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -19,7 +18,13 @@ from edgequant.ptq import auto, outliers
 from edgequant.ptq.adaround import round_adaround
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
 from edgequant.ptq.brecq import Group, SegmentError, block_plan, reconstruct_group
-from edgequant.ptq.calibrate import capture_inputs, collect, peek, run_calibration
+from edgequant.ptq.calibrate import (
+    capture_inputs,
+    collect,
+    peek,
+    run_calibration,
+    without_quantizers,
+)
 from edgequant.ptq.equalize import equalize
 from edgequant.ptq.gptq import round_gptq
 from edgequant.ptq.outlier_split import describe_split
@@ -142,11 +147,7 @@ def _float_reference(qmodel: nn.Module, rounding: str, float_target: bool) -> nn
     target "quantized": the float weights' on the quantized activations). None: not needed."""
     if not (rounding == "block" or (rounding != "nearest" and float_target)):
         return None
-    reference = copy.deepcopy(qmodel)
-    for q in quantizers(reference):
-        if float_target or q.role == "weight":
-            q.mode = "disabled"
-    return reference
+    return without_quantizers(qmodel) if float_target else without_quantizers(qmodel, ("weight",))
 
 
 def _round_block(
