@@ -7,7 +7,9 @@ Runtime, on test_932 (exact pixels) and on the 10,000 JPEG test images.
 Runs (names): ptq-w8a8, ptq-w4a8, ptq-w4a4 (eq.quantize, static, 1,024 calibration images of
 train_4660's calibration part), ptq-w4a4-512 (the same on 512: the start of qat-w4a4), and
 qat-w4a4: eq.prepare_qat(model, "w4a4", calib_data=512 images) then eq.fit_qat(qmodel,
-train_4660 as (images, labels) batches of 128, epochs=10, teacher=model), nothing else set.
+train_4660 as (images, labels) batches of 128, epochs=10, teacher=model), nothing else set;
+mixed-2.5: plan = eq.mixed_precision(model, calib_data=1,024 images, budget=eq.Budget(size_ratio=
+2.5 / 32)) then eq.quantize(model, plan, calib_data=the same images).
 
 Each PTQ run's file is timed in ONNX Runtime (2 threads, batch 1 and 64, interleaved) against
 the FP32 file and against ONNX Runtime's own quantize_static of it (MinMax, per-channel, QDQ, its
@@ -36,7 +38,9 @@ from edgequant.examples.shared import shared_dir
 
 LATENCY_RUNS = 40
 
-RUNS = ("ptq-w8a8", "ptq-w4a8", "ptq-w4a4", "ptq-w4a4-512", "qat-w4a4")
+RUNS = ("ptq-w8a8", "ptq-w4a8", "ptq-w4a4", "ptq-w4a4-512", "qat-w4a4", "mixed-2.5")
+# Mixed precision's budget: 2.5 bits per weight on average, as a fraction of the FP32 weights.
+MIXED_BITS = 2.5
 
 
 def batches(x: torch.Tensor, size: int = 64) -> list[torch.Tensor]:
@@ -45,6 +49,12 @@ def batches(x: torch.Tensor, size: int = 64) -> list[torch.Tensor]:
 
 def build(name: str, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
     preset = name.split("-")[1]
+    if name.startswith("mixed"):
+        calib = batches(C.calibration_split(1024)[0])
+        budget = eq.Budget(size_ratio=MIXED_BITS / 32)
+        plan = eq.mixed_precision(model, calib_data=calib, budget=budget)
+        qmodel = eq.quantize(model, plan, calib_data=calib, progress=True)
+        return qmodel, {"calib_images": 1024, "bits_per_weight_budget": MIXED_BITS}
     if name.startswith("ptq"):
         n = 512 if name.endswith("-512") else 1024
         calib = batches(C.calibration_split(n)[0])
@@ -102,7 +112,7 @@ def main() -> None:
 
         file_row("fp32", fp32_path)
         ort_path = Path(tmp) / "ort_static_w8a8.onnx"
-        if any(n.startswith("ptq") for n in names):
+        if any(not n.startswith("qat") for n in names):
             ort_quantize_static(fp32_path, ort_path, C.calibration_split(512)[0].numpy())
             file_row("onnxruntime quantize_static w8a8", ort_path)
         for name in names:
@@ -125,13 +135,15 @@ def main() -> None:
                     **extra,
                 }
             )
-            if name.startswith("ptq"):
+            if not name.startswith("qat"):
                 rows[-1]["latency"] = latency(path, fp32_path, ort_path)
             shown = {k: v for k, v in rows[-1].items() if k not in ("history", "selection")}
             print(shown, flush=True)
             if "selection" in extra:
                 print("  selection:", extra["selection"]["why"], flush=True)
-            save(args.out, names, rows)  # after every run: a long run keeps what it measured
+            save(
+                args.out, names, rows, parser.get_default("out")
+            )  # after every run: a long run keeps what it measured
 
 
 def latency(path: Path, fp32_path: Path, ort_path: Path) -> dict[str, Any]:
@@ -147,14 +159,15 @@ def latency(path: Path, fp32_path: Path, ort_path: Path) -> dict[str, Any]:
     return out
 
 
-def save(out: str, names: list[str], rows: list[dict[str, Any]]) -> None:
+def save(out: str, names: list[str], rows: list[dict[str, Any]], default_out: str) -> None:
+    command = "python benchmarks/plain_resnet20.py --runs " + ",".join(names)
     write_json(
         out,
         {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__,
-            "command": "python benchmarks/plain_resnet20.py --runs " + ",".join(names),
+            "command": command + ("" if out == default_out else f" --out {out}"),
             "rows": rows,
         },
     )

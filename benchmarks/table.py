@@ -60,6 +60,8 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
         "ptq-w4a4": "PTQ static W4A4, 1,024 calibration images passed (the preset reads 512)",
         "ptq-w4a4-512": "PTQ static W4A4, 512 calibration images",
         "qat-w4a4": "QAT W4A4: prepare_qat (512 images), fit_qat 10 epochs, teacher",
+        "mixed-2.5": "mixed precision, 2.5 bits per weight (Budget size_ratio 2.5 / 32), "
+        "1,024 calibration images",
     }
     peer = rows.get("onnxruntime quantize_static w8a8")
     for key, row in rows.items():
@@ -202,6 +204,7 @@ def static_minilm(data: dict[str, Any], name: str) -> list[Row]:
 SOURCES: dict[str, Callable[[dict[str, Any], str], list[Row]]] = {
     "plain_resnet20.json": plain_resnet20,
     "plain_resnet20_qat.json": plain_resnet20,
+    "plain_resnet20_mixed.json": plain_resnet20,
     "static_minilm_defaults.json": static_minilm,
     "dynamic_minilm_defaults.json": static_minilm,
     "smollm2_lm.json": smollm2,

@@ -45,14 +45,36 @@ else:
     _MixinBase = object
 
 
-def transform_input(x: Tensor, channel_index: Tensor | None, smooth_inv: Tensor | None) -> Tensor:
+def transform_input(
+    x: Tensor, channel_index: Tensor | None, smooth_inv: Tensor | None, tail: Tensor | None = None
+) -> Tensor:
     """x's channels (last dim) gathered by channel_index (outlier splitting), then divided by the
-    smoothing factors (smooth_inv: their inverses); in the graph, a Gather and a Mul."""
-    if channel_index is not None:
+    smoothing factors (smooth_inv: their inverses); in the graph, a Gather and a Mul. With
+    `tail`, channel_index is in the order split_concat_order gives (every channel once, in
+    order, then the repeated ones, `tail`): x and its gathered tail concatenated, the same
+    values without gathering every channel."""
+    if tail is not None:
+        x = torch.cat([x, x.index_select(-1, tail)], dim=-1)
+    elif channel_index is not None:
         x = x.index_select(-1, channel_index)
     if smooth_inv is not None:
         x = x * smooth_inv
     return x
+
+
+def split_concat_order(index: Tensor) -> Tensor | None:
+    """The order of an outlier-split channel index's entries that puts each channel's first
+    copy first, in channel order (index[order] is 0, 1, ..., C - 1, then the repeated channels);
+    None where the index does not hold every channel 0 .. C - 1."""
+    positions = torch.arange(index.numel(), device=index.device)
+    channels = int(index.max()) + 1
+    first = torch.full((channels,), index.numel(), dtype=torch.long, device=index.device)
+    first = first.scatter_reduce(0, index, positions, reduce="amin")
+    if bool((first == index.numel()).any()):
+        return None
+    repeated = torch.ones(index.numel(), dtype=torch.bool, device=index.device)
+    repeated[first] = False
+    return torch.cat([first, positions[repeated]])
 
 
 class QuantMixin(_MixinBase):

@@ -12,7 +12,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as torch_F
@@ -28,6 +28,7 @@ from edgequant.modules import (
     QuantEmbedding,
     QuantLinear,
     QuantMixin,
+    split_concat_order,
     transform_input,
 )
 from edgequant.quantizer import TensorQuantizer
@@ -127,6 +128,7 @@ class LoweredLayer(nn.Module):
     # Buffers registered in __init__ (which ones depends on the layer), and a method set below.
     input_smooth_inv: Tensor | None
     input_channel_index: Tensor | None
+    input_split_tail: Tensor | None
     weight: Tensor
     bias: Tensor
     acc_scale: Tensor
@@ -190,6 +192,7 @@ class LoweredLayer(nn.Module):
         self.register_buffer(
             "input_channel_index", index.detach().clone() if index is not None else None
         )
+        self.register_buffer("input_split_tail", None)
         self.dynamic = self.act_mode == "dynamic"
         self.per_token = self.dynamic and iq is not None and iq.per_token
         if self.dynamic and not isinstance(layer, QuantLinear):
@@ -211,6 +214,7 @@ class LoweredLayer(nn.Module):
         int8_containers: fewer bits than 8 in an 8-bit container, unless grouped)."""
         iq = layer.input_quantizer
         w_q, w_scale, w_zp, self.w_axis, self.w_block, self.w_container = _stored_weight(layer)
+        w_q = self._concat_split(w_q)
         if int8_containers and self.w_container < 8 and not self.w_block:
             # Integer runtimes (TFLite Micro / CMSIS-NN, XNNPACK) have no 4-bit conv kernel: the
             # same integers in int8, so the layer is the usual integer pattern.
@@ -240,6 +244,28 @@ class LoweredLayer(nn.Module):
         self.register_buffer("weight_q", w_q)
         self.register_buffer("weight_scale", w_scale)
         self.register_buffer("weight_zero_point", w_zp)
+
+    def _concat_split(self, w_q: Tensor) -> Tensor:
+        """An outlier-split input gathered as x and its repeated channels concatenated (a Gather
+        of every channel along the last axis is slow in ONNX Runtime): the channel index, the
+        smoothing factors and the integer weight's columns reordered alike, which changes no
+        integer sum. Only where the input is quantized per tensor (or per token) and the weight
+        is not grouped along the input."""
+        index = self.input_channel_index
+        iq = self.input_quantizer
+        per_tensor = iq is not None and cast(Tensor, iq.scale).numel() == 1
+        quantized = self.dynamic or per_tensor
+        if index is None or self.kind != "linear" or self.w_block or not quantized:
+            return w_q
+        order = split_concat_order(index)
+        if order is None:
+            return w_q
+        channels = int(index.max()) + 1
+        self.input_channel_index = index[order]
+        self.input_split_tail = index[order][channels:].clone()
+        if self.input_smooth_inv is not None:
+            self.input_smooth_inv = self.input_smooth_inv[order].clone()
+        return w_q[:, order].contiguous()
 
     def _store_integer_scales(self, layer: QuantMixin) -> None:
         """The accumulator's scale and the INT32 bias of the integer pattern."""
@@ -278,7 +304,9 @@ class LoweredLayer(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = transform_input(x, self.input_channel_index, self.input_smooth_inv)
+        x = transform_input(
+            x, self.input_channel_index, self.input_smooth_inv, self.input_split_tail
+        )
         if self.dynamic:
             return torch.ops.edgequant.dynamic_linear(
                 x,

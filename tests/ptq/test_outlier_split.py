@@ -23,6 +23,7 @@ from toys import (
 
 import edgequant as eq
 from edgequant.functional import sqnr_db
+from edgequant.modules import split_concat_order
 from edgequant.ptq import outlier_split, outliers
 from edgequant.ptq.static import build_static
 
@@ -169,3 +170,41 @@ def test_weight_only_refuses_splitting() -> None:
     r = eq.Recipe.preset("w4-weight-only").replace(split_outliers=0.9)
     with pytest.raises(ValueError, match="split_outliers"):
         eq.quantize(outlier_bert(), r, CALIB, method="weight_only")
+
+
+def test_split_concat_order_puts_every_channel_first_in_order() -> None:
+    index = torch.repeat_interleave(torch.arange(5), torch.tensor([1, 1, 1, 3, 2]))
+    order = split_concat_order(index)
+    assert order is not None
+    assert index[order].tolist() == [0, 1, 2, 3, 4, 3, 3, 4]
+    assert split_concat_order(torch.tensor([0, 2, 2])) is None  # channel 1 is missing
+
+
+def test_split_input_exports_as_concat_of_its_repeated_channels(
+    tmp_path: Path, split_model: torch.nn.Module
+) -> None:
+    """ONNX Runtime gathers along the last axis slowly: the split input is x concatenated with
+    a Gather of only its repeated channels, and the file still computes the simulation."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = tmp_path / "bert.onnx"
+    info = eq.export_onnx(split_model, path, CALIB[0], verify_data=EVAL)
+    assert info.verification.passed
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    added = split_model.quant_info["pipeline"]["split_channels"]
+    # Gathers along the last axis (the embeddings' gather rows): each takes only the repeated
+    # channels of one split input and feeds a Concat with that input.
+    along_channels = [
+        n
+        for n in graph.node
+        if n.op_type == "Gather" and any(a.name == "axis" and a.i == -1 for a in n.attribute)
+    ]
+    assert {consts[n.input[1]].size for n in along_channels} == set(added.values())
+    concat_inputs = [list(n.input) for n in graph.node if n.op_type == "Concat"]
+    for n in along_channels:
+        assert [n.input[0], n.output[0]] in concat_inputs, n.name
