@@ -26,8 +26,6 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # Private helpers of the package, tested through the public call that uses them.
-    "_io.py": ("export/test_onnx.py", "atomic writes: a failed export leaves the old file"),
-    "_yaml.py": ("config/test_reader.py", "a key given twice is refused where a config is read"),
     "summary.py": ("test_instrument.py", "the summary is what instrumentation records"),
     # The check: one entry point (check/__init__.py) over its tables, trace and result.
     "check/ops.py": ("check/test_check.py", "the op tables are read only through eq.check"),
@@ -36,7 +34,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     "export/check_onnx.py": ("check/test_check.py", "the same check, on an ONNX graph"),
     # The CLI's subcommands run end to end on the example config of the built-in task.
     "cli/quantize.py": ("examples/test_mnist1d.py", "`edgequant quantize` on the MNIST-1D config"),
-    "config/schema.py": ("config/test_reader.py", "a Config is only ever made by reading one"),
     # Real models and data, exercised where they are used.
     "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
     # Export internals, tested through the exporters that call them.
