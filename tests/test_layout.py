@@ -26,7 +26,6 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # Private helpers of the package, tested through the public call that uses them.
-    "summary.py": ("test_instrument.py", "the summary is what instrumentation records"),
     # The check: one entry point (check/__init__.py) over its tables, trace and result.
     "check/ops.py": ("check/test_check.py", "the op tables are read only through eq.check"),
     "check/result.py": ("check/test_check.py", "CheckResult is what eq.check returns"),
@@ -47,9 +46,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     ),
     "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
     "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
-    # Graph placement, tested through the fx placement that instrumentation runs.
-    "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
-    "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
     # The report's runs, tested as compare makes them.
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
