@@ -26,11 +26,6 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # Private helpers of the package, tested through the public call that uses them.
-    # The check: one entry point (check/__init__.py) over its tables, trace and result.
-    "check/ops.py": ("check/test_check.py", "the op tables are read only through eq.check"),
-    "check/result.py": ("check/test_check.py", "CheckResult is what eq.check returns"),
-    "check/trace.py": ("check/test_check.py", "tracing is eq.check's first step"),
-    "export/check_onnx.py": ("check/test_check.py", "the same check, on an ONNX graph"),
     # The CLI's subcommands run end to end on the example config of the built-in task.
     "cli/quantize.py": ("examples/test_mnist1d.py", "`edgequant quantize` on the MNIST-1D config"),
     # Real models and data, exercised where they are used.

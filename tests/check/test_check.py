@@ -21,7 +21,6 @@ from edgequant.cli import main
 from edgequant.examples.cifar10 import resnet20
 from edgequant.export.check_onnx import check_onnx
 from edgequant.export.onnx import export_float_onnx
-from edgequant.recipe import Recipe
 from edgequant.targets import TARGETS
 
 
@@ -84,61 +83,6 @@ def test_standalone_batchnorm_cannot_be_folded() -> None:
     assert _by_op(result) == {"batch_norm": REFUSE}
     folded = eq.check(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "mcu-int8")
     assert folded.ok and folded.rows == []
-
-
-class NewGELUActivation(nn.Module):
-    """A library's own GELU class (as in transformers): known by its name."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3)))
-
-
-class Hooked(nn.Module):
-    """Untraceable (data-dependent branch), with library activation classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        with torch.no_grad():  # y = x: the branch taken is the input's sign
-            self.fc.weight.copy_(torch.eye(4))
-            self.fc.bias.zero_()
-        self.act = NewGELUActivation()
-        self.gate = nn.Hardswish()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)
-        return self.act(y) if y.sum() > 0 else self.gate(y)
-
-
-def test_library_activation_classes_are_known_by_name() -> None:
-    result = eq.check(Hooked(), "mcu-int8", torch.ones(2, 4))
-    assert result.traced_with == "forward hooks"
-    assert _by_op(result) == {"gelu": REPLACE}  # only the branch that ran
-    result = eq.check(Hooked(), "mcu-int8", -torch.ones(2, 4))
-    assert _by_op(result) == {"hardswish": REPLACE}
-
-
-class Dynamic(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.act = nn.Tanh()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return self.act(self.fc(x))
-        return self.act(self.fc(-x))
-
-
-def test_untraceable_model_falls_back_to_hooks() -> None:
-    result = eq.check(Dynamic(), "mcu-int8", torch.ones(2, 4))
-    assert result.traced_with == "forward hooks"
-    assert _by_op(result) == {"tanh": REPLACE}
-    assert any("functional ops" in n for n in result.notes)
-    with pytest.raises(ValueError, match="pass example_inputs"):
-        eq.check(Dynamic(), "mcu-int8")
 
 
 def test_unknown_target_lists_the_known_ones() -> None:
@@ -270,33 +214,6 @@ def test_fully_integer_target_refuses_before_calibration() -> None:
     assert read == [0]
 
 
-def test_check_onnx_shape_reads_and_resize_modes(tmp_path: Path) -> None:
-    """Shape/Size of a float tensor is no float op; nearest Resize is integer, linear is not."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    def graph_with(mode: str) -> Path:
-        nodes = [
-            helper.make_node("Shape", ["x"], ["s"]),
-            helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode),
-        ]
-        graph = helper.make_graph(
-            nodes,
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
-            [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])],
-        )
-        path = tmp_path / f"{mode}.onnx"
-        onnx.save(helper.make_model(graph), str(path))
-        return path
-
-    nearest = check_onnx(graph_with("nearest"), "mcu-int8")
-    assert nearest.rows == [] and nearest.integer_ops == {"upsample (nearest)": 1}
-    linear = check_onnx(graph_with("linear"), "mcu-int8")
-    assert [(r.op, r.action) for r in linear.rows] == [("Resize", REFUSE)]
-
-
 def _x(rows: int = 16, features: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed))
 
@@ -310,81 +227,8 @@ class _Untraceable(nn.Module):
         return self.fc(x) if x.sum() > 0 else self.fc(-x)
 
 
-def test_check_with_a_recipe_as_target_says_a_name_is_needed() -> None:
-    with pytest.raises(TypeError, match=r"target must be a target name.*'onnxruntime'.*got Recipe"):
-        eq.check(relu_mlp(8, 12, 12, 4), Recipe.preset("w8a8"))  # type: ignore[arg-type]
-
-
 def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
     with pytest.raises(ValueError, match=r"failed on example_inputs \(a Tensor \(2, 7\) float32\)"):
         eq.check(_Untraceable(), "mcu-int8", _x(2, 7))
     result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", _x(2, 7))
     assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)
-
-
-@pytest.mark.parametrize("style", ["ZerosLikeShortcut", "ZerosShortcut", "NewZerosShortcut"])
-def test_tensors_of_zeros_made_from_a_shape_are_not_computation(style: str) -> None:
-    """zeros_like, torch.zeros(x.shape...) and new_zeros are counted as constants (fx traces
-    all three: no fallback to hooks), and mcu-int8 takes the model."""
-    import zoo
-
-    model = getattr(zoo, style)().eval()
-    result = eq.check(model, "mcu-int8", torch.randn(2, 3, 8, 8))
-    assert result.traced_with == "torch.fx"
-    assert result.ok and result.rows == []
-    assert result.integer_ops["zeros (a constant: its zero point)"] == 1
-    assert result.integer_ops["concat"] == 1
-
-
-def test_other_tensor_factories_are_traced_and_refused_by_name() -> None:
-    """torch.ones of a traced shape is followed by fx (before, the whole model fell back to
-    hooks and the op went unseen) and, having no integer meaning here, refused by name."""
-
-    class OnesShortcut(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x) + torch.ones(x.shape[0], 3, x.shape[2], x.shape[3])
-
-    result = eq.check(OnesShortcut(), "mcu-int8", torch.randn(2, 3, 4, 4))
-    assert result.traced_with == "torch.fx"
-    assert _by_op(result) == {"ones": REFUSE}
-
-
-def test_check_onnx_takes_zeros_made_from_a_shape(tmp_path: Path) -> None:
-    """ConstantOfShape of 0 and Expand of a constant 0 (how exporters write zeros_like and
-    new_zeros) are constants; of another value they are refused by name."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    def graph_with(value: float) -> Path:
-        fill = helper.make_tensor("v", TensorProto.FLOAT, [1], [value])
-        nodes = [
-            helper.make_node("Shape", ["x"], ["s"]),
-            helper.make_node("ConstantOfShape", ["s"], ["z"], value=fill),
-            helper.make_node("Expand", ["zero", "s"], ["e"]),
-            helper.make_node("Concat", ["x", "z", "e"], ["y"], axis=1),
-        ]
-        graph = helper.make_graph(
-            nodes,
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 2, 2])],
-            [helper.make_tensor("zero", TensorProto.FLOAT, [], [value])],
-        )
-        path = tmp_path / f"{value}.onnx"
-        onnx.save(helper.make_model(graph), str(path))
-        return path
-
-    zeros = check_onnx(graph_with(0.0), "mcu-int8")
-    assert zeros.rows == [] and zeros.integer_ops == {
-        "zeros (a constant: its zero point)": 2,
-        "concat": 1,
-    }
-    ones = check_onnx(graph_with(1.0), "mcu-int8")
-    assert sorted((r.op, r.action) for r in ones.rows) == [
-        ("ConstantOfShape", REFUSE),
-        ("Expand", REFUSE),
-    ]
