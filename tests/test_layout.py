@@ -25,11 +25,6 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
-    # Private helpers of the package, tested through the public call that uses them.
-    # The CLI's subcommands run end to end on the example config of the built-in task.
-    "cli/quantize.py": ("examples/test_mnist1d.py", "`edgequant quantize` on the MNIST-1D config"),
-    # Real models and data, exercised where they are used.
-    "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
     # Export internals, tested through the exporters that call them.
     "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
     "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
