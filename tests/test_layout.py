@@ -26,7 +26,6 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
     # Export internals, tested through the exporters that call them.
-    "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
     "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
     "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
     "export/verify.py": ("export/test_onnx.py", "every export verifies; failures are tested there"),
@@ -35,7 +34,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
         "the PT2E program is what the TFLite path converts",
     ),
     "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
-    "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
     # The report's runs, tested as compare makes them.
     "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
