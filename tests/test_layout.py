@@ -25,10 +25,7 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
-    # Export internals, tested through the exporters that call them.
-    "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
-    "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
-    "export/verify.py": ("export/test_onnx.py", "every export verifies; failures are tested there"),
+    # Export internals, tested through the TFLite exporter that calls them.
     "export/pt2e.py": (
         "export/test_tflite.py",
         "the PT2E program is what the TFLite path converts",

@@ -1,8 +1,7 @@
 """eq.export_onnx on tiny models: ONNX Runtime computes what the simulation computes (DESIGN §3.1),
 weights are stored as integers, INT4 as INT4 (§3.3), the file is small beside an FP32 export,
 a failed export leaves the target untouched (§3.4), and bad arguments fail before any work:
-example_inputs and verify_data that do not fit are named.
-Also covers export/lower.py, export/ops.py, export/verify.py and _io.py (atomic writes)."""
+example_inputs and verify_data that do not fit are named."""
 
 from __future__ import annotations
 
