@@ -31,8 +31,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
         "the PT2E program is what the TFLite path converts",
     ),
     "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
-    # The report's runs, tested as compare makes them.
-    "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
 
 
