@@ -93,3 +93,36 @@ def test_each_listed_module_exists_and_its_test_file_names_it(module: str) -> No
     words = set(re.findall(r"\w+", text))
     named = dotted in text or module in text or bool(defined_names(module) & words)
     assert named, f"tests/{test_file} names neither edgequant/{module} nor anything it defines"
+
+
+# Each algorithm the README names -> the file named after it. The file's docstring opens with
+# the algorithm's name (and its paper, where it has one), so grep and a newcomer both land there.
+README = TESTS.parent / "README.md"
+ALGORITHMS: dict[str, str] = {
+    "SmoothQuant": "ptq/smoothquant.py",
+    "GPTQ": "ptq/gptq.py",
+    "AdaRound": "ptq/adaround.py",
+    "block reconstruction": "ptq/brecq.py",
+    "bias correction": "ptq/bias_correction.py",
+    "cross-layer equalization": "ptq/equalize.py",
+    "outlier channel splitting": "ptq/outlier_split.py",
+    "AWQ": "ptq/awq.py",
+    "clipping search": "ptq/clip_search.py",
+    '"auto" calibrator': "ptq/auto.py",
+    "LSQ": "qat/lsq.py",
+    "PACT": "qat/pact.py",
+    "EMA": "qat/ema.py",
+    "Hessian trace": "mixed/hawq.py",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_each_algorithm_the_readme_names_opens_the_file_named_after_it(name: str) -> None:
+    assert name.lower() in README.read_text().lower(), f"the README no longer names {name}"
+    path = PACKAGE / ALGORITHMS[name]
+    assert path.is_file(), f"{name}: no edgequant/{ALGORITHMS[name]}"
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    opening = doc.split("\n\n")[0]
+    assert name.lower() in opening.lower(), (
+        f"edgequant/{ALGORITHMS[name]} does not open with {name}"
+    )
