@@ -35,6 +35,11 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def by_op(result: Any) -> dict[str, str]:
+    """An eq.check result as {op: action}, for its rows."""
+    return {r.op: r.action for r in result.rows}
+
+
 def tensor_batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
     """n random batches of one shape, batch i drawn from generator seed + i."""
     return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]

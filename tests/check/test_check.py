@@ -1,6 +1,5 @@
 """eq.check and `edgequant check`: the ops a target cannot run in integer, before calibration; bad
-arguments refused with their names.
-Also covers check/ops.py, check/result.py, check/trace.py and export/check_onnx.py."""
+arguments refused with their names."""
 
 from __future__ import annotations
 
@@ -12,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from toys import relu_mlp  # tests/toys.py
+from toys import by_op, relu_mlp  # tests/toys.py
 from zoo import Attention  # tests/zoo.py: nn.MultiheadAttention called as `a, _ = attn(h, h, h)`
 
 import edgequant as eq
-from edgequant.check import KEEP_FLOAT, REFUSE, REMOVE, REPLACE, CheckResult
+from edgequant.check import KEEP_FLOAT, REFUSE, REMOVE, REPLACE
 from edgequant.cli import main
 from edgequant.examples.cifar10 import resnet20
 from edgequant.export.check_onnx import check_onnx
@@ -40,10 +39,6 @@ class Block(nn.Module):
         return F.softmax(self.fc2(h), dim=-1)
 
 
-def _by_op(result: CheckResult) -> dict[str, str]:
-    return {r.op: r.action for r in result.rows}
-
-
 def test_resnet20_is_fully_integer_as_it_is() -> None:
     result = eq.check(resnet20(), "mcu-int8", torch.randn(2, 3, 32, 32))
     assert result.ok and result.rows == [] and result.fully_integer
@@ -56,7 +51,7 @@ def test_resnet20_is_fully_integer_as_it_is() -> None:
 def test_mcu_lists_every_op_with_its_choice() -> None:
     result = eq.check(Block(), "mcu-int8", torch.randn(2, 8))
     assert not result.ok
-    assert _by_op(result) == {
+    assert by_op(result) == {
         "layer_norm": REFUSE,
         "gelu": REPLACE,
         "sigmoid": REFUSE,  # inside the model: no integer form in the export
@@ -80,7 +75,7 @@ def test_targets_that_allow_float_keep_those_ops_in_float() -> None:
 def test_standalone_batchnorm_cannot_be_folded() -> None:
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2))
     result = eq.check(model, "mcu-int8", torch.randn(3, 4))
-    assert _by_op(result) == {"batch_norm": REFUSE}
+    assert by_op(result) == {"batch_norm": REFUSE}
     folded = eq.check(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "mcu-int8")
     assert folded.ok and folded.rows == []
 
@@ -114,7 +109,7 @@ def block_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_check_onnx_reads_the_graph(block_onnx: Path) -> None:
     result = check_onnx(block_onnx, "mcu-int8")
-    ops = _by_op(result)
+    ops = by_op(result)
     assert not result.ok and result.traced_with == "ONNX graph"
     assert ops.get("softmax") == REMOVE
     assert "layer_norm" in ops and "sigmoid" in ops

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from toys import by_op  # tests/toys.py
 
 import edgequant as eq
-from edgequant.check import REPLACE, CheckResult
+from edgequant.check import REPLACE
 from edgequant.check.ops import module_op
-
-
-def _by_op(result: CheckResult) -> dict[str, str]:
-    return {r.op: r.action for r in result.rows}
 
 
 class NewGELUActivation(nn.Module):
@@ -42,9 +39,9 @@ class Hooked(nn.Module):
 def test_library_activation_classes_are_known_by_name() -> None:
     result = eq.check(Hooked(), "mcu-int8", torch.ones(2, 4))
     assert result.traced_with == "forward hooks"
-    assert _by_op(result) == {"gelu": REPLACE}  # only the branch that ran
+    assert by_op(result) == {"gelu": REPLACE}  # only the branch that ran
     result = eq.check(Hooked(), "mcu-int8", -torch.ones(2, 4))
-    assert _by_op(result) == {"hardswish": REPLACE}
+    assert by_op(result) == {"hardswish": REPLACE}
 
 
 def test_module_op_reads_the_tables_then_the_class_name() -> None:

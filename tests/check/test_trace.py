@@ -6,13 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import by_op  # tests/toys.py
 
 import edgequant as eq
-from edgequant.check import REFUSE, REPLACE, CheckResult
-
-
-def _by_op(result: CheckResult) -> dict[str, str]:
-    return {r.op: r.action for r in result.rows}
+from edgequant.check import REFUSE, REPLACE
 
 
 class Dynamic(nn.Module):
@@ -32,7 +29,7 @@ class Dynamic(nn.Module):
 def test_untraceable_model_falls_back_to_hooks() -> None:
     result = eq.check(Dynamic(), "mcu-int8", torch.ones(2, 4))
     assert result.traced_with == "forward hooks"
-    assert _by_op(result) == {"tanh": REPLACE}
+    assert by_op(result) == {"tanh": REPLACE}
     assert any("functional ops" in n for n in result.notes)
     with pytest.raises(ValueError, match="pass example_inputs"):
         eq.check(Dynamic(), "mcu-int8")
@@ -66,4 +63,4 @@ def test_other_tensor_factories_are_traced_and_refused_by_name() -> None:
 
     result = eq.check(OnesShortcut(), "mcu-int8", torch.randn(2, 3, 4, 4))
     assert result.traced_with == "torch.fx"
-    assert _by_op(result) == {"ones": REFUSE}
+    assert by_op(result) == {"ones": REFUSE}
