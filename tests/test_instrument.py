@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import MLP, Keywords, SmallCNN, TinyResidual, Untraceable, gen
+from toys import MLP, Keywords, SmallCNN, TinyResidual, Untraceable, gen, rel_err
 
 import edgequant as eq
 from edgequant.batches import batch_size, call_model
@@ -19,10 +19,6 @@ from edgequant.instrument import instrument, quant_layers
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import quantizers
 from edgequant.summary import Summary
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -81,7 +77,7 @@ def test_instrumented_copy_with_quantizers_disabled_computes_the_float_model(nam
         qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
         assert all(q.mode == "disabled" for q in quantizers(qmodel))
         actual = qmodel(x)
-    assert _rel_err(actual, expected) < 1e-5
+    assert rel_err(actual, expected) < 1e-5
     assert [r.name for r in summary.quantized] == [n for n, _ in quant_layers(qmodel)]
 
 
@@ -138,7 +134,7 @@ def test_bn_not_folded(cls: type[nn.Module], shape: tuple[int, ...], seed: int) 
     x = torch.randn(*shape, generator=gen(seed))
     qmodel, summary = instrument(model, eq.Recipe.preset("w8a8"), x, "static")
     with torch.no_grad():
-        assert _rel_err(qmodel(x), model(x)) < 1e-5
+        assert rel_err(qmodel(x), model(x)) < 1e-5
     assert summary.layers[0].bn_folded == ""
 
 

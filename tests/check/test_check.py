@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from toys import by_op, relu_mlp  # tests/toys.py
+from toys import by_op, randn_rows, relu_mlp  # tests/toys.py
 from zoo import Attention  # tests/zoo.py: nn.MultiheadAttention called as `a, _ = attn(h, h, h)`
 
 import edgequant as eq
@@ -209,10 +209,6 @@ def test_fully_integer_target_refuses_before_calibration() -> None:
     assert read == [0]
 
 
-def _x(rows: int = 16, features: int = 8, seed: int = 0) -> torch.Tensor:
-    return torch.randn(rows, features, generator=torch.Generator().manual_seed(seed))
-
-
 class _Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -224,6 +220,6 @@ class _Untraceable(nn.Module):
 
 def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
     with pytest.raises(ValueError, match=r"failed on example_inputs \(a Tensor \(2, 7\) float32\)"):
-        eq.check(_Untraceable(), "mcu-int8", _x(2, 7))
-    result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", _x(2, 7))
+        eq.check(_Untraceable(), "mcu-int8", randn_rows(2, 7))
+    result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", randn_rows(2, 7))
     assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toys import same_state_dict  # tests/toys.py
 
 from edgequant.config import KEYS, Config, ConfigError, Factory, load_config
 
@@ -69,11 +70,6 @@ calib_data: cfg_helpers:calib
 """
 
 
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 # --------------------------------------------------------------------------------- happy path
 
 
@@ -115,7 +111,7 @@ def test_full_config_builds_everything(tmp_path: Path) -> None:
 
     model = config.build_model()
     assert not model.training
-    assert _same(model, reference)
+    assert same_state_dict(model, reference)
     assert [float(b[0, 0]) for b in config.calib_batches()] == [0.0, 1.0, 2.0, 3.0]
     assert torch.equal(config.example_inputs(), torch.zeros(1, 3))
     with torch.no_grad():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toys import same_state_dict  # tests/toys.py
 
 from edgequant.examples import mnist1d
 
@@ -17,11 +18,6 @@ from edgequant.examples import mnist1d
 @pytest.fixture(scope="module")
 def data() -> dict[str, torch.Tensor]:
     return mnist1d.load_mnist1d()
-
-
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -142,7 +138,7 @@ def test_two_epochs_beat_chance_deterministically(data: dict[str, torch.Tensor])
     val = mnist1d.accuracy(trained, data["x_val"], data["y_val"])
     assert untrained < 0.2 and val > 0.6, (untrained, val)
     assert not trained.training
-    assert _same(trained, again)
+    assert same_state_dict(trained, again)
     # The argument is not trained in place.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -183,11 +179,11 @@ def test_trained_cnn_is_cached_atomically(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(mnist1d, "train", no_training)
     cached = mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
     assert not cached.training
-    assert _same(first, cached)
+    assert same_state_dict(first, cached)
     monkeypatch.undo()
     files[0].write_bytes(b"damaged")  # a damaged cache file is retrained and replaced
     rebuilt = mnist1d.trained_cnn(epochs=1, cache_dir=tmp_path)
-    assert _same(first, rebuilt)
+    assert same_state_dict(first, rebuilt)
     assert [p.name for p in tmp_path.iterdir()] == [files[0].name]  # no temp files left
 
 
