@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -104,6 +105,56 @@ def results_head(machine_note: str = "") -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "calibration": "512 images of train_4660 (calibration part), minmax observers",
+    }
+
+
+def best_latency_ms(
+    runners: dict[str, Any], latency_ms: Callable[[Any, np.ndarray], float], x: np.ndarray
+) -> dict[str, float]:
+    """Each runner's batch-1 latency `latency_ms(runner, x)`, the best of 3 interleaved rounds
+    (_results.interleaved_rounds), so that all see the same machine load."""
+    from _results import interleaved_rounds
+
+    measures = {name: functools.partial(latency_ms, runner, x) for name, runner in runners.items()}
+    return {name: min(t) for name, t in interleaved_rounds(measures, 3).items()}
+
+
+def peer_bars(
+    preset: str, ours: dict[str, Any], peer: dict[str, Any], runtime: str
+) -> tuple[dict[str, bool], float]:
+    """The bars against a peer's file in the same runtime (`runtime`_acc_test_932 and
+    `runtime`_latency_ms_bs1 in each row): W8A8 at least as accurate and >= 0.95x the peer's
+    speed, W4A8 >= 3 points ahead; and our speed relative to the peer's. Records the points
+    ahead in `ours`."""
+    gap = ours[f"{runtime}_acc_test_932"] - peer[f"{runtime}_acc_test_932"]
+    speed = peer[f"{runtime}_latency_ms_bs1"] / ours[f"{runtime}_latency_ms_bs1"]
+    ours["points_ahead_of_peer_test_932"] = 100 * gap
+    if preset == "w8a8":
+        return {
+            "w8a8: ours at least as accurate on test_932": gap >= 0,
+            "w8a8: ours >= 0.95x the peer's speed": speed >= 0.95,
+        }, speed
+    return {"w4a8: ours >= 3 points ahead on test_932": gap >= 0.03}, speed
+
+
+def edge_results(
+    script: str, quick: bool, results: Any, bars: dict[str, Any], threads: int, **extra: Any
+) -> dict[str, Any]:
+    """A results file of the edge benchmarks: the script and its command, the results, `extra`,
+    the bars and the environment (torch, CPU, the runtime's threads)."""
+    import platform
+
+    return {
+        "benchmark": script,
+        "command": f"python benchmarks/{script}.py" + (" --quick" if quick else ""),
+        "results": results,
+        **extra,
+        "bars": bars,
+        "environment": {
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "threads": threads,
+        },
     }
 
 

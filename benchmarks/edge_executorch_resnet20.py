@@ -17,7 +17,6 @@ one thread, interleaved, best of 3 medians of 200 runs (bar >= 1.8x).
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from _resnet20 import (  # benchmarks/_resnet20.py
     batch1_median_ms,
+    best_latency_ms,
+    edge_results,
     eval_sets,
     load_resnet20_cifar,
     predictions,
@@ -105,12 +106,7 @@ def main() -> int:
         row[f"{name}_executorch_acc_test_932"] = float(
             (predictions(fp32, x) == y932.numpy()).mean()
         )
-    times: dict[str, list[float]] = {"int8": [], **{name: [] for name in fp32s}}
-    for _ in range(3):  # interleaved, so all see the same machine load
-        times["int8"].append(latency_ms(runner, x))
-        for name, fp32 in fp32s.items():
-            times[name].append(latency_ms(fp32, x))
-    best = {name: min(t) for name, t in times.items()}
+    best = best_latency_ms({"int8": runner, **fp32s}, latency_ms, x)
     row["executorch_latency_ms_bs1"] = best
     fastest_fp32 = min(best[name] for name in fp32s)
     row["executorch_speedup_vs_fp32_bs1"] = fastest_fp32 / best["int8"]
@@ -118,18 +114,8 @@ def main() -> int:
     bars["ExecuTorch int8 >= 1.8x its FP32 at batch 1"] = (
         row["executorch_speedup_vs_fp32_bs1"] >= 1.8
     )
-    out = {
-        "benchmark": "edge_executorch_resnet20",
-        "command": "python benchmarks/edge_executorch_resnet20.py"
-        + (" --quick" if args.quick else ""),
-        "results": row,
-        "bars": bars,
-        "environment": {
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": portable_lib._threadpool_get_thread_count(),
-        },
-    }
+    threads = portable_lib._threadpool_get_thread_count()
+    out = edge_results("edge_executorch_resnet20", args.quick, row, bars, threads)
     write_json(args.out, out)
     print(json.dumps(row, default=str), flush=True)
     print(json.dumps(bars, indent=1))

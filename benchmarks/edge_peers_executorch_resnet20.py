@@ -20,7 +20,6 @@ size, and batch-1 latency of all four programs, interleaved, one thread, best of
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +28,11 @@ import numpy as np
 import torch
 from _resnet20 import (  # benchmarks/_resnet20.py
     batch1_median_ms,
+    best_latency_ms,
+    edge_results,
     eval_sets,
     load_resnet20_cifar,
+    peer_bars,
     predictions,
     resnet20_parser,
 )
@@ -128,13 +130,8 @@ def main() -> int:
         for set_name, (x, y) in sets.items():
             row[f"executorch_acc_{set_name}"] = float((predictions(runner, x) == y).mean())
         print(name, json.dumps(row, default=str), flush=True)
-    x = x932.numpy()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(3):  # interleaved, so all see the same machine load
-        for name, runner in runners.items():
-            times[name].append(latency_ms(runner, x))
-    for name in runners:
-        rows[name]["executorch_latency_ms_bs1"] = min(times[name])
+    for name, best in best_latency_ms(runners, latency_ms, x932.numpy()).items():
+        rows[name]["executorch_latency_ms_bs1"] = best
 
     bars: dict[str, bool | None] = {}
     for preset in PRESETS:
@@ -142,27 +139,10 @@ def main() -> int:
         if "executorch_acc_test_932" not in peer:
             bars[f"{preset}: peer ran"] = False
             continue
-        gap = ours["executorch_acc_test_932"] - peer["executorch_acc_test_932"]
-        speed = peer["executorch_latency_ms_bs1"] / ours["executorch_latency_ms_bs1"]
-        ours["points_ahead_of_peer_test_932"] = 100 * gap
-        ours["speed_vs_peer_bs1"] = speed
-        if preset == "w8a8":
-            bars["w8a8: ours at least as accurate on test_932"] = gap >= 0
-            bars["w8a8: ours >= 0.95x the peer's speed"] = speed >= 0.95
-        else:
-            bars["w4a8: ours >= 3 points ahead on test_932"] = gap >= 0.03
-    out = {
-        "benchmark": "edge_peers_executorch_resnet20",
-        "command": "python benchmarks/edge_peers_executorch_resnet20.py"
-        + (" --quick" if args.quick else ""),
-        "results": rows,
-        "bars": bars,
-        "environment": {
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": portable_lib._threadpool_get_thread_count(),
-        },
-    }
+        preset_bars, ours["speed_vs_peer_bs1"] = peer_bars(preset, ours, peer, "executorch")
+        bars.update(preset_bars)
+    threads = portable_lib._threadpool_get_thread_count()
+    out = edge_results("edge_peers_executorch_resnet20", args.quick, rows, bars, threads)
     write_json(args.out, out, default=str)
     print(json.dumps(bars, indent=1))
     return 0

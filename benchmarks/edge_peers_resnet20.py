@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from _resnet20 import (  # benchmarks/_resnet20.py
     batch1_median_ms,
+    best_latency_ms,
+    edge_results,
     eval_sets,
     load_resnet20_cifar,
+    peer_bars,
     predictions,
     resnet20_parser,
 )
@@ -124,33 +127,17 @@ def main() -> int:
         for name, blob in files.items():
             rows[name], runners[name] = describe(blob, wall[name], sets)
             print(name, json.dumps({k: v for k, v in rows[name].items() if k != "ops"}), flush=True)
-    x = x932.numpy()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(3):  # interleaved, so all see the same machine load
-        for name, runner in runners.items():
-            times[name].append(latency_ms(runner, x))
-    for name in runners:
-        rows[name]["litert_latency_ms_bs1"] = min(times[name])
+    for name, best in best_latency_ms(runners, latency_ms, x932.numpy()).items():
+        rows[name]["litert_latency_ms_bs1"] = best
     bars: dict[str, bool] = {}
     speeds: dict[str, float] = {}
     for preset in PRESETS:
         ours, peer = rows[f"edgequant {preset}"], rows[f"{PEER} {preset}"]
-        speeds[preset] = peer["litert_latency_ms_bs1"] / ours["litert_latency_ms_bs1"]
-        gap = ours["litert_acc_test_932"] - peer["litert_acc_test_932"]
-        ours["points_ahead_of_peer_test_932"] = 100 * gap
-        if preset == "w8a8":
-            bars["w8a8: ours at least as accurate on test_932"] = gap >= 0
-            bars["w8a8: ours >= 0.95x the peer's speed"] = speeds[preset] >= 0.95
-        else:
-            bars["w4a8: ours >= 3 points ahead on test_932"] = gap >= 0.03
-    out = {
-        "benchmark": "edge_peers_resnet20",
-        "command": "python benchmarks/edge_peers_resnet20.py" + (" --quick" if args.quick else ""),
-        "results": rows,
-        "speed_ours_vs_peer": speeds,
-        "bars": bars,
-        "environment": {"torch": torch.__version__, "threads": 1},
-    }
+        preset_bars, speeds[preset] = peer_bars(preset, ours, peer, "litert")
+        bars.update(preset_bars)
+    out = edge_results(
+        "edge_peers_resnet20", args.quick, rows, bars, threads=1, speed_ours_vs_peer=speeds
+    )
     write_json(args.out, out)
     print(json.dumps(bars, indent=1), json.dumps(speeds))
     return 0

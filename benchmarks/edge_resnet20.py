@@ -17,7 +17,6 @@ TFLite Micro's arena.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from _resnet20 import (  # benchmarks/_resnet20.py
     batch1_median_ms,
+    edge_results,
     load_resnet20_cifar,
     predictions,
     quantize_mcu_int8,
@@ -119,17 +119,7 @@ def main() -> int:
         bars["JPEG 10,000 (LiteRT reference kernels) >= 80.9 %"] = (
             row["litert_ref_acc_jpeg_10000"] >= 0.809
         )
-    out = {
-        "benchmark": "edge_resnet20",
-        "command": "python benchmarks/edge_resnet20.py" + (" --quick" if args.quick else ""),
-        "results": row,
-        "bars": bars,
-        "environment": {
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": 1,
-        },
-    }
+    out = edge_results("edge_resnet20", args.quick, row, bars, threads=1)
     write_json(args.out, out)
     print(json.dumps(bars, indent=1))
     return 0

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
+from _smollm2 import int4_g64, load_with_windows  # noqa: E402
 from smollm2_lm import interleaved_decode  # noqa: E402
 
 import edgequant as eq  # noqa: E402
-from edgequant.spec import weight_spec  # noqa: E402
 
 
 def main() -> None:
@@ -38,29 +38,19 @@ def main() -> None:
     torch.set_num_threads(1)
     import onnxruntime
 
-    from edgequant.examples.smollm2 import SHAKESPEARE_TEXT, load_smollm2, text_windows
     from edgequant.export.lm import export_lm_onnx
 
-    try:
-        model, tok = load_smollm2()
-    except (FileNotFoundError, ImportError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_with_windows()
+    if loaded is None:
         return
+    model, _, verify = loaded
     folder = Path(args.models)
     folder.mkdir(parents=True, exist_ok=True)
-    verify = text_windows(tok, SHAKESPEARE_TEXT, 256, 2)
     files = {"fp32": folder / "fp32.onnx"}
     info = export_lm_onnx(model, files["fp32"], quantized=False)
     rows: list[dict[str, Any]] = [{"name": "fp32", "size_bytes": info.size_bytes}]
     for name, switch in (("int4-g64-head-level4", None), ("int4-g64-switch-off", False)):
-        recipe = eq.Recipe(
-            name="g64",
-            weight=weight_spec(4, 64),
-            activation=None,
-            first_last_bits=8,
-            block_int8_inputs=switch,
-        )
-        q = eq.quantize(model, recipe, method="weight_only")
+        q = eq.quantize(model, int4_g64(block_int8_inputs=switch), method="weight_only")
         pipeline = q.quant_info["pipeline"]
         path = folder / f"{name}.onnx"
         ex = export_lm_onnx(q, path, verify_windows=verify)

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
+from _smollm2 import int4_g64, load_with_windows  # noqa: E402
 
 import edgequant as eq  # noqa: E402
-from edgequant.spec import weight_spec  # noqa: E402
 
 
 def main() -> None:
@@ -33,19 +33,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/smollm2_int8_chaos.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from edgequant.examples.smollm2 import SHAKESPEARE_TEXT, load_smollm2, text_windows
     from edgequant.export.lm import export_lm_onnx, lm_session, run_windows
     from edgequant.functional import nbits_block_size
     from edgequant.metrics import next_token_nll
 
-    try:
-        model, tok = load_smollm2()
-    except (FileNotFoundError, ImportError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_with_windows()
+    if loaded is None:
         return
-    windows = text_windows(tok, SHAKESPEARE_TEXT, 256, 2)
-    recipe = eq.Recipe(name="g64", weight=weight_spec(4, 64), activation=None, first_last_bits=8)
-    q = eq.quantize(model, recipe, method="weight_only")
+    model, _, windows = loaded
+    q = eq.quantize(model, int4_g64(), method="weight_only")
     layers = []
     for m in q.modules():  # int8 inputs on every quantized Linear (the default: lm_head only)
         wq = getattr(m, "weight_quantizer", None)

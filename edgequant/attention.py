@@ -78,7 +78,22 @@ def _func_name(func: Any) -> str:
     return LEFT_FLOAT.get(func) or str(getattr(func, "__name__", func))
 
 
-class _Discovery(TorchFunctionMode):
+class _OpMode(TorchFunctionMode):
+    """Hands every torch call, with its op_kind, to `handle`; nn.MultiheadAttention's body runs
+    under the mode, so that the matmuls inside it reach `handle` too."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _MHA:
+            with self:
+                return _MHA_BODY(*args, **kwargs)
+        return self.handle(func, op_kind(func, args), args, kwargs)
+
+    def handle(self, func: Any, kind: str | None, args: Any, kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class _Discovery(_OpMode):
     """Records (host module name, kind, op name) for every op between two activations."""
 
     def __init__(self, stack: list[str]) -> None:
@@ -86,12 +101,7 @@ class _Discovery(TorchFunctionMode):
         self.stack = stack
         self.calls: list[tuple[str, str, str]] = []
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _MHA:
-            with self:
-                return _MHA_BODY(*args, **kwargs)
-        kind = op_kind(func, args)
+    def handle(self, func: Any, kind: str | None, args: Any, kwargs: dict[str, Any]) -> Any:
         if kind is not None and self.stack and not self.stack[-1].endswith("#inner"):
             self.calls.append((self.stack[-1], kind, _func_name(func)))
         return func(*args, **kwargs)
@@ -120,7 +130,7 @@ def discover(model: nn.Module, batch: Any) -> list[tuple[str, str, str]]:
     return mode.calls
 
 
-class _Router(TorchFunctionMode):
+class _Router(_OpMode):
     """While its host runs: its k-th op between two activations goes to quant_matmuls[k]."""
 
     def __init__(self, ops: nn.ModuleList) -> None:
@@ -128,12 +138,7 @@ class _Router(TorchFunctionMode):
         self.ops = ops
         self.next = 0
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _MHA:
-            with self:
-                return _MHA_BODY(*args, **kwargs)
-        kind = op_kind(func, args)
+    def handle(self, func: Any, kind: str | None, args: Any, kwargs: dict[str, Any]) -> Any:
         if kind not in ("matmul", "baddbmm", "sdpa") or self.next >= len(self.ops):
             return func(*args, **kwargs)  # an op the calibration run did not make stays float
         op = self.ops[self.next]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import nn
 from toys import bert_batches, gen, random_bert  # tests/toys.py
-from zoo import ZOO  # tests/zoo.py
+from zoo import ZOO, Attention  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.attention import discover
@@ -316,15 +316,10 @@ def test_dynamic_quantization_lists_attention_as_float() -> None:
     assert notes and "layer.self_attn: scaled_dot_product_attention" in notes[0]
 
 
-class WeightsAttention(nn.Module):
-    """nn.MultiheadAttention asked for its attention weights with a float mask: PyTorch then
-    computes the scores with torch.baddbmm and P·V with torch.bmm, not the fused function."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = nn.Linear(16, 3)
+class WeightsAttention(Attention):
+    """zoo.Attention's nn.MultiheadAttention asked for its attention weights with a float mask:
+    PyTorch then computes the scores with torch.baddbmm and P·V with torch.bmm, not the fused
+    function."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)

@@ -9,6 +9,7 @@ breach not listed, and on a listed one that is gone (so the list shrinks as they
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,43 @@ def test_no_import_cycle() -> None:
             if back is not None:
                 cycles.append(" -> ".join((module, *back)))
     assert not cycles, "import cycles: " + "; ".join(cycles[:5])
+
+
+# docs/imports.dot is drawn by pydeps (docs/DESIGN.md §2 gives the command). pydeps draws no
+# edge for an import of the top-level package itself (the CLI's `import edgequant as eq`).
+DRAWN_GRAPH = PACKAGE.parent / "docs" / "imports.dot"
+REDRAW = (
+    "pydeps edgequant --only edgequant --max-module-depth 2 --rankdir BT --no-output "
+    "--dot-output docs/imports.dot"
+)
+
+
+def drawn_edges(dot: str) -> set[tuple[str, str]]:
+    """(imported, importer) node pairs of a pydeps graph: `a -> b` is drawn where b imports a."""
+    return {(a, b) for a, b in re.findall(r"^\s*(\w+) -> (\w+)", dot, re.MULTILINE)}
+
+
+def package_edges() -> set[tuple[str, str]]:
+    """The same pairs from the source, as grimp reads it, modules cut to edgequant.<name>."""
+    import grimp
+
+    graph = grimp.build_graph("edgequant", include_external_packages=False)
+
+    def node(module: str) -> str:
+        return "_".join(module.split(".")[:2])
+
+    return {
+        (node(imported), node(module))
+        for module in graph.modules
+        for imported in graph.find_modules_directly_imported_by(module)
+        if node(imported) != node(module) and imported != "edgequant"
+    }
+
+
+def test_the_drawn_import_graph_is_current() -> None:
+    drawn, actual = drawn_edges(DRAWN_GRAPH.read_text()), package_edges()
+    assert len(drawn) > 50, "docs/imports.dot holds no pydeps graph"
+    assert drawn == actual, (
+        f"docs/imports.dot is out of date; redraw it from the repository root with `{REDRAW}` "
+        f"(imports not drawn: {sorted(actual - drawn)}; drawn but gone: {sorted(drawn - actual)})"
+    )

@@ -25,36 +25,12 @@ NOT_MODULES = {"__init__.py", "__main__.py"}
 
 # module (relative to edgequant/) -> (the test file that covers it, relative to tests/; why there)
 COVERED_ELSEWHERE: dict[str, tuple[str, str]] = {
-    # Private helpers of the package, tested through the public call that uses them.
-    "_io.py": ("export/test_onnx.py", "atomic writes: a failed export leaves the old file"),
-    "_yaml.py": ("config/test_reader.py", "a key given twice is refused where a config is read"),
-    "summary.py": ("test_instrument.py", "the summary is what instrumentation records"),
-    # The check: one entry point (check/__init__.py) over its tables, trace and result.
-    "check/ops.py": ("check/test_check.py", "the op tables are read only through eq.check"),
-    "check/result.py": ("check/test_check.py", "CheckResult is what eq.check returns"),
-    "check/trace.py": ("check/test_check.py", "tracing is eq.check's first step"),
-    "export/check_onnx.py": ("check/test_check.py", "the same check, on an ONNX graph"),
-    # The CLI's subcommands run end to end on the example config of the built-in task.
-    "cli/quantize.py": ("examples/test_mnist1d.py", "`edgequant quantize` on the MNIST-1D config"),
-    "config/schema.py": ("config/test_reader.py", "a Config is only ever made by reading one"),
-    # Real models and data, exercised where they are used.
-    "examples/shared.py": ("examples/test_cifar10.py", "locates ../shared for the real data"),
-    # Export internals, tested through the exporters that call them.
-    "export/integer_values.py": ("export/test_integer.py", "what the integer runner holds"),
-    "export/lower.py": ("export/test_onnx.py", "lowering is the first step of every export"),
-    "export/ops.py": ("export/test_onnx.py", "the custom ops exist to be exported"),
-    "export/verify.py": ("export/test_onnx.py", "every export verifies; failures are tested there"),
+    # Export internals, tested through the TFLite exporter that calls them.
     "export/pt2e.py": (
         "export/test_tflite.py",
         "the PT2E program is what the TFLite path converts",
     ),
     "export/tflite_runtime.py": ("export/test_tflite.py", "the TFLite side of export_tflite"),
-    "export/weight_trace.py": ("export/test_inspect.py", "how inspect_onnx finds each weight"),
-    # Graph placement, tested through the fx placement that instrumentation runs.
-    "graph_quantizers/edges.py": ("test_instrument.py", "rules 3 and 4 of graph placement"),
-    "graph_quantizers/ops.py": ("test_instrument.py", "the fx graph as graph placement reads it"),
-    # The report's runs, tested as compare makes them.
-    "report/runs.py": ("report/test_compare.py", "the runs a compare makes"),
 }
 
 
@@ -117,3 +93,36 @@ def test_each_listed_module_exists_and_its_test_file_names_it(module: str) -> No
     words = set(re.findall(r"\w+", text))
     named = dotted in text or module in text or bool(defined_names(module) & words)
     assert named, f"tests/{test_file} names neither edgequant/{module} nor anything it defines"
+
+
+# Each algorithm the README names -> the file named after it. The file's docstring opens with
+# the algorithm's name (and its paper, where it has one), so grep and a newcomer both land there.
+README = TESTS.parent / "README.md"
+ALGORITHMS: dict[str, str] = {
+    "SmoothQuant": "ptq/smoothquant.py",
+    "GPTQ": "ptq/gptq.py",
+    "AdaRound": "ptq/adaround.py",
+    "block reconstruction": "ptq/brecq.py",
+    "bias correction": "ptq/bias_correction.py",
+    "cross-layer equalization": "ptq/equalize.py",
+    "outlier channel splitting": "ptq/outlier_split.py",
+    "AWQ": "ptq/awq.py",
+    "clipping search": "ptq/clip_search.py",
+    '"auto" calibrator': "ptq/auto.py",
+    "LSQ": "qat/lsq.py",
+    "PACT": "qat/pact.py",
+    "EMA": "qat/ema.py",
+    "Hessian trace": "mixed/hawq.py",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_each_algorithm_the_readme_names_opens_the_file_named_after_it(name: str) -> None:
+    assert name.lower() in README.read_text().lower(), f"the README no longer names {name}"
+    path = PACKAGE / ALGORITHMS[name]
+    assert path.is_file(), f"{name}: no edgequant/{ALGORITHMS[name]}"
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    opening = doc.split("\n\n")[0]
+    assert name.lower() in opening.lower(), (
+        f"edgequant/{ALGORITHMS[name]} does not open with {name}"
+    )

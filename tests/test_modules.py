@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_F
 from torch import nn
-from toys import bitwise_equal, gen  # tests/toys.py
+from toys import bitwise_equal, gen, rel_err  # tests/toys.py
 
 from edgequant.functional import sqnr_db
 from edgequant.modules import (
@@ -20,10 +20,6 @@ from edgequant.modules import (
     from_float,
 )
 from edgequant.spec import activation_spec, weight_spec
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 def _random_bn(bn: nn.Module, seed: int) -> nn.Module:
@@ -82,7 +78,7 @@ def test_bn_folding_equals_layer_then_bn(case: str) -> None:
         actual = folded(x)
     assert type(folded) is QUANT_MODULES[type(layer)]
     assert folded.bias is not None
-    assert _rel_err(actual, expected) < 1e-5
+    assert rel_err(actual, expected) < 1e-5
 
 
 def test_fold_batchnorm_formula() -> None:

@@ -35,6 +35,27 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def randn_rows(rows: int = 16, features: int = 8, seed: int = 0) -> torch.Tensor:
+    """A (rows, features) batch of standard normal values from generator `seed`."""
+    return torch.randn(rows, features, generator=gen(seed))
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||."""
+    return float((actual - expected).norm() / expected.norm())
+
+
+def same_state_dict(a: nn.Module, b: nn.Module) -> bool:
+    """The same keys, and every tensor equal."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def by_op(result: Any) -> dict[str, str]:
+    """An eq.check result as {op: action}, for its rows."""
+    return {r.op: r.action for r in result.rows}
+
+
 def tensor_batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
     """n random batches of one shape, batch i drawn from generator seed + i."""
     return [torch.randn(*shape, generator=gen(seed + i)) for i in range(n)]

@@ -1,5 +1,4 @@
-"""inspect_onnx on tiny hand-built ONNX models, each checked to run in ONNX Runtime first.
-Also covers export/weight_trace.py."""
+"""inspect_onnx on tiny hand-built ONNX models, each checked to run in ONNX Runtime first."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.export.inspect import InspectReport, LayerInfo, inspect_onnx
+from edgequant.export.inspect import InspectReport, inspect_onnx
 
 OPSET = 21
 RNG = np.random.default_rng(0)
@@ -304,44 +303,3 @@ def test_no_weight_layers_is_not_integer(tmp_path: Path) -> None:
     report = inspect_onnx(_save_and_run(graph, tmp_path / "relu.onnx", feeds))
     assert isinstance(report, InspectReport)
     assert report.layers == [] and report.is_integer is False
-
-
-@pytest.mark.parametrize(
-    ("activation_dtype", "weight_dtype", "max_abs", "kernel"),
-    [
-        ("UINT8", "UINT8", None, "u8u8 (exact; slower on x86)"),
-        ("UINT8", "INT8", 64, "u8s8 (exact: |w| <= 64)"),
-        ("UINT8", "INT8", 127, "u8s8 (saturates on x86 without VNNI: |w| > 64)"),
-        ("INT8", "INT8", 100, "s8s8 (saturates on x86 without VNNI: |w| > 64)"),
-    ],
-)
-def test_kernel_names_the_8_bit_kernel_and_whether_it_is_exact(
-    activation_dtype: str, weight_dtype: str, max_abs: int | None, kernel: str
-) -> None:
-    layer = LayerInfo(
-        name="l",
-        op="Conv",
-        weight_source="integer",
-        weight_dtype=weight_dtype,
-        weight_bits=8,
-        activation="static",
-        activation_dtype=activation_dtype,
-        weight_max_abs=max_abs,
-    )
-    assert layer.kernel == kernel
-
-
-def test_kernel_is_empty_where_no_8_bit_integer_product_runs() -> None:
-    float_input = LayerInfo(
-        name="l", op="MatMul", weight_source="integer", weight_dtype="INT8", weight_bits=8
-    )
-    four_bit = LayerInfo(
-        name="l",
-        op="MatMul",
-        weight_source="integer",
-        weight_dtype="INT4",
-        weight_bits=4,
-        activation="static",
-        activation_dtype="UINT8",
-    )
-    assert float_input.kernel == "" and four_bit.kernel == ""

@@ -1,6 +1,5 @@
 """The fully integer target (mcu-int8): the graph property of its exports, and run_integer, the
-integer-only reference runner, against ONNX Runtime, and its input checks.
-Also covers export/integer_values.py; its arithmetic is tested in test_fixed_point.py."""
+integer-only reference runner, against ONNX Runtime, and its input checks."""
 
 from __future__ import annotations
 

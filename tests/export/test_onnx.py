@@ -1,8 +1,7 @@
 """eq.export_onnx on tiny models: ONNX Runtime computes what the simulation computes (DESIGN §3.1),
 weights are stored as integers, INT4 as INT4 (§3.3), the file is small beside an FP32 export,
 a failed export leaves the target untouched (§3.4), and bad arguments fail before any work:
-example_inputs and verify_data that do not fit are named.
-Also covers export/lower.py, export/ops.py, export/verify.py and _io.py (atomic writes)."""
+example_inputs and verify_data that do not fit are named."""
 
 from __future__ import annotations
 
@@ -52,13 +51,6 @@ class Classifier(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def mlp(*widths: int) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers += [nn.Linear(widths[i], widths[i + 1]), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
 def _case(name: str) -> tuple[nn.Module, list, object]:
     """(float model, calibration items, held-out item)."""
     torch.manual_seed(0)
@@ -80,7 +72,7 @@ def _case(name: str) -> tuple[nn.Module, list, object]:
         )
     if name == "mlp3":
         return (
-            mlp(16, 32, 32, 4).eval(),
+            relu_mlp(16, 32, 32, 4),
             tensor_batches((8, 16), 4, 10),
             torch.randn(32, 16, generator=gen(99)),
         )
@@ -327,7 +319,7 @@ def test_activations_below_4_bits_load_and_agree(recipe: str, tmp_path: Path) ->
 def big_mlp(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, torch.Tensor, int]:
     """A 256-256-256 MLP (weights dominate the file) and the size of its FP32 ONNX export."""
     torch.manual_seed(0)
-    model = mlp(256, 256, 256).eval()
+    model = relu_mlp(256, 256, 256)
     x = torch.randn(16, 256, generator=gen(5))
     path = tmp_path_factory.mktemp("fp32") / "fp32.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)

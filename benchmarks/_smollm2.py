@@ -1,0 +1,35 @@
+"""Shared by the SmolLM2-135M scripts that quantize with a plain weight-only call: the model,
+its tokenizer and held-out Shakespeare windows (or a clear skip), and that call's recipe."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import edgequant as eq
+from edgequant.spec import weight_spec
+
+
+def load_with_windows(length: int = 256, count: int = 2) -> tuple[Any, Any, Any] | None:
+    """(model, tokenizer, `count` held-out windows of `length` tokens); None, with the reason on
+    stderr, where transformers or the model's files are absent (the caller then exits 0)."""
+    from edgequant.examples.smollm2 import SHAKESPEARE_TEXT, load_smollm2, text_windows
+
+    try:
+        model, tok = load_smollm2()
+    except (FileNotFoundError, ImportError) as err:
+        print(f"skipped: {err}", file=sys.stderr)
+        return None
+    return model, tok, text_windows(tok, SHAKESPEARE_TEXT, length, count)
+
+
+def int4_g64(block_int8_inputs: bool | None = None) -> eq.Recipe:
+    """Symmetric INT4 weights in groups of 64, the first and last layers (embedding, lm_head) at
+    8 bits, no activation quantization; block_int8_inputs as Recipe's (None: its rule)."""
+    return eq.Recipe(
+        name="g64",
+        weight=weight_spec(4, 64),
+        activation=None,
+        first_last_bits=8,
+        block_int8_inputs=block_int8_inputs,
+    )
