@@ -13,6 +13,7 @@ import torch
 
 from edgequant.cli.common import check_out_folder
 from edgequant.config import load_config
+from edgequant.config.schema import BATCHED_METRICS
 from edgequant.recipe import Recipe
 from edgequant.report import compare as report_compare
 from edgequant.report.compare import Run, default_runs, runs_for, stderr_progress
@@ -50,7 +51,8 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare_run(args: argparse.Namespace) -> int:
     """Each recipe of the config is one PTQ run: a weight-only recipe (no activation spec) runs
-    method weight_only, any other static (calibrated activations). A config without recipes
+    method weight_only, any other static (calibrated activations); with qat_epochs (and
+    train_data), also one QAT run from that PTQ start. A config without recipes
     runs compare's default set (PTQ, a mixed-precision plan, and QAT when the config has
     train_data). The metric is the config's, on its eval_data."""
     # Everything that can be checked before the slow part is checked first.
@@ -79,7 +81,8 @@ def compare_run(args: argparse.Namespace) -> int:
         runs=runs,
         tolerance=config.tolerance,
         task=config.task,
-        metric=config.metric if isinstance(config.metric, str) else config.metric.function,
+        metric=config.metric_name,
+        lower_is_better=config.lower_is_better_metric,
         out_dir=out,
         verify_data=[inputs for inputs, _ in pairs],
         latency_runs=args.quick_latency_runs if args.quick else 20,
@@ -106,7 +109,10 @@ def _compare_runs(config: Config, args: argparse.Namespace) -> list[Run]:
         return recipe.replace(calib_samples=samples)
 
     if config.recipes:
-        return [Run(run.name, run.method, for_run(run.recipe)) for run in runs_for(config.recipes)]
+        return [
+            dataclasses.replace(run, recipe=for_run(run.recipe))
+            for run in runs_for(config.recipes, qat_epochs=config.qat_epochs)
+        ]
     return [
         dataclasses.replace(run, recipe=for_run(run.recipe.for_target(config.target)))
         for run in default_runs(qat=config.train_data is not None)
@@ -124,8 +130,13 @@ def _eval_pairs(config: Config) -> tuple[list[Any], Callable[[Predict], float]]:
                 f"{config.eval_data} must yield (inputs, labels) pairs, got {type(item).__name__}",
             )
     metric_fn = config.metric_fn()
+    batched = BATCHED_METRICS.get(config.metric) if isinstance(config.metric, str) else None
 
     def eval_fn(predict: Predict) -> float:
+        if batched is not None:  # batch by batch: a language model's logits are large
+            partial, finish = batched
+            sums = [partial(torch.as_tensor(predict(x)), torch.as_tensor(y)) for x, y in pairs]
+            return float(finish(sum(t for t, _ in sums) / max(sum(n for _, n in sums), 1)))
         outputs = torch.cat([torch.as_tensor(predict(inputs)) for inputs, _ in pairs])
         labels = torch.cat([torch.as_tensor(labels) for _, labels in pairs])
         return float(metric_fn(outputs, labels))
