@@ -142,15 +142,15 @@ def _recommendation_line(results: dict[str, Any]) -> str:
 
 def _metric_note(results: dict[str, Any]) -> str:
     env = results.get("environment", {})
+    tolerance = float(results["tolerance"])
     direction = (
-        f" (lower is better; a run qualifies at "
-        f"{tolerance_rule(float(results['tolerance']), True).removesuffix(' (lower is better)')})"
+        f" (lower is better: a run qualifies at {1 + tolerance:g}x FP32 or below)"
         if is_lower_better(results)
         else ""
     )
     speed = (
         "Speed: tokens per second decoding at batch 1 with the KV cache in ONNX Runtime (the "
-        "median step); peak memory: the process's peak resident memory while the session loads "
+        "median of a few generations); peak memory: the process's peak resident memory while the session loads "
         "and decodes, above what it held before."
         if _is_lm(results)
         else "Latency: ONNX Runtime, median."
