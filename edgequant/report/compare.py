@@ -33,7 +33,15 @@ from edgequant.recipe import Recipe
 from edgequant.report.direction import default_lower_is_better, tolerance_rule
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder
-from edgequant.report.runs import Run, batch_len, default_runs, mixed_model, qat_model, runs_for
+from edgequant.report.runs import (
+    Run,
+    batch_len,
+    default_lm_runs,
+    default_runs,
+    mixed_model,
+    qat_model,
+    runs_for,
+)
 from edgequant.summary import Summary
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
@@ -132,9 +140,10 @@ def _environment(threads: int) -> dict[str, Any]:
 
 
 def _resolve_runs(
-    recipes: Sequence[Recipe | str] | None, runs: Sequence[Run] | None, qat: bool
+    recipes: Sequence[Recipe | str] | None, runs: Sequence[Run] | None, qat: bool, lm: bool = False
 ) -> list[Run]:
-    """The runs compare makes: explicit Runs, one PTQ run per recipe, or default_runs()."""
+    """The runs compare makes: explicit Runs, one PTQ run per recipe, or default_runs()
+    (default_lm_runs() for a causal LM)."""
     if recipes is not None and runs is not None:
         raise ValueError("give recipes or runs, not both")
     if runs is not None:
@@ -150,7 +159,7 @@ def _resolve_runs(
     elif runs is not None:
         chosen = list(runs)
     else:
-        chosen = default_runs(qat=qat)
+        chosen = default_lm_runs(qat=qat) if lm else default_runs(qat=qat)
     names = [r.name for r in chosen]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
@@ -372,7 +381,8 @@ def compare(
     eval_fn(predict) -> metric, where predict maps a batch of model inputs to the model's output
     tensor (the same function serves the PyTorch model and the ONNX Runtime session).
     recipes: presets or Recipes, one PTQ run each (see runs_for); runs: explicit Runs; neither:
-    default_runs() (its QAT runs only when train_data is given). example_inputs: defaults to the
+    default_runs(), or default_lm_runs() for a causal LM (their QAT runs only when train_data
+    is given). example_inputs: defaults to the
     first calibration batch. train_data: batches of inputs, or (inputs, labels) pairs, for QAT
     runs (labels_used is recorded from it); QAT runs without it are reported as failed.
     Exported models are written to out_dir/models (a temporary folder when out_dir is None).
@@ -394,7 +404,7 @@ def compare(
     if lower_is_better is None:
         lower_is_better = default_lower_is_better(metric)
     _check_compare_args(model, eval_fn, tolerance, progress, lower_is_better)
-    chosen = _resolve_runs(recipes, runs, qat=train_data is not None)
+    chosen = _resolve_runs(recipes, runs, qat=train_data is not None, lm=is_llama_style(model))
     calib = batch_list(calib_data, "calib_data")
     if not calib:
         raise ValueError("calib_data is empty")

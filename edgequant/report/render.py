@@ -48,7 +48,7 @@ def _is_lm(results: dict[str, Any]) -> bool:
 def columns(results: dict[str, Any]) -> tuple[str, ...]:
     """COLUMNS, with TEST_COLUMN after "deployed" where the runs have a test metric, and
     LM_COLUMNS for the latency column where the model is a causal LM."""
-    names = COLUMNS
+    names: tuple[str, ...] = COLUMNS
     if _is_lm(results):
         at = names.index("latency bs1 / bs64 (ms)")
         names = (*names[:at], *LM_COLUMNS, *names[at + 1 :])

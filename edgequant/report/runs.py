@@ -15,6 +15,7 @@ from edgequant.ptq.quantize import quantize
 from edgequant.qat import finalize, fit_qat, prepare_qat
 from edgequant.qat.selection import holdout_split
 from edgequant.recipe import Recipe
+from edgequant.spec import weight_spec
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,26 @@ def default_runs(qat: bool = True, qat_epochs: int = 3) -> list[Run]:
             Run("qat-w8a8", "static", Recipe.preset("w8a8"), family="qat", epochs=qat_epochs),
             Run("qat-w4a4", "static", Recipe.preset("w4a4"), family="qat", epochs=qat_epochs),
         ]
+    return runs
+
+
+def default_lm_runs(qat: bool = True, qat_epochs: int = 1) -> list[Run]:
+    """The default set for a causal LM, whose export takes weight-only grids: weight-only PTQ at
+    symmetric INT4 and INT3 in groups of 64 (the embedding and lm_head at 8 bits), and QAT at
+    INT3 from its PTQ start (when there is training data)."""
+    runs = []
+    for bits in (4, 3):
+        recipe = Recipe(
+            name=f"int{bits}-g64",
+            weight=weight_spec(bits, 64),
+            activation=None,
+            first_last_bits=8,
+        )
+        runs.append(Run(f"ptq-weight-only-int{bits}-g64", "weight_only", recipe))
+        if qat and bits == 3:
+            runs.append(
+                Run(f"qat-int{bits}-g64", "weight_only", recipe, family="qat", epochs=qat_epochs)
+            )
     return runs
 
 

@@ -118,3 +118,19 @@ def test_compare_runs_one_qat_run_per_recipe_with_qat_epochs() -> None:
     ]
     with pytest.raises(ValueError, match="qat_epochs must be an int >= 0, got -1"):
         runs_for(["w8a8"], qat_epochs=-1)
+
+
+def test_a_causal_lm_defaults_to_weight_only_runs() -> None:
+    from edgequant.report.runs import default_lm_runs
+
+    runs = default_lm_runs(qat=True)
+    assert [(r.name, r.family) for r in runs] == [
+        ("ptq-weight-only-int4-g64", "ptq"),
+        ("ptq-weight-only-int3-g64", "ptq"),
+        ("qat-int3-g64", "qat"),
+    ]
+    assert all(r.recipe.weight_only and r.recipe.weight.group_size == 64 for r in runs)
+    assert [r.name for r in default_lm_runs(qat=False)] == [
+        "ptq-weight-only-int4-g64",
+        "ptq-weight-only-int3-g64",
+    ]
