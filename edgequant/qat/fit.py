@@ -114,10 +114,11 @@ def _checkpoint_path(checkpoint_dir: Any) -> tuple[Path | None, bool]:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face causal LM (a model with a config and output embeddings: an lm_head), whose
-    batches are token ids and whose outputs are logits over the next token at every position."""
-    get = getattr(model, "get_output_embeddings", None)
-    return getattr(model, "config", None) is not None and callable(get) and get() is not None
+    """A Hugging Face causal LM (a model with a config that generates text: can_generate(), as
+    *ForCausalLM models do and masked LMs do not), whose batches are token ids and whose outputs
+    are logits over the next token at every position."""
+    generates = getattr(model, "can_generate", None)
+    return getattr(model, "config", None) is not None and callable(generates) and bool(generates())
 
 
 def _split_tokens(batch: Any, index: int) -> tuple[Any, None]:

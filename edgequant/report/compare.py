@@ -44,6 +44,9 @@ from edgequant.report.runs import (
 )
 from edgequant.summary import Summary
 
+# A causal LM's export is verified token by token on at most this many windows of verify_data.
+LM_VERIFY_WINDOWS = 8
+
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
 Predict = Callable[[Any], torch.Tensor]
 EvalFn = Callable[[Predict], float]
@@ -213,14 +216,16 @@ class _Session:
         return lm_predict(path, self.threads) if self.lm else ort_predict(path, self.threads)
 
     def verify_windows(self) -> torch.Tensor:
-        """The verification batches' token ids, one (windows, tokens) tensor."""
+        """The verification batches' token ids, one (windows, tokens) tensor, at most
+        LM_VERIFY_WINDOWS windows (each run's metric is measured deployed and simulated on all
+        of the evaluation data besides)."""
         ids = [token_ids(b, f"verify_data item {i}") for i, b in enumerate(self.verify)]
         if len({t.shape[1] for t in ids}) != 1:
             raise ValueError(
                 "verify_data for a causal LM must hold windows of one length, got "
                 f"{sorted({t.shape[1] for t in ids})} tokens"
             )
-        return torch.cat(ids)
+        return torch.cat(ids)[:LM_VERIFY_WINDOWS]
 
     def speed(self, path: Path) -> dict[str, Any]:
         """latency_ms per batch size; for a causal LM, decode speed at batch 1 with the KV
