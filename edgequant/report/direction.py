@@ -56,8 +56,8 @@ def gap_to_fp32(base: float, value: float, lower_is_better: bool) -> float:
 def tolerance_rule(tolerance: float, lower_is_better: bool) -> str:
     """The rule in words, for reports and the recommendation."""
     if lower_is_better:
-        return f"at most {1 + tolerance:g}x FP32 (lower is better)"
-    return f"at most {tolerance:g} below FP32 (higher is better)"
+        return f"at most {1 + tolerance:g}x FP32; lower is better"
+    return f"at most {tolerance:g} below FP32; higher is better"
 
 
 def limit_label(tolerance: float, lower_is_better: bool) -> str:
