@@ -6,14 +6,20 @@ import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 if TYPE_CHECKING:
     import onnxruntime
 
-__all__ = ["compare_latency", "file_size_bytes", "latency_ms", "model_weight_report"]
+__all__ = [
+    "compare_latency",
+    "decode_speed",
+    "file_size_bytes",
+    "latency_ms",
+    "model_weight_report",
+]
 
 # A shape per input name; None entries stand for the batch size, e.g. {"input_ids": (None, 128)}.
 InputShapes = Mapping[str, Sequence[int | None]]
@@ -237,3 +243,117 @@ def _random_feeds(
             # Token ids, positions, pre-quantized inputs: small values valid for any vocabulary.
             feeds[info.name] = rng.integers(0, 100, size=shape).astype(dtype)
     return feeds
+
+
+def _kv_inputs(session: onnxruntime.InferenceSession) -> list[tuple[str, int, int]]:
+    """(name, kv heads, head dim) of each past_key_i / past_value_i input of an LM export
+    (export/lm.py), in the graph's order."""
+    found = []
+    for name, _, shape in _signature(session):
+        if name.startswith(("past_key_", "past_value_")):
+            if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+                raise ValueError(f"input {name!r} has shape {shape}, not (batch, heads, past, dim)")
+            found.append((name, int(shape[1]), int(shape[3])))
+    if not found:
+        raise ValueError(
+            "the model has no past_key_i / past_value_i inputs: decode_speed takes a causal LM "
+            "exported with its KV cache (export_lm_onnx)"
+        )
+    return found
+
+
+def _decode_tokens_per_s(
+    session: onnxruntime.InferenceSession, prompt_tokens: int, new_tokens: int
+) -> float:
+    """Tokens per second generating `new_tokens` greedily, one at a time, after a prefill of
+    `prompt_tokens` (not timed)."""
+    kv = _kv_inputs(session)
+    outputs = ["logits"] + [name.replace("past_", "present_", 1) for name, _, _ in kv]
+    feeds: dict[str, np.ndarray] = {n: np.zeros((1, h, 0, d), np.float32) for n, h, d in kv}
+    feeds["input_ids"] = (np.arange(prompt_tokens, dtype=np.int64) % 97 + 3).reshape(1, -1)
+    out = session.run(outputs, feeds)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        feeds = {name: out[1 + i] for i, (name, _, _) in enumerate(kv)}
+        feeds["input_ids"] = np.array([[int(out[0][0, -1].argmax())]], dtype=np.int64)
+        out = session.run(outputs, feeds)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def decode_speed(
+    onnx_path: str | os.PathLike[str],
+    prompt_tokens: int = 32,
+    new_tokens: int = 16,
+    runs: int = 3,
+    threads: int = 2,
+) -> dict[str, float]:
+    """A causal LM's decode speed at batch 1 with its KV cache (a file of export_lm_onnx), and
+    its peak memory: measured in a fresh process, so that the peak is this model's alone.
+
+    Returns {"tokens_per_s": the median of `runs` greedy generations of `new_tokens` tokens after
+    a `prompt_tokens` prefill, "ms_per_token": its inverse, "peak_memory_bytes": the process's
+    peak resident memory while the session loads and decodes, above what it held after
+    importing ONNX Runtime}."""
+    import json
+    import subprocess
+    import sys
+
+    _check_timing_args((1,), 0, runs, threads)
+    for label, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    path = os.fspath(onnx_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    # The child runs this file alone (runpy), not the edgequant package: importing torch there
+    # would cost seconds and count in its memory.
+    args = json.dumps([path, prompt_tokens, new_tokens, runs, threads])
+    code = f"import runpy; runpy.run_path({__file__!r})['_decode_child']({args!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise ValueError(f"{path}: decoding in ONNX Runtime failed: {tail[0]}")
+    return cast(dict[str, float], json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _memory_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kilobytes (VmRSS: resident now; VmHWM: its peak), or
+    None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _decode_child(args: str) -> None:
+    """decode_speed's measuring process: prints its result as one line of JSON."""
+    import json
+
+    path, prompt_tokens, new_tokens, runs, threads = json.loads(args)
+    import onnxruntime  # noqa: F401  (its own memory is not the model's)
+
+    # The peak from here on: Linux resets VmHWM to the resident memory now on "5" written to
+    # clear_refs. (ru_maxrss would not do: it keeps the parent's peak across fork and exec.)
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        before = _memory_kb("VmRSS")
+    except OSError:
+        before = None
+    session = ort_session(path, threads)
+    _decode_tokens_per_s(session, prompt_tokens, 2)  # warm-up
+    speeds = [_decode_tokens_per_s(session, prompt_tokens, new_tokens) for _ in range(runs)]
+    peak = _memory_kb("VmHWM")
+    if before is None or peak is None:
+        raise OSError("peak memory needs Linux's /proc/self/status and clear_refs")
+    speed = statistics.median(speeds)
+    result = {
+        "tokens_per_s": speed,
+        "ms_per_token": 1000.0 / speed,
+        "peak_memory_bytes": max(peak - before, 0) * 1024,
+    }
+    print(json.dumps(result))

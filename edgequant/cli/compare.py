@@ -13,10 +13,13 @@ import torch
 
 from edgequant.cli.common import check_out_folder
 from edgequant.config import load_config
+from edgequant.config.schema import BATCHED_METRICS
+from edgequant.ptq.weight_only import is_llama_style
 from edgequant.recipe import Recipe
 from edgequant.report import compare as report_compare
 from edgequant.report.compare import Run, default_runs, runs_for, stderr_progress
 from edgequant.report.render import table
+from edgequant.report.runs import default_lm_runs
 
 if TYPE_CHECKING:
     from edgequant.config import Config
@@ -50,9 +53,10 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare_run(args: argparse.Namespace) -> int:
     """Each recipe of the config is one PTQ run: a weight-only recipe (no activation spec) runs
-    method weight_only, any other static (calibrated activations). A config without recipes
+    method weight_only, any other static (calibrated activations); with qat_epochs (and
+    train_data), also one QAT run from that PTQ start. A config without recipes
     runs compare's default set (PTQ, a mixed-precision plan, and QAT when the config has
-    train_data). The metric is the config's, on its eval_data."""
+    train_data; for a causal LM, report.runs.default_lm_runs). The metric is the config's, on its eval_data."""
     # Everything that can be checked before the slow part is checked first.
     config = load_config(args.config)
     if config.eval_data is None:
@@ -62,12 +66,14 @@ def compare_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_folder(args.out)
 
-    runs = _compare_runs(config, args)
+    runs = _compare_runs(config, args) if config.recipes else None
     progress = stderr_progress(args.quiet)
     say = progress or (lambda message: None)
 
     say(f"{config.task}: building the model and loading the data")
     model = config.build_model()
+    if runs is None:  # the default set depends on the model (a causal LM's is weight-only)
+        runs = _compare_runs(config, args, lm=is_llama_style(model))
     calib = list(config.calib_batches())
     pairs, eval_fn = _eval_pairs(config)
     report = report_compare.compare(
@@ -79,7 +85,8 @@ def compare_run(args: argparse.Namespace) -> int:
         runs=runs,
         tolerance=config.tolerance,
         task=config.task,
-        metric=config.metric if isinstance(config.metric, str) else config.metric.function,
+        metric=config.metric_name,
+        lower_is_better=config.lower_is_better_metric,
         out_dir=out,
         verify_data=[inputs for inputs, _ in pairs],
         latency_runs=args.quick_latency_runs if args.quick else 20,
@@ -95,7 +102,7 @@ def compare_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_runs(config: Config, args: argparse.Namespace) -> list[Run]:
+def _compare_runs(config: Config, args: argparse.Namespace, lm: bool = False) -> list[Run]:
     """The config's recipes as runs (or compare's default set, its QAT when the config has
     train_data), each calibrated on the config's num_samples (capped under --quick)."""
 
@@ -106,10 +113,15 @@ def _compare_runs(config: Config, args: argparse.Namespace) -> list[Run]:
         return recipe.replace(calib_samples=samples)
 
     if config.recipes:
-        return [Run(run.name, run.method, for_run(run.recipe)) for run in runs_for(config.recipes)]
+        return [
+            dataclasses.replace(run, recipe=for_run(run.recipe))
+            for run in runs_for(config.recipes, qat_epochs=config.qat_epochs)
+        ]
+    qat = config.train_data is not None
+    defaults = default_lm_runs(qat=qat) if lm else default_runs(qat=qat)
     return [
         dataclasses.replace(run, recipe=for_run(run.recipe.for_target(config.target)))
-        for run in default_runs(qat=config.train_data is not None)
+        for run in defaults
     ]
 
 
@@ -124,8 +136,13 @@ def _eval_pairs(config: Config) -> tuple[list[Any], Callable[[Predict], float]]:
                 f"{config.eval_data} must yield (inputs, labels) pairs, got {type(item).__name__}",
             )
     metric_fn = config.metric_fn()
+    batched = BATCHED_METRICS.get(config.metric) if isinstance(config.metric, str) else None
 
     def eval_fn(predict: Predict) -> float:
+        if batched is not None:  # batch by batch: a language model's logits are large
+            partial, finish = batched
+            sums = [partial(torch.as_tensor(predict(x)), torch.as_tensor(y)) for x, y in pairs]
+            return float(finish(sum(t for t, _ in sums) / max(sum(n for _, n in sums), 1)))
         outputs = torch.cat([torch.as_tensor(predict(inputs)) for inputs, _ in pairs])
         labels = torch.cat([torch.as_tensor(labels) for _, labels in pairs])
         return float(metric_fn(outputs, labels))

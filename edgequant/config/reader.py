@@ -102,6 +102,8 @@ class _Reader:
             "tolerance": self.tolerance(data),
             "target": self.target(data),
             "num_samples": self.num_samples(data),
+            "lower_is_better": self.lower_is_better(data),
+            "qat_epochs": self.qat_epochs(data),
         }
         for key, attribute in (
             ("eval_data", "eval_data"),
@@ -179,6 +181,25 @@ class _Reader:
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise self.fail("num_samples", f"must be a positive integer, got {value!r}")
+        return value
+
+    def lower_is_better(self, data: dict[str, Any]) -> bool | None:
+        value = data.get("lower_is_better")
+        if value is not None and not isinstance(value, bool):
+            raise self.fail(
+                "lower_is_better",
+                f"must be true or false (or left out: by the metric's name), got {value!r}",
+            )
+        return value
+
+    def qat_epochs(self, data: dict[str, Any]) -> int:
+        value = data.get("qat_epochs", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail("qat_epochs", f"must be an integer >= 0, got {value!r}")
+        if value > 0 and data.get("train_data") is None:
+            raise self.fail(
+                "qat_epochs", f"is {value}, but QAT trains on train_data, which the config lacks"
+            )
         return value
 
     def metric(self, data: dict[str, Any]) -> str | Factory:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgequant.metrics import LOWER_IS_BETTER, next_token_nll
 from edgequant.recipe import Recipe
 from edgequant.targets import TARGETS
 
@@ -26,11 +28,15 @@ KEYS: dict[str, str] = {
     "eval_data": '"module:function" returning an iterable of (inputs, labels)',
     "train_data": '"module:function" returning an iterable of (inputs, labels), for QAT',
     "example_inputs": '"module:function" returning one model input (default: first calib batch)',
-    "metric": '"accuracy" or "module:function" mapping (outputs, labels) to a float',
-    "tolerance": "the largest acceptable drop of the metric (default 0.01)",
+    "metric": '"accuracy", "perplexity" or "module:function" mapping (outputs, labels) to a float',
+    "lower_is_better": "true where a smaller metric is better (default: by the metric's name, "
+    "true for perplexity)",
+    "tolerance": "the largest acceptable drop of the metric (default 0.01); where lower is "
+    "better, the largest acceptable relative rise (0.03: at most 1.03x FP32)",
     "target": f"the deployment target, one of {', '.join(TARGETS)} (default onnxruntime)",
     "recipes": "recipes to try: preset names (w8a8, w4a8, ...) or Recipe mappings",
     "num_samples": "calibration samples to use (default: the recipe's, 512)",
+    "qat_epochs": "with train_data, each recipe also runs QAT for this many epochs (default 0)",
 }
 
 REQUIRED = ("model", "calib_data")
@@ -65,8 +71,28 @@ def top1_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predicted == labels.reshape(-1).to(predicted.device)).double().mean())
 
 
-# name -> metric(outputs of the whole eval set, labels) -> float, higher is better.
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {"accuracy": top1_accuracy}
+def perplexity_of(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of logits ``outputs`` (N, T, V) over token ids ``labels`` (N, T)
+    (each window predicts its own next tokens: metrics.next_token_nll)."""
+    total, count = next_token_nll(outputs, labels)
+    if count == 0:
+        raise ValueError("perplexity needs windows of at least 2 tokens")
+    return math.exp(total / count)
+
+
+# name -> metric(outputs of the whole eval set, labels) -> float; its direction by name:
+# metrics.LOWER_IS_BETTER (a config's lower_is_better overrides it).
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
+    "accuracy": top1_accuracy,
+    "perplexity": perplexity_of,
+}
+
+# name -> ((outputs, labels) of one batch -> (sum, count), sum / count -> the metric): the
+# metrics computed batch by batch, since a language model's logits over a whole eval set
+# (tokens x vocabulary) do not fit in memory.
+BATCHED_METRICS: dict[
+    str, tuple[Callable[[torch.Tensor, torch.Tensor], tuple[float, int]], Callable[[float], float]]
+] = {"perplexity": (next_token_nll, math.exp)}
 
 # ------------------------------------------------------------------------------------ factories
 
@@ -153,6 +179,8 @@ class Config:
     target: str = "onnxruntime"
     recipes: tuple[Recipe, ...] = ()
     num_samples: int | None = None
+    lower_is_better: bool | None = None  # None: by the metric's name (lower_is_better_metric)
+    qat_epochs: int = 0
     # key (or "recipes[i]") -> its line in the file, for errors raised after loading
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -261,8 +289,22 @@ class Config:
             return batch
         raise self.error("calib_data", f"{self.calib_data} returned no batch")
 
+    @property
+    def metric_name(self) -> str:
+        """The metric's name for reports: a built-in's name, or a factory's function name."""
+        return self.metric if isinstance(self.metric, str) else self.metric.function
+
+    @property
+    def lower_is_better_metric(self) -> bool:
+        """The metric's direction: the config's lower_is_better, else by the metric's name
+        (metrics.LOWER_IS_BETTER: perplexity, loss, nll)."""
+        if self.lower_is_better is not None:
+            return self.lower_is_better
+        return self.metric_name in LOWER_IS_BETTER
+
     def metric_fn(self) -> Callable[[torch.Tensor, torch.Tensor], float]:
-        """metric(outputs, labels) -> float over the whole eval set; higher is better.
+        """metric(outputs, labels) -> float over the whole eval set (its direction:
+        lower_is_better_metric).
 
         A "module:function" metric is that function itself, called with its kwargs after
         (outputs, labels).
@@ -286,6 +328,8 @@ class Config:
         ``batches``: (inputs, labels) pairs to use instead of calling the eval_data factory.
         """
         outputs, labels = [], []
+        batched = BATCHED_METRICS.get(self.metric) if isinstance(self.metric, str) else None
+        sums, counts = 0.0, 0
         module = model_or_fn if isinstance(model_or_fn, nn.Module) else None
         was_training = module.training if module is not None else False
         if module is not None:
@@ -300,11 +344,20 @@ class Config:
                             f"got {type(item).__name__}",
                         )
                     inputs, target = item
-                    outputs.append(torch.as_tensor(_call_model(model_or_fn, inputs)).detach().cpu())
+                    out = _call_model(model_or_fn, inputs)
+                    out = getattr(out, "logits", out)  # a Hugging Face output: its logits
+                    outputs.append(torch.as_tensor(out).detach().cpu())
                     labels.append(torch.as_tensor(target).cpu())
+                    if batched is not None:  # reduce now: an LM's logits are large
+                        total, count = batched[0](outputs.pop(), labels.pop())
+                        sums, counts = sums + total, counts + count
         finally:
             if module is not None:
                 module.train(was_training)
+        if batched is not None:
+            if counts == 0:
+                raise self.error("eval_data", f"{self.eval_data} returned nothing to score")
+            return float(batched[1](sums / counts))
         if not outputs:
             raise self.error("eval_data", f"{self.eval_data} returned no batch")
         return float(self.metric_fn()(torch.cat(outputs), torch.cat(labels)))
@@ -350,6 +403,8 @@ class Config:
             "target": self.target,
             "recipes": [r.to_dict() for r in self.recipes],
             "num_samples": self.num_samples,
+            "lower_is_better": self.lower_is_better_metric,
+            "qat_epochs": self.qat_epochs,
         }
 
 

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgequant.batches import metric_number, nonfinite
+from edgequant.batches import batch_size, call_model, metric_number, nonfinite
+from edgequant.metrics import logits_of
+from edgequant.ptq.calibrate import check_context, check_not_text
 from edgequant.qat import checkpoint as ckpt
 from edgequant.qat.config import FitConfig
 from edgequant.qat.distill import FeatureMatch, distillation_loss, feature_layer_names
@@ -111,8 +113,34 @@ def _checkpoint_path(checkpoint_dir: Any) -> tuple[Path | None, bool]:
     return path, was_there
 
 
-def _split(batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
-    """(inputs, labels or None) of one training item: a tensor, or an (inputs, labels) pair."""
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal LM (a model with a config that generates text: can_generate(), as
+    *ForCausalLM models do and masked LMs do not), whose batches are token ids and whose outputs
+    are logits over the next token at every position."""
+    generates = getattr(model, "can_generate", None)
+    return getattr(model, "config", None) is not None and callable(generates) and bool(generates())
+
+
+def _split_tokens(batch: Any, index: int) -> tuple[Any, None]:
+    """A causal LM's training item: token ids, as a tokenizer batch (a dict with "input_ids")
+    or a (batch, tokens) tensor; no labels (the text is its own target, through the teacher)."""
+    check_not_text(batch, f"train_data item {index}")
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        keys = f" (keys {sorted(batch)})" if isinstance(batch, dict) else ""
+        raise TypeError(
+            f"train_data item {index}: a causal LM trains on token ids, a dict with 'input_ids' "
+            f"(a tokenizer's output) or a (batch, tokens) int tensor; got "
+            f"{type(batch).__name__}{keys}: a tokenizer-less text batch? Tokenize it first"
+        )
+    return batch, None
+
+
+def _split(batch: Any, index: int, causal_lm: bool = False) -> tuple[Any, Tensor | None]:
+    """(inputs, labels or None) of one training item: a tensor, or an (inputs, labels) pair;
+    for a causal LM, token ids (_split_tokens)."""
+    if causal_lm:
+        return _split_tokens(batch, index)
     if isinstance(batch, Tensor):
         return batch, None
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
@@ -125,6 +153,33 @@ def _split(batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
         f"train_data item {index}: expected a tensor of inputs or an (inputs, integer labels) "
         f"pair, got {type(batch).__name__}"
     )
+
+
+def _token_rows(
+    x: Any, logits: Tensor, teacher_logits: Tensor | None, index: int
+) -> tuple[Tensor, Tensor | None]:
+    """A causal LM's logits as one row per next-token distribution, (positions, vocabulary),
+    padding (attention_mask 0) left out: distillation is KL per position, averaged."""
+    if teacher_logits is not None and teacher_logits.shape != logits.shape:
+        raise ValueError(
+            f"teacher logits have shape {tuple(teacher_logits.shape)} on train_data item "
+            f"{index}, the model's {tuple(logits.shape)}: pass the FP32 model that qmodel was "
+            "prepared from"
+        )
+    mask = x.get("attention_mask") if isinstance(x, dict) else None
+    keep = (
+        mask.reshape(-1) > 0
+        if isinstance(mask, Tensor) and mask.numel() == logits.shape[0] * logits.shape[1]
+        else None
+    )
+    rows = logits.reshape(-1, logits.shape[-1])
+    teacher_rows = (
+        teacher_logits.reshape(-1, logits.shape[-1]) if teacher_logits is not None else None
+    )
+    if keep is not None:
+        rows = rows[keep]
+        teacher_rows = teacher_rows[keep] if teacher_rows is not None else None
+    return rows, teacher_rows
 
 
 def _check_labels(labels: Tensor, logits: Tensor, index: int) -> None:
@@ -163,6 +218,7 @@ class _Run:
         self.match = (
             FeatureMatch(model, teacher, layers) if teacher is not None and layers else None
         )
+        self.causal_lm = is_causal_lm(model)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.ref_loss: float | None = None
@@ -207,7 +263,9 @@ class _Run:
 
     def step(self, epoch: int, index: int, batch: Any, choose: bool) -> tuple[float, int]:
         """One optimizer step on one batch: (its loss, its number of samples)."""
-        x, y = _split(batch, index)
+        x, y = _split(batch, index, self.causal_lm)
+        if self.causal_lm:
+            check_context(self.model, x, f"train_data item {index}")
         if count := nonfinite(x):
             # Fake-quantize maps NaN inputs to grid points: the loss stays finite and the model
             # trains on garbage without a word.
@@ -232,7 +290,7 @@ class _Run:
         value = float(loss.detach())
         if epoch == 1 and index == 0:
             self.ref_loss = value  # the start's loss, before any step
-        return value, int(x.shape[0])
+        return value, batch_size(x)
 
     def _loss(self, x: Tensor, y: Tensor | None, epoch: int, index: int) -> Tensor:
         cfg, match = self.cfg, self.match
@@ -241,8 +299,10 @@ class _Run:
             match.capturing = True
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(x)
-        logits = self.qmodel(x)
+                teacher_logits = self._logits(self.teacher, x)
+        logits = self._logits(self.qmodel, x)
+        if self.causal_lm:
+            logits, teacher_logits = _token_rows(x, logits, teacher_logits, index)
         if (
             isinstance(teacher_logits, Tensor)
             and isinstance(logits, Tensor)
@@ -263,6 +323,12 @@ class _Run:
             ramp = dampen_ramp(self.schedule.steps_done(epoch, index), self.schedule.total)
             loss = loss + cfg.dampen_weight * ramp * dampening_loss(self.model)
         return loss
+
+    def _logits(self, model: nn.Module, x: Any) -> Any:
+        """The model's output on x; a causal LM's logits (batch, tokens, vocabulary)."""
+        if self.causal_lm:
+            return logits_of(call_model(model, x))
+        return model(x)
 
     def _non_finite(self, loss: Tensor, epoch: int, index: int, choose: bool) -> None:
         if choose:
@@ -400,6 +466,13 @@ def fit_qat(
     when None); keyword `settings` change single fields of it (`fit_qat(q, data, epochs=10,
     teacher=model)`), an unknown name is refused.
 
+    A causal LM (a Hugging Face model with an lm_head) trains on token ids: dict batches with
+    "input_ids" (a tokenizer's output) or (batch, tokens) tensors, distilled from the teacher's
+    logits at every position (KL of the next-token distributions, padding left out); its
+    held-out score is each held-out sequence's next-token NLL (perplexity: lower is better), an
+    epoch replacing the start only where the per-sequence decrease is more than two standard
+    errors (selection.select_epoch_by_loss).
+
     With select="best" (the default) the model is left holding the epoch that held-out data
     prefers, the start (epoch 0, the model as prepared) included: by val_fn where one is given
     (higher is better; the earliest epoch on a tie); else on `val_data`, or else on a held-out
@@ -425,11 +498,18 @@ def fit_qat(
         )
     cfg = (config if config is not None else FitConfig()).replace(**settings).resolved()
     model = _check_call(qmodel, train_data, cfg, teacher, val_fn, val_data, on_epoch_end)
+    if is_causal_lm(model) and isinstance(train_data, Sequence):
+        # Before any is held out for choosing the epoch: the error then names the item.
+        for index, batch in enumerate(train_data):
+            _split_tokens(batch, index)
+            check_context(model, batch, f"train_data item {index}")
     chooser: EpochChooser | None = None
     if cfg.select == "best":
         hits_of, against = None, ""
         if val_fn is None:
-            train_data, hits_of, against = heldout_source(train_data, teacher, val_data)
+            train_data, hits_of, against = heldout_source(
+                train_data, teacher, val_data, causal_lm=is_causal_lm(model)
+            )
         chooser = EpochChooser(val_fn, hits_of, against)
     if cfg.dampen_weight > 0:
         dampening_loss(model)  # refuses a model with nothing to dampen, before any training
@@ -459,4 +539,4 @@ def fit_qat(
     return run.history
 
 
-__all__ = ["DIVERGED_FACTOR", "FitConfig", "NaNLossError", "fit_qat"]
+__all__ = ["DIVERGED_FACTOR", "FitConfig", "NaNLossError", "fit_qat", "is_causal_lm"]

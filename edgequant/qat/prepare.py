@@ -27,9 +27,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from edgequant.ptq.calibrate import collect, peek, run_calibration
+from edgequant.batches import naming_the_batch
+from edgequant.ptq.calibrate import check_context, collect, peek, run_calibration
 from edgequant.ptq.quantize import check_recipe_fits
 from edgequant.ptq.static import build_static, calibrate_weights
+from edgequant.ptq.weight_only import build_weight_only, is_llama_style, quantize_weight_only
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.ema import EMAQuantizer
 from edgequant.qat.lsq import LSQQuantizer
@@ -133,8 +135,18 @@ def prepare_qat(
     so. Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In
     eval mode it computes what the PTQ model with its current grids computes; export it with
     eq.export_onnx. `model` is not modified.
+
+    A weight-only recipe (no activation spec) starts from eq.quantize(method="weight_only"):
+    for a causal LM (a Hugging Face LlamaForCausalLM, calib_data dict batches of token ids) its
+    decoder pipeline (AWQ, clipping search, GPTQ); the weights and their learned step sizes
+    then train, and the model exports with export_lm_onnx like the PTQ one. The 8-bit token
+    table an LM's embedding and lm_head share stays as PTQ made it (its weight and grid frozen),
+    so that it stays one table in the file.
     """
     recipe = _check_prepare_args(model, recipe, start, num_samples)
+    if calib_data is not None:
+        first, calib_data = peek(calib_data, "calib_data (one example batch)")
+        check_context(model, first, "calib_data item 0")
     skipped = [
         label
         for label, value in (
@@ -148,6 +160,9 @@ def prepare_qat(
         model, recipe, calib_data, cap, progress, start
     )
     count = make_trainable(qmodel, recipe.range_learning)
+    frozen = freeze_token_table(qmodel)
+    if frozen:
+        summary.notes.append(frozen)
     if skipped:
         summary.notes.append(
             f"{' and '.join(skipped)}: PTQ steps that prepare_qat does not run; not applied"
@@ -198,6 +213,28 @@ def _check_prepare_args(
     return recipe
 
 
+def freeze_token_table(qmodel: nn.Module) -> str:
+    """In a LLaMA-style causal LM whose lm_head shares its weight with the embedding, freeze
+    that weight and both layers' weight grids (in place): trained apart, the two grids would
+    drift and the file would need two tables. Returns a note, or "" when there is nothing to
+    freeze."""
+    if not is_llama_style(qmodel):
+        return ""
+    head = qmodel.get_submodule("lm_head")
+    embed = qmodel.get_submodule("model.embed_tokens")
+    if getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return ""
+    cast(nn.Parameter, embed.weight).requires_grad_(False)
+    for layer in (head, embed):
+        wq = getattr(layer, "weight_quantizer", None)
+        for param in wq.parameters() if isinstance(wq, nn.Module) else ():
+            param.requires_grad_(False)
+    return (
+        "QAT: lm_head and model.embed_tokens share one token table: its weight and grid are "
+        "frozen (trained apart, the two grids would need two tables in the file)"
+    )
+
+
 def _start(
     model: nn.Module,
     recipe: Recipe,
@@ -209,6 +246,8 @@ def _start(
     """The model QAT starts from: (model, summary, recipe, samples used, the PTQ pipeline or
     None, where it started from in words)."""
     pipeline: dict[str, Any] | None = None
+    if recipe.weight_only:
+        return _start_weight_only(model, recipe, calib_data, cap, progress, start)
     if start == "ptq":
         from edgequant.ptq.static import quantize_static
 
@@ -227,6 +266,33 @@ def _start(
         used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
         origin = "from calibrated ranges, weights rounded to nearest"
     return qmodel, summary, recipe, used, pipeline, origin
+
+
+def _start_weight_only(
+    model: nn.Module,
+    recipe: Recipe,
+    calib_data: Iterable[Any] | None,
+    cap: int,
+    progress: bool,
+    start: str,
+) -> tuple[nn.Module, Summary, Recipe, int, dict[str, Any] | None, str]:
+    """_start for a weight-only recipe: the weight-only PTQ model, or weights rounded to
+    nearest on calibrated grids."""
+    if start == "ptq":
+        qmodel = quantize_weight_only(model, recipe, calib_data, cap, progress)
+        info = cast("dict[str, Any]", qmodel.quant_info)
+        pipeline = info.get("pipeline")
+        steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
+        origin = f"from the weight-only PTQ model of the same recipe ({steps})"
+        used = int(info["samples_used"])
+        return qmodel, cast(Summary, qmodel.quant_summary), recipe, used, pipeline, origin
+    first = None
+    if calib_data is not None:
+        first, _ = peek(calib_data, "calib_data (one example batch)")
+    with naming_the_batch(first, "calib_data item 0"):
+        qmodel, summary, recipe = build_weight_only(model, recipe, first)
+    calibrate_weights(qmodel)
+    return qmodel, summary, recipe, 0, None, "from calibrated weight grids, rounded to nearest"
 
 
 def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:

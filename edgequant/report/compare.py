@@ -22,15 +22,30 @@ import torch
 from torch import nn
 
 from edgequant.batches import batch_list, call_model, metric_number, run_checked
-from edgequant.bench import latency_ms
+from edgequant.bench import decode_speed, latency_ms
+from edgequant.export.lm import export_lm_onnx, lm_session
 from edgequant.export.onnx import export_float_onnx, export_onnx
 from edgequant.export.verify import exact_session, ort_feed
+from edgequant.metrics import logits_of
 from edgequant.ptq.quantize import quantize
+from edgequant.ptq.weight_only import is_llama_style
 from edgequant.recipe import Recipe
+from edgequant.report.direction import default_lower_is_better, tolerance_rule
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder
-from edgequant.report.runs import Run, batch_len, default_runs, mixed_model, qat_model, runs_for
+from edgequant.report.runs import (
+    Run,
+    batch_len,
+    default_lm_runs,
+    default_runs,
+    mixed_model,
+    qat_model,
+    runs_for,
+)
 from edgequant.summary import Summary
+
+# A causal LM's export is verified token by token on at most this many windows of verify_data.
+LM_VERIFY_WINDOWS = 8
 
 # A predict function maps one batch of model inputs to the model's (first) output tensor.
 Predict = Callable[[Any], torch.Tensor]
@@ -53,8 +68,42 @@ def torch_predict(model: nn.Module) -> Predict:
     def predict(batch: Any) -> torch.Tensor:
         with torch.no_grad():
             out = call_model(model.eval(), batch)
+        if getattr(out, "logits", None) is not None:  # a Hugging Face output: its logits
+            return logits_of(out)
         leaves, _ = torch.utils._pytree.tree_flatten(out)
         return leaves[0]
+
+    return predict
+
+
+def token_ids(batch: Any, what: str = "batch") -> torch.Tensor:
+    """The (batch, tokens) int64 token ids of a causal LM's input: a tensor or a tokenizer
+    batch's "input_ids"; TypeError naming what it got otherwise (text, say)."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise TypeError(
+            f"{what}: a causal LM's input is a (batch, tokens) tensor of token ids or a dict with "
+            f"'input_ids' (a tokenizer's output), got {type(batch).__name__}"
+            + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+        )
+    return ids.long()
+
+
+def lm_predict(path: str | Path, threads: int = 2) -> Predict:
+    """A causal LM exported by export_lm_onnx, run in ONNX Runtime: each sequence of the batch
+    from an empty KV cache; returns the logits (batch, tokens, vocabulary)."""
+    session = lm_session(path, threads)
+    past = [i for i in session.get_inputs() if i.name.startswith("past_")]
+
+    def predict(batch: Any) -> torch.Tensor:
+        out = []
+        for row in token_ids(batch):
+            feeds: dict[str, np.ndarray] = {
+                i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past
+            }
+            feeds["input_ids"] = row.reshape(1, -1).numpy()
+            out.append(torch.from_numpy(np.asarray(session.run(["logits"], feeds)[0])))
+        return torch.cat(out)
 
     return predict
 
@@ -94,9 +143,10 @@ def _environment(threads: int) -> dict[str, Any]:
 
 
 def _resolve_runs(
-    recipes: Sequence[Recipe | str] | None, runs: Sequence[Run] | None, qat: bool
+    recipes: Sequence[Recipe | str] | None, runs: Sequence[Run] | None, qat: bool, lm: bool = False
 ) -> list[Run]:
-    """The runs compare makes: explicit Runs, one PTQ run per recipe, or default_runs()."""
+    """The runs compare makes: explicit Runs, one PTQ run per recipe, or default_runs()
+    (default_lm_runs() for a causal LM)."""
     if recipes is not None and runs is not None:
         raise ValueError("give recipes or runs, not both")
     if runs is not None:
@@ -112,24 +162,30 @@ def _resolve_runs(
     elif runs is not None:
         chosen = list(runs)
     else:
-        chosen = default_runs(qat=qat)
+        chosen = default_lm_runs(qat=qat) if lm else default_runs(qat=qat)
     names = [r.name for r in chosen]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
     return list(chosen)
 
 
-def _check_compare_args(model: Any, eval_fn: Any, tolerance: Any, progress: Any) -> None:
+def _check_compare_args(
+    model: Any, eval_fn: Any, tolerance: Any, progress: Any, lower_is_better: Any
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(eval_fn):
         raise TypeError(
             "eval_fn must be a callable taking a predict function and returning the metric"
         )
+    if lower_is_better is not None and not isinstance(lower_is_better, bool):
+        raise TypeError(f"lower_is_better must be True, False or None, got {lower_is_better!r}")
+    # Higher is better: an absolute drop below 1; lower is better: a relative rise, any size.
+    valid = "a number >= 0 (a relative rise)" if lower_is_better else "a number in [0, 1)"
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
-        raise TypeError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    if not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+        raise TypeError(f"tolerance must be {valid}, got {tolerance!r}")
+    if not (0 <= tolerance < float("inf") if lower_is_better else 0 <= tolerance < 1):
+        raise ValueError(f"tolerance must be {valid}, got {tolerance}")
     if progress is not None and not callable(progress):
         raise TypeError(
             f"progress must be a callable taking a message (e.g. stderr_progress()) or None, "
@@ -154,6 +210,34 @@ class _Session:
     threads: int
     metric: str
     progress: Callable[[str], None] | None
+    lm: bool = False  # a LLaMA-style causal LM: LM export, perplexity windows, decode speed
+
+    def predict(self, path: Path) -> Predict:
+        return lm_predict(path, self.threads) if self.lm else ort_predict(path, self.threads)
+
+    def verify_windows(self) -> torch.Tensor:
+        """The verification batches' token ids, one (windows, tokens) tensor, at most
+        LM_VERIFY_WINDOWS windows (each run's metric is measured deployed and simulated on all
+        of the evaluation data besides)."""
+        ids = [token_ids(b, f"verify_data item {i}") for i, b in enumerate(self.verify)]
+        if len({t.shape[1] for t in ids}) != 1:
+            raise ValueError(
+                "verify_data for a causal LM must hold windows of one length, got "
+                f"{sorted({t.shape[1] for t in ids})} tokens"
+            )
+        return torch.cat(ids)[:LM_VERIFY_WINDOWS]
+
+    def speed(self, path: Path) -> dict[str, Any]:
+        """latency_ms per batch size; for a causal LM, decode speed at batch 1 with the KV
+        cache ({"bs1": ms per token}), tokens per second and peak memory."""
+        if not self.lm:
+            return {"latency_ms": self.latency(path)}
+        found = decode_speed(path, runs=max(1, min(self.latency_runs, 5)), threads=self.threads)
+        return {
+            "latency_ms": {"bs1": found["ms_per_token"]},
+            "tokens_per_s": found["tokens_per_s"],
+            "peak_memory_bytes": found["peak_memory_bytes"],
+        }
 
     def say(self, msg: str) -> None:
         if self.progress is not None:
@@ -187,15 +271,18 @@ def _baseline(sess: _Session, example_name: str) -> dict[str, Any]:
     start = time.perf_counter()
     fp32_path = sess.models_dir / "fp32.onnx"
     run_checked(sess.model, sess.example_inputs, example_name)
-    export_float_onnx(sess.model, fp32_path, sess.example_inputs)
-    value = _metric(sess.eval_fn(ort_predict(fp32_path, sess.threads)), "the FP32 baseline")
+    if sess.lm:
+        export_lm_onnx(sess.model, fp32_path, quantized=False)
+    else:
+        export_float_onnx(sess.model, fp32_path, sess.example_inputs)
+    value = _metric(sess.eval_fn(sess.predict(fp32_path)), "the FP32 baseline")
     size = fp32_path.stat().st_size
     sess.say(f"FP32 baseline: {sess.metric} {value:.4f}, {size} bytes")
     return {
         "metric": value,
         "metric_torch": _metric(sess.eval_fn(torch_predict(sess.model)), "the FP32 PyTorch model"),
         "size_bytes": size,
-        "latency_ms": sess.latency(fp32_path),
+        **sess.speed(fp32_path),
         "onnx": str(fp32_path),
         "wall_s": time.perf_counter() - start,
     }
@@ -236,27 +323,35 @@ def _run_row(sess: _Session, run: Run, fp32_size: int) -> tuple[dict[str, Any], 
         summary = cast(Summary, qmodel.quant_summary).format()
         path = sess.models_dir / f"{run.name}.onnx"
         sess.say(f"{run.name}: exporting to ONNX and verifying in ONNX Runtime")
-        info = export_onnx(qmodel, path, sess.example_inputs, verify_data=sess.verify)
+        if sess.lm:
+            lm_info = export_lm_onnx(qmodel, path, verify_windows=sess.verify_windows())
+            size_bytes = lm_info.size_bytes
+            row["top1_agreement"] = lm_info.agreement  # next-token agreement
+            row["tokens_verified"] = lm_info.tokens_verified
+        else:
+            info = export_onnx(qmodel, path, sess.example_inputs, verify_data=sess.verify)
+            size_bytes = info.size_bytes
+            row["top1_agreement"] = info.verification.top1_agreement
+            row["sqnr_db_vs_simulation"] = info.verification.sqnr_db
         row["metric_simulated"] = _metric(
             sess.eval_fn(torch_predict(qmodel)), f"{run.name} (simulated)"
         )
-        row["metric_deployed"] = _metric(
-            sess.eval_fn(ort_predict(path, sess.threads)), f"{run.name} (deployed)"
-        )
-        row["top1_agreement"] = info.verification.top1_agreement
-        row["sqnr_db_vs_simulation"] = info.verification.sqnr_db
-        row["size_bytes"] = info.size_bytes
-        row["size_ratio"] = info.size_bytes / fp32_size
+        row["metric_deployed"] = _metric(sess.eval_fn(sess.predict(path)), f"{run.name} (deployed)")
+        row["size_bytes"] = size_bytes
+        row["size_ratio"] = size_bytes / fp32_size
         row["samples_used"] = cast("dict[str, Any]", qmodel.quant_info)["samples_used"]
         if run.family == "qat":
             row["samples_used"] += sum(batch_len(b) for b in cast(list[Any], sess.train))
-        sess.say(f"{run.name}: latency in ONNX Runtime (batch sizes {sess.latency_batch_sizes})")
-        row["latency_ms"] = sess.latency(path)
+        sess.say(
+            f"{run.name}: decode speed at batch 1 in ONNX Runtime"
+            if sess.lm
+            else f"{run.name}: latency in ONNX Runtime (batch sizes {sess.latency_batch_sizes})"
+        )
+        row.update(sess.speed(path))
         row["onnx"] = str(path)
         row["status"] = "ok"
         sess.say(
-            f"{run.name}: deployed {sess.metric} {row['metric_deployed']:.4f}, "
-            f"{info.size_bytes} bytes"
+            f"{run.name}: deployed {sess.metric} {row['metric_deployed']:.4f}, {size_bytes} bytes"
         )
     except Exception as err:  # isolate: one failing method must not take down the others
         row["status"] = "failed"
@@ -284,22 +379,37 @@ def compare(
     latency_runs: int = 20,
     threads: int = 2,
     progress: Callable[[str], None] | None = None,
+    lower_is_better: bool | None = None,
 ) -> Report:
     """Run the baseline and each method; see the module docstring.
 
     eval_fn(predict) -> metric, where predict maps a batch of model inputs to the model's output
     tensor (the same function serves the PyTorch model and the ONNX Runtime session).
     recipes: presets or Recipes, one PTQ run each (see runs_for); runs: explicit Runs; neither:
-    default_runs() (its QAT runs only when train_data is given). example_inputs: defaults to the
+    default_runs(), or default_lm_runs() for a causal LM (their QAT runs only when train_data
+    is given). example_inputs: defaults to the
     first calibration batch. train_data: batches of inputs, or (inputs, labels) pairs, for QAT
     runs (labels_used is recorded from it); QAT runs without it are reported as failed.
     Exported models are written to out_dir/models (a temporary folder when out_dir is None).
     progress: called with a one-line message at each step; when given, the long steps
     (calibration, learned rounding, sensitivity analysis, QAT epochs) also show tqdm bars on
     stderr. None: silent. stderr_progress() gives the command line's.
+    lower_is_better: the metric's direction; None: by its name (True for metrics.
+    LOWER_IS_BETTER, "perplexity" among them). Higher is better: `tolerance` is the largest
+    acceptable drop below FP32 (absolute, in [0, 1)); lower is better: the largest acceptable
+    relative rise (0.03: at most 1.03x FP32) (report/direction.py).
+
+    A LLaMA-style causal LM (a Hugging Face LlamaForCausalLM; ptq.weight_only.is_llama_style)
+    is exported with export_lm_onnx (blocked low-bit weights as MatMulNBits, a KV cache),
+    verified on verify_data's token windows (next-token agreement and perplexity); predict
+    gives the logits (batch, tokens, vocabulary), each sequence run from an empty cache; speed is
+    tokens per second decoding at batch 1 with the KV cache, with the peak memory
+    (bench.decode_speed), and latency_ms["bs1"] is the time per decoded token.
     """
-    _check_compare_args(model, eval_fn, tolerance, progress)
-    chosen = _resolve_runs(recipes, runs, qat=train_data is not None)
+    if lower_is_better is None:
+        lower_is_better = default_lower_is_better(metric)
+    _check_compare_args(model, eval_fn, tolerance, progress, lower_is_better)
+    chosen = _resolve_runs(recipes, runs, qat=train_data is not None, lm=is_llama_style(model))
     calib = batch_list(calib_data, "calib_data")
     if not calib:
         raise ValueError("calib_data is empty")
@@ -320,9 +430,10 @@ def compare(
         threads=threads,
         metric=metric,
         progress=progress,
+        lm=is_llama_style(model),
     )
     baseline = _baseline(sess, example_name)
-    report = _run_all(sess, chosen, baseline, task, metric, tolerance, threads)
+    report = _run_all(sess, chosen, baseline, task, metric, tolerance, threads, lower_is_better)
     if out_dir is not None:
         sess.say(f"writing the report to {out_dir}")
         report.save(out_dir)
@@ -337,6 +448,7 @@ def _run_all(
     metric: str,
     tolerance: float,
     threads: int,
+    lower_is_better: bool,
 ) -> Report:
     """Each run's row (and its quantization summary) beside the baseline, and the
     recommendation."""
@@ -352,6 +464,8 @@ def _run_all(
             "task": task,
             "metric": metric,
             "tolerance": tolerance,
+            "lower_is_better": lower_is_better,
+            "tolerance_rule": tolerance_rule(tolerance, lower_is_better),
             "baseline": baseline,
             "runs": results,
             "recommendation": recommend(
@@ -359,6 +473,7 @@ def _run_all(
                 results,
                 tolerance,
                 cast(dict[str, float], baseline["latency_ms"]),
+                lower_is_better=lower_is_better,
             ),
             "environment": _environment(threads),
         },

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgequant._io import atomic_write_bytes
+from edgequant.report.direction import is_lower_better, limit, limit_label
 
 __all__ = [
     "PLOTS",
@@ -78,7 +79,23 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _metric_label(results: dict[str, Any]) -> str:
-    return _text(f"{results.get('metric', 'metric')} (deployed, ONNX Runtime)")
+    arrow = ", lower is better" if is_lower_better(results) else ""
+    return _text(f"{results.get('metric', 'metric')} (deployed, ONNX Runtime{arrow})")
+
+
+def _band(ax: Any, results: dict[str, Any], base: float, tolerance: float) -> None:
+    """The tolerance band beside FP32's line: below it for a higher-is-better metric, above it
+    for a lower-is-better one (report.direction)."""
+    bound = limit(base, tolerance, is_lower_better(results))
+    ax.axhspan(
+        min(base, bound),
+        max(base, bound),
+        color="#2ca02c",
+        alpha=0.12,
+        label=f"within {tolerance:g}"
+        if not is_lower_better(results)
+        else f"within {limit_label(tolerance, True)}",
+    )
 
 
 def metric_vs_bits(results: dict[str, Any], out_dir: str | Path) -> Path:
@@ -90,9 +107,7 @@ def metric_vs_bits(results: dict[str, Any], out_dir: str | Path) -> Path:
     tolerance = results.get("tolerance")
     ax.axhline(base, color=_color("fp32"), ls="--", lw=1, label=f"FP32 {base:.4f}")
     if tolerance is not None:
-        ax.axhspan(
-            base - tolerance, base, color="#2ca02c", alpha=0.12, label=f"within {tolerance:g}"
-        )
+        _band(ax, results, base, tolerance)
     series: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     no_bits: list[str] = []
     for run in _ok(results):
@@ -133,16 +148,18 @@ def metric_vs_bits(results: dict[str, Any], out_dir: str | Path) -> Path:
     return _save(fig, Path(out_dir) / "metric_vs_bits.png")
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool = False) -> list[int]:
     """Indices of the points (size, metric) that no other point beats: none is at most as large
-    with a metric at least as high, one of the two strictly. Sorted by size."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    with a metric at least as good (as high; as low where lower is better), one of the two
+    strictly. Sorted by size."""
+    sign = -1.0 if lower_is_better else 1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
     front: list[int] = []
     best = float("-inf")
     for i in order:
-        if points[i][1] > best:
+        if sign * points[i][1] > best:
             front.append(i)
-            best = points[i][1]
+            best = sign * points[i][1]
     return front
 
 
@@ -200,7 +217,7 @@ def size_vs_metric(results: dict[str, Any], out_dir: str | Path) -> Path:
     ]
     unit, divisor = ("MB", 1e6) if max(p[2] for p in points) >= 2e6 else ("kB", 1e3)
     xy = [(size / divisor, metric) for _, _, size, metric in points]
-    front = pareto_front(xy)
+    front = pareto_front(xy, is_lower_better(results))
     front_x, front_y = [xy[i][0] for i in front], [xy[i][1] for i in front]
     ax.plot(
         front_x, front_y, color="0.6", lw=1, drawstyle="steps-post", zorder=1, label="Pareto front"
@@ -225,8 +242,13 @@ def size_vs_metric(results: dict[str, Any], out_dir: str | Path) -> Path:
         )
     tolerance = results.get("tolerance")
     if tolerance is not None:
+        lower = is_lower_better(results)
         ax.axhline(
-            base["metric"] - tolerance, color="#2ca02c", ls=":", lw=1, label=f"FP32 - {tolerance:g}"
+            limit(base["metric"], tolerance, lower),
+            color="#2ca02c",
+            ls=":",
+            lw=1,
+            label=limit_label(tolerance, lower),
         )
     ax.set_xlim(0, max(x for x, _ in xy) * 1.2)  # from zero: sizes read as fractions of FP32
     ax.set_xlabel(f"exported file size ({unit})")
@@ -293,31 +315,40 @@ def latency(results: dict[str, Any], out_dir: str | Path) -> Path:
 
 
 def bit_sweep(results: dict[str, Any], key: str = "metric_deployed") -> list[dict[str, Any]]:
-    """The bit widths at which both static PTQ and QAT ran (status ok), most bits first: one
-    row each with "label" ("W4A4"), "weight_bits", "act_bits", "ptq" and "qat" (the runs'
-    `key`, None where a run lacks it) and the two runs' names. Other methods are left out."""
+    """The bit widths at which both PTQ (static, or weight-only for a run without activation
+    bits) and QAT ran (status ok), most bits first: one row each with "label" ("W4A4", or "W3"
+    weight-only), "weight_bits", "act_bits", "ptq" and "qat" (the runs' `key`, None where a run
+    lacks it) and the two runs' names. Other methods are left out."""
     found: dict[tuple[int, int], dict[str, Any]] = {}
     for run in _ok(results):
         family = run.get("family")
-        is_ptq = family == "ptq" and run.get("method") == "static"
+        w, a = run.get("weight_bits"), run.get("act_bits")
+        method = "static" if isinstance(a, int) else "weight_only"
+        is_ptq = family == "ptq" and run.get("method") == method
         if not (is_ptq or family == "qat"):
             continue
-        w, a = run.get("weight_bits"), run.get("act_bits")
-        if not isinstance(w, int) or not isinstance(a, int):
+        if not isinstance(w, int) or not (isinstance(a, int) or a is None):
             continue
+        label = f"W{w}A{a}" if a is not None else f"W{w}"
         side = "ptq" if is_ptq else "qat"
-        row = found.setdefault((w, a), {"label": f"W{w}A{a}", "weight_bits": w, "act_bits": a})
+        row = found.setdefault((w, a or 0), {"label": label, "weight_bits": w, "act_bits": a})
         row[side], row[f"{side}_name"] = run.get(key), run["name"]
     rows = [r for r in found.values() if "ptq_name" in r and "qat_name" in r]
-    return sorted(rows, key=lambda r: (-r["weight_bits"], -r["act_bits"]))
+    return sorted(rows, key=lambda r: (-r["weight_bits"], -(r["act_bits"] or 0)))
 
 
-def crossover(rows: Sequence[dict[str, Any]], base: float, tolerance: float) -> int | None:
-    """Index of the first row of bit_sweep (most bits first) where PTQ falls below
-    base - tolerance, after holding at every wider width: where PTQ stops and QAT has to take
-    over. None when PTQ holds everywhere (or has no value)."""
+def crossover(
+    rows: Sequence[dict[str, Any]], base: float, tolerance: float, lower_is_better: bool = False
+) -> int | None:
+    """Index of the first row of bit_sweep (most bits first) where PTQ leaves the tolerance
+    (report.direction.limit), after holding at every wider width: where PTQ stops and QAT has
+    to take over. None when PTQ holds everywhere (or has no value)."""
+    bound = limit(base, tolerance, lower_is_better)
     for index, row in enumerate(rows):
-        if isinstance(row.get("ptq"), (int, float)) and row["ptq"] < base - tolerance:
+        value = row.get("ptq")
+        if not isinstance(value, (int, float)):
+            continue
+        if (value > bound) if lower_is_better else (value < bound):
             return index
     return None
 
@@ -342,9 +373,7 @@ def ptq_vs_qat(results: dict[str, Any], out_dir: str | Path) -> Path | None:
         base = results["baseline"].get(base_key, results["baseline"]["metric"])
         xs = list(range(len(rows)))
         ax.axhline(base, color=_color("fp32"), ls="--", lw=1, label=f"FP32 {base:.4f}")
-        ax.axhspan(
-            base - tolerance, base, color="#2ca02c", alpha=0.12, label=f"within {tolerance:g}"
-        )
+        _band(ax, results, base, tolerance)
         for family, marker in (("ptq", "o"), ("qat", "s")):
             points = [
                 (x, r[family]) for x, r in zip(xs, rows, strict=True) if r[family] is not None
@@ -365,19 +394,25 @@ def ptq_vs_qat(results: dict[str, Any], out_dir: str | Path) -> Path | None:
                     fontsize=7,
                     color=_color(family),
                 )
-        cross = crossover(rows, base, tolerance)
+        lower = is_lower_better(results)
+        cross = crossover(rows, base, tolerance, lower)
         if cross is not None:
             row = rows[cross]
             ax.axvline(
                 cross, color="#ff7f0e", lw=1.5, ls=":", label="crossover: PTQ leaves the band"
             )
-            text = f"PTQ stops at {row['label']}: {100 * (base - row['ptq']):.1f} pts below FP32"
-            if row["qat"] is not None and base > row["ptq"]:
+            gap = row["ptq"] - base if lower else base - row["ptq"]
+            text = (
+                f"PTQ stops at {row['label']}: {row['ptq'] / base:.3g}x FP32"
+                if lower
+                else f"PTQ stops at {row['label']}: {100 * gap:.1f} pts below FP32"
+            )
+            if row["qat"] is not None and gap > 0:
                 share = (row["qat"] - row["ptq"]) / (base - row["ptq"])
                 text += f"\nQAT recovers {100 * share:.0f} % of the gap"
             ax.annotate(
                 _text(text),
-                (cross, base - tolerance),
+                (cross, limit(base, tolerance, lower)),
                 textcoords="offset points",
                 xytext=(-6, -28),
                 ha="right" if cross > 0 else "left",
@@ -389,7 +424,7 @@ def ptq_vs_qat(results: dict[str, Any], out_dir: str | Path) -> Path | None:
         ax.set_xlabel("bits (weights / activations; first and last layers as the recipe sets)")
         ax.set_title(_text(title), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(_text(f"{results.get('metric', 'metric')} (deployed, ONNX Runtime)"))
+    axes[0].set_ylabel(_metric_label(results))
     _legend(axes[-1], _failed(results))
     fig.suptitle(_text(f"{results.get('task', '')}: PTQ vs QAT by bits"), fontsize=11)
     return _save(fig, Path(out_dir) / "ptq_vs_qat.png")

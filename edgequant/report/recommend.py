@@ -1,10 +1,12 @@
-"""recommend(): the cheapest method within tolerance of FP32 (accuracy first, then size, then
-cost, then speed), and what the recommendation says about speed."""
+"""recommend(): the cheapest method within tolerance of FP32 (the metric first, in its direction,
+then size, then cost, then speed), and what the recommendation says about speed."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, cast
+
+from edgequant.report.direction import tolerance_rule, within
 
 # An integer model counts as slower (or faster) than FP32 only beyond this ratio of their
 # median latencies: on a shared 2-core machine, medians of the same file move by 5-10 %.
@@ -77,28 +79,34 @@ def recommend(
     runs: list[dict[str, Any]],
     tolerance: float,
     baseline_latency_ms: Mapping[str, float] | None = None,
+    lower_is_better: bool = False,
 ) -> dict[str, Any]:
-    """The run to deploy: accuracy first, then size, then speed.
+    """The run to deploy: the metric first, then size, then speed.
 
-    Only runs whose deployed metric is within `tolerance` of the FP32 baseline qualify. Of
+    Only runs whose deployed metric is within `tolerance` of the FP32 baseline qualify
+    (report.direction: an absolute drop, or for a lower-is-better metric a relative rise). Of
     those, the smallest file; at equal size, the cheaper to make (no labels before labels, PTQ
     before QAT), then the faster at the smallest batch size timed. With baseline_latency_ms
     (FP32's latency_ms), `why` also compares the pick's speed with FP32's and says plainly when
     it is slower and which model would be faster ("speed" holds the ratios).
     """
+    rule = tolerance_rule(tolerance, lower_is_better)
     ok = [
         r
         for r in runs
-        if r.get("status") == "ok" and r["metric_deployed"] >= baseline_metric - tolerance
+        if r.get("status") == "ok"
+        and within(r["metric_deployed"], baseline_metric, tolerance, lower_is_better)
     ]
     if not ok:
+        sign = -1.0 if lower_is_better else 1.0
         best = max(
             (r for r in runs if r.get("status") == "ok"),
-            key=lambda r: r["metric_deployed"],
+            key=lambda r: sign * r["metric_deployed"],
             default=None,
         )
         why = (
-            f"no method came within {tolerance:.3f} of the FP32 baseline ({baseline_metric:.4f})"
+            f"no method came within tolerance ({rule}) of the FP32 baseline "
+            f"({baseline_metric:.4f})"
             + (f"; the best was {best['name']} at {best['metric_deployed']:.4f}" if best else "")
         )
         return {"choice": None, "why": why, "within_tolerance": []}
@@ -118,7 +126,7 @@ def recommend(
     pick = ok[0]
     why = (
         f"{pick['name']} deploys at {pick['metric_deployed']:.4f} in ONNX Runtime, within "
-        f"{tolerance:.3f} of the FP32 baseline ({baseline_metric:.4f})"
+        f"tolerance ({rule}) of the FP32 baseline ({baseline_metric:.4f})"
         + ("; it needs no labels" if not pick["labels_used"] else "; it was trained with labels")
         + f", and its file is {pick['size_bytes']} bytes ({pick['size_ratio']:.2f}x FP32), the "
         f"smallest of the {len(ok)} methods within tolerance"

@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from edgequant.report.direction import gap_to_fp32, is_lower_better, tolerance_rule, within
 from edgequant.report.plots import TITLES, bit_sweep, crossover
 
 # The runs table's columns, in the markdown and the HTML report alike.
@@ -35,12 +36,39 @@ def _has_test(results: dict[str, Any]) -> bool:
     return "metric_test" in results["baseline"] or any("metric_test" in r for r in results["runs"])
 
 
+# A causal LM's runs (rows with "tokens_per_s") show decode speed and peak memory in place of
+# the latency column, and next-token agreement in place of top-1 agreement.
+LM_COLUMNS = ("tokens/s (bs1, KV cache)", "peak memory (MB)")
+
+
+def _is_lm(results: dict[str, Any]) -> bool:
+    return "tokens_per_s" in results["baseline"]
+
+
 def columns(results: dict[str, Any]) -> tuple[str, ...]:
-    """COLUMNS, with TEST_COLUMN after "deployed" where the runs have a test metric."""
+    """COLUMNS, with TEST_COLUMN after "deployed" where the runs have a test metric, and
+    LM_COLUMNS for the latency column where the model is a causal LM."""
+    names: tuple[str, ...] = COLUMNS
+    if _is_lm(results):
+        at = names.index("latency bs1 / bs64 (ms)")
+        names = (*names[:at], *LM_COLUMNS, *names[at + 1 :])
+        names = tuple("next-token agree" if n == "top-1 agree" else n for n in names)
     if not _has_test(results):
-        return COLUMNS
-    at = COLUMNS.index("deployed") + 1
-    return (*COLUMNS[:at], TEST_COLUMN, *COLUMNS[at:])
+        return names
+    at = names.index("deployed") + 1
+    return (*names[:at], TEST_COLUMN, *names[at:])
+
+
+def _speed_cells(row: dict[str, Any], lm: bool) -> list[str]:
+    """The latency cell, or a causal LM's tokens per second and peak memory cells."""
+    if lm:
+        peak = row.get("peak_memory_bytes")
+        return [
+            _fmt(row.get("tokens_per_s"), ".1f"),
+            _fmt(peak / 1e6 if isinstance(peak, (int, float)) else None, ".1f"),
+        ]
+    lat = row.get("latency_ms", {})
+    return [f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}"]
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -51,8 +79,8 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
     """(run, its cells) for the FP32 baseline (run None) and each run. A failed run has only its
     first three cells (name, family, bits): the rest of its row is its error."""
     base = results["baseline"]
-    lat = base.get("latency_ms", {})
     test = _has_test(results)
+    lm = _is_lm(results)
     rows: list[tuple[dict[str, Any] | None, list[str]]] = [
         (
             None,
@@ -65,7 +93,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
                 "-",
                 str(base["size_bytes"]),
                 "1.00",
-                f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}",
+                *_speed_cells(base, lm),
                 _fmt(base.get("wall_s"), ".1f"),
             ],
         )
@@ -77,7 +105,6 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
         if r.get("status") != "ok":
             rows.append((r, [r["name"], r["family"], bits]))
             continue
-        lat = r.get("latency_ms", {})
         cells = [
             r["name"],
             r["family"],
@@ -87,7 +114,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
             _fmt(r.get("top1_agreement")),
             str(r["size_bytes"]),
             f"{r['size_ratio']:.2f}",
-            f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}",
+            *_speed_cells(r, lm),
             f"{r['wall_s']:.1f}",
         ]
         if test:
@@ -115,10 +142,23 @@ def _recommendation_line(results: dict[str, Any]) -> str:
 
 def _metric_note(results: dict[str, Any]) -> str:
     env = results.get("environment", {})
+    tolerance = float(results["tolerance"])
+    direction = (
+        f" (lower is better: a run qualifies at {1 + tolerance:g}x FP32 or below)"
+        if is_lower_better(results)
+        else ""
+    )
+    speed = (
+        "Speed: tokens per second decoding at batch 1 with the KV cache in ONNX Runtime (the "
+        "median of a few generations); peak memory: the process's peak resident memory while the session loads "
+        "and decodes, above what it held before."
+        if _is_lm(results)
+        else "Latency: ONNX Runtime, median."
+    )
     return (
-        f'Metric: {results["metric"]}, tolerance {results["tolerance"]}. "deployed" is the exported '
-        'ONNX model run in ONNX Runtime; "simulated" is the fake-quantized PyTorch model. Latency: '
-        f"ONNX Runtime, {env.get('threads', '?')} threads, median."
+        f'Metric: {results["metric"]}{direction}, tolerance {results["tolerance"]}. "deployed" '
+        'is the exported ONNX model run in ONNX Runtime; "simulated" is the fake-quantized '
+        f"PyTorch model. {speed} {env.get('threads', '?')} threads."
     )
 
 
@@ -158,52 +198,70 @@ def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | N
     judged = bit_sweep(results, "metric_test") if test else seen
     judged_base = base["metric_test"] if test else base["metric"]
     split = "test" if test else "deployed"
+    lower = is_lower_better(results)
+    unit = results.get("metric", "metric") if lower else "pts"
     header = ["bits", "PTQ (seen)", "QAT (seen)"]
     if test:
         header += ["PTQ (test)", "QAT (test)"]
-    header += [f"PTQ gap to FP32 ({split}, pts)", "recovered by QAT", "QAT epoch kept"]
+    header += [f"PTQ gap to FP32 ({split}, {unit})", "recovered by QAT", "QAT epoch kept"]
     kept = {r["name"]: r.get("kept_epoch") for r in results["runs"] if r.get("family") == "qat"}
+    # A gap smaller than this is no gap to recover (half a point; half a percent of FP32 where
+    # lower is better).
+    least = 0.005 * abs(judged_base) if lower else 0.005
     rows = []
     for row, judged_row in zip(seen, judged, strict=True):
         cells = [row["label"], _fmt(row["ptq"]), _fmt(row["qat"])]
         if test:
             cells += [_fmt(judged_row["ptq"]), _fmt(judged_row["qat"])]
         ptq, qat = judged_row["ptq"], judged_row["qat"]
-        gap = judged_base - ptq if isinstance(ptq, (int, float)) else None
-        cells.append("-" if gap is None else _pct(gap))
+        gap = gap_to_fp32(judged_base, ptq, lower) if isinstance(ptq, (int, float)) else None
+        cells.append("-" if gap is None else (_fmt(gap, ".3g") if lower else _pct(gap)))
         cells.append(
-            f"{100 * (qat - ptq) / gap:.0f} %"
-            if gap is not None and gap > 0.005 and isinstance(qat, (int, float))
+            f"{100 * gap_to_fp32(qat, ptq, lower) / gap:.0f} %"
+            if gap is not None and gap > least and isinstance(qat, (int, float))
             else "-"
         )
         epoch = kept.get(row["qat_name"])
         cells.append("-" if epoch is None else str(epoch))
         rows.append(cells)
-    cross = crossover(seen, base["metric"], tolerance)
+
+    def worse(gap: float) -> str:
+        return f"{gap:.3g} above FP32" if lower else f"{_pct(gap)} points below FP32"
+
+    def better(gain: float) -> str:
+        return f"{gain:.3g}" if lower else _pct(gain)
+
+    rule = f"{tolerance:g}" if not lower else tolerance_rule(tolerance, lower)
+    cross = crossover(seen, base["metric"], tolerance, lower)
     if cross is None:
         summary = (
-            f"PTQ stays within {tolerance:g} of FP32 at every bit width tried, down to "
+            f"PTQ stays within {rule} of FP32 at every bit width tried, down to "
             f"{seen[-1]['label']}: QAT is not needed here."
         )
     else:
         row, judged_row = seen[cross], judged[cross]
         held = (
-            f"PTQ holds within {tolerance:g} of FP32 down to {seen[cross - 1]['label']}; "
-            if cross
-            else ""
+            f"PTQ holds within {rule} of FP32 down to {seen[cross - 1]['label']}; " if cross else ""
         )
+        verb = "rises" if lower else "falls"
         summary = (
-            f"{held}at {row['label']} it falls {_pct(base['metric'] - row['ptq'])} points "
-            f"below FP32 on the data the recommendation saw"
+            f"{held}at {row['label']} it {verb} "
+            f"{worse(gap_to_fp32(base['metric'], row['ptq'], lower))}"
+            " on the data the recommendation saw"
             + (
                 " and QAT stays within tolerance"
-                if isinstance(row["qat"], (int, float)) and row["qat"] >= base["metric"] - tolerance
+                if isinstance(row["qat"], (int, float))
+                and within(row["qat"], base["metric"], tolerance, lower)
                 else ""
             )
             + ". "
         )
         gaps = [
-            (r["label"], judged_base - r["ptq"], r["qat"] - r["ptq"])
+            (
+                r["label"],
+                gap_to_fp32(judged_base, r["ptq"], lower),
+                gap_to_fp32(r["qat"], r["ptq"], lower),
+            )
             for r in judged[cross:]
             if isinstance(r["ptq"], (int, float)) and isinstance(r["qat"], (int, float))
         ]
@@ -212,12 +270,12 @@ def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | N
         )
         summary += (
             "; ".join(
-                f"{label} PTQ {_pct(gap)} points below FP32, QAT recovers {_pct(gain)} "
+                f"{label} PTQ {worse(gap)}, QAT recovers {better(gain)} "
                 f"({100 * gain / gap:.0f} % of the gap)"
                 for label, gap, gain in gaps
                 if gap > 0
             )
-            or f"PTQ is not below FP32 at {judged_row['label']}"
+            or f"PTQ is not {'above' if lower else 'below'} FP32 at {judged_row['label']}"
         )
         summary += "."
     return header, rows, summary

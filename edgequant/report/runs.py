@@ -15,6 +15,7 @@ from edgequant.ptq.quantize import quantize
 from edgequant.qat import finalize, fit_qat, prepare_qat
 from edgequant.qat.selection import holdout_split
 from edgequant.recipe import Recipe
+from edgequant.spec import weight_spec
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,26 @@ def default_runs(qat: bool = True, qat_epochs: int = 3) -> list[Run]:
     return runs
 
 
+def default_lm_runs(qat: bool = True, qat_epochs: int = 1) -> list[Run]:
+    """The default set for a causal LM, whose export takes weight-only grids: weight-only PTQ at
+    symmetric INT4 and INT3 in groups of 64 (the embedding and lm_head at 8 bits), and QAT at
+    INT3 from its PTQ start (when there is training data)."""
+    runs = []
+    for bits in (4, 3):
+        recipe = Recipe(
+            name=f"int{bits}-g64",
+            weight=weight_spec(bits, 64),
+            activation=None,
+            first_last_bits=8,
+        )
+        runs.append(Run(f"ptq-weight-only-int{bits}-g64", "weight_only", recipe))
+        if qat and bits == 3:
+            runs.append(
+                Run(f"qat-int{bits}-g64", "weight_only", recipe, family="qat", epochs=qat_epochs)
+            )
+    return runs
+
+
 def batch_len(batch: Any) -> int:
     return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
@@ -110,14 +131,24 @@ def qat_model(
         seed=seed,
     )
     chosen = cast("dict[str, Any]", qmodel.quant_info)["qat_selection"]
+    # Classifiers are scored by held-out top-1 hits; causal LMs by held-out perplexity.
+    evidence = {
+        key: chosen[source]
+        for key, source in (
+            ("held_out_samples", "held_out_predictions"),
+            ("held_out_samples", "held_out_sequences"),
+            ("heldout_top1", "heldout_top1"),
+            ("heldout_perplexity", "heldout_perplexity"),
+        )
+        if source in chosen
+    }
     info = {
         "epochs": run.epochs,
         "kept_epoch": chosen["kept_epoch"],
         "selection": {
-            "held_out_samples": chosen["held_out_predictions"],
+            **evidence,
             "trained_on_samples": sum(batch_len(b) for b in fit),
             "against": chosen["against"],
-            "heldout_top1": chosen["heldout_top1"],
             "rule": chosen["rule"],
             "why": chosen["why"],
         },
@@ -147,8 +178,11 @@ def mixed_model(
     return qmodel, {"mixed_bits": dict(p.bits), "packed_bytes": p.packed_bytes}
 
 
-def runs_for(recipes: Sequence[Recipe | str]) -> list[Run]:
-    """One PTQ run per recipe: weight-only recipes run method weight_only, the others static."""
+def runs_for(recipes: Sequence[Recipe | str], qat_epochs: int = 0) -> list[Run]:
+    """One PTQ run per recipe: weight-only recipes run method weight_only, the others static;
+    with qat_epochs >= 1, after each a QAT run ("qat-<recipe>") from that PTQ start."""
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}")
     if isinstance(recipes, (str, Recipe)):
         raise TypeError(
             f"recipes must be a list of Recipes or preset names, got the single {recipes!r}: "
@@ -170,4 +204,7 @@ def runs_for(recipes: Sequence[Recipe | str]) -> list[Run]:
             )
         else:
             runs.append(Run(f"ptq-static-{r.name}", "static", r))
+        if qat_epochs:
+            method = "weight_only" if r.weight_only else "static"
+            runs.append(Run(f"qat-{r.name}", method, r, family="qat", epochs=qat_epochs))
     return runs

@@ -117,8 +117,17 @@ def test_bad_arguments_are_named(tiny_model, calib):
         prepare_qat(tiny_model, "w8a8", None)
     with pytest.raises(ValueError, match="range_learning"):
         eq.Recipe.preset("w8a8").replace(range_learning="adam")
-    with pytest.raises(ValueError, match="quantizes no activations"):
-        prepare_qat(tiny_model, "w8-weight-only", calib)
+
+
+def test_a_weight_only_recipe_starts_from_the_weight_only_ptq_model(tiny_model, calib):
+    """A weight-only recipe trains weights and their step sizes; in eval it is the weight-only
+    PTQ model (causal LMs: tests/qat/test_causal_lm.py)."""
+    ptq = eq.quantize(tiny_model, "w4-weight-only", calib, method="weight_only")
+    qat = prepare_qat(tiny_model, "w4-weight-only", calib)
+    assert not any(q.role == "activation" and q.mode == "quantize" for q in quantizers(qat))
+    x = calib[0]
+    with torch.no_grad():
+        assert torch.equal(qat.eval()(x), ptq(x))
 
 
 @pytest.mark.parametrize("extra", [{"smooth_alpha": 0.5}, {"split_outliers": 0.5}])
