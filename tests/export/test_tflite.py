@@ -120,6 +120,32 @@ def test_adaptive_avg_pool1d_keyword_spotter_runs_bit_exact() -> None:
     assert "MEAN" in info.ops and "DEPTHWISE_CONV_2D" in info.ops
 
 
+class Pools1d(nn.Module):
+    """1-d max, average and adaptive average pooling of windows between Conv1d layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(2, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool1d(F.relu(self.c1(x)), 2)
+        x = F.avg_pool1d(F.relu(self.c2(x)), 2)
+        return self.fc(F.adaptive_avg_pool1d(x, 2).flatten(1))
+
+
+def test_1d_pools_run_bit_exact() -> None:
+    """A 1-d average pool keeps its input's grid (TFLite's AVERAGE_POOL_2D has one grid for
+    input and output), so TFLite Micro averages the integers the reference averages."""
+    torch.manual_seed(0)
+    calib = [torch.randn(8, 2, 16) for _ in range(2)]
+    qmodel = eq.quantize(Pools1d().eval(), eq.Recipe.preset("w8a8").for_target("mcu-int8"), calib)
+    path = Path(__import__("tempfile").mkdtemp()) / "pools1d.tflite"
+    info = eq.export_tflite(qmodel, path, calib[0][:1], verify_data=calib)
+    assert info.verification.bit_exact == 1.0 and info.verification.top1_agreement == 1.0
+    assert {"MAX_POOL_2D", "AVERAGE_POOL_2D"} <= set(info.ops)
+
+
 class Concat(nn.Module):
     """Two branches concatenated, pooled, classified."""
 
