@@ -1,6 +1,7 @@
 """Small models written the ways people write them, with seeded random weights, for the zoo test
 (tests/test_zoo.py): functional and module activations, view/reshape/flatten, depthwise and
-grouped convolutions, 1-D convolutions, concatenation skips, upsampling, squeeze-excitation
+grouped convolutions, 1-D convolutions (a depthwise-separable keyword spotter pooled by
+F.adaptive_avg_pool1d), concatenation skips, upsampling, squeeze-excitation
 gating, LayerNorm/GELU MLPs, nn.TransformerEncoderLayer, nn.MultiheadAttention, ResNet option-A
 shortcuts (zero padding, concatenation with zeros), and a tiny Hugging Face BERT encoder (when
 transformers is importable).
@@ -72,6 +73,24 @@ class DepthwiseSeparable(nn.Module):
         x = F.relu(self.bn(self.dw(x)))
         x = F.avg_pool2d(F.relu(self.pw(x)), x.shape[-2:])
         return self.fc(x.reshape(x.shape[0], -1))
+
+
+class DSCNN1d(nn.Module):
+    """A 1-D keyword spotter: depthwise (groups = channels) and pointwise Conv1d with BatchNorm,
+    global average pooling by F.adaptive_avg_pool1d, squeeze, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(2, 12, 5, padding=2)
+        self.dw = nn.Conv1d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.bn = nn.BatchNorm1d(12)
+        self.pw = nn.Conv1d(12, 16, 1)
+        self.fc = nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.pw(F.relu(self.bn(self.dw(x)))))
+        return self.fc(F.adaptive_avg_pool1d(x, 1).squeeze(-1))
 
 
 class GroupedConv(nn.Module):
@@ -299,6 +318,7 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {
     "functional_mlp": _build(FunctionalMLP, (3, 4, 4)),
     "module_cnn": _build(ModuleCNN, (3, 8, 8)),
     "depthwise_separable": _build(DepthwiseSeparable, (1, 8, 5)),
+    "ds_cnn_1d": _build(DSCNN1d, (2, 16)),
     "grouped_conv": _build(GroupedConv, (3, 6, 6)),
     "conv1d": _build(Conv1dNet, (2, 16)),
     "concat_upsample": _build(ConcatUpsample, (3, 8, 8)),

@@ -113,7 +113,9 @@ def export_executorch(
         start = time.perf_counter()
         args, _ = split_inputs(example_inputs)
         one = tuple(a[:1] for a in args)
-        program = export_program(pt2e_model(qmodel, int8_weights=True), one, int8_weights=True)
+        program = export_program(
+            pt2e_model(qmodel, int8_weights=True), one, int8_weights=True, concat_grid=True
+        )
         pte = lower_to_executorch(program)
         if not delegated_ops(pte):
             raise ExportError("XNNPACK took no op of the model: the program would run in float")

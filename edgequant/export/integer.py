@@ -63,6 +63,7 @@ from edgequant.export.integer_values import (
     Pending,
     Quantized,
     RunnerBase,
+    as_2d_window,
     conv2d,
     dequantize,
     requantize,
@@ -375,12 +376,11 @@ class IntegerRunner(RunnerBase):
         (x,) = self.quantized_inputs(node, args, 1)
         self._activation_input(node, x)
         at = self.attrs(node)
-        kernel = list(at["kernel_shape"])
-        if any(at.get("pads", [0])) or at.get("ceil_mode", 0) or len(kernel) != 2:
-            raise self.error(node, "only 2-d AveragePool without padding or ceil_mode")
-        strides = list(at.get("strides", [1, 1]))
-        windows = sliding_windows(x.q, kernel, strides, [1, 1])
-        total = windows.sum(axis=(-2, -1))
+        kernel, strides, _, pads, q = as_2d_window(x.q, at)
+        if any(pads) or at.get("ceil_mode", 0) or len(kernel) != 2:
+            raise self.error(node, "only 1-d and 2-d AveragePool without padding or ceil_mode")
+        total = sliding_windows(q, kernel, strides, [1, 1]).sum(axis=(-2, -1))
+        total = total if x.q.ndim == 4 else total[:, :, 0]
         return [self._average(node, x, total, kernel[0] * kernel[1], pool=True)]
 
     def op_Concat(self, node: Any, args: list[Any]) -> list[Any]:

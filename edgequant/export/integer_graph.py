@@ -298,3 +298,84 @@ def fold_activations_into_quantizers(model: Any) -> int:
         for t in [t for t in graph.initializer if t.name not in used]:
             graph.initializer.remove(t)
     return len(drop)
+
+
+# Integer ops whose input and output the exporter may leave on the far side of value moves:
+# F.adaptive_avg_pool1d exports as Unsqueeze -> ReduceMean -> Squeeze, a 1-d pool of a 2-d
+# kernel the same way.
+_POOLS = ("ReduceMean", "GlobalAveragePool", "AveragePool", "MaxPool")
+
+
+def quantize_around_pools(model: Any) -> int:
+    """Where a pool (_POOLS) reads a DequantizeLinear, or feeds QuantizeLinear nodes of one
+    grid, only through ops that move values, put a QuantizeLinear/DequantizeLinear pair of that
+    grid after each move on the way in and before each move on the way out. Exact (the moves
+    keep values, so every value is already on the pair's grid); the moves then run on
+    integers, and the pool reads and writes quantized tensors. Returns how many pairs."""
+    from onnx import helper
+
+    graph = model.graph
+    taken = {v for n in graph.node for v in (*n.input, *n.output)}
+    taken |= {t.name for t in graph.initializer} | {n.name for n in graph.node}
+    consts = constant_arrays(graph)
+    readers = readers_of(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    edges: list[tuple[str, str, str]] = []  # (value, scale, zero point): a pair goes on it
+
+    def per_tensor(scale: str, zero_point: str) -> bool:
+        return scale in consts and consts[scale].size == 1 and zero_point in consts
+
+    for pool in [n for n in graph.node if n.op_type in _POOLS]:
+        # In: pool <- move <- ... <- DequantizeLinear, each move read by the next alone.
+        chain, value = [], pool.input[0]
+        while (src := producer.get(value)) is not None and src.op_type in _VALUE_MOVES:
+            if len(readers.get(value, [])) != 1 or value in outputs:
+                break
+            chain.append(value)
+            value = src.input[0]
+        else:
+            src = producer.get(value)
+            if chain and src is not None and src.op_type == _DQ and per_tensor(*src.input[1:3]):
+                edges += [(v, src.input[1], src.input[2]) for v in chain]
+        # Out: pool -> move -> ... -> QuantizeLinear(s) of one grid.
+        chain, value = [], pool.output[0]
+        while True:
+            users = readers.get(value, [])
+            if value in outputs or not users:
+                break
+            if all(u.op_type == _Q for u in users):
+                grids = {tuple(u.input[1:3]) for u in users}
+                if chain and len(grids) == 1 and per_tensor(*next(iter(grids))):
+                    scale, zero_point = next(iter(grids))
+                    edges += [(v, scale, zero_point) for v in chain]
+                break
+            if len(users) != 1 or users[0].op_type not in _VALUE_MOVES:
+                break
+            chain.append(value)
+            value = users[0].output[0]
+    nodes = list(graph.node)
+    for value, scale, zero_point in edges:
+        q_out, dq_out = _fresh(f"{value}_quantized", taken), _fresh(f"{value}_dequantized", taken)
+        pair = [
+            helper.make_node(_Q, [value, scale, zero_point], [q_out], name=_fresh(q_out, taken)),
+            helper.make_node(_DQ, [q_out, scale, zero_point], [dq_out], name=_fresh(dq_out, taken)),
+        ]
+        reader = readers[value][0]
+        reader.input[list(reader.input).index(value)] = dq_out
+        at = nodes.index(reader)
+        nodes[at:at] = pair
+    if edges:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(edges)
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    """`base`, else `base_1`, `base_2`...: the first name not in `taken`, which then holds it."""
+    name, index = base, 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name

@@ -67,6 +67,20 @@ def sliding_windows(
     return w[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]
 
 
+def as_2d_window(
+    q: np.ndarray, at: dict[str, Any]
+) -> tuple[list[int], list[int], list[int], list[int], np.ndarray]:
+    """A pool's kernel, strides, dilations and pads (ONNX attributes `at`) and its input, a 1-d
+    pool's (N, C, L) written as the 2-d pool of (N, C, 1, L)."""
+    kernel = list(at["kernel_shape"])
+    strides = list(at.get("strides", [1] * len(kernel)))
+    dilations = list(at.get("dilations", [1] * len(kernel)))
+    pads = list(at.get("pads", [0] * 2 * len(kernel)))
+    if len(kernel) == 1 and q.ndim == 3:
+        return [1, *kernel], [1, *strides], [1, *dilations], [0, pads[0], 0, pads[1]], q[:, :, None]
+    return kernel, strides, dilations, pads, q
+
+
 def requantize(
     x: Quantized,
     so: float,
@@ -158,18 +172,13 @@ class RunnerBase:
     def op_MaxPool(self, node: Any, args: list[Any]) -> list[Any]:
         (x,) = self.quantized_inputs(node, args, 1)
         at = self.attrs(node)
-        kernel = list(at["kernel_shape"])
+        kernel, strides, dilations, pads, q = as_2d_window(x.q, at)
         if len(kernel) != 2 or at.get("ceil_mode", 0) or len(node.output) > 1:
-            raise self.error(node, "only 2-d MaxPool without ceil_mode or indices")
-        pads = list(at.get("pads", [0, 0, 0, 0]))
+            raise self.error(node, "only 1-d and 2-d MaxPool without ceil_mode or indices")
         lo, _ = dtype_range(x.dtype)
-        q = np.pad(
-            x.q, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=lo
-        )
-        windows = sliding_windows(
-            q, kernel, list(at.get("strides", [1, 1])), list(at.get("dilations", [1, 1]))
-        )
-        return [x.like(windows.max(axis=(-2, -1)))]
+        q = np.pad(q, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=lo)
+        pooled = sliding_windows(q, kernel, strides, dilations).max(axis=(-2, -1))
+        return [x.like(pooled if x.q.ndim == 4 else pooled[:, :, 0])]
 
     def _move(
         self, node: Any, args: list[Any], fn: Callable[[np.ndarray], np.ndarray]

@@ -35,6 +35,7 @@ from edgequant.export.integer_graph import (
     fold_activations_into_quantizers,
     fully_integer_violations,
     merge_slices,
+    quantize_around_pools,
     quantize_inputs_first,
 )
 from edgequant.export.lower import WEIGHT_STORAGE, ExportError, lower, quiet_exporter
@@ -332,6 +333,7 @@ def _make_fully_integer(model: Any, target: str) -> None:
     merge_slices(model)
     quantize_inputs_first(model)
     fold_activations_into_quantizers(model)
+    quantize_around_pools(model)
     problems = fully_integer_violations(model)
     if problems:
         raise ExportError(

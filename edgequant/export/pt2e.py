@@ -20,7 +20,7 @@ Grids the edge runtimes cannot run are converted exactly or refused, naming the 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as torch_F
@@ -193,11 +193,13 @@ def pt2e_model(qmodel: nn.Module, int8_weights: bool = False) -> nn.Module:
 
 
 def export_program(
-    model: nn.Module, example_inputs: Any, int8_weights: bool = False
+    model: nn.Module, example_inputs: Any, int8_weights: bool = False, concat_grid: bool = False
 ) -> torch.export.ExportedProgram:
     """torch.export of the PT2E model (static shapes: edge runtimes plan memory for one), its
     strided subsampling / zero channel padding of quantized tensors written as exact 1x1
-    convolutions (export/selection_conv.py; int8_weights as in pt2e_model)."""
+    convolutions (export/selection_conv.py; int8_weights as in pt2e_model), values nothing
+    reads dropped. concat_grid: every concatenation's inputs requantized onto its output grid
+    (XNNPACK's form; litert-torch's converter puts them there itself, and refuses the pairs)."""
     import warnings
 
     args, kwargs = split_inputs(example_inputs)
@@ -206,11 +208,53 @@ def export_program(
         try:
             program = torch.export.export(model, args, kwargs=kwargs or None)
             module = program.module()
-            if isinstance(module, torch.fx.GraphModule) and selection_convs(module, int8_weights):
-                program = torch.export.export(module, args, kwargs=kwargs or None)
+            if isinstance(module, torch.fx.GraphModule):
+                rewritten = selection_convs(module, int8_weights)
+                if concat_grid:
+                    rewritten += concat_inputs_on_output_grid(module)
+                # Tensors of zeros whose only use was their shape (a concatenation with zeros
+                # written as F.pad) are left without readers: the converters must not see them.
+                if module.graph.eliminate_dead_code():
+                    module.recompile()
+                    rewritten += 1
+                if rewritten:
+                    program = torch.export.export(module, args, kwargs=kwargs or None)
             return program
         except Exception as err:  # torch.export raises many types; say which stage failed
             raise ExportError(f"torch.export failed: {type(err).__name__}: {err}") from err
+
+
+def concat_inputs_on_output_grid(gm: torch.fx.GraphModule) -> int:
+    """Put every input of a quantized concatenation on the concatenation's output grid with a
+    quantize/dequantize pair of that grid (the requantization the integer reference does), in
+    place; the number of pairs inserted. TFLite and XNNPACK run a concatenation on one grid for
+    its inputs and output: XNNPACK refuses to load a program whose inputs differ."""
+    qd = _decomposed()
+    quantize, dequantize = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
+    inserted = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].target != quantize:
+            continue
+        grid = tuple(users[0].args[1:])
+        parts = list(cast(list, node.args[0]))
+        for k, part in enumerate(parts):
+            if not (
+                isinstance(part, torch.fx.Node)
+                and part.target == dequantize
+                and tuple(part.args[1:]) != grid
+            ):
+                continue
+            with gm.graph.inserting_before(node):
+                q = gm.graph.call_function(quantize, (part, *grid))
+                parts[k] = gm.graph.call_function(dequantize, (q, *grid))
+            inserted += 1
+        node.args = (parts, *node.args[1:])
+    if inserted:
+        gm.recompile()
+    return inserted
 
 
 def node_layer(node: Any) -> str:

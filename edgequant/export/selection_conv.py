@@ -15,7 +15,8 @@ The rewrite works on the aten graph of a `torch.export` program in PT2E form: a 
 selection ops (slices starting at 0 with any step, channel slices, constant zero padding of
 channels, concatenation with zeros along channels, kernel-1 pools without padding, and
 quantize/dequantize pairs on the source's own grid) that starts at a dequantized activation and
-subsamples at least one spatial dimension. Anything else is left as it is.
+subsamples at least one spatial dimension or pads channels with zeros (ExecuTorch's XNNPACK
+delegate does not take a constant pad). Anything else is left as it is.
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ class Selection:
 
 def _chain(first: fx.Node, source: fx.Node) -> Selection | None:
     """The longest selection chain from `source` (a dequantize node) through `first`, each link
-    its predecessor's only user; None when it subsamples no spatial dimension or its shape
-    disagrees with the graph's."""
+    its predecessor's only user; None when it neither subsamples a spatial dimension nor pads
+    channels with zeros, or its shape disagrees with the graph's."""
     shape = _shape(source)
     if shape is None or len(shape) not in (3, 4):
         return None
@@ -239,7 +240,7 @@ def _chain(first: fx.Node, source: fx.Node) -> Selection | None:
         expected = (shape[0], len(sel.channels), *sel.sizes)
         if _shape(nxt) != expected:
             break  # ceil_mode or something this walk did not model: stop before it
-        if any(s > 1 for s in sel.strides):
+        if any(s > 1 for s in sel.strides) or None in sel.channels:
             best = (nxt, list(sel.strides), list(sel.channels), list(sel.sizes))
         users = [u for u in nxt.users if not _reads_shape_only(u)]
         if len(users) != 1:

@@ -191,6 +191,42 @@ def _quantize_every_edge(
     return count, left
 
 
+def _concat_inputs_on_output_grid(
+    gm: torch.fx.GraphModule, modules: dict[str, nn.Module], holder: nn.Module
+) -> int:
+    """A layer output that only a concatenation reads is quantized straight onto the
+    concatenation's grid, not onto its own and then rescaled (two roundings): TFLite requires one
+    grid for a CONCATENATION's inputs and output, and its converter writes such a layer's output
+    on that grid. Returns how many quantizers now use the concatenation's."""
+    count = 0
+    for node in gm.graph.nodes:
+        if edge_kind(node, modules) != "concat" or len(node.users) != 1:
+            continue
+        out = next(iter(node.users))
+        inputs = _edge_inputs(node, "concat")
+        if not calls_quantizer(out, modules) or inputs is None:
+            continue
+        for arg in inputs:
+            if not (
+                isinstance(arg, torch.fx.Node)
+                and calls_quantizer(arg, modules)
+                and len(arg.users) == 1
+                and arg.target != out.target
+                and str(arg.target).startswith("output_quantizers.")
+            ):
+                continue
+            producer = arg.args[0]
+            if not (isinstance(producer, torch.fx.Node) and quant_layer(producer, modules)):
+                continue
+            old = str(arg.target)
+            arg.target = out.target
+            if not any(n.op == "call_module" and n.target == old for n in gm.graph.nodes):
+                delattr(holder, old.split(".", 1)[1])
+                del modules[old]
+            count += 1
+    return count
+
+
 def quantize_fully_integer(
     gm: torch.fx.GraphModule,
     modules: dict[str, nn.Module],
@@ -214,6 +250,7 @@ def quantize_fully_integer(
         None,
     )
     edges, left_float = _quantize_every_edge(gm, modules, holder, is_quantizer, default_spec)
+    _concat_inputs_on_output_grid(gm, modules, holder)
     # A layer whose input is now a quantized tensor reads it as it is (one rounding, and
     # the layer's INT32 bias on that tensor's scale).
     for node in gm.graph.nodes:

@@ -145,6 +145,8 @@ def output_tail(
 def edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """How a fully integer target quantizes this node's output: "avg" (own grid), "pass" (the
     input's grid), "concat" (own grid, inputs rescaled), "add" (own grid), "activation"."""
+    if _windowed_pool1d(node, modules):
+        return "pass"
     if node.op == "call_function":
         if node.target is _F.pad and not zero_pad(node):
             return None
@@ -175,6 +177,26 @@ def edge_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
             if isinstance(m, types):
                 return kind
     return "activation" if is_activation(node, modules) else None
+
+
+def _windowed_pool1d(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node averages windows of a 1-d signal (avg_pool1d, adaptive_avg_pool1d to more
+    than one value). Such a pool keeps its input's grid on fully integer targets: TFLite runs it
+    as AVERAGE_POOL_2D, whose input and output share one grid, and litert-torch moves any
+    requantization in front of it, which rounds other values than a pool on the input grid."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        if isinstance(m, nn.AvgPool1d):
+            return True
+        return isinstance(m, nn.AdaptiveAvgPool1d) and m.output_size not in (1, (1,))
+    if node.op != "call_function":
+        return False
+    if node.target is _F.avg_pool1d:
+        return True
+    if node.target is _F.adaptive_avg_pool1d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return size not in (1, (1,), [1])
+    return False
 
 
 def insert_output_quantizer(

@@ -33,8 +33,10 @@ def zero_pads(
 
 
 def cats_with_zeros_as_pads(gm: torch.fx.GraphModule) -> int:
-    """Rewrite every concatenation of one tensor with tensors of zeros as F.pad of that tensor
-    (the same values); returns how many."""
+    """Rewrite every concatenation with tensors of zeros as F.pad of the tensors beside them
+    (the same values): cat([s, zeros]) becomes F.pad(s), cat([a, zeros, b]) becomes
+    cat([F.pad(a), b]) (each run of zeros padding the tensor before it, a leading run the first
+    tensor). Returns how many concatenations were rewritten."""
     count = 0
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target in CONCAT_FUNCTIONS):
@@ -44,15 +46,25 @@ def cats_with_zeros_as_pads(gm: torch.fx.GraphModule) -> int:
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
             continue
         kept = [i for i, t in enumerate(tensors) if not is_zeros(t)]
-        if len(kept) != 1 or len(tensors) < 2 or not isinstance(tensors[kept[0]], torch.fx.Node):
+        if not kept or len(kept) == len(tensors):
             continue
-        k = kept[0]
+        if not all(isinstance(tensors[k], torch.fx.Node) for k in kept):
+            continue
+        # Tensor k takes the zeros up to the next kept tensor; the first also those before it.
+        bounds = [0, *kept[1:], len(tensors)]
+        parts = []
         with gm.graph.inserting_before(node):
-            pads = gm.graph.call_function(
-                zero_pads, (tensors[k], tuple(tensors[:k]), tuple(tensors[k + 1 :]), dim)
+            for j, k in enumerate(kept):
+                before, after = tuple(tensors[bounds[j] : k]), tuple(tensors[k + 1 : bounds[j + 1]])
+                if not before and not after:
+                    parts.append(tensors[k])
+                    continue
+                pads = gm.graph.call_function(zero_pads, (tensors[k], before, after, dim))
+                parts.append(gm.graph.call_function(F.pad, (tensors[k], pads)))
+            joined = (
+                parts[0] if len(parts) == 1 else gm.graph.call_function(torch.cat, (parts, dim))
             )
-            pad = gm.graph.call_function(F.pad, (tensors[k], pads))
-        node.replace_all_uses_with(pad)
+        node.replace_all_uses_with(joined)
         gm.graph.erase_node(node)
         count += 1
     return count

@@ -54,6 +54,14 @@ def test_depthwise_separable_runs_in_executorch_as_simulated(
     assert len(overwritten) == 8
 
 
+def test_adaptive_avg_pool1d_keyword_spotter_runs_in_executorch(tmp_path: Path) -> None:
+    model, calib = ZOO["ds_cnn_1d"]()
+    qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").for_target("mcu-int8"), calib)
+    info = eq.export_executorch(qmodel, tmp_path / "kws1d.pte", calib[0][:1], verify_data=calib)
+    v = info.verification
+    assert v.passed and v.sqnr_db is not None and v.sqnr_db > 40 and v.top1_agreement == 1.0
+
+
 def test_a_program_that_does_not_verify_is_not_written(depthwise: tuple, tmp_path: Path) -> None:
     qmodel, calib = depthwise
     path = tmp_path / "kws.pte"

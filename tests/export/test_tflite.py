@@ -109,9 +109,45 @@ def test_resnet_style_shortcut_and_conv1d_export() -> None:
         assert "STRIDED_SLICE" not in info.ops, name
 
 
+def test_adaptive_avg_pool1d_keyword_spotter_runs_bit_exact() -> None:
+    """F.adaptive_avg_pool1d exports as Unsqueeze -> ReduceMean -> Squeeze: the mean and the
+    moves around it run on integers (a MEAN in the file), bit-exact in TFLite Micro."""
+    _, qmodel, calib = _mcu("ds_cnn_1d")
+    path = Path(__import__("tempfile").mkdtemp()) / "kws1d.tflite"
+    info = eq.export_tflite(qmodel, path, calib[0][:1], verify_data=calib)
+    v = info.verification
+    assert v.passed and v.bit_exact == 1.0 and v.top1_agreement == 1.0
+    assert "MEAN" in info.ops and "DEPTHWISE_CONV_2D" in info.ops
+
+
+class Pools1d(nn.Module):
+    """1-d max, average and adaptive average pooling of windows between Conv1d layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(2, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool1d(F.relu(self.c1(x)), 2)
+        x = F.avg_pool1d(F.relu(self.c2(x)), 2)
+        return self.fc(F.adaptive_avg_pool1d(x, 2).flatten(1))
+
+
+def test_1d_pools_run_bit_exact() -> None:
+    """A 1-d average pool keeps its input's grid (TFLite's AVERAGE_POOL_2D has one grid for
+    input and output), so TFLite Micro averages the integers the reference averages."""
+    torch.manual_seed(0)
+    calib = [torch.randn(8, 2, 16) for _ in range(2)]
+    qmodel = eq.quantize(Pools1d().eval(), eq.Recipe.preset("w8a8").for_target("mcu-int8"), calib)
+    path = Path(__import__("tempfile").mkdtemp()) / "pools1d.tflite"
+    info = eq.export_tflite(qmodel, path, calib[0][:1], verify_data=calib)
+    assert info.verification.bit_exact == 1.0 and info.verification.top1_agreement == 1.0
+    assert {"MAX_POOL_2D", "AVERAGE_POOL_2D"} <= set(info.ops)
+
+
 class Concat(nn.Module):
-    """Two branches concatenated: TFLite's converter writes both producers straight onto the
-    concatenation's grid, one rounding where the simulation has two."""
+    """Two branches concatenated, pooled, classified."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,14 +160,27 @@ class Concat(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def test_a_file_that_differs_is_refused_naming_the_op(tmp_path: Path) -> None:
+def test_a_file_that_differs_is_refused_naming_the_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A converted file that computes something else (here: converted from a copy whose conv
+    bias moved) is refused, the user's file untouched, the first differing op named."""
+    import copy
+
+    import edgequant.export.tflite as tflite
+
     torch.manual_seed(0)
     model = Concat().eval()
     calib = [torch.randn(16, 3, 8, 8) for _ in range(2)]
     qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").for_target("mcu-int8"), calib)
+    other = copy.deepcopy(qmodel)
+    with torch.no_grad():
+        other.b.bias += 0.3  # type: ignore[operator]
+    convert = tflite._convert
+    monkeypatch.setattr(tflite, "_convert", lambda _, one: convert(other, one))
     path = tmp_path / "m.tflite"
     path.write_bytes(b"the user's file")
-    with pytest.raises(eq.ExportError, match=r"differ from the integer reference.*CONCATENATION"):
+    with pytest.raises(eq.ExportError, match=r"differ from the integer reference.*op CONV_2D"):
         eq.export_tflite(qmodel, path, calib[0][:1], verify_data=calib)
     assert path.read_bytes() == b"the user's file"
     assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
