@@ -34,16 +34,22 @@ def decoder_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) ->
     if bits is None or bits > 4 or not is_decoder_stack(qmodel):
         pipeline["awq"] = bool(recipe.awq)
         pipeline["clip_search"] = bool(recipe.clip_search)
-        if recipe.awq or recipe.clip_search:
+        pipeline["scale_refit"] = bool(recipe.scale_refit)
+        if recipe.awq or recipe.clip_search or recipe.scale_refit:
             raise ValueError(
-                f"recipe {recipe.name!r}: awq and clip_search run in the decoder pipeline, "
+                f"recipe {recipe.name!r}: awq, clip_search and scale_refit run in the decoder "
+                "pipeline, "
                 "which needs a stack of repeated blocks of Linears quantized at <= 4 bits "
                 "(a causal LM); this model or recipe has none"
             )
         return False
     reasons = pipeline["reasons"]
     why = f"{bits}-bit weights in a stack of repeated blocks: block by block"
-    for label, value in (("awq", recipe.awq), ("clip_search", recipe.clip_search)):
+    for label, value in (
+        ("awq", recipe.awq),
+        ("clip_search", recipe.clip_search),
+        ("scale_refit", recipe.scale_refit),
+    ):
         pipeline[label] = value if value is not None else True
         reasons[label] = "recipe" if value is not None else why
     if recipe.rounding == "auto":
@@ -202,6 +208,7 @@ def quantize_weight_only(
             clip_on=pipeline["clip_search"],
             gptq_on=pipeline["rounding"] == "gptq",
             progress=progress,
+            refit_on=pipeline["scale_refit"],
         )
         summary.notes.extend(notes)
         pipeline["decoder"] = record
@@ -211,6 +218,7 @@ def quantize_weight_only(
                 ("AWQ scaling", pipeline["awq"]),
                 ("clipping search by output error", pipeline["clip_search"]),
                 ("gptq weight rounding", pipeline["rounding"] == "gptq"),
+                ("scale refit to the codes by output error", pipeline["scale_refit"]),
             )
             if on
         ]

@@ -1,0 +1,81 @@
+"""The scale refit (ptq/scale_refit.py): closed-form scales for fixed codes, against the output
+error it minimises, and its switch in the decoder pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import lm_recipe, tiny_llama, token_batches  # tests/toys.py
+
+import edgequant as eq
+from edgequant.ptq.scale_refit import refit_scales
+
+
+def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> float:
+    e = (deq - w).double()
+    return float(((e @ h.double()) * e).sum())
+
+
+def rtn(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit round to nearest per group: (codes, scales (out, groups))."""
+    wg = w.reshape(w.shape[0], groups, -1)
+    scale = wg.abs().amax(dim=2) / 7
+    codes = torch.clamp(torch.round(wg / scale.unsqueeze(2)), -8, 7)
+    return codes.reshape(w.shape), scale
+
+
+def dequant(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    groups = scale.shape[1]
+    return (codes.reshape(codes.shape[0], groups, -1) * scale.unsqueeze(2)).reshape(codes.shape)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_refit_lowers_the_output_error_and_is_its_least_squares_minimum(groups: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 32, generator=g)
+    x = torch.randn(256, 32, generator=g) * torch.linspace(0.1, 3.0, 32)  # unequal channels
+    h = x.T @ x
+    codes, scale = rtn(w, groups)
+    new = refit_scales(w, codes, scale, h)
+    before, after = (
+        output_error(w, dequant(codes, scale), h),
+        output_error(w, dequant(codes, new), h),
+    )
+    assert after < 0.99 * before
+    # A minimum: nudging any one row's scales either way costs more.
+    for delta in (1.01, 0.99):
+        nudged = new.clone()
+        nudged[3] *= delta
+        assert output_error(w, dequant(codes, nudged), h) > after
+
+
+def test_refit_keeps_the_scales_of_an_all_zero_group() -> None:
+    w = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    codes, scale = rtn(w, 2)
+    codes[:, :8] = 0
+    new = refit_scales(w, codes, scale, torch.eye(16))
+    assert torch.equal(new[:, 0], scale[:, 0])
+
+
+def test_group_count_that_does_not_divide_the_inputs_is_refused() -> None:
+    with pytest.raises(ValueError, match="3 groups do not divide 16 inputs"):
+        refit_scales(torch.zeros(2, 16), torch.zeros(2, 16), torch.ones(2, 3), torch.eye(16))
+
+
+def test_decoder_pipeline_refits_by_default_and_records_it() -> None:
+    pytest.importorskip("transformers")
+    model = tiny_llama()
+    data = token_batches(4, 32)
+    on = eq.quantize(model, lm_recipe(4, 32), calib_data=data, method="weight_only")
+    off = eq.quantize(
+        model, lm_recipe(4, 32, scale_refit=False), calib_data=data, method="weight_only"
+    )
+    pipeline = on.quant_info["pipeline"]
+    assert pipeline["scale_refit"] and "block by block" in pipeline["reasons"]["scale_refit"]
+    assert "scale refit to the codes by output error" in pipeline["steps"]
+    assert off.quant_info["pipeline"]["reasons"]["scale_refit"] == "recipe"
+    layer_on = on.model.layers[0].mlp.down_proj
+    layer_off = off.model.layers[0].mlp.down_proj
+    # Same codes (GPTQ ran on the same grid), other scales; the weight stays on its grid.
+    assert not torch.equal(layer_on.weight_quantizer.scale, layer_off.weight_quantizer.scale)
+    assert torch.equal(layer_on.weight_quantizer(layer_on.weight), layer_on.weight.detach())
