@@ -215,6 +215,13 @@ def main() -> None:
     parser.add_argument("--models", default="/tmp/smollm2_models")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add the --grids rows to --out, reusing its FP32 row and --models/fp32.onnx from "
+        "an earlier run on the same windows and calibration (a long run in shorter pieces); "
+        "decode speed is then re-measured for every row's file side by side",
+    )
+    parser.add_argument(
         "--decode-only",
         action="store_true",
         help="only re-measure decode speed of the files a previous run left in --models "
@@ -250,48 +257,73 @@ def main() -> None:
     calib = calibration_batches(tok, 512, args.calib, 4)
     folder = Path(args.models)
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to FP32)",
-        "metric": "perplexity (lower is better), non-overlapping windows",
-        "test_windows": f"first {args.windows} x 512 tokens of wikitext2_raw_test.txt",
-        "calibration": f"first {args.calib} x 512 tokens of wikitext2_valid_tokenized.txt",
-        "verification": "2 x 256 tokens of tinyshakespeare.txt",
-        "environment": {
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "ort_threads": 2,
-            "torch_threads": 1,
-        },
-        "rows": [],
-    }
+    fp32_path = folder / "fp32.onnx"
+    if args.append:
+        import json
+
+        results = json.loads(Path(args.out).read_text())
+        for key in ("test_windows", "calibration"):
+            want = {
+                "test_windows": f"first {args.windows} x 512",
+                "calibration": f"first {args.calib} x 512",
+            }[key]
+            if not results[key].startswith(want + " "):
+                raise SystemExit(f"--append: {args.out} has {key} {results[key]!r}, not {want}")
+        fp32_row = next(r for r in results["rows"] if r["name"] == "fp32")
+        if not fp32_path.is_file() or fp32_path.stat().st_size != fp32_row["size_bytes"]:
+            raise SystemExit(f"--append: {fp32_path} is not the file of {args.out}'s FP32 row")
+        ref, fp32_size = results["reference_perplexity"], fp32_row["size_bytes"]
+        fp32_greedy = fp32_row["greedy_ids"]
+        results["rows"] = [
+            r
+            for r in results["rows"]
+            if not any(r["name"].endswith(f"-{g}") for g in args.grids.split(","))
+        ]
+    else:
+        results = {
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to FP32)",
+            "metric": "perplexity (lower is better), non-overlapping windows",
+            "test_windows": f"first {args.windows} x 512 tokens of wikitext2_raw_test.txt",
+            "calibration": f"first {args.calib} x 512 tokens of wikitext2_valid_tokenized.txt",
+            "verification": "2 x 256 tokens of tinyshakespeare.txt",
+            "environment": {
+                "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "ort_threads": 2,
+                "torch_threads": 1,
+            },
+            "rows": [],
+        }
 
     def save() -> None:
         write_json(args.out, results)
 
     def row(**kw: Any) -> None:
         results["rows"].append(kw)
-        print({k: v for k, v in kw.items() if k != "greedy"}, flush=True)
+        print({k: v for k, v in kw.items() if k not in ("greedy", "greedy_ids")}, flush=True)
         save()
 
-    fp32_path = folder / "fp32.onnx"
-    info = export_lm_onnx(model, fp32_path, quantized=False)
-    fp32_size = info.size_bytes
-    start = time.perf_counter()
-    ref = ort_perplexity(fp32_path, test, layers, kv, hd)
-    fp32_greedy = greedy(fp32_path, tok, layers, kv, hd)
-    eval_s = time.perf_counter() - start
-    # The greedy bar compares against this file's tokens: they must be PyTorch's own.
-    own = leading_match(fp32_greedy, torch_greedy(model, tok))
-    row(
-        name="fp32",
-        perplexity_deployed=ref,
-        size_bytes=fp32_size,
-        kernels=kernels(fp32_path),
-        eval_wall_s=eval_s,
-        greedy_16_onnx_vs_torch=f"{sum(n == 16 for n in own)}/{len(PROMPTS)}",
-    )
-    results["reference_perplexity"] = ref
+    if not args.append:
+        info = export_lm_onnx(model, fp32_path, quantized=False)
+        fp32_size = info.size_bytes
+        start = time.perf_counter()
+        ref = ort_perplexity(fp32_path, test, layers, kv, hd)
+        fp32_greedy = greedy(fp32_path, tok, layers, kv, hd)
+        eval_s = time.perf_counter() - start
+        # The greedy bar compares against this file's tokens: they must be PyTorch's own.
+        own = leading_match(fp32_greedy, torch_greedy(model, tok))
+        row(
+            name="fp32",
+            perplexity_deployed=ref,
+            size_bytes=fp32_size,
+            kernels=kernels(fp32_path),
+            eval_wall_s=eval_s,
+            greedy_16_onnx_vs_torch=f"{sum(n == 16 for n in own)}/{len(PROMPTS)}",
+            greedy_onnx_vs_torch_leading=own,
+            greedy_ids=fp32_greedy,
+        )
+        results["reference_perplexity"] = ref
 
     files = {"fp32": fp32_path}
 
@@ -367,6 +399,9 @@ def main() -> None:
                 },
             )
 
+    if args.append:
+        decode_again(args, layers, kv, hd)
+        return
     record_decode(results, interleaved_decode(files, layers, kv, hd, args.rounds), args.rounds)
     save()
 
