@@ -106,7 +106,8 @@ class Recipe:
     awq: bool | None = None
     clip_search: bool | None = None
     # ... and, in the same pipeline, the refit of each row's scales to the codes GPTQ chose, for
-    # the least output error (ptq/scale_refit.py): True, False or None ("auto": on there).
+    # the least output error on the calibration tokens (ptq/scale_refit.py): True, False or
+    # None ("auto": off; it raised held-out perplexity where it was measured).
     scale_refit: bool | None = None
     # Weight-only PTQ of a causal LM: the lm_head's input rounded to int8 at run time, per token
     # and per block of the input (symmetric, scale amax / 127), as ONNX Runtime's MatMulNBits

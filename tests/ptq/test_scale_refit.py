@@ -62,20 +62,26 @@ def test_group_count_that_does_not_divide_the_inputs_is_refused() -> None:
         refit_scales(torch.zeros(2, 16), torch.zeros(2, 16), torch.ones(2, 3), torch.eye(16))
 
 
-def test_decoder_pipeline_refits_by_default_and_records_it() -> None:
+def test_decoder_pipeline_refits_only_when_the_recipe_asks_and_records_why() -> None:
     pytest.importorskip("transformers")
     model = tiny_llama()
     data = token_batches(4, 32)
-    on = eq.quantize(model, lm_recipe(4, 32), calib_data=data, method="weight_only")
-    off = eq.quantize(
-        model, lm_recipe(4, 32, scale_refit=False), calib_data=data, method="weight_only"
+    on = eq.quantize(
+        model, lm_recipe(4, 32, scale_refit=True), calib_data=data, method="weight_only"
     )
-    pipeline = on.quant_info["pipeline"]
-    assert pipeline["scale_refit"] and "block by block" in pipeline["reasons"]["scale_refit"]
-    assert "scale refit to the codes by output error" in pipeline["steps"]
-    assert off.quant_info["pipeline"]["reasons"]["scale_refit"] == "recipe"
+    auto = eq.quantize(model, lm_recipe(4, 32), calib_data=data, method="weight_only")
+    pipeline = auto.quant_info["pipeline"]
+    assert not pipeline["scale_refit"]
+    assert pipeline["reasons"]["scale_refit"].startswith("off: ")
+    assert "scale refit to the codes by output error" not in pipeline["steps"]
+    assert on.quant_info["pipeline"]["reasons"]["scale_refit"] == "recipe"
+    assert "scale refit to the codes by output error" in on.quant_info["pipeline"]["steps"]
     layer_on = on.model.layers[0].mlp.down_proj
-    layer_off = off.model.layers[0].mlp.down_proj
+    layer_auto = auto.model.layers[0].mlp.down_proj
     # Same codes (GPTQ ran on the same grid), other scales; the weight stays on its grid.
-    assert not torch.equal(layer_on.weight_quantizer.scale, layer_off.weight_quantizer.scale)
-    assert torch.equal(layer_on.weight_quantizer(layer_on.weight), layer_on.weight.detach())
+    wq_on, wq_auto = layer_on.weight_quantizer, layer_auto.weight_quantizer
+    assert not torch.equal(wq_on.scale, wq_auto.scale)
+    codes_on = torch.round(layer_on.weight / wq_on.scale.repeat_interleave(32, dim=1))
+    codes_auto = torch.round(layer_auto.weight / wq_auto.scale.repeat_interleave(32, dim=1))
+    assert torch.equal(codes_on, codes_auto)
+    assert torch.equal(wq_on(layer_on.weight), layer_on.weight.detach())
