@@ -85,3 +85,19 @@ def test_decoder_pipeline_refits_only_when_the_recipe_asks_and_records_why() -> 
     codes_auto = torch.round(layer_auto.weight / wq_auto.scale.repeat_interleave(32, dim=1))
     assert torch.equal(codes_on, codes_auto)
     assert torch.equal(wq_on(layer_on.weight), layer_on.weight.detach())
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_refitted_scales_export_to_matmulnbits_and_verify(tmp_path, group: int | None) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    from edgequant.export.lm import export_lm_onnx
+
+    model = tiny_llama()
+    recipe = lm_recipe(4, group, scale_refit=True, block_int8_inputs=False)
+    q = eq.quantize(model, recipe, calib_data=token_batches(4, 32), method="weight_only")
+    assert q.quant_info["pipeline"]["scale_refit"]
+    held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
+    info = export_lm_onnx(q, tmp_path / "lm.onnx", verify_windows=held_out)
+    assert info.agreement is not None and info.agreement >= 0.99
+    assert info.matmul_nbits == 2 * 7
