@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import lm_recipe, tiny_llama, token_batches  # tests/toys.py
+from toys import lm_recipe, relu_mlp, tiny_llama, token_batches  # tests/toys.py
 
 import edgequant as eq
 from edgequant.ptq.scale_refit import refit_scales
@@ -101,3 +101,14 @@ def test_refitted_scales_export_to_matmulnbits_and_verify(tmp_path, group: int |
     info = export_lm_onnx(q, tmp_path / "lm.onnx", verify_windows=held_out)
     assert info.agreement is not None and info.agreement >= 0.99
     assert info.matmul_nbits == 2 * 7
+
+
+def test_scale_refit_on_a_model_without_a_decoder_stack_is_refused_by_name() -> None:
+    data = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(ValueError, match="scale_refit run in the decoder pipeline"):
+        eq.quantize(
+            relu_mlp(16, 32, 4),
+            lm_recipe(4, None, scale_refit=True),
+            calib_data=data,
+            method="weight_only",
+        )
