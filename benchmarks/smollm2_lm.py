@@ -103,6 +103,34 @@ def greedy(path: Path, tok: Any, layers: int, kv: int, hd: int, new: int = 16) -
     return result
 
 
+def torch_greedy(model: Any, tok: Any, new: int = 16) -> list[list[int]]:
+    """The PyTorch model's greedy tokens on PROMPTS, token by token with its KV cache and, as
+    the ONNX loop, no stop at the end-of-text token."""
+    result = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            past, tokens = None, []
+            for _ in range(new):
+                out = model(input_ids=ids, past_key_values=past, use_cache=True)
+                nxt = int(out.logits[0, -1].argmax())
+                tokens.append(nxt)
+                past, ids = out.past_key_values, torch.tensor([[nxt]])
+            result.append(tokens)
+    return result
+
+
+def leading_match(gen: list[list[int]], ref: list[list[int]]) -> list[int]:
+    """Per prompt, how many leading tokens equal the reference's."""
+    counts = []
+    for a, b in zip(gen, ref, strict=True):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        counts.append(n)
+    return counts
+
+
 def decode_speed(
     session: Any, layers: int, kv: int, hd: int, prompt: int = 32, new: int = 16
 ) -> float:
@@ -187,6 +215,13 @@ def main() -> None:
     parser.add_argument("--models", default="/tmp/smollm2_models")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add the --grids rows to --out, reusing its FP32 row and --models/fp32.onnx from "
+        "an earlier run on the same windows and calibration (a long run in shorter pieces); "
+        "decode speed is then re-measured for every row's file side by side",
+    )
+    parser.add_argument(
         "--decode-only",
         action="store_true",
         help="only re-measure decode speed of the files a previous run left in --models "
@@ -222,44 +257,73 @@ def main() -> None:
     calib = calibration_batches(tok, 512, args.calib, 4)
     folder = Path(args.models)
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to FP32)",
-        "metric": "perplexity (lower is better), non-overlapping windows",
-        "test_windows": f"first {args.windows} x 512 tokens of wikitext2_raw_test.txt",
-        "calibration": f"first {args.calib} x 512 tokens of wikitext2_valid_tokenized.txt",
-        "verification": "2 x 256 tokens of tinyshakespeare.txt",
-        "environment": {
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "ort_threads": 2,
-            "torch_threads": 1,
-        },
-        "rows": [],
-    }
+    fp32_path = folder / "fp32.onnx"
+    if args.append:
+        import json
+
+        results = json.loads(Path(args.out).read_text())
+        for key in ("test_windows", "calibration"):
+            want = {
+                "test_windows": f"first {args.windows} x 512",
+                "calibration": f"first {args.calib} x 512",
+            }[key]
+            if not results[key].startswith(want + " "):
+                raise SystemExit(f"--append: {args.out} has {key} {results[key]!r}, not {want}")
+        fp32_row = next(r for r in results["rows"] if r["name"] == "fp32")
+        if not fp32_path.is_file() or fp32_path.stat().st_size != fp32_row["size_bytes"]:
+            raise SystemExit(f"--append: {fp32_path} is not the file of {args.out}'s FP32 row")
+        ref, fp32_size = results["reference_perplexity"], fp32_row["size_bytes"]
+        fp32_greedy = fp32_row["greedy_ids"]
+        results["rows"] = [
+            r
+            for r in results["rows"]
+            if not any(r["name"].endswith(f"-{g}") for g in args.grids.split(","))
+        ]
+    else:
+        results = {
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to FP32)",
+            "metric": "perplexity (lower is better), non-overlapping windows",
+            "test_windows": f"first {args.windows} x 512 tokens of wikitext2_raw_test.txt",
+            "calibration": f"first {args.calib} x 512 tokens of wikitext2_valid_tokenized.txt",
+            "verification": "2 x 256 tokens of tinyshakespeare.txt",
+            "environment": {
+                "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "ort_threads": 2,
+                "torch_threads": 1,
+            },
+            "rows": [],
+        }
 
     def save() -> None:
         write_json(args.out, results)
 
     def row(**kw: Any) -> None:
         results["rows"].append(kw)
-        print({k: v for k, v in kw.items() if k != "greedy"}, flush=True)
+        print({k: v for k, v in kw.items() if k not in ("greedy", "greedy_ids")}, flush=True)
         save()
 
-    fp32_path = folder / "fp32.onnx"
-    info = export_lm_onnx(model, fp32_path, quantized=False)
-    fp32_size = info.size_bytes
-    start = time.perf_counter()
-    ref = ort_perplexity(fp32_path, test, layers, kv, hd)
-    fp32_greedy = greedy(fp32_path, tok, layers, kv, hd)
-    row(
-        name="fp32",
-        perplexity_deployed=ref,
-        size_bytes=fp32_size,
-        kernels=kernels(fp32_path),
-        eval_wall_s=time.perf_counter() - start,
-    )
-    results["reference_perplexity"] = ref
+    if not args.append:
+        info = export_lm_onnx(model, fp32_path, quantized=False)
+        fp32_size = info.size_bytes
+        start = time.perf_counter()
+        ref = ort_perplexity(fp32_path, test, layers, kv, hd)
+        fp32_greedy = greedy(fp32_path, tok, layers, kv, hd)
+        eval_s = time.perf_counter() - start
+        # The greedy bar compares against this file's tokens: they must be PyTorch's own.
+        own = leading_match(fp32_greedy, torch_greedy(model, tok))
+        row(
+            name="fp32",
+            perplexity_deployed=ref,
+            size_bytes=fp32_size,
+            kernels=kernels(fp32_path),
+            eval_wall_s=eval_s,
+            greedy_16_onnx_vs_torch=f"{sum(n == 16 for n in own)}/{len(PROMPTS)}",
+            greedy_onnx_vs_torch_leading=own,
+            greedy_ids=fp32_greedy,
+        )
+        results["reference_perplexity"] = ref
 
     files = {"fp32": fp32_path}
 
@@ -268,6 +332,7 @@ def main() -> None:
         ppl = ort_perplexity(path, test, layers, kv, hd)
         gen = greedy(path, tok, layers, kv, hd)
         same = sum(a == b for a, b in zip(gen, fp32_greedy, strict=True))
+        lead = leading_match(gen, fp32_greedy)
         row(
             name=name,
             perplexity_deployed=ppl,
@@ -276,6 +341,7 @@ def main() -> None:
             size_ratio=path.stat().st_size / fp32_size,
             kernels=kernels(path),
             greedy_16_match_fp32=f"{same}/{len(PROMPTS)}",
+            greedy_leading_match=lead,
             greedy=[tok.decode(g) for g in gen[:4]],
             **extra,
         )
@@ -285,7 +351,9 @@ def main() -> None:
         recipe = eq.Recipe(
             name=key, weight=weight_spec(bits, group), activation=None, first_last_bits=8
         )
-        if not args.skip_rtn:
+        # Per channel, no peer can express the grid (MatMul4BitsQuantizer's blocks are powers
+        # of two): our own round to nearest is the reference row there.
+        if not args.skip_rtn or group is None:
             q = eq.quantize(model, recipe, method="weight_only")
             path = folder / f"rtn_{key}.onnx"
             ex = export_lm_onnx(q, path, verify_windows=verify)
@@ -331,6 +399,9 @@ def main() -> None:
                 },
             )
 
+    if args.append:
+        decode_again(args, layers, kv, hd)
+        return
     record_decode(results, interleaved_decode(files, layers, kv, hd, args.rounds), args.rounds)
     save()
 

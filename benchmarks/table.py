@@ -131,7 +131,12 @@ def _minilm_speed(data: dict[str, Any], key: str) -> str:
 def smollm2(data: dict[str, Any], name: str) -> list[Row]:
     rows = {r["name"]: r for r in data["rows"]}
     fp32 = rows.get("fp32")
-    peers = {k: r for k, r in rows.items() if k.startswith("ort-") and "perplexity_deployed" in r}
+    # References at the same grid: the peers', and our own round to nearest where the run has it.
+    peers = {
+        k: r
+        for k, r in rows.items()
+        if k.startswith(("ort-", "edgequant-rtn-")) and "perplexity_deployed" in r
+    }
     out = []
     for key, row in rows.items():
         if not key.startswith("edgequant-") or "rtn" in key or fp32 is None:

@@ -105,6 +105,10 @@ class Recipe:
     # ("auto": on there, off elsewhere).
     awq: bool | None = None
     clip_search: bool | None = None
+    # ... and, in the same pipeline, the refit of each row's scales to the codes GPTQ chose, for
+    # the least output error on the calibration tokens (ptq/scale_refit.py): True, False or
+    # None ("auto": off; it raised held-out perplexity where it was measured).
+    scale_refit: bool | None = None
     # Weight-only PTQ of a causal LM: the lm_head's input rounded to int8 at run time, per token
     # and per block of the input (symmetric, scale amax / 127), as ONNX Runtime's MatMulNBits
     # computes it at accuracy_level=4, its fast int8 path on CPUs; the LM export then writes
@@ -200,6 +204,7 @@ class Recipe:
             "reduce_range",
             "awq",
             "clip_search",
+            "scale_refit",
             "block_int8_inputs",
         ):
             if getattr(self, label) not in (None, True, False):
@@ -398,6 +403,7 @@ class Recipe:
             "reduce_range": self.reduce_range,
             "awq": self.awq,
             "clip_search": self.clip_search,
+            "scale_refit": self.scale_refit,
             "block_int8_inputs": self.block_int8_inputs,
             "range_learning": self.range_learning,
             "dynamic_activation": self.dynamic_activation,

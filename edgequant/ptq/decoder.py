@@ -32,12 +32,18 @@ from edgequant.modules import QuantLinear, QuantMixin
 from edgequant.ptq import awq, clip_search
 from edgequant.ptq.calibrate import check_context
 from edgequant.ptq.gptq import gptq_weight
+from edgequant.ptq.scale_refit import refit_scales
 
 # (producer, consumer) Linear names inside one block whose producer output feeds the consumer's
 # input channel for channel, up to an elementwise multiply by something else (gated MLP).
 FOLD_PAIRS = (("up_proj", "down_proj"), ("v_proj", "o_proj"))
 # Relative change of the float block's output that folding may cause (float rounding only).
 FOLD_TOLERANCE = 1e-3
+# GPTQ's settings in this pipeline: damping (a fraction of H's mean diagonal), columns in order
+# of decreasing H diagonal (act-order), lazy-update block size.
+GPTQ_DAMP = 0.01
+GPTQ_ACT_ORDER = True
+GPTQ_BLOCK_SIZE = 128
 
 
 class _Stop(Exception):
@@ -287,7 +293,7 @@ def quantize_blocks_(
     clip_on: bool,
     gptq_on: bool,
     progress: bool = False,
-    damp: float = 0.01,
+    refit_on: bool = False,
 ) -> tuple[list[str], dict[str, Any]]:
     """Run the block-by-block pipeline in place on `qmodel` (weight quantizers calibrated).
     Returns (notes for the summary, a record for quant_info)."""
@@ -342,7 +348,7 @@ def quantize_blocks_(
         _set_weight_modes(layer_list, "quantize")
         for name, layer in layer_list:
             st = stats[owner[name]]
-            _clip_and_round(layer, st.h / max(st.count, 1), clip_on, gptq_on, damp, clip_ratios)
+            _clip_and_round(layer, st.h / max(st.count, 1), clip_on, gptq_on, refit_on, clip_ratios)
         with torch.no_grad():
             inputs = [
                 _with_hidden(args, kwargs, _run(block, args, kwargs)) for args, kwargs in inputs
@@ -360,11 +366,13 @@ def _clip_and_round(
     h: Tensor,
     clip_on: bool,
     gptq_on: bool,
-    damp: float,
+    refit_on: bool,
     clip_ratios: list[float],
 ) -> None:
     """One Linear of a block, with its input's second moment h: the clipping search (its mean
-    ratio appended to clip_ratios) or a plain recalibration, then GPTQ rounding when on."""
+    ratio appended to clip_ratios) or a plain recalibration, then GPTQ rounding when on, then
+    the scale refit (ptq/scale_refit.py) of the codes when on."""
+    float_weight = layer.weight.detach().clone()
     if clip_on and clip_search.supports(layer) is None:
         ratios = clip_search.search_clipping(layer, h)
         clip_ratios.append(float(ratios.mean()))
@@ -375,9 +383,39 @@ def _clip_and_round(
         assert wq is not None
         scale = _expand(wq.scale, layer.weight, wq.axis, wq.spec.group_size)
         zp = _expand(wq.zero_point.float(), layer.weight, wq.axis, wq.spec.group_size)
-        new = gptq_weight(layer.weight, h, scale, zp, wq.spec.qmin, wq.spec.qmax, damp=damp)
+        new = gptq_weight(
+            layer.weight,
+            h,
+            scale,
+            zp,
+            wq.spec.qmin,
+            wq.spec.qmax,
+            block_size=GPTQ_BLOCK_SIZE,
+            damp=GPTQ_DAMP,
+            act_order=GPTQ_ACT_ORDER,
+        )
         with torch.no_grad():
             layer.weight.copy_(new)
+    if refit_on:
+        _refit(layer, float_weight, h)
+
+
+def _refit(layer: QuantMixin, float_weight: Tensor, h: Tensor) -> None:
+    """Refit the scales of the layer's current codes (its weight on the grid, or rounded to
+    it) against the float weight's output; the weight is rewritten on the new grid."""
+    wq = layer.weight_quantizer
+    assert wq is not None
+    if wq.axis != 0 and not (wq.spec.granularity == "group" and wq.axis == 1):
+        return
+    w = layer.weight.detach()
+    scale = _expand(wq.scale, w, wq.axis, wq.spec.group_size)
+    zp = _expand(wq.zero_point.float(), w, wq.axis, wq.spec.group_size)
+    codes = torch.clamp(torch.round(w / scale) + zp, wq.spec.qmin, wq.spec.qmax) - zp
+    groups = wq.scale.reshape(w.shape[0], -1)
+    new = refit_scales(float_weight, codes, groups.float(), h)
+    with torch.no_grad():
+        wq.scale.copy_(new.reshape(wq.scale.shape).to(wq.scale.dtype))
+        layer.weight.copy_((codes * _expand(wq.scale, w, wq.axis, wq.spec.group_size)).to(w.dtype))
 
 
 def _expand(t: Tensor, w: Tensor, axis: int | None, group_size: int | None) -> Tensor:

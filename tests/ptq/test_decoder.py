@@ -54,16 +54,17 @@ def test_each_step_switches_off_in_the_recipe() -> None:
     model = tiny_llama()
     q = eq.quantize(
         model,
-        lm_recipe(awq=False, clip_search=False, rounding="nearest"),
+        lm_recipe(awq=False, clip_search=False, rounding="nearest", scale_refit=False),
         calib_data=token_batches(),
         method="weight_only",
     )
     pipeline = q.quant_info["pipeline"]
     assert not pipeline["awq"] and not pipeline["clip_search"] and pipeline["rounding"] == "nearest"
+    assert not pipeline["scale_refit"]
     assert pipeline["decoder"]["awq_alpha"] == {}
     rtn = eq.quantize(model, lm_recipe(), method="weight_only")
     held_out = token_batches(2, 16, seed=3)[0]["input_ids"]
-    with torch.no_grad():  # all three off: round to nearest on min/max ranges again
+    with torch.no_grad():  # all four off: round to nearest on min/max ranges again
         assert torch.allclose(
             q(input_ids=held_out).logits, rtn(input_ids=held_out).logits, atol=1e-5
         )
