@@ -1,0 +1,67 @@
+"""benchmarks/_lm_peers.py: a peer whose package is absent, or that cannot express a grid, is
+skipped with a printed reason; one that fails is recorded with its error; neither crashes the run."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _lm_peers  # noqa: E402
+
+GRIDS = {"g64": ("symmetric INT4, group 64", 4, 64)}
+
+
+def bench(tmp_path: Path) -> _lm_peers.LMBench:
+    return _lm_peers.LMBench(
+        model=nn.Linear(4, 4),
+        fp32_path=tmp_path / "absent.onnx",
+        test=torch.zeros(1, 8, dtype=torch.int64),
+        calib=torch.zeros(1, 8, dtype=torch.int64),
+        folder=tmp_path,
+        layers=1,
+        kv_heads=1,
+        head_dim=4,
+        reference=math.nan,
+        fp32_size_bytes=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("peer", "package"),
+    [("nncf", "nncf"), ("torchao", "torchao"), ("ort-hqq", "onnxruntime")],
+)
+def test_missing_package_is_skipped_with_its_name(
+    peer: str, package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
+    seen: list[dict] = []
+    rows = _lm_peers.run_peers(bench(tmp_path), [peer], GRIDS, seen.append)
+    assert rows == seen and len(rows) == 1
+    assert rows[0]["name"] == f"{peer}-g64"
+    assert package in rows[0]["skipped"] and "perplexity_deployed" not in rows[0]
+    assert f"skipped peer {peer}" in capsys.readouterr().err
+
+
+def test_grid_a_peer_cannot_express_is_skipped(tmp_path: Path, capsys) -> None:
+    grids = {"int3g64": ("symmetric INT3, group 64", 3, 64), "pc": ("per channel", 4, None)}
+    rows = _lm_peers.run_peers(bench(tmp_path), ["ort-rtn"], grids)
+    assert [r["name"] for r in rows] == ["ort-rtn-int3g64", "ort-rtn-pc"]
+    assert "not 3" in rows[0]["skipped"] and "per-channel" in rows[1]["skipped"]
+    assert capsys.readouterr().err.count("skipped peer ort-rtn") == 2
+
+
+def test_failing_peer_is_recorded_not_raised(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    (row,) = _lm_peers.run_peers(bench(tmp_path), ["ort-rtn"], GRIDS)  # no FP32 file
+    assert "absent.onnx" in row["error"] and "skipped" not in row
+
+
+def test_unknown_peer_names_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ort-hqq"):
+        _lm_peers.run_peers(bench(tmp_path), ["gptq-peer"], GRIDS)
