@@ -187,7 +187,7 @@ def main() -> None:
         "--peers-only",
         default="",
         help="only these peers of benchmarks/_lm_peers.py (comma-separated: ort-rtn, ort-hqq, "
-        "nncf, torchao, torchao-hqq) on this script's windows, written to --peers-out",
+        "nncf-awq-se, torchao-rtn, torchao-hqq) on this script's windows, written to --peers-out",
     )
     parser.add_argument("--peers-out", default="benchmarks/results/smollm2_peers.json")
     parser.add_argument("--out", default="benchmarks/results/smollm2_lm.json")

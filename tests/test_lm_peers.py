@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def bench(tmp_path: Path) -> _lm_peers.LMBench:
 
 @pytest.mark.parametrize(
     ("peer", "package"),
-    [("nncf", "nncf"), ("torchao", "torchao"), ("ort-hqq", "onnxruntime")],
+    [("nncf-awq-se", "nncf"), ("torchao-rtn", "torchao"), ("ort-hqq", "onnxruntime")],
 )
 def test_missing_package_is_skipped_with_its_name(
     peer: str, package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
@@ -65,3 +66,42 @@ def test_failing_peer_is_recorded_not_raised(tmp_path: Path) -> None:
 def test_unknown_peer_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ort-hqq"):
         _lm_peers.run_peers(bench(tmp_path), ["gptq-peer"], GRIDS)
+
+
+def test_peers_on_a_tiny_llama_give_rows_of_the_benchmark_shape(tmp_path: Path) -> None:
+    """Each installed peer quantizes a tiny random Llama's ONNX export (or the model itself,
+    torchao) at group 64 and is measured on the same windows; an absent one is skipped."""
+    from toys import tiny_llama  # tests/toys.py
+
+    from edgequant.export.lm import export_lm_onnx
+
+    model = tiny_llama(layers=1)
+    fp32 = tmp_path / "fp32.onnx"
+    export_lm_onnx(model, fp32, quantized=False)
+    cfg: Any = model.config
+    g = torch.Generator().manual_seed(0)
+    b = _lm_peers.LMBench(
+        model=model,
+        fp32_path=fp32,
+        test=torch.randint(0, cfg.vocab_size, (2, 32), generator=g),
+        calib=torch.randint(0, cfg.vocab_size, (2, 32), generator=g),
+        folder=tmp_path,
+        layers=cfg.num_hidden_layers,
+        kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        reference=math.nan,
+        fp32_size_bytes=fp32.stat().st_size,
+    )
+    b.reference = _lm_peers.ort_perplexity(b, fp32)
+    assert math.isclose(b.reference, _lm_peers.torch_perplexity(model, b.test), rel_tol=1e-4)
+    rows = _lm_peers.run_peers(b, list(_lm_peers.PEERS), GRIDS)
+    assert [r["name"] for r in rows] == [f"{n}-g64" for n in _lm_peers.PEERS]
+    for row in rows:
+        assert "error" not in row, row
+        if "skipped" in row:
+            assert "is not installed" in row["skipped"]
+            continue
+        assert 0.8 < row["ratio_to_reference"] < 1.5, row
+        assert row["perplexity_deployed"] == pytest.approx(b.reference * row["ratio_to_reference"])
+        if row["runtime"].startswith("ONNX Runtime"):
+            assert row["kernels"].get("MatMulNBits", 0) >= 7 * cfg.num_hidden_layers, row
