@@ -195,6 +195,12 @@ def nncf_awq(bench: LMBench, key: str, bits: int, group: int | None) -> dict:
 
     start = time.perf_counter()
     model = onnx.load(str(bench.fp32_path))
+    if group is None and model.opset_import[0].version < 21:
+        # Per channel NNCF writes an INT4 DequantizeLinear (MatMulNBits only for groups), an
+        # INT4 type ONNX accepts from opset 21: ONNX's own converter lifts the FP32 graph.
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, 21)
     empty = np.zeros((1, bench.kv_heads, 0, bench.head_dim), np.float32)
     feeds = []
     for row in bench.calib:
@@ -223,7 +229,12 @@ def nncf_awq(bench: LMBench, key: str, bits: int, group: int | None) -> dict:
         grid,
         wall_s,
         f"NNCF {nncf.__version__} ONNX backend, AWQ + scale estimation on {len(feeds)} "
-        "calibration windows; its defaults: embedding and lm_head at INT8 asymmetric (backup mode)",
+        "calibration windows; its defaults: embedding and lm_head at INT8 asymmetric (backup mode)"
+        + (
+            "; per channel it writes INT4 DequantizeLinear + float MatMul (opset 21), not MatMulNBits"
+            if group is None
+            else ""
+        ),
     )
 
 
