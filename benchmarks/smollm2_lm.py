@@ -211,6 +211,13 @@ def main() -> None:
     parser.add_argument("--grids", default="g64,pc,int3g64")
     parser.add_argument("--peers", default="rtn,hqq")
     parser.add_argument("--skip-rtn", action="store_true")
+    parser.add_argument(
+        "--peers-only",
+        default="",
+        help="only these peers of benchmarks/_lm_peers.py (comma-separated: ort-rtn, ort-hqq, "
+        "nncf-awq-se, torchao-rtn, torchao-hqq) on this script's windows, written to --peers-out",
+    )
+    parser.add_argument("--peers-out", default="benchmarks/results/smollm2_peers.json")
     parser.add_argument("--out", default="benchmarks/results/smollm2_lm.json")
     parser.add_argument("--models", default="/tmp/smollm2_models")
     parser.add_argument("--rounds", type=int, default=7)
@@ -257,6 +264,14 @@ def main() -> None:
     calib = calibration_batches(tok, 512, args.calib, 4)
     folder = Path(args.models)
     folder.mkdir(parents=True, exist_ok=True)
+    if args.peers_only:
+        from _lm_peers import run_standalone
+
+        calib_windows = torch.cat([b["input_ids"] for b in calib])
+        run_standalone(
+            args, model, test, calib_windows, {k: GRIDS[k] for k in args.grids.split(",")}
+        )
+        return
     fp32_path = folder / "fp32.onnx"
     if args.append:
         import json
@@ -280,7 +295,7 @@ def main() -> None:
             if not any(r["name"].endswith(f"-{g}") for g in args.grids.split(","))
         ]
     else:
-        results = {
+        results: dict[str, Any] = {
             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to FP32)",
             "metric": "perplexity (lower is better), non-overlapping windows",
             "test_windows": f"first {args.windows} x 512 tokens of wikitext2_raw_test.txt",
