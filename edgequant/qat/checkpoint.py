@@ -83,6 +83,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
 
 
+def checkpoint_file(checkpoint_dir: Any) -> tuple[Path | None, bool]:
+    """(the checkpoint file or None, whether its folder existed before), the folder made."""
+    if checkpoint_dir is None:
+        return None, False
+    path = Path(checkpoint_dir) / FILENAME
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(
+                f"checkpoint_dir={str(checkpoint_dir)!r}: {str(folder)!r} is a file, not a "
+                f"folder; {FILENAME} is written inside checkpoint_dir"
+            )
+    was_there = path.parent.is_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, was_there
+
+
 def save(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """torch.save to a temp file beside `path`, then a rename."""
     with atomic_path(path) as tmp:

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from edgequant.batches import batch_size, call_model, metric_number, nonfinite
 from edgequant.metrics import logits_of
-from edgequant.ptq.calibrate import check_context, check_not_text
+from edgequant.ptq.calibrate import check_context
 from edgequant.qat import checkpoint as ckpt
+from edgequant.qat.causal_lm import check_token_batches, is_causal_lm, split_tokens, token_rows
 from edgequant.qat.config import FitConfig
 from edgequant.qat.distill import FeatureMatch, distillation_loss, feature_layer_names
 from edgequant.qat.optim import Schedule, WeightAverage, build_optimizer, steps_per_epoch
@@ -97,50 +98,11 @@ def _check_call(
     return model
 
 
-def _checkpoint_path(checkpoint_dir: Any) -> tuple[Path | None, bool]:
-    """(the checkpoint file or None, whether its folder existed before), the folder made."""
-    if checkpoint_dir is None:
-        return None, False
-    path = Path(checkpoint_dir) / ckpt.FILENAME
-    for folder in (path.parent, *path.parent.parents):
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(
-                f"checkpoint_dir={str(checkpoint_dir)!r}: {str(folder)!r} is a file, not a "
-                f"folder; {ckpt.FILENAME} is written inside checkpoint_dir"
-            )
-    was_there = path.parent.is_dir()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, was_there
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face causal LM (a model with a config that generates text: can_generate(), as
-    *ForCausalLM models do and masked LMs do not), whose batches are token ids and whose outputs
-    are logits over the next token at every position."""
-    generates = getattr(model, "can_generate", None)
-    return getattr(model, "config", None) is not None and callable(generates) and bool(generates())
-
-
-def _split_tokens(batch: Any, index: int) -> tuple[Any, None]:
-    """A causal LM's training item: token ids, as a tokenizer batch (a dict with "input_ids")
-    or a (batch, tokens) tensor; no labels (the text is its own target, through the teacher)."""
-    check_not_text(batch, f"train_data item {index}")
-    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
-    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        keys = f" (keys {sorted(batch)})" if isinstance(batch, dict) else ""
-        raise TypeError(
-            f"train_data item {index}: a causal LM trains on token ids, a dict with 'input_ids' "
-            f"(a tokenizer's output) or a (batch, tokens) int tensor; got "
-            f"{type(batch).__name__}{keys}: a tokenizer-less text batch? Tokenize it first"
-        )
-    return batch, None
-
-
 def _split(batch: Any, index: int, causal_lm: bool = False) -> tuple[Any, Tensor | None]:
     """(inputs, labels or None) of one training item: a tensor, or an (inputs, labels) pair;
-    for a causal LM, token ids (_split_tokens)."""
+    for a causal LM, token ids (causal_lm.split_tokens)."""
     if causal_lm:
-        return _split_tokens(batch, index)
+        return split_tokens(batch, index)
     if isinstance(batch, Tensor):
         return batch, None
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
@@ -153,33 +115,6 @@ def _split(batch: Any, index: int, causal_lm: bool = False) -> tuple[Any, Tensor
         f"train_data item {index}: expected a tensor of inputs or an (inputs, integer labels) "
         f"pair, got {type(batch).__name__}"
     )
-
-
-def _token_rows(
-    x: Any, logits: Tensor, teacher_logits: Tensor | None, index: int
-) -> tuple[Tensor, Tensor | None]:
-    """A causal LM's logits as one row per next-token distribution, (positions, vocabulary),
-    padding (attention_mask 0) left out: distillation is KL per position, averaged."""
-    if teacher_logits is not None and teacher_logits.shape != logits.shape:
-        raise ValueError(
-            f"teacher logits have shape {tuple(teacher_logits.shape)} on train_data item "
-            f"{index}, the model's {tuple(logits.shape)}: pass the FP32 model that qmodel was "
-            "prepared from"
-        )
-    mask = x.get("attention_mask") if isinstance(x, dict) else None
-    keep = (
-        mask.reshape(-1) > 0
-        if isinstance(mask, Tensor) and mask.numel() == logits.shape[0] * logits.shape[1]
-        else None
-    )
-    rows = logits.reshape(-1, logits.shape[-1])
-    teacher_rows = (
-        teacher_logits.reshape(-1, logits.shape[-1]) if teacher_logits is not None else None
-    )
-    if keep is not None:
-        rows = rows[keep]
-        teacher_rows = teacher_rows[keep] if teacher_rows is not None else None
-    return rows, teacher_rows
 
 
 def _check_labels(labels: Tensor, logits: Tensor, index: int) -> None:
@@ -302,7 +237,7 @@ class _Run:
                 teacher_logits = self._logits(self.teacher, x)
         logits = self._logits(self.qmodel, x)
         if self.causal_lm:
-            logits, teacher_logits = _token_rows(x, logits, teacher_logits, index)
+            logits, teacher_logits = token_rows(x, logits, teacher_logits, index)
         if (
             isinstance(teacher_logits, Tensor)
             and isinstance(logits, Tensor)
@@ -448,6 +383,26 @@ def _epochs(
             run.average.restore(raw)
 
 
+def _chooser(
+    model: nn.Module,
+    train_data: Iterable[Any],
+    cfg: FitConfig,
+    teacher: nn.Module | None,
+    val_fn: Callable[[nn.Module], float] | None,
+    val_data: Iterable[Any] | None,
+) -> tuple[Iterable[Any], EpochChooser | None]:
+    """(the batches to train on, what chooses the epoch kept: None with select="last"); without
+    val_fn the held-out part comes out of train_data unless val_data is given."""
+    if cfg.select != "best":
+        return train_data, None
+    hits_of, against = None, ""
+    if val_fn is None:
+        train_data, hits_of, against = heldout_source(
+            train_data, teacher, val_data, causal_lm=is_causal_lm(model)
+        )
+    return train_data, EpochChooser(val_fn, hits_of, against)
+
+
 def fit_qat(
     qmodel: nn.Module,
     train_data: Iterable[Any],
@@ -471,7 +426,7 @@ def fit_qat(
     logits at every position (KL of the next-token distributions, padding left out); its
     held-out score is each held-out sequence's next-token NLL (perplexity: lower is better), an
     epoch replacing the start only where the per-sequence decrease is more than two standard
-    errors (selection.select_epoch_by_loss).
+    errors (loss_selection.select_epoch_by_loss).
 
     With select="best" (the default) the model is left holding the epoch that held-out data
     prefers, the start (epoch 0, the model as prepared) included: by val_fn where one is given
@@ -498,19 +453,9 @@ def fit_qat(
         )
     cfg = (config if config is not None else FitConfig()).replace(**settings).resolved()
     model = _check_call(qmodel, train_data, cfg, teacher, val_fn, val_data, on_epoch_end)
-    if is_causal_lm(model) and isinstance(train_data, Sequence):
-        # Before any is held out for choosing the epoch: the error then names the item.
-        for index, batch in enumerate(train_data):
-            _split_tokens(batch, index)
-            check_context(model, batch, f"train_data item {index}")
-    chooser: EpochChooser | None = None
-    if cfg.select == "best":
-        hits_of, against = None, ""
-        if val_fn is None:
-            train_data, hits_of, against = heldout_source(
-                train_data, teacher, val_data, causal_lm=is_causal_lm(model)
-            )
-        chooser = EpochChooser(val_fn, hits_of, against)
+    if is_causal_lm(model):
+        check_token_batches(model, train_data)
+    train_data, chooser = _chooser(model, train_data, cfg, teacher, val_fn, val_data)
     if cfg.dampen_weight > 0:
         dampening_loss(model)  # refuses a model with nothing to dampen, before any training
     layers = (
@@ -518,7 +463,7 @@ def fit_qat(
         if cfg.feature_weight > 0 and teacher is not None
         else []
     )
-    path, was_there = _checkpoint_path(cfg.checkpoint_dir)
+    path, was_there = ckpt.checkpoint_file(cfg.checkpoint_dir)
     torch.manual_seed(cfg.seed)
     run = _Run(qmodel, model, cfg, train_data, teacher, layers, path)
     if not run.resume(was_there, chooser) and chooser is not None:
@@ -539,4 +484,4 @@ def fit_qat(
     return run.history
 
 
-__all__ = ["DIVERGED_FACTOR", "FitConfig", "NaNLossError", "fit_qat", "is_causal_lm"]
+__all__ = ["DIVERGED_FACTOR", "FitConfig", "NaNLossError", "fit_qat"]

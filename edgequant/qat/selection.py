@@ -3,9 +3,7 @@
 QAT fine-tunes a PTQ model; an epoch replaces that start only when it wins on samples that
 training never saw by more than noise (McNemar's paired comparison of per-sample top-1 hits),
 so a QAT run is never worse than its PTQ start by a difference the held-out data can tell.
-A causal LM is scored on its held-out text instead: each sequence's mean next-token negative
-log-likelihood (perplexity is its exponential; lower is better), and an epoch replaces the
-start only when the paired per-sequence decrease is more than two standard errors.
+A causal LM is scored on its held-out text instead (loss_selection.py).
 """
 
 from __future__ import annotations
@@ -20,13 +18,17 @@ import torch
 from torch import nn
 
 from edgequant.batches import call_model, metric_number, nonfinite
-from edgequant.metrics import logits_of
-from edgequant.ptq.calibrate import check_not_text
+from edgequant.qat.loss_selection import (
+    NEXT_TOKENS,
+    SELECTION_Z,
+    heldout_nll,
+    select_epoch_by_loss,
+)
 
 # Every HOLDOUT_EVERY-th batch of train_data is held out of training to score each epoch; an
-# epoch replaces the start only when it wins by more than SELECTION_Z standard errors.
+# epoch replaces the start only when it wins by more than SELECTION_Z standard errors
+# (loss_selection.py, where the causal LM's rule on held-out losses is).
 HOLDOUT_EVERY = 7
-SELECTION_Z = 2.0
 
 
 def holdout_split(train: Sequence[Any], every: int = HOLDOUT_EVERY) -> tuple[list[Any], list[Any]]:
@@ -160,89 +162,6 @@ def select_epoch(hits: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[
     )
 
 
-def heldout_nll(held: Iterable[Any]) -> Callable[[nn.Module], torch.Tensor]:
-    """model -> each held-out sequence's mean next-token negative log-likelihood (nats), a float
-    tensor, for a causal LM whose held-out batches are token ids (dicts with "input_ids", or
-    (batch, tokens) tensors); positions whose attention_mask is 0 do not count."""
-    batches: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
-    for index, batch in enumerate(held):
-        check_not_text(batch, f"held-out batch {index}")
-        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-            raise TypeError(
-                f"held-out batch {index}: a causal LM's held-out text is token ids (a dict with "
-                f"'input_ids' or a (batch, tokens) tensor), got {type(batch).__name__}"
-            )
-        if ids.shape[1] < 2:
-            raise ValueError(f"held-out batch {index} has {ids.shape[1]} token: nothing to predict")
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        keep = (mask if isinstance(mask, torch.Tensor) else torch.ones_like(ids))[:, 1:] > 0
-        batches.append((batch, ids, keep))
-
-    def nll(model: nn.Module) -> torch.Tensor:
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            found = []
-            with torch.no_grad():
-                for batch, ids, keep in batches:
-                    logits = logits_of(call_model(model, batch))[:, :-1].float()
-                    token_nll = torch.nn.functional.cross_entropy(
-                        logits.transpose(1, 2), ids[:, 1:], reduction="none"
-                    )
-                    found.append((token_nll * keep).sum(1) / keep.sum(1).clamp_min(1))
-            return torch.cat(found)
-        finally:
-            for m, f in flags.items():
-                m.training = f
-
-    return nll
-
-
-def select_epoch_by_loss(losses: Sequence[torch.Tensor], z: float = SELECTION_Z) -> tuple[int, str]:
-    """(epoch to keep, why) from each held-out sequence's loss (lower is better: mean
-    next-token NLL), losses[0] being the start's.
-
-    The candidate is the epoch with the lowest mean, the latest on a tie. It replaces the start
-    only if the per-sequence decrease d = start - candidate has mean(d) > z * std(d) / sqrt(n):
-    a gain of more than z standard errors of the paired difference, by sequence (tokens of one
-    sequence are not independent). Otherwise QAT keeps the start."""
-    if not losses:
-        raise ValueError("losses is empty: it needs at least the start's (epoch 0)")
-    for epoch, t in enumerate(losses):
-        if (
-            not isinstance(t, torch.Tensor)
-            or not t.is_floating_point()
-            or t.shape != losses[0].shape
-        ):
-            raise ValueError(
-                f"losses[{epoch}] must be a float tensor shaped like losses[0], got "
-                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
-            )
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
-        raise ValueError(f"z must be a number >= 0, got {z!r}")
-    if len(losses) < 2:
-        return 0, "no QAT epoch ran: the PTQ start is kept"
-    means = [float(t.double().mean()) for t in losses]
-    best = min(range(1, len(losses)), key=lambda e: (means[e], -e))
-    d = (losses[0] - losses[best]).double()
-    n = int(d.numel())
-    se = float(d.std(unbiased=True)) / n**0.5 if n > 1 else float("inf")
-    shown = ", ".join(f"epoch {e}: {math.exp(m):.4g}" for e, m in enumerate(means))
-    detail = (
-        f"held-out perplexity over {n} sequences ({shown}); the best epoch, {best}, lowers the "
-        f"mean per-sequence NLL by {float(d.mean()):.4g} nats"
-    )
-    if float(d.mean()) > z * se:
-        return best, f"kept epoch {best}: {detail}, more than {z:g} standard errors ({z * se:.3g})"
-    if float(d.mean()) <= 0:
-        return 0, f"kept the PTQ start (epoch 0): {detail}: no epoch gained on it"
-    return 0, (
-        f"kept the PTQ start (epoch 0): {detail}, within {z:g} standard errors ({z * se:.3g}): "
-        "not distinguishable from noise"
-    )
-
-
 def select_by_value(values: Sequence[float]) -> tuple[int, str]:
     """(epoch to keep, why) from one score per epoch (higher is better, values[0] the start),
     as a user's val_fn returns them: the best epoch, the earliest on a tie, the start included.
@@ -327,17 +246,13 @@ def heldout_source(
             "list of batches nor a DataLoader over a dataset, so no held-out part can be "
             "split off it; the last epoch is kept. Pass val_data= (held-out batches) or "
             "val_fn= to keep the best epoch.",
-            stacklevel=3,
+            stacklevel=4,
         )
         return train_data, None, ""
     if causal_lm:
         return train_data, heldout_nll(held), NEXT_TOKENS
     hits_of, against = heldout_hits(teacher, held)
     return train_data, hits_of, against
-
-
-# EpochChooser's `against` for a causal LM: held-out losses (next-token NLL), not hits.
-NEXT_TOKENS = "next tokens (NLL, lower is better)"
 
 
 class EpochChooser:
@@ -487,15 +402,11 @@ __all__ = [
     "HOLDOUT_EVERY",
     "MAX_HELDOUT_SAMPLES",
     "EpochChooser",
-    "SELECTION_Z",
-    "NEXT_TOKENS",
     "heldout_hits",
-    "heldout_nll",
     "heldout_source",
     "holdout_split",
     "select_by_value",
     "select_epoch",
-    "select_epoch_by_loss",
     "split_labels",
     "split_loader",
 ]

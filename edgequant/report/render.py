@@ -9,8 +9,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from edgequant.report.direction import gap_to_fp32, is_lower_better, tolerance_rule, within
-from edgequant.report.plots import TITLES, bit_sweep, crossover
+from edgequant.report.direction import is_lower_better
+from edgequant.report.plots import TITLES
+from edgequant.report.sweep import fmt, same_graph_speed, sweep
 
 # The runs table's columns, in the markdown and the HTML report alike.
 COLUMNS = (
@@ -64,15 +65,11 @@ def _speed_cells(row: dict[str, Any], lm: bool) -> list[str]:
     if lm:
         peak = row.get("peak_memory_bytes")
         return [
-            _fmt(row.get("tokens_per_s"), ".1f"),
-            _fmt(peak / 1e6 if isinstance(peak, (int, float)) else None, ".1f"),
+            fmt(row.get("tokens_per_s"), ".1f"),
+            fmt(peak / 1e6 if isinstance(peak, (int, float)) else None, ".1f"),
         ]
     lat = row.get("latency_ms", {})
-    return [f"{_fmt(lat.get('bs1'), '.3f')} / {_fmt(lat.get('bs64'), '.2f')}"]
-
-
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
+    return [f"{fmt(lat.get('bs1'), '.3f')} / {fmt(lat.get('bs64'), '.2f')}"]
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str]]]:
@@ -88,18 +85,18 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
                 "fp32",
                 "-",
                 "32/32",
-                _fmt(base["metric"]),
-                _fmt(base.get("metric_torch")),
+                fmt(base["metric"]),
+                fmt(base.get("metric_torch")),
                 "-",
                 str(base["size_bytes"]),
                 "1.00",
                 *_speed_cells(base, lm),
-                _fmt(base.get("wall_s"), ".1f"),
+                fmt(base.get("wall_s"), ".1f"),
             ],
         )
     ]
     if test:
-        rows[0][1].insert(4, _fmt(base.get("metric_test")))
+        rows[0][1].insert(4, fmt(base.get("metric_test")))
     for r in results["runs"]:
         bits = f"{r.get('weight_bits') or '-'}/{r.get('act_bits') or '-'}"
         if r.get("status") != "ok":
@@ -109,16 +106,16 @@ def _rows(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str
             r["name"],
             r["family"],
             bits,
-            _fmt(r["metric_deployed"]),
-            _fmt(r.get("metric_simulated")),
-            _fmt(r.get("top1_agreement")),
+            fmt(r["metric_deployed"]),
+            fmt(r.get("metric_simulated")),
+            fmt(r.get("top1_agreement")),
             str(r["size_bytes"]),
             f"{r['size_ratio']:.2f}",
             *_speed_cells(r, lm),
             f"{r['wall_s']:.1f}",
         ]
         if test:
-            cells.insert(4, _fmt(r.get("metric_test")))
+            cells.insert(4, fmt(r.get("metric_test")))
         rows.append((r, cells))
     return rows
 
@@ -177,132 +174,6 @@ def _selection_lines(results: dict[str, Any]) -> list[str]:
         for run in results["runs"]
         if run.get("status") == "ok" and isinstance(run.get("selection"), dict)
     ]
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
-def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | None:
-    """PTQ vs QAT by bits as (header, rows, summary): at each bit width both static PTQ and
-    QAT ran at, their metric on the split the recommendation saw and, where present, on the
-    unseen test split; the gap to FP32 and the share of it QAT recovers, on the test split
-    where there is one; and a sentence naming where PTQ stops (plots.crossover). None when no
-    bit width has both."""
-    seen = bit_sweep(results)
-    if not seen:
-        return None
-    base = results["baseline"]
-    tolerance = float(results.get("tolerance") or 0.0)
-    test = _has_test(results) and "metric_test" in base
-    judged = bit_sweep(results, "metric_test") if test else seen
-    judged_base = base["metric_test"] if test else base["metric"]
-    split = "test" if test else "deployed"
-    lower = is_lower_better(results)
-    unit = results.get("metric", "metric") if lower else "pts"
-    header = ["bits", "PTQ (seen)", "QAT (seen)"]
-    if test:
-        header += ["PTQ (test)", "QAT (test)"]
-    header += [f"PTQ gap to FP32 ({split}, {unit})", "recovered by QAT", "QAT epoch kept"]
-    kept = {r["name"]: r.get("kept_epoch") for r in results["runs"] if r.get("family") == "qat"}
-    # A gap smaller than this is no gap to recover (half a point; half a percent of FP32 where
-    # lower is better).
-    least = 0.005 * abs(judged_base) if lower else 0.005
-    rows = []
-    for row, judged_row in zip(seen, judged, strict=True):
-        cells = [row["label"], _fmt(row["ptq"]), _fmt(row["qat"])]
-        if test:
-            cells += [_fmt(judged_row["ptq"]), _fmt(judged_row["qat"])]
-        ptq, qat = judged_row["ptq"], judged_row["qat"]
-        gap = gap_to_fp32(judged_base, ptq, lower) if isinstance(ptq, (int, float)) else None
-        cells.append("-" if gap is None else (_fmt(gap, ".3g") if lower else _pct(gap)))
-        cells.append(
-            f"{100 * gap_to_fp32(qat, ptq, lower) / gap:.0f} %"
-            if gap is not None and gap > least and isinstance(qat, (int, float))
-            else "-"
-        )
-        epoch = kept.get(row["qat_name"])
-        cells.append("-" if epoch is None else str(epoch))
-        rows.append(cells)
-
-    def worse(gap: float) -> str:
-        return f"{gap:.3g} above FP32" if lower else f"{_pct(gap)} points below FP32"
-
-    def better(gain: float) -> str:
-        return f"{gain:.3g}" if lower else _pct(gain)
-
-    rule = f"{tolerance:g}" if not lower else tolerance_rule(tolerance, lower)
-    cross = crossover(seen, base["metric"], tolerance, lower)
-    if cross is None:
-        summary = (
-            f"PTQ stays within {rule} of FP32 at every bit width tried, down to "
-            f"{seen[-1]['label']}: QAT is not needed here."
-        )
-    else:
-        row, judged_row = seen[cross], judged[cross]
-        held = (
-            f"PTQ holds within {rule} of FP32 down to {seen[cross - 1]['label']}; " if cross else ""
-        )
-        verb = "rises" if lower else "falls"
-        summary = (
-            f"{held}at {row['label']} it {verb} "
-            f"{worse(gap_to_fp32(base['metric'], row['ptq'], lower))}"
-            " on the data the recommendation saw"
-            + (
-                " and QAT stays within tolerance"
-                if isinstance(row["qat"], (int, float))
-                and within(row["qat"], base["metric"], tolerance, lower)
-                else ""
-            )
-            + ". "
-        )
-        gaps = [
-            (
-                r["label"],
-                gap_to_fp32(judged_base, r["ptq"], lower),
-                gap_to_fp32(r["qat"], r["ptq"], lower),
-            )
-            for r in judged[cross:]
-            if isinstance(r["ptq"], (int, float)) and isinstance(r["qat"], (int, float))
-        ]
-        summary += (
-            "On the " + ("test split, which nothing was chosen on" if test else "same data") + ": "
-        )
-        summary += (
-            "; ".join(
-                f"{label} PTQ {worse(gap)}, QAT recovers {better(gain)} "
-                f"({100 * gain / gap:.0f} % of the gap)"
-                for label, gap, gain in gaps
-                if gap > 0
-            )
-            or f"PTQ is not {'above' if lower else 'below'} FP32 at {judged_row['label']}"
-        )
-        summary += "."
-    return header, rows, summary
-
-
-def same_graph_speed(results: dict[str, Any]) -> str | None:
-    """A sentence on results["qat_vs_ptq_speed"] (the demo's interleaved timing of the PTQ and
-    QAT export at each bit width): whether each pair is the same integer graph, and QAT's
-    latency as a ratio of PTQ's per batch size. None when the results have no such pairs."""
-    pairs = results.get("qat_vs_ptq_speed")
-    if not pairs:
-        return None
-    parts = []
-    for pair in pairs:
-        ratios = ", ".join(
-            f"{pair['ratio_qat_to_ptq'][key]:.2f}x at batch {key[2:]}"
-            for key in sorted(pair["ratio_qat_to_ptq"], key=lambda k: int(k[2:]))
-        )
-        graph = "the same integer graph" if pair["same_graph"] else "DIFFERENT graphs"
-        parts.append(f"{pair['bits']}: {graph}, QAT / PTQ latency {ratios}")
-    count = pairs[0].get("rounds", 1)
-    rounds = f"; the median of {count} rounds" if count > 1 else ""
-    return (
-        "QAT costs nothing at inference when its export is the PTQ export's graph with other "
-        f"integers in it; each pair timed interleaved, run by run ({pairs[0]['runs']} runs per "
-        f"batch size{rounds}): " + "; ".join(parts) + "."
-    )
 
 
 def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -> str:

@@ -1,7 +1,7 @@
 """QAT of a causal LM on a tiny randomly initialised LlamaForCausalLM (no file needed): prepare_qat
 from the weight-only PTQ model with dict batches of token ids, fit_qat distilling the FP32
-model's next-token distributions, the held-out epoch choice by per-sequence NLL (lower is
-better), the LM export of the trained model, and the errors for bad input."""
+model's next-token distributions and keeping the better held-out epoch, the LM export of the
+trained model, and the errors for bad input."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from toys import LLAMA_CONTEXT, lm_recipe, tiny_llama, token_batches  # tests/to
 
 import edgequant as eq
 from edgequant.qat import finalize
-from edgequant.qat.selection import select_epoch_by_loss
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,20 +101,6 @@ def _tmp_path():  # noqa: ANN202
     from pathlib import Path
 
     return Path(tempfile.mkdtemp(prefix="edgequant-test-"))
-
-
-def test_select_epoch_by_loss_needs_a_gain_above_noise() -> None:
-    start = torch.tensor([2.0, 2.1, 1.9, 2.0])
-    clear = [start, start - 0.5, start - 0.3]
-    kept, why = select_epoch_by_loss(clear)
-    assert kept == 1 and "kept epoch 1" in why
-    noisy = [start, start + torch.tensor([-0.2, 0.2, -0.2, 0.1])]
-    kept, why = select_epoch_by_loss(noisy)
-    assert kept == 0 and "noise" in why
-    worse = [start, start + 0.1]
-    assert select_epoch_by_loss(worse)[0] == 0
-    with pytest.raises(ValueError, match=r"losses\[1\]"):
-        select_epoch_by_loss([start, start.long()])
 
 
 def test_bad_lm_input_to_qat_is_named() -> None:

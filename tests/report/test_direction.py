@@ -13,7 +13,8 @@ from toys import result_row  # tests/toys.py
 from edgequant.report import plots
 from edgequant.report.direction import gap_to_fp32, limit, tolerance_rule, within
 from edgequant.report.plots import bit_sweep, crossover, pareto_front
-from edgequant.report.render import markdown, sweep
+from edgequant.report.render import markdown
+from edgequant.report.sweep import sweep
 
 
 def lm_results() -> dict[str, Any]:
