@@ -213,6 +213,7 @@ SOURCES: dict[str, Callable[[dict[str, Any], str], list[Row]]] = {
     "static_minilm_defaults.json": static_minilm,
     "dynamic_minilm_defaults.json": static_minilm,
     "smollm2_lm.json": smollm2,
+    "smollm2_lm_pc_int3.json": smollm2,
 }
 
 
