@@ -10,17 +10,35 @@ import edgequant as eq
 from edgequant.spec import weight_spec
 
 
-def load_with_windows(length: int = 256, count: int = 2) -> tuple[Any, Any, Any] | None:
-    """(model, tokenizer, `count` held-out windows of `length` tokens); None, with the reason on
-    stderr, where transformers or the model's files are absent (the caller then exits 0)."""
-    from edgequant.examples.smollm2 import SHAKESPEARE_TEXT, load_smollm2, text_windows
+def load_or_skip() -> tuple[Any, Any] | None:
+    """(model, tokenizer); None, with the reason on stderr, where transformers or the model's
+    files are absent (the caller then exits 0)."""
+    from edgequant.examples.smollm2 import load_smollm2
 
     try:
-        model, tok = load_smollm2()
+        return load_smollm2()
     except (FileNotFoundError, ImportError) as err:
         print(f"skipped: {err}", file=sys.stderr)
         return None
+
+
+def load_with_windows(length: int = 256, count: int = 2) -> tuple[Any, Any, Any] | None:
+    """load_or_skip, and `count` held-out Shakespeare windows of `length` tokens."""
+    from edgequant.examples.smollm2 import SHAKESPEARE_TEXT, text_windows
+
+    loaded = load_or_skip()
+    if loaded is None:
+        return None
+    model, tok = loaded
     return model, tok, text_windows(tok, SHAKESPEARE_TEXT, length, count)
+
+
+def cache_shape(model: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the model's KV cache: the shapes the exported
+    file's past_* inputs take (export.lm.run_windows, lm_session callers)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
 def int4_g64(block_int8_inputs: bool | None = None) -> eq.Recipe:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
-from _smollm2 import int4_g64, load_with_windows  # noqa: E402
+from _smollm2 import cache_shape, int4_g64, load_with_windows  # noqa: E402
 from smollm2_lm import interleaved_decode  # noqa: E402
 
 import edgequant as eq  # noqa: E402
@@ -69,11 +69,7 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    speeds = interleaved_decode(
-        files, cfg.num_hidden_layers, cfg.num_key_value_heads, hd, args.rounds
-    )
+    speeds = interleaved_decode(files, *cache_shape(model), args.rounds)
     fp32 = float(np.median(speeds["fp32"]))
     for r in rows:
         r["tokens_per_s"] = float(np.median(speeds[r["name"]]))

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
+from _smollm2 import load_or_skip  # noqa: E402
 
 import edgequant as eq  # noqa: E402
 from edgequant.spec import weight_spec  # noqa: E402
@@ -72,15 +73,13 @@ def main() -> None:
     from edgequant.examples.smollm2 import (
         VALID_TEXT,
         calibration_batches,
-        load_smollm2,
         text_windows,
     )
 
-    try:
-        model, tok = load_smollm2()
-    except (FileNotFoundError, ImportError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_or_skip()
+    if loaded is None:
         return
+    model, tok = loaded
     every = text_windows(tok, VALID_TEXT, 512)
     if every.shape[0] < args.calib + args.heldout:
         raise SystemExit(f"the validation text holds {every.shape[0]} windows only")

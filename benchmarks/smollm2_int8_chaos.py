@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
-from _smollm2 import int4_g64, load_with_windows  # noqa: E402
+from _smollm2 import cache_shape, int4_g64, load_with_windows  # noqa: E402
 
 import edgequant as eq  # noqa: E402
 
@@ -49,13 +49,11 @@ def main() -> None:
             group = wq.spec.group_size if wq.spec.granularity == "group" else None
             m.input_block_int8 = torch.tensor(nbits_block_size(m.in_features, group))
             layers.append(m)
-    cfg = model.config
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "all_level4.onnx"
         export_lm_onnx(q, path)  # no verification: it is what is measured here
         session = lm_session(path, threads=2)
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        runs = run_windows(session, windows, cfg.num_hidden_layers, cfg.num_key_value_heads, hd)
+        runs = run_windows(session, windows, *cache_shape(model))
         deployed = torch.from_numpy(np.concatenate(runs))
 
     def simulate(perturb: float = 0.0) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import interleaved_rounds, write_json  # noqa: E402
+from _smollm2 import cache_shape, load_or_skip  # noqa: E402
 
 import edgequant as eq  # noqa: E402
 from edgequant.spec import weight_spec  # noqa: E402
@@ -243,19 +244,15 @@ def main() -> None:
         SHAKESPEARE_TEXT,
         TEST_TEXT,
         calibration_batches,
-        load_smollm2,
         text_windows,
     )
     from edgequant.export.lm import export_lm_onnx
 
-    try:
-        model, tok = load_smollm2()
-    except (FileNotFoundError, ImportError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_or_skip()
+    if loaded is None:
         return
-    cfg = model.config
-    layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    model, tok = loaded
+    layers, kv, hd = cache_shape(model)
     if args.decode_only:
         decode_again(args, layers, kv, hd)
         return

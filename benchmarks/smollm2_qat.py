@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
+from _smollm2 import cache_shape, load_or_skip  # noqa: E402
 from smollm2_lm import ort_perplexity  # noqa: E402
 
 import edgequant as eq  # noqa: E402
@@ -59,23 +60,16 @@ def main() -> None:
         SHAKESPEARE_TEXT,
         TEST_TEXT,
         VALID_TEXT,
-        load_smollm2,
         text_windows,
     )
     from edgequant.export.lm import export_lm_onnx
     from edgequant.qat import finalize
 
-    try:
-        model, tok = load_smollm2()
-    except (FileNotFoundError, ImportError) as err:
-        print(f"skipped: {err}", file=sys.stderr)
+    loaded = load_or_skip()
+    if loaded is None:
         return
-    cfg = model.config
-    shape = (
-        cfg.num_hidden_layers,
-        cfg.num_key_value_heads,
-        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-    )
+    model, tok = loaded
+    shape = cache_shape(model)
     seq = args.seq_len
     valid = text_windows(tok, VALID_TEXT, seq, args.calib + args.train + args.heldout)
     calib = [{"input_ids": w.reshape(1, -1)} for w in valid[: args.calib]]
