@@ -86,33 +86,10 @@ def torch_perplexity(model: nn.Module, windows: Tensor) -> float:
     return math.exp(total / count)
 
 
-def onnx_kernels(path: Path) -> dict[str, int]:
-    """Op counts of the graph ONNX Runtime runs after its optimisations (the kernels it picks)."""
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        graph = onnx.load(opts.optimized_model_filepath).graph
-    counts: dict[str, int] = {}
-    for n in graph.node:
-        if n.op_type in (
-            "MatMulNBits",
-            "MatMul",
-            "Gather",
-            "DequantizeLinear",
-            "GatherBlockQuantized",
-        ):
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
-
-
-def onnx_row(bench: LMBench, name: str, path: Path, grid: str, wall_s: float, note: str) -> dict:
-    ppl = ort_perplexity(bench, path)
+def peer_row(
+    bench: LMBench, name: str, ppl: float, path: Path, grid: str, wall_s: float, runtime: str
+) -> dict:
+    """A peer's row, in the shape of smollm2_lm.py's: its perplexity and file against FP32's."""
     return {
         "name": name,
         "perplexity_deployed": ppl,
@@ -121,10 +98,16 @@ def onnx_row(bench: LMBench, name: str, path: Path, grid: str, wall_s: float, no
         "size_ratio": path.stat().st_size / bench.fp32_size_bytes,
         "grid": grid,
         "calibration_wall_s": wall_s,
-        "runtime": "ONNX Runtime (CPU, 2 threads), the same windows as every row",
-        "kernels": onnx_kernels(path),
-        "note": note,
+        "runtime": f"{runtime}, the same windows as every row",
     }
+
+
+def onnx_row(bench: LMBench, name: str, path: Path, grid: str, wall_s: float, note: str) -> dict:
+    from smollm2_lm import kernels
+
+    ppl = ort_perplexity(bench, path)
+    row = peer_row(bench, name, ppl, path, grid, wall_s, "ONNX Runtime (CPU, 2 threads)")
+    return {**row, "kernels": kernels(path), "note": note}
 
 
 def _head_nodes(model: Any) -> list[str]:
@@ -262,15 +245,9 @@ def _torchao(bench: LMBench, key: str, bits: int, group: int | None, hqq: bool) 
     torch.save(model.state_dict(), path)
     ppl = torch_perplexity(model, bench.test)
     grid = f"symmetric INT{bits}, " + ("per channel" if group is None else f"group {group}")
+    runtime = f"PyTorch {torch.__version__} (CPU)"
     return {
-        "name": name,
-        "perplexity_deployed": ppl,
-        "ratio_to_reference": ppl / bench.reference,
-        "size_bytes": path.stat().st_size,
-        "size_ratio": path.stat().st_size / bench.fp32_size_bytes,
-        "grid": grid,
-        "calibration_wall_s": wall_s,
-        "runtime": f"PyTorch {torch.__version__} (CPU), the same windows as every row",
+        **peer_row(bench, name, ppl, path, grid, wall_s, runtime),
         "note": f"torchao {importlib.import_module('torchao').__version__} IntxWeightOnlyConfig "
         f"({'HQQ_SCALE_ONLY' if hqq else 'AFFINE'} scales), data-free; weights stored one "
         "per int8 (IntxUnpackedToInt8Tensor, dequantized in each forward; size is the saved "

@@ -182,7 +182,13 @@ def kernels(path: Path) -> dict[str, int]:
         graph = onnx.load(opts.optimized_model_filepath).graph
     counts: dict[str, int] = {}
     for n in graph.node:
-        if n.op_type in ("MatMulNBits", "MatMul", "Gather", "DequantizeLinear"):
+        if n.op_type in (
+            "MatMulNBits",
+            "MatMul",
+            "Gather",
+            "DequantizeLinear",
+            "GatherBlockQuantized",
+        ):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
 
