@@ -15,6 +15,7 @@ import torch
 from edgequant.export import ops
 from edgequant.export.int8_kernels import can_saturate
 from edgequant.export.lower import ExportError
+from edgequant.export.names import fresh_name
 
 
 def _constants(graph: Any) -> dict[str, Any]:
@@ -140,16 +141,6 @@ def _signed_per_tensor(dq: Any, consts: dict[str, Any]) -> bool:
     return zero_point.data_type == TensorProto.INT8 and math.prod(zero_point.dims) == 1
 
 
-def _fresh(base: str, taken: set[str]) -> str:
-    """`base`, else `base_1`, `base_2`...: the first name not in `taken`, which then holds it."""
-    name, index = base, 0
-    while name in taken:
-        index += 1
-        name = f"{base}_{index}"
-    taken.add(name)
-    return name
-
-
 def _requantize_pair(
     node: Any, source: Any, readers: list[Any], values: set[str], names: set[str]
 ) -> tuple[Any, Any]:
@@ -161,8 +152,8 @@ def _requantize_pair(
     from onnx import helper
 
     out = node.output[0]
-    moved = _fresh(f"{out}_moved", values)
-    requantized = _fresh(f"{out}_requantized", values)
+    moved = fresh_name(f"{out}_moved", values)
+    requantized = fresh_name(f"{out}_requantized", values)
     node.output[0] = moved
     for reader in readers:
         if reader.op_type == "QuantizeLinear":
@@ -172,13 +163,13 @@ def _requantize_pair(
         "QuantizeLinear",
         [moved, scale, zero_point],
         [requantized],
-        name=_fresh(f"{node.name or out}_requantize", names),
+        name=fresh_name(f"{node.name or out}_requantize", names),
     )
     dequantize = helper.make_node(
         "DequantizeLinear",
         [requantized, scale, zero_point],
         [out],
-        name=_fresh(f"{node.name or out}_dequantize", names),
+        name=fresh_name(f"{node.name or out}_dequantize", names),
     )
     return quantize, dequantize
 
