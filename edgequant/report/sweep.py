@@ -4,7 +4,7 @@ stops, and a sentence on whether each PTQ/QAT pair is one integer graph and thei
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgequant.report.direction import gap_to_fp32, is_lower_better, tolerance_rule, within
 from edgequant.report.plots import bit_sweep, crossover
@@ -36,16 +36,23 @@ def _header(results: dict[str, Any], test: bool, lower: bool) -> list[str]:
     return header + [f"PTQ gap to FP32 ({split}, {unit})", "recovered by QAT", "QAT epoch kept"]
 
 
-def _rows(
-    results: dict[str, Any],
-    seen: list[dict[str, Any]],
-    judged: list[dict[str, Any]],
-    judged_base: float,
-    test: bool,
-    lower: bool,
-) -> list[list[str]]:
+class _Sweep(NamedTuple):
+    """What the table and the summary read: the results, the rows on the data the
+    recommendation saw, the rows on the judged split (the test split where there is one) with
+    FP32's metric there, whether that split is the test split, and whether lower is better."""
+
+    results: dict[str, Any]
+    seen: list[dict[str, Any]]
+    judged: list[dict[str, Any]]
+    judged_base: float
+    test: bool
+    lower: bool
+
+
+def _rows(sweep: _Sweep) -> list[list[str]]:
     """One row of cells per bit width: the metrics seen (and on the test split), the PTQ gap to
     FP32 and the share QAT recovers on the judged split, and the QAT epoch kept."""
+    results, seen, judged, judged_base, test, lower = sweep
     kept = {r["name"]: r.get("kept_epoch") for r in results["runs"] if r.get("family") == "qat"}
     # A gap smaller than this is no gap to recover (half a point; half a percent of FP32 where
     # lower is better).
@@ -69,16 +76,10 @@ def _rows(
     return rows
 
 
-def _summary(
-    results: dict[str, Any],
-    seen: list[dict[str, Any]],
-    judged: list[dict[str, Any]],
-    judged_base: float,
-    test: bool,
-    lower: bool,
-) -> str:
+def _summary(sweep: _Sweep) -> str:
     """Where PTQ stops holding within tolerance of FP32 (plots.crossover) on the data the
     recommendation saw, and from there what QAT recovers of each gap on the judged split."""
+    results, seen, judged, judged_base, test, lower = sweep
     base = results["baseline"]
     tolerance = float(results.get("tolerance") or 0.0)
     rule = f"{tolerance:g}" if not lower else tolerance_rule(tolerance, lower)
@@ -141,11 +142,8 @@ def sweep(results: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | N
     judged = bit_sweep(results, "metric_test") if test else seen
     judged_base = base["metric_test"] if test else base["metric"]
     lower = is_lower_better(results)
-    return (
-        _header(results, test, lower),
-        _rows(results, seen, judged, judged_base, test, lower),
-        _summary(results, seen, judged, judged_base, test, lower),
-    )
+    parts = _Sweep(results, seen, judged, judged_base, test, lower)
+    return _header(results, test, lower), _rows(parts), _summary(parts)
 
 
 def same_graph_speed(results: dict[str, Any]) -> str | None:
