@@ -226,20 +226,23 @@ def _new_params(new: QuantMixin, weight: Tensor, bias: Tensor | None) -> None:
     new.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
 
+def _quant_conv_forward(layer: QuantConv1d | QuantConv2d, x: Tensor) -> Tensor:
+    """QuantConv1d's and QuantConv2d's forward: the layer's own convolution (`_conv_forward` of
+    nn.Conv1d / nn.Conv2d) on the quantized input and weight, or on the integers."""
+    if layer.integer_form():
+        return layer.integer_forward(x, lambda a, w: layer._conv_forward(a, w, None))
+    x, w, b = layer.quantized_inputs(x)
+    return layer._conv_forward(x, w, b)
+
+
 class QuantConv1d(QuantMixin, nn.Conv1d):
     def forward(self, x: Tensor) -> Tensor:
-        if self.integer_form():
-            return self.integer_forward(x, lambda a, w: self._conv_forward(a, w, None))
-        x, w, b = self.quantized_inputs(x)
-        return self._conv_forward(x, w, b)
+        return _quant_conv_forward(self, x)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        if self.integer_form():
-            return self.integer_forward(x, lambda a, w: self._conv_forward(a, w, None))
-        x, w, b = self.quantized_inputs(x)
-        return self._conv_forward(x, w, b)
+        return _quant_conv_forward(self, x)
 
 
 class QuantLinear(QuantMixin, nn.Linear):

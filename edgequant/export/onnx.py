@@ -330,10 +330,13 @@ def _export(
 def _make_fully_integer(model: Any, target: str) -> None:
     """Rewrite the graph so that every edge between compute nodes is integer (ExportError if
     some edge stays float), as the fully integer `target` needs."""
-    merge_slices(model)
-    quantize_inputs_first(model)
-    fold_activations_into_quantizers(model)
-    quantize_around_pools(model)
+    for rewrite in (
+        merge_slices,
+        quantize_inputs_first,
+        fold_activations_into_quantizers,
+        quantize_around_pools,
+    ):
+        rewrite(model)
     problems = fully_integer_violations(model)
     if problems:
         raise ExportError(
