@@ -21,16 +21,19 @@ from edgequant.observers import (
 from edgequant.spec import OBSERVER_NAMES, QuantSpec, activation_spec
 
 
-def test_registry_holds_every_observer() -> None:
-    expected = {
-        "minmax": MinMaxObserver,
-        "ema": EMAObserver,
-        "percentile": PercentileObserver,
-        "mse": MSEObserver,
-        "entropy": EntropyObserver,
-        "auto": AutoObserver,
-    }
-    assert expected == OBSERVERS
+@pytest.mark.parametrize(
+    "cls",
+    [MinMaxObserver, EMAObserver, PercentileObserver, MSEObserver, EntropyObserver, AutoObserver],
+)
+def test_registry_holds_every_observer_under_its_name(cls: type) -> None:
+    # Each name of the spec is the class's name without "Observer", lower case.
+    name = cls.__name__.removesuffix("Observer").lower()
+    assert name in OBSERVER_NAMES
+    assert OBSERVERS[name] is cls
+
+
+def test_registry_holds_the_spec_names_only() -> None:
+    assert list(OBSERVERS) == list(OBSERVER_NAMES)
 
 
 HIST_OBSERVERS = ["percentile", "mse", "entropy"]
