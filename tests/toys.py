@@ -220,12 +220,12 @@ def relu_mlp(*widths: int) -> nn.Sequential:
 
 
 class MLP(nn.Module):
-    """Two Linear layers, 16 -> 32 -> 4, with a ReLU between."""
+    """Two Linear layers, 16 -> 32 -> 4 unless told, with a ReLU between."""
 
-    def __init__(self) -> None:
+    def __init__(self, features: int = 16, hidden: int = 32, out: int = 4) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 4)
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
@@ -323,18 +323,13 @@ def quantize_chain(model: nn.Module, preset: str = "w4a8", **changes: object) ->
     return eq.quantize(model, recipe, chain_batches(), method="static")
 
 
-class SeededMLP(nn.Module):
-    """Two Linear layers, 32 -> 64 -> 8, with a ReLU between; seeds torch (0) before building,
-    so every instance starts from the same weights."""
+class SeededMLP(MLP):
+    """MLP 32 -> 64 -> 8; seeds torch (0) before building, so every instance starts from the
+    same weights."""
 
     def __init__(self) -> None:
-        super().__init__()
         torch.manual_seed(0)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        super().__init__(32, 64, 8)
 
 
 class TinyResidual(nn.Module):

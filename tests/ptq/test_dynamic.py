@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from toys import gen, run_ort  # tests/toys.py
+from toys import MLP, gen, run_ort  # tests/toys.py
 
 import edgequant as eq
 from edgequant import functional as F
@@ -21,16 +20,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 
-class TokenMLP(nn.Module):
+def token_mlp() -> MLP:
     """Linear layers over (batch, tokens, features), as in a transformer's feed-forward block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
+    return MLP(32, 64, 16)
 
 
 def outlier_tokens(batch: int = 4, seed: int = 0) -> torch.Tensor:
@@ -57,7 +49,7 @@ def test_per_token_parameters_are_each_rows_own() -> None:
 
 def test_dynamic_default_is_per_token_and_exports_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = TokenMLP().eval()
+    model = token_mlp().eval()
     qmodel = eq.quantize(model, "w8a8", method="dynamic")  # no data: per token by default
     acts = [q for q in quantizers(qmodel) if q.role == "activation"]
     assert acts and all(q.mode == "dynamic" and q.per_token for q in acts)
@@ -81,7 +73,7 @@ def test_dynamic_default_is_per_token_and_exports_exactly(tmp_path: Path) -> Non
 
 def test_per_token_is_closer_to_float_than_per_tensor_on_outlier_tokens() -> None:
     torch.manual_seed(0)
-    model = TokenMLP().eval()
+    model = token_mlp().eval()
     token = eq.quantize(model, "w8a8", method="dynamic")
     tensor = eq.quantize(
         model, eq.Recipe.preset("w8a8").replace(dynamic_activation="tensor"), method="dynamic"
@@ -96,7 +88,7 @@ def test_per_token_is_closer_to_float_than_per_tensor_on_outlier_tokens() -> Non
 def test_per_tensor_recipe_exports_dynamic_quantize_linear(tmp_path: Path) -> None:
     torch.manual_seed(0)
     recipe = eq.Recipe.preset("w8a8").replace(dynamic_activation="tensor")
-    qmodel = eq.quantize(TokenMLP().eval(), recipe, method="dynamic")
+    qmodel = eq.quantize(token_mlp().eval(), recipe, method="dynamic")
     path = tmp_path / "tensor.onnx"
     eq.export_onnx(qmodel, path, outlier_tokens(2), verify_data=[outlier_tokens(4, seed=2)])
     assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(path)).graph.node}
@@ -111,7 +103,7 @@ def test_unknown_dynamic_activation_is_refused_with_the_valid_ones() -> None:
 
 def test_saved_and_loaded_model_keeps_per_token(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = TokenMLP().eval()
+    model = token_mlp().eval()
     qmodel = eq.quantize(model, "w8a8", method="dynamic")
     torch.save(qmodel.state_dict(), tmp_path / "q.pt")
     loaded = eq.load(model, "w8a8", tmp_path / "q.pt", outlier_tokens(1), method="dynamic")
@@ -123,7 +115,7 @@ def test_saved_and_loaded_model_keeps_per_token(tmp_path: Path) -> None:
 
 def test_a_per_tensor_model_loads_only_with_a_per_tensor_recipe(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = TokenMLP().eval()
+    model = token_mlp().eval()
     recipe = eq.Recipe.preset("w8a8").replace(dynamic_activation="tensor")
     qmodel = eq.quantize(model, recipe, method="dynamic")
     torch.save(qmodel.state_dict(), tmp_path / "q.pt")
@@ -135,13 +127,13 @@ def test_a_per_tensor_model_loads_only_with_a_per_tensor_recipe(tmp_path: Path) 
 
 def test_an_override_below_8_activation_bits_is_refused_for_dynamic() -> None:
     recipe = eq.Recipe.preset("w8a8").replace(
-        overrides=(LayerOverride("down", activation=activation_spec(4)),)
+        overrides=(LayerOverride("fc2", activation=activation_spec(4)),)
     )
-    with pytest.raises(ValueError, match=r"override 'down' asks for 4-bit activations"):
-        eq.quantize(TokenMLP().eval(), recipe, method="dynamic")
+    with pytest.raises(ValueError, match=r"override 'fc2' asks for 4-bit activations"):
+        eq.quantize(token_mlp().eval(), recipe, method="dynamic")
 
 
 def test_the_summary_and_the_recipe_say_per_token() -> None:
-    qmodel = eq.quantize(TokenMLP().eval(), "w8a8", method="dynamic")
+    qmodel = eq.quantize(token_mlp().eval(), "w8a8", method="dynamic")
     assert any("for each token" in note for note in qmodel.quant_summary.notes)
     assert "dynamic PTQ activations: per token" in str(eq.Recipe.preset("w8a8"))
