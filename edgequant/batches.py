@@ -25,6 +25,19 @@ def removing_hooks(handles: list[Any]) -> Iterator[None]:
             h.remove()
 
 
+@contextlib.contextmanager
+def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block; every module's training flag as the caller left
+    it afterwards, even on error (the caller's model is not changed: STYLE §9)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def call_model(model: nn.Module, batch: Any, index: int = 0) -> Any:
     """Run the model on one calibration item: a tensor, a tuple of positional args, or a dict of
     keyword args (a Hugging Face tokenizer batch)."""

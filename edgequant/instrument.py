@@ -16,6 +16,7 @@ from edgequant.batches import (
     call_model,
     check_finite,
     describe_batch,
+    in_eval_mode,
     metric_number,
     nonfinite,
     removing_hooks,
@@ -278,15 +279,9 @@ def _same_outputs(
     model: nn.Module, qmodel: nn.Module, batch: Any, min_sqnr_db: float = 60.0
 ) -> bool:
     """Does the instrumented model (quantizers not yet active) compute what the float model does?"""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref, _ = torch.utils._pytree.tree_flatten(call_model(model, batch))
-            out, _ = torch.utils._pytree.tree_flatten(call_model(qmodel, batch))
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with in_eval_mode(model), torch.no_grad():
+        ref, _ = torch.utils._pytree.tree_flatten(call_model(model, batch))
+        out, _ = torch.utils._pytree.tree_flatten(call_model(qmodel, batch))
     pairs = [
         (r, o)
         for r, o in zip(ref, out, strict=False)

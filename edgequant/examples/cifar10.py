@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgequant._io import atomic_path
+from edgequant.batches import in_eval_mode
 from edgequant.examples.shared import require_shared
 
 MEAN = (0.485, 0.456, 0.406)
@@ -368,18 +369,12 @@ def accuracy(
     predictions = []
     if isinstance(model_or_fn, nn.Module):
         model = model_or_fn
-        flags = {m: m.training for m in model.modules()}
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, x.shape[0], batch_size):
-                    batch = x[start : start + batch_size].to(device, torch.float32)
-                    predictions.append(model(batch).argmax(dim=1).cpu())
-        finally:
-            for module, flag in flags.items():
-                module.training = flag
+        with in_eval_mode(model), torch.inference_mode():
+            for start in range(0, x.shape[0], batch_size):
+                batch = x[start : start + batch_size].to(device, torch.float32)
+                predictions.append(model(batch).argmax(dim=1).cpu())
     elif callable(model_or_fn):
         x_np = x.detach().cpu().numpy().astype(np.float32, copy=False)
         for start in range(0, x_np.shape[0], batch_size):

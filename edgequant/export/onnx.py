@@ -25,6 +25,7 @@ from edgequant._io import atomic_path
 from edgequant.batches import (
     batch_list,
     check_batch_values,
+    in_eval_mode,
     input_tensors,
     run_checked,
     split_inputs,
@@ -168,9 +169,7 @@ def export_onnx(
     path = _check_path(path)
     verify = _check_batches(example_inputs, verify_data)
     # Export and verification need eval mode; the caller's flags come back at the end (STYLE §9).
-    training = {m: m.training for m in qmodel.modules()}
-    try:
-        qmodel.eval()
+    with in_eval_mode(qmodel):
         run_checked(qmodel, example_inputs, "example_inputs")
         return _export(
             qmodel,
@@ -182,9 +181,6 @@ def export_onnx(
             weight_storage,
             layers,
         )
-    finally:
-        for m, flag in training.items():
-            m.training = flag
 
 
 def _check_qmodel(qmodel: Any) -> list[tuple[str, nn.Module]]:

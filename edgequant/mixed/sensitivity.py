@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from edgequant.batches import batch_size, call_model, metric_number, removing_hooks
+from edgequant.batches import batch_size, call_model, in_eval_mode, metric_number, removing_hooks
 from edgequant.mixed.allocate import _check_candidates
 from edgequant.modules import QuantMixin
 from edgequant.ptq.calibrate import peek, take_samples
@@ -313,17 +313,11 @@ def kl_to_reference(logits: Tensor, ref_log_probs: Tensor) -> Tensor:
 
 def reference_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor]:
     """The FP32 model's log-softmax outputs on every batch (computed once, reused)."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return [
-                torch.log_softmax(_first_float_tensor(call_model(model, b)).float(), dim=-1)
-                for b in batches
-            ]
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with in_eval_mode(model), torch.no_grad():
+        return [
+            torch.log_softmax(_first_float_tensor(call_model(model, b)).float(), dim=-1)
+            for b in batches
+        ]
 
 
 @torch.no_grad()

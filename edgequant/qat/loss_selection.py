@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgequant.batches import call_model
+from edgequant.batches import call_model, in_eval_mode
 from edgequant.metrics import logits_of
 from edgequant.ptq.calibrate import check_not_text
 
@@ -44,21 +44,15 @@ def heldout_nll(held: Iterable[Any]) -> Callable[[nn.Module], torch.Tensor]:
         batches.append((batch, ids, keep))
 
     def nll(model: nn.Module) -> torch.Tensor:
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            found = []
-            with torch.no_grad():
-                for batch, ids, keep in batches:
-                    logits = logits_of(call_model(model, batch))[:, :-1].float()
-                    token_nll = torch.nn.functional.cross_entropy(
-                        logits.transpose(1, 2), ids[:, 1:], reduction="none"
-                    )
-                    found.append((token_nll * keep).sum(1) / keep.sum(1).clamp_min(1))
-            return torch.cat(found)
-        finally:
-            for m, f in flags.items():
-                m.training = f
+        found = []
+        with in_eval_mode(model), torch.no_grad():
+            for batch, ids, keep in batches:
+                logits = logits_of(call_model(model, batch))[:, :-1].float()
+                token_nll = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), ids[:, 1:], reduction="none"
+                )
+                found.append((token_nll * keep).sum(1) / keep.sum(1).clamp_min(1))
+        return torch.cat(found)
 
     return nll
 

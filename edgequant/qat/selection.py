@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgequant.batches import call_model, metric_number, nonfinite
+from edgequant.batches import call_model, in_eval_mode, metric_number, nonfinite
 from edgequant.qat.loss_selection import (
     NEXT_TOKENS,
     SELECTION_Z,
@@ -88,26 +88,19 @@ def heldout_hits(
                 targets.append(call_model(teacher, x).argmax(-1))
 
     def hits(model: nn.Module) -> torch.Tensor:
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            found = []
-            with torch.no_grad():
-                for index, (x, t) in enumerate(zip(inputs, targets, strict=True)):
-                    out = call_model(model, x)
-                    classes = out.shape[-1]
-                    if has_labels and t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
-                        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-                        raise ValueError(
-                            f"held-out batch {index} has label {bad}, but the model has "
-                            f"{classes} outputs: labels must be class indices in "
-                            f"[0, {classes - 1}]"
-                        )
-                    found.append((out.argmax(-1) == t).flatten())
-            return torch.cat(found)
-        finally:
-            for m, f in flags.items():
-                m.training = f
+        found = []
+        with in_eval_mode(model), torch.no_grad():
+            for index, (x, t) in enumerate(zip(inputs, targets, strict=True)):
+                out = call_model(model, x)
+                classes = out.shape[-1]
+                if has_labels and t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
+                    bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+                    raise ValueError(
+                        f"held-out batch {index} has label {bad}, but the model has "
+                        f"{classes} outputs: labels must be class indices in [0, {classes - 1}]"
+                    )
+                found.append((out.argmax(-1) == t).flatten())
+        return torch.cat(found)
 
     return hits, "labels" if has_labels else "FP32 top-1"
 
