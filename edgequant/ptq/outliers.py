@@ -57,7 +57,7 @@ def outlier_ratio(absmax: Tensor) -> float:
 
 @dataclass
 class OutlierPlan:
-    """What smooth_and_split_ decided per Linear input, with the numbers behind it."""
+    """What plan_outliers_ decided per Linear input, with the numbers behind it."""
 
     alphas: dict[str, float | None] = field(default_factory=dict)  # SmoothQuant's, per layer
     added: dict[str, int] = field(default_factory=dict)  # channels added by splitting
@@ -78,20 +78,6 @@ class OutlierPlan:
                 + (", ".join(done) if done else "neither split nor smoothed")
             )
         return lines
-
-
-@torch.no_grad()
-def smooth_and_split_(
-    qmodel: nn.Module,
-    batches: Iterable[Any],
-    alpha: float | str | None,
-    num_samples: int,
-    split: float | str | None = None,
-) -> tuple[dict[str, float | None], dict[str, int]]:
-    """Outlier channel splitting and SmoothQuant (see plan_outliers_); returns
-    ({layer: alpha applied}, {layer: channels added})."""
-    plan = plan_outliers_(qmodel, batches, alpha, num_samples, split)
-    return plan.alphas, plan.added
 
 
 @torch.no_grad()
@@ -178,7 +164,7 @@ def smooth_(
     module docstring). Returns {layer name: the alpha applied, None where smoothing did not
     help}; a layer whose input is not quantized is not smoothed and not listed.
     """
-    return smooth_and_split_(qmodel, batches, alpha, num_samples)[0]
+    return plan_outliers_(qmodel, batches, alpha, num_samples).alphas
 
 
 def split_outliers_(
@@ -186,6 +172,6 @@ def split_outliers_(
 ) -> dict[str, int]:
     """Split the outlier input channels of every QuantLinear whose input is quantized per tensor
     on its own (not by a quantizer the graph shares), in place, before calibration (and before
-    smoothing: smooth_and_split_ does both). Returns {layer name: channels added} for every
+    smoothing: plan_outliers_ does both). Returns {layer name: channels added} for every
     layer considered."""
-    return smooth_and_split_(qmodel, batches, None, num_samples, quantile)[1]
+    return plan_outliers_(qmodel, batches, None, num_samples, quantile).added
