@@ -327,38 +327,27 @@ class EpochChooser:
                 "the highest val_fn, the start included (earliest on a tie)",
                 {"val": list(self.scores)},
             )
-        if self.hits_of is not None and self.against == NEXT_TOKENS:
-            kept, why = select_epoch_by_loss(self.hits)
-            rule = (
-                f"an epoch replaces the start only if the held-out per-sequence NLL falls by more "
-                f"than {SELECTION_Z:g} standard errors"
-            )
-            return (
-                kept,
-                why,
-                rule,
-                {
-                    "held_out_sequences": int(self.hits[0].numel()),
-                    "against": self.against,
-                    "heldout_perplexity": [math.exp(float(h.double().mean())) for h in self.hits],
-                },
-            )
         if self.hits_of is not None:
-            kept, why = select_epoch(self.hits)
-            rule = (
-                f"an epoch replaces the start only if b - c > {SELECTION_Z:g} * sqrt(b + c) on "
-                "held-out top-1 hits"
-            )
-            return (
-                kept,
-                why,
-                rule,
-                {
-                    "held_out_predictions": int(self.hits[0].numel()),
-                    "against": self.against,
-                    "heldout_top1": [float(h.float().mean()) for h in self.hits],
-                },
-            )
+            count = int(self.hits[0].numel())
+            if self.against == NEXT_TOKENS:
+                kept, why = select_epoch_by_loss(self.hits)
+                rule = (
+                    "an epoch replaces the start only if the held-out per-sequence NLL falls by "
+                    f"more than {SELECTION_Z:g} standard errors"
+                )
+                perplexity = [math.exp(float(h.double().mean())) for h in self.hits]
+                evidence = {"held_out_sequences": count, "against": self.against}
+                evidence["heldout_perplexity"] = perplexity
+            else:
+                kept, why = select_epoch(self.hits)
+                rule = (
+                    f"an epoch replaces the start only if b - c > {SELECTION_Z:g} * sqrt(b + c) "
+                    "on held-out top-1 hits"
+                )
+                top1 = [float(h.float().mean()) for h in self.hits]
+                evidence = {"held_out_predictions": count, "against": self.against}
+                evidence["heldout_top1"] = top1
+            return kept, why, rule, evidence
         if stopped:
             return 0, "no held-out data to choose on: the start is kept", "", {}
         return -1, "no held-out data to choose on: the last epoch is kept", "", {}
