@@ -30,7 +30,7 @@ from torch import nn
 from edgequant.batches import naming_the_batch
 from edgequant.ptq.calibrate import check_context, collect, peek, run_calibration
 from edgequant.ptq.quantize import check_recipe_fits
-from edgequant.ptq.static import build_static, calibrate_weights
+from edgequant.ptq.static import build_static, calibrate_weights, quantize_static
 from edgequant.ptq.weight_only import build_weight_only, is_llama_style, quantize_weight_only
 from edgequant.qat.base import QATQuantizer
 from edgequant.qat.ema import EMAQuantizer
@@ -235,6 +235,9 @@ def freeze_token_table(qmodel: nn.Module) -> str:
     )
 
 
+_Start = tuple[nn.Module, Summary, Recipe, int, dict[str, Any] | None, str]
+
+
 def _start(
     model: nn.Module,
     recipe: Recipe,
@@ -242,57 +245,44 @@ def _start(
     cap: int,
     progress: bool,
     start: str,
-) -> tuple[nn.Module, Summary, Recipe, int, dict[str, Any] | None, str]:
+) -> _Start:
     """The model QAT starts from: (model, summary, recipe, samples used, the PTQ pipeline or
     None, where it started from in words)."""
-    pipeline: dict[str, Any] | None = None
-    if recipe.weight_only:
-        return _start_weight_only(model, recipe, calib_data, cap, progress, start)
     if start == "ptq":
-        from edgequant.ptq.static import quantize_static
+        return _start_from_ptq(model, recipe, calib_data, cap, progress)
+    if recipe.weight_only:
+        first = None
+        if calib_data is not None:
+            first, _ = peek(calib_data, "calib_data (one example batch)")
+        with naming_the_batch(first, "calib_data item 0"):
+            qmodel, summary, recipe = build_weight_only(model, recipe, first)
+        calibrate_weights(qmodel)
+        return qmodel, summary, recipe, 0, None, "from calibrated weight grids, rounded to nearest"
+    first, batches = peek(calib_data)
+    qmodel, summary, recipe = build_static(model, recipe, first)
+    calibrate_weights(qmodel)
+    used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
+    return qmodel, summary, recipe, used, None, "from calibrated ranges, weights rounded to nearest"
 
+
+def _start_from_ptq(
+    model: nn.Module, recipe: Recipe, calib_data: Iterable[Any] | None, cap: int, progress: bool
+) -> _Start:
+    """_start from the PTQ model of the same recipe: weight-only PTQ, or static PTQ without
+    SmoothQuant and outlier splitting."""
+    if recipe.weight_only:
+        kind = "weight-only"
+        qmodel = quantize_weight_only(model, recipe, calib_data, cap, progress)
+    else:
+        kind = "static"
         ptq_recipe = recipe.replace(smooth_alpha=None, split_outliers=None)
         qmodel = quantize_static(model, ptq_recipe, calib_data, cap, progress)
-        summary = cast(Summary, qmodel.quant_summary)
-        ptq_info = cast("dict[str, Any]", qmodel.quant_info)
-        used = int(ptq_info["samples_used"])
-        pipeline = ptq_info.get("pipeline")
-        steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
-        origin = f"from the static PTQ model of the same recipe ({steps})"
-    else:
-        first, batches = peek(calib_data)
-        qmodel, summary, recipe = build_static(model, recipe, first)
-        calibrate_weights(qmodel)
-        used = run_calibration(qmodel, collect(batches, cap, summary.notes), cap, progress)
-        origin = "from calibrated ranges, weights rounded to nearest"
-    return qmodel, summary, recipe, used, pipeline, origin
-
-
-def _start_weight_only(
-    model: nn.Module,
-    recipe: Recipe,
-    calib_data: Iterable[Any] | None,
-    cap: int,
-    progress: bool,
-    start: str,
-) -> tuple[nn.Module, Summary, Recipe, int, dict[str, Any] | None, str]:
-    """_start for a weight-only recipe: the weight-only PTQ model, or weights rounded to
-    nearest on calibrated grids."""
-    if start == "ptq":
-        qmodel = quantize_weight_only(model, recipe, calib_data, cap, progress)
-        info = cast("dict[str, Any]", qmodel.quant_info)
-        pipeline = info.get("pipeline")
-        steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
-        origin = f"from the weight-only PTQ model of the same recipe ({steps})"
-        used = int(info["samples_used"])
-        return qmodel, cast(Summary, qmodel.quant_summary), recipe, used, pipeline, origin
-    first = None
-    if calib_data is not None:
-        first, _ = peek(calib_data, "calib_data (one example batch)")
-    with naming_the_batch(first, "calib_data item 0"):
-        qmodel, summary, recipe = build_weight_only(model, recipe, first)
-    calibrate_weights(qmodel)
-    return qmodel, summary, recipe, 0, None, "from calibrated weight grids, rounded to nearest"
+    info = cast("dict[str, Any]", qmodel.quant_info)
+    pipeline = info.get("pipeline")
+    steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
+    origin = f"from the {kind} PTQ model of the same recipe ({steps})"
+    summary = cast(Summary, qmodel.quant_summary)
+    return qmodel, summary, recipe, int(info["samples_used"]), pipeline, origin
 
 
 def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:
