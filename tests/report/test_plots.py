@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,10 @@ def test_each_plot_writes_a_png_named_after_it(tmp_path: Path, name: str) -> Non
     assert [p.name for p in tmp_path.iterdir()] == [f"{name}.png"]
 
 
-def _captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The figures the plot functions save, for looking at what they drew."""
+def _drawn(
+    monkeypatch: pytest.MonkeyPatch, plot: Callable[..., Any], data: dict[str, Any], out: Path
+) -> Any:
+    """The figure `plot` draws from `data` into `out`, caught on its way to plots._save."""
     figures: list[Any] = []
     save = plots._save
 
@@ -106,7 +109,8 @@ def _captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         return save(fig, path)
 
     monkeypatch.setattr(plots, "_save", keep)
-    return figures
+    plot(data, out)
+    return figures[0]
 
 
 def _texts(fig: Any) -> list[str]:
@@ -121,9 +125,7 @@ def _texts(fig: Any) -> list[str]:
 def test_failed_runs_are_named_in_the_legend_not_drawn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    figures = _captured(monkeypatch)
-    PLOTS[name](_results_for(name), tmp_path)
-    texts = _texts(figures[0])
+    texts = _texts(_drawn(monkeypatch, PLOTS[name], _results_for(name), tmp_path))
     assert "qat-w8a8: failed" in texts
     assert not any("qat-w8a8" in t and "failed" not in t for t in texts)
 
@@ -131,9 +133,8 @@ def test_failed_runs_are_named_in_the_legend_not_drawn(
 def test_size_vs_metric_labels_every_point_and_rings_the_front(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    figures = _captured(monkeypatch)
-    plots.size_vs_metric(results(), tmp_path)
-    (ax,) = figures[0].axes
+    fig = _drawn(monkeypatch, plots.size_vs_metric, results(), tmp_path)
+    (ax,) = fig.axes
     labels = [t.get_text() for t in ax.texts]
     assert sorted(labels) == sorted(
         [
@@ -151,7 +152,7 @@ def test_size_vs_metric_labels_every_point_and_rings_the_front(
     assert list(front.get_xdata()) == [17.5, 33.0, 34.0, 120.0]
     assert list(front.get_ydata()) == [0.945, 0.947, 0.949, 0.95]
     # No two labels cover each other.
-    renderer = figures[0].canvas.get_renderer()
+    renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
@@ -159,9 +160,7 @@ def test_size_vs_metric_labels_every_point_and_rings_the_front(
 def test_metric_vs_bits_has_one_line_per_family_method_and_activation_bits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    figures = _captured(monkeypatch)
-    plots.metric_vs_bits(results(), tmp_path)
-    (ax,) = figures[0].axes
+    (ax,) = _drawn(monkeypatch, plots.metric_vs_bits, results(), tmp_path).axes
     lines = {line.get_label(): line for line in ax.get_lines() if line.get_label()[0] != "_"}
     assert {"ptq static A8", "ptq dynamic A8", "ptq weight-only", "qat static A4"} <= set(lines)
     assert list(lines["ptq static A8"].get_ydata()) == [0.930, 0.947]  # W4A8 then W8A8
@@ -171,9 +170,7 @@ def test_metric_vs_bits_has_one_line_per_family_method_and_activation_bits(
 def test_latency_has_a_panel_per_batch_size_with_fp32_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    figures = _captured(monkeypatch)
-    plots.latency(results(), tmp_path)
-    axes = figures[0].axes
+    axes = _drawn(monkeypatch, plots.latency, results(), tmp_path).axes
     assert [ax.get_title() for ax in axes] == ["batch 1", "batch 64"]
     names = [t.get_text() for t in axes[0].get_yticklabels()]
     assert names[0] == "fp32" and len(names) == 6  # fp32 and the five runs that finished
@@ -237,9 +234,9 @@ def test_ptq_vs_qat_draws_both_curves_fp32_the_band_and_the_crossover(
     qat_w8 = next(r for r in data["runs"] if r["name"] == "qat-w8a8")
     qat_w8.update(result_row("qat-w8a8", "qat", "static", 8, 8, 0.948, 33_000, 0.05, 0.9))
     qat_w8["metric_test"] = 0.938
-    figures = _captured(monkeypatch)
-    plots.ptq_vs_qat(data, tmp_path)
-    seen, unseen = figures[0].axes  # the split the recommendation saw, and the test split
+    seen, unseen = _drawn(
+        monkeypatch, plots.ptq_vs_qat, data, tmp_path
+    ).axes  # the split the recommendation saw, and the test split
     for ax, shift in ((seen, 0.0), (unseen, 0.01)):
         lines = {line.get_label(): line for line in ax.get_lines()}
         ptq, qat = lines["PTQ (static)"], lines["QAT (from the PTQ start)"]
