@@ -147,6 +147,13 @@ def result_row(
     return {**row, **fields}
 
 
+def failed_row(*run: Any, error: str, wall_s: float, **fields: Any) -> dict[str, Any]:
+    """One run of a results file (DESIGN §1) that failed, as compare writes it: `run` is (name,
+    family, method, weight_bits, act_bits) as result_row takes them; `fields` add keys."""
+    row = dict(zip(("name", "family", "method", "weight_bits", "act_bits"), run, strict=True))
+    return {**row, "status": "failed", "error": error, "wall_s": wall_s, **fields}
+
+
 def per_tensor(bits: int = 8, signed: bool = True, observer: str = "minmax") -> QuantSpec:
     """A per-tensor spec for an observer test: symmetric when signed."""
     return QuantSpec(bits=bits, signed=signed, symmetric=signed, observer=observer)

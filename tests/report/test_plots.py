@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from toys import result_row  # tests/toys.py
+from toys import failed_row, result_row  # tests/toys.py
 
 from edgequant.report import plots
 from edgequant.report.plots import PLOTS, pareto_front
@@ -38,16 +38,9 @@ def results() -> dict[str, Any]:
                 "ptq-weight-only-w4", "ptq", "weight_only", 4, None, 0.940, 18_000, 0.11, 2.2
             ),
             result_row("qat-w4a4", "qat", "static", 4, 4, 0.945, 17_500, 0.06, 1.0),
-            {
-                "name": "qat-w8a8",
-                "family": "qat",
-                "method": "static",
-                "weight_bits": 8,
-                "act_bits": 8,
-                "status": "failed",
-                "error": "RuntimeError: diverged",
-                "wall_s": 0.2,
-            },
+            failed_row(
+                "qat-w8a8", "qat", "static", 8, 8, error="RuntimeError: diverged", wall_s=0.2
+            ),
         ],
         "recommendation": {"choice": "ptq-static-w8a8", "why": "within tolerance"},
         "environment": {"torch": "2.13.0", "onnxruntime": "1.22", "cpu": "x86_64", "threads": 2},

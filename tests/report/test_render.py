@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from toys import result_row  # tests/toys.py
+from toys import failed_row, result_row  # tests/toys.py
 
 from edgequant.report import plots
 from edgequant.report.compare import Report
@@ -23,6 +23,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The failed run's error: markup and quotes that must reach the page as text, and longer than the
 # 80 characters the markdown table keeps.
 ERROR = 'RuntimeError: <script>alert("x")</script> & <b>diverged</b> ' + "y" * 80
+TRACEBACK = "Traceback (most recent call last):\n  <frame>\n" + ERROR
 
 
 def _run(name: str, family: str, method: str, w: int, *rest: Any) -> dict[str, Any]:
@@ -48,17 +49,16 @@ def results() -> dict[str, Any]:
             _run("ptq-static-w8a8", "ptq", "static", 8, 8, 0.947, 33_000, 0.05, 0.9),
             _run("ptq-static-w4a8", "ptq", "static", 4, 8, 0.930, 19_000, 0.07, 1.1),
             _run("ptq-weight-only-w4", "ptq", "weight_only", 4, None, 0.940, 18_000, 0.11, 2.2),
-            {
-                "name": "ptq-static-w4a4",
-                "family": "ptq",
-                "method": "static",
-                "weight_bits": 4,
-                "act_bits": 4,
-                "status": "failed",
-                "error": ERROR,
-                "wall_s": 0.3,
-                "traceback": "Traceback (most recent call last):\n  <frame>\n" + ERROR,
-            },
+            failed_row(
+                "ptq-static-w4a4",
+                "ptq",
+                "static",
+                4,
+                4,
+                error=ERROR,
+                wall_s=0.3,
+                traceback=TRACEBACK,
+            ),
         ],
         "recommendation": {
             "choice": "ptq-weight-only-w4",
