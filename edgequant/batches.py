@@ -27,8 +27,8 @@ def removing_hooks(handles: list[Any]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode for the block; every module's training flag as the caller left
-    it afterwards, even on error (the caller's model is not changed: STYLE §9)."""
+    """The model in eval mode for the block; afterwards, even on error, every module's training
+    flag as the caller left it."""
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
