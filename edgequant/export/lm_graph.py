@@ -226,8 +226,26 @@ def merge_sibling_matmuls(model: Any) -> int:
     nodes = []
     for n in graph.node:
         nodes += first_of.get(id(n), [] if id(n) in dropped else [n])
-    set_nodes(graph, nodes)
+    set_nodes(graph, _packed_attention(nodes))
     return merged
+
+
+def _packed_attention(nodes: list[Any]) -> list[Any]:
+    """A Split into exactly a GroupQueryAttention's query, key and value is dropped: the
+    attention reads the merged q/k/v MatMul's output as its packed QKV input (key and value
+    left empty), one kernel less a block."""
+    splits = {tuple(n.output): n for n in nodes if n.op_type == "Split"}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    dropped = set()
+    for n in nodes:
+        split = splits.get(tuple(n.input[:3])) if n.op_type == "GroupQueryAttention" else None
+        if split is not None and all(readers[o] == 1 for o in split.output):
+            n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
+            dropped.add(id(split))
+    return [n for n in nodes if id(n) not in dropped]
 
 
 def set_nodes(graph: Any, nodes: list[Any]) -> None:

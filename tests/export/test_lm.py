@@ -182,6 +182,7 @@ def test_fp32_file_runs_fused_kernels_and_computes_the_model(tmp_path) -> None:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert ops["MatMul"] == 2 * 4 + 1  # qkv, o, gate+up, down a block; the lm_head
+    assert ops["Split"] == 2  # gate/up; the attention reads q/k/v packed
     assert not {"Softmax", "Transpose", "Range", "Where"} & set(ops)
     assert len(onnx.load(str(tmp_path / "optimized.onnx")).graph.node) < 20 * 2 + 15
     empty = np.zeros((1, 2, 0, 16), np.float32)
