@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_json  # noqa: E402
+from _results import interleaved_rounds, write_json  # noqa: E402
 from _smollm2 import cache_shape, int4_g64, load_or_skip  # noqa: E402
 from smollm2_lm import interleaved_decode, kernels  # noqa: E402
 
@@ -118,6 +119,39 @@ def profile(path: Path, layers: int, kv: int, hd: int, steps: int = 16) -> dict[
     }
 
 
+def cpu_ms_per_token(
+    files: dict[str, Path], layers: int, kv: int, hd: int, rounds: int, threads: int
+) -> dict[str, list[float]]:
+    """CPU time of the process per decoded token (all its threads, time.process_time), each
+    file's session with `threads` threads that sleep rather than spin when idle, in interleaved
+    rounds: on a machine shared with other jobs, a figure their load moves much less than wall
+    time (ONNX Runtime's spinning threads would count their waiting as work)."""
+    import onnxruntime as ort
+
+    names = [f"past_{k}_{i}" for i in range(layers) for k in ("key", "value")]
+    outs = ["logits"] + [n.replace("past_", "present_") for n in names]
+
+    def clock(session: Any) -> float:
+        feeds = {n: np.zeros((1, kv, 0, hd), np.float32) for n in names}
+        feeds["input_ids"] = np.arange(32, dtype=np.int64).reshape(1, -1)
+        out = session.run(outs, feeds)  # the prefill, not counted
+        start = time.process_time()
+        for _ in range(16):
+            feeds = dict(zip(names, out[1:], strict=True))
+            feeds["input_ids"] = np.array([[int(out[0][0, -1].argmax())]], dtype=np.int64)
+            out = session.run(outs, feeds)
+        return (time.process_time() - start) * 1000 / 16
+
+    sessions = {}
+    for name, path in files.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        clock(sessions[name])  # warm-up
+    return interleaved_rounds({n: partial(clock, s) for n, s in sessions.items()}, rounds)
+
+
 def measure(args: argparse.Namespace, built: dict[str, Any]) -> dict[str, Any]:
     """Interleaved decode speed, profiles and peak memory of the files."""
     from edgequant.bench import decode_speed
@@ -132,6 +166,7 @@ def measure(args: argparse.Namespace, built: dict[str, Any]) -> dict[str, Any]:
     start_load = os.getloadavg()[0]
     speeds = interleaved_decode(files, layers, kv, hd, args.rounds)
     fp32_speed = float(np.median(speeds["fp32"]))
+    cpu = {t: cpu_ms_per_token(files, layers, kv, hd, args.rounds, t) for t in (1, 2)}
     rows = []
     for name, path in files.items():
         memory = decode_speed(path, runs=3, threads=2)
@@ -143,6 +178,13 @@ def measure(args: argparse.Namespace, built: dict[str, Any]) -> dict[str, Any]:
                 "tokens_per_s": float(np.median(speeds[name])),
                 "decode_vs_fp32": float(np.median(speeds[name])) / fp32_speed,
                 "tokens_per_s_rounds": speeds[name],
+                "cpu_ms_per_token": {
+                    f"threads_{t}": float(np.median(c[name])) for t, c in cpu.items()
+                },
+                "cpu_vs_fp32": {
+                    f"threads_{t}": float(np.median(c["fp32"]) / np.median(c[name]))
+                    for t, c in cpu.items()
+                },
                 "peak_memory_bytes": memory["peak_memory_bytes"],
                 "fresh_process_tokens_per_s": memory["tokens_per_s"],
                 "kernels": kernels(path),
@@ -157,6 +199,9 @@ def measure(args: argparse.Namespace, built: dict[str, Any]) -> dict[str, Any]:
         "interleaved rounds (every file each round, rotating order)",
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average": {"start": start_load, "end": os.getloadavg()[0]},
+        "cpu_time": "cpu_ms_per_token: the decoding process's CPU time per token (all threads; "
+        "ONNX Runtime threads sleeping rather than spinning), median of the same number of "
+        "interleaved rounds, at 1 and 2 intra-op threads; cpu_vs_fp32: FP32's over the file's",
         "peak_memory": "edgequant.bench.decode_speed: a fresh process's peak RSS while the "
         "session loads and decodes, above what it held after importing ONNX Runtime",
         "profile": "ONNX Runtime profiler, 16 decode steps of one session; per-kernel times "
