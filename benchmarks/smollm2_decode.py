@@ -213,13 +213,14 @@ def measure(args: argparse.Namespace, built: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="/tmp/smollm2_decode")
-    parser.add_argument("--calib", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", default="benchmarks/results/smollm2_decode.json")
-    parser.add_argument("--build-only", action="store_true")
-    parser.add_argument("--measure-only", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    paths = {"--models": "/tmp/smollm2_decode", "--out": "benchmarks/results/smollm2_decode.json"}
+    for flag, default in paths.items():
+        parser.add_argument(flag, default=default)
+    for flag, count in (("--calib", 32), ("--rounds", 9)):
+        parser.add_argument(flag, type=int, default=count)
+    for flag in ("--build-only", "--measure-only"):
+        parser.add_argument(flag, action="store_true")
     parser.add_argument(
         "--also",
         action="append",
