@@ -1,11 +1,14 @@
 """ONNX export of a causal LM (LLaMA-style decoder) with blocked 4-bit weights and a KV cache.
 
-The graph is written from the quantized model's own tensors: a plain PyTorch re-statement of the
-decoder (`DecoderGraph`: RMSNorm, rotary embeddings, grouped-query attention over past keys and
-values, SwiGLU MLP) is exported with each quantized Linear as a MatMul on its dequantized weight,
-then every such MatMul is rewritten to ONNX Runtime's `MatMulNBits` on the integer codes and
-scales of the weight quantizer, and the quantized embedding to a Gather of its codes
-(export/matmul_nbits.py).
+The graph is written from the quantized model's own tensors: `DecoderGraph` restates the decoder
+in PyTorch (RMSNorm, rotary embeddings, grouped-query attention over past keys and values, SwiGLU
+MLP) and holds its weights as the simulation uses them; export/lm_graph.py writes its ONNX graph
+node by node with ONNX Runtime's fused CPU kernels (GroupQueryAttention,
+SkipSimplifiedLayerNormalization), each Linear a MatMul on its weight. Every quantized MatMul is
+then rewritten to ONNX Runtime's `MatMulNBits` on the integer codes and scales of the weight
+quantizer, the quantized embedding to a Gather of its codes (export/matmul_nbits.py), and the
+MatMuls that read the same input (q/k/v, gate/up) are merged into one (lm_graph.py), in the FP32
+reference file alike.
 
 Inputs: input_ids (batch, tokens) and past_key_i / past_value_i (batch, kv_heads, past, head_dim)
 for each block (zero-length past for the first step); outputs: logits and present_key_i /
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
+from edgequant.export.lm_graph import decoder_model, merge_sibling_matmuls
 from edgequant.export.matmul_nbits import LMExportError, rewrite_decoder
 from edgequant.metrics import logits_of, next_token_nll
 
@@ -245,44 +249,19 @@ def export_lm_onnx(
             f"model's context ({graph_module.max_positions})"
         )
     notes: list[str] = []
-    names = ["input_ids"] + [
-        f"past_{kind}_{i}" for i in range(graph_module.layers_count) for kind in ("key", "value")
-    ]
-    outputs = ["logits"] + [
-        f"present_{kind}_{i}" for i in range(graph_module.layers_count) for kind in ("key", "value")
-    ]
-    dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch", 1: "tokens"}}
-    for n in names[1:]:
-        dynamic[n] = {0: "batch", 2: "past"}
-    for n in outputs[1:]:
-        dynamic[n] = {0: "batch", 2: "total"}
-    example = (
-        torch.zeros(1, 3, dtype=torch.int64),
-        *[
-            torch.zeros(1, graph_module.kv_heads, 2, graph_module.head_dim)
-            for _ in range(2 * graph_module.layers_count)
-        ],
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                graph_module,
-                example,
-                str(raw),
-                input_names=names,
-                output_names=outputs,
-                dynamic_axes=dynamic,
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=False,
-            )
-        model = onnx.load(str(raw))
+        model = decoder_model(graph_module, opset)
         count, quant_embed, shared = 0, False, False
         if quantized:
             count, quant_embed, shared = rewrite_decoder(
                 model, graph_module.linear_names, qmodel, notes
+            )
+        merged = merge_sibling_matmuls(model)
+        if merged:
+            notes.append(
+                f"{merged} weight MatMuls merged into their siblings on the same input (q/k/v, "
+                "gate/up): one kernel and a Split each"
             )
         out_tmp = Path(tmp) / "model.onnx"
         onnx.save(model, str(out_tmp))

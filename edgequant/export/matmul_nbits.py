@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from edgequant import functional as F
+from edgequant.export.lm_graph import set_nodes
 from edgequant.modules import QuantMixin
 
 __all__ = ["LMExportError", "pack_linear", "rewrite_decoder"]
@@ -139,12 +140,7 @@ def rewrite_decoder(
     quant_embed, shared = _quantized_embedding(
         graph, linear_names, qmodel, packed, new_nodes, notes
     )
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    keep = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in keep]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    set_nodes(graph, new_nodes)
     if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
         onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return sum(n.op_type == "MatMulNBits" for n in new_nodes), quant_embed, shared
