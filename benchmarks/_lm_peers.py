@@ -168,6 +168,37 @@ def ort_hqq(bench: LMBench, key: str, bits: int, group: int | None) -> dict:
     return _ort_matmul4bits(bench, key, bits, group, "hqq")
 
 
+# The standard ops of our LM export whose definitions did not change from opset 17 to 21 (later
+# versions only add types or optional attributes with the old behaviour as default).
+_SAME_17_TO_21 = {
+    "Add",
+    "Cast",
+    "Expand",
+    "Gather",
+    "MatMul",
+    "Mul",
+    "Shape",
+    "Sigmoid",
+    "SimplifiedLayerNormalization",
+    "Split",
+    "Squeeze",
+    "Sub",
+}
+
+
+def _lift_to_opset_21(model: Any) -> None:
+    """Per channel NNCF writes an INT4 DequantizeLinear (MatMulNBits only for groups), an INT4
+    type ONNX accepts from opset 21. ONNX's version converter stops at ONNX Runtime's
+    SimplifiedLayerNormalization (registered in the default domain), so the import is raised in
+    place, for a graph whose standard ops all mean the same at 17 and 21."""
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    if not ops <= _SAME_17_TO_21:
+        raise PeerSkipped(f"cannot lift to opset 21 in place: ops {sorted(ops - _SAME_17_TO_21)}")
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 21
+
+
 def nncf_awq(bench: LMBench, key: str, bits: int, group: int | None) -> dict:
     """NNCF compress_weights INT4_SYM with AWQ and scale estimation, ONNX backend on our FP32
     ONNX export, calibrated on the bench's calibration windows; deployed in ONNX Runtime."""
@@ -178,12 +209,14 @@ def nncf_awq(bench: LMBench, key: str, bits: int, group: int | None) -> dict:
 
     start = time.perf_counter()
     model = onnx.load(str(bench.fp32_path))
-    if group is None and model.opset_import[0].version < 21:
-        # Per channel NNCF writes an INT4 DequantizeLinear (MatMulNBits only for groups), an
-        # INT4 type ONNX accepts from opset 21: ONNX's own converter lifts the FP32 graph.
-        from onnx import version_converter
+    # NNCF builds its graph's edges from tensor shapes, which ONNX's own shape inference does
+    # not give for ONNX Runtime's fused ops (GroupQueryAttention, SkipSimplifiedLayerNormalization):
+    # ONNX Runtime's symbolic shape inference writes them.
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        model = version_converter.convert_version(model, 21)
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    if group is None and model.opset_import[0].version < 21:
+        _lift_to_opset_21(model)
     empty = np.zeros((1, bench.kv_heads, 0, bench.head_dim), np.float32)
     feeds = []
     for row in bench.calib:

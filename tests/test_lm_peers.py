@@ -104,9 +104,11 @@ def test_peers_on_a_tiny_llama_give_rows_of_the_benchmark_shape(tmp_path: Path) 
         assert 0.8 < row["ratio_to_reference"] < 1.5, row
         assert row["perplexity_deployed"] == pytest.approx(b.reference * row["ratio_to_reference"])
         if row["runtime"].startswith("ONNX Runtime"):
-            assert row["kernels"].get("MatMulNBits", 0) >= 7 * cfg.num_hidden_layers, row
+            # Four weight MatMuls a block: q/k/v merged, o, gate/up merged, down.
+            assert row["kernels"].get("MatMulNBits", 0) >= 4 * cfg.num_hidden_layers, row
     if not any("skipped" in r for r in rows if r["name"].startswith("nncf")):
         # Per channel NNCF needs opset 21 (INT4 DequantizeLinear); the peer converts the graph.
         (row,) = _lm_peers.run_peers(b, ["nncf-awq-se"], {"pc": ("per channel", 4, None)})
+        assert "error" not in row, row
         assert 0.8 < row["ratio_to_reference"] < 1.5, row
-        assert row["kernels"].get("DequantizeLinear", 0) >= 7 * cfg.num_hidden_layers, row
+        assert row["kernels"].get("DequantizeLinear", 0) >= 4 * cfg.num_hidden_layers, row
