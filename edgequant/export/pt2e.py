@@ -35,7 +35,7 @@ from edgequant.export.lower import (
     lower,
     set_submodule,
 )
-from edgequant.export.selection_conv import selection_convs
+from edgequant.export.selection_conv import selection_convs, upsample_convs
 from edgequant.modules import transform_input
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -198,8 +198,10 @@ def export_program(
     """torch.export of the PT2E model (static shapes: edge runtimes plan memory for one), its
     strided subsampling / zero channel padding of quantized tensors written as exact 1x1
     convolutions (export/selection_conv.py; int8_weights as in pt2e_model), values nothing
-    reads dropped. concat_grid: every concatenation's inputs requantized onto its output grid
-    (XNNPACK's form; litert-torch's converter puts them there itself, and refuses the pairs)."""
+    reads dropped. concat_grid: XNNPACK's form: every concatenation's inputs requantized onto its
+    output grid (litert-torch's converter puts them there itself, and refuses the pairs), and
+    nearest upsampling of a quantized tensor written as an exact transposed convolution
+    (XNNPACK has none; litert-torch writes RESIZE_NEAREST_NEIGHBOR)."""
     import warnings
 
     args, kwargs = split_inputs(example_inputs)
@@ -211,7 +213,9 @@ def export_program(
             if isinstance(module, torch.fx.GraphModule):
                 rewritten = selection_convs(module, int8_weights)
                 if concat_grid:
+                    rewritten += upsample_convs(module, int8_weights)
                     rewritten += concat_inputs_on_output_grid(module)
+                    rewritten += dequantize_per_reader(module)
                 # Tensors of zeros whose only use was their shape (a concatenation with zeros
                 # written as F.pad) are left without readers: the converters must not see them.
                 if module.graph.eliminate_dead_code():
@@ -255,6 +259,28 @@ def concat_inputs_on_output_grid(gm: torch.fx.GraphModule) -> int:
     if inserted:
         gm.recompile()
     return inserted
+
+
+def dequantize_per_reader(gm: torch.fx.GraphModule) -> int:
+    """Give every reader of a dequantized activation its own dequantize node, in place (the form
+    convert_pt2e writes); the number of nodes added. XNNPACK's partitioner groups the ops that
+    share a dequantize node into one partition: a skip read by a layer and by a concatenation
+    further on would join both into a partition that the ops between them (outside it) both
+    read from and write to, and the lowering fails on that cycle."""
+    dequantize = _decomposed().dequantize_per_tensor.default
+    added = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != dequantize:
+            continue
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_before(user):
+                copy = gm.graph.call_function(dequantize, node.args, dict(node.kwargs))
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+            added += 1
+    if added:
+        gm.recompile()
+    return added
 
 
 def node_layer(node: Any) -> str:
