@@ -19,6 +19,7 @@ Grids the edge runtimes cannot run are converted exactly or refused, naming the 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -211,7 +212,8 @@ def export_program(
             program = torch.export.export(model, args, kwargs=kwargs or None)
             module = program.module()
             if isinstance(module, torch.fx.GraphModule):
-                rewritten = selection_convs(module, int8_weights)
+                rewritten = adaptive_max_pools_as_windows(module)
+                rewritten += selection_convs(module, int8_weights)
                 if concat_grid:
                     rewritten += upsample_convs(module, int8_weights)
                     rewritten += concat_inputs_on_output_grid(module)
@@ -227,6 +229,49 @@ def export_program(
             return program
         except Exception as err:  # torch.export raises many types; say which stage failed
             raise ExportError(f"torch.export failed: {type(err).__name__}: {err}") from err
+
+
+_ADAPTIVE_MAX_POOLS = {"adaptive_max_pool1d": "max_pool1d", "adaptive_max_pool2d": "max_pool2d"}
+
+
+def adaptive_max_pools_as_windows(gm: torch.fx.GraphModule) -> int:
+    """Rewrite, in place, every adaptive max pool whose input sizes are whole multiples of its
+    output sizes as the max pool of fixed windows it then is (kernel = stride = input // output:
+    the same windows, the same values); the number rewritten. Neither converter has an adaptive
+    max pool (litert-torch refuses it; it is not in ExecuTorch's core ATen set), and both run
+    MAX_POOL_2D / XNNPACK's max pool on the input's grid. Other sizes (uneven windows) and uses
+    of the indices are left for the converters to refuse, naming the op."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        op = str(getattr(node.target, "_opname", "")) if node.op == "call_function" else ""
+        if op not in _ADAPTIVE_MAX_POOLS or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        val = node.args[0].meta.get("val")
+        sizes = [int(d) for d in val.shape[-len(node.args[1]) :]] if val is not None else []
+        outs = [int(o) for o in node.args[1]]
+        users = list(node.users)
+        if (
+            not sizes
+            or any(i % o for i, o in zip(sizes, outs, strict=True))
+            or not all(u.target is operator.getitem for u in users)
+            or any(u.args[1] != 0 and u.users for u in users)  # the indices are read
+        ):
+            continue
+        kernel = [i // o for i, o in zip(sizes, outs, strict=True)]
+        pool = getattr(torch.ops.aten, _ADAPTIVE_MAX_POOLS[op]).default
+        with gm.graph.inserting_before(node):
+            windows = gm.graph.call_function(pool, (node.args[0], kernel))  # stride: kernel
+        windows.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        for user in users:
+            if user.args[1] == 0:
+                windows.meta["val"] = user.meta.get("val")
+                user.replace_all_uses_with(windows)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
 
 
 def concat_inputs_on_output_grid(gm: torch.fx.GraphModule) -> int:
