@@ -329,6 +329,15 @@ def dequantize_per_reader(gm: torch.fx.GraphModule) -> int:
     return added
 
 
+_ACTIVATIONS = {
+    torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+    torch.ops.aten.relu6.default,
+    torch.ops.aten.hardtanh.default,
+    torch.ops.aten.clamp.default,
+}
+
+
 def float_weights_for_float_outputs(gm: torch.fx.GraphModule) -> int:
     """A convolution whose output is not quantized (a model's last conv, left float by a target
     that keeps the outputs float) gets its weight as the float tensor it dequantizes to (the
@@ -344,7 +353,10 @@ def float_weights_for_float_outputs(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function" or node.target not in layers or len(node.args) < 2:
             continue
         weight = node.args[1]
-        if all(u.target == quantize for u in node.users) or not (
+        out = node
+        while len(out.users) == 1 and next(iter(out.users)).target in _ACTIVATIONS:
+            out = next(iter(out.users))  # a ReLU or clamp before the output quantizer
+        if all(u.target == quantize for u in out.users) or not (
             isinstance(weight, torch.fx.Node)
             and weight.target == dequantize
             and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in weight.args[:3])
