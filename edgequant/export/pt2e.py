@@ -385,21 +385,36 @@ def node_layer(node: Any) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
+def _node_op(node: Any) -> str:
+    """'aten.conv2d' for a call of torch.ops.aten.conv2d.default ('' for a non-call)."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    op = getattr(target, "_opname", None)
+    ns = getattr(target, "namespace", None)
+    return f"{ns}.{op}" if ns and op else name
+
+
+def _described(node: Any) -> str:
+    layer = node_layer(node)
+    return f"{_node_op(node)} ({'layer ' + repr(layer) if layer else 'the top level'})"
+
+
 def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable[str]) -> list[str]:
     """'op (layer)' for every call in the program whose op is not in `supported` (names like
     'aten.conv2d'), in graph order."""
     allowed = set(supported)
-    found = []
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        target = node.target
-        name = getattr(target, "__name__", str(target))
-        op = getattr(target, "_opname", None)
-        ns = getattr(target, "namespace", None)
-        key = f"{ns}.{op}" if ns and op else name
-        if key in allowed or name in allowed:
-            continue
-        layer = node_layer(node)
-        found.append(f"{key} ({'layer ' + repr(layer) if layer else 'the top level'})")
-    return found
+    return [
+        _described(n)
+        for n in program.graph.nodes
+        if n.op == "call_function"
+        and _node_op(n) not in allowed
+        and getattr(n.target, "__name__", str(n.target)) not in allowed
+    ]
+
+
+def nodes_of(program: torch.export.ExportedProgram, ops: Iterable[str]) -> list[str]:
+    """'op (layer)' for every call in the program of one of `ops`, in graph order."""
+    wanted = set(ops)
+    return [_described(n) for n in program.graph.nodes if _node_op(n) in wanted]
