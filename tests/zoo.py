@@ -125,16 +125,17 @@ class Conv1dNet(nn.Module):
 
 
 class AdaptiveMaxPool1d(nn.Module):
-    """A 1-D signal model pooled by nn.AdaptiveMaxPool1d to a few positions, flattened."""
+    """A 1-D signal model: nn.Sequential of Conv1d, ReLU and nn.AdaptiveMaxPool1d to 4 positions,
+    flattened into a Linear."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(2, 8, 3, padding=1)
-        self.pool = nn.AdaptiveMaxPool1d(4)
+        pool = nn.AdaptiveMaxPool1d(4)
+        self.features = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), pool)
         self.fc = nn.Linear(32, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(F.relu(self.conv(x))).flatten(1))
+        return self.fc(self.features(x).flatten(1))
 
 
 class ConcatUpsample(nn.Module):

@@ -58,6 +58,22 @@ def lower_to_executorch(program: torch.export.ExportedProgram, xnnpack: bool = T
         ) from err
 
 
+def _program(qmodel: nn.Module, one: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
+    """The PT2E program ExecuTorch lowers (XNNPACK's form), ExportError naming every op that has
+    no form in ExecuTorch's core ATen set, before any lowering."""
+    program = export_program(
+        pt2e_model(qmodel, int8_weights=True), one, int8_weights=True, concat_grid=True
+    )
+    refused = nodes_of(program, NO_EXECUTORCH_FORM)
+    if refused:
+        raise ExportError(
+            f"{len(refused)} ops have no form in ExecuTorch's core ATen set (nothing was "
+            "lowered): " + "; ".join(refused[:5]) + " (an adaptive max pool exports when "
+            "each input size is a whole multiple of its output size)"
+        )
+    return program
+
+
 class ExecuTorchRunner:
     """A .pte's forward method in ExecuTorch's runtime, sample by sample (batch 1)."""
 
@@ -117,17 +133,7 @@ def export_executorch(
         start = time.perf_counter()
         args, _ = split_inputs(example_inputs)
         one = tuple(a[:1] for a in args)
-        program = export_program(
-            pt2e_model(qmodel, int8_weights=True), one, int8_weights=True, concat_grid=True
-        )
-        refused = nodes_of(program, NO_EXECUTORCH_FORM)
-        if refused:
-            raise ExportError(
-                f"{len(refused)} ops have no form in ExecuTorch's core ATen set (nothing was "
-                "lowered): " + "; ".join(refused[:5]) + " (an adaptive max pool exports when "
-                "each input size is a whole multiple of its output size)"
-            )
-        pte = lower_to_executorch(program)
+        pte = lower_to_executorch(_program(qmodel, one))
         if not delegated_ops(pte):
             raise ExportError("XNNPACK took no op of the model: the program would run in float")
         try:

@@ -362,10 +362,11 @@ def float_weights_for_float_outputs(gm: torch.fx.GraphModule) -> int:
             and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in weight.args[:3])
         ):
             continue
-        w, s, z = (gm.get_buffer(str(a.target)) for a in weight.args[:3])
+        attrs = [str(cast(torch.fx.Node, a).target) for a in weight.args[:3]]
+        w, s, z = (gm.get_buffer(a) for a in attrs)
         with torch.no_grad():
             value = dequantize(w, s, z, *weight.args[3:])
-        name = str(weight.args[0].target).replace(".", "_") + "_float"
+        name = attrs[0].replace(".", "_") + "_float"
         gm.register_buffer(name, value)
         with gm.graph.inserting_before(node):
             node.replace_input_with(weight, gm.graph.get_attr(name))
