@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from edgequant.graph_quantizers.pools import window_max_pool
+from edgequant.graph_quantizers.pools import WindowMaxPool, window_max_pool
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
 
@@ -99,6 +99,7 @@ PASS_MODULES = (
     nn.MaxPool2d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
+    WindowMaxPool,
     nn.Flatten,
     nn.Unflatten,
     nn.Dropout,

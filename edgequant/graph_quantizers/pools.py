@@ -31,25 +31,41 @@ def window_max_pool(x: torch.Tensor, output_size: Any, spatial: int) -> torch.Te
     return F.max_pool1d(x, kernel) if spatial == 1 else F.max_pool2d(x, kernel)
 
 
+class WindowMaxPool(nn.Module):
+    """An adaptive max pool module that runs as window_max_pool (keeps the module's path in the
+    graph: refusals name the layer)."""
+
+    def __init__(self, output_size: Any, spatial: int) -> None:
+        super().__init__()
+        self.output_size, self.spatial = output_size, spatial
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return window_max_pool(x, self.output_size, self.spatial)
+
+
 def adaptive_max_pools_as_windows(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> int:
     """Call window_max_pool in place of every adaptive max pool of gm (function or module) that
     does not return indices; the number rewritten."""
     count = 0
     for node in list(gm.graph.nodes):
-        spatial, size = 0, None
-        if node.op == "call_function" and node.target in _FUNCTIONS:
-            if node.kwargs.get("return_indices") or len(node.args) > 2:
-                continue
-            spatial = _FUNCTIONS[node.target]
-            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        elif node.op == "call_module":
-            m = modules.get(str(node.target))
+        if node.op == "call_module":
+            path = str(node.target)
+            m = modules.get(path)
             if m is not None and type(m) in _MODULES and not getattr(m, "return_indices", False):
-                spatial, size = _MODULES[type(m)], getattr(m, "output_size", None)
-        if not spatial or not node.args or isinstance(size, torch.fx.Node):
+                modules[path] = WindowMaxPool(getattr(m, "output_size", None), _MODULES[type(m)])
+                gm.set_submodule(path, modules[path])
+                count += 1
+            continue
+        if node.op != "call_function" or node.target not in _FUNCTIONS:
+            continue
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        if node.kwargs.get("return_indices") or len(node.args) > 2 or not node.args:
+            continue
+        if isinstance(size, torch.fx.Node):
             continue
         with gm.graph.inserting_before(node):
-            windows = gm.graph.call_function(window_max_pool, (node.args[0], size, spatial))
+            args = (node.args[0], size, _FUNCTIONS[node.target])
+            windows = gm.graph.call_function(window_max_pool, args)
         node.replace_all_uses_with(windows)
         gm.graph.erase_node(node)
         count += 1
