@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from zoo import ZOO  # tests/zoo.py
+from zoo import FULLY_INTEGER_REFUSALS, ZOO  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.targets import TARGETS
@@ -28,13 +28,7 @@ METHODS = ("static", "dynamic", "weight_only")
 
 # Combinations that are refused, and what the refusal must name: (method, target) -> pattern
 # per model; None: the combination must export and verify.
-_FULLY_INTEGER_OPS = {
-    "squeeze_excite": r"op 'sigmoid' at 'sigmoid'",
-    "layernorm_gelu": r"op 'layer_norm' at 'norm'",
-    "transformer_encoder_layer": r"op 'TransformerEncoderLayer' at 'layer'",
-    "multihead_attention": r"op 'attention' at 'attn'",
-    "tiny_bert": r"op 'layer_norm' at 'bert\.embeddings\.LayerNorm'",
-}
+_FULLY_INTEGER_OPS = FULLY_INTEGER_REFUSALS
 # Dynamic quantization covers Linear layers only: a model without one has nothing to quantize.
 _NO_LINEAR = {"concat_upsample": r"no quantizable layer \(Linear, Embedding\).*enc: dynamic"}
 

@@ -1,8 +1,8 @@
-"""Small models written the ways people write them, with seeded random weights, for the zoo test
-(tests/test_zoo.py): functional and module activations, view/reshape/flatten, depthwise and
-grouped convolutions, 1-D convolutions (a depthwise-separable keyword spotter pooled by
-F.adaptive_avg_pool1d), concatenation skips, upsampling, squeeze-excitation
-gating, LayerNorm/GELU MLPs, nn.TransformerEncoderLayer, nn.MultiheadAttention, ResNet option-A
+"""Small models written the ways people write them, with seeded random weights, for the zoo tests
+(tests/test_zoo.py, tests/test_zoo_edge.py): functional and module activations,
+view/reshape/flatten, depthwise and grouped convolutions, 1-D convolutions (a
+depthwise-separable keyword spotter pooled by F.adaptive_avg_pool1d, a signal model pooled by
+nn.AdaptiveMaxPool1d), concatenation skips, upsampling, squeeze-excitation gating, LayerNorm/GELU MLPs, nn.TransformerEncoderLayer, nn.MultiheadAttention, ResNet option-A
 shortcuts (zero padding, concatenation with zeros), and a tiny Hugging Face BERT encoder (when
 transformers is importable).
 
@@ -122,6 +122,20 @@ class Conv1dNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv2(F.relu(self.conv1(x))))
         return self.fc(x.mean(-1))
+
+
+class AdaptiveMaxPool1d(nn.Module):
+    """A 1-D signal model: nn.Sequential of Conv1d, ReLU and nn.AdaptiveMaxPool1d to 4 positions,
+    flattened into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pool = nn.AdaptiveMaxPool1d(4)
+        self.features = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), pool)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
 
 
 class ConcatUpsample(nn.Module):
@@ -321,6 +335,7 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {
     "ds_cnn_1d": _build(DSCNN1d, (2, 16)),
     "grouped_conv": _build(GroupedConv, (3, 6, 6)),
     "conv1d": _build(Conv1dNet, (2, 16)),
+    "adaptive_max_pool1d": _build(AdaptiveMaxPool1d, (2, 16)),
     "concat_upsample": _build(ConcatUpsample, (3, 8, 8)),
     "squeeze_excite": _build(SqueezeExcite, (3, 6, 6)),
     "layernorm_gelu": _build(LayerNormGELU, (5, 8)),
@@ -331,3 +346,13 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {
 }
 if importlib.util.find_spec("transformers") is not None:
     ZOO["tiny_bert"] = _tiny_bert
+
+# What eq.quantize for a fully integer target (mcu-int8) refuses in each zoo model, before any
+# calibration: the op and the layer (the other models quantize fully integer).
+FULLY_INTEGER_REFUSALS = {
+    "squeeze_excite": r"op 'sigmoid' at 'sigmoid'",
+    "layernorm_gelu": r"op 'layer_norm' at 'norm'",
+    "transformer_encoder_layer": r"op 'TransformerEncoderLayer' at 'layer'",
+    "multihead_attention": r"op 'attention' at 'attn'",
+    "tiny_bert": r"op 'layer_norm' at 'bert\.embeddings\.LayerNorm'",
+}

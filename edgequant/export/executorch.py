@@ -25,10 +25,14 @@ from torch import Tensor, nn
 from edgequant._io import atomic_path
 from edgequant.batches import run_checked, split_inputs
 from edgequant.export.lower import ExportError
-from edgequant.export.pt2e import export_program, pt2e_model
+from edgequant.export.pt2e import export_program, nodes_of, pt2e_model
 from edgequant.export.tflite import EdgeExportInfo, EdgeVerification, check_edge_args
 from edgequant.export.tflite_runtime import silenced
 from edgequant.export.verify import Comparison
+
+# Ops left in the program that ExecuTorch's lowering refuses (not in its core ATen set), named
+# before any lowering; adaptive max pools of whole windows were rewritten (export/pt2e.py).
+NO_EXECUTORCH_FORM = frozenset({"aten.adaptive_max_pool1d", "aten.adaptive_max_pool2d"})
 
 
 def lower_to_executorch(program: torch.export.ExportedProgram, xnnpack: bool = True) -> bytes:
@@ -52,6 +56,22 @@ def lower_to_executorch(program: torch.export.ExportedProgram, xnnpack: bool = T
         raise ExportError(
             f"ExecuTorch could not lower the program: {type(err).__name__}: {err}"
         ) from err
+
+
+def _program(qmodel: nn.Module, one: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
+    """The PT2E program ExecuTorch lowers (XNNPACK's form), ExportError naming every op that has
+    no form in ExecuTorch's core ATen set, before any lowering."""
+    program = export_program(
+        pt2e_model(qmodel, int8_weights=True), one, int8_weights=True, concat_grid=True
+    )
+    refused = nodes_of(program, NO_EXECUTORCH_FORM)
+    if refused:
+        raise ExportError(
+            f"{len(refused)} ops have no form in ExecuTorch's core ATen set (nothing was "
+            "lowered): " + "; ".join(refused[:5]) + " (an adaptive max pool exports when "
+            "each input size is a whole multiple of its output size)"
+        )
+    return program
 
 
 class ExecuTorchRunner:
@@ -113,10 +133,7 @@ def export_executorch(
         start = time.perf_counter()
         args, _ = split_inputs(example_inputs)
         one = tuple(a[:1] for a in args)
-        program = export_program(
-            pt2e_model(qmodel, int8_weights=True), one, int8_weights=True, concat_grid=True
-        )
-        pte = lower_to_executorch(program)
+        pte = lower_to_executorch(_program(qmodel, one))
         if not delegated_ops(pte):
             raise ExportError("XNNPACK took no op of the model: the program would run in float")
         try:

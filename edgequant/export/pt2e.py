@@ -19,6 +19,7 @@ Grids the edge runtimes cannot run are converted exactly or refused, naming the 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -35,7 +36,7 @@ from edgequant.export.lower import (
     lower,
     set_submodule,
 )
-from edgequant.export.selection_conv import selection_convs
+from edgequant.export.selection_conv import selection_convs, upsample_convs
 from edgequant.modules import transform_input
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -198,8 +199,10 @@ def export_program(
     """torch.export of the PT2E model (static shapes: edge runtimes plan memory for one), its
     strided subsampling / zero channel padding of quantized tensors written as exact 1x1
     convolutions (export/selection_conv.py; int8_weights as in pt2e_model), values nothing
-    reads dropped. concat_grid: every concatenation's inputs requantized onto its output grid
-    (XNNPACK's form; litert-torch's converter puts them there itself, and refuses the pairs)."""
+    reads dropped. concat_grid: XNNPACK's form: every concatenation's inputs requantized onto its
+    output grid (litert-torch's converter puts them there itself, and refuses the pairs), and
+    nearest upsampling of a quantized tensor written as an exact transposed convolution
+    (XNNPACK has none; litert-torch writes RESIZE_NEAREST_NEIGHBOR)."""
     import warnings
 
     args, kwargs = split_inputs(example_inputs)
@@ -209,9 +212,13 @@ def export_program(
             program = torch.export.export(model, args, kwargs=kwargs or None)
             module = program.module()
             if isinstance(module, torch.fx.GraphModule):
-                rewritten = selection_convs(module, int8_weights)
+                rewritten = adaptive_max_pools_as_windows(module)
+                rewritten += selection_convs(module, int8_weights)
                 if concat_grid:
+                    rewritten += upsample_convs(module, int8_weights)
                     rewritten += concat_inputs_on_output_grid(module)
+                    rewritten += dequantize_per_reader(module)
+                    rewritten += float_weights_for_float_outputs(module)
                 # Tensors of zeros whose only use was their shape (a concatenation with zeros
                 # written as F.pad) are left without readers: the converters must not see them.
                 if module.graph.eliminate_dead_code():
@@ -222,6 +229,49 @@ def export_program(
             return program
         except Exception as err:  # torch.export raises many types; say which stage failed
             raise ExportError(f"torch.export failed: {type(err).__name__}: {err}") from err
+
+
+_ADAPTIVE_MAX_POOLS = {"adaptive_max_pool1d": "max_pool1d", "adaptive_max_pool2d": "max_pool2d"}
+
+
+def adaptive_max_pools_as_windows(gm: torch.fx.GraphModule) -> int:
+    """Rewrite, in place, every adaptive max pool whose input sizes are whole multiples of its
+    output sizes as the max pool of fixed windows it then is (kernel = stride = input // output:
+    the same windows, the same values); the number rewritten. Neither converter has an adaptive
+    max pool (litert-torch refuses it; it is not in ExecuTorch's core ATen set), and both run
+    MAX_POOL_2D / XNNPACK's max pool on the input's grid. Other sizes (uneven windows) and uses
+    of the indices are left for the converters to refuse, naming the op."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        op = str(getattr(node.target, "_opname", "")) if node.op == "call_function" else ""
+        if op not in _ADAPTIVE_MAX_POOLS or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        val = node.args[0].meta.get("val")
+        sizes = [int(d) for d in val.shape[-len(node.args[1]) :]] if val is not None else []
+        outs = [int(o) for o in node.args[1]]
+        users = list(node.users)
+        if (
+            not sizes
+            or any(i % o for i, o in zip(sizes, outs, strict=True))
+            or not all(u.target is operator.getitem for u in users)
+            or any(u.args[1] != 0 and u.users for u in users)  # the indices are read
+        ):
+            continue
+        kernel = [i // o for i, o in zip(sizes, outs, strict=True)]
+        pool = getattr(torch.ops.aten, _ADAPTIVE_MAX_POOLS[op]).default
+        with gm.graph.inserting_before(node):
+            windows = gm.graph.call_function(pool, (node.args[0], kernel))  # stride: kernel
+        windows.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        for user in users:
+            if user.args[1] == 0:
+                windows.meta["val"] = user.meta.get("val")
+                user.replace_all_uses_with(windows)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
 
 
 def concat_inputs_on_output_grid(gm: torch.fx.GraphModule) -> int:
@@ -257,6 +307,76 @@ def concat_inputs_on_output_grid(gm: torch.fx.GraphModule) -> int:
     return inserted
 
 
+def dequantize_per_reader(gm: torch.fx.GraphModule) -> int:
+    """Give every reader of a dequantized activation its own dequantize node, in place (the form
+    convert_pt2e writes); the number of nodes added. XNNPACK's partitioner groups the ops that
+    share a dequantize node into one partition: a skip read by a layer and by a concatenation
+    further on would join both into a partition that the ops between them (outside it) both
+    read from and write to, and the lowering fails on that cycle."""
+    dequantize = _decomposed().dequantize_per_tensor.default
+    added = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != dequantize:
+            continue
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_before(user):
+                copy = gm.graph.call_function(dequantize, node.args, dict(node.kwargs))
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+            added += 1
+    if added:
+        gm.recompile()
+    return added
+
+
+_ACTIVATIONS = {
+    torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+    torch.ops.aten.relu6.default,
+    torch.ops.aten.hardtanh.default,
+    torch.ops.aten.clamp.default,
+}
+
+
+def float_weights_for_float_outputs(gm: torch.fx.GraphModule) -> int:
+    """A convolution whose output is not quantized (a model's last conv, left float by a target
+    that keeps the outputs float) gets its weight as the float tensor it dequantizes to (the
+    simulation's weight, exactly), in place, and runs as a float conv in XNNPACK; the number
+    changed. XNNPACK takes no int8-weight conv with a float output: it ran outside the
+    delegate, and ExecuTorch 1.5.1 computed it wrongly there (SQNR 2.4 dB on a conv-conv
+    model). Linear layers with a float output are delegated and left as they are."""
+    dequantize = _decomposed().dequantize_per_channel.default
+    quantize = _decomposed().quantize_per_tensor.default
+    layers = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default)
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in layers or len(node.args) < 2:
+            continue
+        weight = node.args[1]
+        out = node
+        while len(out.users) == 1 and next(iter(out.users)).target in _ACTIVATIONS:
+            out = next(iter(out.users))  # a ReLU or clamp before the output quantizer
+        if all(u.target == quantize for u in out.users) or not (
+            isinstance(weight, torch.fx.Node)
+            and weight.target == dequantize
+            and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in weight.args[:3])
+        ):
+            continue
+        attrs = [str(cast(torch.fx.Node, a).target) for a in weight.args[:3]]
+        w, s, z = (gm.get_buffer(a) for a in attrs)
+        with torch.no_grad():
+            value = dequantize(w, s, z, *weight.args[3:])
+        name = attrs[0].replace(".", "_") + "_float"
+        gm.register_buffer(name, value)
+        with gm.graph.inserting_before(node):
+            node.replace_input_with(weight, gm.graph.get_attr(name))
+        changed += 1
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
+
+
 def node_layer(node: Any) -> str:
     """The module path a node of an exported graph came from ('' at the top level)."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -266,21 +386,36 @@ def node_layer(node: Any) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
+def _node_op(node: Any) -> str:
+    """'aten.conv2d' for a call of torch.ops.aten.conv2d.default ('' for a non-call)."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    op = getattr(target, "_opname", None)
+    ns = getattr(target, "namespace", None)
+    return f"{ns}.{op}" if ns and op else name
+
+
+def _described(node: Any) -> str:
+    layer = node_layer(node)
+    return f"{_node_op(node)} ({'layer ' + repr(layer) if layer else 'the top level'})"
+
+
 def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable[str]) -> list[str]:
     """'op (layer)' for every call in the program whose op is not in `supported` (names like
     'aten.conv2d'), in graph order."""
     allowed = set(supported)
-    found = []
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        target = node.target
-        name = getattr(target, "__name__", str(target))
-        op = getattr(target, "_opname", None)
-        ns = getattr(target, "namespace", None)
-        key = f"{ns}.{op}" if ns and op else name
-        if key in allowed or name in allowed:
-            continue
-        layer = node_layer(node)
-        found.append(f"{key} ({'layer ' + repr(layer) if layer else 'the top level'})")
-    return found
+    return [
+        _described(n)
+        for n in program.graph.nodes
+        if n.op == "call_function"
+        and _node_op(n) not in allowed
+        and getattr(n.target, "__name__", str(n.target)) not in allowed
+    ]
+
+
+def nodes_of(program: torch.export.ExportedProgram, ops: Iterable[str]) -> list[str]:
+    """'op (layer)' for every call in the program of one of `ops`, in graph order."""
+    wanted = set(ops)
+    return [_described(n) for n in program.graph.nodes if _node_op(n) in wanted]

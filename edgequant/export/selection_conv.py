@@ -260,53 +260,112 @@ def _weight(channels: list[int | None], in_channels: int, spatial: int) -> torch
     return weight
 
 
-def selection_convs(gm: fx.GraphModule, int8_weights: bool) -> int:
-    """Rewrite, in place, every selection chain of gm (an unlifted `torch.export` module in
-    PT2E form) as a 1x1 convolution on the source's grid; the number rewritten.
+def _emit(
+    gm: fx.GraphModule,
+    source: fx.Node,
+    end: fx.Node,
+    weight: torch.Tensor,
+    transposed: bool,
+    conv_args: tuple[Any, ...],
+    int8_weights: bool,
+) -> None:
+    """Replace the uses of `end` by a convolution of `source` (a dequantize node) with the int8
+    selection `weight` (scale 1.0 per output channel, no bias; transposed: a transposed
+    convolution, whose output channels are weight dimension 1), its output on the source's grid.
 
     int8_weights: the weight as an int8 tensor dequantized per channel (ExecuTorch's form), else
     as floats quantized per channel in the graph (litert-torch's)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
-
     qd = torch.ops.quantized_decomposed
     graph = gm.graph
+    axis = 1 if transposed else 0
+    index = 0
+    while hasattr(gm, f"selection_conv_{index}_weight"):
+        index += 1
+    prefix = f"selection_conv_{index}"
+    gm.register_buffer(f"{prefix}_weight", weight if int8_weights else weight.float())
+    gm.register_buffer(f"{prefix}_scale", torch.ones(weight.shape[axis]))
+    gm.register_buffer(f"{prefix}_zero_point", torch.zeros(weight.shape[axis], dtype=torch.int64))
+    spatial = weight.dim() - 2
+    aten = torch.ops.aten
+    if transposed:
+        conv = [aten.conv_transpose1d.default, aten.conv_transpose2d.input][spatial - 1]
+    else:
+        conv = [aten.conv1d.default, aten.conv2d.default][spatial - 1]
+    with graph.inserting_before(end):
+        w: fx.Node = graph.get_attr(f"{prefix}_weight")
+        s = graph.get_attr(f"{prefix}_scale")
+        z = graph.get_attr(f"{prefix}_zero_point")
+        wargs = (s, z, axis, -127, 127, torch.int8)
+        if not int8_weights:
+            w = graph.call_function(qd.quantize_per_channel.default, (w, *wargs))
+        w = graph.call_function(qd.dequantize_per_channel.default, (w, *wargs))
+        y = graph.call_function(conv, (source, w, None, *conv_args))
+        qargs = _grid(source)
+        y = graph.call_function(qd.quantize_per_tensor.default, (y, *qargs))
+        y = graph.call_function(qd.dequantize_per_tensor.default, (y, *qargs))
+    end.replace_all_uses_with(y)
+
+
+def _int8_sources(gm: fx.GraphModule) -> list[fx.Node]:
+    """The per-tensor int8 dequantize nodes of gm, in graph order."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+
+    return [
+        n
+        for n in gm.graph.nodes
+        if _op(n) == "dequantize_per_tensor" and _grid(n)[-1:] == (torch.int8,)
+    ]
+
+
+def _finish(gm: fx.GraphModule, count: int) -> int:
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+def selection_convs(gm: fx.GraphModule, int8_weights: bool) -> int:
+    """Rewrite, in place, every selection chain of gm (an unlifted `torch.export` module in
+    PT2E form) as a 1x1 convolution on the source's grid; the number rewritten (int8_weights:
+    as in _emit)."""
     count = 0
-    for source in list(graph.nodes):
-        if _op(source) != "dequantize_per_tensor" or _grid(source)[-1:] != (torch.int8,):
-            continue
+    for source in _int8_sources(gm):
         for first in list(source.users):
             sel = _chain(first, source)
             if sel is None:
                 continue
             shape = _shape(source)
             assert shape is not None
-            spatial = len(shape) - 2
-            weight = _weight(sel.channels, shape[1], spatial)
-            prefix = f"selection_conv_{count}"
-            gm.register_buffer(f"{prefix}_weight", weight if int8_weights else weight.float())
-            gm.register_buffer(f"{prefix}_scale", torch.ones(len(sel.channels)))
-            gm.register_buffer(
-                f"{prefix}_zero_point", torch.zeros(len(sel.channels), dtype=torch.int64)
-            )
-            scale, zero_point, qmin, qmax, dtype = _grid(source)
-            with graph.inserting_before(sel.end):
-                w: fx.Node = graph.get_attr(f"{prefix}_weight")
-                s = graph.get_attr(f"{prefix}_scale")
-                z = graph.get_attr(f"{prefix}_zero_point")
-                wargs = (s, z, 0, -127, 127, torch.int8)
-                if not int8_weights:
-                    w = graph.call_function(qd.quantize_per_channel.default, (w, *wargs))
-                w = graph.call_function(qd.dequantize_per_channel.default, (w, *wargs))
-                conv = (
-                    torch.ops.aten.conv1d.default if spatial == 1 else torch.ops.aten.conv2d.default
-                )
-                y = graph.call_function(conv, (source, w, None, sel.strides))
-                qargs = (scale, zero_point, qmin, qmax, dtype)
-                y = graph.call_function(qd.quantize_per_tensor.default, (y, *qargs))
-                y = graph.call_function(qd.dequantize_per_tensor.default, (y, *qargs))
-            sel.end.replace_all_uses_with(y)
+            weight = _weight(sel.channels, shape[1], len(shape) - 2)
+            _emit(gm, source, sel.end, weight, False, (sel.strides,), int8_weights)
             count += 1
-    if count:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return count
+    return _finish(gm, count)
+
+
+_UPSAMPLES = frozenset({"upsample_nearest1d", "upsample_nearest2d"})
+
+
+def upsample_convs(gm: fx.GraphModule, int8_weights: bool) -> int:
+    """Rewrite, in place, every nearest upsampling of a quantized tensor by whole factors as a
+    transposed convolution of kernel = stride = the factors whose int8 weight copies each
+    channel (1 on the diagonal, weight scale 1.0), its output on the input's grid: output
+    position i reads input i // factor, exactly as nearest upsampling does, and in integer
+    arithmetic the multiplier is exactly 1. XNNPACK has no nearest upsampling: ExecuTorch runs
+    it outside the delegate, which splits the graph into partitions that depend on each other
+    (its lowering fails) or computes it on a float tensor. The number rewritten."""
+    count = 0
+    for source in _int8_sources(gm):
+        for node in list(source.users):
+            shape, out = _shape(source), _shape(node)
+            if _op(node) not in _UPSAMPLES or shape is None or out is None:
+                continue
+            sizes = list(zip(shape[2:], out[2:], strict=True))
+            factors = [o // i for i, o in sizes]
+            if out[:2] != shape[:2] or any(o % i for i, o in sizes):
+                continue
+            weight = torch.zeros((shape[1], shape[1], *factors), dtype=torch.int8)
+            for c in range(shape[1]):
+                weight[c, c] = 1
+            _emit(gm, source, node, weight, True, (factors,), int8_weights)
+            count += 1
+    return _finish(gm, count)

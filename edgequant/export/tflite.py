@@ -48,7 +48,8 @@ from edgequant.quantizer import TensorQuantizer
 
 # The ATen ops of a PT2E graph that litert-torch turns into int8 TFLite builtins, and that TFLite
 # Micro runs: conv 1-D/2-D (depthwise included), fully connected, residual add, concatenation,
-# average / max pooling, mean, reshapes, transposes, slices, padding, ReLU / ReLU6.
+# average / max pooling, mean, reshapes, transposes, slices, padding, ReLU / ReLU6, nearest
+# upsampling (RESIZE_NEAREST_NEIGHBOR: every output value is an input value, on the same grid).
 TFLITE_OPS = frozenset(
     {
         "aten.conv1d",
@@ -69,6 +70,7 @@ TFLITE_OPS = frozenset(
         "aten.adaptive_avg_pool1d",
         "aten.adaptive_avg_pool2d",
         "aten.mean",
+        "aten.upsample_nearest2d",
         "aten.view",
         "aten.reshape",
         "aten.flatten",

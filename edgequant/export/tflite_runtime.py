@@ -118,14 +118,16 @@ import sys
 from tflite_micro.python.tflite_micro import runtime
 
 def fits(size):
+    print("try", size, flush=True)  # TFLite Micro may abort on a small arena: the parent sees
     try:
         runtime.Interpreter.from_file(sys.argv[1], arena_size=size)
         return True
     except RuntimeError:
         return False
 
-low = int(sys.argv[2])  # the allocator's own total: never enough with less
-step, high = 16, None
+low = int(sys.argv[2])  # known not to be enough
+high = int(sys.argv[3]) or None  # known to be enough (0: none known)
+step = 16
 while high is None:
     if fits(low + step):
         high = low + step
@@ -139,6 +141,7 @@ while high - low > 16:
         high = mid
     else:
         low = mid
+    print("bounds", low, high, flush=True)
 print("fits", high, flush=True)
 """
 
@@ -168,10 +171,20 @@ def tflm_arena_bytes(model: bytes) -> int:
         found = re.search(r"Arena allocation total (\d+) bytes", report)
         if found is None:
             raise ExportError(f"TFLite Micro could not allocate the model: {report[-500:]}")
-        refined = re.search(r"fits (\d+)", _child(_ARENA_REFINE, str(file), found.group(1)))
-    if refined is None:
-        raise ExportError("TFLite Micro found no arena size that runs the model")
-    return int(refined.group(1))
+        low, high = int(found.group(1)), 0
+        for _ in range(32):  # each crash moves the lower bound up
+            report = _child(_ARENA_REFINE, str(file), str(low), str(high))
+            refined = re.search(r"fits (\d+)", report)
+            if refined is not None:
+                return int(refined.group(1))
+            bounds = re.findall(r"bounds (\d+) (\d+)", report)
+            if bounds:
+                low, high = int(bounds[-1][0]), int(bounds[-1][1])
+            tried = re.findall(r"try (\d+)", report)
+            if not tried:
+                break
+            low = max(low, int(tried[-1]))  # TFLite Micro aborted on this arena: too small
+    raise ExportError("TFLite Micro found no arena size that runs the model")
 
 
 def tensor_ops(model: bytes) -> tuple[list[str], list[str]]:

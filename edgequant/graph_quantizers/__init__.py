@@ -22,6 +22,7 @@ from edgequant.graph_quantizers.ops import (
     output_tail,
     quant_layer,
 )
+from edgequant.graph_quantizers.pools import adaptive_max_pools_as_windows
 from edgequant.graph_quantizers.zeros import cats_with_zeros_as_pads
 from edgequant.modules import QuantMatMul, QuantMixin, QuantScaledDotProductAttention
 from edgequant.quantizer import TensorQuantizer
@@ -82,7 +83,7 @@ def place_graph_quantizers(qmodel: nn.Module, summary: Summary) -> nn.Module:
         if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    padded = cats_with_zeros_as_pads(gm)
+    padded = cats_with_zeros_as_pads(gm) + adaptive_max_pools_as_windows(gm, modules)
     holder = nn.Module()
     gm.add_module("output_quantizers", holder)
 

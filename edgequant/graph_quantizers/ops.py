@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from edgequant.graph_quantizers.pools import WindowMaxPool, window_max_pool
 from edgequant.modules import QuantMixin
 from edgequant.quantizer import TensorQuantizer
 
@@ -82,6 +83,7 @@ PASS_FUNCTIONS = MOVES_FUNCTIONS | {
     _F.max_pool2d,
     _F.adaptive_max_pool1d,
     _F.adaptive_max_pool2d,
+    window_max_pool,
     torch.squeeze,
     torch.unsqueeze,
     torch.permute,
@@ -97,6 +99,7 @@ PASS_MODULES = (
     nn.MaxPool2d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
+    WindowMaxPool,
     nn.Flatten,
     nn.Unflatten,
     nn.Dropout,

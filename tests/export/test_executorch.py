@@ -81,3 +81,77 @@ def test_grids_without_an_executorch_form_are_refused_naming_the_layer(tmp_path:
     with pytest.raises(ValueError, match=r"must end in \.pte"):
         eq.export_executorch(qmodel, tmp_path / "m.tflite", calib[0][:1])
     assert not list(tmp_path.iterdir())
+
+
+def _conv_conv(target: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    class ConvConv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.b = torch.nn.Conv2d(8, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    recipe = eq.Recipe.preset("w8a8").for_target(target)
+    return eq.quantize(ConvConv().eval(), recipe, calib), calib
+
+
+def test_a_model_ending_in_a_conv_runs_as_simulated(tmp_path: Path) -> None:
+    """The executorch target keeps the last conv's output float: that conv runs as a float conv
+    on its dequantized weight (ExecuTorch's portable kernels computed it wrongly, 2.4 dB), the
+    first stays an int8 conv."""
+    from edgequant.export.pt2e import export_program, pt2e_model
+
+    qmodel, calib = _conv_conv("executorch")
+    info = eq.export_executorch(qmodel, tmp_path / "cc.pte", calib[0][:1], verify_data=calib)
+    assert info.verification.sqnr_db is not None and info.verification.sqnr_db > 60
+    program = export_program(pt2e_model(qmodel, True), (calib[0][:1],), True, concat_grid=True)
+    weights = [n.args[1] for n in program.graph.nodes if "conv2d" in str(n.target)]
+    kinds = [str(w.target) if w.op == "call_function" else w.op for w in weights]
+    assert kinds == ["quantized_decomposed.dequantize_per_channel.default", "placeholder"]
+
+
+def test_upsampling_and_skips_lower_as_one_program() -> None:
+    """A U-Net block (nearest upsampling, a concatenation skip): the upsampling is an exact
+    transposed convolution, every dequantize node has one reader (a shared one made XNNPACK's
+    partitions depend on each other; tests/test_zoo_edge.py runs both programs)."""
+    from edgequant.export.pt2e import export_program, pt2e_model
+
+    model, calib = ZOO["concat_upsample"]()
+    for target in ("mcu-int8", "executorch"):
+        qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").for_target(target), calib)
+        program = export_program(pt2e_model(qmodel, True), (calib[0][:1],), True, concat_grid=True)
+        ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert "aten.conv_transpose2d.input" in ops and "aten.upsample_nearest2d.vec" not in ops
+        dequantized = [n for n in program.graph.nodes if "dequantize_per_tensor" in str(n.target)]
+        assert all(len(n.users) == 1 for n in dequantized)
+        with torch.no_grad():
+            got, sim = program.module()(calib[1][:1]), qmodel(calib[1][:1])
+        assert (got - sim).abs().max() <= 1e-5 * sim.abs().max()  # float conv rounding
+
+
+def test_adaptive_max_pool_of_uneven_windows_is_refused_before_lowering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgequant.export.executorch as executorch
+
+    class Uneven(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(2, 8, 3, padding=1)
+            self.pool = torch.nn.AdaptiveMaxPool1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(torch.relu(self.conv(x))).flatten(1)
+
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 2, 16) for _ in range(2)]
+    recipe = eq.Recipe.preset("w8a8").for_target("executorch")
+    qmodel = eq.quantize(Uneven().eval(), recipe, calib)
+    monkeypatch.setattr(executorch, "lower_to_executorch", lambda *_: pytest.fail("lowered"))
+    with pytest.raises(eq.ExportError, match=r"aten\.adaptive_max_pool1d \(layer 'pool'\)"):
+        eq.export_executorch(qmodel, tmp_path / "u.pte", calib[0][:1])
+    assert not list(tmp_path.iterdir())

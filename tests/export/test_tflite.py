@@ -282,3 +282,53 @@ def test_four_bit_weights_run_bit_exact_in_int8_containers(tmp_path: Path) -> No
     assert weights and all(np.abs(w).max() <= 7 for w in weights)
     onnx_info = eq.export_onnx(qmodel, tmp_path / "w4.onnx", calib[0], verify_data=calib[1:])
     assert onnx_info.fully_integer is True and onnx_info.verification.passed
+
+
+class PoolThenLinear(nn.Module):
+    """Conv1d, a 1-d max pool (window 4, or an adaptive one to `size` positions), flatten, Linear."""
+
+    def __init__(self, size: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3, padding=1)
+        self.pool = nn.AdaptiveMaxPool1d(size) if size else nn.MaxPool1d(4)
+        self.fc = nn.Linear(8 * (size or 4), 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(F.relu(self.conv(x))).flatten(1))
+
+
+def _pooled(size: int | None) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 2, 16) for _ in range(2)]
+    recipe = eq.Recipe.preset("w8a8").for_target("mcu-int8")
+    return eq.quantize(PoolThenLinear(size).eval(), recipe, calib), calib
+
+
+@pytest.mark.parametrize("size", [None, 4])
+def test_1d_max_pools_before_a_linear_run_bit_exact(size: int | None, tmp_path: Path) -> None:
+    """nn.MaxPool1d(4), and nn.AdaptiveMaxPool1d(4) on 16 positions (windows of 4: written as
+    that max pool), flattened into a Linear: MAX_POOL_2D in the file, bit-exact in TFLite Micro.
+    (TFLite Micro aborts on some arenas too small for this model: the arena search goes on.)"""
+    qmodel, calib = _pooled(size)
+    info = eq.export_tflite(qmodel, tmp_path / "p.tflite", calib[0][:1], verify_data=calib)
+    assert info.verification.bit_exact == 1.0 and info.verification.top1_agreement == 1.0
+    assert "MAX_POOL_2D" in info.ops and info.arena_bytes is not None
+
+
+def test_adaptive_max_pool_of_uneven_windows_is_refused_before_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgequant.export.tflite as tflite
+
+    qmodel, calib = _pooled(3)  # 16 positions to 3: windows of 5 and 6
+    monkeypatch.setattr(tflite, "convert_program", lambda *_: pytest.fail("converted"))
+    with pytest.raises(eq.ExportError, match=r"aten\.adaptive_max_pool1d \(layer 'pool'\)"):
+        eq.export_tflite(qmodel, tmp_path / "p.tflite", calib[0][:1])
+    assert not list(tmp_path.iterdir())
+
+
+def test_nearest_upsampling_runs_bit_exact_as_resize_nearest_neighbor(tmp_path: Path) -> None:
+    _, qmodel, calib = _mcu("concat_upsample")
+    info = eq.export_tflite(qmodel, tmp_path / "u.tflite", calib[0][:1], verify_data=calib)
+    assert info.verification.bit_exact == 1.0
+    assert {"RESIZE_NEAREST_NEIGHBOR", "CONCATENATION"} <= set(info.ops)
