@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from edgequant.export.names import fresh_name
+
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 # Float constants a node may read besides dequantized tensors: the pad value and clip bounds
 # are parameters of an integer kernel (the zero point, the clamp), not data.
@@ -356,10 +358,17 @@ def quantize_around_pools(model: Any) -> int:
             value = users[0].output[0]
     nodes = list(graph.node)
     for value, scale, zero_point in edges:
-        q_out, dq_out = _fresh(f"{value}_quantized", taken), _fresh(f"{value}_dequantized", taken)
+        q_out, dq_out = (
+            fresh_name(f"{value}_quantized", taken),
+            fresh_name(f"{value}_dequantized", taken),
+        )
         pair = [
-            helper.make_node(_Q, [value, scale, zero_point], [q_out], name=_fresh(q_out, taken)),
-            helper.make_node(_DQ, [q_out, scale, zero_point], [dq_out], name=_fresh(dq_out, taken)),
+            helper.make_node(
+                _Q, [value, scale, zero_point], [q_out], name=fresh_name(q_out, taken)
+            ),
+            helper.make_node(
+                _DQ, [q_out, scale, zero_point], [dq_out], name=fresh_name(dq_out, taken)
+            ),
         ]
         reader = readers[value][0]
         reader.input[list(reader.input).index(value)] = dq_out
@@ -369,13 +378,3 @@ def quantize_around_pools(model: Any) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return len(edges)
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    """`base`, else `base_1`, `base_2`...: the first name not in `taken`, which then holds it."""
-    name, index = base, 0
-    while name in taken:
-        index += 1
-        name = f"{base}_{index}"
-    taken.add(name)
-    return name
