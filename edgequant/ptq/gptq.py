@@ -117,6 +117,11 @@ def gptq_weight(
 # Grids this coarse get their per-channel clipping searched against the layer's output error.
 CLIP_SEARCH_MAX_BITS = 3
 
+# The damping round_gptq uses, as a fraction of the Hessian's mean diagonal: GPTQ's own (on
+# the column solve) and the input-error target's (towards the float weight).
+GPTQ_DAMP = 0.01
+TARGET_DAMP = 0.01
+
 CLIP_RATIOS = torch.linspace(0.6, 1.4, 33)
 
 
@@ -169,11 +174,11 @@ def round_gptq(
     steps are first searched against the output error (search_clipping_)."""
     if targets is not None:
         h, cross = cast(tuple[Tensor, Tensor], gptq_hessian(layer, inputs, targets))
-        weight = input_error_target(layer.weight, h, cross)
+        weight = input_error_target(layer.weight, h, cross, damp=TARGET_DAMP)
     else:
         h, weight = cast(Tensor, gptq_hessian(layer, inputs)), layer.weight
     search_clipping_(layer, weight, h)
     scale, zp, qmin, qmax = weight_grid(layer)
-    new = gptq_weight(weight, h, scale, zp, qmin, qmax, **options)
+    new = gptq_weight(weight, h, scale, zp, qmin, qmax, **{"damp": GPTQ_DAMP, **options})
     with torch.no_grad():
         layer.weight.copy_(new)
