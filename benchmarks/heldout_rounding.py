@@ -12,8 +12,8 @@ sensitivities in benchmarks/results/mixed_resnet20.json, or "hplan2.5" from the 
 then optional recipe changes after a colon as JSON, e.g. 'w2a8:{"rounding_target": "quantized"}'.
 '"minmax": true' puts every sub-8-bit weight on min/max grids (the plans' old behaviour);
 '"clip_search": false' turns off GPTQ's output-error clipping search at <= 3 bits
-(ptq.gptq.search_clipping_), '"clip_search": 4' extends it to 4 bits; '"gptq_damp": 0.1' and
-'"target_damp": 0.1' set round_gptq's two dampings (ptq.gptq.GPTQ_DAMP, TARGET_DAMP).
+(ptq.gptq.search_clipping_), '"clip_search": 4' extends it to 4 bits; '"target_damp": 0.1' sets
+the input-error target's damping (ptq.gptq.TARGET_DAMP; GPTQ's own is Recipe.gptq_damp).
 --calib-seed picks another draw of the calibration images (calibration_split's seed), to see
 how much a figure moves with the draw alone.
 """
@@ -106,7 +106,6 @@ def main() -> int:
         minmax = changes.pop("minmax", False)
         clip = changes.pop("clip_search", True)
         R.CLIP_SEARCH_MAX_BITS = 3 if clip is True else int(clip)
-        R.GPTQ_DAMP = float(changes.pop("gptq_damp", 0.01))
         R.TARGET_DAMP = float(changes.pop("target_damp", 0.01))
         if name.endswith("plan2.5"):
             if analysis is None:
@@ -132,7 +131,7 @@ def main() -> int:
             "rounding": pipeline["rounding"],
             "rounding_target": pipeline["rounding_target"],
             "clip_search_max_bits": R.CLIP_SEARCH_MAX_BITS,
-            "gptq_damp": R.GPTQ_DAMP,
+            "gptq_damp": pipeline.get("gptq_damp"),
             "target_damp": R.TARGET_DAMP,
             "calib_seed": args.calib_seed,
             **scores(qmodel, sets),
