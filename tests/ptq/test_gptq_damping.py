@@ -1,5 +1,5 @@
-"""GPTQ's damping rule (ptq/gptq.py damping): larger where GPTQ rounds towards the float target,
-GPTQ's own elsewhere, the recipe's when it gives one; recorded in the pipeline and passed to the
+"""GPTQ's damping rule (ptq/gptq.py damping): larger where some weight has <= 2 bits, GPTQ's
+own elsewhere, the recipe's when it gives one; recorded in the pipeline and passed to the
 rounding."""
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from edgequant.ptq import static as S
 
 
 def test_damping_rule() -> None:
-    assert gptq.FLOAT_TARGET_DAMP > gptq.GPTQ_DAMP
-    assert gptq.damping(None, True) == (gptq.FLOAT_TARGET_DAMP, gptq.FLOAT_TARGET_DAMP_WHY)
-    assert gptq.damping(None, False)[0] == gptq.GPTQ_DAMP
-    assert gptq.damping(0.05, True) == (0.05, "recipe")
+    assert gptq.LOW_BITS_DAMP > gptq.GPTQ_DAMP
+    assert gptq.damping(None, 2) == (gptq.LOW_BITS_DAMP, gptq.LOW_BITS_DAMP_WHY)
+    assert gptq.damping(None, 3)[0] == gptq.GPTQ_DAMP
+    assert gptq.damping(None, 4)[0] == gptq.GPTQ_DAMP
+    assert gptq.damping(0.05, 2) == (0.05, "recipe")
 
 
 @pytest.mark.parametrize(
     ("preset", "changes", "damp", "why"),
     [
-        ("w3a8", {}, gptq.FLOAT_TARGET_DAMP, gptq.FLOAT_TARGET_DAMP_WHY),  # float target
-        ("w4a8", {}, gptq.GPTQ_DAMP, None),  # own target: GPTQ's damping, as before
+        ("w2a8", {}, gptq.LOW_BITS_DAMP, gptq.LOW_BITS_DAMP_WHY),
+        ("w3a8", {}, gptq.GPTQ_DAMP, None),  # GPTQ's own damping, as before
+        ("w4a8", {}, gptq.GPTQ_DAMP, None),
         ("w3a8", {"gptq_damp": 0.2}, 0.2, "recipe"),
-        ("w4a8", {"rounding_target": "float"}, gptq.FLOAT_TARGET_DAMP, None),
     ],
 )
 def test_pipeline_records_and_passes_the_damping(
