@@ -12,7 +12,10 @@ sensitivities in benchmarks/results/mixed_resnet20.json, or "hplan2.5" from the 
 then optional recipe changes after a colon as JSON, e.g. 'w2a8:{"rounding_target": "quantized"}'.
 '"minmax": true' puts every sub-8-bit weight on min/max grids (the plans' old behaviour);
 '"clip_search": false' turns off GPTQ's output-error clipping search at <= 3 bits
-(ptq.gptq.search_clipping_), '"clip_search": 4' extends it to 4 bits.
+(ptq.gptq.search_clipping_), '"clip_search": 4' extends it to 4 bits; '"target_damp": 0.1' sets
+the input-error target's damping (ptq.gptq.TARGET_DAMP; GPTQ's own is Recipe.gptq_damp).
+--calib-seed picks another draw of the calibration images (calibration_split's seed), to see
+how much a figure moves with the draw alone.
 """
 
 from __future__ import annotations
@@ -78,15 +81,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=";".join(DEFAULT), help="';'-separated variants")
     parser.add_argument("--calib", type=int, default=1024, help="calibration images")
+    parser.add_argument("--calib-seed", type=int, default=0, help="calibration_split's seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default="benchmarks/results/heldout_rounding.json")
     args = parser.parse_args()
     if shared_dir() is None:
         print("skipped: ../shared (CIFAR-10, ResNet-20) is absent; set EDGEQUANT_SHARED")
         return 0
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = C.load_resnet20().eval()
-    x_cal, _ = C.calibration_split(args.calib)
+    x_cal, _ = C.calibration_split(args.calib, seed=args.calib_seed)
     calib = list(x_cal.split(64))
     sets = {}
     for tag, (x, y) in (("h", C.heldout_split()), ("hj", C.heldout_jpeg_split())):
@@ -101,6 +106,7 @@ def main() -> int:
         minmax = changes.pop("minmax", False)
         clip = changes.pop("clip_search", True)
         R.CLIP_SEARCH_MAX_BITS = 3 if clip is True else int(clip)
+        R.TARGET_DAMP = float(changes.pop("target_damp", 0.01))
         if name.endswith("plan2.5"):
             if analysis is None:
                 analysis = json.loads(Path("benchmarks/results/mixed_resnet20.json").read_text())[
@@ -125,6 +131,9 @@ def main() -> int:
             "rounding": pipeline["rounding"],
             "rounding_target": pipeline["rounding_target"],
             "clip_search_max_bits": R.CLIP_SEARCH_MAX_BITS,
+            "gptq_damp": pipeline.get("gptq_damp"),
+            "target_damp": R.TARGET_DAMP,
+            "calib_seed": args.calib_seed,
             **scores(qmodel, sets),
         }
         results[variant] = row

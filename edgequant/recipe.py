@@ -92,6 +92,8 @@ class Recipe:
     # "quantized" otherwise (held-out choices on ResNet-20 W2A8-W4A8 and all-MiniLM-L6-v2 INT4;
     # edgequant/ptq/static.py resolve_pipeline).
     rounding_target: str = "auto"
+    # GPTQ's damping (x its Hessian's mean diagonal); None, "auto": ptq/gptq.py damping.
+    gptq_damp: float | None = None
     # 7-bit weights where an 8-bit layer meets 8-bit unsigned activations (the onnxruntime
     # target): x86 CPUs without VNNI run such a layer in a u8s8 kernel whose int16 pair sums
     # saturate unless |weight| <= 64, so 8-bit weights are stored as UINT8 for the exact, slower
@@ -179,25 +181,22 @@ class Recipe:
                 f"Recipe.split_outliers={self.split_outliers!r} must be a quantile in (0, 1), "
                 "'auto' or None"
             )
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(
-                f"Recipe.rounding={self.rounding!r} is unknown; valid: {', '.join(ROUNDINGS)}"
-            )
-        if self.rounding_target not in ROUNDING_TARGETS:
-            raise ValueError(
-                f"Recipe.rounding_target={self.rounding_target!r} is unknown; "
-                f"valid: {', '.join(ROUNDING_TARGETS)}"
-            )
-        if self.range_learning not in RANGE_LEARNING:
-            raise ValueError(
-                f"Recipe.range_learning={self.range_learning!r} is unknown; "
-                f"valid: {', '.join(RANGE_LEARNING)}"
-            )
-        if self.dynamic_activation not in DYNAMIC_ACTIVATIONS:
-            raise ValueError(
-                f"Recipe.dynamic_activation={self.dynamic_activation!r} is unknown; valid: "
-                f"{', '.join(DYNAMIC_ACTIVATIONS)}"
-            )
+        for label, valid in (
+            ("rounding", ROUNDINGS),
+            ("rounding_target", ROUNDING_TARGETS),
+            ("range_learning", RANGE_LEARNING),
+            ("dynamic_activation", DYNAMIC_ACTIVATIONS),
+        ):
+            if getattr(self, label) not in valid:
+                raise ValueError(
+                    f"Recipe.{label}={getattr(self, label)!r} is unknown; valid: {', '.join(valid)}"
+                )
+        if self.gptq_damp is not None and not (
+            isinstance(self.gptq_damp, (int, float))
+            and not isinstance(self.gptq_damp, bool)
+            and self.gptq_damp > 0
+        ):
+            raise ValueError(f"Recipe.gptq_damp={self.gptq_damp!r} must be > 0 or None (auto)")
         for label in (
             "equalize",
             "bias_correction",
@@ -400,6 +399,7 @@ class Recipe:
             "bias_correction": self.bias_correction,
             "rounding": self.rounding,
             "rounding_target": self.rounding_target,
+            "gptq_damp": self.gptq_damp,
             "reduce_range": self.reduce_range,
             "awq": self.awq,
             "clip_search": self.clip_search,

@@ -26,7 +26,7 @@ from edgequant.ptq.calibrate import (
     without_quantizers,
 )
 from edgequant.ptq.equalize import equalize
-from edgequant.ptq.gptq import round_gptq
+from edgequant.ptq.gptq import damping, round_gptq
 from edgequant.ptq.outlier_split import describe_split
 from edgequant.ptq.outliers import plan_outliers_
 from edgequant.ptq.reduce_range import reduce_range_
@@ -120,6 +120,9 @@ def resolve_pipeline(
     target = recipe.rounding_target
     if target == "auto":
         target = "float" if coarse_inputs or coarse_weights else "quantized"
+    damp = None
+    if rounding == "gptq":
+        damp, reasons["gptq_damp"] = damping(recipe.gptq_damp, qmodel)
     if recipe.bias_correction is not None:
         bias_correction = recipe.bias_correction
         reasons["bias_correction"] = "recipe"
@@ -136,6 +139,7 @@ def resolve_pipeline(
         "equalize": recipe.equalize if recipe.equalize is not None else False,
         "rounding": rounding,
         "rounding_target": target,
+        "gptq_damp": damp,
         "bias_correction": bias_correction,
         "reasons": reasons,
     }
@@ -243,10 +247,12 @@ def refine_weights(
     progress: bool = False,
     float_target: bool = True,
     real_tokens_only: bool = True,
+    gptq_damp: float | None = None,
 ) -> list[str]:
     """Learned rounding and bias correction, layer by layer in execution order, each layer seeing
     its inputs as the partly refined model computes them. float_target: the rounding reconstructs
     the float model's output of the layer (else the layer's float weight on its own inputs).
+    gptq_damp: GPTQ's damping (None: its module default).
     real_tokens_only: bias correction leaves out the positions a tokenizer batch's attention mask
     marks as padding. Returns notes for the summary."""
     if rounding == "block" and not isinstance(qmodel, fx.GraphModule):
@@ -290,7 +296,10 @@ def refine_weights(
                 if reference is not None and float_target
                 else None
             )
-            ROUNDERS["adaround" if rounding == "block" else rounding](layer, inputs, targets)
+            damp = {"damp": gptq_damp} if rounding == "gptq" and gptq_damp is not None else {}
+            ROUNDERS["adaround" if rounding == "block" else rounding](
+                layer, inputs, targets, **damp
+            )
         elif why is not None and rounding != "nearest":
             skipped[name] = why
         if name in means:
@@ -326,6 +335,7 @@ def apply_refinement(
                 progress,
                 float_target=pipeline.get("rounding_target", "float") == "float",
                 real_tokens_only=real_tokens_only,
+                gptq_damp=pipeline.get("gptq_damp"),
             )
         )
     steps = []
