@@ -122,7 +122,7 @@ def resolve_pipeline(
         target = "float" if coarse_inputs or coarse_weights else "quantized"
     damp = None
     if rounding == "gptq":
-        damp, reasons["gptq_damp"] = damping(recipe.gptq_damp, qmodel)
+        damp, reasons["gptq_damp"] = damping(recipe.gptq_damp, target == "float")
     if recipe.bias_correction is not None:
         bias_correction = recipe.bias_correction
         reasons["bias_correction"] = "recipe"

@@ -1,6 +1,6 @@
-"""GPTQ's damping rule (ptq/gptq.py damping): larger where the weights have several widths of <=
-4 bits (mixed precision), GPTQ's own elsewhere, the recipe's when it gives one; recorded in the
-pipeline and passed to the rounding."""
+"""GPTQ's damping rule (ptq/gptq.py damping): larger where GPTQ rounds towards the float target,
+GPTQ's own elsewhere, the recipe's when it gives one; recorded in the pipeline and passed to the
+rounding."""
 
 from __future__ import annotations
 
@@ -12,34 +12,22 @@ from toys import Chain, quantize_chain  # tests/toys.py
 import edgequant as eq
 from edgequant.ptq import gptq
 from edgequant.ptq import static as S
-from edgequant.spec import LayerOverride, weight_spec
-
-# conv2 at 2 bits, the first and last layers at 3: two weight widths of <= 4 bits (the presets'
-# 8-bit first and last layers, and 7-bit ones of reduce_range, do not count).
-MIXED: dict[str, Any] = {
-    "first_last_bits": None,
-    "overrides": (LayerOverride(pattern="conv2", weight=weight_spec(2)),),
-}
 
 
 def test_damping_rule() -> None:
-    assert gptq.MIXED_DAMP > gptq.GPTQ_DAMP
-    mixed = quantize_chain(Chain().eval(), "w3a8", **MIXED, rounding="nearest")
-    assert gptq.damping(None, mixed) == (gptq.MIXED_DAMP, gptq.MIXED_DAMP_WHY)
-    for preset in ("w2a8", "w3a8", "w4a8"):  # one width: GPTQ's own
-        uniform = quantize_chain(Chain().eval(), preset, rounding="nearest")
-        assert gptq.damping(None, uniform)[0] == gptq.GPTQ_DAMP
-    assert gptq.damping(0.05, mixed) == (0.05, "recipe")
+    assert gptq.FLOAT_TARGET_DAMP > gptq.GPTQ_DAMP
+    assert gptq.damping(None, True) == (gptq.FLOAT_TARGET_DAMP, gptq.FLOAT_TARGET_DAMP_WHY)
+    assert gptq.damping(None, False)[0] == gptq.GPTQ_DAMP
+    assert gptq.damping(0.05, True) == (0.05, "recipe")
 
 
 @pytest.mark.parametrize(
     ("preset", "changes", "damp", "why"),
     [
-        ("w3a8", MIXED, gptq.MIXED_DAMP, gptq.MIXED_DAMP_WHY),
-        ("w2a8", {}, gptq.GPTQ_DAMP, None),  # one width: GPTQ's own damping, as before
-        ("w3a8", {}, gptq.GPTQ_DAMP, None),
-        ("w4a8", {}, gptq.GPTQ_DAMP, None),
+        ("w3a8", {}, gptq.FLOAT_TARGET_DAMP, gptq.FLOAT_TARGET_DAMP_WHY),  # float target
+        ("w4a8", {}, gptq.GPTQ_DAMP, None),  # own target: GPTQ's damping, as before
         ("w3a8", {"gptq_damp": 0.2}, 0.2, "recipe"),
+        ("w4a8", {"rounding_target": "float"}, gptq.FLOAT_TARGET_DAMP, None),
     ],
 )
 def test_pipeline_records_and_passes_the_damping(
