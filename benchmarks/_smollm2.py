@@ -41,7 +41,7 @@ def cache_shape(model: Any) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
-def int4_g64(block_int8_inputs: bool | None = None) -> eq.Recipe:
+def int4_g64(block_int8_inputs: bool | str | None = None) -> eq.Recipe:
     """Symmetric INT4 weights in groups of 64, the first and last layers (embedding, lm_head) at
     8 bits, no activation quantization; block_int8_inputs as Recipe's (None: its rule)."""
     return eq.Recipe(

@@ -1,4 +1,5 @@
-"""Why only the lm_head gets int8 inputs (Recipe.block_int8_inputs): SmolLM2-135M, symmetric
+"""How chaotic int8 inputs inside the blocks make the model (Recipe.block_int8_inputs; the
+measurement behind export/lm.py's noise-floor verification): SmolLM2-135M, symmetric
 INT4 group 64 by a plain weight-only call without calib_data, with every quantized Linear's
 input rounded to int8 per block (as ONNX Runtime's MatMulNBits at accuracy_level=4 computes).
 Next-token agreement and logit distance on 2 x 256 held-out Shakespeare tokens between: the

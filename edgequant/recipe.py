@@ -107,16 +107,14 @@ class Recipe:
     # ("auto": on there, off elsewhere).
     awq: bool | None = None
     clip_search: bool | None = None
-    # ... and, in the same pipeline, the refit of each row's scales to the codes GPTQ chose, for
-    # the least output error on the calibration tokens (ptq/scale_refit.py): True, False or
-    # None ("auto": off; it raised held-out perplexity where it was measured).
+    # ... and the refit of each row's scales to GPTQ's codes by output error (ptq/scale_refit.py;
+    # None, "auto": off, it raised held-out perplexity where it was measured).
     scale_refit: bool | None = None
-    # Weight-only PTQ of a causal LM: the lm_head's input rounded to int8 at run time, per token
-    # and per block of the input (symmetric, scale amax / 127), as ONNX Runtime's MatMulNBits
-    # computes it at accuracy_level=4, its fast int8 path on CPUs; the LM export then writes
-    # that level for it. None ("auto"): on for a LLaMA-style causal LM at <= 4 weight bits
-    # under the onnxruntime target (ptq/weight_only.py block_int8_rule); True / False: on / off.
-    block_int8_inputs: bool | None = None
+    # Weight-only causal LM: Linear inputs rounded to int8 per token and block (amax / 127) as
+    # ONNX Runtime's MatMulNBits at accuracy_level=4 (its fast CPU path, which the LM export
+    # writes): "all" (True), "lm_head" (only it: token-exact verification), False; None, auto:
+    # "all" in a LLaMA-style LM at <= 4 bits for onnxruntime (ptq/weight_only.py block_int8_rule).
+    block_int8_inputs: bool | str | None = None
     # --- QAT (qat/): how quantization ranges train: "ema", "pact", "lsq" or "lsq+".
     range_learning: str = "lsq"
     # Dynamic PTQ: the activation grid computed at run time for each Linear input: "token", one
@@ -206,9 +204,11 @@ class Recipe:
             "scale_refit",
             "block_int8_inputs",
         ):
-            if getattr(self, label) not in (None, True, False):
+            scopes = ("all", "lm_head") if label == "block_int8_inputs" else ()
+            if getattr(self, label) not in (None, True, False, *scopes):
                 raise ValueError(
-                    f"Recipe.{label} must be true, false or null (auto), got {getattr(self, label)!r}"
+                    f"Recipe.{label} must be {''.join(f'{v!r}, ' for v in scopes)}true, false or "
+                    f"null (auto), got {getattr(self, label)!r}"
                 )
         for label in ("quantize_outputs", "quantize_attention"):
             if not isinstance(getattr(self, label), bool):

@@ -43,6 +43,16 @@ __all__ = ["DecoderGraph", "LMExportError", "LMExportInfo", "export_lm_onnx", "l
 # of positions, and its perplexity is within PPL_TOLERANCE (relative).
 MIN_AGREEMENT = 0.99
 PPL_TOLERANCE = 0.01
+# A model that rounds inputs inside its stack of blocks (Recipe.block_int8_inputs "all") is
+# chaotic at the size of float rounding: the simulation itself, its embedding output changed by
+# a relative FLOOR_NOISE, moves its next tokens as much as a runtime does (BENCHMARKS.md, stop
+# 35). Its file is held to that noise floor instead: next-token agreement at least the
+# simulation's with itself perturbed, less AGREEMENT_SLACK, and a relative logit distance at
+# most DISTANCE_FACTOR times the perturbed simulation's (the mean of FLOOR_DRAWS draws).
+FLOOR_NOISE = 1e-6
+FLOOR_DRAWS = 2
+AGREEMENT_SLACK = 0.03
+DISTANCE_FACTOR = 1.5
 
 
 @dataclass
@@ -56,6 +66,10 @@ class LMExportInfo:
     perplexity_deployed: float | None = None
     perplexity_simulated: float | None = None
     tokens_verified: int = 0
+    # Where the model rounds inside its blocks: the noise floor the file is held to.
+    agreement_floor: float | None = None
+    logit_distance: float | None = None
+    logit_distance_floor: float | None = None
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -229,8 +243,9 @@ def export_lm_onnx(
     """Write `qmodel` (a LLaMA-style causal LM, quantized by edgequant or float) as ONNX with a
     KV cache; quantized Linears become MatMulNBits. With `verify_windows` (N, T) token ids of
     held-out text, the written file runs in ONNX Runtime and must agree with the simulation
-    (next token on >= MIN_AGREEMENT of positions, perplexity within PPL_TOLERANCE), else
-    LMExportError and nothing is written. quantized=False writes the float graph (the FP32
+    (next token on >= MIN_AGREEMENT of positions, perplexity within PPL_TOLERANCE; a model
+    rounding inputs inside its blocks is held to the simulation's own noise floor instead, see
+    AGREEMENT_SLACK), else LMExportError and nothing is written. quantized=False writes the float graph (the FP32
     reference) without the rewrite."""
     import onnx
 
@@ -282,29 +297,95 @@ def _verify(
     deployed = run_windows(
         session, windows, graph_module.layers_count, graph_module.kv_heads, graph_module.head_dim
     )
-    same, total = 0, 0
-    nll_d = nll_s = 0.0
-    count = 0
-    with torch.no_grad():
-        for row, logits_d in zip(windows, deployed, strict=True):
-            ids = row.reshape(1, -1)
-            logits_s = logits_of(qmodel(input_ids=ids))
-            ld = torch.from_numpy(logits_d)
-            same += int((ld.argmax(-1) == logits_s.argmax(-1)).sum())
-            total += ids.numel()
-            a, n = next_token_nll(ld, ids)
-            b, _ = next_token_nll(logits_s, ids)
-            nll_d, nll_s, count = nll_d + a, nll_s + b, count + n
-    info.agreement = same / total
-    info.perplexity_deployed = math.exp(nll_d / count)
-    info.perplexity_simulated = math.exp(nll_s / count)
-    info.tokens_verified = total
+    simulated = _simulated_logits(qmodel, windows)
+    stats = _compare(deployed, simulated, windows)
+    info.agreement = stats["agreement"]
+    info.perplexity_deployed = math.exp(stats["nll_a"])
+    info.perplexity_simulated = math.exp(stats["nll_b"])
+    info.tokens_verified = windows.numel()
+    need = MIN_AGREEMENT
+    far = False
+    if rounds_inside_blocks(qmodel):
+        floors = [
+            _compare(_simulated_logits(qmodel, windows, seed), simulated, windows)
+            for seed in range(FLOOR_DRAWS)
+        ]
+        info.agreement_floor = float(np.mean([f["agreement"] for f in floors]))
+        info.logit_distance_floor = float(np.mean([f["distance"] for f in floors]))
+        info.logit_distance = stats["distance"]
+        need = min(MIN_AGREEMENT, info.agreement_floor - AGREEMENT_SLACK)
+        far = info.logit_distance > DISTANCE_FACTOR * info.logit_distance_floor
+        info.notes.append(
+            "verified against the simulation's noise floor (int8 inputs inside the blocks): "
+            f"agreement {info.agreement:.4f} (the simulation with itself, its embedding changed "
+            f"by {FLOOR_NOISE:g}: {info.agreement_floor:.4f}), relative logit distance "
+            f"{info.logit_distance:.4f} ({info.logit_distance_floor:.4f})"
+        )
     rel = abs(info.perplexity_deployed / info.perplexity_simulated - 1)
-    if info.agreement < MIN_AGREEMENT or rel > PPL_TOLERANCE:
+    if info.agreement < need or rel > PPL_TOLERANCE or far:
+        floor = (
+            f", relative logit distance {info.logit_distance:.4f} (needs <= {DISTANCE_FACTOR} x "
+            f"the simulation's noise floor {info.logit_distance_floor:.4f})"
+            if info.logit_distance is not None
+            else ""
+        )
         raise LMExportError(
             f"the ONNX Runtime model does not compute what the simulation computes on "
             f"{windows.shape[0]} x {windows.shape[1]} held-out tokens: next-token agreement "
-            f"{info.agreement:.4f} (needs >= {MIN_AGREEMENT}), perplexity "
+            f"{info.agreement:.4f} (needs >= {need:.4f}), perplexity "
             f"{info.perplexity_deployed:.3f} deployed vs {info.perplexity_simulated:.3f} "
-            f"simulated (needs within {PPL_TOLERANCE:.0%}); nothing written"
+            f"simulated (needs within {PPL_TOLERANCE:.0%}){floor}; nothing written"
         )
+
+
+def rounds_inside_blocks(qmodel: nn.Module) -> bool:
+    """Whether a Linear other than the lm_head rounds its input to int8 at run time."""
+    return any(
+        getattr(m, "input_block_int8", None) is not None
+        for name, m in qmodel.named_modules()
+        if name != "lm_head"
+    )
+
+
+def _simulated_logits(qmodel: nn.Module, windows: Tensor, seed: int | None = None) -> list[Tensor]:
+    """The simulation's logits for each window; with `seed`, its embedding output multiplied by
+    (1 + FLOOR_NOISE x a standard normal draw of that seed)."""
+    hook = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+
+        def perturb(_module: nn.Module, _inputs: Any, out: Tensor) -> Tensor:
+            noise = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+            return out * (1 + FLOOR_NOISE * noise)
+
+        hook = cast(Any, qmodel).get_input_embeddings().register_forward_hook(perturb)
+    try:
+        with torch.no_grad():
+            return [logits_of(qmodel(input_ids=row.reshape(1, -1)))[0] for row in windows]
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _compare(a_logits: Any, b_logits: list[Tensor], windows: Tensor) -> dict[str, float]:
+    """Next-token agreement of a with b, their mean next-token NLLs and a's relative logit
+    distance from b (Frobenius, over every window)."""
+    same = total = count = 0
+    nll_a = nll_b = 0.0
+    diff = norm = 0.0
+    for row, a_raw, b in zip(windows, a_logits, b_logits, strict=True):
+        a = torch.as_tensor(a_raw).reshape(b.shape).to(b.dtype)
+        ids = row.reshape(1, -1)
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += row.numel()
+        x, n = next_token_nll(a.unsqueeze(0), ids)
+        y, _ = next_token_nll(b.unsqueeze(0), ids)
+        nll_a, nll_b, count = nll_a + x, nll_b + y, count + n
+        diff += float((a - b).double().pow(2).sum())
+        norm += float(b.double().pow(2).sum())
+    return {
+        "agreement": same / total,
+        "nll_a": nll_a / count,
+        "nll_b": nll_b / count,
+        "distance": math.sqrt(diff / max(norm, 1e-30)),
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -86,66 +86,87 @@ def is_llama_style(model: nn.Module) -> bool:
 
 
 def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any]) -> bool:
-    """Whether the lm_head's input is rounded to int8 per token and per block at run time
-    (Recipe.block_int8_inputs; functional.block_int8_fake_quantize), the blocks being those of
-    its MatMulNBits form, so that the LM export writes it at accuracy_level=4: ONNX Runtime's
-    int8 path, at batch 1 faster than its float path for an 8-bit lm_head and than an FP32
-    MatMul (benchmarks/matmul_nbits_levels.py). Only the lm_head: rounding inputs inside the
-    stack of blocks makes the model chaotic at the size of float rounding (a relative change of
-    the embedding that small flips a share of the next tokens in the simulation itself:
-    BENCHMARKS.md), so no runtime can verify against it token by token; after the lm_head
-    nothing is rounded again. Auto: on for a LLaMA-style causal LM with <= 4-bit
-    weights in its stack of blocks under the onnxruntime target. Records the choice and its
-    reason in `pipeline`."""
+    """Which quantized Linears of a causal LM get their input rounded to int8 at run time, per
+    token and per block (Recipe.block_int8_inputs; functional.block_int8_fake_quantize), the
+    blocks being those of their MatMulNBits form, so that the LM export writes them at
+    accuracy_level=4: ONNX Runtime's int8 path, at batch 1 2-6x faster than its float path
+    (benchmarks/matmul_nbits_levels.py). "all" (auto, True): every such Linear, the lm_head
+    included; "lm_head": the lm_head only, the last rounding, so that the export verifies
+    token by token. Rounding inside the stack of blocks makes the model chaotic at the size
+    of float rounding (BENCHMARKS.md, stop 35), so such an export is verified against the
+    simulation's own noise floor (export/lm.py). Auto: on for a LLaMA-style causal LM with
+    <= 4-bit weights in its stack of blocks under the onnxruntime target. Records the choice,
+    its reason and the layers in `pipeline`."""
     reasons = pipeline["reasons"]
     bits = lowest_block_bits(qmodel)
     lm = is_llama_style(qmodel) and bits is not None and bits <= 4
     on = recipe.block_int8_inputs
     if on is None:
-        on = lm and recipe.target == "onnxruntime"
+        on = "all" if lm and recipe.target == "onnxruntime" else False
         reasons["block_int8_inputs"] = (
-            f"{bits}-bit weights in a LLaMA-style causal LM for onnxruntime: the lm_head as "
-            "MatMulNBits at accuracy_level=4 (int8 inputs per block), its fast CPU path"
+            f"{bits}-bit weights in a LLaMA-style causal LM for onnxruntime: its Linears as "
+            "MatMulNBits at accuracy_level=4 (int8 inputs per token and block), the fast CPU "
+            "path; the lm_head too"
             if on
             else "not a LLaMA-style causal LM at <= 4 weight bits for onnxruntime"
         )
     else:
         reasons["block_int8_inputs"] = "recipe"
-    pipeline["block_int8_inputs"] = bool(on)
-    if not on:
+    scope = "all" if on is True else on
+    pipeline["block_int8_inputs"] = scope
+    if not scope:
         return False
     if not is_llama_style(qmodel):
         raise ValueError(
-            f"recipe {recipe.name!r}: block_int8_inputs=True needs a LLaMA-style causal LM (the "
-            f"LM export's MatMulNBits form); got {type(qmodel).__name__}"
+            f"recipe {recipe.name!r}: block_int8_inputs={on!r} needs a LLaMA-style causal LM "
+            f"(the LM export's MatMulNBits form); got {type(qmodel).__name__}"
         )
     head = qmodel.get_submodule("lm_head")
-    wq = getattr(head, "weight_quantizer", None)
-    why = ""
-    block = None
-    if not isinstance(head, QuantLinear) or wq is None or wq.mode != "quantize":
-        why = "lm_head is not quantized"
-    else:
-        grouped = wq.spec.granularity == "group" and wq.spec.axis in (1, -1)
-        if wq.spec.granularity == "group" and not grouped:
-            block = None
-        else:
-            block = nbits_block_size(head.in_features, wq.spec.group_size if grouped else None)
-        if block is None:
-            why = (
-                f"lm_head ({head.in_features} inputs, {wq.spec.short()}) has no MatMulNBits "
-                "form (a group size along the inputs that is a power of two >= 16, or "
-                "per-channel weights with inputs a multiple of 16)"
-            )
-    if block is None:
-        if recipe.block_int8_inputs:
-            raise ValueError(f"recipe {recipe.name!r}: block_int8_inputs=True, but {why}")
+    why = _nbits_form_missing("lm_head", head)
+    if why:
+        if recipe.block_int8_inputs is not None:
+            raise ValueError(f"recipe {recipe.name!r}: block_int8_inputs={on!r}, but {why}")
         pipeline["block_int8_inputs"] = False
         reasons["block_int8_inputs"] = f"off: {why}"
         return False
-    head.input_block_int8 = torch.tensor(block, dtype=torch.int64)
-    pipeline["block_int8_layers"] = ["lm_head"]
+    layers: dict[str, QuantLinear] = {"lm_head": cast(QuantLinear, head)}
+    if scope == "all":
+        found = find_blocks(qmodel)
+        prefix, stack = found if found is not None else ("", nn.ModuleList())
+        for name, layer in stack.named_modules():
+            if isinstance(layer, QuantLinear) and not _nbits_form_missing(name, layer):
+                layers[f"{prefix}.{name}"] = layer
+    for layer in layers.values():
+        layer.input_block_int8 = torch.tensor(_nbits_block(layer), dtype=torch.int64)
+    pipeline["block_int8_layers"] = sorted(layers, key=lambda n: (n == "lm_head", n))
     return True
+
+
+def _nbits_block(layer: QuantLinear) -> int | None:
+    """The block of `layer`'s MatMulNBits form (None: it has none)."""
+    wq = layer.weight_quantizer
+    if wq is None:
+        return None
+    spec = wq.spec
+    if spec.granularity == "group" and spec.axis not in (1, -1):
+        return None
+    return nbits_block_size(
+        layer.in_features, spec.group_size if spec.granularity == "group" else None
+    )
+
+
+def _nbits_form_missing(name: str, layer: nn.Module) -> str:
+    """Why `layer` has no MatMulNBits form ("" where it has one)."""
+    wq = getattr(layer, "weight_quantizer", None)
+    if not isinstance(layer, QuantLinear) or wq is None or wq.mode != "quantize":
+        return f"{name} is not quantized"
+    if _nbits_block(layer) is None:
+        return (
+            f"{name} ({layer.in_features} inputs, {wq.spec.short()}) has no MatMulNBits form (a "
+            "group size along the inputs that is a power of two >= 16, or per-channel weights "
+            "with inputs a multiple of 16)"
+        )
+    return ""
 
 
 def lowest_block_bits(qmodel: nn.Module) -> int | None:
@@ -235,7 +256,8 @@ def quantize_weight_only(
         # goes the other way, 0.99853 against 0.99806: BENCHMARKS.md, issue 10).
         steps += apply_refinement(qmodel, data, pipeline, summary, progress, real_tokens_only=False)
     if block_int8_rule(recipe, qmodel, pipeline):
-        steps.append("lm_head int8 inputs per token and block (MatMulNBits accuracy_level=4)")
+        where = "lm_head" if pipeline["block_int8_inputs"] == "lm_head" else "Linear"
+        steps.append(f"{where} int8 inputs per token and block (MatMulNBits accuracy_level=4)")
     if calib_data is None:
         summary.notes.extend(pipeline_notes(pipeline))
     attach_ptq_info(

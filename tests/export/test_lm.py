@@ -93,38 +93,58 @@ def _levels(path) -> dict[str, int]:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_int8_inputs_by_default_export_accuracy_level_4_and_verify(tmp_path, tied) -> None:
-    """The default for a 4-bit LLaMA-style LM rounds the lm_head's input to int8 per block in
-    the simulation; the file runs the lm_head as MatMulNBits at accuracy_level=4 (still one
-    table with the embedding when tied), the 4-bit layers at the default level, and verifies."""
+    """The default for a 4-bit LLaMA-style LM rounds every quantized Linear's input to int8 per
+    block in the simulation; the file runs every MatMulNBits (the lm_head too, still one table
+    with the embedding when tied) at accuracy_level=4 and verifies against the simulation's
+    noise floor."""
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
 
     model = tiny_llama(tied=tied)
     q = eq.quantize(model, lm_recipe(), calib_data=token_batches(), method="weight_only")
     pipeline = q.quant_info["pipeline"]
-    assert pipeline["block_int8_inputs"] is True and pipeline["block_int8_layers"] == ["lm_head"]
+    assert pipeline["block_int8_inputs"] == "all" and len(pipeline["block_int8_layers"]) == 15
     assert "accuracy_level=4" in pipeline["reasons"]["block_int8_inputs"]
     held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
     path = tmp_path / "lm.onnx"
     info = export_lm_onnx(q, path, verify_windows=held_out)
-    assert info.agreement is not None and info.agreement >= 0.99
+    assert info.agreement_floor is not None and info.logit_distance_floor is not None
+    assert info.agreement >= info.agreement_floor - lm.AGREEMENT_SLACK
+    assert info.logit_distance <= lm.DISTANCE_FACTOR * info.logit_distance_floor
+    assert any("noise floor" in note for note in info.notes)
     assert info.tied_table is tied and info.matmul_nbits == 2 * 7 + 1
     levels = _levels(path)
     assert levels.pop("lm_head/MatMulNBits") == 4
-    assert len(levels) == 2 * 4 and set(levels.values()) == {0}
+    assert len(levels) == 2 * 4 and set(levels.values()) == {4}  # q/k/v and gate/up merged
     # ONNX Runtime keeps them as MatMulNBits after its own optimisations.
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    assert len(_levels(tmp_path / "optimized.onnx")) == 2 * 4 + 1
+    assert set(_levels(tmp_path / "optimized.onnx").values()) == {4}
     # The int8 rounding changes the simulated logits beyond float rounding: what is verified
     # is the rounding, not a no-op.
     with torch.no_grad():
         ids = held_out[:1]
         with_int8 = q(input_ids=ids).logits
-        q.lm_head.input_block_int8 = None
+        for m in q.modules():
+            if getattr(m, "input_block_int8", None) is not None:
+                m.input_block_int8 = None
         without = q(input_ids=ids).logits
     assert (with_int8 - without).abs().max() > 1e-3
+
+
+def test_lm_head_only_int8_inputs_verify_token_by_token(tmp_path) -> None:
+    """block_int8_inputs="lm_head": only the lm_head at accuracy_level=4, the 4-bit layers at
+    the default level, and the exact verification (no noise floor)."""
+    pytest.importorskip("onnxruntime")
+    r = lm_recipe(block_int8_inputs="lm_head")
+    q = eq.quantize(tiny_llama(), r, calib_data=token_batches(), method="weight_only")
+    held_out = torch.cat([b["input_ids"] for b in token_batches(4, 32, seed=5)])
+    info = export_lm_onnx(q, tmp_path / "lm.onnx", verify_windows=held_out)
+    assert info.agreement is not None and info.agreement >= lm.MIN_AGREEMENT
+    assert info.agreement_floor is None and info.logit_distance is None
+    levels = _levels(tmp_path / "lm.onnx")
+    assert levels.pop("lm_head/MatMulNBits") == 4 and set(levels.values()) == {0}
 
 
 def test_export_of_an_untied_asymmetric_8_bit_lm_head_verifies(tmp_path) -> None:
@@ -144,8 +164,13 @@ def test_export_of_an_untied_asymmetric_8_bit_lm_head_verifies(tmp_path) -> None
     assert any("lm_head: 8-bit codes" in note for note in info.notes)
 
 
-def test_export_refuses_a_model_that_does_not_match_the_simulation(tmp_path, monkeypatch) -> None:
-    q = eq.quantize(tiny_llama(), lm_recipe(), calib_data=token_batches(), method="weight_only")
+@pytest.mark.parametrize("scope", ["all", "lm_head", False])
+def test_export_refuses_a_model_that_does_not_match_the_simulation(
+    tmp_path, monkeypatch, scope
+) -> None:
+    """Token by token and against the noise floor alike, a broken writer is refused."""
+    r = lm_recipe(block_int8_inputs=scope)
+    q = eq.quantize(tiny_llama(), r, calib_data=token_batches(), method="weight_only")
     real = matmul_nbits.pack_linear
 
     def wrong_scales(layer, name):  # a broken writer: every scale doubled

@@ -10,6 +10,7 @@ from toys import SmallCNN, lm_recipe, tensor_batches, tiny_llama, token_batches 
 
 import edgequant as eq
 from edgequant.instrument import quant_layers
+from edgequant.modules import QuantLinear
 from edgequant.spec import LayerOverride, weight_spec
 
 
@@ -35,18 +36,30 @@ def test_the_rule_leaves_8_bit_and_non_decoder_models_alone() -> None:
 
 
 def test_block_int8_rule_is_on_for_a_4_bit_llama_for_onnxruntime_only() -> None:
-    """Recipe.block_int8_inputs (None = auto): on for a LLaMA-style LM at <= 4 bits under the
-    onnxruntime target, for the lm_head only, with the block of its MatMulNBits form; off (with
-    the reason) at 8 bits, under another target, for a group size MatMulNBits cannot take and
-    for other models; True where it cannot apply is an error naming the layer."""
+    """Recipe.block_int8_inputs (None = auto): "all" for a LLaMA-style LM at <= 4 bits under the
+    onnxruntime target, every quantized Linear with the block of its MatMulNBits form, or the
+    lm_head only on request; off (with the reason) at 8 bits, under another target, for a group
+    size MatMulNBits cannot take and for other models; on where it cannot apply is an error
+    naming the layer."""
     model = tiny_llama()
     q = eq.quantize(model, lm_recipe(), method="weight_only")
     pipeline = q.quant_info["pipeline"]
-    assert pipeline["block_int8_inputs"] is True and pipeline["block_int8_layers"] == ["lm_head"]
+    assert pipeline["block_int8_inputs"] == "all"
+    inside = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert len(inside) == 2 * 7 + 1 and pipeline["block_int8_layers"][-1] == "lm_head"
+    assert sorted(pipeline["block_int8_layers"]) == sorted(inside)
     assert q.lm_head.input_block_int8.item() == 64  # per row: the largest block dividing 64
-    inside = [m for n, m in q.named_modules() if n.startswith("model.") and hasattr(m, "weight")]
-    assert all(getattr(m, "input_block_int8", None) is None for m in inside)
-    assert any("int8 inputs" in step for step in pipeline["steps"])
+    # The 4-bit layers: their group of 32 along the input.
+    assert {m.input_block_int8.item() for n, m in inside.items() if n != "lm_head"} == {32}
+    assert any("Linear int8 inputs" in step for step in pipeline["steps"])
+    for scope in (True, "all"):
+        p = eq.quantize(model, lm_recipe(block_int8_inputs=scope), method="weight_only")
+        assert p.quant_info["pipeline"]["block_int8_layers"] == pipeline["block_int8_layers"]
+    head = eq.quantize(model, lm_recipe(block_int8_inputs="lm_head"), method="weight_only")
+    assert head.quant_info["pipeline"]["block_int8_layers"] == ["lm_head"]
+    assert head.quant_info["pipeline"]["block_int8_inputs"] == "lm_head"
+    rest = [m for n, m in head.named_modules() if isinstance(m, QuantLinear) and n != "lm_head"]
+    assert all(m.input_block_int8 is None for m in rest)
     off = {
         "8-bit": lm_recipe(8),
         "target": lm_recipe().for_target("tflite-int8"),
@@ -68,8 +81,10 @@ def test_block_int8_rule_is_on_for_a_4_bit_llama_for_onnxruntime_only() -> None:
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     p = eq.quantize(mlp, lm_recipe(), method="weight_only").quant_info["pipeline"]
     assert p["block_int8_inputs"] is False
-    with pytest.raises(ValueError, match=r"lm_head.*MatMulNBits"):
-        eq.quantize(model, off["group 8"].replace(block_int8_inputs=True), method="weight_only")
+    for scope in (True, "lm_head"):
+        with pytest.raises(ValueError, match=r"lm_head.*MatMulNBits"):
+            bad = off["group 8"].replace(block_int8_inputs=scope)
+            eq.quantize(model, bad, method="weight_only")
     with pytest.raises(ValueError, match="LLaMA-style"):
         eq.quantize(mlp, lm_recipe(block_int8_inputs=True), method="weight_only")
 
@@ -81,6 +96,7 @@ def test_block_int8_inputs_survive_save_and_load(tmp_path) -> None:
     batch = token_batches(2)[0]
     loaded = eq.load(model, lm_recipe(), tmp_path / "q.pt", batch, method="weight_only")
     assert loaded.lm_head.input_block_int8.item() == 64
+    assert loaded.model.layers[1].mlp.down_proj.input_block_int8.item() == 32
     with torch.no_grad():
         ids = batch["input_ids"]
         assert torch.equal(loaded(input_ids=ids).logits, q(input_ids=ids).logits)
