@@ -100,7 +100,10 @@ class DecoderGraph(nn.Module):
     """A LLaMA-style causal LM restated with explicit KV-cache tensors, for export.
 
     Built from a Hugging Face LlamaForCausalLM (float or quantized by edgequant): weights are
-    taken as the simulation uses them; `linear_names` maps each weight buffer to its layer."""
+    taken as the simulation uses them; `linear_names` maps each weight buffer to its layer.
+    export/lm_graph.py writes the ONNX graph from these weights node by node; `forward` (with
+    `empty_past`) states the same computation in PyTorch, the reference that graph and the
+    Hugging Face model are tested against (tests/export/test_lm.py), not what is exported."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
