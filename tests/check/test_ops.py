@@ -53,3 +53,13 @@ def test_module_op_reads_the_tables_then_the_class_name() -> None:
         pass
 
     assert module_op(Mystery()) == "Mystery"
+
+
+def test_pool_windows_are_whole_or_none() -> None:
+    from edgequant.check.ops import pool_windows
+
+    assert pool_windows([12], 3) == [4]
+    assert pool_windows([8, 6], (2, None)) == [4, 1]  # None: the input's size
+    assert pool_windows([8, 6], 1) == [8, 6]
+    assert pool_windows([10], 3) is None
+    assert pool_windows([8, 5], (2, 2)) is None
