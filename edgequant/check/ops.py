@@ -128,7 +128,19 @@ _LUT = (
     "integer runtimes run it as a 256-entry int8 lookup table (TFLite); edgequant's integer "
     "export and run_integer have no lookup-table op"
 )
+# Bilinear upsampling (F.interpolate / nn.Upsample, align_corners False or True), measured with
+# litert-torch 0.10: converted to int8 RESIZE_BILINEAR, which TFLite Micro and LiteRT's reference
+# kernels run alike (tensorflow/lite/kernels/internal/reference/resize_bilinear.h, int8 path).
+BILINEAR_WHY = (
+    "TFLite has an int8 RESIZE_BILINEAR (litert-torch writes it, TFLite Micro runs it), but it "
+    "interpolates the stored int8 values in fixed point (source positions on a 1/1024 grid, the "
+    "weighted sum rounded half away from zero back onto the input's grid), which edgequant's "
+    "simulation and integer reference do not compute: no file with it can be proven bit-exact. "
+    "Nearest upsampling (mode='nearest') exports exactly (a change of function: fine-tune or "
+    "QAT afterwards)"
+)
 NOT_INTEGER: dict[str, tuple[str | None, str]] = {
+    "upsample (bilinear)": (None, BILINEAR_WHY),
     "gelu": (
         "nn.ReLU",
         "the usual integer stand-in (changes the function: fine-tune or QAT afterwards); " + _LUT,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from edgequant._io import atomic_path
 from edgequant.batches import batch_list, check_batch_values, run_checked, split_inputs
+from edgequant.check.ops import BILINEAR_WHY
 from edgequant.export.lower import ExportError
 from edgequant.export.onnx import export_onnx
 from edgequant.export.pt2e import export_program, pt2e_model, unsupported_nodes
@@ -389,8 +390,11 @@ def _convert(qmodel: nn.Module, one: tuple[Tensor, ...]) -> bytes:
     program = export_program(model, one)
     bad = unsupported_nodes(program, TFLITE_OPS)
     if bad:
+        bilinear = any(b.startswith("aten.upsample_bilinear2d") for b in bad)
         raise ExportError(
-            f"{len(bad)} ops have no integer TFLite kernel here: " + "; ".join(bad[:5])
+            f"{len(bad)} ops have no integer TFLite kernel here: "
+            + "; ".join(bad[:5])
+            + (f" (bilinear upsampling: {BILINEAR_WHY})" if bilinear else "")
         )
     flatbuffer = convert_program(program, one)
     _, floats = tensor_ops(flatbuffer)

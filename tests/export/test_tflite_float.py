@@ -54,3 +54,39 @@ def test_export_tflite_refuses_tflite_int8_naming_the_op_and_layer_before_conver
     ):
         eq.export_tflite(qmodel, tmp_path / "m.tflite", calib[0][:1])
     assert not list(tmp_path.iterdir())
+
+
+def test_bilinear_upsampling_is_refused_before_conversion_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that reached export_tflite with bilinear upsampling (eq.quantize refuses it first
+    for mcu-int8: bypassed here) is refused naming the op, the layer and why."""
+    import importlib
+
+    from torch import nn
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            return self.head(torch.nn.functional.interpolate(y, scale_factor=2, mode="bilinear"))
+
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    recipe = eq.Recipe.preset("w8a8").for_target("mcu-int8")
+    with pytest.raises(ValueError, match=r"op 'upsample \(bilinear\)'.*RESIZE_BILINEAR"):
+        eq.quantize(Up().eval(), recipe, calib)
+    quantize_module = importlib.import_module("edgequant.ptq.quantize")  # not the function
+    monkeypatch.setattr(quantize_module, "require_target_fits", lambda *_: None)
+    qmodel = eq.quantize(Up().eval(), recipe, calib)
+    monkeypatch.setattr(tflite, "convert_program", lambda *_: pytest.fail("converted"))
+    with pytest.raises(
+        eq.ExportError,
+        match=r"aten\.upsample_bilinear2d \(the top level\).*bilinear upsampling: TFLite has an "
+        r"int8 RESIZE_BILINEAR",
+    ):
+        eq.export_tflite(qmodel, tmp_path / "u.tflite", calib[0][:1])
+    assert not list(tmp_path.iterdir())
