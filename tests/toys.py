@@ -529,3 +529,26 @@ def run_item(model: nn.Module, item: object) -> torch.Tensor:
     """model's output on a test item of quantize_case, without gradients."""
     with torch.no_grad():
         return model(**item) if isinstance(item, dict) else model(item)
+
+
+class PoolHead(nn.Module):
+    """F.adaptive_max_pool1d(x, 3) inside a child module: the layer a refusal must name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch_F.adaptive_max_pool1d(x, 3)
+
+
+class AdaptivePools(nn.Module):
+    """Conv1d, then an adaptive max pool to 3 steps (a function in layer 'head', or the module
+    'pool'), Linear: whole windows on 12 steps, windows of 3 and 4 steps on 10."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.head: nn.Module = PoolHead() if functional else nn.Identity()
+        self.pool: nn.Module = nn.Identity() if functional else nn.AdaptiveMaxPool1d(3)
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.head(torch.relu(self.conv(x))))
+        return self.fc(x.flatten(1))

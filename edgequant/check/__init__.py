@@ -21,6 +21,7 @@ from edgequant.check.ops import (
     REMOVE,
     REPLACE,
     SHAPE_ONLY_ONNX,
+    WHOLE_WINDOWS_ONLY,
     ZEROS,
 )
 from edgequant.check.result import CheckResult, OpRow, op_row, target_spec
@@ -85,38 +86,53 @@ def check(model: nn.Module, target: str, example_inputs: Any = None) -> CheckRes
 def require_target_fits(
     model: nn.Module, target: str, method: str, example_inputs: Any = None
 ) -> None:
-    """ValueError before any calibration when a fully integer target (mcu-int8) cannot take
-    `model` quantized by `method`, naming the op and the layer; nothing for other targets.
+    """ValueError before any calibration when `target` cannot take `model` quantized by
+    `method`, naming the op and the layer.
 
-    Only static quantization gives integer activations everywhere; the ops are those `check`
-    refuses, must replace, or would remove at the output.
+    A fully integer target (mcu-int8) refuses every op `check` refuses, must replace, or would
+    remove at the output, and every method but static quantization (the only one that gives
+    integer activations everywhere). The other targets whose files have no adaptive max pool
+    (tflite-int8, executorch) refuse one whose windows differ in size; that takes the shapes
+    of example_inputs, and without them (or where the model does not trace) the exporter
+    refuses it instead.
     """
     spec = target_spec(target)
+    if spec.fully_integer and method != "static":
+        _refuse_method(model, spec.name, method)
     if not spec.fully_integer:
-        return
-    if method != "static":
-        layers = [
-            (n, type(m).__name__)
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
-        ]
-        where = f"layer {layers[0][0]!r} ({layers[0][1]}) and every other" if layers else "every"
-        how = (
-            "quantizes activations in float at run time (DynamicQuantizeLinear)"
-            if method == "dynamic"
-            else "keeps activations in float"
-        )
-        raise ValueError(
-            f"method {method!r} {how}, and target {spec.name!r} needs a fully integer graph: "
-            f"{where} layer would compute on float activations; use method='static'"
-        )
-    result = check(model, spec.name, example_inputs)
+        if spec.name not in WHOLE_WINDOWS_ONLY or example_inputs is None:
+            return
+        try:
+            result = check(model, spec.name, example_inputs)
+        except Exception:  # the exporter refuses it instead; quantizing needs no trace
+            return
+    else:
+        result = check(model, spec.name, example_inputs)
     bad = [r for r in result.rows if r.action != KEEP_FLOAT]
     if bad:
         listed = "; ".join(f"op {r.op!r} at {r.node!r} ({r.action}: {r.choice})" for r in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        need = "a fully integer graph" if spec.fully_integer else "ops its files can express"
         raise ValueError(
-            f"target {spec.name!r} needs a fully integer graph, and this model has ops it "
-            f"cannot run in integer: {listed}{more}. Nothing was calibrated; "
-            "`edgequant check` lists every one"
+            f"target {spec.name!r} needs {need}, and this model has ops it cannot run"
+            f"{' in integer' if spec.fully_integer else ''}: {listed}{more}. Nothing was "
+            "calibrated; `edgequant check` lists every one"
         )
+
+
+def _refuse_method(model: nn.Module, target: str, method: str) -> None:
+    layers = [
+        (n, type(m).__name__)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    ]
+    where = f"layer {layers[0][0]!r} ({layers[0][1]}) and every other" if layers else "every"
+    how = (
+        "quantizes activations in float at run time (DynamicQuantizeLinear)"
+        if method == "dynamic"
+        else "keeps activations in float"
+    )
+    raise ValueError(
+        f"method {method!r} {how}, and target {target!r} needs a fully integer graph: "
+        f"{where} layer would compute on float activations; use method='static'"
+    )

@@ -96,13 +96,51 @@ ZEROS = "zeros (a constant: its zero point)"
 ZERO_CONSTANT_FUNCTIONS: set[Any] = {torch.zeros_like, torch.zeros}
 ZERO_CONSTANT_METHODS = {"new_zeros"}
 
+# --- adaptive max pools: exported as max pools of fixed windows, or not at all ---------------
+ADAPTIVE_MAX_POOL_FUNCTIONS: dict[Any, int] = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2}
+ADAPTIVE_MAX_POOL_MODULES: dict[type[nn.Module], int] = {
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+}
+# The targets whose files have no adaptive max pool: litert-torch refuses aten.adaptive_max_pool*
+# (.tflite) and it is not in ExecuTorch's core ATen set (.pte). Their exporters write one as the
+# max pool of fixed windows it is when every input size is a whole multiple of its output size
+# (graph_quantizers/pools.py, export/pt2e.py); uneven windows cannot be written at all.
+WHOLE_WINDOWS_ONLY = frozenset({"mcu-int8", "tflite-int8", "executorch"})
+
+
+def pool_windows(sizes: list[int], output_size: Any) -> list[int] | None:
+    """The fixed windows (kernel = stride = input // output, per spatial size) that an adaptive
+    pool of `output_size` (an int, or a sequence with None for "the input's size") takes over
+    `sizes`; None where some input size is not a whole multiple of its output size."""
+    wanted = (
+        list(output_size) if isinstance(output_size, (list, tuple)) else [output_size] * len(sizes)
+    )
+    outs = [s if o is None else int(o) for s, o in zip(sizes, wanted, strict=True)]
+    if any(o <= 0 or s % o for s, o in zip(sizes, outs, strict=True)):
+        return None
+    return [s // o for s, o in zip(sizes, outs, strict=True)]
+
+
 # --- ops with no integer kernel in edgequant's export, and what a fully integer target offers --
 # (op name, the replacement or None, why)
 _LUT = (
     "integer runtimes run it as a 256-entry int8 lookup table (TFLite); edgequant's integer "
     "export and run_integer have no lookup-table op"
 )
+# Bilinear upsampling (F.interpolate / nn.Upsample, align_corners False or True), measured with
+# litert-torch 0.10: converted to int8 RESIZE_BILINEAR, which TFLite Micro and LiteRT's reference
+# kernels run alike (tensorflow/lite/kernels/internal/reference/resize_bilinear.h, int8 path).
+BILINEAR_WHY = (
+    "TFLite has an int8 RESIZE_BILINEAR (litert-torch writes it, TFLite Micro runs it), but it "
+    "interpolates the stored int8 values in fixed point (source positions on a 1/1024 grid, the "
+    "weighted sum rounded half away from zero back onto the input's grid), which edgequant's "
+    "simulation and integer reference do not compute: no file with it can be proven bit-exact. "
+    "Nearest upsampling (mode='nearest') exports exactly (a change of function: fine-tune or "
+    "QAT afterwards)"
+)
 NOT_INTEGER: dict[str, tuple[str | None, str]] = {
+    "upsample (bilinear)": (None, BILINEAR_WHY),
     "gelu": (
         "nn.ReLU",
         "the usual integer stand-in (changes the function: fine-tune or QAT afterwards); " + _LUT,

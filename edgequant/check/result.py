@@ -95,6 +95,21 @@ def op_row(node: str, op: str, fully_integer: bool, target: str, at_output: bool
     return OpRow(node, op, REFUSE, f"{target} cannot run it: {why}")
 
 
+def uneven_pool_row(node: str, op: str, sizes: list[int], output_size: Any, target: str) -> OpRow:
+    """The refusal of an adaptive max pool whose windows differ in size (`sizes` of the input,
+    `output_size` asked for) on a target whose files have no adaptive max pool."""
+    return OpRow(
+        node,
+        f"{op} (uneven windows)",
+        REFUSE,
+        f"{target}'s files (.tflite, .pte) have no adaptive max pool, and a max pool of fixed "
+        f"windows computes it only where each input size is a whole multiple of its output "
+        f"size: input {'x'.join(map(str, sizes))}, output size {output_size!r}; change the "
+        "output size (or the input size) so that it divides, or use F.max_pool with a fixed "
+        "kernel",
+    )
+
+
 def target_spec(target: str) -> Any:
     if not isinstance(target, str):
         hint = f" (this recipe's is {target.target!r})" if hasattr(target, "target") else ""

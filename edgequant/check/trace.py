@@ -15,6 +15,8 @@ from torch import nn
 
 from edgequant.batches import call_model, naming_the_batch, removing_hooks, split_inputs
 from edgequant.check.ops import (
+    ADAPTIVE_MAX_POOL_FUNCTIONS,
+    ADAPTIVE_MAX_POOL_MODULES,
     BLOCKS,
     INTEGER_FUNCTIONS,
     INTEGER_METHODS,
@@ -23,12 +25,14 @@ from edgequant.check.ops import (
     NAMED_METHODS,
     NAMED_MODULES,
     SHAPE_QUERIES,
+    WHOLE_WINDOWS_ONLY,
     ZERO_CONSTANT_FUNCTIONS,
     ZERO_CONSTANT_METHODS,
     ZEROS,
     module_op,
+    pool_windows,
 )
-from edgequant.check.result import CheckResult, op_row
+from edgequant.check.result import CheckResult, op_row, uneven_pool_row
 from edgequant.check.tracer import shape_trace
 
 
@@ -76,6 +80,54 @@ def classify_fx(
             return None, NAMED_METHODS[target]
         return None, target
     return None, None
+
+
+def adaptive_max_pool(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, Any] | None:
+    """(op name, output size) of a call of an adaptive max pool (function or module), else None."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        spatial = ADAPTIVE_MAX_POOL_MODULES.get(type(m)) if m is not None else None
+        return None if spatial is None else (f"adaptive_max_pool{spatial}d", m.output_size)  # type: ignore[union-attr]
+    if node.op == "call_function" and node.target in ADAPTIVE_MAX_POOL_FUNCTIONS:
+        spatial = ADAPTIVE_MAX_POOL_FUNCTIONS[node.target]
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return f"adaptive_max_pool{spatial}d", size
+    return None
+
+
+def _node_label(node: torch.fx.Node) -> str:
+    """A module call's path; a function call's node name, with the layer it was called in."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    layer = str(list(stack.values())[-1][0]) if stack else ""
+    return f"{layer} ({node.name})" if layer else node.name
+
+
+def refuse_uneven_pool(
+    node: torch.fx.Node, modules: dict[str, nn.Module], result: CheckResult
+) -> bool:
+    """On a target whose files have no adaptive max pool: a row refusing `node` if it is one
+    whose windows differ in size (True), or a note where the shapes are unknown."""
+    pool = adaptive_max_pool(node, modules)
+    if pool is None or result.target not in WHOLE_WINDOWS_ONLY:
+        return False
+    op, output_size = pool
+    source = node.args[0] if node.args else None
+    meta = source.meta.get("tensor_meta") if isinstance(source, torch.fx.Node) else None
+    spatial = int(op[-2])
+    if meta is None or isinstance(output_size, torch.fx.Node):
+        result.notes.append(
+            f"{op} at {_node_label(node)!r}: {result.target} exports it only where each input "
+            "size is a whole multiple of its output size; pass example_inputs so that check "
+            "can tell"
+        )
+        return False
+    sizes = [int(d) for d in meta.shape[-spatial:]]
+    if pool_windows(sizes, output_size) is not None:
+        return False
+    result.rows.append(uneven_pool_row(_node_label(node), op, sizes, output_size, result.target))
+    return True
 
 
 def is_tensor_node(node: torch.fx.Node, memo: dict[torch.fx.Node, bool]) -> bool:
@@ -145,6 +197,8 @@ def check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None
                 and len(source.users) == 1
             ):
                 kind, other = None, "batch_norm"
+        if kind == "maxpool" and refuse_uneven_pool(node, modules, result):
+            continue
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1
             continue
@@ -157,11 +211,14 @@ def check_fx(model: nn.Module, example_inputs: Any, result: CheckResult) -> None
 
 def check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> None:
     seen: list[tuple[str, nn.Module]] = []
+    shapes: dict[str, list[int]] = {}  # each module's first input's shape, for the pools
     hooks = []
 
     def hook(name: str) -> Callable[..., None]:
         def fn(mod: nn.Module, inputs: Any, out: Any) -> None:
             seen.append((name, mod))
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                shapes[name] = [int(d) for d in inputs[0].shape]
 
         return fn
 
@@ -185,6 +242,14 @@ def check_hooks(model: nn.Module, example_inputs: Any, result: CheckResult) -> N
         call_model(model, example_inputs)
     last = seen[-1][0] if seen else None
     for name, m in dict(seen).items():
+        spatial = ADAPTIVE_MAX_POOL_MODULES.get(type(m))
+        if spatial and result.target in WHOLE_WINDOWS_ONLY and name in shapes:
+            size = getattr(m, "output_size", None)
+            if pool_windows(shapes[name][-spatial:], size) is None:
+                op = f"adaptive_max_pool{spatial}d"
+                row = uneven_pool_row(name, op, shapes[name][-spatial:], size, result.target)
+                result.rows.append(row)
+                continue
         kind = "upsample (nearest)" if nearest_upsample(m) else INTEGER_MODULES.get(type(m))
         if kind is not None:
             result.integer_ops[kind] = result.integer_ops.get(kind, 0) + 1

@@ -386,7 +386,7 @@ def node_layer(node: Any) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
-def _node_op(node: Any) -> str:
+def node_op(node: Any) -> str:
     """'aten.conv2d' for a call of torch.ops.aten.conv2d.default ('' for a non-call)."""
     if node.op != "call_function":
         return ""
@@ -397,9 +397,9 @@ def _node_op(node: Any) -> str:
     return f"{ns}.{op}" if ns and op else name
 
 
-def _described(node: Any) -> str:
+def describe_node(node: Any) -> str:
     layer = node_layer(node)
-    return f"{_node_op(node)} ({'layer ' + repr(layer) if layer else 'the top level'})"
+    return f"{node_op(node)} ({'layer ' + repr(layer) if layer else 'the top level'})"
 
 
 def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable[str]) -> list[str]:
@@ -407,10 +407,10 @@ def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable
     'aten.conv2d'), in graph order."""
     allowed = set(supported)
     return [
-        _described(n)
+        describe_node(n)
         for n in program.graph.nodes
         if n.op == "call_function"
-        and _node_op(n) not in allowed
+        and node_op(n) not in allowed
         and getattr(n.target, "__name__", str(n.target)) not in allowed
     ]
 
@@ -418,4 +418,4 @@ def unsupported_nodes(program: torch.export.ExportedProgram, supported: Iterable
 def nodes_of(program: torch.export.ExportedProgram, ops: Iterable[str]) -> list[str]:
     """'op (layer)' for every call in the program of one of `ops`, in graph order."""
     wanted = set(ops)
-    return [_described(n) for n in program.graph.nodes if _node_op(n) in wanted]
+    return [describe_node(n) for n in program.graph.nodes if node_op(n) in wanted]

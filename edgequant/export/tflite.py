@@ -30,9 +30,11 @@ from torch import Tensor, nn
 
 from edgequant._io import atomic_path
 from edgequant.batches import batch_list, check_batch_values, run_checked, split_inputs
+from edgequant.check.ops import BILINEAR_WHY
 from edgequant.export.lower import ExportError
 from edgequant.export.onnx import export_onnx
 from edgequant.export.pt2e import export_program, pt2e_model, unsupported_nodes
+from edgequant.export.tflite_float import not_fully_integer
 from edgequant.export.tflite_runtime import (
     TFLiteRunner,
     convert_program,
@@ -326,16 +328,13 @@ def export_tflite(
     if io not in IO_TYPES:
         raise ValueError(f"io must be one of {', '.join(map(repr, IO_TYPES))}, got {io!r}")
     target = _target(qmodel)
-    if target not in TARGETS or not TARGETS[target].fully_integer:
-        raise ExportError(
-            f"qmodel was quantized for target {target or 'onnxruntime'!r}, which leaves float "
-            "ops between its quantized layers; a .tflite for LiteRT and TFLite Micro is fully "
-            "integer: quantize with recipe.for_target('mcu-int8')"
-        )
     training = {m: m.training for m in qmodel.modules()}
     try:
         qmodel.eval()
         run_checked(qmodel, example_inputs, "example_inputs")
+        if target not in TARGETS or not TARGETS[target].fully_integer:
+            args, _ = split_inputs(example_inputs)
+            raise ExportError(not_fully_integer(qmodel, target, tuple(a[:1] for a in args)))
         return _export_tflite(qmodel, path, example_inputs, verify, io)
     finally:
         for m, flag in training.items():
@@ -391,8 +390,11 @@ def _convert(qmodel: nn.Module, one: tuple[Tensor, ...]) -> bytes:
     program = export_program(model, one)
     bad = unsupported_nodes(program, TFLITE_OPS)
     if bad:
+        bilinear = any(b.startswith("aten.upsample_bilinear2d") for b in bad)
         raise ExportError(
-            f"{len(bad)} ops have no integer TFLite kernel here: " + "; ".join(bad[:5])
+            f"{len(bad)} ops have no integer TFLite kernel here: "
+            + "; ".join(bad[:5])
+            + (f" (bilinear upsampling: {BILINEAR_WHY})" if bilinear else "")
         )
     flatbuffer = convert_program(program, one)
     _, floats = tensor_ops(flatbuffer)

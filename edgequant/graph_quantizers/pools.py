@@ -12,22 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2}
-_MODULES: dict[type[nn.Module], int] = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2}
+from edgequant.check.ops import ADAPTIVE_MAX_POOL_FUNCTIONS, ADAPTIVE_MAX_POOL_MODULES, pool_windows
+
+_FUNCTIONS = ADAPTIVE_MAX_POOL_FUNCTIONS
+_MODULES = ADAPTIVE_MAX_POOL_MODULES
 
 
 def window_max_pool(x: torch.Tensor, output_size: Any, spatial: int) -> torch.Tensor:
     """F.adaptive_max_pool{spatial}d(x, output_size): as the max pool of fixed windows where
     every input size is a whole multiple of its output size (None: the input's size)."""
-    sizes = [int(s) for s in x.shape[-spatial:]]
-    wanted = (
-        list(output_size) if isinstance(output_size, (list, tuple)) else [output_size] * spatial
-    )
-    outs = [s if o is None else int(o) for s, o in zip(sizes, wanted, strict=True)]
-    if any(s % o for s, o in zip(sizes, outs, strict=True)):
+    kernel = pool_windows([int(s) for s in x.shape[-spatial:]], output_size)
+    if kernel is None:  # uneven windows: eq.check and eq.quantize refuse them for edge targets
         adaptive = F.adaptive_max_pool1d if spatial == 1 else F.adaptive_max_pool2d
         return adaptive(x, output_size)
-    kernel = [s // o for s, o in zip(sizes, outs, strict=True)]
     return F.max_pool1d(x, kernel) if spatial == 1 else F.max_pool2d(x, kernel)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgequant.batches import naming_the_batch
-from edgequant.check import require_target_fits
+from edgequant.check import WHOLE_WINDOWS_ONLY, require_target_fits
 from edgequant.modules import QUANT_MODULES, QuantLinear
 from edgequant.ptq.calibrate import check_context, peek
 from edgequant.ptq.dynamic import build_dynamic, quantize_dynamic
@@ -101,11 +101,13 @@ def quantize(
         not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
     ):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if TARGETS[recipe.target].fully_integer:  # refuse what the target cannot run, before work
-        first = None
-        if method == "static":
-            first, calib_data = peek(calib_data)
-        require_target_fits(model, recipe.target, method, first)
+    # Refuse what the target cannot run, before any work (the first batch gives the shapes).
+    first, fully_integer = None, TARGETS[recipe.target].fully_integer
+    if (fully_integer and method == "static") or (
+        not fully_integer and recipe.target in WHOLE_WINDOWS_ONLY and calib_data is not None
+    ):
+        first, calib_data = peek(calib_data)
+    require_target_fits(model, recipe.target, method, first)
     if calib_data is not None:
         first, calib_data = peek(calib_data)
         check_context(model, first, "calib_data item 0")

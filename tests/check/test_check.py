@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from toys import by_op, randn_rows, relu_mlp  # tests/toys.py
+from toys import AdaptivePools, by_op, randn_rows, relu_mlp  # tests/toys.py
 from zoo import Attention  # tests/zoo.py: nn.MultiheadAttention called as `a, _ = attn(h, h, h)`
 
 import edgequant as eq
@@ -223,3 +223,28 @@ def test_check_with_example_inputs_of_the_wrong_shape_names_them() -> None:
         eq.check(_Untraceable(), "mcu-int8", randn_rows(2, 7))
     result = eq.check(relu_mlp(8, 12, 12, 4), "mcu-int8", randn_rows(2, 7))
     assert any("mat1 and mat2 shapes cannot be multiplied" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("target", ["mcu-int8", "tflite-int8", "executorch"])
+def test_uneven_adaptive_max_pool_is_refused_before_calibration(target: str) -> None:
+    """eq.quantize for the targets whose files have no adaptive max pool refuses one with
+    windows of different sizes at the first batch (its shapes), naming the op and the layer;
+    the same model on inputs whose size the output size divides is quantized."""
+    read = []
+
+    def calib(steps: int, n: int = 3):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            read.append(i)
+            yield torch.randn(4, 2, steps)
+
+    recipe = eq.Recipe.preset("w8a8").for_target(target)
+    model = AdaptivePools(functional=False).eval()
+    with pytest.raises(
+        ValueError, match=r"op 'adaptive_max_pool1d \(uneven windows\)' at 'pool' \(refuse: "
+    ) as err:
+        eq.quantize(model, recipe, calib(10))
+    assert read == [0] and "Nothing was calibrated" in str(err.value)
+    qmodel = eq.quantize(model, recipe, calib(12))
+    assert qmodel(torch.randn(1, 2, 12)).shape == (1, 2)
+    onnx = eq.Recipe.preset("w8a8").for_target("onnxruntime")
+    assert eq.quantize(model, onnx, calib(10)) is not None

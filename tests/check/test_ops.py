@@ -53,3 +53,26 @@ def test_module_op_reads_the_tables_then_the_class_name() -> None:
         pass
 
     assert module_op(Mystery()) == "Mystery"
+
+
+def test_pool_windows_are_whole_or_none() -> None:
+    from edgequant.check.ops import pool_windows
+
+    assert pool_windows([12], 3) == [4]
+    assert pool_windows([8, 6], (2, None)) == [4, 1]  # None: the input's size
+    assert pool_windows([8, 6], 1) == [8, 6]
+    assert pool_windows([10], 3) is None
+    assert pool_windows([8, 5], (2, 2)) is None
+
+
+def test_bilinear_upsampling_is_refused_with_the_reason() -> None:
+    """mcu-int8 refuses bilinear upsampling (align_corners False or True) saying why: TFLite's
+    int8 RESIZE_BILINEAR interpolates in fixed point, which the simulation does not compute."""
+    from edgequant.check import REFUSE
+
+    for align in (False, True):
+        up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), up, nn.Conv2d(4, 2, 1))
+        [row] = eq.check(model, "mcu-int8", torch.randn(1, 3, 4, 4)).rows
+        assert (row.node, row.op, row.action) == ("1", "upsample (bilinear)", REFUSE)
+        assert "RESIZE_BILINEAR" in row.choice and "mode='nearest'" in row.choice
