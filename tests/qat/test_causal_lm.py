@@ -36,6 +36,10 @@ def test_prepare_qat_on_a_causal_lm_starts_from_the_weight_only_ptq_model() -> N
     q.eval()
     with torch.no_grad():  # training off: it is the PTQ model
         assert torch.allclose(q(input_ids=ids).logits, ptq(input_ids=ids).logits, atol=1e-5)
+    # ... int8 inputs per block included (its MatMulNBits form at accuracy_level=4).
+    for name in ("lm_head", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
+        block = q.get_submodule(name).input_block_int8
+        assert block is not None and torch.equal(block, ptq.get_submodule(name).input_block_int8)
     # The tied token table stays one table: frozen, both grids as PTQ left them.
     assert q.lm_head.weight is q.model.embed_tokens.weight
     assert not q.model.embed_tokens.weight.requires_grad
