@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgequant.batches import naming_the_batch
+from edgequant.check import require_target_fits
 from edgequant.ptq.calibrate import check_context, collect, peek, run_calibration
 from edgequant.ptq.quantize import check_recipe_fits
 from edgequant.ptq.static import build_static, calibrate_weights, quantize_static
@@ -144,9 +145,15 @@ def prepare_qat(
     so that it stays one table in the file.
     """
     recipe = _check_prepare_args(model, recipe, start, num_samples)
+    first = None
     if calib_data is not None:
         first, calib_data = peek(calib_data, "calib_data (one example batch)")
         check_context(model, first, "calib_data item 0")
+    # What the target cannot run is refused before any work, as eq.quantize refuses it (QAT's
+    # activations are static PTQ's; the first batch gives the shapes).
+    require_target_fits(
+        model, recipe.target, "weight_only" if recipe.weight_only else "static", first
+    )
     skipped = [
         label
         for label, value in (

@@ -179,3 +179,28 @@ def test_prepare_qat_refuses_a_pattern_that_matches_no_layer(tiny_model, calib) 
     recipe = eq.Recipe.preset("w4a4").replace(skip=("conv9",))
     with pytest.raises(ValueError, match="skip pattern 'conv9' matches no module of the model"):
         prepare_qat(tiny_model, recipe, calib)
+
+
+@pytest.mark.parametrize("target", ["mcu-int8", "executorch"])
+def test_prepare_qat_refuses_what_the_target_cannot_run_before_any_work(target: str) -> None:
+    """As eq.quantize does: an adaptive max pool of uneven windows (10 steps into 3) for the
+    targets whose files have none, and a weight-only recipe for a fully integer target, are
+    refused at the first batch, naming the op and the layer; even windows are prepared."""
+    from toys import AdaptivePools  # tests/toys.py
+
+    read: list[int] = []
+
+    def calib(steps: int):  # type: ignore[no-untyped-def]
+        for i in range(3):
+            read.append(i)
+            yield torch.randn(4, 2, steps)
+
+    model = AdaptivePools(functional=True).eval()
+    recipe = eq.Recipe.preset("w8a8").for_target(target)
+    with pytest.raises(ValueError, match=r"adaptive_max_pool1d \(uneven windows\)' at 'head"):
+        eq.prepare_qat(model, recipe, calib(10))
+    assert read == [0]
+    assert eq.prepare_qat(model, recipe, calib(12)) is not None
+    if target == "mcu-int8":
+        with pytest.raises(ValueError, match="mcu-int8"):
+            eq.prepare_qat(model, eq.Recipe.preset("w8-weight-only").for_target(target), calib(12))
