@@ -395,6 +395,7 @@ def main() -> None:
                 "agreement_floor": ex.agreement_floor,
                 "logit_distance": ex.logit_distance,
                 "logit_distance_floor": ex.logit_distance_floor,
+                "perplexity_floor": ex.perplexity_floor,
                 "perplexity_simulated_verify": ex.perplexity_simulated,
                 "perplexity_deployed_verify": ex.perplexity_deployed,
                 "tied_table": ex.tied_table,

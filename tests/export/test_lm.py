@@ -109,6 +109,9 @@ def test_int8_inputs_by_default_export_accuracy_level_4_and_verify(tmp_path, tie
     path = tmp_path / "lm.onnx"
     info = export_lm_onnx(q, path, verify_windows=held_out)
     assert info.agreement_floor is not None and info.logit_distance_floor is not None
+    assert info.perplexity_floor is not None and info.perplexity_deployed is not None
+    moved = abs(info.perplexity_deployed / info.perplexity_simulated - 1)
+    assert moved <= max(lm.PPL_TOLERANCE, lm.PPL_FLOOR_FACTOR * info.perplexity_floor)
     assert info.agreement >= info.agreement_floor - lm.AGREEMENT_SLACK
     assert info.logit_distance <= lm.DISTANCE_FACTOR * info.logit_distance_floor
     assert any("noise floor" in note for note in info.notes)
