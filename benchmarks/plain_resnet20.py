@@ -122,12 +122,19 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             export = eq.export_onnx(qmodel, path, test_x[:8], verify_data=verify)
             predict = C.ort_predict_fn(path)
+            deployed_top1 = predict(test_x.numpy()).argmax(1)
+            with torch.inference_mode():
+                simulated_logits = torch.cat([qmodel.eval()(b) for b in test_x.split(256)])
+            differ = (simulated_logits.argmax(1).numpy() != deployed_top1).nonzero()[0]
             rows.append(
                 {
                     "name": name,
                     "test_932": C.accuracy(predict, test_x, test_y),
                     "jpeg_10000": C.accuracy(predict, jpeg_x, jpeg_y),
                     "simulated_test_932": C.accuracy(qmodel, test_x, test_y),
+                    # Simulated vs deployed top-1 on test_932 (the images where they differ).
+                    "sim_deployed_agreement_test_932": 1.0 - len(differ) / len(test_x),
+                    "sim_deployed_differ_test_932": [int(i) for i in differ],
                     "size_bytes": path.stat().st_size,
                     "top1_agreement": export.verification.top1_agreement,
                     "pipeline": qmodel.quant_info.get("pipeline", {}).get("steps"),

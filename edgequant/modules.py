@@ -172,7 +172,13 @@ class QuantMixin(_MixinBase):
         w_int = F.quantize(
             self.weight, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax, wq.axis
         )
-        acc = op(x_int.double(), w_int.double()).float()
+        acc64 = op(x_int.double(), w_int.double())
+        # The output rounded onto the next quantizer's grid as the runtime's fused kernel does
+        # (ort_kernels.FusedRequantize), where the graph has one.
+        fused = self.__dict__.get("fused_requantize")
+        if fused is not None and fused.active(self):
+            return cast(Tensor, fused(self, acc64))
+        acc = acc64.float()
         scale = (iq.scale.reshape(()) * wq.scale).float()
         shape = [1] * acc.dim()
         channel_dim = -1 if isinstance(self, nn.Linear) else 1
@@ -210,15 +216,19 @@ class QuantMixin(_MixinBase):
 def fast_simulation(model: nn.Module) -> Iterator[None]:
     """Layers compute in the fake-quantized float form (not the exact integer form) inside the
     block: for calibration passes, where float-rounding differences do not matter."""
-    layers = [m for m in model.modules() if isinstance(m, (QuantMixin, QuantMatMul))]
-    saved = [m.exact_integer for m in layers]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, (QuantMixin, QuantMatMul)) or hasattr(m, "exact_integer")
+    ]
+    saved = [bool(m.exact_integer) for m in layers]
     try:
         for m in layers:
-            m.exact_integer = False
+            m.exact_integer = False  # type: ignore[assignment]
         yield
     finally:
         for m, flag in zip(layers, saved, strict=True):
-            m.exact_integer = flag
+            m.exact_integer = flag  # type: ignore[assignment]
 
 
 def _new_params(new: QuantMixin, weight: Tensor, bias: Tensor | None) -> None:

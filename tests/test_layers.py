@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"functional", "metrics"},
     {"observers", "quantizer"},
     {"modules"},
-    {"instrument", "graph_quantizers", "check", "attention"},
+    {"instrument", "graph_quantizers", "check", "attention", "ort_kernels"},
     {"ptq", "qat", "mixed"},
     {"export"},
     {"bench"},

@@ -31,6 +31,7 @@ from edgequant.modules import (
     split_concat_order,
     transform_input,
 )
+from edgequant.ort_kernels import PlainAdd, QLinearAddSim
 from edgequant.quantizer import TensorQuantizer
 from edgequant.targets import TARGETS
 
@@ -487,7 +488,9 @@ def lower(qmodel: nn.Module, weight_storage: str = "exact") -> nn.Module:
             LoweredLayer(layer, weight_storage, int8_containers),  # type: ignore[arg-type]
         )
     for name, m in list(lowered.named_modules()):
-        if isinstance(m, TensorQuantizer):
+        if isinstance(m, QLinearAddSim):  # the runtime fuses the Add of two DQ outputs itself
+            set_submodule(lowered, name, PlainAdd())
+        elif isinstance(m, TensorQuantizer):
             if m.mode == "quantize" and m.role == "activation":
                 set_submodule(lowered, name, LoweredQDQ(m))
             elif m.mode in ("observe", "dynamic"):

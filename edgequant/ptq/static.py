@@ -14,6 +14,7 @@ from edgequant.batches import batch_size, call_model, naming_the_batch, removing
 from edgequant.graph_quantizers import place_graph_quantizers
 from edgequant.instrument import instrument
 from edgequant.modules import QuantMixin, fast_simulation
+from edgequant.ort_kernels import fuse_like_onnxruntime
 from edgequant.ptq import auto, outliers
 from edgequant.ptq.adaround import round_adaround
 from edgequant.ptq.bias_correction import correct_bias, float_output_means, token_mask
@@ -61,7 +62,7 @@ def build_static(
         )
     qmodel, summary = instrument(model, recipe, example_batch, method="static")
     if recipe.quantize_outputs:
-        qmodel = place_graph_quantizers(qmodel, summary)
+        qmodel = fuse_like_onnxruntime(place_graph_quantizers(qmodel, summary), summary)
     if recipe.quantize_attention:
         qmodel = quantize_attention_(qmodel, recipe.activation, example_batch, summary)
     else:
