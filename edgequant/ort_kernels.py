@@ -47,6 +47,7 @@ __all__ = [
     "PlainAdd",
     "QLinearAddSim",
     "add_uses_fma",
+    "cpu_flags",
     "fuse_like_onnxruntime",
     "qlinear_add",
     "qlinearconv_requantize",
@@ -88,19 +89,24 @@ def qlinearconv_requantize(
     return torch.clamp(torch.round(scaled) + zero_point, qmin, qmax)
 
 
-@functools.cache
-def add_uses_fma() -> bool | None:
-    """Which QLinearAdd kernel ONNX Runtime runs here: True for x86 with AVX2 (FMA), False for
-    x86 without it (SSE2), None for other CPUs or where /proc/cpuinfo cannot be read (not
-    emulated). Read once: the CPU does not change while a process runs."""
+def cpu_flags() -> set[str] | None:
+    """The x86 feature flags of this CPU (/proc/cpuinfo), or None where they cannot be read
+    (another OS, another architecture: Arm lists "Features")."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
-    if line is None:  # not x86 (Arm lists "Features")
-        return None
-    return "avx2" in line.split(":", 1)[-1].split()
+    return None if line is None else set(line.split(":", 1)[-1].split())
+
+
+@functools.cache
+def add_uses_fma() -> bool | None:
+    """Which QLinearAdd kernel ONNX Runtime runs here: True for x86 with AVX2 (FMA), False for
+    x86 without it (SSE2), None for other CPUs or where /proc/cpuinfo cannot be read (not
+    emulated). Read once: the CPU does not change while a process runs."""
+    flags = cpu_flags()
+    return None if flags is None else "avx2" in flags
 
 
 def _f32(x: Tensor) -> Tensor:

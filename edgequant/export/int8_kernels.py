@@ -3,10 +3,10 @@ without VNNI its u8s8 kernel sums pairs of products in int16 and can saturate.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
+
+from edgequant.ort_kernels import cpu_flags
 
 __all__ = [
     "INT8_CPU_FLAGS",
@@ -24,15 +24,8 @@ NO_SATURATION_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # u8s8
 def cpu_int8_flags() -> set[str] | None:
     """Which of the x86 features that decide ONNX Runtime's 8-bit kernels this CPU has (from
     /proc/cpuinfo), or None where that cannot be read (another OS, another architecture)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
-    if line is None:  # not x86 (Arm lists "Features")
-        return None
-    flags = set(line.split(":", 1)[-1].split())
-    return {f for f in INT8_CPU_FLAGS if f in flags}
+    flags = cpu_flags()
+    return None if flags is None else {f for f in INT8_CPU_FLAGS if f in flags}
 
 
 def u8s8_saturates_here() -> bool:
