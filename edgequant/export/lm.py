@@ -253,8 +253,8 @@ def export_lm_onnx(
     held-out text, the written file runs in ONNX Runtime and must agree with the simulation
     (next token on >= MIN_AGREEMENT of positions, perplexity within PPL_TOLERANCE; a model
     rounding inputs inside its blocks is held to the simulation's own noise floor instead, see
-    AGREEMENT_SLACK), else LMExportError and nothing is written. quantized=False writes the float graph (the FP32
-    reference) without the rewrite."""
+    AGREEMENT_SLACK), else LMExportError and nothing is written. quantized=False writes the
+    float graph (the FP32 reference) without the rewrite."""
     import onnx
 
     start = time.perf_counter()

@@ -134,8 +134,8 @@ def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any])
         found = find_blocks(qmodel)
         prefix, stack = found if found is not None else ("", nn.ModuleList())
         for name, layer in stack.named_modules():
-            if isinstance(layer, QuantLinear) and not _nbits_form_missing(name, layer):
-                layers[f"{prefix}.{name}"] = layer
+            if not _nbits_form_missing(name, layer):
+                layers[f"{prefix}.{name}"] = cast(QuantLinear, layer)
     for layer in layers.values():
         layer.input_block_int8 = torch.tensor(_nbits_block(layer), dtype=torch.int64)
     pipeline["block_int8_layers"] = sorted(layers, key=lambda n: (n == "lm_head", n))
