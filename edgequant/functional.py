@@ -14,8 +14,13 @@ the scale) so that the integers we store are the ones the simulation used.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from edgequant.spec import QuantSpec
 
 # The smallest scale we hand out: a constant or all-zero tensor still gets a valid grid.
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
@@ -263,6 +268,48 @@ def nbits_block_size(in_features: int, group_size: int | None) -> int | None:
         if in_features % size == 0:
             return size
     return None
+
+
+def nbits_form_missing(spec: QuantSpec, in_features: int) -> str:
+    """Why a Linear weight (out, in) on the grid `spec` with `in_features` inputs has no form in
+    ONNX Runtime's MatMulNBits (its blocked low-bit matmul); "" where it has one. The one rule
+    that both the weight-only PTQ (which Linears get int8 inputs per block) and the LM export
+    (which Linears it packs) apply, so that they cannot disagree."""
+    if spec.granularity == "tensor":
+        return (
+            "per-tensor weights (MatMulNBits takes per-output-channel scales or groups of inputs)"
+        )
+    if spec.granularity == "channel" and spec.axis not in (0, -2):
+        return (
+            f"per-channel weights along axis {spec.axis}, not the outputs (MatMulNBits takes "
+            "per-output-channel scales, axis 0)"
+        )
+    if spec.granularity == "group" and spec.axis not in (1, -1):
+        return (
+            f"groups along axis {spec.axis}, not the inputs (MatMulNBits takes groups of inputs, "
+            "axis 1)"
+        )
+    if spec.bits > 8 or 4 < spec.bits < 8:
+        return (
+            f"{spec.bits}-bit weights have no MatMulNBits container (4-bit ones hold <= 4 bits; "
+            "8-bit ones 8)"
+        )
+    if nbits_block_size(in_features, spec.group_size) is None:
+        if spec.group_size is not None:
+            return (
+                f"group size {spec.group_size} is not a power of two >= 16 dividing the input "
+                f"size {in_features} (MatMulNBits' blocks)"
+            )
+        return f"input size {in_features} is not a multiple of 16 (MatMulNBits' smallest block)"
+    return ""
+
+
+def nbits_form(spec: QuantSpec, in_features: int) -> int | None:
+    """The block along the inputs of a Linear's MatMulNBits form (nbits_block_size) where its
+    weight grid `spec` has one, else None (nbits_form_missing says why)."""
+    if nbits_form_missing(spec, in_features):
+        return None
+    return nbits_block_size(in_features, spec.group_size)
 
 
 def block_int8_fake_quantize(x: Tensor, block: int) -> Tensor:

@@ -481,3 +481,36 @@ def test_nbits_block_size() -> None:
     assert F.nbits_block_size(576, 64) == 64
     assert F.nbits_block_size(576, None) == 64 and F.nbits_block_size(1536, None) == 128
     assert F.nbits_block_size(576, 48) is None and F.nbits_block_size(40, None) is None
+
+
+def test_nbits_form_and_its_reason_are_one_rule() -> None:
+    """functional.nbits_form: the block of a Linear's MatMulNBits form (per-output-channel
+    scales or groups of inputs, 4-bit containers for <= 4 bits or 8-bit ones, a power-of-two
+    block >= 16), None with a reason where there is none; the rule both the weight-only PTQ and
+    the LM export apply."""
+    from edgequant.spec import QuantSpec, weight_spec
+
+    assert F.nbits_form(weight_spec(4, 64), 576) == 64
+    assert F.nbits_form(weight_spec(4, 64).replace(axis=-1), 576) == 64
+    assert F.nbits_form(weight_spec(4), 576) == 64  # per row: the largest block dividing 576
+    assert F.nbits_form(weight_spec(4).replace(axis=-2), 1536) == 128
+    assert F.nbits_form(weight_spec(8), 576) == 64 and F.nbits_form(weight_spec(2, 16), 64) == 16
+    missing = {
+        "power of two >= 16 dividing the input size 576": (weight_spec(4, 48), 576),
+        "group size 8 is not": (weight_spec(4, 8), 64),
+        "input size 40 is not a multiple of 16": (weight_spec(4), 40),
+        "per-tensor": (QuantSpec(bits=4), 576),
+        "per-channel weights along axis 1": (weight_spec(4).replace(axis=1), 576),
+        "groups along axis 0": (weight_spec(4, 64).replace(axis=0), 576),
+        "6-bit weights have no MatMulNBits container": (weight_spec(6), 576),
+        "5-bit": (weight_spec(5, 64), 576),
+        "12-bit": (weight_spec(12), 576),
+    }
+    for reason, (spec, k) in missing.items():
+        assert F.nbits_form(spec, k) is None, reason
+        assert reason in F.nbits_form_missing(spec, k)
+    # Every grid: a block exactly where there is no reason.
+    for bits in range(2, 17):
+        for spec in (QuantSpec(bits=bits), weight_spec(bits), weight_spec(bits, 32)):
+            for k in (32, 40, 576):
+                assert (F.nbits_form(spec, k) is None) == bool(F.nbits_form_missing(spec, k))

@@ -1,11 +1,14 @@
 """A quantized decoder's Linear layers as ONNX Runtime's MatMulNBits (com.microsoft), written
 from the quantizers' own integer codes and scales: 4-bit containers for <= 4 bits (INT3/INT2 codes
-sit in INT4 containers). A layer whose simulation rounds its input to int8 per block
-(QuantMixin.input_block_int8, ptq/weight_only.py block_int8_rule) is written with
-accuracy_level=4, ONNX Runtime's int8 path, which computes that rounding. Without it, an 8-bit
-layer (lm_head) keeps its 8-bit codes in the file but is written as a float MatMul on them,
-dequantized by constant ops that ONNX Runtime folds when it loads the file: its CPU MatMulNBits
-has no fast 8-bit kernel for float inputs (it unpacks the whole weight on every call). A per-output-channel grid is written as blocks whose scales repeat the channel's scale
+sit in INT4 containers). Which Linears have such a form, and its block, is functional.nbits_form,
+the rule by which the weight-only PTQ chooses the layers whose inputs it rounds to int8 per block;
+a layer without one is a ValueError naming it and the reason. A layer whose simulation rounds
+its input to int8 per block (QuantMixin.input_block_int8, ptq/weight_only.py block_int8_rule) is
+written with accuracy_level=4, ONNX Runtime's int8 path, which computes that rounding. Without
+it, an 8-bit layer (lm_head) keeps its 8-bit codes in the file but is written as a float MatMul
+on them, dequantized by constant ops that ONNX Runtime folds when it loads the file: its CPU
+MatMulNBits has no fast 8-bit kernel for float inputs (it unpacks the whole weight on every
+call). A per-output-channel grid is written as blocks whose scales repeat the channel's scale
 (MatMulNBits takes power-of-two blocks; 576 is not one). An 8-bit per-row embedding is a Gather of
 the integer table and its scales; a tied lm_head reads the same initializers (one table in the
 file). Used by export/lm.py.
@@ -31,18 +34,6 @@ class LMExportError(RuntimeError):
     """The exported language model does not compute what the simulation computes."""
 
 
-def _block_size(k: int, group: int | None, name: str) -> int:
-    block = F.nbits_block_size(k, group)
-    if block is not None:
-        return block
-    if group is not None:
-        raise ValueError(
-            f"layer {name!r}: group size {group} is not a power of two >= 16 dividing the "
-            f"input size {k}, which ONNX Runtime's MatMulNBits needs"
-        )
-    raise ValueError(f"layer {name!r}: input size {k} is not a multiple of 16 (MatMulNBits blocks)")
-
-
 @dataclass
 class _Packed:
     data: np.ndarray  # uint8 (N, blocks, blob)
@@ -58,24 +49,22 @@ class _Packed:
 
 
 def pack_linear(layer: QuantMixin, name: str) -> _Packed:
-    """A quantized Linear's integer codes and scales in MatMulNBits' layout."""
+    """A quantized Linear's integer codes and scales in MatMulNBits' layout; ValueError naming
+    the layer and the reason (functional.nbits_form_missing) where it has no such form."""
     wq = layer.weight_quantizer
     assert wq is not None
     spec = wq.spec
     w = cast(Tensor, layer.weight).detach()
     n, k = w.shape
-    if spec.granularity == "group" and wq.axis == 1:
-        group: int | None = spec.group_size
-    elif spec.granularity == "channel" and wq.axis == 0:
-        group = None
-    else:
+    # functional.nbits_form: the rule by which the weight-only PTQ chose the layers that round
+    # their inputs to int8 per block.
+    block = F.nbits_form(spec, k)
+    if block is None:
         raise ValueError(
-            f"layer {name!r}: {spec.short()} has no MatMulNBits form (per output channel or "
-            "per group of inputs only)"
+            f"layer {name!r} ({k} inputs, {spec.short()}) has no MatMulNBits form: "
+            f"{F.nbits_form_missing(spec, k)}"
         )
-    if spec.bits > 8 or spec.bits in (5, 6, 7):
-        raise ValueError(f"layer {name!r}: {spec.bits}-bit weights have no MatMulNBits container")
-    block = _block_size(k, group, name)
+    group = spec.group_size  # None per output channel
     q = F.quantize(w, wq.scale, wq.zero_point, spec.qmin, spec.qmax, wq.axis, spec.group_size)
     container = 4 if spec.bits <= 4 else 8
     offset = 2 ** (container - 1) if spec.signed else 0
@@ -309,7 +298,9 @@ def _own_table(graph: Any, embed_layer: nn.Module, ewq: Any) -> tuple[str, str]:
     w = cast(Tensor, embed_layer.weight).detach()
     q = F.quantize(w, ewq.scale, ewq.zero_point, spec.qmin, spec.qmax, 0, None)
     v, d = w.shape
-    block = _block_size(d, None, "model.embed_tokens")
+    block = F.nbits_form(spec, d)
+    if block is None:
+        raise ValueError(f"model.embed_tokens: {F.nbits_form_missing(spec, d)}")
     blocks = d // block
     codes = (q + 128).to(torch.uint8).reshape(v, blocks, block).numpy()
     graph.initializer.append(numpy_helper.from_array(codes, "embed.qweight"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from edgequant.batches import batch_size, naming_the_batch
-from edgequant.functional import nbits_block_size
+from edgequant.functional import nbits_form, nbits_form_missing
 from edgequant.instrument import instrument
 from edgequant.modules import QuantLinear
 from edgequant.ptq.calibrate import collect, peek
@@ -90,13 +90,16 @@ def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any])
     token and per block (Recipe.block_int8_inputs; functional.block_int8_fake_quantize), the
     blocks being those of their MatMulNBits form, so that the LM export writes them at
     accuracy_level=4: ONNX Runtime's int8 path, at batch 1 2-6x faster than its float path
-    (benchmarks/matmul_nbits_levels.py). "all" (auto, True): every such Linear, the lm_head
-    included; "lm_head": the lm_head only, the last rounding, so that the export verifies
-    token by token. Rounding inside the stack of blocks makes the model chaotic at the size
-    of float rounding (BENCHMARKS.md, stop 35), so such an export is verified against the
-    simulation's own noise floor (export/lm.py). Auto: on for a LLaMA-style causal LM with
-    <= 4-bit weights in its stack of blocks under the onnxruntime target. Records the choice,
-    its reason and the layers in `pipeline`."""
+    (benchmarks/matmul_nbits_levels.py). "all" (auto, True): every quantized Linear with a
+    MatMulNBits form (functional.nbits_form, the rule the export packs by; the others are left
+    out), the lm_head included; "lm_head": the lm_head only, the last rounding, so that the
+    export verifies token by token. An lm_head without a form turns auto off (the reason
+    recorded) and is an error naming it and why where the recipe asks for the inputs. Rounding
+    inside the stack of blocks makes the model chaotic at the size of float rounding
+    (BENCHMARKS.md, stop 35), so such an export is verified against the simulation's own noise
+    floor (export/lm.py). Auto: on for a LLaMA-style causal LM with <= 4-bit weights in its
+    stack of blocks under the onnxruntime target. Records the choice, its reason and the layers
+    in `pipeline`."""
     reasons = pipeline["reasons"]
     bits = lowest_block_bits(qmodel)
     lm = is_llama_style(qmodel) and bits is not None and bits <= 4
@@ -143,28 +146,22 @@ def block_int8_rule(recipe: Recipe, qmodel: nn.Module, pipeline: dict[str, Any])
 
 
 def _nbits_block(layer: QuantLinear) -> int | None:
-    """The block of `layer`'s MatMulNBits form (None: it has none)."""
+    """The block of `layer`'s MatMulNBits form (None: it has none; functional.nbits_form, the
+    rule the LM export packs by)."""
     wq = layer.weight_quantizer
-    if wq is None:
-        return None
-    spec = wq.spec
-    if spec.granularity == "group" and spec.axis not in (1, -1):
-        return None
-    return nbits_block_size(
-        layer.in_features, spec.group_size if spec.granularity == "group" else None
-    )
+    return None if wq is None else nbits_form(wq.spec, layer.in_features)
 
 
 def _nbits_form_missing(name: str, layer: nn.Module) -> str:
-    """Why `layer` has no MatMulNBits form ("" where it has one)."""
+    """Why `layer` has no MatMulNBits form ("" where it has one): not quantized, or
+    functional.nbits_form_missing's reason."""
     wq = getattr(layer, "weight_quantizer", None)
     if not isinstance(layer, QuantLinear) or wq is None or wq.mode != "quantize":
         return f"{name} is not quantized"
-    if _nbits_block(layer) is None:
+    why = nbits_form_missing(wq.spec, layer.in_features)
+    if why:
         return (
-            f"{name} ({layer.in_features} inputs, {wq.spec.short()}) has no MatMulNBits form (a "
-            "group size along the inputs that is a power of two >= 16, or per-channel weights "
-            "with inputs a multiple of 16)"
+            f"{name} ({layer.in_features} inputs, {wq.spec.short()}) has no MatMulNBits form: {why}"
         )
     return ""
 

@@ -11,7 +11,7 @@ from toys import SmallCNN, lm_recipe, tensor_batches, tiny_llama, token_batches 
 import edgequant as eq
 from edgequant.instrument import quant_layers
 from edgequant.modules import QuantLinear
-from edgequant.spec import LayerOverride, weight_spec
+from edgequant.spec import LayerOverride, QuantSpec, weight_spec
 
 
 def test_weight_only_drops_activation_quantizers_from_any_recipe() -> None:
@@ -87,6 +87,46 @@ def test_block_int8_rule_is_on_for_a_4_bit_llama_for_onnxruntime_only() -> None:
             eq.quantize(model, bad, method="weight_only")
     with pytest.raises(ValueError, match="LLaMA-style"):
         eq.quantize(mlp, lm_recipe(block_int8_inputs=True), method="weight_only")
+
+
+# Block Linears on grids MatMulNBits cannot take (functional.nbits_form): per tensor, 6 bits,
+# per channel along the inputs.
+NO_NBITS_FORM = {
+    "model.layers.1.mlp.down_proj": QuantSpec(bits=4),
+    "model.layers.1.self_attn.o_proj": weight_spec(6),
+    "model.layers.1.mlp.up_proj": weight_spec(4).replace(axis=1),
+}
+
+
+def no_nbits_form_recipe(**kw: object) -> eq.Recipe:
+    """lm_recipe with the NO_NBITS_FORM Linears."""
+    rules = tuple(LayerOverride(n, weight=s) for n, s in NO_NBITS_FORM.items())
+    return lm_recipe(overrides=rules, **kw)
+
+
+def test_block_int8_rule_leaves_out_linears_without_a_matmulnbits_form() -> None:
+    """Linears whose grid MatMulNBits cannot take (per tensor, 6 bits, per channel along the
+    inputs: the export refuses them) get no int8 block inputs; the rest do. An lm_head on such
+    a grid turns auto off with the reason, and is an error naming it when asked for."""
+    q = eq.quantize(tiny_llama(), no_nbits_form_recipe(), method="weight_only")
+    pipeline = q.quant_info["pipeline"]
+    assert pipeline["block_int8_inputs"] == "all"
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert {n: layers[n].weight_quantizer.spec for n in NO_NBITS_FORM} == NO_NBITS_FORM
+    assert sorted(pipeline["block_int8_layers"]) == sorted(set(layers) - set(NO_NBITS_FORM))
+    assert all(layers[n].input_block_int8 is None for n in NO_NBITS_FORM)
+    head_rules = {"per-tensor": QuantSpec(bits=8), "6-bit": weight_spec(6)}
+    for reason, spec in head_rules.items():
+        recipe = lm_recipe(overrides=(LayerOverride("lm_head", weight=spec),))
+        recipe = recipe.replace(first_last_bits=None)  # keeps the lm_head's bits
+        p = eq.quantize(tiny_llama(), recipe, method="weight_only").quant_info["pipeline"]
+        assert p["block_int8_inputs"] is False and "block_int8_layers" not in p
+        assert reason in p["reasons"]["block_int8_inputs"]
+        for scope in (True, "all", "lm_head"):
+            with pytest.raises(ValueError, match=rf"lm_head \(64 inputs, .*\) .*{reason}"):
+                eq.quantize(
+                    tiny_llama(), recipe.replace(block_int8_inputs=scope), method="weight_only"
+                )
 
 
 def test_block_int8_inputs_survive_save_and_load(tmp_path) -> None:
