@@ -353,8 +353,12 @@ def dynamic_quantized_linear(
     per_token: bool = False,
 ) -> Tensor:
     """y = x @ W^T + bias with x quantized at run time, exactly as ONNX Runtime computes
-    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias)
-    (per_token: the same with a scale and zero point per row of x, export/ops.py).
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias).
+
+    per_token (a scale and zero point per row of x, export/ops.py): as ONNX Runtime's fused
+    MatMulIntegerToFloat computes the product of the codes with a per-row scale, in this order,
+    ((float(codes @ W) * w_scale) * x_scale), then minus the rows' zero points times the
+    weight's column sums, (x_zp * x_scale) * (colsum(W) * w_scale), then plus the bias.
 
     weight_q_t: integer weights laid out (in_features, out_features); weight_scale: per output
     channel or scalar (symmetric weights, zero point 0). The integer product is exact (float64
@@ -362,9 +366,15 @@ def dynamic_quantized_linear(
     rather than to within float rounding, which a deep network would amplify into flipped steps.
     """
     scale, zero_point = dynamic_qparams(x, qmin, qmax, per_token)
-    xq = torch.clamp(torch.round(x.detach() / scale) + zero_point, qmin, qmax) - zero_point
-    acc = torch.matmul(xq.double(), weight_q_t.double())
-    y = acc.float() * (scale * weight_scale.float().reshape(-1))
+    codes = torch.clamp(torch.round(x.detach() / scale) + zero_point, qmin, qmax)
+    w_scale = weight_scale.float().reshape(-1)
+    if per_token:
+        acc = torch.matmul(codes.double(), weight_q_t.double())
+        col_sums = weight_q_t.double().sum(0).float() * w_scale
+        y = (acc.float() * w_scale) * scale - (zero_point.float() * scale) * col_sums
+    else:
+        acc = torch.matmul((codes - zero_point).double(), weight_q_t.double())
+        y = acc.float() * (scale * w_scale)
     return y + bias if bias is not None else y
 
 

@@ -19,6 +19,7 @@ from edgequant import functional as F
 # ONNX TensorProto data types, by (bits container, signed)
 ONNX_INT4, ONNX_UINT4 = 22, 21
 ONNX_FLOAT = 1
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 ONNX_UINT8, ONNX_INT32 = 2, 6
 
 
@@ -107,9 +108,10 @@ def dynamic_linear(
     per_token: bool,
 ) -> Tensor:
     """y = dynamic_fake_quantize(x) @ dequantize(W)^T + bias, as DynamicQuantizeLinear +
-    MatMulInteger + scale multiply compute it (per_token: the row-wise form written out in
-    ONNX ops, _per_token_matmul). weight_t_q: (in, out) integers, uint8 with weight_zero_point
-    128 for symmetric int8 weights (export.int8_kernels.as_uint8)."""
+    MatMulInteger + scale multiply compute it (per_token: each row quantized by ONNX ops, then
+    ONNX Runtime's fused MatMulIntegerToFloat, _per_token_matmul). weight_t_q: (in, out)
+    integers, uint8 with weight_zero_point 128 for symmetric int8 weights
+    (export.int8_kernels.as_uint8)."""
     w = weight_t_q.to(torch.int32) - weight_zero_point.to(torch.int32)
     return F.dynamic_quantized_linear(
         x, w, weight_scale, bias if has_bias else None, per_token=per_token
@@ -245,18 +247,56 @@ def _per_token_quantize(x):
     return xq, op.Reshape(scale, per_row), op.Reshape(x_zp, per_row)
 
 
-def _per_token_matmul(x, weight_t_q, weight_zero_point):
-    # MatMulInteger takes one zero point for its first input: the rows' zero points come off
-    # afterwards, as zero point x (column sums of the weight), in INT32.
+def _matmul_integer_to_float() -> Any:
+    """ONNX Runtime's com.microsoft MatMulIntegerToFloat as an onnxscript op: onnx registers no
+    schema for contrib ops, so the translation carries its own (inputs as ONNX Runtime's
+    contrib-op documentation lists them)."""
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulIntegerToFloat",
+        MS_DOMAIN,
+        1,
+        inputs=[
+            param("A", "T1"),
+            param("B", "T2"),
+            param("a_scale", "T3"),
+            param("b_scale", "T3"),
+            param("a_zero_point", "T1", param_option=optional),
+            param("b_zero_point", "T2", param_option=optional),
+            param("bias", "T3", param_option=optional),
+        ],
+        outputs=[param("Y", "T3")],
+        type_constraints=[
+            ("T1", ["tensor(uint8)", "tensor(int8)"], ""),
+            ("T2", ["tensor(uint8)", "tensor(int8)"], ""),
+            ("T3", ["tensor(float)"], ""),
+        ],
+    )
+    return Op(Opset(MS_DOMAIN, 1), "MatMulIntegerToFloat", schema)
+
+
+def _per_token_matmul(x, weight_t_q, weight_zero_point, weight_scale):
+    # One fused MatMulIntegerToFloat: the codes (with their zero points) times the weight, scaled
+    # per column and then per row, ((acc * w_scale) * x_scale); its zero points must be scalars,
+    # so the rows' zero points come off afterwards in float, (x_zp * x_scale) * (colsum(W) *
+    # w_scale), a constant ONNX Runtime folds when it loads the file. Its bias input is not used:
+    # with a per-row scale ONNX Runtime 1.20-1.32 scales the bias too.
     from onnx import numpy_helper
     from onnxscript import opset21 as op
 
     xq, x_scale, x_zp = _per_token_quantize(x)
     u8_zero = op.Constant(value=numpy_helper.from_array(np.array(0, dtype=np.uint8)))
-    acc = op.MatMulInteger(xq, weight_t_q, u8_zero, weight_zero_point)
+    # Dynamic layers' weights are symmetric: one zero point (0, or 128 for uint8 storage).
+    w_zp = op.ReduceMax(weight_zero_point, keepdims=0)
+    y = _matmul_integer_to_float()(xq, weight_t_q, x_scale, weight_scale, u8_zero, w_zp)
     w_int = op.Sub(op.Cast(weight_t_q, to=ONNX_INT32), op.Cast(weight_zero_point, to=ONNX_INT32))
     w_sum = op.ReduceSum(w_int, op.Constant(value_ints=[0]), keepdims=0)
-    return op.Sub(acc, op.Mul(op.Cast(x_zp, to=ONNX_INT32), w_sum)), x_scale
+    col_sums = op.Mul(op.Cast(w_sum, to=ONNX_FLOAT), weight_scale)
+    return op.Sub(y, op.Mul(op.Mul(x_zp, x_scale), col_sums))
 
 
 def _dynamic_linear_onnx(
@@ -265,11 +305,11 @@ def _dynamic_linear_onnx(
     from onnxscript import opset21 as op
 
     if per_token:
-        acc, x_scale = _per_token_matmul(x, weight_t_q, weight_zero_point)
+        y = _per_token_matmul(x, weight_t_q, weight_zero_point, weight_scale)
     else:
         xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
         acc = op.MatMulInteger(xq, weight_t_q, x_zp, weight_zero_point)
-    y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
+        y = op.Mul(op.Cast(acc, to=ONNX_FLOAT), op.Mul(x_scale, weight_scale))
     if has_bias:
         y = op.Add(y, bias)
     return y

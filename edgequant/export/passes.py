@@ -239,7 +239,7 @@ def integer_weight_count(model: Any) -> tuple[int, list[str]]:
                 bad.append(node.input[0])
             else:
                 integer += 1
-        if node.op_type == "MatMulInteger" and node.input[1] in consts:
+        if node.op_type in ("MatMulInteger", "MatMulIntegerToFloat") and node.input[1] in consts:
             integer += 1
         if (
             node.op_type == "Gather"

@@ -22,10 +22,15 @@ WEIGHT_OPS = (
     "Gemm",
     "MatMul",
     "MatMulInteger",
+    "MatMulIntegerToFloat",
     "ConvInteger",
     "QLinearConv",
     "QLinearMatMul",
 )
+
+# Integer matmuls (A, B, ...) and every op whose weight operand is integer itself.
+_INTEGER_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat")
+_INTEGER_OPS = (*_INTEGER_MATMULS, "ConvInteger", "QLinearConv", "QLinearMatMul")
 
 # Ops that move or relabel a tensor without changing what it holds; followed when tracing.
 _PASSTHROUGH_OPS = frozenset(
@@ -60,7 +65,7 @@ _SUB_BYTE_BITS: dict[int, int] = {
 
 # Where a layer's weight comes from.
 #   integer     DequantizeLinear of an integer initializer (or the integer operand of
-#               MatMulInteger/ConvInteger/QLinear*): stored quantized
+#               MatMulInteger(ToFloat)/ConvInteger/QLinear*): stored quantized
 #   lowp-float  DequantizeLinear of an FP8/FP4 initializer: stored quantized, not integer
 #   fake-quant  QuantizeLinear -> DequantizeLinear of a float initializer: simulated only, the
 #               file still stores the float weight
@@ -157,7 +162,9 @@ class OnnxGraph:
 
     def weight_nodes(self) -> Iterator[tuple[int, onnx.NodeProto]]:
         for index, node in enumerate(self.nodes):
-            if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx"):
+            standard = node.domain in ("", "ai.onnx")
+            contrib = node.domain == "com.microsoft" and node.op_type == "MatMulIntegerToFloat"
+            if node.op_type in WEIGHT_OPS and (standard or contrib):
                 yield index, node
 
     def trace(self, name: str) -> tuple[str, onnx.NodeProto | None]:
@@ -234,7 +241,7 @@ def _weight_and_activation_indices(
 ) -> tuple[int | None, int]:
     """Which input holds the weight (None: no constant operand) and which the activation."""
     op = node.op_type
-    if op in ("Conv", "ConvTranspose", "ConvInteger", "Gemm", "MatMul", "MatMulInteger"):
+    if op in (*_INTEGER_MATMULS, "Conv", "ConvTranspose", "ConvInteger", "Gemm", "MatMul"):
         first, second = 0, 1
     else:  # QLinearConv, QLinearMatMul: (x, x_scale, x_zp, w, w_scale, w_zp, ...)
         first, second = 0, 3
@@ -269,12 +276,12 @@ def inspect_node(graph: OnnxGraph, index: int, node: onnx.NodeProto) -> LayerInf
         "activation_dtype": activation_dtype,
     }
     if weight_index is None:
-        if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul") and len(node.input) > 1:
+        if node.op_type in ("MatMul", *_INTEGER_MATMULS, "QLinearMatMul") and len(node.input) > 1:
             kind, dtype = _activation(graph, node, 3 if node.op_type == "QLinearMatMul" else 1)
             base["other_activation"] = f"{kind} {dtype}" if dtype else kind
         return LayerInfo(weight_source="none", **base)
     weight_name = node.input[weight_index]
-    if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
+    if node.op_type in _INTEGER_OPS:
         return _integer_op_weight(graph, node, weight_index, base)
 
     reached, producer = graph.trace(weight_name)
@@ -392,7 +399,8 @@ def _dequantized_weight(
 def _integer_op_weight(
     graph: OnnxGraph, node: onnx.NodeProto, weight_index: int, base: dict[str, Any]
 ) -> LayerInfo:
-    """MatMulInteger/ConvInteger/QLinearConv/QLinearMatMul: the weight operand is integer itself."""
+    """MatMulInteger(ToFloat)/ConvInteger/QLinearConv/QLinearMatMul: the weight operand is
+    integer itself."""
     reached, _ = graph.trace(node.input[weight_index])
     if reached not in graph.constants:
         return LayerInfo(weight_source="float", weight_dtype=_maybe_dtype(graph, reached), **base)
@@ -401,6 +409,9 @@ def _integer_op_weight(
     if node.op_type.startswith("QLinear"):
         scale_name = inputs[weight_index + 1] if len(inputs) > weight_index + 1 else ""
         zero_point_name = inputs[weight_index + 2] if len(inputs) > weight_index + 2 else ""
+    elif node.op_type == "MatMulIntegerToFloat":  # (A, B, a_scale, b_scale, a_zp, b_zp, bias)
+        scale_name = inputs[2 + weight_index] if len(inputs) > 2 + weight_index else ""
+        zero_point_name = inputs[4 + weight_index] if len(inputs) > 4 + weight_index else ""
     else:  # (A, B, a_zero_point, b_zero_point): no scale in the op, it is applied after
         scale_name = ""
         zero_point_index = 2 + weight_index
@@ -429,7 +440,7 @@ def _activation(graph: OnnxGraph, node: onnx.NodeProto, index: int) -> tuple[str
     if index >= len(node.input) or not node.input[index]:
         return "float", None
     reached, producer = graph.trace(node.input[index])
-    if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
+    if node.op_type in _INTEGER_OPS:
         # The operand is already integer; what produced it says static or dynamic: a
         # QuantizeLinear with stored parameters, or DynamicQuantizeLinear, or (per token) a
         # QuantizeLinear whose scales the graph computes from the input (export/ops.py).

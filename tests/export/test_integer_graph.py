@@ -89,8 +89,9 @@ def test_nearest_upsampling_is_integer(tmp_path: Path) -> None:
     block = out[..., ::2, ::2]
     for dy, dx in ((0, 1), (1, 0), (1, 1)):
         np.testing.assert_array_equal(out[..., dy::2, dx::2], block)
-    # ONNX Runtime's float requantization rounds exact ties differently (integer.py), and a
-    # step moved at the concatenation moves the 3x3 conv after it: 0.6 % of the values differ.
+    # ONNX Runtime's float requantization may round exact ties differently (integer.py), and a
+    # step moved at the concatenation moves the 3x3 conv after it: 0.6 % of the values differed
+    # on an AVX2 CPU; none on an AVX-512 one.
     assert (out != expected).mean() < 0.02
     noise = float(((out - expected) ** 2).sum())
-    assert 10 * np.log10(float((expected**2).sum()) / noise) > 30
+    assert noise == 0 or 10 * np.log10(float((expected**2).sum()) / noise) > 30

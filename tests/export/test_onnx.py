@@ -338,7 +338,7 @@ def test_dynamic_w8a8_agrees_and_is_at_most_030_of_fp32(big_mlp: tuple, tmp_path
     assert float((sim.argmax(1) == dep.argmax(1)).float().mean()) == 1.0
     report = inspect_onnx(path)
     assert [(layer.op, layer.weight_dtype, layer.activation) for layer in report.layers] == [
-        ("MatMulInteger", "UINT8", "dynamic")
+        ("MatMulIntegerToFloat", "UINT8", "dynamic")
     ] * 2
     assert sorted(weight_initializers(path).values()) == [UINT8, UINT8]
     assert path.stat().st_size / fp32_bytes <= 0.30

@@ -58,7 +58,8 @@ def test_dynamic_default_is_per_token_and_exports_exactly(tmp_path: Path) -> Non
     info = eq.export_onnx(qmodel, path, outlier_tokens(2, seed=1), verify_data=[outlier_tokens()])
     assert info.verification.passed
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" not in ops
+    # Each Linear is one fused ONNX Runtime kernel: product, per-row and per-column scales.
+    assert "MatMulIntegerToFloat" in ops and not ops & {"MatMulInteger", "DynamicQuantizeLinear"}
     held_out = outlier_tokens(8, seed=3)
     held_out[0, 3] = 0.0  # a row of zeros
     held_out[0, 4] = 0.0
@@ -68,7 +69,10 @@ def test_dynamic_default_is_per_token_and_exports_exactly(tmp_path: Path) -> Non
     assert torch.isfinite(sim).all()
     assert torch.equal(run_ort(path, held_out), sim)  # the runtime computes the simulation's bits
     layers = inspect_onnx(path).layers
-    assert [(layer.op, layer.activation) for layer in layers] == [("MatMulInteger", "dynamic")] * 2
+    assert [(layer.op, layer.activation) for layer in layers] == [
+        ("MatMulIntegerToFloat", "dynamic")
+    ] * 2
+    assert all(layer.weight_source == "integer" for layer in layers)
 
 
 def test_per_token_is_closer_to_float_than_per_tensor_on_outlier_tokens() -> None:
