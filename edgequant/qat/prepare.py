@@ -121,7 +121,7 @@ def prepare_qat(
     calib_data: Iterable[Any] | None = None,
     num_samples: int | None = None,
     progress: bool = False,
-    start: str = "ptq",
+    start: str | nn.Module = "ptq",
 ) -> nn.Module:
     """A copy of `model`, quantized as static PTQ would quantize it, whose quantizers train.
 
@@ -131,7 +131,10 @@ def prepare_qat(
     same recipe, its whole pipeline included (learned rounding and bias correction below 8
     bits), so QAT begins where PTQ ends, and with training switched off it is that PTQ model;
     "calibrated" only calibrates the ranges and rounds the weights to nearest (faster, and
-    a worse start below 8 bits). SmoothQuant and outlier channel splitting are PTQ steps that
+    a worse start below 8 bits); a model that eq.quantize already returned for this model,
+    recipe and calib_data (method "weight_only" for a weight-only recipe, else "static" with
+    smooth_alpha and split_outliers None) is that start without quantizing again (a copy of it
+    trains; compare passes its PTQ run's model). SmoothQuant and outlier channel splitting are PTQ steps that
     a trainable model does not carry: they are switched off for the start and the summary says
     so. Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In
     eval mode it computes what the PTQ model with its current grids computes; export it with
@@ -186,7 +189,7 @@ def prepare_qat(
             "method": "qat",
             "recipe": recipe.to_dict(),
             "range_learning": recipe.range_learning,
-            "start": start,
+            "start": start if isinstance(start, str) else "ptq (given)",
             **({"pipeline": pipeline} if pipeline is not None else {}),
             "samples_used": used,
             "labels_used": False,
@@ -196,7 +199,7 @@ def prepare_qat(
 
 
 def _check_prepare_args(
-    model: nn.Module, recipe: Recipe | str, start: str, num_samples: int | None
+    model: nn.Module, recipe: Recipe | str, start: str | nn.Module, num_samples: int | None
 ) -> Recipe:
     """prepare_qat's arguments, each named in its error; a preset name becomes its Recipe."""
     if not isinstance(model, nn.Module):
@@ -210,8 +213,10 @@ def _check_prepare_args(
         )
     if recipe.weight is None:
         raise ValueError(f"recipe {recipe.name!r} quantizes no weights: QAT needs weight specs")
-    if start not in STARTS:
-        raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
+    if not isinstance(start, nn.Module) and start not in STARTS:
+        raise ValueError(
+            f"unknown start {start!r}; valid: {', '.join(STARTS)}, or a model eq.quantize returned"
+        )
     check_recipe_fits(model, recipe)
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
@@ -251,10 +256,12 @@ def _start(
     calib_data: Iterable[Any] | None,
     cap: int,
     progress: bool,
-    start: str,
+    start: str | nn.Module,
 ) -> _Start:
     """The model QAT starts from: (model, summary, recipe, samples used, the PTQ pipeline or
     None, where it started from in words)."""
+    if isinstance(start, nn.Module):
+        return _start_from_given(recipe, start)
     if start == "ptq":
         return _start_from_ptq(model, recipe, calib_data, cap, progress)
     if recipe.weight_only:
@@ -290,6 +297,44 @@ def _start_from_ptq(
     origin = f"from the {kind} PTQ model of the same recipe ({steps})"
     summary = cast(Summary, qmodel.quant_summary)
     return qmodel, summary, recipe, int(info["samples_used"]), pipeline, origin
+
+
+def _start_from_given(recipe: Recipe, ptq_model: nn.Module) -> _Start:
+    """_start from a PTQ model the caller already has: checked to be what _start_from_ptq would
+    build (the method and, spec by spec, the grids of the same recipe), then copied."""
+    info = getattr(ptq_model, "quant_info", None)
+    kind = "weight_only" if recipe.weight_only else "static"
+    if not isinstance(info, dict) or info.get("method") != kind:
+        got = info.get("method") if isinstance(info, dict) else "not a quantized model"
+        raise ValueError(
+            f"start: QAT of recipe {recipe.name!r} starts from a {kind} PTQ model "
+            f"(eq.quantize(..., method={kind!r})); the given model is {got!r}"
+        )
+    given = info.get("recipe", {})
+    keys = ("weight", "first_last_bits", "target") + (() if recipe.weight_only else ("activation",))
+    expected = recipe.to_dict()
+    for key in keys:
+        if given.get(key) != expected.get(key):
+            raise ValueError(
+                f"start: the given PTQ model's recipe has {key}={given.get(key)!r}, recipe "
+                f"{recipe.name!r} has {expected.get(key)!r}: quantize with the same recipe"
+            )
+    for name, m in ptq_model.named_modules():
+        if getattr(m, "input_smooth_inv", None) is not None or (
+            getattr(m, "input_channel_index", None) is not None
+        ):
+            raise ValueError(
+                f"start: layer {name!r} of the given PTQ model is smoothed or has split input "
+                "channels, PTQ steps a QAT model does not carry: quantize with smooth_alpha=None "
+                "and split_outliers=None"
+            )
+    pipeline = info.get("pipeline")
+    qmodel = copy.deepcopy(ptq_model)
+    steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
+    origin = f"from the given {kind.replace('_', '-')} PTQ model of the same recipe ({steps})"
+    # A deep copy of a traced model (GraphModule) does not carry plain attributes.
+    summary = copy.deepcopy(cast(Summary, ptq_model.quant_summary))
+    return qmodel, summary, recipe, int(info.get("samples_used", 0)), pipeline, origin
 
 
 def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:

@@ -211,6 +211,9 @@ class _Session:
     metric: str
     progress: Callable[[str], None] | None
     lm: bool = False  # a LLaMA-style causal LM: LM export, perplexity windows, decode speed
+    # The PTQ runs' models by (method, recipe): a QAT run of the same recipe starts from its
+    # PTQ run's model instead of quantizing again (prepare_qat(start=...)).
+    ptq_models: dict[tuple[str, Recipe], nn.Module] = dataclasses.field(default_factory=dict)
 
     def predict(self, path: Path) -> Predict:
         return lm_predict(path, self.threads) if self.lm else ort_predict(path, self.threads)
@@ -293,12 +296,30 @@ def _quantized_model(sess: _Session, run: Run) -> tuple[nn.Module, dict[str, Any
     if run.family == "qat":
         if sess.train is None:
             raise ValueError("a QAT run needs train_data (compare(..., train_data=...))")
-        return qat_model(sess.model, run, sess.calib, sess.train, progress=sess.progress)
+        start = sess.ptq_models.get((run.method, run.recipe))
+        return qat_model(
+            sess.model, run, sess.calib, sess.train, progress=sess.progress, start=start
+        )
     if run.family == "mixed":
         sess.say(f"{run.name}: per-layer sensitivity and bit allocation, then static PTQ")
         return mixed_model(sess.model, run, sess.calib, progress=sess.progress is not None)
     bars = sess.progress is not None
-    return quantize(sess.model, run.recipe, sess.calib, method=run.method, progress=bars), {}
+    qmodel = quantize(sess.model, run.recipe, sess.calib, method=run.method, progress=bars)
+    if _qat_start_as_is(run):
+        sess.ptq_models[(run.method, run.recipe)] = qmodel
+    return qmodel, {}
+
+
+def _qat_start_as_is(run: Run) -> bool:
+    """Whether this PTQ run's model is the start prepare_qat would build for the same recipe:
+    weight-only, or static without SmoothQuant and outlier splitting (which QAT leaves out)."""
+    if run.method == "weight_only":
+        return run.recipe.weight_only
+    return (
+        run.method == "static"
+        and run.recipe.smooth_alpha is None
+        and run.recipe.split_outliers is None
+    )
 
 
 def _run_row(sess: _Session, run: Run, fp32_size: int) -> tuple[dict[str, Any], str | None]:

@@ -109,14 +109,22 @@ def qat_model(
     train_data: list[Any],
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    start: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Prepare from the PTQ model, fine-tune with distillation from `model` on train_data less
-    a held-out slice, and keep the epoch that fit_qat's selection picks on that slice."""
+    """Prepare from the PTQ model (`start` where the caller already has it: a copy trains),
+    fine-tune with distillation from `model` on train_data less a held-out slice, and keep the
+    epoch that fit_qat's selection picks on that slice."""
     fit, held = holdout_split(train_data)
     bars = progress is not None
     # prepare_qat starts from the PTQ model at the same bits, its whole pipeline included
     # (learned rounding, bias correction).
-    qmodel = prepare_qat(model, run.recipe, calib_data=calib, progress=bars)
+    qmodel = prepare_qat(
+        model,
+        run.recipe,
+        calib_data=calib,
+        progress=bars,
+        start=start if start is not None else "ptq",
+    )
     if progress is not None:
         progress(f"{run.name}: QAT from the PTQ start, {run.epochs} epochs")
     settings: dict[str, Any] = {"lr": run.lr} if run.lr is not None else {}

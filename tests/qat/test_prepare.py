@@ -204,3 +204,41 @@ def test_prepare_qat_refuses_what_the_target_cannot_run_before_any_work(target: 
     if target == "mcu-int8":
         with pytest.raises(ValueError, match="mcu-int8"):
             eq.prepare_qat(model, eq.Recipe.preset("w8-weight-only").for_target(target), calib(12))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "method"),
+    [
+        (eq.Recipe.preset("w4a8").replace(smooth_alpha=None, split_outliers=None), "static"),
+        ("w4-weight-only", "weight_only"),
+    ],
+)
+def test_a_given_ptq_model_is_the_start_without_quantizing_again(tiny_model, calib, recipe, method):
+    """start=<the model eq.quantize returned> trains a copy of it: in eval it computes what
+    prepare_qat's own PTQ start computes, and the given model is left as it was."""
+    ptq = eq.quantize(tiny_model, recipe, calib, method=method)
+    before = {k: v.clone() for k, v in ptq.named_parameters()}
+    qat = prepare_qat(tiny_model, recipe, calib, start=ptq)
+    own = prepare_qat(tiny_model, recipe, calib)
+    assert qat.quant_info["start"] == "ptq (given)"
+    assert any("from the given" in n for n in qat.quant_summary.notes)
+    x = calib[0]
+    with torch.no_grad():
+        assert torch.equal(qat.eval()(x), own.eval()(x))
+    assert all(torch.equal(v, before[k]) for k, v in ptq.named_parameters())
+    assert qat is not ptq
+
+
+def test_a_given_start_of_another_method_or_recipe_is_refused_by_name(tiny_model, calib):
+    plain = eq.Recipe.preset("w4a8").replace(smooth_alpha=None, split_outliers=None)
+    dynamic = eq.quantize(tiny_model, "w8a8", method="dynamic")
+    with pytest.raises(ValueError, match="starts from a static PTQ model.*'dynamic'"):
+        prepare_qat(tiny_model, plain, calib, start=dynamic)
+    w8 = eq.quantize(tiny_model, plain.replace(weight=eq.Recipe.preset("w8a8").weight), calib)
+    with pytest.raises(ValueError, match="recipe has weight="):
+        prepare_qat(tiny_model, plain, calib, start=w8)
+    smoothed = eq.quantize(tiny_model, plain.replace(smooth_alpha=0.5), calib)
+    with pytest.raises(ValueError, match="smoothed or has split input channels"):
+        prepare_qat(tiny_model, plain.replace(smooth_alpha=0.5), calib, start=smoothed)
+    with pytest.raises(ValueError, match="starts from a static PTQ model.*not a quantized model"):
+        prepare_qat(tiny_model, plain, calib, start=tiny_model)

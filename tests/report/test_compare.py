@@ -251,3 +251,42 @@ def test_out_dir_that_is_a_file(tmp_path: Path, no_export: None) -> None:
     with pytest.raises(ValueError, match=r"out_dir '.*report.html' is a file, not a folder"):
         Report({"runs": []}).save(afile)
     assert afile.read_text() == "x"
+
+
+def test_a_qat_run_starts_from_its_ptq_runs_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QAT run whose recipe a PTQ run already quantized (weight-only, or static without
+    SmoothQuant and splitting) starts from that model instead of quantizing again; one whose
+    PTQ run smoothed (or that has none) quantizes its own start."""
+    import edgequant.report.compare as compare_module
+
+    model, calib, test = _toy()
+    plain = Recipe.preset("w4a8").replace(smooth_alpha=None, split_outliers=None)
+    runs = [
+        Run("ptq-plain", "static", plain),
+        Run("ptq-auto", "static", Recipe.preset("w8a8")),
+        Run("qat-plain", "static", plain, family="qat", epochs=1),
+        Run("qat-auto", "static", Recipe.preset("w8a8"), family="qat", epochs=1),
+    ]
+    starts: dict[str, Any] = {}
+    real = compare_module.qat_model
+
+    def spy(model, run, *args, start=None, **kwargs):  # type: ignore[no-untyped-def]
+        starts[run.name] = start
+        return real(model, run, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(compare_module, "qat_model", spy)
+    train = [(x, model(x).argmax(1).detach()) for x in calib]
+    report = compare(
+        model,
+        calib,
+        _accuracy(test),
+        calib[0],
+        runs=runs,
+        train_data=train,
+        latency_runs=1,
+        verify_data=[x for x, _ in test],
+    )
+    rows = {r["name"]: r for r in report.results["runs"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert starts["qat-plain"] is not None and starts["qat-auto"] is None
+    assert starts["qat-plain"].quant_info["recipe"] == plain.to_dict()
