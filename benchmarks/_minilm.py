@@ -54,14 +54,14 @@ def load_with_sentences(quick: bool = False) -> tuple[Any, Any, list[str], Any, 
 def results_header(ref: Any, sentences: list[str], **extra: Any) -> dict[str, Any]:
     """The head of a results file: date, machine, versions, how many sentences; then `extra`
     and an empty "results"."""
-    import platform
     import time
 
     import onnxruntime as ort
+    from _results import cpu_description
 
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, 2 threads",
+        "machine": cpu_description(2),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "eval_sentences": int(ref.shape[0]),

@@ -20,6 +20,27 @@ def write_json(path: str | os.PathLike[str], data: Any, **dumps: Any) -> None:
     atomic_write_text(path, json.dumps(data, **{"indent": 1, **dumps}))
 
 
+def cpu_description(threads: int) -> str:
+    """The CPU a speed figure was taken on: its model name and the x86 features that decide ONNX
+    Runtime's 8-bit kernels (VNNI or not changes both the kernel and its exactness), e.g.
+    "x86_64 AMD EPYC (avx2, avx512f, avx512_vnni), 2 threads"."""
+    import platform
+
+    from edgequant.export.int8_kernels import INT8_CPU_FLAGS, cpu_int8_flags
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = " " + line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_int8_flags()
+    feats = "" if flags is None else f" ({', '.join(f for f in INT8_CPU_FLAGS if f in flags)})"
+    return f"{platform.machine()}{name}{feats}, {threads} threads"
+
+
 def cifar_missing() -> bool:
     """True, after saying so on stderr, where ../shared (CIFAR-10, ResNet-20 weights) is absent:
     the caller skips (exit 0) rather than fail on a fresh clone."""

@@ -20,7 +20,6 @@ too.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 from _resnet20 import ort_quantize_static  # benchmarks/_resnet20.py
-from _results import write_json  # benchmarks/_results.py (sys.path[0] here)
+from _results import cpu_description, write_json  # benchmarks/_results.py (sys.path[0] here)
 
 import edgequant as eq
 from edgequant import bench
@@ -172,7 +171,7 @@ def save(out: str, names: list[str], rows: list[dict[str, Any]], default_out: st
         out,
         {
             "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "machine": cpu_description(torch.get_num_threads()),
             "torch": torch.__version__,
             "command": command + ("" if out == default_out else f" --out {out}"),
             "rows": rows,

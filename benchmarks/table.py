@@ -82,14 +82,14 @@ def plain_resnet20(data: dict[str, Any], name: str) -> list[Row]:
                 if fp32
                 else "-",
                 "size": _kb(size) + ratio,
-                "speed": _resnet20_speed(row, peer),
+                "speed": _resnet20_speed(row, peer, data.get("machine", "")),
                 "source": name,
             }
         )
     return out
 
 
-def _resnet20_speed(row: dict[str, Any], peer: dict[str, Any] | None) -> str:
+def _resnet20_speed(row: dict[str, Any], peer: dict[str, Any] | None, cpu: str = "") -> str:
     """'bs1 a ms (x FP32, y ORT quantize_static), bs64 ...' from the run's interleaved pairs."""
     lat = row.get("latency")
     if not lat:
@@ -100,7 +100,8 @@ def _resnet20_speed(row: dict[str, Any], peer: dict[str, Any] | None) -> str:
             f"{bs} {lat['ms_vs_fp32'][bs]:.2f} ms ({lat['speed_vs_fp32'][bs]:.2f}x FP32, "
             f"{lat['speed_vs_ort'][bs]:.2f}x ORT quantize_static)"
         )
-    text = "; ".join(parts) + " (speed ratios: above 1 is faster)"
+    where = f"; CPU: {cpu}" if "(" in cpu else ""  # files that name the CPU's int8 features
+    text = "; ".join(parts) + f" (speed ratios: above 1 is faster{where})"
     if peer:
         text += (
             f"; ORT quantize_static itself deploys {_pct(peer['test_932'])} / "
@@ -115,6 +116,7 @@ def _minilm_speed(data: dict[str, Any], key: str) -> str:
     if key not in ms:
         return "not measured in this run"
     fp32 = ms.get("fp32 (ONNX Runtime)", {})
+    cpu = data.get("machine", "")
     peers = [row for name, row in ms.items() if name.startswith("onnxruntime")]
     parts = []
     for batch, value in ms[key].items():
@@ -125,7 +127,9 @@ def _minilm_speed(data: dict[str, Any], key: str) -> str:
         if best is not None:
             ratios.append(f"{best / value:.2f}x ORT")
         parts.append(f"{batch} {value:.1f} ms ({', '.join(ratios)})")
-    return "; ".join(parts) + " (speed ratios: above 1 is faster)"
+    # Files written since the CPU changed name it with its int8 features (VNNI or not).
+    where = f"; CPU: {cpu}" if "(" in cpu else ""
+    return "; ".join(parts) + f" (speed ratios: above 1 is faster{where})"
 
 
 def smollm2(data: dict[str, Any], name: str) -> list[Row]:
