@@ -319,15 +319,7 @@ def _start_from_given(recipe: Recipe, ptq_model: nn.Module) -> _Start:
                 f"start: the given PTQ model's recipe has {key}={given.get(key)!r}, recipe "
                 f"{recipe.name!r} has {expected.get(key)!r}: quantize with the same recipe"
             )
-    for name, m in ptq_model.named_modules():
-        if getattr(m, "input_smooth_inv", None) is not None or (
-            getattr(m, "input_channel_index", None) is not None
-        ):
-            raise ValueError(
-                f"start: layer {name!r} of the given PTQ model is smoothed or has split input "
-                "channels, PTQ steps a QAT model does not carry: quantize with smooth_alpha=None "
-                "and split_outliers=None"
-            )
+    _refuse_smoothed_or_split(ptq_model)
     pipeline = info.get("pipeline")
     qmodel = copy.deepcopy(ptq_model)
     steps = ", ".join(pipeline.get("steps", [])) if isinstance(pipeline, dict) else ""
@@ -335,6 +327,20 @@ def _start_from_given(recipe: Recipe, ptq_model: nn.Module) -> _Start:
     # A deep copy of a traced model (GraphModule) does not carry plain attributes.
     summary = copy.deepcopy(cast(Summary, ptq_model.quant_summary))
     return qmodel, summary, recipe, int(info.get("samples_used", 0)), pipeline, origin
+
+
+def _refuse_smoothed_or_split(ptq_model: nn.Module) -> None:
+    """ValueError naming the first layer of a PTQ model that is smoothed or has split input
+    channels: input transforms a QAT model does not have, so its weights cannot start one."""
+    for name, m in ptq_model.named_modules():
+        if getattr(m, "input_smooth_inv", None) is not None or (
+            getattr(m, "input_channel_index", None) is not None
+        ):
+            raise ValueError(
+                f"layer {name!r} of the PTQ model is smoothed or has split input channels, "
+                "which a QAT model does not have: start QAT from a PTQ model quantized without "
+                "smooth_alpha and split_outliers"
+            )
 
 
 def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:
@@ -345,15 +351,7 @@ def start_from(qmodel: nn.Module, ptq_model: nn.Module) -> None:
     lose what the rounding learned (ResNet-20's 2.5-bit plan started QAT at 61.5 % held-out top-1
     instead of 97.4 % before this copied the grids). Activation ranges are calibrated the same
     way in both and stay as prepared."""
-    for name, m in ptq_model.named_modules():
-        if getattr(m, "input_smooth_inv", None) is not None or (
-            getattr(m, "input_channel_index", None) is not None
-        ):
-            raise ValueError(
-                f"layer {name!r} of the PTQ model is smoothed or has split input channels, "
-                "which a QAT model does not have: start QAT from a PTQ model quantized without "
-                "smooth_alpha and split_outliers"
-            )
+    _refuse_smoothed_or_split(ptq_model)
     ptq_weight_quantizers = {q.name: q for q in quantizers(ptq_model) if q.role == "weight"}
     with torch.no_grad():
         own = dict(qmodel.named_parameters())
