@@ -131,12 +131,10 @@ def prepare_qat(
     same recipe, its whole pipeline included (learned rounding and bias correction below 8
     bits), so QAT begins where PTQ ends, and with training switched off it is that PTQ model;
     "calibrated" only calibrates the ranges and rounds the weights to nearest (faster, and
-    a worse start below 8 bits); a model that eq.quantize already returned for this model,
-    recipe and calib_data (method "weight_only" for a weight-only recipe, else "static" with
-    smooth_alpha and split_outliers None) is that start without quantizing again (a copy of it
-    trains; compare passes its PTQ run's model). SmoothQuant and outlier channel splitting are PTQ steps that
-    a trainable model does not carry: they are switched off for the start and the summary says
-    so. Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In
+    a worse start below 8 bits); the model eq.quantize returned for this model, recipe and
+    calib_data is that PTQ start, not quantized again (a copy trains; _start_from_given).
+    SmoothQuant and outlier channel splitting are PTQ steps that a trainable model does not
+    carry: they are switched off for the start and the summary says so. Returns an ordinary nn.Module in train mode: train it with any loop, or eq.fit_qat. In
     eval mode it computes what the PTQ model with its current grids computes; export it with
     eq.export_onnx. `model` is not modified.
 
@@ -300,8 +298,10 @@ def _start_from_ptq(
 
 
 def _start_from_given(recipe: Recipe, ptq_model: nn.Module) -> _Start:
-    """_start from a PTQ model the caller already has: checked to be what _start_from_ptq would
-    build (the method and, spec by spec, the grids of the same recipe), then copied."""
+    """_start from a PTQ model the caller already has (compare passes its PTQ run's): checked
+    to be what _start_from_ptq would build (method "weight_only" for a weight-only recipe, else
+    "static"; the recipe's grids, first_last_bits and target; no smoothed or split layer), then
+    copied."""
     info = getattr(ptq_model, "quant_info", None)
     kind = "weight_only" if recipe.weight_only else "static"
     if not isinstance(info, dict) or info.get("method") != kind:

@@ -40,6 +40,7 @@ from edgequant.report.runs import (
     default_runs,
     mixed_model,
     qat_model,
+    qat_start_as_is,
     runs_for,
 )
 from edgequant.summary import Summary
@@ -305,21 +306,9 @@ def _quantized_model(sess: _Session, run: Run) -> tuple[nn.Module, dict[str, Any
         return mixed_model(sess.model, run, sess.calib, progress=sess.progress is not None)
     bars = sess.progress is not None
     qmodel = quantize(sess.model, run.recipe, sess.calib, method=run.method, progress=bars)
-    if _qat_start_as_is(run):
+    if qat_start_as_is(run):
         sess.ptq_models[(run.method, run.recipe)] = qmodel
     return qmodel, {}
-
-
-def _qat_start_as_is(run: Run) -> bool:
-    """Whether this PTQ run's model is the start prepare_qat would build for the same recipe:
-    weight-only, or static without SmoothQuant and outlier splitting (which QAT leaves out)."""
-    if run.method == "weight_only":
-        return run.recipe.weight_only
-    return (
-        run.method == "static"
-        and run.recipe.smooth_alpha is None
-        and run.recipe.split_outliers is None
-    )
 
 
 def _run_row(sess: _Session, run: Run, fp32_size: int) -> tuple[dict[str, Any], str | None]:

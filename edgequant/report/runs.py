@@ -98,6 +98,18 @@ def default_lm_runs(qat: bool = True, qat_epochs: int = 1) -> list[Run]:
     return runs
 
 
+def qat_start_as_is(run: Run) -> bool:
+    """Whether a PTQ run's model is the start prepare_qat would build for the same recipe:
+    weight-only, or static without SmoothQuant and outlier splitting (which QAT leaves out)."""
+    if run.method == "weight_only":
+        return run.recipe.weight_only
+    return (
+        run.method == "static"
+        and run.recipe.smooth_alpha is None
+        and run.recipe.split_outliers is None
+    )
+
+
 def batch_len(batch: Any) -> int:
     return batch_size(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
