@@ -20,7 +20,7 @@ def write_json(path: str | os.PathLike[str], data: Any, **dumps: Any) -> None:
     atomic_write_text(path, json.dumps(data, **{"indent": 1, **dumps}))
 
 
-def cpu_description(threads: int) -> str:
+def cpu_description(threads: int | None = None) -> str:
     """The CPU a speed figure was taken on: its model name and the x86 features that decide ONNX
     Runtime's 8-bit kernels (VNNI or not changes both the kernel and its exactness), e.g.
     "x86_64 AMD EPYC (avx2, avx512f, avx512_vnni), 2 threads"."""
@@ -38,7 +38,7 @@ def cpu_description(threads: int) -> str:
         pass
     flags = cpu_int8_flags()
     feats = "" if flags is None else f" ({', '.join(f for f in INT8_CPU_FLAGS if f in flags)})"
-    return f"{platform.machine()}{name}{feats}, {threads} threads"
+    return f"{platform.machine()}{name}{feats}" + (f", {threads} threads" if threads else "")
 
 
 def cifar_missing() -> bool:

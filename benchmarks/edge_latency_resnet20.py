@@ -17,7 +17,6 @@ is what runs the int8 ops, and how many delegate partitions each file gets.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from _resnet20 import (  # benchmarks/_resnet20.py
     quantize_mcu_int8,
     resnet20_parser,
 )
-from _results import cifar_missing, write_json  # benchmarks/_results.py (sys.path[0] here)
+from _results import cifar_missing, cpu_description, write_json  # benchmarks/_results.py
 
 import edgequant as eq
 from edgequant.export.executorch import ExecuTorchRunner, lower_to_executorch
@@ -142,7 +141,7 @@ def main() -> int:
         "bars": bars,
         "environment": {
             "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_description(),
             "cores": __import__("os").cpu_count(),
         },
     }
