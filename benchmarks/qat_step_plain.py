@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +25,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _qat import train_step  # benchmarks/_qat.py
-from _results import interleaved_rounds, timed, write_json  # benchmarks/_results.py
+from _results import (  # benchmarks/_results.py
+    cpu_description,
+    interleaved_rounds,
+    timed,
+    write_json,
+)
 from torch import nn
 
 import edgequant as eq
@@ -115,8 +119,7 @@ def main() -> int:
         args.out,
         {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.machine()}, torch threads 2, load average "
-            f"{os.getloadavg()[0]:.1f} at the end",
+            "machine": f"{cpu_description(2)}, load average {os.getloadavg()[0]:.1f} at the end",
             "torch": torch.__version__,
             "how": f"batch 128, Adam lr 1e-4 built once, median of {args.rounds} interleaved "
             f"rounds of {args.steps} steps",
