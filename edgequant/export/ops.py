@@ -8,6 +8,7 @@ its onnxscript translation emits the standard ONNX ops that compute the same.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -247,6 +248,7 @@ def _per_token_quantize(x):
     return xq, op.Reshape(scale, per_row), op.Reshape(x_zp, per_row)
 
 
+@functools.lru_cache(maxsize=1)
 def _matmul_integer_to_float() -> Any:
     """ONNX Runtime's com.microsoft MatMulIntegerToFloat as an onnxscript op: onnx registers no
     schema for contrib ops, so the translation carries its own (inputs as ONNX Runtime's

@@ -212,8 +212,10 @@ class _Session:
     metric: str
     progress: Callable[[str], None] | None
     lm: bool = False  # a LLaMA-style causal LM: LM export, perplexity windows, decode speed
-    # The PTQ runs' models by (method, recipe): a QAT run of the same recipe starts from its
-    # PTQ run's model instead of quantizing again (prepare_qat(start=...)).
+    # The (method, recipe) of every QAT run, and the PTQ runs' models kept for them: a QAT run
+    # of the same recipe starts from its PTQ run's model instead of quantizing again
+    # (prepare_qat(start=...)); a PTQ model no QAT run wants is not held.
+    qat_recipes: frozenset[tuple[str, Recipe]] = frozenset()
     ptq_models: dict[tuple[str, Recipe], nn.Module] = dataclasses.field(default_factory=dict)
 
     def predict(self, path: Path) -> Predict:
@@ -306,7 +308,7 @@ def _quantized_model(sess: _Session, run: Run) -> tuple[nn.Module, dict[str, Any
         return mixed_model(sess.model, run, sess.calib, progress=sess.progress is not None)
     bars = sess.progress is not None
     qmodel = quantize(sess.model, run.recipe, sess.calib, method=run.method, progress=bars)
-    if qat_start_as_is(run):
+    if (run.method, run.recipe) in sess.qat_recipes and qat_start_as_is(run):
         sess.ptq_models[(run.method, run.recipe)] = qmodel
     return qmodel, {}
 
@@ -441,6 +443,7 @@ def compare(
         metric=metric,
         progress=progress,
         lm=is_llama_style(model),
+        qat_recipes=frozenset((r.method, r.recipe) for r in chosen if r.family == "qat"),
     )
     baseline = _baseline(sess, example_name)
     report = _run_all(sess, chosen, baseline, task, metric, tolerance, threads, lower_is_better)
