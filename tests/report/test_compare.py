@@ -38,6 +38,15 @@ def _accuracy(test):  # type: ignore[no-untyped-def]
     return metric
 
 
+def _compare_toy(model, calib, test, runs, **options) -> Report:  # type: ignore[no-untyped-def]
+    """compare on _toy()'s model and data: scored by _accuracy on `test`, verified on its
+    inputs, calib[0] the example; `options` as compare takes them."""
+    verify = [x for x, _ in test]
+    return compare(
+        model, calib, _accuracy(test), calib[0], runs=runs, verify_data=verify, **options
+    )
+
+
 def test_a_failing_method_is_reported_and_the_others_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -50,16 +59,7 @@ def test_a_failing_method_is_reported_and_the_others_run(
     ]
     model.train()  # the caller's flags and weights must survive compare (STYLE §9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = compare(
-        model,
-        calib,
-        _accuracy(test),
-        calib[0],
-        runs=runs,
-        out_dir=tmp_path,
-        latency_runs=2,
-        verify_data=[x for x, _ in test],
-    )
+    report = _compare_toy(model, calib, test, runs, out_dir=tmp_path, latency_runs=2)
     assert capsys.readouterr().err == ""  # no progress given: silent, bars included
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -90,16 +90,8 @@ def test_qat_and_mixed_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         Run("qat-no-data", "static", Recipe.preset("w8a8"), family="qat", epochs=1),
     ]
     train = [(x, model(x).argmax(1).detach()) for x in calib]
-    report = compare(
-        model,
-        calib,
-        _accuracy(test),
-        calib[0],
-        runs=runs[:2],
-        train_data=train,
-        latency_runs=2,
-        verify_data=[x for x, _ in test],
-        progress=stderr_progress(),
+    report = _compare_toy(
+        model, calib, test, runs[:2], train_data=train, latency_runs=2, progress=stderr_progress()
     )
     rows = {r["name"]: r for r in report.results["runs"]}
     qat = rows["qat-w4a8"]
@@ -276,16 +268,7 @@ def test_a_qat_run_starts_from_its_ptq_runs_model(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(compare_module, "qat_model", spy)
     train = [(x, model(x).argmax(1).detach()) for x in calib]
-    report = compare(
-        model,
-        calib,
-        _accuracy(test),
-        calib[0],
-        runs=runs,
-        train_data=train,
-        latency_runs=1,
-        verify_data=[x for x, _ in test],
-    )
+    report = _compare_toy(model, calib, test, runs, train_data=train, latency_runs=1)
     rows = {r["name"]: r for r in report.results["runs"]}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert starts["qat-plain"] is not None and starts["qat-auto"] is None
