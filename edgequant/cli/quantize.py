@@ -37,11 +37,12 @@ def quantize_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weight-storage",
-        default="exact",
+        default="auto",
         metavar="HOW",
-        help="exact (default: 8-bit weights beside uint8 activations stored as UINT8 + 128, exact "
-        "in ONNX Runtime on every CPU) or int8 (ONNX Runtime's faster u8s8 kernel, exact only on "
-        "CPUs with VNNI or Arm dot-product instructions; verification runs on this machine)",
+        help="auto (default: int8 where this machine's CPU runs it exactly, else exact), exact "
+        "(8-bit weights beside uint8 activations stored as UINT8 + 128, exact in ONNX Runtime on "
+        "every CPU) or int8 (ONNX Runtime's faster u8s8 kernel, exact only on CPUs with VNNI or "
+        "Arm dot-product instructions; verification runs on this machine)",
     )
     parser.add_argument(
         "--quiet",

@@ -3,6 +3,8 @@ without VNNI its u8s8 kernel sums pairs of products in int16 and can saturate.""
 
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,8 @@ __all__ = [
     "as_uint8",
     "can_saturate",
     "cpu_int8_flags",
+    "resolve_weight_storage",
+    "u8s8_exact_here",
     "u8s8_saturates_here",
 ]
 
@@ -32,6 +36,25 @@ def u8s8_saturates_here() -> bool:
     """True when this is an x86 CPU without VNNI, where ONNX Runtime's u8s8 kernel saturates."""
     flags = cpu_int8_flags()
     return flags is not None and not flags & NO_SATURATION_FLAGS
+
+
+def u8s8_exact_here() -> bool:
+    """True where this machine's ONNX Runtime runs u8s8 products exactly: an x86 CPU with VNNI
+    (or AMX), whose kernels sum in int32, or an Arm one (dot-product kernels). False on x86
+    without VNNI and wherever the CPU cannot be told (another OS on x86)."""
+    flags = cpu_int8_flags()
+    if flags is not None:
+        return bool(flags & NO_SATURATION_FLAGS)
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+def resolve_weight_storage(weight_storage: str) -> str:
+    """export_onnx's weight_storage as the lowering applies it: "auto" is "int8" where this
+    machine runs the u8s8 kernel exactly (u8s8_exact_here; verification runs here too) and
+    "exact" elsewhere; "exact" and "int8" are themselves."""
+    if weight_storage != "auto":
+        return weight_storage
+    return "int8" if u8s8_exact_here() else "exact"
 
 
 def as_uint8(q: Tensor) -> Tensor:

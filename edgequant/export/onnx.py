@@ -31,7 +31,7 @@ from edgequant.batches import (
     split_inputs,
 )
 from edgequant.export import ops
-from edgequant.export.int8_kernels import u8s8_saturates_here
+from edgequant.export.int8_kernels import resolve_weight_storage, u8s8_saturates_here
 from edgequant.export.integer_graph import (
     fold_activations_into_quantizers,
     fully_integer_violations,
@@ -73,6 +73,12 @@ class ExportInfo:
     # holds (every compute node reads DequantizeLinear outputs and feeds QuantizeLinear);
     # None for other targets, which do not ask for it.
     fully_integer: bool | None = None
+    # The weight storage the file was written with ("exact" or "int8": "auto" resolved on this
+    # CPU) and how many layers keep INT8 weights with |w| > 64 beside UINT8 activations: exact
+    # on CPUs with VNNI or Arm dot products, saturated on x86 without VNNI (the file says so in
+    # its metadata, U8S8_METADATA_KEY).
+    weight_storage: str = "exact"
+    u8s8_wide_layers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +100,21 @@ class ExportInfo:
                 if v.weights_run_as_uint8
                 else ""
             )
+            + (f"; {_u8s8_note(self.u8s8_wide_layers)}" if self.u8s8_wide_layers else "")
         )
+
+
+U8S8_METADATA_KEY = "edgequant.int8_weights"
+
+
+def _u8s8_note(layers: int) -> str:
+    """What a file with INT8 weights that could saturate a u8s8 kernel runs exactly on."""
+    return (
+        f"{layers} layers keep INT8 weights with |w| > 64 beside UINT8 activations (ONNX "
+        "Runtime's faster u8s8 kernel): exact on x86 CPUs with VNNI and on Arm, where this file "
+        "was verified; they saturate on x86 CPUs without VNNI (AVX2): for such a CPU export "
+        "with weight_storage='exact'"
+    )
 
 
 def _dynamic_dims(t: Any) -> Any:
@@ -150,16 +170,19 @@ def export_onnx(
     verify_data: Iterable[Any] | None = None,
     min_top1_agreement: float = 0.995,
     min_sqnr_db: float = 30.0,
-    weight_storage: str = "exact",
+    weight_storage: str = "auto",
 ) -> ExportInfo:
     """Write qmodel as an ONNX QDQ model (opset 21) at `path`, after proving in ONNX Runtime that
     it computes what the simulation computes (on example_inputs and on verify_data when given).
 
-    weight_storage: "exact" (default) stores the 8-bit weights of a layer with uint8 inputs as
-    UINT8 with zero point 128 wherever some |w| > 64, so ONNX Runtime runs its u8u8 kernel, exact
-    on every CPU. "int8" keeps them INT8: ONNX Runtime's faster u8s8 kernel, exact only on CPUs
-    with VNNI (AVX-VNNI, AVX512-VNNI) or Arm dot-product instructions; on x86 without VNNI it
-    saturates, and verification, which runs on this machine, refuses the file.
+    weight_storage: "exact" stores the 8-bit weights of a layer with uint8 inputs as UINT8 with
+    zero point 128 wherever some |w| > 64, so ONNX Runtime runs its u8u8 kernel, exact on every
+    CPU. "int8" keeps them INT8: ONNX Runtime's faster u8s8 kernel (about 2x), exact only on
+    CPUs with VNNI (AVX-VNNI, AVX512-VNNI) or Arm dot-product instructions; on x86 without VNNI
+    it saturates, and verification, which runs on this machine, refuses the file. "auto"
+    (default) is "int8" where this machine runs it exactly and "exact" elsewhere: the file is
+    exact and fast on the CPU that exports it; where it keeps such INT8 weights, ExportInfo
+    and the file's metadata (key "edgequant.int8_weights") say which CPUs run it exactly.
 
     Nothing is written if export or verification fails (ExportError); an existing file at `path`
     is replaced only by a verified model.
@@ -278,7 +301,9 @@ def _export(
     import onnx
 
     start = time.perf_counter()
+    weight_storage = resolve_weight_storage(weight_storage)
     lowered = lower(qmodel, weight_storage)
+    wide = sum(1 for m in lowered.modules() if getattr(m, "u8s8_wide", False))
     try:
         model = _to_onnx(
             lowered,
@@ -298,6 +323,8 @@ def _export(
     requantize_after_moves(model)
     integer, quantized = _check_integer_weights(model, layers)
     drop_value_info(model)
+    if wide:
+        onnx.helper.set_model_props(model, {U8S8_METADATA_KEY: _u8s8_note(wide)})
     onnx.checker.check_model(model)
     with atomic_path(path, suffix=".onnx.tmp") as tmp:
         onnx.save_model(model, str(tmp))
@@ -320,6 +347,8 @@ def _export(
         verification=v,
         wall_s=time.perf_counter() - start,
         fully_integer=True if fully_integer else None,
+        weight_storage=weight_storage,
+        u8s8_wide_layers=wide,
     )
 
 

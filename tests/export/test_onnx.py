@@ -17,6 +17,7 @@ from zoo import Conv1dNet  # tests/zoo.py
 
 import edgequant as eq
 from edgequant.export.inspect import inspect_onnx
+from edgequant.export.onnx import U8S8_METADATA_KEY
 from edgequant.functional import sqnr_db
 from edgequant.instrument import instrument
 
@@ -89,8 +90,12 @@ def _simulate(qmodel: nn.Module, item: object) -> torch.Tensor:
 # --- each method, exported and run in ONNX Runtime ----------------------------------------------
 
 
-def _export(qmodel: nn.Module, path: Path, calib: list) -> eq.ExportInfo:
-    info = eq.export_onnx(qmodel, path, calib[0], verify_data=calib[1:])
+def _export(
+    qmodel: nn.Module, path: Path, calib: list, weight_storage: str = "auto"
+) -> eq.ExportInfo:
+    info = eq.export_onnx(
+        qmodel, path, calib[0], verify_data=calib[1:], weight_storage=weight_storage
+    )
     assert isinstance(info, eq.ExportInfo)
     assert info.path == str(path) and info.size_bytes == path.stat().st_size
     assert info.opset == 21
@@ -128,14 +133,17 @@ def test_static_classifier_agrees_with_the_simulation(static_classifier: tuple) 
 
 
 def test_static_classifier_stores_8_bit_weights_as_uint8(tmp_path: Path) -> None:
-    """Between uint8 activations, 8-bit weights are stored as uint8 with zero point 128: the same
-    values, run by ONNX Runtime's u8u8 kernel, which does not saturate on x86 CPUs without VNNI
-    as its u8s8 one does (export.int8_kernels.as_uint8). (reduce_range off: every layer keeps
-    8-bit weights; tests/ptq/test_reduce_range.py covers the 7-bit ones, stored INT8.)"""
+    """weight_storage="exact": between uint8 activations, 8-bit weights are stored as uint8 with
+    zero point 128: the same values, run by ONNX Runtime's u8u8 kernel, which does not saturate
+    on x86 CPUs without VNNI as its u8s8 one does (export.int8_kernels.as_uint8). (reduce_range
+    off: every layer keeps 8-bit weights; tests/ptq/test_reduce_range.py covers the 7-bit ones,
+    stored INT8.)"""
     model, calib, _ = _case("classifier")
     qmodel = eq.quantize(model, eq.Recipe.preset("w8a8").replace(reduce_range=False), calib)
     path = tmp_path / "classifier.onnx"
-    _export(qmodel, path, calib)
+    info = _export(qmodel, path, calib, weight_storage="exact")
+    assert info.weight_storage == "exact" and info.u8s8_wide_layers == 0
+    assert len(onnx.load(str(path)).metadata_props) == 0
     report = inspect_onnx(path)
     assert [
         (layer.weight_dtype, layer.weight_bits, layer.activation) for layer in report.layers
@@ -180,9 +188,12 @@ def test_exports_carry_no_value_info_or_provenance(
 
     from edgequant.export.onnx import export_float_onnx
 
-    _, path, _ = static_classifier
+    _, path, info = static_classifier
     stored = onnx.load(str(path))
-    assert len(stored.graph.value_info) == 0 and len(stored.metadata_props) == 0
+    # The one metadata entry a file may carry: which CPUs run its INT8 weights exactly.
+    expected = {U8S8_METADATA_KEY} if info.u8s8_wide_layers else set()
+    assert len(stored.graph.value_info) == 0
+    assert {p.key for p in stored.metadata_props} == expected
     model, calib, _ = _case("classifier")
     fp32 = tmp_path / "fp32.onnx"
     export_float_onnx(model, fp32, calib[0])
@@ -216,15 +227,15 @@ class Saturating(nn.Module):
 
 @pytest.mark.parametrize(("preset", "dtype"), [("w8a8", UINT8), ("w7a8", INT8)])
 def test_layers_that_would_saturate_deploy_exactly(preset: str, dtype: int, tmp_path: Path):
-    """8-bit weights are stored as UINT8 (ONNX Runtime's u8u8 kernel cannot saturate); 7-bit
-    ones stay INT8, since |w| <= 64 cannot saturate a u8s8 kernel either. Either way ONNX Runtime
-    computes what the simulation computes, on any CPU."""
+    """weight_storage="exact": 8-bit weights are stored as UINT8 (ONNX Runtime's u8u8 kernel
+    cannot saturate); 7-bit ones stay INT8, since |w| <= 64 cannot saturate a u8s8 kernel either.
+    Either way ONNX Runtime computes what the simulation computes, on any CPU."""
     model = Saturating().eval()
     x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0
     recipe = eq.Recipe.preset(preset).replace(first_last_bits=None, reduce_range=False)
     qmodel = eq.quantize(model, recipe, [x])
     path = tmp_path / "model.onnx"
-    _export(qmodel, path, [x])
+    _export(qmodel, path, [x], weight_storage="exact")
     assert sorted(weight_initializers(path).values()) == [dtype] * 2
     sim, dep = _simulate(qmodel, x), run_ort(path, x)
     # Equal up to float32 rounding of outputs near 1,000 (a saturated sum is off by thousands of
@@ -256,11 +267,63 @@ def test_weight_storage_int8_keeps_int8_weights_and_verifies_on_this_cpu(tmp_pat
         assert sqnr_db(_simulate(qmodel, x), run_ort(path, x)) > 100.0
 
 
+@pytest.mark.parametrize(
+    ("flags", "machine", "expected"),
+    [
+        ({"avx2", "avx512f"}, "x86_64", "exact"),  # AVX2 / AVX-512 without VNNI: saturates
+        ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "int8"),
+        ({"avx2", "avx_vnni"}, "x86_64", "int8"),
+        (None, "aarch64", "int8"),  # Arm: no x86 flags; dot-product kernels are exact
+        (None, "x86_64", "exact"),  # another OS on x86: the CPU cannot be told
+    ],
+)
+def test_auto_storage_is_int8_only_where_this_cpu_runs_it_exactly(
+    flags: set[str] | None, machine: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgequant.export import int8_kernels
+
+    monkeypatch.setattr(int8_kernels, "cpu_int8_flags", lambda: flags)
+    monkeypatch.setattr(int8_kernels.platform, "machine", lambda: machine)
+    assert int8_kernels.resolve_weight_storage("auto") == expected
+    assert int8_kernels.resolve_weight_storage("exact") == "exact"
+    assert int8_kernels.resolve_weight_storage("int8") == "int8"
+
+
+def test_auto_storage_is_fast_and_exact_on_this_cpu_and_says_where_else(tmp_path: Path):
+    """The default (weight_storage="auto") keeps INT8 weights, ONNX Runtime's faster u8s8 kernel,
+    where this CPU runs them exactly, and says in ExportInfo and in the file which CPUs do; on a
+    CPU that saturates it (x86 without VNNI) it stores them as weight_storage="exact" does. Either
+    way the file computes what the simulation computes here."""
+    from edgequant.export.int8_kernels import u8s8_exact_here
+
+    model = Saturating().eval()
+    x = torch.rand(16, 3, 8, 8, generator=gen(12)) + 1.0
+    recipe = eq.Recipe.preset("w8a8").replace(first_last_bits=None, reduce_range=False)
+    qmodel = eq.quantize(model, recipe, [x])
+    path = tmp_path / "model.onnx"
+    info = eq.export_onnx(qmodel, path, x)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    if u8s8_exact_here():
+        assert info.weight_storage == "int8" and info.u8s8_wide_layers == 2
+        assert sorted(weight_initializers(path).values()) == [INT8] * 2
+        assert "saturate on x86 CPUs without VNNI" in props[U8S8_METADATA_KEY]
+        assert "2 layers keep INT8 weights" in str(info)
+        kernels = [layer.kernel for layer in inspect_onnx(path).layers]
+        assert kernels == ["u8s8 (saturates on x86 without VNNI: |w| > 64)"] * 2
+    else:
+        assert info.weight_storage == "exact" and info.u8s8_wide_layers == 0
+        assert sorted(weight_initializers(path).values()) == [UINT8] * 2
+        assert props == {}
+    assert sqnr_db(_simulate(qmodel, x), run_ort(path, x)) > 100.0
+
+
 def test_weight_storage_must_be_known(tmp_path: Path):
     model = Saturating().eval()
     x = torch.rand(4, 3, 8, 8, generator=gen(13))
     qmodel = eq.quantize(model, "w8a8", [x])
-    with pytest.raises(ValueError, match="weight_storage must be one of 'exact', 'int8', got 'u8'"):
+    with pytest.raises(
+        ValueError, match="weight_storage must be one of 'auto', 'exact', 'int8', got 'u8'"
+    ):
         eq.export_onnx(qmodel, tmp_path / "m.onnx", x, weight_storage="u8")
     assert list(tmp_path.iterdir()) == []
 
@@ -330,7 +393,7 @@ def test_dynamic_w8a8_agrees_and_is_at_most_030_of_fp32(big_mlp: tuple, tmp_path
     model, x, fp32_bytes = big_mlp
     qmodel = eq.quantize(model, "w8a8", [x], method="dynamic")
     path = tmp_path / "dynamic.onnx"
-    info = _export(qmodel, path, [x])
+    info = _export(qmodel, path, [x], weight_storage="exact")
     assert info.quantized_layers == 2
     held_out = torch.randn(32, 256, generator=gen(7))
     sim, dep = _simulate(qmodel, held_out), run_ort(path, held_out)

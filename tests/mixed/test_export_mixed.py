@@ -33,7 +33,7 @@ def test_mixed_model_exports_int8_and_int4_and_verifies(cnn, calib, tmp_path: Pa
         if isinstance(m, QuantMixin) and m.weight_quantizer is not None
     } == bits
     path = tmp_path / "mixed.onnx"
-    info = eq.export_onnx(qmodel, path, calib[0][:4], verify_data=calib[:2])
+    info = eq.export_onnx(qmodel, path, calib[0][:4], verify_data=calib[:2], weight_storage="exact")
     assert info.verification.passed
     report = inspect_onnx(path)
     dtypes = {layer.weight_dtype for layer in report.layers if layer.quantized}
