@@ -89,44 +89,30 @@ def reuse(previous: dict[str, Any], out: dict[str, Any], keys: tuple[str, ...]) 
             out[key] = previous[key]
 
 
-def interleaved_ms(
-    paths: dict[str, Any], batches: dict[str, dict[str, torch.Tensor]], rounds: int = 21
-) -> dict[str, dict[str, float]]:
-    """Median milliseconds of one ONNX Runtime run (2 threads) of each exported encoder on each
-    batch ({label: tokenized batch}), measured side by side: every round runs every file once,
-    in a rotating order, so a slow spell of the shared machine falls on all alike."""
-    import statistics
-    from functools import partial
-
-    from _results import interleaved_rounds, timed
-
-    from edgequant.examples import minilm as M
-
-    fns = {name: M.ort_encoder_fn(path) for name, path in paths.items()}
-    result: dict[str, dict[str, float]] = {name: {} for name in fns}
-    for label, batch in batches.items():
-        runs = {name: partial(fn, **batch) for name, fn in fns.items()}
-        for run in runs.values():  # warm-up
-            run()
-        times = interleaved_rounds({name: timed(run) for name, run in runs.items()}, rounds)
-        for name in fns:
-            result[name][label] = statistics.median(times[name]) * 1000.0
-    return result
-
-
 def sentence_latency(files: dict[str, Any], evals: Any) -> dict[str, Any]:
-    """interleaved_ms of the exported encoders at batch 1 (the first evaluation sentence,
-    unpadded) and batch 32 (the first evaluation batch), with how it was measured; printed."""
+    """Latency of the exported encoders at batch 1 (the first evaluation sentence, unpadded) and
+    batch 32 (the first evaluation batch), with how it was measured; printed. Each file runs in
+    a process of its own, one session, as deployed (_results.interleaved_session_ms), with ONNX
+    Runtime's default spinning worker threads ("ms") and with spinning off ("ms_no_spin")."""
     import json
 
+    from _results import interleaved_session_ms
+
     length = int(evals[0]["attention_mask"][0].sum())  # one sentence at its own length
-    one = {k: v[:1, :length] for k, v in evals[0].items()}
-    latency = {
-        "how": "median ms of one ONNX Runtime run (2 threads), every file once per round, 21 "
-        "interleaved rounds; batch 1 (the first evaluation sentence, unpadded) and batch 32 (the "
-        "first evaluation batch, padded to its longest sentence)",
-        "ms": interleaved_ms(files, {"bs1": one, "bs32": evals[0]}),
+    batches = {
+        "bs1": {k: v[:1, :length].numpy() for k, v in evals[0].items()},
+        "bs32": {k: v.numpy() for k, v in evals[0].items()},
     }
-    for name, ms in latency["ms"].items():
-        print("latency", name, json.dumps(ms), flush=True)
+    latency = {
+        "how": "median over 21 interleaved rounds of the mean ms of 3 ONNX Runtime runs (2 "
+        "threads) after 2 untimed ones, every file in a process of its own with one session, "
+        "once per round; batch 1 (the first evaluation sentence, unpadded) and batch 32 (the "
+        "first evaluation batch, padded to its longest sentence); ms: ONNX Runtime's defaults; "
+        "ms_no_spin: session.intra_op.allow_spinning 0",
+        "ms": interleaved_session_ms(files, batches),
+        "ms_no_spin": interleaved_session_ms(files, batches, spin=False),
+    }
+    for key in ("ms", "ms_no_spin"):
+        for name, ms in latency[key].items():
+            print("latency", key, name, json.dumps(ms), flush=True)
     return latency

@@ -111,12 +111,25 @@ def _resnet20_speed(row: dict[str, Any], peer: dict[str, Any] | None, cpu: str =
 
 
 def _minilm_speed(data: dict[str, Any], key: str) -> str:
-    """'bs1 a ms (x FP32, y best ORT), bs32 ...' from a run's interleaved latencies."""
-    ms = data.get("latency", {}).get("ms", {})
-    if key not in ms:
+    """'bs1 a ms (x FP32, y best ORT), bs32 ...' from a run's interleaved latencies (and the
+    same with ONNX Runtime's worker threads not spinning, where the run measured it)."""
+    latency = data.get("latency", {})
+    text = _minilm_ratios(latency.get("ms", {}), key)
+    if text is None:
         return "not measured in this run"
-    fp32 = ms.get("fp32 (ONNX Runtime)", {})
+    no_spin = _minilm_ratios(latency.get("ms_no_spin", {}), key)
+    if no_spin is not None:
+        text += f"; ORT threads not spinning: {no_spin}"
     cpu = data.get("machine", "")
+    # Files written since the CPU changed name it with its int8 features (VNNI or not).
+    where = f"; CPU: {cpu}" if "(" in cpu else ""
+    return text + f" (speed ratios: above 1 is faster{where})"
+
+
+def _minilm_ratios(ms: dict[str, Any], key: str) -> str | None:
+    if key not in ms:
+        return None
+    fp32 = ms.get("fp32 (ONNX Runtime)", {})
     peers = [row for name, row in ms.items() if name.startswith("onnxruntime")]
     parts = []
     for batch, value in ms[key].items():
@@ -127,9 +140,7 @@ def _minilm_speed(data: dict[str, Any], key: str) -> str:
         if best is not None:
             ratios.append(f"{best / value:.2f}x ORT")
         parts.append(f"{batch} {value:.1f} ms ({', '.join(ratios)})")
-    # Files written since the CPU changed name it with its int8 features (VNNI or not).
-    where = f"; CPU: {cpu}" if "(" in cpu else ""
-    return "; ".join(parts) + f" (speed ratios: above 1 is faster{where})"
+    return "; ".join(parts)
 
 
 def smollm2(data: dict[str, Any], name: str) -> list[Row]:

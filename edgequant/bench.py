@@ -99,7 +99,10 @@ def compare_latency(
     """Time two models interleaved; returns {"a": latency, "b": latency, "ratio": b / a}.
 
     The runs alternate between the models (and which goes first), so a slow spell of the machine
-    falls on both alike; the ratio is steadier than two separate `latency_ms` calls.
+    falls on both alike; the ratio is steadier than two separate `latency_ms` calls. Each timed
+    run follows an untimed one of the same model (_warm_time_run): right after a run of the other
+    model, its thread pool still spins and slows the next run by up to 2x, the more so the more
+    nodes a graph has, which no single-model deployment sees.
     """
     _check_timing_args(batch_sizes, warmup, runs, threads)
     session_a = ort_session(a, threads)
@@ -118,11 +121,11 @@ def compare_latency(
         times_a, times_b = [], []
         for run in range(runs):
             if run % 2 == 0:
-                times_a.append(_time_run(session_a, feeds_a))
-                times_b.append(_time_run(session_b, feeds_b))
+                times_a.append(_warm_time_run(session_a, feeds_a))
+                times_b.append(_warm_time_run(session_b, feeds_b))
             else:
-                times_b.append(_time_run(session_b, feeds_b))
-                times_a.append(_time_run(session_a, feeds_a))
+                times_b.append(_warm_time_run(session_b, feeds_b))
+                times_a.append(_warm_time_run(session_a, feeds_a))
         key = f"bs{batch_size}"
         result["a"][key] = statistics.median(times_a) * 1000.0
         result["b"][key] = statistics.median(times_b) * 1000.0
@@ -183,6 +186,13 @@ def _time_run(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray
     start = time.perf_counter()
     session.run(None, feeds)
     return time.perf_counter() - start
+
+
+def _warm_time_run(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    """_time_run after one untimed run of the same session: the steady state of one model, not
+    the wake-up of its thread pool beside another session's still-spinning one."""
+    session.run(None, feeds)
+    return _time_run(session, feeds)
 
 
 def _input_shape(

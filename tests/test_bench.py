@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -98,6 +99,35 @@ def test_compare_latency_ratio(tmp_path: Path) -> None:
     for key in ("bs1", "bs2"):
         assert result["a"][key] > 0 and result["b"][key] > 0
         assert result["ratio"][key] == pytest.approx(result["b"][key] / result["a"][key])
+
+
+def test_compare_latency_times_each_run_after_an_untimed_one_of_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Side by side, a timed run right after the other model's run measures that session's
+    still-spinning thread pool too; each timed run follows an untimed one of its own model."""
+    a = fp32_conv(tmp_path / "fp32.onnx")
+    b = int8_qdq_conv(tmp_path / "int8.onnx")
+    calls: list[str] = []
+    real = bench.ort_session
+
+    def recording_session(path: Any, threads: int) -> Any:
+        session = real(path, threads)
+        name = Path(path).stem
+
+        class Recording:
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(session, attr)
+
+            def run(self, *args: Any) -> Any:
+                calls.append(name)
+                return session.run(*args)
+
+        return Recording()
+
+    monkeypatch.setattr(bench, "ort_session", recording_session)
+    bench.compare_latency(a, b, batch_sizes=(1,), warmup=0, runs=4)
+    assert calls == ["fp32", "fp32", "int8", "int8", "int8", "int8", "fp32", "fp32"] * 2
 
 
 def test_dynamic_non_batch_dims_need_input_shapes(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, external_data_helper
 
+from edgequant.export.int8_kernels import u8s8_saturates_here
 from edgequant.export.weight_trace import (
     LayerInfo,
     OnnxGraph,
@@ -55,6 +56,9 @@ class InspectReport:
     initializer_count: dict[str, int]
     opset: int
     layers: list[LayerInfo] = field(default_factory=list)
+    # The file's own notes (metadata keys "edgequant.*"), e.g. which CPUs run its INT8 weights
+    # exactly (export_onnx(weight_storage="auto")).
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_quantized(self) -> int:
@@ -98,6 +102,7 @@ class InspectReport:
             "n_float": self.n_float,
             "n_without_weight": self.n_without_weight,
             "is_integer": self.is_integer,
+            "notes": dict(self.notes),
             "layers": layers,
         }
 
@@ -174,6 +179,14 @@ class InspectReport:
                 f"matmuls of two activations: {len(pairs)}, {both} with both operands quantized"
             )
         lines.append(f"integer:       {'yes' if self.is_integer else 'no'}")
+        lines.extend(f"note:          {text}" for text in self.notes.values())
+        saturating = sum("saturates" in layer.kernel for layer in self.layers)
+        if saturating and u8s8_saturates_here():
+            lines.append(
+                f"this CPU:      x86 without VNNI: the u8s8 kernels of {saturating} layers "
+                "saturate here, so ONNX Runtime computes them inexactly; export with "
+                "weight_storage='exact' for this CPU"
+            )
         return "\n".join(lines)
 
 
@@ -200,6 +213,7 @@ def inspect_onnx(path: str | os.PathLike[str]) -> InspectReport:
         initializer_count=initializer_count,
         opset=opset,
         layers=layers,
+        notes={p.key: p.value for p in model.metadata_props if p.key.startswith("edgequant.")},
     )
 
 

@@ -303,3 +303,26 @@ def test_no_weight_layers_is_not_integer(tmp_path: Path) -> None:
     report = inspect_onnx(_save_and_run(graph, tmp_path / "relu.onnx", feeds))
     assert isinstance(report, InspectReport)
     assert report.layers == [] and report.is_integer is False
+
+
+@pytest.mark.parametrize("saturates_here", [True, False])
+def test_file_notes_and_saturating_kernels_on_this_cpu(
+    tmp_path: Path, saturates_here: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's own notes (metadata "edgequant.*") are reported; a layer whose u8s8 kernel
+    saturates on x86 without VNNI (INT8 weights with |w| > 64 beside UINT8 activations) is named
+    as inexact where inspect runs on such a CPU."""
+    from edgequant.export import inspect as inspect_module
+
+    path = qdq_conv(tmp_path / "int8.onnx")  # weights in -128..127
+    model = onnx.load(str(path))
+    helper.set_model_props(model, {"edgequant.int8_weights": "a note", "producer.other": "x"})
+    onnx.save(model, str(path))
+    monkeypatch.setattr(inspect_module, "u8s8_saturates_here", lambda: saturates_here)
+    report = inspect_onnx(path)
+    assert report.notes == {"edgequant.int8_weights": "a note"}
+    assert report.to_dict()["notes"] == report.notes
+    text = report.format()
+    assert "note:          a note" in text
+    warning = "this CPU:      x86 without VNNI: the u8s8 kernels of 1 layers saturate here"
+    assert (warning in text) is saturates_here

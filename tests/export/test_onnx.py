@@ -308,8 +308,13 @@ def test_auto_storage_is_fast_and_exact_on_this_cpu_and_says_where_else(tmp_path
         assert sorted(weight_initializers(path).values()) == [INT8] * 2
         assert "saturate on x86 CPUs without VNNI" in props[U8S8_METADATA_KEY]
         assert "2 layers keep INT8 weights" in str(info)
-        kernels = [layer.kernel for layer in inspect_onnx(path).layers]
-        assert kernels == ["u8s8 (saturates on x86 without VNNI: |w| > 64)"] * 2
+        report = inspect_onnx(path)
+        assert [layer.kernel for layer in report.layers] == [
+            "u8s8 (saturates on x86 without VNNI: |w| > 64)"
+        ] * 2
+        assert report.notes == props and f"note:          {props[U8S8_METADATA_KEY]}" in (
+            report.format()
+        )
     else:
         assert info.weight_storage == "exact" and info.u8s8_wide_layers == 0
         assert sorted(weight_initializers(path).values()) == [UINT8] * 2
