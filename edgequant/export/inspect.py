@@ -179,7 +179,11 @@ class InspectReport:
                 f"matmuls of two activations: {len(pairs)}, {both} with both operands quantized"
             )
         lines.append(f"integer:       {'yes' if self.is_integer else 'no'}")
-        lines.extend(f"note:          {text}" for text in self.notes.values())
+        return "\n".join(lines + self._note_lines())
+
+    def _note_lines(self) -> list[str]:
+        """The file's own notes, and the layers whose u8s8 kernels saturate on this CPU."""
+        lines = [f"note:          {text}" for text in self.notes.values()]
         saturating = sum("saturates" in layer.kernel for layer in self.layers)
         if saturating and u8s8_saturates_here():
             lines.append(
@@ -187,7 +191,7 @@ class InspectReport:
                 "saturate here, so ONNX Runtime computes them inexactly; export with "
                 "weight_storage='exact' for this CPU"
             )
-        return "\n".join(lines)
+        return lines
 
 
 def inspect_onnx(path: str | os.PathLike[str]) -> InspectReport:

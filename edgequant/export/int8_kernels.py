@@ -13,6 +13,7 @@ from edgequant.ort_kernels import cpu_flags
 __all__ = [
     "INT8_CPU_FLAGS",
     "NO_SATURATION_FLAGS",
+    "WEIGHT_STORAGE",
     "as_uint8",
     "can_saturate",
     "cpu_int8_flags",
@@ -22,6 +23,7 @@ __all__ = [
 ]
 
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+WEIGHT_STORAGE = ("auto", "exact", "int8")  # export_onnx's weight_storage values
 NO_SATURATION_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # u8s8 sums in int32
 
 
@@ -52,6 +54,10 @@ def resolve_weight_storage(weight_storage: str) -> str:
     """export_onnx's weight_storage as the lowering applies it: "auto" is "int8" where this
     machine runs the u8s8 kernel exactly (u8s8_exact_here; verification runs here too) and
     "exact" elsewhere; "exact" and "int8" are themselves."""
+    if weight_storage not in WEIGHT_STORAGE:
+        raise ValueError(
+            f"weight_storage must be one of 'auto', 'exact', 'int8', got {weight_storage!r}"
+        )
     if weight_storage != "auto":
         return weight_storage
     return "int8" if u8s8_exact_here() else "exact"

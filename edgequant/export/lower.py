@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from edgequant import functional as F
 from edgequant.export import ops  # noqa: F401  (registers torch.ops.edgequant)
+from edgequant.export.int8_kernels import WEIGHT_STORAGE as WEIGHT_STORAGE
 from edgequant.export.int8_kernels import as_uint8, can_saturate, resolve_weight_storage
 from edgequant.instrument import quant_layers
 from edgequant.modules import (
@@ -120,9 +121,6 @@ def _stored_weight(layer: QuantMixin) -> tuple[Tensor, Tensor, Tensor, int, int,
     )
 
 
-WEIGHT_STORAGE = ("auto", "exact", "int8")
-
-
 class LoweredLayer(nn.Module):
     """A quantized Conv1d/Conv2d/Linear with integer weights (and INT32 bias) as stored buffers."""
 
@@ -135,10 +133,7 @@ class LoweredLayer(nn.Module):
     acc_scale: Tensor
     bias_int: Tensor | None
     _integer_forward: ClassVar[Callable[[LoweredLayer, Tensor], Tensor]]
-    # INT8 weights with |w| > 64 beside uint8 activations, kept INT8 (weight_storage "int8" or
-    # "auto" on a CPU that runs them exactly): ONNX Runtime's u8s8 kernel saturates on x86
-    # without VNNI.
-    u8s8_wide: bool = False
+    u8s8_wide: bool = False  # INT8 weights, |w| > 64, beside uint8 inputs: see _store_weight
 
     def __init__(
         self, layer: QuantMixin, weight_storage: str = "exact", int8_containers: bool = False
@@ -238,7 +233,7 @@ class LoweredLayer(nn.Module):
         unsigned_input = self.dynamic or (
             self._fusable(iq) and iq is not None and not iq.spec.signed and iq.mode == "quantize"
         )
-        # INT8 weights that a uint8 x int8 kernel could saturate on x86 without VNNI.
+        # INT8 weights that ONNX Runtime's u8s8 kernel could saturate on x86 without VNNI.
         wide = unsigned_input and w_q.dtype == torch.int8 and can_saturate(w_q)
         if wide and weight_storage == "exact":
             w_q, w_zp = as_uint8(w_q), as_uint8(w_zp)
@@ -471,15 +466,12 @@ def lower(qmodel: nn.Module, weight_storage: str = "exact") -> nn.Module:
     """A copy of qmodel whose quantized layers call the export ops on stored integers.
 
     weight_storage "exact" stores 8-bit weights that meet uint8 activations as uint8 + 128 where
-    int8 could saturate ONNX Runtime's u8s8 kernel (as_uint8); "int8" keeps every one int8;
-    "auto" is either, by this machine's CPU (int8_kernels.resolve_weight_storage). Layers that
-    keep such weights INT8 have u8s8_wide set.
+    int8 could saturate ONNX Runtime's u8s8 kernel (as_uint8); "int8" keeps every one int8
+    (such layers set u8s8_wide); "auto" is either, by this CPU (resolve_weight_storage).
     For a fully integer target (mcu-int8), weights of fewer bits are stored in 8-bit containers
     (per-tensor or per-channel): the graph stays integer from input to output.
     """
-    if weight_storage not in WEIGHT_STORAGE:
-        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGE}, got {weight_storage!r}")
-    weight_storage = resolve_weight_storage(weight_storage)
+    weight_storage = resolve_weight_storage(weight_storage)  # ValueError for an unknown one
     target = TARGETS.get(str(getattr(getattr(qmodel, "quant_summary", None), "target", "")))
     int8_containers = target is not None and target.fully_integer
     with quiet_exporter():  # deep-copying a traced GraphModule trips torch's pytree deprecation
