@@ -226,26 +226,27 @@ def _quantize_int_onnx(
     return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), one, zp)
 
 
-def _per_token_quantize(x):
-    # functional.dynamic_qparams(per_token=True), op for op: UINT8, a scale and zero point for
-    # each row of the last dimension. The rows are quantized by one QuantizeLinear on the input
-    # seen as (rows, features), per axis 0; scale and zero point come back shaped (..., 1).
+def _per_token_quantize(rows):
+    # functional.dynamic_qparams(per_token=True) on the input seen as (rows, features): UINT8, a
+    # scale and zero point per row, quantized by one QuantizeLinear per axis 0; scale and zero
+    # point come back 1-D. Fewer nodes than the reference form, the same codes: a row whose
+    # range is 0 (all zeros) takes the smallest float32 as its scale instead of 1 (its codes and
+    # products are 0 either way), and the zero point is not clipped (-x_min / scale is in
+    # [0, 255] already: x_min <= 0 <= x_max).
     from onnxscript import opset21 as op
 
-    minus_one = op.Constant(value_ints=[-1])
-    rows = op.Reshape(x, op.Concat(minus_one, op.Shape(x, start=-1), axis=0))
     zero = op.Constant(value_float=0.0)
     axis = op.Constant(value_ints=[1])
     x_min = op.Min(op.ReduceMin(rows, axis, keepdims=0), zero)
     x_max = op.Max(op.ReduceMax(rows, axis, keepdims=0), zero)
-    top = op.Constant(value_float=255.0)
-    step = op.Div(op.Sub(x_max, x_min), top)
-    scale = op.Where(op.Equal(step, zero), op.Constant(value_float=1.0), step)
-    x_zp = op.Round(op.Clip(op.Sub(zero, op.Div(x_min, scale)), zero, top))
+    step = op.Div(op.Sub(x_max, x_min), op.Constant(value_float=255.0))
+    scale = op.Max(step, op.Constant(value_float=_SMALLEST_FLOAT32))
+    x_zp = op.Round(op.Div(op.Neg(x_min), scale))
     q = op.QuantizeLinear(rows, scale, op.Cast(x_zp, to=ONNX_UINT8), axis=0)
-    xq = op.Reshape(q, op.Shape(x))
-    per_row = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[1]), axis=0)
-    return xq, op.Reshape(scale, per_row), op.Reshape(x_zp, per_row)
+    return q, scale, x_zp
+
+
+_SMALLEST_FLOAT32 = float(np.finfo(np.float32).smallest_subnormal)
 
 
 @functools.lru_cache(maxsize=1)
@@ -282,23 +283,32 @@ def _matmul_integer_to_float() -> Any:
 
 
 def _per_token_matmul(x, weight_t_q, weight_zero_point, weight_scale):
-    # One fused MatMulIntegerToFloat: the codes (with their zero points) times the weight, scaled
-    # per column and then per row, ((acc * w_scale) * x_scale); its zero points must be scalars,
-    # so the rows' zero points come off afterwards in float, (x_zp * x_scale) * (colsum(W) *
-    # w_scale), a constant ONNX Runtime folds when it loads the file. Its bias input is not used:
-    # with a per-row scale ONNX Runtime 1.20-1.32 scales the bias too.
+    # One fused MatMulIntegerToFloat on the input seen as (rows, features): the codes (with their
+    # zero points) times the weight, scaled per column and then per row, ((acc * w_scale) *
+    # x_scale); its zero points must be scalars, so the rows' zero points come off afterwards in
+    # float, (x_zp * x_scale) * (colsum(W) * w_scale), a constant ONNX Runtime folds when it
+    # loads the file; then the rows take the input's leading shape again. Its bias input is not
+    # used: with a per-row scale ONNX Runtime 1.20-1.32 scales the bias too. The shapes of the
+    # weight are constants ONNX Runtime folds, so the input's reshape is one node.
     from onnx import numpy_helper
     from onnxscript import opset21 as op
 
-    xq, x_scale, x_zp = _per_token_quantize(x)
+    features = op.Shape(weight_t_q, start=0, end=1)
+    rows = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), features, axis=0))
+    xq, x_scale, x_zp = _per_token_quantize(rows)
+    column = op.Constant(value_ints=[1])
     u8_zero = op.Constant(value=numpy_helper.from_array(np.array(0, dtype=np.uint8)))
     # Dynamic layers' weights are symmetric: one zero point (0, or 128 for uint8 storage).
     w_zp = op.ReduceMax(weight_zero_point, keepdims=0)
-    y = _matmul_integer_to_float()(xq, weight_t_q, x_scale, weight_scale, u8_zero, w_zp)
+    y = _matmul_integer_to_float()(
+        xq, weight_t_q, op.Unsqueeze(x_scale, column), weight_scale, u8_zero, w_zp
+    )
     w_int = op.Sub(op.Cast(weight_t_q, to=ONNX_INT32), op.Cast(weight_zero_point, to=ONNX_INT32))
     w_sum = op.ReduceSum(w_int, op.Constant(value_ints=[0]), keepdims=0)
     col_sums = op.Mul(op.Cast(w_sum, to=ONNX_FLOAT), weight_scale)
-    return op.Sub(y, op.Mul(op.Mul(x_zp, x_scale), col_sums))
+    y = op.Sub(y, op.Mul(op.Unsqueeze(op.Mul(x_zp, x_scale), column), col_sums))
+    out_shape = op.Concat(op.Shape(x, end=-1), op.Shape(weight_t_q, start=1), axis=0)
+    return op.Reshape(y, out_shape)
 
 
 def _dynamic_linear_onnx(
