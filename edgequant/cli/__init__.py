@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from edgequant.bench import compare_latency, file_size_bytes, latency_ms
 from edgequant.check import check
@@ -22,6 +23,7 @@ from edgequant.cli.compare import compare_arguments, compare_run
 from edgequant.cli.quantize import quantize_arguments, quantize_run
 from edgequant.config import load_config
 from edgequant.export.check_onnx import check_onnx
+from edgequant.export.edge_files import EDGE_SUFFIXES, edge_latency_ms, inspect_edge
 from edgequant.export.inspect import inspect_onnx
 from edgequant.report import demo
 
@@ -33,12 +35,15 @@ __all__ = ["COMMANDS", "main"]
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to inspect")
+    parser.add_argument(
+        "model", metavar="MODEL", help="the model to inspect: .onnx, .tflite or .pte"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _inspect_run(args: argparse.Namespace) -> int:
-    report = inspect_onnx(args.model)
+    edge = Path(args.model).suffix in EDGE_SUFFIXES
+    report = inspect_edge(args.model) if edge else inspect_onnx(args.model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0
 
@@ -48,9 +53,14 @@ def _inspect_run(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to time")
     parser.add_argument(
-        "--vs", metavar="OTHER.onnx", help="time this model too, interleaved, and print OTHER/MODEL"
+        "model",
+        metavar="MODEL",
+        help="the model to time: .onnx (ONNX Runtime), .tflite (LiteRT, its default XNNPACK "
+        "path) or .pte (ExecuTorch), the last two at the file's own batch size",
+    )
+    parser.add_argument(
+        "--vs", metavar="OTHER", help="time this model too, interleaved, and print OTHER/MODEL"
     )
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="N", help="default: 1 64"
@@ -61,6 +71,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
+    if Path(args.model).suffix in EDGE_SUFFIXES or (
+        args.vs and Path(args.vs).suffix in EDGE_SUFFIXES
+    ):
+        return _bench_edge(args)
     timing = (tuple(args.batch_sizes), args.warmup, args.runs, args.threads)
     size = file_size_bytes(args.model)
     rows: list[tuple[str, ...]]
@@ -91,6 +105,43 @@ def _bench_run(args: argparse.Namespace) -> int:
     )
     print(text_table(rows))
     return 0
+
+
+def _bench_edge(args: argparse.Namespace) -> int:
+    """bench for .tflite / .pte files: each in its runtime at the file's own batch size; with
+    --vs, each file is timed twice, in both orders, its better median kept, and OTHER/MODEL
+    printed."""
+    files = [args.model] + ([args.vs] if args.vs else [])
+    for f in files:
+        if Path(f).suffix not in EDGE_SUFFIXES:
+            raise UserError(f"{f}: bench compares a .tflite or .pte file with another such file")
+    timing = {"warmup": args.warmup, "runs": args.runs, "threads": args.threads}
+    found = {f: edge_latency_ms(f, **timing) for f in files}
+    if args.vs:  # a second pass in the other order: a slow spell falls on both
+        for f in reversed(files):
+            again = edge_latency_ms(f, **timing)
+            found[f] = {k: min(v, again[k]) for k, v in found[f].items()}
+    header = ("", "MODEL", "OTHER", "OTHER/MODEL")[: 2 if not args.vs else 4]
+    rows: list[tuple[str, ...]] = [header, ("file", *files), ("size", *map(_size, files))]
+    if args.vs:
+        rows[1] += ("",)
+        rows[2] += (f"{file_size_bytes(args.vs) / file_size_bytes(args.model):.3f}x",)
+    for key, ms in found[args.model].items():
+        other = found[args.vs].get(key) if args.vs else None
+        row: tuple[str, ...] = (f"latency {key}", f"{ms:.3f} ms")
+        if args.vs:
+            row += (f"{other:.3f} ms", f"{other / ms:.3f}x") if other else ("-", "-")
+        rows.append(row)
+    print(
+        "LiteRT (.tflite, its default XNNPACK path) / ExecuTorch (.pte), CPU, "
+        f"{args.threads} threads; median of {args.runs} runs after {args.warmup} warm-up runs"
+    )
+    print(text_table(rows))
+    return 0
+
+
+def _size(path: str) -> str:
+    return megabytes(file_size_bytes(path))
 
 
 # ---------------------------------------------------------------------------------------------
