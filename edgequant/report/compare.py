@@ -31,6 +31,7 @@ from edgequant.ptq.quantize import quantize
 from edgequant.ptq.weight_only import is_llama_style
 from edgequant.recipe import Recipe
 from edgequant.report.direction import default_lower_is_better, tolerance_rule
+from edgequant.report.edge_runs import edge_format, edge_row
 from edgequant.report.recommend import recommend
 from edgequant.report.results import Report, out_folder
 from edgequant.report.runs import (
@@ -360,6 +361,10 @@ def _run_row(sess: _Session, run: Run, fp32_size: int) -> tuple[dict[str, Any], 
             else f"{run.name}: latency in ONNX Runtime (batch sizes {sess.latency_batch_sizes})"
         )
         row.update(sess.speed(path))
+        if edge_format(run.recipe) is not None:  # the device's runtime too (report/edge_runs.py)
+            sess.say(f"{run.name}: exporting for {run.recipe.target}, scoring in its runtime")
+            edge = (sess.example_inputs, sess.verify, sess.eval_fn, sess.latency_runs, sess.threads)
+            row["edge"] = edge_row(qmodel, path, *edge)
         row["onnx"] = str(path)
         row["status"] = "ok"
         sess.say(

@@ -176,6 +176,27 @@ def _selection_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _edge_lines(results: dict[str, Any]) -> list[str]:
+    """A line per run written for an edge runtime too (report/edge_runs.py)."""
+    lines = []
+    for row in results.get("runs", []):
+        edge = row.get("edge")
+        if not edge:
+            continue
+        if edge.get("status") != "ok":
+            lines.append(f"- {row['name']}: .{edge['format']} failed: {edge.get('error')}")
+            continue
+        arena = f", arena {edge['arena_bytes']} B" if edge.get("arena_bytes") else ""
+        agree = edge.get("top1_agreement")
+        lines.append(
+            f"- {row['name']}: .{edge['format']} in {edge['runtime']}: "
+            f"{results.get('metric', 'metric')} {edge['metric_deployed']:.4f}, "
+            f"{edge['size_bytes']} B{arena}, batch 1 {edge['latency_ms'].get('bs1', 0):.3f} ms"
+            + (f", top-1 agreement with the simulation {agree:.4f}" if agree is not None else "")
+        )
+    return lines
+
+
 def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -> str:
     lines = [
         f"# edgequant report: {results['task']}",
@@ -198,6 +219,9 @@ def markdown(results: dict[str, Any], summaries: dict[str, str] | None = None) -
     speed = same_graph_speed(results)
     if speed is not None:
         lines += [speed, ""]
+    edge = _edge_lines(results)
+    if edge:
+        lines += ["## In the target's own runtime", ""] + edge + [""]
     selection = _selection_lines(results)
     if selection:
         lines += ["QAT epoch kept, chosen on data held out of train_data:", ""]
