@@ -361,10 +361,10 @@ def _run_row(sess: _Session, run: Run, fp32_size: int) -> tuple[dict[str, Any], 
             else f"{run.name}: latency in ONNX Runtime (batch sizes {sess.latency_batch_sizes})"
         )
         row.update(sess.speed(path))
-        if edge_format(run.recipe) is not None:  # the device's runtime too (report/edge_runs.py)
+        if (suffix := edge_format(run.recipe)) is not None:  # report/edge_runs.py
             sess.say(f"{run.name}: exporting for {run.recipe.target}, scoring in its runtime")
             edge = (sess.example_inputs, sess.verify, sess.eval_fn, sess.latency_runs, sess.threads)
-            row["edge"] = edge_row(qmodel, path, *edge)
+            row["edge"] = edge_row(qmodel, path.with_suffix(suffix), *edge)
         row["onnx"] = str(path)
         row["status"] = "ok"
         sess.say(

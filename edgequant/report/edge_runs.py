@@ -39,14 +39,14 @@ def _arrays(batch: Any) -> list[np.ndarray]:
 
 def edge_row(
     qmodel: nn.Module,
-    onnx_path: Path,
+    path: Path,
     example_inputs: Any,
     verify: list[Any],
     eval_fn: Callable[[Callable[[Any], torch.Tensor]], Any],
     latency_runs: int,
     threads: int,
 ) -> dict[str, Any]:
-    """The run written for its edge runtime, verified, scored by eval_fn there and timed: a
+    """The run written for its edge runtime at `path` (.tflite or .pte), verified, scored by eval_fn there and timed: a
     dict for the row's "edge" entry ({"status": "failed", "error": ...} where any step fails,
     so the ONNX figures of the run stand)."""
     from edgequant.batches import metric_number
@@ -54,9 +54,7 @@ def edge_row(
     from edgequant.export.tflite import export_tflite
     from edgequant.export.tflite_runtime import TFLiteRunner
 
-    target = str(getattr(getattr(qmodel, "quant_summary", None), "target", ""))
-    suffix = EDGE_FORMATS[target]
-    path = onnx_path.with_suffix(suffix)
+    suffix = path.suffix  # edge_format(run's recipe): .tflite or .pte
     row: dict[str, Any] = {"format": suffix[1:], "path": str(path)}
     try:
         if suffix == ".tflite":
